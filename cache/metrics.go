@@ -1,0 +1,99 @@
+package cache
+
+import (
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// metrics holds the cache's instruments. Per-key gauges are not instruments
+// but a collector reading Snapshot at scrape time, so an evicted or purged key
+// leaves no stale series behind.
+type metrics struct {
+	hit, stale, miss, errors prometheus.Counter
+	refreshes                *prometheus.CounterVec
+	fetchOK, fetchFail       prometheus.Observer
+	inFlight                 prometheus.Gauge
+}
+
+func newMetrics(c *Cache, reg prometheus.Registerer) (*metrics, error) {
+	requests := prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "imdsproxy_cache_requests_total",
+		Help: "Credential requests answered by the cache, by result: hit (served from cache), stale (served last good credentials while refreshes fail), miss (waited for an upstream fetch), error (no credentials returned).",
+	}, []string{"result"})
+	refreshes := prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "imdsproxy_cache_refreshes_total",
+		Help: "Upstream credential fetches finished, by result (success, failure) and error class (none on success).",
+	}, []string{"result", "class"})
+	duration := prometheus.NewHistogramVec(prometheus.HistogramOpts{
+		Name:    "imdsproxy_cache_fetch_duration_seconds",
+		Help:    "Latency of upstream credential fetches, by result (success, failure).",
+		Buckets: []float64{0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30},
+	}, []string{"result"})
+	inFlight := prometheus.NewGauge(prometheus.GaugeOpts{
+		Name: "imdsproxy_cache_fetches_in_flight",
+		Help: "Upstream credential fetches in progress.",
+	})
+	m := &metrics{
+		hit:       requests.WithLabelValues("hit"),
+		stale:     requests.WithLabelValues("stale"),
+		miss:      requests.WithLabelValues("miss"),
+		errors:    requests.WithLabelValues("error"),
+		refreshes: refreshes,
+		fetchOK:   duration.WithLabelValues("success"),
+		fetchFail: duration.WithLabelValues("failure"),
+		inFlight:  inFlight,
+	}
+	if reg == nil {
+		return m, nil
+	}
+	for _, col := range []prometheus.Collector{requests, refreshes, duration, inFlight, newEntryCollector(c)} {
+		if err := reg.Register(col); err != nil {
+			return nil, err
+		}
+	}
+	return m, nil
+}
+
+// entryCollector exports the per-key state of Snapshot at scrape time.
+type entryCollector struct {
+	c                                *Cache
+	remaining, nextRefresh, failures *prometheus.Desc
+	entries                          *prometheus.Desc
+}
+
+func newEntryCollector(c *Cache) *entryCollector {
+	return &entryCollector{
+		c: c,
+		remaining: prometheus.NewDesc("imdsproxy_cache_credentials_remaining_seconds",
+			"Seconds until the cached credentials of key expire (0 once expired; absent when none).", []string{"key"}, nil),
+		nextRefresh: prometheus.NewDesc("imdsproxy_cache_next_refresh_timestamp_seconds",
+			"Unix time of the next scheduled upstream fetch for key (absent when none).", []string{"key"}, nil),
+		failures: prometheus.NewDesc("imdsproxy_cache_consecutive_failures",
+			"Upstream fetch failures for key since its last success.", []string{"key"}, nil),
+		entries: prometheus.NewDesc("imdsproxy_cache_entries",
+			"Keys held by the cache.", nil, nil),
+	}
+}
+
+// Describe implements prometheus.Collector.
+func (k *entryCollector) Describe(ch chan<- *prometheus.Desc) {
+	ch <- k.remaining
+	ch <- k.nextRefresh
+	ch <- k.failures
+	ch <- k.entries
+}
+
+// Collect implements prometheus.Collector.
+func (k *entryCollector) Collect(ch chan<- prometheus.Metric) {
+	now := k.c.cfg.Now()
+	snap := k.c.Snapshot()
+	for _, e := range snap {
+		if !e.Expires.IsZero() {
+			ch <- prometheus.MustNewConstMetric(k.remaining, prometheus.GaugeValue, max(e.Expires.Sub(now).Seconds(), 0), e.Key)
+		}
+		if !e.NextRefresh.IsZero() {
+			ch <- prometheus.MustNewConstMetric(k.nextRefresh, prometheus.GaugeValue, float64(e.NextRefresh.UnixNano())/1e9, e.Key)
+		}
+		ch <- prometheus.MustNewConstMetric(k.failures, prometheus.GaugeValue, float64(e.ConsecutiveFailures), e.Key)
+	}
+	ch <- prometheus.MustNewConstMetric(k.entries, prometheus.GaugeValue, float64(len(snap)))
+}
