@@ -1,0 +1,13 @@
+// Package bench measures the imdsproxy daemon binary against a bare net/http
+// server (the ceiling) that returns byte-for-byte the same IMDS responses,
+// both as subprocesses on loopback, in one run on one machine.
+//
+// Run it with `make bench`, or:
+//
+//	IMDSPROXY_BIN=$PWD/bin/imdsproxy go test -run '^$' -bench . -benchtime 5s -count 1 ./test/bench/
+//
+// The benchmarks skip when IMDSPROXY_BIN is unset or names no file. Results
+// are reported with b.ReportMetric and, at the end of the run, as a markdown
+// table on stdout for docs/benchmarks.md. The package has no non-test code
+// besides this comment.
+package bench

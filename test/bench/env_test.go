@@ -1,0 +1,544 @@
+package bench
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/imdsproxy/imdsproxy/test/fakes/oidc"
+	"github.com/imdsproxy/imdsproxy/test/fakes/sts"
+)
+
+// The shared environment: a fake OIDC issuer and a fake STS (in this
+// process), a stub upstream IMDS answering 404, one long-running daemon and
+// one long-running ceiling, both subprocesses. It is built by the first
+// benchmark that needs it and torn down by TestMain.
+
+const (
+	binEnv   = "IMDSPROXY_BIN"
+	roleARN  = "arn:aws:iam::222222222222:role/app"
+	roleName = "app"
+)
+
+// server is a subprocess serving IMDS on base.
+type server struct {
+	name string
+	cmd  *exec.Cmd
+	pid  int
+	base string // http://127.0.0.1:PORT
+	out  *capBuffer
+	done chan struct{} // closed when the process has exited
+}
+
+// stop sends SIGTERM and waits up to 10 s, then kills.
+func (s *server) stop() {
+	if s == nil || s.cmd == nil || s.cmd.Process == nil {
+		return
+	}
+	_ = s.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-s.done:
+	case <-time.After(10 * time.Second):
+		_ = s.cmd.Process.Kill()
+		<-s.done
+	}
+}
+
+func (s *server) exited() bool {
+	select {
+	case <-s.done:
+		return true
+	default:
+		return false
+	}
+}
+
+// capBuffer keeps the first 64 KiB a subprocess writes, for error messages.
+type capBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (c *capBuffer) Write(p []byte) (int, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if room := 64<<10 - c.b.Len(); room > 0 {
+		c.b.Write(p[:min(len(p), room)])
+	}
+	return len(p), nil
+}
+
+func (c *capBuffer) String() string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.b.String()
+}
+
+// wireResponse is one captured response of the daemon.
+type wireResponse struct {
+	Status int         `json:"status"`
+	Header http.Header `json:"header"`
+	Body   []byte      `json:"body"`
+}
+
+// wireSample is what the ceiling replays: the daemon's own answers.
+type wireSample struct {
+	Role    string       `json:"role"`
+	Token   wireResponse `json:"token"`
+	Listing wireResponse `json:"listing"`
+	Creds   wireResponse `json:"creds"`
+}
+
+type benchEnv struct {
+	bin      string
+	dir      string
+	issuer   *oidc.Issuer
+	fakeSTS  *sts.Server
+	httpSrvs []*httptest.Server
+	stsURL   string
+	upstream string
+	jwtFile  string
+
+	daemon       *server
+	daemonToken  string
+	firstReady   time.Duration // cold start of the long-running daemon
+	ceiling      *server
+	ceilingToken string
+	wire         wireSample
+
+	nstarted int // daemons started, for config file names
+
+	loadAtStart string // /proc/loadavg when the environment was built
+}
+
+var (
+	envOnce sync.Once
+	envVal  *benchEnv
+	envErr  error
+)
+
+// getEnv returns the shared environment, building it on first use. It skips
+// the benchmark when IMDSPROXY_BIN is unset or missing.
+func getEnv(b *testing.B) *benchEnv {
+	b.Helper()
+	bin := os.Getenv(binEnv)
+	if bin == "" {
+		b.Skipf("%s is not set: build the daemon (make build) and run with %s=$PWD/bin/imdsproxy (or use make bench)", binEnv, binEnv)
+	}
+	if st, err := os.Stat(bin); err != nil || st.IsDir() {
+		b.Skipf("%s=%s: no such file (%v): build it with make build", binEnv, bin, err)
+	}
+	envOnce.Do(func() { envVal, envErr = newEnv(bin) })
+	if envErr != nil {
+		b.Fatalf("bench setup: %v", envErr)
+	}
+	return envVal
+}
+
+// teardownEnv stops everything getEnv started.
+func teardownEnv() {
+	e := envVal
+	if e == nil {
+		return
+	}
+	e.daemon.stop()
+	e.ceiling.stop()
+	if e.fakeSTS != nil {
+		e.fakeSTS.Close()
+	}
+	for _, s := range e.httpSrvs {
+		s.Close()
+	}
+	if e.dir != "" {
+		os.RemoveAll(e.dir)
+	}
+}
+
+func newEnv(bin string) (_ *benchEnv, err error) {
+	abs, err := filepath.Abs(bin)
+	if err != nil {
+		return nil, err
+	}
+	e := &benchEnv{bin: abs, loadAtStart: loadAvg()}
+	envVal = e // so that teardownEnv cleans up a half-built environment
+	if e.dir, err = os.MkdirTemp("", "imdsproxy-bench-"); err != nil {
+		return nil, err
+	}
+
+	if e.issuer, err = oidc.New(oidc.Options{}); err != nil {
+		return nil, err
+	}
+	issSrv := httptest.NewServer(e.issuer.Handler())
+	e.httpSrvs = append(e.httpSrvs, issSrv)
+	e.issuer.SetURL(issSrv.URL)
+
+	e.fakeSTS = sts.New(sts.Config{Issuer: e.issuer, RoleARN: roleARN})
+	stsSrv := httptest.NewServer(e.fakeSTS.Handler())
+	e.httpSrvs = append(e.httpSrvs, stsSrv)
+	e.stsURL = stsSrv.URL
+
+	up := httptest.NewServer(http.NotFoundHandler())
+	e.httpSrvs = append(e.httpSrvs, up)
+	e.upstream = up.URL
+
+	e.jwtFile = filepath.Join(e.dir, "token.jwt")
+	jwt := e.issuer.Mint(oidc.Claims{ExpiresAt: time.Now().Add(24 * time.Hour)})
+	if err := oidc.WriteTokenFile(e.jwtFile, jwt); err != nil {
+		return nil, err
+	}
+
+	if e.daemon, e.firstReady, err = e.startDaemon(); err != nil {
+		return nil, err
+	}
+	if err := e.capture(); err != nil {
+		return nil, err
+	}
+	if e.ceiling, err = e.startCeiling(); err != nil {
+		return nil, err
+	}
+	if e.ceilingToken, err = e.checkCeiling(); err != nil {
+		return nil, err
+	}
+	return e, nil
+}
+
+// freePort returns a loopback TCP port that was free a moment ago.
+func freePort() (int, error) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return 0, err
+	}
+	defer ln.Close()
+	return ln.Addr().(*net.TCPAddr).Port, nil
+}
+
+// daemonEnv is the daemon's environment: ours without any AWS_* variable,
+// plus the region and the fake STS endpoint.
+func (e *benchEnv) daemonEnv() []string {
+	var env []string
+	for _, kv := range os.Environ() {
+		if !strings.HasPrefix(kv, "AWS_") {
+			env = append(env, kv)
+		}
+	}
+	return append(env, "AWS_REGION=us-east-1", "AWS_ENDPOINT_URL_STS="+e.stsURL)
+}
+
+// startDaemon writes a config with fresh ports, starts the daemon and waits
+// for /readyz to answer 200. The duration is from exec to that answer.
+func (e *benchEnv) startDaemon() (*server, time.Duration, error) {
+	port, err1 := freePort()
+	admin, err2 := freePort()
+	if err := errors.Join(err1, err2); err != nil {
+		return nil, 0, err
+	}
+	if port == admin {
+		return nil, 0, fmt.Errorf("free port %d returned twice", port)
+	}
+	e.nstarted++
+	cfgPath := filepath.Join(e.dir, fmt.Sprintf("config-%d.yaml", e.nstarted))
+	cfg := fmt.Sprintf(`listen: 127.0.0.1:%d
+admin_listen: 127.0.0.1:%d
+upstream: %s
+imds: {tokens: required, hop_limit: 1}
+role: {arn: %q, name: %s, duration: 1h}
+source: web-identity
+identity: {jwt_file: %q}
+`, port, admin, e.upstream, roleARN, roleName, e.jwtFile)
+	if err := os.WriteFile(cfgPath, []byte(cfg), 0o600); err != nil {
+		return nil, 0, err
+	}
+	s := &server{name: "daemon", base: fmt.Sprintf("http://127.0.0.1:%d", port), out: &capBuffer{}, done: make(chan struct{})}
+	s.cmd = exec.Command(e.bin, "serve", "--config", cfgPath, "--log-level", "warn")
+	s.cmd.Env = e.daemonEnv()
+	s.cmd.Stdout, s.cmd.Stderr = s.out, s.out
+	readyURL := fmt.Sprintf("http://127.0.0.1:%d/readyz", admin)
+	poll := &http.Client{Timeout: time.Second, Transport: &http.Transport{Proxy: nil, DisableKeepAlives: true}}
+
+	t0 := time.Now()
+	if err := s.cmd.Start(); err != nil {
+		return nil, 0, fmt.Errorf("start %s: %w", e.bin, err)
+	}
+	s.pid = s.cmd.Process.Pid
+	go func() { _ = s.cmd.Wait(); close(s.done) }()
+	deadline := t0.Add(20 * time.Second)
+	for {
+		resp, err := poll.Get(readyURL)
+		if err == nil {
+			drain(resp)
+			if resp.StatusCode == http.StatusOK {
+				return s, time.Since(t0), nil
+			}
+		}
+		if s.exited() {
+			return nil, 0, fmt.Errorf("daemon exited before ready (%s); output:\n%s", s.cmd.ProcessState, s.out)
+		}
+		if time.Now().After(deadline) {
+			s.stop()
+			return nil, 0, fmt.Errorf("daemon not ready after 20s; output:\n%s", s.out)
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
+// capture records the daemon's answers to the three requests of the IMDSv2
+// flow; the ceiling replays them.
+func (e *benchEnv) capture() error {
+	c := newClient()
+	defer c.CloseIdleConnections()
+	var err error
+	get := func(method, path, tok string) wireResponse {
+		if err != nil {
+			return wireResponse{}
+		}
+		var r wireResponse
+		r, err = roundTrip(c, method, e.daemon.base+path, tok)
+		if err == nil && (r.Status != http.StatusOK || len(r.Body) == 0) {
+			err = fmt.Errorf("daemon: %s %s: status %d body %.200q", method, path, r.Status, r.Body)
+		}
+		return r
+	}
+	w := wireSample{Role: roleName}
+	w.Token = get(http.MethodPut, tokenPath, "")
+	e.daemonToken = string(w.Token.Body)
+	w.Listing = get(http.MethodGet, listingPath, e.daemonToken)
+	w.Creds = get(http.MethodGet, listingPath+roleName, e.daemonToken)
+	if err != nil {
+		return err
+	}
+	if string(w.Listing.Body) != roleName {
+		return fmt.Errorf("daemon lists %q, want %q", w.Listing.Body, roleName)
+	}
+	e.wire = w
+	return nil
+}
+
+// roundTrip sends one request (a PUT asks for a token of requestedTTL) and
+// returns the response with the Date header removed.
+func roundTrip(c *http.Client, method, url, tok string) (wireResponse, error) {
+	req, err := http.NewRequest(method, url, nil)
+	if err != nil {
+		return wireResponse{}, err
+	}
+	if method == http.MethodPut {
+		req.Header.Set(ttlHeader, requestedTTL)
+	}
+	if tok != "" {
+		req.Header.Set(tokenHeader, tok)
+	}
+	resp, err := c.Do(req)
+	if err != nil {
+		return wireResponse{}, err
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return wireResponse{}, err
+	}
+	h := resp.Header.Clone()
+	h.Del("Date")
+	return wireResponse{Status: resp.StatusCode, Header: h, Body: body}, nil
+}
+
+// startCeiling re-executes this test binary as the ceiling server, replaying
+// the captured responses; it reports its address on its first stdout line.
+func (e *benchEnv) startCeiling() (*server, error) {
+	spec := filepath.Join(e.dir, "ceiling.json")
+	b, err := json.Marshal(e.wire)
+	if err != nil {
+		return nil, err
+	}
+	if err := os.WriteFile(spec, b, 0o600); err != nil {
+		return nil, err
+	}
+	self, err := os.Executable()
+	if err != nil {
+		return nil, err
+	}
+	s := &server{name: "ceiling", out: &capBuffer{}, done: make(chan struct{})}
+	s.cmd = exec.Command(self)
+	s.cmd.Env = append(os.Environ(), ceilingEnv+"="+spec)
+	s.cmd.Stderr = s.out
+	stdout, err := s.cmd.StdoutPipe()
+	if err != nil {
+		return nil, err
+	}
+	if err := s.cmd.Start(); err != nil {
+		return nil, err
+	}
+	s.pid = s.cmd.Process.Pid
+	lines := make(chan string, 1)
+	go func() {
+		sc := bufio.NewScanner(stdout)
+		if sc.Scan() {
+			lines <- sc.Text()
+		}
+		close(lines)
+		_, _ = io.Copy(s.out, stdout)
+	}()
+	go func() { _ = s.cmd.Wait(); close(s.done) }()
+	select {
+	case line, ok := <-lines:
+		addr, found := strings.CutPrefix(line, "listening ")
+		if !ok || !found {
+			s.stop()
+			return nil, fmt.Errorf("ceiling: unexpected first line %q; stderr:\n%s", line, s.out)
+		}
+		s.base = "http://" + addr
+		return s, nil
+	case <-time.After(10 * time.Second):
+		s.stop()
+		return nil, fmt.Errorf("ceiling did not start; stderr:\n%s", s.out)
+	}
+}
+
+// checkCeiling verifies that the ceiling's answers equal the daemon's byte
+// for byte (status, headers except Date, body) and returns its token.
+func (e *benchEnv) checkCeiling() (string, error) {
+	c := newClient()
+	defer c.CloseIdleConnections()
+	want := []struct {
+		method, path string
+		w            wireResponse
+	}{
+		{http.MethodPut, tokenPath, e.wire.Token},
+		{http.MethodGet, listingPath, e.wire.Listing},
+		{http.MethodGet, listingPath + roleName, e.wire.Creds},
+	}
+	tok := ""
+	for _, x := range want {
+		got, err := roundTrip(c, x.method, e.ceiling.base+x.path, tok)
+		if err != nil {
+			return "", fmt.Errorf("ceiling: %w", err)
+		}
+		if got.Status != x.w.Status || !bytes.Equal(got.Body, x.w.Body) || !headersEqual(got.Header, x.w.Header) {
+			return "", fmt.Errorf("ceiling: %s %s differs from the daemon:\n got %d %v %q\nwant %d %v %q",
+				x.method, x.path, got.Status, got.Header, got.Body, x.w.Status, x.w.Header, x.w.Body)
+		}
+		if x.method == http.MethodPut {
+			tok = string(got.Body)
+		}
+	}
+	return tok, nil
+}
+
+func headersEqual(a, b http.Header) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for k, va := range a {
+		vb, ok := b[k]
+		if !ok || strings.Join(va, "\n") != strings.Join(vb, "\n") {
+			return false
+		}
+	}
+	return true
+}
+
+// ceilingEnv, when set in the environment of this test binary, makes it the
+// ceiling server instead of running tests (see TestMain). Its value is the
+// path of the wireSample JSON to replay.
+const ceilingEnv = "IMDSPROXY_BENCH_CEILING_SPEC"
+
+// runCeiling is the ceiling: a bare net/http server answering the three
+// requests of the flow with the captured bytes. It checks only that a token
+// header is present on GETs and a TTL header on PUTs; it returns on SIGTERM.
+func runCeiling(specPath string) int {
+	b, err := os.ReadFile(specPath)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "ceiling:", err)
+		return 1
+	}
+	var w wireSample
+	if err := json.Unmarshal(b, &w); err != nil {
+		fmt.Fprintln(os.Stderr, "ceiling:", err)
+		return 1
+	}
+	for _, r := range []*wireResponse{&w.Token, &w.Listing, &w.Creds} {
+		r.Header.Del("Content-Length") // net/http sets it from the body
+	}
+	credsPath := listingPath + w.Role
+	reply := func(rw http.ResponseWriter, r *wireResponse) {
+		h := rw.Header()
+		for k, v := range r.Header {
+			h[k] = v
+		}
+		rw.WriteHeader(r.Status)
+		_, _ = rw.Write(r.Body)
+	}
+	h := http.HandlerFunc(func(rw http.ResponseWriter, req *http.Request) {
+		switch req.URL.Path {
+		case tokenPath:
+			if req.Method != http.MethodPut {
+				http.Error(rw, "method not allowed", http.StatusMethodNotAllowed)
+				return
+			}
+			if req.Header.Get(ttlHeader) == "" {
+				http.Error(rw, "missing ttl", http.StatusBadRequest)
+				return
+			}
+			reply(rw, &w.Token)
+		case listingPath, credsPath:
+			if req.Header.Get(tokenHeader) == "" {
+				http.Error(rw, "unauthorized", http.StatusUnauthorized)
+				return
+			}
+			if req.URL.Path == listingPath {
+				reply(rw, &w.Listing)
+			} else {
+				reply(rw, &w.Creds)
+			}
+		default:
+			http.NotFound(rw, req)
+		}
+	})
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "ceiling:", err)
+		return 1
+	}
+	srv := &http.Server{Handler: h, ReadHeaderTimeout: 5 * time.Second}
+	fmt.Printf("listening %s\n", ln.Addr())
+	ctx, stop := signalContext()
+	defer stop()
+	go func() {
+		<-ctx.Done()
+		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		_ = srv.Shutdown(sctx)
+	}()
+	if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		fmt.Fprintln(os.Stderr, "ceiling:", err)
+		return 1
+	}
+	return 0
+}
+
+// loadAvg returns the first three fields of /proc/loadavg: other work on the
+// machine skews every number here, so the report records it.
+func loadAvg() string {
+	b, err := os.ReadFile("/proc/loadavg")
+	if err != nil {
+		return "unknown"
+	}
+	f := strings.Fields(string(b))
+	if len(f) < 3 {
+		return "unknown"
+	}
+	return strings.Join(f[:3], " ")
+}

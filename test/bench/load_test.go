@@ -1,0 +1,363 @@
+package bench
+
+import (
+	"bytes"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// This file is the load generator and the /proc readers. The generator is
+// closed-loop: a fixed number of workers, each with its own http.Client and
+// exactly one keep-alive connection, each issuing its next operation as soon
+// as the previous one is answered. Latencies go into one preallocated slice,
+// indexed by the operation number, so recording costs no allocation and no
+// lock.
+
+// Paths and headers of the IMDS API (WIRE.md §1–§2).
+const (
+	tokenPath    = "/latest/api/token"
+	listingPath  = "/latest/meta-data/iam/security-credentials/"
+	ttlHeader    = "X-Aws-Ec2-Metadata-Token-Ttl-Seconds"
+	tokenHeader  = "X-Aws-Ec2-Metadata-Token"
+	requestedTTL = "21600" // what botocore, JS and Java ask for
+)
+
+// newClient returns a client that keeps exactly one connection to the server
+// and never goes through a proxy.
+func newClient() *http.Client {
+	return &http.Client{
+		Timeout: 10 * time.Second,
+		Transport: &http.Transport{
+			Proxy:               nil,
+			DialContext:         (&net.Dialer{Timeout: 2 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
+			MaxIdleConns:        256,
+			MaxIdleConnsPerHost: 256,
+			MaxConnsPerHost:     1,
+			IdleConnTimeout:     5 * time.Minute,
+			DisableCompression:  true,
+			ForceAttemptHTTP2:   false,
+		},
+	}
+}
+
+// worker is one load-generating connection: its client, prebuilt requests
+// and a read buffer, reused by every operation.
+type worker struct {
+	c       *http.Client
+	put     *http.Request
+	listing *http.Request
+	creds   *http.Request
+	role    []byte
+	buf     bytes.Buffer
+}
+
+func newWorker(base, role, tok string) (*worker, error) {
+	w := &worker{c: newClient(), role: []byte(role)}
+	var err error
+	if w.put, err = http.NewRequest(http.MethodPut, base+tokenPath, nil); err != nil {
+		return nil, err
+	}
+	w.put.Header.Set(ttlHeader, requestedTTL)
+	if w.listing, err = http.NewRequest(http.MethodGet, base+listingPath, nil); err != nil {
+		return nil, err
+	}
+	if w.creds, err = http.NewRequest(http.MethodGet, base+listingPath+role, nil); err != nil {
+		return nil, err
+	}
+	w.setToken(tok)
+	return w, nil
+}
+
+func (w *worker) setToken(tok string) {
+	w.listing.Header[tokenHeader] = []string{tok}
+	w.creds.Header[tokenHeader] = []string{tok}
+}
+
+// do sends req, reads the whole body into w.buf and checks for 200.
+func (w *worker) do(req *http.Request) error {
+	resp, err := w.c.Do(req)
+	if err != nil {
+		return err
+	}
+	w.buf.Reset()
+	_, err = w.buf.ReadFrom(resp.Body)
+	resp.Body.Close()
+	if err != nil {
+		return fmt.Errorf("%s %s: read body: %w", req.Method, req.URL.Path, err)
+	}
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("%s %s: status %d: %.200q", req.Method, req.URL.Path, resp.StatusCode, w.buf.Bytes())
+	}
+	if w.buf.Len() == 0 {
+		return fmt.Errorf("%s %s: empty body", req.Method, req.URL.Path)
+	}
+	return nil
+}
+
+// getCreds is scenario (a): one cached-credential GET with a valid token.
+func (w *worker) getCreds() error { return w.do(w.creds) }
+
+// flow is scenario (b): what every SDK does per credential fetch — PUT a
+// token, GET the role listing with it, GET the credentials of the listed role.
+func (w *worker) flow() error {
+	if err := w.do(w.put); err != nil {
+		return err
+	}
+	w.setToken(w.buf.String())
+	if err := w.do(w.listing); err != nil {
+		return err
+	}
+	if !bytes.Equal(w.buf.Bytes(), w.role) {
+		return fmt.Errorf("listing: got %.100q, want %q", w.buf.Bytes(), w.role)
+	}
+	return w.do(w.creds)
+}
+
+// putToken is one token PUT (the flood).
+func (w *worker) putToken() error { return w.do(w.put) }
+
+// loadResult is what one measured run produced.
+type loadResult struct {
+	Ops       int
+	Requests  int           // HTTP requests (Ops × requests per op)
+	Elapsed   time.Duration // wall time of the measured part
+	P50, P99  time.Duration // per operation
+	CPU       time.Duration // server process user+system time during the run
+	RSSMaxKB  int64         // highest VmRSS of the server sampled during the run
+	Errors    int
+	FirstErr  error
+	ReqPerSec float64
+}
+
+// CPUPer1k is the server's CPU time per 1,000 HTTP requests, in milliseconds.
+func (r loadResult) CPUPer1k() float64 {
+	if r.Requests == 0 {
+		return 0
+	}
+	return float64(r.CPU) / float64(time.Millisecond) * 1000 / float64(r.Requests)
+}
+
+// runLoad runs ops operations over conns workers against the server pid at
+// base and measures them. ready is called (with the timer running state up
+// to the caller) just before the measured part starts and done just after it
+// ends, so a benchmark can start and stop its timer there.
+func runLoad(base, role, tok string, pid, conns, ops, reqsPerOp int,
+	op func(*worker) error, ready, done func()) (loadResult, error) {
+	if ops < 1 {
+		ops = 1
+	}
+	workers := make([]*worker, conns)
+	for i := range workers {
+		w, err := newWorker(base, role, tok)
+		if err != nil {
+			return loadResult{}, err
+		}
+		workers[i] = w
+	}
+	defer func() {
+		for _, w := range workers {
+			w.c.CloseIdleConnections()
+		}
+	}()
+	// Warm up: open every connection and run one operation on it, untimed.
+	var wg sync.WaitGroup
+	warmErr := make([]error, conns)
+	for i, w := range workers {
+		wg.Go(func() { warmErr[i] = op(w) })
+	}
+	wg.Wait()
+	if err := errors.Join(warmErr...); err != nil {
+		return loadResult{}, fmt.Errorf("warm-up: %w", err)
+	}
+
+	lat := make([]time.Duration, ops)
+	var next atomic.Int64
+	var nerr atomic.Int64
+	var firstErr atomic.Pointer[error]
+	start := make(chan struct{})
+	for _, w := range workers {
+		wg.Go(func() {
+			<-start
+			for {
+				i := next.Add(1) - 1
+				if i >= int64(ops) {
+					return
+				}
+				t0 := time.Now()
+				err := op(w)
+				lat[i] = time.Since(t0)
+				if err != nil {
+					nerr.Add(1)
+					firstErr.CompareAndSwap(nil, &err)
+				}
+			}
+		})
+	}
+	rss := newRSSSampler(pid, 50*time.Millisecond)
+	cpu0, err := procCPU(pid)
+	if err != nil {
+		return loadResult{}, err
+	}
+	ready()
+	t0 := time.Now()
+	close(start)
+	wg.Wait()
+	elapsed := time.Since(t0)
+	done()
+	cpu1, err := procCPU(pid)
+	if err != nil {
+		return loadResult{}, err
+	}
+	res := loadResult{
+		Ops:      ops,
+		Requests: ops * reqsPerOp,
+		Elapsed:  elapsed,
+		CPU:      cpu1 - cpu0,
+		RSSMaxKB: rss.stop(),
+		Errors:   int(nerr.Load()),
+	}
+	if p := firstErr.Load(); p != nil {
+		res.FirstErr = *p
+	}
+	res.ReqPerSec = float64(res.Requests) / elapsed.Seconds()
+	slices.Sort(lat)
+	res.P50, res.P99 = percentile(lat, 0.50), percentile(lat, 0.99)
+	return res, nil
+}
+
+// percentile returns the nearest-rank p-quantile of sorted.
+func percentile(sorted []time.Duration, p float64) time.Duration {
+	if len(sorted) == 0 {
+		return 0
+	}
+	i := int(float64(len(sorted))*p+0.999999) - 1
+	return sorted[min(max(i, 0), len(sorted)-1)]
+}
+
+// rssSampler reads VmRSS of a process periodically and keeps the highest.
+type rssSampler struct {
+	pid  int
+	max  atomic.Int64
+	quit chan struct{}
+	wg   sync.WaitGroup
+}
+
+func newRSSSampler(pid int, every time.Duration) *rssSampler {
+	s := &rssSampler{pid: pid, quit: make(chan struct{})}
+	s.sample()
+	s.wg.Go(func() {
+		t := time.NewTicker(every)
+		defer t.Stop()
+		for {
+			select {
+			case <-s.quit:
+				return
+			case <-t.C:
+				s.sample()
+			}
+		}
+	})
+	return s
+}
+
+func (s *rssSampler) sample() {
+	kb, err := procRSSKB(s.pid)
+	if err != nil {
+		return
+	}
+	for {
+		old := s.max.Load()
+		if kb <= old || s.max.CompareAndSwap(old, kb) {
+			return
+		}
+	}
+}
+
+// stop takes a last sample, stops the sampler and returns the highest VmRSS in KiB.
+func (s *rssSampler) stop() int64 {
+	close(s.quit)
+	s.wg.Wait()
+	s.sample()
+	return s.max.Load()
+}
+
+// procRSSKB returns VmRSS of pid in KiB.
+func procRSSKB(pid int) (int64, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return 0, err
+	}
+	for line := range strings.Lines(string(b)) {
+		if v, ok := strings.CutPrefix(line, "VmRSS:"); ok {
+			f := strings.Fields(v)
+			if len(f) == 0 {
+				break
+			}
+			return strconv.ParseInt(f[0], 10, 64)
+		}
+	}
+	return 0, fmt.Errorf("/proc/%d/status: no VmRSS", pid)
+}
+
+// procCPU returns utime+stime of pid (all its threads) from /proc/<pid>/stat.
+func procCPU(pid int) (time.Duration, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0, err
+	}
+	// The command name (field 2) is in parentheses and may hold spaces.
+	s := string(b)
+	i := strings.LastIndexByte(s, ')')
+	if i < 0 {
+		return 0, fmt.Errorf("/proc/%d/stat: malformed", pid)
+	}
+	f := strings.Fields(s[i+1:])
+	// f[0] is field 3 (state); utime and stime are fields 14 and 15.
+	if len(f) < 13 {
+		return 0, fmt.Errorf("/proc/%d/stat: short", pid)
+	}
+	ut, err1 := strconv.ParseInt(f[11], 10, 64)
+	st, err2 := strconv.ParseInt(f[12], 10, 64)
+	if err := errors.Join(err1, err2); err != nil {
+		return 0, fmt.Errorf("/proc/%d/stat: %w", pid, err)
+	}
+	return time.Duration(ut+st) * time.Second / time.Duration(clockTicks()), nil
+}
+
+// clockTicks returns USER_HZ, the unit of /proc/<pid>/stat times, from the
+// AT_CLKTCK entry of the auxiliary vector (100 when it cannot be read).
+var clockTicks = sync.OnceValue(func() int64 {
+	const atClkTck = 17
+	b, err := os.ReadFile("/proc/self/auxv")
+	if err != nil {
+		return 100
+	}
+	for len(b) >= 16 {
+		k, v := binary.NativeEndian.Uint64(b), binary.NativeEndian.Uint64(b[8:])
+		if k == atClkTck && v > 0 {
+			return int64(v)
+		}
+		if k == 0 {
+			break
+		}
+		b = b[16:]
+	}
+	return 100
+})
+
+// drain reads and closes a response body so its connection is reused.
+func drain(resp *http.Response) {
+	_, _ = io.Copy(io.Discard, resp.Body)
+	resp.Body.Close()
+}

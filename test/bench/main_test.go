@@ -1,0 +1,26 @@
+package bench
+
+import (
+	"context"
+	"os"
+	"os/signal"
+	"syscall"
+	"testing"
+)
+
+// TestMain either runs as the ceiling server (when re-executed with
+// ceilingEnv set) or runs the benchmarks, prints the markdown report and
+// stops the subprocesses.
+func TestMain(m *testing.M) {
+	if spec := os.Getenv(ceilingEnv); spec != "" {
+		os.Exit(runCeiling(spec))
+	}
+	code := m.Run()
+	printReport(os.Stdout)
+	teardownEnv()
+	os.Exit(code)
+}
+
+func signalContext() (context.Context, context.CancelFunc) {
+	return signal.NotifyContext(context.Background(), syscall.SIGTERM, os.Interrupt)
+}
