@@ -1,0 +1,76 @@
+# imdsproxy — see README.md. Every target works on a fresh Debian machine as root.
+SHELL := /bin/bash
+GO ?= go
+VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo devel)
+LDFLAGS := -s -w -X main.version=$(VERSION)
+BIN := bin/imdsproxy
+TOOLS := $(CURDIR)/bin/tools
+AEMM := $(TOOLS)/ec2-metadata-mock
+AEMM_VERSION := v1.13.0
+FAKESTS := bin/fakests
+FUZZTIME ?= 1m
+PREFIX ?= /usr/local
+
+.PHONY: all build demo test test-deps unit e2e bench fuzz lint install uninstall clean tools
+
+all: build
+
+build:
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "$(LDFLAGS)" -o $(BIN) ./cmd/imdsproxy
+
+$(FAKESTS): $(shell find test/fakes -name '*.go' 2>/dev/null)
+	$(GO) build -o $(FAKESTS) ./test/fakes/cmd/fakests
+
+# The stand-in for the real IMDS (pass-through paths), AWS's own mock.
+$(AEMM):
+	mkdir -p $(TOOLS)
+	GOBIN=$(TOOLS) $(GO) install github.com/aws/amazon-ec2-metadata-mock/cmd/ec2-metadata-mock@$(AEMM_VERSION)
+
+tools: $(AEMM) $(FAKESTS)
+
+# demo: the daemon, a fake STS + OIDC issuer and the IMDS stand-in, all on
+# loopback; prints what to type, Ctrl-C stops everything.
+demo: build tools
+	./scripts/demo.sh
+
+# test-deps installs the real SDK clients the end-to-end tests drive:
+# Debian's awscli and python3-boto3, nftables and iproute2, and the
+# JavaScript SDK v3 from npm (pinned in test/js/package-lock.json).
+test-deps: tools
+	./scripts/test-deps.sh
+
+unit:
+	$(GO) test -race -count=1 $$($(GO) list ./... | grep -v '/test$$')
+
+e2e: build tools
+	IMDSPROXY_BIN=$(CURDIR)/$(BIN) AEMM_BIN=$(AEMM) $(GO) test -race -count=1 -timeout 15m ./test/
+
+# test: everything CI runs — formatting, vet, unit tests and fuzz seed corpora
+# (with the race detector), and the end-to-end tests against the built binary.
+test: test-deps build lint
+	IMDSPROXY_BIN=$(CURDIR)/$(BIN) AEMM_BIN=$(AEMM) $(GO) test -race -count=1 -timeout 20m ./...
+
+lint:
+	@unformatted=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
+	if [ -n "$$unformatted" ]; then echo "gofmt would change: $$unformatted"; exit 1; fi
+	$(GO) vet ./...
+
+# fuzz runs every fuzz target for FUZZTIME each (seed corpora run in make test).
+fuzz:
+	./scripts/fuzz.sh $(FUZZTIME)
+
+# bench: the daemon against a bare net/http ceiling in the same run; writes
+# the table printed into docs/benchmarks.md by hand with machine and date.
+bench: build
+	$(GO) test -run '^$$' -bench . -benchmem -count 1 ./proxy/ ./cache/
+	IMDSPROXY_BIN=$(CURDIR)/$(BIN) $(GO) test -run '^$$' -bench . -benchtime 5s -count 1 ./test/bench/
+
+install: build
+	install -D -m 0755 $(BIN) $(DESTDIR)$(PREFIX)/bin/imdsproxy
+	install -D -m 0644 systemd/config.example.yaml $(DESTDIR)/etc/imdsproxy/config.example.yaml
+
+uninstall:
+	rm -f $(DESTDIR)$(PREFIX)/bin/imdsproxy $(DESTDIR)/etc/imdsproxy/config.example.yaml
+
+clean:
+	rm -rf bin

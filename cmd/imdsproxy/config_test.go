@@ -1,0 +1,187 @@
+package main
+
+import (
+	"bytes"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestGoodConfigs(t *testing.T) {
+	files, _ := filepath.Glob("testdata/good/*.yaml")
+	if len(files) == 0 {
+		t.Fatal("no good configs under testdata/good")
+	}
+	for _, f := range files {
+		t.Run(filepath.Base(f), func(t *testing.T) {
+			if _, err := loadConfig(f); err != nil {
+				t.Fatalf("loadConfig: %v", err)
+			}
+		})
+	}
+}
+
+func TestDefaultsAndDerivedValues(t *testing.T) {
+	cfg, err := loadConfig("testdata/good/minimal.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := defaultConfig()
+	if cfg.Listen != want.Listen || cfg.AdminListen != want.AdminListen || cfg.Upstream != want.Upstream {
+		t.Errorf("listeners/upstream defaults not applied: %+v", cfg)
+	}
+	if cfg.IMDS.Tokens != "required" || cfg.IMDS.HopLimit != 1 || cfg.Source != "web-identity" {
+		t.Errorf("imds/source defaults not applied: %+v", cfg)
+	}
+	if cfg.Role.Name != "app-prod" {
+		t.Errorf("role.name default = %q, want the last part of the ARN, app-prod", cfg.Role.Name)
+	}
+	if cfg.Role.Duration.D() != time.Hour {
+		t.Errorf("role.duration default = %s, want 1h", cfg.Role.Duration.D())
+	}
+}
+
+// TestBadConfigsNameTheKey checks that every refusal names the offending key.
+func TestBadConfigsNameTheKey(t *testing.T) {
+	base := "role: {arn: \"arn:aws:iam::222222222222:role/app\"}\nidentity: {jwt_file: /run/t.jwt}\n"
+	cases := []struct {
+		name, yaml, wantKey string
+	}{
+		{"unknown top-level key", base + "listn: 1.2.3.4:80\n", "listn"},
+		{"unknown nested key", "role: {arn: \"arn:aws:iam::222222222222:role/app\", nmae: x}\nidentity: {jwt_file: /run/t.jwt}\n", "role.nmae"},
+		{"duplicate key", base + "source: web-identity\nsource: web-identity\n", "source"},
+		{"tokens value", base + "imds: {tokens: sometimes}\n", "imds.tokens"},
+		{"hop limit range", base + "imds: {hop_limit: 65}\n", "imds.hop_limit"},
+		{"hop limit type", base + "imds: {hop_limit: two}\n", "imds.hop_limit"},
+		{"duration number", "role: {arn: \"arn:aws:iam::222222222222:role/app\", duration: 3600}\nidentity: {jwt_file: /run/t.jwt}\n", "role.duration"},
+		{"duration too short", "role: {arn: \"arn:aws:iam::222222222222:role/app\", duration: 5m}\nidentity: {jwt_file: /run/t.jwt}\n", "role.duration"},
+		{"negative duration", base + "upstream_timeout: -1s\n", "upstream_timeout"},
+		{"bad arn", "role: {arn: \"arn:aws:iam::12:role/app\"}\nidentity: {jwt_file: /run/t.jwt}\n", "role.arn"},
+		{"missing arn", "identity: {jwt_file: /run/t.jwt}\n", "role.arn"},
+		{"bad role name", "role: {arn: \"arn:aws:iam::222222222222:role/app\", name: \"a/b\"}\nidentity: {jwt_file: /run/t.jwt}\n", "role.name"},
+		{"bad session name", "role: {arn: \"arn:aws:iam::222222222222:role/app\", session_name: \"has space\"}\nidentity: {jwt_file: /run/t.jwt}\n", "role.session_name"},
+		{"unknown source", base + "source: magic\n", "source"},
+		{"unimplemented source", base + "source: federation\n", "source"},
+		{"no identity", "role: {arn: \"arn:aws:iam::222222222222:role/app\"}\n", "identity.jwt_file"},
+		{"relative jwt path", "role: {arn: \"arn:aws:iam::222222222222:role/app\"}\nidentity: {jwt_file: token.jwt}\n", "identity.jwt_file"},
+		{"two identities", "role: {arn: \"arn:aws:iam::222222222222:role/app\"}\nidentity: {jwt_file: /a, jwt_url: https://x}\n", "identity"},
+		{"listen", base + "listen: nonsense\n", "listen"},
+		{"same listeners", base + "listen: 127.0.0.1:1\nadmin_listen: 127.0.0.1:1\n", "admin_listen"},
+		{"upstream", base + "upstream: ftp://x\n", "upstream"},
+		{"upstream path", base + "upstream: http://169.254.169.254/latest\n", "upstream"},
+		{"region", base + "region: Mars\n", "region"},
+		{"section not a map", base + "imds: required\n", "imds"},
+		{"list expected", "role: {arn: \"arn:aws:iam::222222222222:role/app\"}\nidentity: {jwt_command: /bin/x}\n", "identity.jwt_command"},
+		{"backoff order", base + "cache: {backoff_initial: 10s, backoff_max: 1s}\n", "cache.backoff_max"},
+		{"margin too big", base + "cache: {expiry_margin: 45m}\n", "cache.expiry_margin"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := parseConfig([]byte(tc.yaml))
+			if err == nil {
+				t.Fatalf("config accepted:\n%s", tc.yaml)
+			}
+			if !strings.Contains(err.Error(), tc.wantKey) {
+				t.Fatalf("error %q does not name key %q", err, tc.wantKey)
+			}
+		})
+	}
+}
+
+func TestEmptyAndMalformedFiles(t *testing.T) {
+	for name, data := range map[string]string{
+		"empty":        "",
+		"scalar":       "hello",
+		"list":         "- a\n- b\n",
+		"two docs":     "listen: 127.0.0.1:1\n---\nlisten: 127.0.0.1:2\n",
+		"bad yaml":     "role: {arn: [\n",
+		"alias":        "a: &x 1\nlisten: *x\n",
+		"tab indented": "role:\n\tarn: x\n",
+	} {
+		if _, err := parseConfig([]byte(data)); err == nil {
+			t.Errorf("%s: accepted", name)
+		}
+	}
+}
+
+func TestLoadConfigFileErrors(t *testing.T) {
+	if _, err := loadConfig(filepath.Join(t.TempDir(), "missing.yaml")); err == nil {
+		t.Error("missing file accepted")
+	}
+	big := filepath.Join(t.TempDir(), "big.yaml")
+	if err := os.WriteFile(big, bytes.Repeat([]byte("#"), maxConfigSize+10), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := loadConfig(big); err == nil || !strings.Contains(err.Error(), "larger") {
+		t.Errorf("oversized file: %v", err)
+	}
+}
+
+func FuzzParseConfig(f *testing.F) {
+	files, _ := filepath.Glob("testdata/*/*.yaml")
+	for _, p := range files {
+		b, err := os.ReadFile(p)
+		if err == nil {
+			f.Add(b)
+		}
+	}
+	f.Add([]byte("imds: {hop_limit: 99999999999999999999}"))
+	f.Add([]byte("role: {duration: 9999999999h}"))
+	f.Fuzz(func(t *testing.T, data []byte) {
+		cfg, err := parseConfig(data)
+		if err != nil {
+			return
+		}
+		// Whatever was accepted must be valid as a whole.
+		if err := cfg.validate(); err != nil {
+			t.Fatalf("accepted config fails validation: %v", err)
+		}
+		if cfg.Role.Name == "" || cfg.IMDS.HopLimit < 1 || cfg.IMDS.HopLimit > 64 {
+			t.Fatalf("accepted config with bad values: %+v", cfg)
+		}
+	})
+}
+
+// TestDocumentedExamples parses every YAML example of the operator docs, so
+// the docs cannot drift from the code.
+func TestDocumentedExamples(t *testing.T) {
+	for _, doc := range []string{"../../docs/configuration.md", "../../README.md"} {
+		data, err := os.ReadFile(doc)
+		if err != nil {
+			t.Fatal(err)
+		}
+		blocks := yamlBlocks(string(data))
+		if len(blocks) == 0 {
+			t.Fatalf("%s has no yaml examples", doc)
+		}
+		for i, b := range blocks {
+			if _, err := parseConfig([]byte(b)); err != nil {
+				t.Errorf("%s example %d: %v\n%s", doc, i+1, err, b)
+			}
+		}
+	}
+	if _, err := loadConfig("../../systemd/config.example.yaml"); err != nil {
+		t.Errorf("systemd/config.example.yaml: %v", err)
+	}
+}
+
+func yamlBlocks(md string) []string {
+	var out []string
+	var cur []string
+	in := false
+	for _, line := range strings.Split(md, "\n") {
+		trimmed := strings.TrimSpace(line)
+		switch {
+		case !in && trimmed == "```yaml":
+			in, cur = true, nil
+		case in && trimmed == "```":
+			in = false
+			out = append(out, strings.Join(cur, "\n"))
+		case in:
+			cur = append(cur, strings.TrimPrefix(line, "   "))
+		}
+	}
+	return out
+}

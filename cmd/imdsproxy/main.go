@@ -1,0 +1,136 @@
+// Command imdsproxy is a per-host daemon that stands in for the EC2 instance
+// metadata service (169.254.169.254): it answers the credential paths with the
+// credentials of the host's workload role, exchanged from the host's identity
+// (an OIDC token) and cached ahead of expiry, and forwards every other metadata
+// path to the real IMDS.
+//
+// This package is the only composition root of the project: it parses flags
+// and the YAML config, wires the packages together and runs them.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"runtime"
+	"runtime/debug"
+	"syscall"
+)
+
+// Exit codes, in one place.
+const (
+	exitOK     = 0
+	exitError  = 1 // the daemon failed at run time
+	exitUsage  = 2 // bad command line
+	exitConfig = 3 // the configuration is invalid
+)
+
+// version is set at build time with -ldflags "-X main.version=…".
+var version = ""
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	code := run(ctx, os.Args[1:], os.Stdout, os.Stderr)
+	stop()
+	os.Exit(code)
+}
+
+const usageText = `imdsproxy stands in for the EC2 instance metadata service and hands unmodified
+AWS SDKs the credentials of this host's workload role.
+
+Usage:
+  imdsproxy serve --config FILE [--log-format json|console] [--log-level LEVEL]
+  imdsproxy check-config FILE
+  imdsproxy version
+  imdsproxy help
+
+Commands:
+  serve         run the daemon: the IMDS listener (default 127.0.0.1:8169) and
+                the admin listener (default 127.0.0.1:8170: /metrics /healthz
+                /readyz /debug/cache). SIGHUP reloads the config (a bad file is
+                refused and the running config kept); SIGTERM drains and exits 0.
+  check-config  validate a config file; on error name the offending key and exit 3.
+  version       print the version.
+
+The daemon's own AWS calls honour AWS_REGION, AWS_ENDPOINT_URL_STS and
+AWS_ENDPOINT_URL. See docs/configuration.md for every config key.
+
+Exit codes: 0 ok, 1 runtime error, 2 usage error, 3 invalid configuration.
+`
+
+// run is main without the process: it parses args, runs the sub-command and
+// returns the exit code. It writes only to the given streams.
+func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
+	if len(args) == 0 {
+		fmt.Fprint(stderr, usageText)
+		return exitUsage
+	}
+	switch args[0] {
+	case "serve":
+		return runServe(ctx, args[1:], stdout, stderr)
+	case "check-config":
+		return runCheckConfig(args[1:], stdout, stderr)
+	case "version", "--version", "-version":
+		fmt.Fprintln(stdout, versionString())
+		return exitOK
+	case "help", "-h", "--help", "-help":
+		fmt.Fprint(stdout, usageText)
+		return exitOK
+	default:
+		fmt.Fprintf(stderr, "imdsproxy: unknown command %q\n\n%s", args[0], usageText)
+		return exitUsage
+	}
+}
+
+func runCheckConfig(args []string, stdout, stderr io.Writer) int {
+	fs := flag.NewFlagSet("check-config", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	path := fs.String("config", "", "config file to check (or give it as the argument)")
+	fs.Usage = func() {
+		fmt.Fprintln(stderr, "Usage: imdsproxy check-config FILE\n\nValidates FILE; on error names the offending key and exits 3.")
+	}
+	if err := fs.Parse(args); err != nil {
+		return flagExit(err)
+	}
+	if *path == "" && fs.NArg() == 1 {
+		*path = fs.Arg(0)
+	}
+	if *path == "" || fs.NArg() > 1 || (fs.NArg() == 1 && fs.Arg(0) != *path) {
+		fs.Usage()
+		return exitUsage
+	}
+	cfg, err := loadConfig(*path)
+	if err != nil {
+		fmt.Fprintf(stderr, "imdsproxy: %v\n", err)
+		return exitConfig
+	}
+	fmt.Fprintf(stdout, "%s: ok (source %s, role %s listed as %q, listen %s, admin %s)\n",
+		*path, cfg.Source, cfg.Role.ARN, cfg.Role.Name, cfg.Listen, cfg.AdminListen)
+	return exitOK
+}
+
+func flagExit(err error) int {
+	if errors.Is(err, flag.ErrHelp) {
+		return exitOK
+	}
+	return exitUsage
+}
+
+func versionString() string {
+	return fmt.Sprintf("imdsproxy %s (%s, %s/%s)", buildVersion(), runtime.Version(), runtime.GOOS, runtime.GOARCH)
+}
+
+// buildVersion is the -X version, else the module version, else "devel".
+func buildVersion() string {
+	if version != "" {
+		return version
+	}
+	if bi, ok := debug.ReadBuildInfo(); ok && bi.Main.Version != "" && bi.Main.Version != "(devel)" {
+		return bi.Main.Version
+	}
+	return "devel"
+}
