@@ -1,0 +1,338 @@
+// Package exchange turns the host's identity into AWS credentials for the
+// workload role.
+//
+// WebIdentity exchanges an OIDC JWT (from a TokenSource, usually token.File)
+// for role credentials with STS AssumeRoleWithWebIdentity, using
+// aws-sdk-go-v2. The call is unsigned, so the daemon needs no AWS credentials
+// of its own. The SDK's conventions apply: AWS_REGION, AWS_ENDPOINT_URL_STS,
+// AWS_ENDPOINT_URL, the shared config file, HTTP(S)_PROXY.
+//
+// Every failure is an *Error carrying a class and a permanent flag (the
+// ErrorClass and Permanent methods of docs/architecture.md); Classify maps
+// SDK errors to those classes. A failure to obtain the identity token is
+// returned wrapped with its own class (for token.File: "identity").
+//
+// Neither errors nor log lines ever contain the identity token, the secret
+// access key or the session token.
+package exchange
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/http"
+	"strings"
+	"time"
+
+	"github.com/aws/aws-sdk-go-v2/aws"
+	"github.com/aws/aws-sdk-go-v2/aws/ratelimit"
+	"github.com/aws/aws-sdk-go-v2/aws/retry"
+	"github.com/aws/aws-sdk-go-v2/config"
+	"github.com/aws/aws-sdk-go-v2/feature/ec2/imds"
+	"github.com/aws/aws-sdk-go-v2/service/sts"
+	"go.uber.org/zap"
+
+	"github.com/imdsproxy/imdsproxy/creds"
+)
+
+// SourceWebIdentity is the creds.Credentials.Source of credentials from
+// WebIdentity.
+const SourceWebIdentity = "web-identity"
+
+// opAssumeRoleWithWebIdentity names the STS operation in errors.
+const opAssumeRoleWithWebIdentity = "AssumeRoleWithWebIdentity"
+
+// Defaults and limits of WebIdentityConfig.
+const (
+	DefaultMaxAttempts = 2                // SDK attempts per Fetch when MaxAttempts is 0
+	DefaultTimeout     = 20 * time.Second // bound of one Fetch when Timeout is 0
+	MinDuration        = 15 * time.Minute // STS minimum DurationSeconds
+	MaxDuration        = 12 * time.Hour   // STS maximum DurationSeconds (role MaxSessionDuration may be lower)
+)
+
+// invalidTokenRetryDelay is the pause before the single retry after
+// InvalidIdentityToken: a just-rotated JWKS or an eventually consistent OIDC
+// provider needs a moment.
+const invalidTokenRetryDelay = 300 * time.Millisecond
+
+// TokenSource returns the current identity token (a JWT). It is called for
+// every exchange, so it must pick up rotation; token.File implements it.
+// Errors should carry the ErrorClass/Permanent methods of
+// docs/architecture.md (token.Error does).
+type TokenSource interface {
+	Token(ctx context.Context) (string, error)
+}
+
+// WebIdentityConfig configures NewWebIdentity.
+type WebIdentityConfig struct {
+	// RoleARN is the workload role to assume. Required.
+	RoleARN string
+	// SessionName is the RoleSessionName, already resolved by the caller
+	// (see SessionName). It is passed through SanitizeSessionName. Required.
+	SessionName string
+	// Duration is the session duration (DurationSeconds, whole seconds,
+	// 15 min to 12 h). 0 lets STS choose its default (1 h).
+	Duration time.Duration
+	// Region is the STS region. "" means the SDK's default configuration
+	// (AWS_REGION, the shared config file); it is an error if none is found.
+	// IMDS is never asked for the region.
+	Region string
+	// HTTPClient is used for STS calls; nil means the SDK's default client
+	// (which honours HTTP(S)_PROXY).
+	HTTPClient *http.Client
+	// MaxAttempts is the number of SDK attempts per Fetch; 0 means 2. Long-term
+	// backoff is the caller's job (the cache). Throttling, 5xx, transport errors
+	// and IDPCommunicationError are retried; InvalidIdentityToken is retried
+	// once more by Fetch itself with a re-read token.
+	MaxAttempts int
+	// Timeout bounds a whole Fetch, retries included; 0 means 20 s.
+	Timeout time.Duration
+}
+
+// WebIdentity fetches credentials with STS AssumeRoleWithWebIdentity. It is
+// safe for concurrent use; it has no cache of its own.
+type WebIdentity struct {
+	client      *sts.Client
+	roleARN     string
+	sessionName string
+	duration    time.Duration
+	timeout     time.Duration
+	tokens      TokenSource
+	log         *zap.Logger
+	now         func() time.Time
+	retryDelay  time.Duration
+}
+
+// NewWebIdentity builds the STS client from the SDK's default configuration
+// (region, endpoint overrides, shared config) with anonymous credentials: no
+// credential chain is consulted and LoadDefaultConfig neither blocks nor fails
+// when the host has no AWS credentials. ctx bounds configuration loading
+// only. log may be nil.
+func NewWebIdentity(ctx context.Context, cfg WebIdentityConfig, tokens TokenSource, log *zap.Logger) (*WebIdentity, error) {
+	if tokens == nil {
+		return nil, errors.New("exchange: nil token source")
+	}
+	if !strings.HasPrefix(cfg.RoleARN, "arn:") || strings.Count(cfg.RoleARN, ":") < 5 {
+		return nil, fmt.Errorf("exchange: invalid role ARN %q", cfg.RoleARN)
+	}
+	if strings.TrimSpace(cfg.SessionName) == "" {
+		return nil, errors.New("exchange: empty session name")
+	}
+	if cfg.Duration != 0 && (cfg.Duration < MinDuration || cfg.Duration > MaxDuration) {
+		return nil, fmt.Errorf("exchange: duration %s outside %s..%s", cfg.Duration, MinDuration, MaxDuration)
+	}
+	if cfg.MaxAttempts < 0 || cfg.Timeout < 0 {
+		return nil, errors.New("exchange: negative MaxAttempts or Timeout")
+	}
+	if cfg.MaxAttempts == 0 {
+		cfg.MaxAttempts = DefaultMaxAttempts
+	}
+	if cfg.Timeout == 0 {
+		cfg.Timeout = DefaultTimeout
+	}
+	if log == nil {
+		log = zap.NewNop()
+	}
+
+	maxAttempts := cfg.MaxAttempts
+	opts := []func(*config.LoadOptions) error{
+		config.WithCredentialsProvider(aws.AnonymousCredentials{}),
+		// Never let the SDK talk to IMDS on its own (region, defaults mode):
+		// on the hosts we run on, IMDS may be ourselves.
+		config.WithEC2IMDSClientEnableState(imds.ClientDisabled),
+		config.WithRetryer(func() aws.Retryer {
+			return retry.NewStandard(func(o *retry.StandardOptions) {
+				o.MaxAttempts = maxAttempts
+				// The cache owns long-term backoff; no client-side retry quota
+				// that could starve a long-lived daemon.
+				o.RateLimiter = ratelimit.None
+				o.Retryables = append(o.Retryables, retry.RetryableErrorCode{
+					Codes: map[string]struct{}{"IDPCommunicationError": {}},
+				})
+			})
+		}),
+	}
+	if cfg.Region != "" {
+		opts = append(opts, config.WithRegion(cfg.Region))
+	}
+	if cfg.HTTPClient != nil {
+		opts = append(opts, config.WithHTTPClient(cfg.HTTPClient))
+	}
+	awsCfg, err := config.LoadDefaultConfig(ctx, opts...)
+	if err != nil {
+		return nil, fmt.Errorf("exchange: load AWS config: %w", err)
+	}
+	if awsCfg.Region == "" {
+		return nil, errors.New("exchange: no region: set AWS_REGION")
+	}
+	client := sts.NewFromConfig(awsCfg, func(o *sts.Options) {
+		o.Credentials = aws.AnonymousCredentials{}
+	})
+	return &WebIdentity{
+		client:      client,
+		roleARN:     cfg.RoleARN,
+		sessionName: SanitizeSessionName(cfg.SessionName),
+		duration:    cfg.Duration.Truncate(time.Second),
+		timeout:     cfg.Timeout,
+		tokens:      tokens,
+		log:         log,
+		now:         time.Now,
+		retryDelay:  invalidTokenRetryDelay,
+	}, nil
+}
+
+// RoleARN returns the role this WebIdentity assumes.
+func (w *WebIdentity) RoleARN() string { return w.roleARN }
+
+// SessionName returns the RoleSessionName in use.
+func (w *WebIdentity) SessionName() string { return w.sessionName }
+
+// Fetch reads the identity token and exchanges it for credentials of the
+// configured role. key is ignored (one role per WebIdentity); it exists so
+// that WebIdentity fits the cache's Fetcher shape.
+//
+// On InvalidIdentityToken the token is re-read and the call retried once
+// after a short pause; on ExpiredTokenException it is retried once only if
+// the re-read token differs. Errors are *Error, or the token source's error
+// wrapped with %w (its ErrorClass/Permanent stay reachable with errors.As).
+// On success the credentials are Complete and valid now.
+func (w *WebIdentity) Fetch(ctx context.Context, key string) (creds.Credentials, error) {
+	ctx, cancel := context.WithTimeout(ctx, w.timeout)
+	defer cancel()
+
+	tok, err := w.token(ctx)
+	if err != nil {
+		return creds.Credentials{}, err
+	}
+	out, err := w.assume(ctx, tok)
+	if err != nil {
+		e := w.classify(err, tok)
+		if e.Class != ClassInvalidToken && e.Class != ClassExpiredToken {
+			return creds.Credentials{}, e
+		}
+		if e.Class == ClassInvalidToken && w.retryDelay > 0 {
+			t := time.NewTimer(w.retryDelay)
+			select {
+			case <-ctx.Done():
+				t.Stop()
+				return creds.Credentials{}, e
+			case <-t.C:
+			}
+		}
+		fresh, terr := w.token(ctx)
+		if terr != nil {
+			return creds.Credentials{}, terr
+		}
+		if e.Class == ClassExpiredToken && fresh == tok {
+			return creds.Credentials{}, e
+		}
+		w.log.Info("identity token refused by STS, retrying once with a re-read token",
+			zap.String("class", e.Class), zap.String("code", e.Code), zap.String("request_id", e.RequestID))
+		tok = fresh
+		if out, err = w.assume(ctx, tok); err != nil {
+			return creds.Credentials{}, w.classify(err, tok)
+		}
+	}
+	c, err := w.convert(out)
+	if err != nil {
+		return creds.Credentials{}, err
+	}
+	w.log.Debug("assumed role with web identity", zap.Object("credentials", c))
+	return c, nil
+}
+
+func (w *WebIdentity) token(ctx context.Context) (string, error) {
+	tok, err := w.tokens.Token(ctx)
+	if err != nil {
+		var classed interface{ ErrorClass() string }
+		if errors.As(err, &classed) {
+			return "", fmt.Errorf("exchange: web identity token: %w", err)
+		}
+		e := Classify(err)
+		if e.Class == ClassOther && ctx.Err() == nil {
+			e.Class = ClassIdentity
+		}
+		e.Op = "read identity token"
+		return "", e
+	}
+	if tok == "" {
+		return "", &Error{Op: "read identity token", Class: ClassIdentity, Message: "token source returned an empty token"}
+	}
+	return tok, nil
+}
+
+func (w *WebIdentity) assume(ctx context.Context, tok string) (*sts.AssumeRoleWithWebIdentityOutput, error) {
+	in := &sts.AssumeRoleWithWebIdentityInput{
+		RoleArn:          aws.String(w.roleARN),
+		RoleSessionName:  aws.String(w.sessionName),
+		WebIdentityToken: aws.String(tok),
+	}
+	if w.duration > 0 {
+		in.DurationSeconds = aws.Int32(int32(w.duration / time.Second))
+	}
+	return w.client.AssumeRoleWithWebIdentity(ctx, in)
+}
+
+// classify wraps Classify, names the operation and role and makes sure the
+// token cannot appear in the message.
+func (w *WebIdentity) classify(err error, tok string) *Error {
+	e := Classify(err)
+	if e.Op == "" {
+		e.Op = opAssumeRoleWithWebIdentity
+	}
+	e.Role = w.roleARN
+	if tok != "" {
+		e.Message = strings.ReplaceAll(e.Message, tok, "<redacted>")
+	}
+	w.log.Debug("AssumeRoleWithWebIdentity failed", zap.String("class", e.Class), zap.String("code", e.Code),
+		zap.Int("http_status", e.HTTPStatus), zap.String("request_id", e.RequestID))
+	return e
+}
+
+func (w *WebIdentity) invalid(msg string) *Error {
+	return &Error{Op: opAssumeRoleWithWebIdentity, Role: w.roleARN, Class: ClassInvalidResponse, Message: msg}
+}
+
+func (w *WebIdentity) convert(out *sts.AssumeRoleWithWebIdentityOutput) (creds.Credentials, error) {
+	if out == nil || out.Credentials == nil {
+		return creds.Credentials{}, w.invalid("response has no Credentials")
+	}
+	sc := out.Credentials
+	now := w.now()
+	c := creds.Credentials{
+		AccessKeyID:     aws.ToString(sc.AccessKeyId),
+		SecretAccessKey: aws.ToString(sc.SecretAccessKey),
+		SessionToken:    aws.ToString(sc.SessionToken),
+		Expires:         aws.ToTime(sc.Expiration).UTC(),
+		LastUpdated:     now.UTC(),
+		Source:          SourceWebIdentity,
+	}
+	switch {
+	case c.AccessKeyID == "":
+		return creds.Credentials{}, w.invalid("response lacks Credentials.AccessKeyId")
+	case c.SecretAccessKey == "":
+		return creds.Credentials{}, w.invalid("response lacks Credentials.SecretAccessKey")
+	case c.SessionToken == "":
+		return creds.Credentials{}, w.invalid("response lacks Credentials.SessionToken")
+	case sc.Expiration == nil || sc.Expiration.IsZero():
+		return creds.Credentials{}, w.invalid("response lacks Credentials.Expiration")
+	case !c.Expires.After(now):
+		return creds.Credentials{}, w.invalid(fmt.Sprintf("credentials expired at %s (check the host clock)",
+			c.Expires.Format(time.RFC3339)))
+	}
+	if out.AssumedRoleUser != nil && aws.ToString(out.AssumedRoleUser.Arn) != "" {
+		c.RoleARN = aws.ToString(out.AssumedRoleUser.Arn)
+	} else {
+		// Real STS always sends AssumedRoleUser; fall back to what we asked for.
+		w.log.Warn("STS response lacks AssumedRoleUser.Arn; using the configured role ARN")
+		c.RoleARN = w.roleARN
+	}
+	c.AccountID = creds.AccountFromARN(c.RoleARN)
+	if c.AccountID == "" {
+		c.AccountID = creds.AccountFromARN(w.roleARN)
+	}
+	if !c.Complete() {
+		return creds.Credentials{}, w.invalid("incomplete credentials")
+	}
+	return c, nil
+}

@@ -1,0 +1,525 @@
+package exchange
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+	"go.uber.org/zap/zaptest/observer"
+
+	"github.com/imdsproxy/imdsproxy/creds"
+)
+
+func newTestWebIdentity(t testing.TB, endpoint string, cfg WebIdentityConfig, tokens TokenSource, log *zap.Logger) *WebIdentity {
+	t.Helper()
+	isolateAWSEnv(t)
+	t.Setenv("AWS_ENDPOINT_URL_STS", endpoint)
+	if cfg.RoleARN == "" {
+		cfg.RoleARN = testRoleARN
+	}
+	if cfg.SessionName == "" {
+		cfg.SessionName = "i-0123456789abcdef0"
+	}
+	w, err := NewWebIdentity(context.Background(), cfg, tokens, log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	w.retryDelay = time.Millisecond
+	return w
+}
+
+func TestFetchSuccess(t *testing.T) {
+	exp := time.Now().Add(time.Hour).Truncate(time.Second).UTC()
+	fake := newFakeSTS(t, response{status: 200, body: successXML(exp)})
+	tokens := &tokenSource{tokens: []string{testJWT}}
+	w := newTestWebIdentity(t, fake.srv.URL, WebIdentityConfig{Duration: 2 * time.Hour}, tokens, nil)
+
+	before := time.Now()
+	c, err := w.Fetch(context.Background(), "ignored")
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := creds.Credentials{
+		AccessKeyID: testAccessKey, SecretAccessKey: testSecretKey, SessionToken: testSessionToken,
+		Expires: exp, AccountID: "222222222222", RoleARN: testAssumedARN, Source: "web-identity",
+	}
+	got := c
+	got.LastUpdated = time.Time{}
+	if got != want {
+		t.Errorf("credentials = %#v\nwant %#v", got, want)
+	}
+	if c.LastUpdated.Before(before.Add(-time.Second)) || c.LastUpdated.After(time.Now()) {
+		t.Errorf("LastUpdated = %v, want about now", c.LastUpdated)
+	}
+	if !c.Complete() {
+		t.Error("credentials not Complete")
+	}
+
+	calls := fake.calls()
+	if len(calls) != 1 {
+		t.Fatalf("STS calls = %d, want 1", len(calls))
+	}
+	r := calls[0]
+	if r.method != http.MethodPost || r.path != "/" {
+		t.Errorf("request %s %s, want POST /", r.method, r.path)
+	}
+	if ct := r.header.Get("Content-Type"); !strings.HasPrefix(ct, "application/x-www-form-urlencoded") {
+		t.Errorf("Content-Type = %q", ct)
+	}
+	for k, v := range map[string]string{
+		"Action":           "AssumeRoleWithWebIdentity",
+		"Version":          "2011-06-15",
+		"RoleArn":          testRoleARN,
+		"RoleSessionName":  "i-0123456789abcdef0",
+		"WebIdentityToken": testJWT,
+		"DurationSeconds":  "7200",
+	} {
+		if got := r.form.Get(k); got != v {
+			t.Errorf("form %s = %q, want %q", k, got, v)
+		}
+	}
+	for _, h := range []string{"Authorization", "X-Amz-Security-Token"} {
+		if _, ok := r.header[h]; ok {
+			t.Errorf("header %s sent: %q (the call must be unsigned)", h, r.header.Get(h))
+		}
+	}
+	if tokens.count() != 1 {
+		t.Errorf("token reads = %d, want 1", tokens.count())
+	}
+}
+
+func TestFetchDefaultDurationOmitted(t *testing.T) {
+	fake := newFakeSTS(t, response{status: 200, body: successXML(time.Now().Add(time.Hour))})
+	w := newTestWebIdentity(t, fake.srv.URL, WebIdentityConfig{}, &tokenSource{tokens: []string{testJWT}}, nil)
+	if _, err := w.Fetch(context.Background(), ""); err != nil {
+		t.Fatal(err)
+	}
+	if f := fake.calls()[0].form; f.Has("DurationSeconds") {
+		t.Errorf("DurationSeconds sent (%q) although Duration is 0", f.Get("DurationSeconds"))
+	}
+}
+
+// TestEndpointFromEnv: AWS_ENDPOINT_URL_STS and AWS_ENDPOINT_URL (alone) both
+// redirect the STS client; AWS_ENDPOINT_URL_STS wins over AWS_ENDPOINT_URL.
+func TestEndpointFromEnv(t *testing.T) {
+	ok := response{status: 200, body: successXML(time.Now().Add(time.Hour))}
+	for _, tc := range []struct {
+		name     string
+		sts, all bool
+	}{{"AWS_ENDPOINT_URL_STS", true, false}, {"AWS_ENDPOINT_URL", false, true}, {"both", true, true}} {
+		t.Run(tc.name, func(t *testing.T) {
+			isolateAWSEnv(t)
+			good := newFakeSTS(t, ok)
+			bad := newFakeSTS(t, response{status: 403, body: errorXML("Sender", "AccessDenied", "wrong endpoint")})
+			switch {
+			case tc.sts && tc.all:
+				t.Setenv("AWS_ENDPOINT_URL_STS", good.srv.URL)
+				t.Setenv("AWS_ENDPOINT_URL", bad.srv.URL)
+			case tc.sts:
+				t.Setenv("AWS_ENDPOINT_URL_STS", good.srv.URL)
+			default:
+				t.Setenv("AWS_ENDPOINT_URL", good.srv.URL)
+			}
+			w, err := NewWebIdentity(context.Background(), WebIdentityConfig{RoleARN: testRoleARN, SessionName: "s1"},
+				&tokenSource{tokens: []string{testJWT}}, nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, err := w.Fetch(context.Background(), ""); err != nil {
+				t.Fatal(err)
+			}
+			if len(good.calls()) != 1 || len(bad.calls()) != 0 {
+				t.Errorf("calls: good %d, bad %d", len(good.calls()), len(bad.calls()))
+			}
+		})
+	}
+}
+
+func TestNewWebIdentityRegion(t *testing.T) {
+	isolateAWSEnv(t)
+	unsetenv(t, "AWS_REGION")
+	// An IMDS that would answer if asked: it must not be asked.
+	imdsCalls := 0
+	srv := newIMDS(t, "i-0abc", &imdsCalls)
+	t.Setenv("AWS_EC2_METADATA_SERVICE_ENDPOINT", srv.URL)
+	cfg := WebIdentityConfig{RoleARN: testRoleARN, SessionName: "s1"}
+	_, err := NewWebIdentity(context.Background(), cfg, &tokenSource{tokens: []string{testJWT}}, nil)
+	if err == nil || err.Error() != "exchange: no region: set AWS_REGION" {
+		t.Fatalf("err = %v, want the no-region error", err)
+	}
+	if imdsCalls != 0 {
+		t.Errorf("IMDS was asked %d times while loading the config", imdsCalls)
+	}
+	cfg.Region = "us-west-2"
+	if _, err := NewWebIdentity(context.Background(), cfg, &tokenSource{tokens: []string{testJWT}}, nil); err != nil {
+		t.Fatalf("explicit region: %v", err)
+	}
+	// AWS_REGION alone also works; no credentials exist anywhere.
+	t.Setenv("AWS_REGION", "ap-southeast-2")
+	cfg.Region = ""
+	done := make(chan error, 1)
+	go func() {
+		_, err := NewWebIdentity(context.Background(), cfg, &tokenSource{tokens: []string{testJWT}}, nil)
+		done <- err
+	}()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("NewWebIdentity hangs without credentials")
+	}
+}
+
+func TestNewWebIdentityValidation(t *testing.T) {
+	isolateAWSEnv(t)
+	good := WebIdentityConfig{RoleARN: testRoleARN, SessionName: "s1"}
+	tokens := &tokenSource{tokens: []string{testJWT}}
+	for name, mut := range map[string]func(*WebIdentityConfig){
+		"no role":        func(c *WebIdentityConfig) { c.RoleARN = "" },
+		"bad role":       func(c *WebIdentityConfig) { c.RoleARN = "role/app" },
+		"no session":     func(c *WebIdentityConfig) { c.SessionName = " " },
+		"short duration": func(c *WebIdentityConfig) { c.Duration = time.Minute },
+		"long duration":  func(c *WebIdentityConfig) { c.Duration = 13 * time.Hour },
+		"neg attempts":   func(c *WebIdentityConfig) { c.MaxAttempts = -1 },
+	} {
+		cfg := good
+		mut(&cfg)
+		if _, err := NewWebIdentity(context.Background(), cfg, tokens, nil); err == nil {
+			t.Errorf("%s: accepted", name)
+		}
+	}
+	if _, err := NewWebIdentity(context.Background(), good, nil, nil); err == nil {
+		t.Error("nil token source accepted")
+	}
+	w, err := NewWebIdentity(context.Background(), WebIdentityConfig{RoleARN: testRoleARN, SessionName: "bad name!"}, tokens, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if w.SessionName() != "bad-name-" {
+		t.Errorf("SessionName() = %q, want sanitized", w.SessionName())
+	}
+}
+
+func TestClassification(t *testing.T) {
+	tests := []struct {
+		name      string
+		status    int
+		body      string
+		class     string
+		code      string
+		permanent bool
+	}{
+		{"Throttling", 400, errorXML("Sender", "Throttling", "Rate exceeded"), ClassThrottling, "Throttling", false},
+		{"ThrottlingException", 400, errorXML("Sender", "ThrottlingException", "Rate exceeded"), ClassThrottling, "ThrottlingException", false},
+		{"RequestLimitExceeded", 400, errorXML("Sender", "RequestLimitExceeded", "Request limit exceeded."), ClassThrottling, "RequestLimitExceeded", false},
+		{"429 without code", 429, "Too Many Requests", ClassThrottling, "", false},
+		{"500 InternalFailure", 500, errorXML("Receiver", "InternalFailure", "internal error"), ClassServer, "InternalFailure", false},
+		{"503 ServiceUnavailable", 503, errorXML("Receiver", "ServiceUnavailable", "Service unavailable"), ClassServer, "ServiceUnavailable", false},
+		{"502 HTML", 502, "<html><body>Bad Gateway</body></html>", ClassServer, "", false},
+		{"IDPCommunicationError", 400, errorXML("Sender", "IDPCommunicationError", "Couldn't retrieve verification key from your identity provider"), ClassIDP, "IDPCommunicationError", false},
+		{"InvalidIdentityToken", 400, errorXML("Sender", "InvalidIdentityToken", "Incorrect token audience"), ClassInvalidToken, "InvalidIdentityToken", false},
+		{"ExpiredTokenException", 400, errorXML("Sender", "ExpiredTokenException", "Token expired: current date/time 1900000001 must be before the expiration date/time1900000000"), ClassExpiredToken, "ExpiredTokenException", true},
+		{"AccessDenied", 403, errorXML("Sender", "AccessDenied", "Not authorized to perform sts:AssumeRoleWithWebIdentity"), ClassAccessDenied, "AccessDenied", true},
+		{"ValidationError", 400, errorXML("Sender", "ValidationError", "1 validation error detected: Value at 'durationSeconds' failed to satisfy constraint"), ClassValidation, "ValidationError", true},
+		{"MalformedPolicyDocument", 400, errorXML("Sender", "MalformedPolicyDocument", "Syntax errors in policy."), ClassValidation, "MalformedPolicyDocument", true},
+		{"PackedPolicyTooLarge", 400, errorXML("Sender", "PackedPolicyTooLarge", "Packed policy consumes 120% of allotted space"), ClassValidation, "PackedPolicyTooLarge", true},
+		{"IDPRejectedClaim", 403, errorXML("Sender", "IDPRejectedClaim", "The claim was rejected"), ClassValidation, "IDPRejectedClaim", true},
+		{"RegionDisabledException", 403, errorXML("Sender", "RegionDisabledException", "STS is not activated in this region for account:222222222222."), ClassRegionDisabled, "RegionDisabledException", true},
+		{"unknown code", 400, errorXML("Sender", "SomethingNew", "new"), ClassOther, "SomethingNew", false},
+		{"200 garbage", 200, "this is not xml", ClassInvalidResponse, "", false},
+		{"200 no credentials", 200, `<AssumeRoleWithWebIdentityResponse xmlns="https://sts.amazonaws.com/doc/2011-06-15/"><AssumeRoleWithWebIdentityResult></AssumeRoleWithWebIdentityResult></AssumeRoleWithWebIdentityResponse>`, ClassInvalidResponse, "", false},
+		{"200 no session token", 200, strings.Replace(successXML(time.Now().Add(time.Hour)), "<SessionToken>"+testSessionToken+"</SessionToken>", "", 1), ClassInvalidResponse, "", false},
+		{"200 expired credentials", 200, successXML(time.Now().Add(-time.Minute)), ClassInvalidResponse, "", false},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			fake := newFakeSTS(t, response{status: tc.status, body: tc.body})
+			w := newTestWebIdentity(t, fake.srv.URL, WebIdentityConfig{MaxAttempts: 1}, &tokenSource{tokens: []string{testJWT}}, nil)
+			c, err := w.Fetch(context.Background(), "")
+			if err == nil {
+				t.Fatalf("no error; credentials %v", c)
+			}
+			if !c.IsZero() {
+				t.Errorf("credentials returned with an error: %v", c)
+			}
+			var e *Error
+			if !errors.As(err, &e) {
+				t.Fatalf("error %T %v is not *exchange.Error", err, err)
+			}
+			if e.Class != tc.class || e.ErrorClass() != tc.class || e.Code != tc.code || e.Permanent() != tc.permanent {
+				t.Errorf("class %q code %q permanent %v; want %q %q %v (%v)", e.Class, e.Code, e.Permanent(),
+					tc.class, tc.code, tc.permanent, err)
+			}
+			if tc.status != 200 && e.HTTPStatus != tc.status {
+				t.Errorf("HTTPStatus = %d, want %d", e.HTTPStatus, tc.status)
+			}
+			if e.Role != testRoleARN || e.Op != "AssumeRoleWithWebIdentity" {
+				t.Errorf("Op, Role = %q, %q", e.Op, e.Role)
+			}
+			if tc.code != "" && !strings.Contains(err.Error(), tc.code) {
+				t.Errorf("Error() = %q lacks the code", err.Error())
+			}
+			if tc.class == ClassInvalidToken {
+				if n := len(fake.calls()); n != 2 {
+					t.Errorf("InvalidIdentityToken: STS calls = %d, want 2 (one retry)", n)
+				}
+			}
+		})
+	}
+}
+
+// TestRetryableRetriedBySDK: with MaxAttempts 2 a 5xx and an
+// IDPCommunicationError are retried within one Fetch; AccessDenied is not.
+func TestRetryableRetriedBySDK(t *testing.T) {
+	ok := response{status: 200, body: successXML(time.Now().Add(time.Hour))}
+	for _, tc := range []struct {
+		name  string
+		first response
+		calls int
+		fail  bool
+	}{
+		{"500", response{status: 500, body: errorXML("Receiver", "InternalFailure", "x")}, 2, false},
+		{"IDPCommunicationError", response{status: 400, body: errorXML("Sender", "IDPCommunicationError", "x")}, 2, false},
+		{"AccessDenied", response{status: 403, body: errorXML("Sender", "AccessDenied", "x")}, 1, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			fake := newFakeSTS(t, tc.first, ok)
+			w := newTestWebIdentity(t, fake.srv.URL, WebIdentityConfig{}, &tokenSource{tokens: []string{testJWT}}, nil)
+			_, err := w.Fetch(context.Background(), "")
+			if (err != nil) != tc.fail || len(fake.calls()) != tc.calls {
+				t.Errorf("err = %v, STS calls = %d; want fail=%v calls=%d", err, len(fake.calls()), tc.fail, tc.calls)
+			}
+		})
+	}
+}
+
+func TestInvalidIdentityTokenRereadsToken(t *testing.T) {
+	exp := time.Now().Add(time.Hour)
+	fake := newFakeSTS(t,
+		response{status: 400, body: errorXML("Sender", "InvalidIdentityToken", "Couldn't retrieve verification key")},
+		response{status: 200, body: successXML(exp)})
+	tokens := &tokenSource{tokens: []string{testJWT, testJWT2}}
+	w := newTestWebIdentity(t, fake.srv.URL, WebIdentityConfig{}, tokens, nil)
+	c, err := w.Fetch(context.Background(), "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !c.Complete() {
+		t.Fatal("incomplete credentials")
+	}
+	if tokens.count() != 2 {
+		t.Errorf("token source calls = %d, want 2", tokens.count())
+	}
+	calls := fake.calls()
+	if len(calls) != 2 || calls[0].form.Get("WebIdentityToken") != testJWT || calls[1].form.Get("WebIdentityToken") != testJWT2 {
+		t.Errorf("STS calls = %d; the retry must send the re-read token", len(calls))
+	}
+}
+
+func TestExpiredTokenRetriedOnlyWithNewToken(t *testing.T) {
+	expired := response{status: 400, body: errorXML("Sender", "ExpiredTokenException", "Token expired")}
+	ok := response{status: 200, body: successXML(time.Now().Add(time.Hour))}
+
+	// Same token on re-read: no second STS call.
+	fake := newFakeSTS(t, expired, ok)
+	tokens := &tokenSource{tokens: []string{testJWT}}
+	w := newTestWebIdentity(t, fake.srv.URL, WebIdentityConfig{}, tokens, nil)
+	_, err := w.Fetch(context.Background(), "")
+	var e *Error
+	if !errors.As(err, &e) || e.Class != ClassExpiredToken || !e.Permanent() {
+		t.Fatalf("err = %v, want expired_token", err)
+	}
+	if len(fake.calls()) != 1 || tokens.count() != 2 {
+		t.Errorf("STS calls %d, token reads %d; want 1, 2", len(fake.calls()), tokens.count())
+	}
+
+	// Rotated token on re-read: retried and succeeds.
+	fake = newFakeSTS(t, expired, ok)
+	tokens = &tokenSource{tokens: []string{testJWT, testJWT2}}
+	w = newTestWebIdentity(t, fake.srv.URL, WebIdentityConfig{}, tokens, nil)
+	if _, err := w.Fetch(context.Background(), ""); err != nil {
+		t.Fatal(err)
+	}
+	if len(fake.calls()) != 2 {
+		t.Errorf("STS calls %d, want 2", len(fake.calls()))
+	}
+}
+
+// classedErr stands in for *token.Error (exchange must not import token).
+type classedErr struct{ permanent bool }
+
+func (e *classedErr) Error() string      { return "token: /run/t.jwt: expired: exp is past" }
+func (e *classedErr) ErrorClass() string { return "identity" }
+func (e *classedErr) Permanent() bool    { return e.permanent }
+
+func TestTokenErrorKeepsClass(t *testing.T) {
+	fake := newFakeSTS(t)
+	inner := &classedErr{permanent: true}
+	w := newTestWebIdentity(t, fake.srv.URL, WebIdentityConfig{}, &tokenSource{err: inner}, nil)
+	_, err := w.Fetch(context.Background(), "")
+	var got *classedErr
+	if !errors.As(err, &got) || got != inner {
+		t.Fatalf("err = %v; the token error must stay reachable", err)
+	}
+	var classed interface {
+		ErrorClass() string
+		Permanent() bool
+	}
+	if !errors.As(err, &classed) || classed.ErrorClass() != "identity" || !classed.Permanent() {
+		t.Errorf("class lost: %v", err)
+	}
+	if len(fake.calls()) != 0 {
+		t.Error("STS called without a token")
+	}
+
+	// A token source error without a class becomes class identity.
+	w = newTestWebIdentity(t, fake.srv.URL, WebIdentityConfig{}, &tokenSource{err: errors.New("boom")}, nil)
+	_, err = w.Fetch(context.Background(), "")
+	var e *Error
+	if !errors.As(err, &e) || e.Class != ClassIdentity || e.Permanent() {
+		t.Errorf("err = %v, want class identity, not permanent", err)
+	}
+}
+
+func TestTimeout(t *testing.T) {
+	fake := newFakeSTS(t, response{status: 200, body: successXML(time.Now().Add(time.Hour)), delay: 10 * time.Second})
+	w := newTestWebIdentity(t, fake.srv.URL, WebIdentityConfig{Timeout: 200 * time.Millisecond}, &tokenSource{tokens: []string{testJWT}}, nil)
+	start := time.Now()
+	_, err := w.Fetch(context.Background(), "")
+	var e *Error
+	if !errors.As(err, &e) || e.Class != ClassTimeout || e.Permanent() {
+		t.Fatalf("err = %v, want class timeout", err)
+	}
+	if d := time.Since(start); d > 3*time.Second {
+		t.Errorf("Fetch took %v, want about the 200ms timeout", d)
+	}
+}
+
+func TestConnectionRefused(t *testing.T) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := l.Addr().String()
+	l.Close()
+	w := newTestWebIdentity(t, "http://"+addr, WebIdentityConfig{MaxAttempts: 1}, &tokenSource{tokens: []string{testJWT}}, nil)
+	_, err = w.Fetch(context.Background(), "")
+	var e *Error
+	if !errors.As(err, &e) || e.Class != ClassNetwork || e.HTTPStatus != 0 {
+		t.Fatalf("err = %v, want class network", err)
+	}
+	if !strings.Contains(e.Message, "connection refused") {
+		t.Errorf("Message = %q, want the tail of the transport error", e.Message)
+	}
+}
+
+// timeoutErr is a net.Error that timed out.
+type timeoutErr struct{}
+
+func (timeoutErr) Error() string   { return "i/o timeout" }
+func (timeoutErr) Timeout() bool   { return true }
+func (timeoutErr) Temporary() bool { return true }
+
+func TestClassifyErrors(t *testing.T) {
+	already := &Error{Class: ClassServer}
+	tests := []struct {
+		name      string
+		err       error
+		class     string
+		permanent bool
+	}{
+		{"deadline", fmt.Errorf("x: %w", context.DeadlineExceeded), ClassTimeout, false},
+		{"net timeout", &net.OpError{Op: "read", Err: timeoutErr{}}, ClassTimeout, false},
+		{"canceled", fmt.Errorf("x: %w", context.Canceled), ClassOther, false},
+		{"dns", &net.DNSError{Err: "no such host", Name: "sts.example", IsNotFound: true}, ClassNetwork, false},
+		{"refused", &net.OpError{Op: "dial", Err: errors.New("connection refused")}, ClassNetwork, false},
+		{"classed", fmt.Errorf("w: %w", &classedErr{permanent: true}), "identity", true},
+		{"plain", errors.New("boom"), ClassOther, false},
+	}
+	for _, tc := range tests {
+		e := Classify(tc.err)
+		if e.Class != tc.class || e.Permanent() != tc.permanent || !errors.Is(e, tc.err) {
+			t.Errorf("%s: Classify = %q permanent %v; want %q %v", tc.name, e.Class, e.Permanent(), tc.class, tc.permanent)
+		}
+	}
+	if Classify(nil) != nil {
+		t.Error("Classify(nil) != nil")
+	}
+	if Classify(fmt.Errorf("w: %w", already)) != already {
+		t.Error("Classify does not return an existing *Error")
+	}
+}
+
+func TestErrorMessageSanitized(t *testing.T) {
+	long := "line1\n\tline2\u0085\u007f" + strings.Repeat("é", 300)
+	fake := newFakeSTS(t, response{status: 403, body: errorXML("Sender", "AccessDenied", long)})
+	w := newTestWebIdentity(t, fake.srv.URL, WebIdentityConfig{MaxAttempts: 1}, &tokenSource{tokens: []string{testJWT}}, nil)
+	_, err := w.Fetch(context.Background(), "")
+	var e *Error
+	if !errors.As(err, &e) {
+		t.Fatal(err)
+	}
+	if len(e.Message) > 256 || strings.ContainsAny(e.Message, "\n\t\u0085\u007f") || !strings.HasSuffix(e.Message, "…") {
+		t.Errorf("Message not sanitized/truncated: %q (%d bytes)", e.Message, len(e.Message))
+	}
+	want := "exchange: AssumeRoleWithWebIdentity " + testRoleARN + ": access_denied AccessDenied (HTTP 403): "
+	if !strings.HasPrefix(err.Error(), want) {
+		t.Errorf("Error() = %q, want prefix %q", err.Error(), want)
+	}
+}
+
+// TestNoSecretsInLogsOrErrors runs success and failure paths with Debug
+// logging and checks that neither the JWT, the secret key nor the session
+// token appear anywhere, even when STS echoes the token in its message.
+func TestNoSecretsInLogsOrErrors(t *testing.T) {
+	core, logs := observer.New(zapcore.DebugLevel)
+	log := zap.New(core)
+	exp := time.Now().Add(time.Hour)
+	scripts := [][]response{
+		{{status: 200, body: successXML(exp)}},
+		{{status: 400, body: errorXML("Sender", "InvalidIdentityToken", "bad token "+testJWT)}, {status: 200, body: successXML(exp)}},
+		{{status: 400, body: errorXML("Sender", "InvalidIdentityToken", "bad token "+testJWT)}},
+		{{status: 403, body: errorXML("Sender", "AccessDenied", "denied for "+testJWT)}},
+		{{status: 500, body: "oops " + testJWT}},
+		{{status: 200, body: strings.Replace(successXML(exp), "<AccessKeyId>", "<X>", 1)}},
+		{{status: 200, body: strings.Replace(successXML(exp), "<AssumedRoleUser>", "<X>", 1)}},
+	}
+	var errs []string
+	for _, script := range scripts {
+		fake := newFakeSTS(t, script...)
+		w := newTestWebIdentity(t, fake.srv.URL, WebIdentityConfig{MaxAttempts: 1}, &tokenSource{tokens: []string{testJWT}}, log)
+		c, err := w.Fetch(context.Background(), "")
+		if err != nil {
+			errs = append(errs, err.Error(), fmt.Sprintf("%v %+v", err, err))
+		} else {
+			errs = append(errs, c.String(), fmt.Sprintf("%v %+v %#v", c, c, c))
+		}
+	}
+	var all strings.Builder
+	for _, e := range logs.All() {
+		all.WriteString(e.Message)
+		enc := zapcore.NewMapObjectEncoder()
+		for _, f := range e.Context {
+			f.AddTo(enc)
+		}
+		fmt.Fprintf(&all, " %v\n", enc.Fields)
+	}
+	all.WriteString(strings.Join(errs, "\n"))
+	if logs.FilterMessage("assumed role with web identity").Len() == 0 {
+		t.Error("no Debug line for a successful exchange")
+	}
+	for _, secret := range []string{testJWT, testSecretKey, testSessionToken, strings.Split(testJWT, ".")[2]} {
+		if strings.Contains(all.String(), secret) {
+			t.Errorf("secret %q leaked into:\n%s", secret[:8], all.String())
+		}
+	}
+}
