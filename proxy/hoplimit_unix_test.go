@@ -1,0 +1,184 @@
+//go:build linux || darwin || freebsd || netbsd || openbsd || dragonfly
+
+package proxy
+
+import (
+	"io"
+	"net"
+	"net/http"
+	"strings"
+	"sync"
+	"testing"
+)
+
+// hopProbe wraps the response writer and reads the socket's hop limit on
+// the server side at the moment the handler writes.
+type hopProbe struct {
+	http.ResponseWriter
+	conn   net.Conn
+	mu     *sync.Mutex
+	atHdr  *int
+	atBody *int
+}
+
+func (p *hopProbe) WriteHeader(code int) {
+	v, _ := getHopLimit(p.conn)
+	p.mu.Lock()
+	*p.atHdr = v
+	p.mu.Unlock()
+	p.ResponseWriter.WriteHeader(code)
+}
+
+func (p *hopProbe) Write(b []byte) (int, error) {
+	v, _ := getHopLimit(p.conn)
+	p.mu.Lock()
+	*p.atBody = v
+	p.mu.Unlock()
+	return p.ResponseWriter.Write(b)
+}
+
+func (p *hopProbe) Unwrap() http.ResponseWriter { return p.ResponseWriter }
+
+func TestHopLimit(t *testing.T) {
+	for _, network := range []struct{ name, addr string }{{"ipv4", "127.0.0.1:0"}, {"ipv6", "[::1]:0"}} {
+		t.Run(network.name, func(t *testing.T) {
+			ln, err := net.Listen("tcp", network.addr)
+			if err != nil {
+				t.Skipf("no %s loopback: %v", network.name, err)
+			}
+			e := newEnv(t, Config{HopLimit: 3})
+			var mu sync.Mutex
+			var atHdr, atBody, before, after int
+			done := make(chan struct{}, 1)
+			srv := &http.Server{
+				ConnContext: connContext,
+				Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+					c := connFrom(r.Context())
+					b, err := getHopLimit(c)
+					if err != nil {
+						t.Errorf("getsockopt: %v", err)
+					}
+					e.s.Handler().ServeHTTP(&hopProbe{ResponseWriter: w, conn: c, mu: &mu, atHdr: &atHdr, atBody: &atBody}, r)
+					a, _ := getHopLimit(c)
+					mu.Lock()
+					before, after = b, a
+					mu.Unlock()
+					done <- struct{}{}
+				}),
+			}
+			go func() { _ = srv.Serve(ln) }()
+			defer srv.Close()
+
+			base := "http://" + ln.Addr().String()
+			client := &http.Client{Transport: &http.Transport{}}
+			defer client.CloseIdleConnections()
+			check := func(method, path, ttl string, wantDuring int) {
+				t.Helper()
+				req, _ := http.NewRequest(method, base+path, nil)
+				if ttl != "" {
+					req.Header.Set(headerTokenTTL, ttl)
+				}
+				resp, err := client.Do(req)
+				if err != nil {
+					t.Fatal(err)
+				}
+				_, _ = io.Copy(io.Discard, resp.Body)
+				resp.Body.Close()
+				<-done // the handler has returned (the response is flushed before the restore)
+				mu.Lock()
+				defer mu.Unlock()
+				if atHdr != wantDuring || atBody != wantDuring {
+					t.Errorf("%s %s: hop limit %d at header, %d at body; want %d", method, path, atHdr, atBody, wantDuring)
+				}
+				if after != before {
+					t.Errorf("%s %s: hop limit not restored: %d before, %d after", method, path, before, after)
+				}
+				if before == 3 {
+					t.Errorf("default hop limit is already 3; test proves nothing")
+				}
+			}
+			check("PUT", "/latest/api/token", "300", 3)
+			mu.Lock()
+			def := before
+			mu.Unlock()
+			if def <= 0 {
+				t.Fatalf("default hop limit %d", def)
+			}
+			// Same keep-alive connection: other responses use the default.
+			check("GET", "/latest/meta-data/iam/security-credentials/", "", def)
+			check("PUT", "/latest/api/token/", "21600", 3)
+			// A refused PUT is not a token response: default.
+			check("PUT", "/latest/api/token", "", def)
+		})
+	}
+}
+
+// TestHopLimitServe checks the option through Serve itself: the token PUT
+// succeeds and the accepted socket is back at its default afterwards.
+func TestHopLimitServe(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	rec := &recordingListener{Listener: ln}
+	e := newEnv(t, Config{HopLimit: 7})
+	go func() { _ = e.s.Serve(t.Context(), rec) }()
+	client := &http.Client{Transport: &http.Transport{}}
+	defer client.CloseIdleConnections()
+	req, _ := http.NewRequest("PUT", "http://"+ln.Addr().String()+"/latest/api/token", strings.NewReader(""))
+	req.Header.Set(headerTokenTTL, "300")
+	resp, err := client.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, _ = io.Copy(io.Discard, resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != 200 {
+		t.Fatalf("status %d", resp.StatusCode)
+	}
+	// A second request on the same keep-alive connection is read only after
+	// the token handler (and its restore) has returned.
+	resp, err = client.Get("http://" + ln.Addr().String() + "/latest/meta-data/iam/security-credentials/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	rec.mu.Lock()
+	n := len(rec.conns)
+	rec.mu.Unlock()
+	if n != 1 {
+		t.Fatalf("%d connections, want 1 (keep-alive)", n)
+	}
+	c := rec.last()
+	if c == nil {
+		t.Fatal("no connection accepted")
+	}
+	if v, err := getHopLimit(c); err != nil || v == 7 {
+		t.Errorf("after the token response the hop limit is %d (%v), want the default", v, err)
+	}
+}
+
+type recordingListener struct {
+	net.Listener
+	mu    sync.Mutex
+	conns []net.Conn
+}
+
+func (l *recordingListener) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if err == nil {
+		l.mu.Lock()
+		l.conns = append(l.conns, c)
+		l.mu.Unlock()
+	}
+	return c, err
+}
+
+func (l *recordingListener) last() net.Conn {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if len(l.conns) == 0 {
+		return nil
+	}
+	return l.conns[len(l.conns)-1]
+}

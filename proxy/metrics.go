@@ -1,0 +1,129 @@
+package proxy
+
+import (
+	"errors"
+	"strconv"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// Route labels. The set is closed: a route label never carries a path.
+const (
+	routeToken               = "token"
+	routeRoleList            = "role_list"
+	routeCredentials         = "credentials"
+	routeCredentialsExtended = "credentials_extended"
+	routeIAMInfo             = "iam_info"
+	routeIAMList             = "iam_list"
+	routePassthrough         = "passthrough"
+	routeNotFound            = "not_found"
+)
+
+// Reasons of imdsproxy_imds_token_rejections_total.
+const (
+	rejectMissing   = "missing"
+	rejectInvalid   = "invalid"
+	rejectExpired   = "expired"
+	rejectBadTTL    = "bad_ttl"
+	rejectForwarded = "forwarded"
+)
+
+// Reasons of imdsproxy_passthrough_errors_total.
+const (
+	ptErrUnreachable = "unreachable"
+	ptErrTimeout     = "timeout"
+)
+
+// Results of imdsproxy_upstream_token_fetches_total.
+const (
+	fetchSuccess = "success"
+	fetchV1Only  = "v1_only" // upstream answered 403/404/405: IMDSv1-only, no token used
+	fetchError   = "error"
+)
+
+// durationBuckets go from 50µs (an answer from memory) to 5s (a slow pass-through).
+var durationBuckets = []float64{
+	0.00005, 0.0001, 0.00025, 0.0005,
+	0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+	0.1, 0.25, 0.5, 1, 2.5, 5,
+}
+
+// metrics are the collectors of one Server. All labels are bounded.
+type metrics struct {
+	requests       *prometheus.CounterVec
+	duration       *prometheus.HistogramVec
+	tokensIssued   prometheus.Counter
+	outstanding    prometheus.GaugeFunc
+	rejections     *prometheus.CounterVec
+	ptErrors       *prometheus.CounterVec
+	upstreamTokens *prometheus.CounterVec
+}
+
+// newMetrics builds the collectors and registers them with reg (nil: not
+// registered anywhere). outstanding is called on every scrape.
+func newMetrics(reg prometheus.Registerer, outstanding func() float64) (*metrics, error) {
+	m := &metrics{
+		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "imdsproxy_http_requests_total",
+			Help: "IMDS HTTP requests answered, by route and HTTP status code.",
+		}, []string{"route", "code"}),
+		duration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name:    "imdsproxy_http_request_duration_seconds",
+			Help:    "Time to answer an IMDS HTTP request, by route.",
+			Buckets: durationBuckets,
+		}, []string{"route"}),
+		tokensIssued: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "imdsproxy_imds_tokens_issued_total",
+			Help: "IMDSv2 session tokens issued.",
+		}),
+		outstanding: prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "imdsproxy_imds_tokens_outstanding",
+			Help: "IMDSv2 session tokens issued by this process and not yet expired.",
+		}, outstanding),
+		rejections: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "imdsproxy_imds_token_rejections_total",
+			Help: "IMDS requests refused because of the session token or the token request, by reason.",
+		}, []string{"reason"}),
+		ptErrors: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "imdsproxy_passthrough_errors_total",
+			Help: "Pass-through requests to the real IMDS that failed, by reason.",
+		}, []string{"reason"}),
+		upstreamTokens: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "imdsproxy_upstream_token_fetches_total",
+			Help: "IMDSv2 token requests the daemon sent to the real IMDS, by result.",
+		}, []string{"result"}),
+	}
+	// Initialise every known label value so that the series exist from the start.
+	for _, r := range []string{rejectMissing, rejectInvalid, rejectExpired, rejectBadTTL, rejectForwarded} {
+		m.rejections.WithLabelValues(r)
+	}
+	for _, r := range []string{ptErrUnreachable, ptErrTimeout} {
+		m.ptErrors.WithLabelValues(r)
+	}
+	for _, r := range []string{fetchSuccess, fetchV1Only, fetchError} {
+		m.upstreamTokens.WithLabelValues(r)
+	}
+	if reg == nil {
+		return m, nil
+	}
+	for _, c := range []prometheus.Collector{
+		m.requests, m.duration, m.tokensIssued, m.outstanding,
+		m.rejections, m.ptErrors, m.upstreamTokens,
+	} {
+		if err := reg.Register(c); err != nil {
+			var are prometheus.AlreadyRegisteredError
+			if errors.As(err, &are) {
+				return nil, errors.New("proxy: metrics already registered (one Server per registry)")
+			}
+			return nil, err
+		}
+	}
+	return m, nil
+}
+
+// observe records one answered request.
+func (m *metrics) observe(route string, code int, d time.Duration) {
+	m.requests.WithLabelValues(route, strconv.Itoa(code)).Inc()
+	m.duration.WithLabelValues(route).Observe(d.Seconds())
+}

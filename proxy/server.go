@@ -1,0 +1,662 @@
+// Package proxy is the IMDS HTTP API of imdsproxy: a stand-in for the EC2
+// instance metadata service that unmodified AWS SDKs talk to.
+//
+// A Server answers
+//
+//   - PUT /latest/api/token: IMDSv2 session tokens, minted locally and
+//     stateless (HMAC over expiry and nonce with a per-process key), sent with
+//     the configured IP TTL / IPv6 hop limit;
+//   - GET …/meta-data/iam/security-credentials[-extended]/[<role>],
+//     …/meta-data/iam/info and the iam listing: from a CredentialSource
+//     (normally the credential cache), for the one configured role;
+//   - every other GET/HEAD: forwarded unchanged to the real IMDS (the
+//     upstream) with the daemon's own upstream token.
+//
+// Every path whose second and third segments are meta-data and iam (any
+// version, case-insensitive) is answered locally and never forwarded, so a
+// client can never obtain the instance profile's own credentials through the
+// pass-through.
+//
+// Requests are bounded (header, URI and body size, timeouts) and measured
+// with bounded-label Prometheus metrics. Tokens, secrets and client-sent
+// header values are never logged.
+package proxy
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/url"
+	"regexp"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"go.uber.org/zap"
+
+	"github.com/imdsproxy/imdsproxy/creds"
+)
+
+// Header names of the IMDSv2 protocol (canonical form).
+const (
+	headerToken    = "X-Aws-Ec2-Metadata-Token"
+	headerTokenTTL = "X-Aws-Ec2-Metadata-Token-Ttl-Seconds"
+)
+
+// Request limits.
+const (
+	maxURIBytes       = 1024    // longer request targets get 414
+	maxBodyBytes      = 1024    // longer request bodies get 413
+	maxHeaderBytes    = 8 << 10 // http.Server.MaxHeaderBytes
+	readHeaderTimeout = 2 * time.Second
+	readTimeout       = 5 * time.Second
+	idleTimeout       = 60 * time.Second
+	writeTimeoutSlack = 5 * time.Second // WriteTimeout = UpstreamTimeout + this
+	minShutdownWait   = 5 * time.Second // drain bound, at least UpstreamTimeout + 1s
+)
+
+// Bounds of Config.UpstreamTimeout.
+const (
+	// DefaultUpstreamTimeout is the pass-through bound used when
+	// Config.UpstreamTimeout is zero.
+	DefaultUpstreamTimeout = 2 * time.Second
+	// MaxUpstreamTimeout is the largest accepted Config.UpstreamTimeout.
+	MaxUpstreamTimeout = time.Minute
+)
+
+// forwardedRejection is the body of a token PUT refused for carrying
+// X-Forwarded-For, as AWS's own IMDS emulator words it.
+const forwardedRejection = "unable to process requests with X-Forwarded-For header"
+
+// CredentialSource supplies the credentials the Server hands out. The
+// credential cache implements it.
+//
+// Credentials is called once per credential or iam/info request with the
+// request's context (cancelled when the client goes away) and the configured
+// role name. It must answer from memory whenever it holds valid credentials,
+// never blocking on an upstream call in that case. It returns either
+// credentials or an error; the error may implement
+// interface{ ErrorClass() string } and interface{ Permanent() bool }, which
+// choose the Code of the error document served to the client. The error's
+// text is logged, never sent to the client. Implementations must be safe for
+// concurrent use.
+type CredentialSource interface {
+	Credentials(ctx context.Context, role string) (creds.Credentials, error)
+}
+
+// Config is the part of the daemon's configuration the IMDS API uses. New and
+// Update validate it; a Config is copied, so the caller may reuse it.
+type Config struct {
+	// RoleName is the single role listed under security-credentials/ and
+	// security-credentials-extended/, and the only <role> served there. It
+	// must be a valid IAM role name (1..64 of [A-Za-z0-9+=,.@_-]). Required.
+	RoleName string
+	// TokensRequired selects IMDSv2-only (true: a request without a session
+	// token gets 401) or optional mode (false: a request without a token is
+	// served as IMDSv1). An invalid or expired token gets 401 in both modes.
+	TokensRequired bool
+	// HopLimit is the IP TTL (IPv4) or unicast hop limit (IPv6) of token PUT
+	// responses, 1..64. Zero means 1, EC2's default.
+	HopLimit int
+	// Upstream is the base URL of the real IMDS (http or https), for example
+	// http://169.254.169.254. Nil disables the pass-through: every path that
+	// is not served locally gets 404.
+	Upstream *url.URL
+	// UpstreamTimeout bounds one pass-through request, including fetching the
+	// daemon's upstream token and one retry. Zero means
+	// DefaultUpstreamTimeout; at most MaxUpstreamTimeout. Connecting is
+	// further bounded by 1s.
+	UpstreamTimeout time.Duration
+	// InstanceProfileARN is served by iam/info. Empty means derived from the
+	// served credentials: arn:<partition>:iam::<account>:instance-profile/<RoleName>.
+	InstanceProfileARN string
+}
+
+var roleNameRE = regexp.MustCompile(`^[\w+=,.@-]{1,64}$`)
+
+// normalize validates c and returns a private copy with defaults applied.
+func (c Config) normalize() (Config, error) {
+	if !roleNameRE.MatchString(c.RoleName) {
+		return Config{}, fmt.Errorf("proxy: invalid role name %q: want 1..64 of [A-Za-z0-9+=,.@_-]", c.RoleName)
+	}
+	if c.HopLimit == 0 {
+		c.HopLimit = 1
+	}
+	if c.HopLimit < 1 || c.HopLimit > 64 {
+		return Config{}, fmt.Errorf("proxy: hop limit %d out of range 1..64", c.HopLimit)
+	}
+	if c.UpstreamTimeout == 0 {
+		c.UpstreamTimeout = DefaultUpstreamTimeout
+	}
+	if c.UpstreamTimeout < 0 || c.UpstreamTimeout > MaxUpstreamTimeout {
+		return Config{}, fmt.Errorf("proxy: upstream timeout %s out of range (0, %s]", c.UpstreamTimeout, MaxUpstreamTimeout)
+	}
+	if c.Upstream != nil {
+		u := *c.Upstream
+		if u.User != nil {
+			u.User = nil // never print credentials of the URL
+			return Config{}, fmt.Errorf("proxy: upstream %s: user info not allowed", u.Redacted())
+		}
+		if (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" || u.Opaque != "" {
+			return Config{}, fmt.Errorf("proxy: upstream %q: want an http or https URL with a host", u.String())
+		}
+		if u.RawQuery != "" || u.Fragment != "" {
+			return Config{}, fmt.Errorf("proxy: upstream %q: no query or fragment allowed", u.String())
+		}
+		c.Upstream = &u
+	}
+	if c.InstanceProfileARN != "" {
+		if creds.AccountFromARN(c.InstanceProfileARN) == "" || !strings.Contains(c.InstanceProfileARN, ":instance-profile/") ||
+			!headerSafe(c.InstanceProfileARN) {
+			return Config{}, fmt.Errorf("proxy: invalid instance profile ARN %q", c.InstanceProfileARN)
+		}
+	}
+	return c, nil
+}
+
+// sameUpstream reports whether a and b forward to the same place the same way.
+func sameUpstream(a, b Config) bool {
+	if (a.Upstream == nil) != (b.Upstream == nil) {
+		return false
+	}
+	if a.Upstream != nil && a.Upstream.String() != b.Upstream.String() {
+		return false
+	}
+	return a.UpstreamTimeout == b.UpstreamTimeout
+}
+
+// Server is the IMDS HTTP API. Create it with New; the zero value is not
+// usable. All methods are safe for concurrent use: Update may be called while
+// requests are served, and Serve may run on several listeners at once (for
+// example an IPv4 and an IPv6 one), all sharing one configuration and one
+// token key.
+type Server struct {
+	src         CredentialSource
+	log         *zap.Logger
+	m           *metrics
+	minter      *tokenMinter
+	outstanding *outstandingTokens
+	handler     http.Handler
+	now         func() time.Time // wall clock; replaced only by tests before use
+
+	mu    sync.Mutex // serialises Update
+	state atomic.Pointer[state]
+
+	warnAt  atomic.Int64 // unix nanos of the last credential-error Warn
+	hopWarn sync.Once
+}
+
+// state is what Update swaps atomically.
+type state struct {
+	cfg Config
+	pt  *passthrough // nil when Config.Upstream is nil
+}
+
+// New validates cfg and returns a Server that gets credentials from src, logs
+// to log (nil: no logging) and registers its metrics with reg (nil: metrics
+// are kept but not registered). It fails on an invalid cfg, a nil src or when
+// reg already holds the metrics of another Server.
+func New(cfg Config, src CredentialSource, log *zap.Logger, reg prometheus.Registerer) (*Server, error) {
+	if src == nil {
+		return nil, errors.New("proxy: nil credential source")
+	}
+	n, err := cfg.normalize()
+	if err != nil {
+		return nil, err
+	}
+	if log == nil {
+		log = zap.NewNop()
+	}
+	minter, err := newTokenMinter()
+	if err != nil {
+		return nil, err
+	}
+	s := &Server{
+		src:         src,
+		log:         log.Named("proxy"),
+		minter:      minter,
+		outstanding: newOutstandingTokens(time.Now()),
+		now:         time.Now,
+	}
+	s.m, err = newMetrics(reg, func() float64 { return float64(s.outstanding.count(s.now())) })
+	if err != nil {
+		return nil, err
+	}
+	s.handler = http.HandlerFunc(s.serveHTTP)
+	s.state.Store(&state{cfg: n, pt: s.newPassthrough(n)})
+	return s, nil
+}
+
+func (s *Server) newPassthrough(cfg Config) *passthrough {
+	if cfg.Upstream == nil {
+		return nil
+	}
+	return newPassthrough(cfg.Upstream, cfg.UpstreamTimeout, s.m, s.log.Named("passthrough"),
+		func() time.Time { return s.now() })
+}
+
+// Handler returns the IMDS HTTP handler. It is the same handler Serve uses;
+// served through another http.Server it works the same except that the hop
+// limit is not applied (that needs Serve's ConnContext).
+func (s *Server) Handler() http.Handler { return s.handler }
+
+// Update validates cfg and, if it is valid, atomically replaces the role
+// name, token mode, hop limit, upstream and instance profile ARN for every
+// request that starts afterwards. A new upstream (URL or timeout) gets a new
+// connection pool and upstream token; in-flight requests finish with the old
+// one. On error the running configuration is unchanged. Issued session tokens
+// stay valid. The http.Server timeouts of a running Serve are not changed.
+func (s *Server) Update(cfg Config) error {
+	n, err := cfg.normalize()
+	if err != nil {
+		return err
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	old := s.state.Load()
+	pt := old.pt
+	if !sameUpstream(old.cfg, n) {
+		pt = s.newPassthrough(n)
+		if old.pt != nil {
+			defer old.pt.close()
+		}
+	}
+	s.state.Store(&state{cfg: n, pt: pt})
+	s.log.Info("configuration updated", zap.String("role_name", n.RoleName),
+		zap.Bool("tokens_required", n.TokensRequired), zap.Int("hop_limit", n.HopLimit),
+		zap.Bool("passthrough", n.Upstream != nil))
+	return nil
+}
+
+// Serve serves the IMDS API on ln until ctx is done, then stops accepting,
+// drains in-flight requests for a bounded time (at least 5s, and longer than
+// UpstreamTimeout), closes what is left and returns nil. It returns an error
+// only when serving fails before ctx is done. Serve closes ln. The request
+// contexts are not derived from ctx, so a request in flight is not cancelled
+// by the shutdown while it drains.
+func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
+	cfg := s.state.Load().cfg
+	errLog, _ := zap.NewStdLogAt(s.log.Named("http"), zap.WarnLevel)
+	srv := &http.Server{
+		Handler:           s.handler,
+		ReadHeaderTimeout: readHeaderTimeout,
+		ReadTimeout:       readTimeout,
+		WriteTimeout:      cfg.UpstreamTimeout + writeTimeoutSlack,
+		IdleTimeout:       idleTimeout,
+		MaxHeaderBytes:    maxHeaderBytes,
+		ConnContext:       connContext,
+		ErrorLog:          errLog,
+	}
+	errc := make(chan error, 1)
+	go func() { errc <- srv.Serve(ln) }()
+	select {
+	case err := <-errc:
+		return fmt.Errorf("proxy: serve: %w", err)
+	case <-ctx.Done():
+	}
+	wait := max(minShutdownWait, cfg.UpstreamTimeout+time.Second)
+	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), wait)
+	defer cancel()
+	if err := srv.Shutdown(sctx); err != nil {
+		s.log.Warn("drain did not finish in time; closing connections", zap.Duration("wait", wait))
+		_ = srv.Close()
+	}
+	<-errc
+	return nil
+}
+
+// routeOf maps a request path to its route and, for the credential routes,
+// the requested role. Empty segments are ignored, so trailing (and doubled)
+// slashes do not matter.
+func routeOf(path string) (route, role string) {
+	segs := strings.FieldsFunc(path, func(r rune) bool { return r == '/' })
+	if len(segs) == 3 && segs[0] == "latest" && segs[1] == "api" && segs[2] == "token" {
+		return routeToken, ""
+	}
+	if len(segs) < 3 || !strings.EqualFold(segs[1], "meta-data") || !strings.EqualFold(segs[2], "iam") {
+		return routePassthrough, ""
+	}
+	rest := segs[3:]
+	switch {
+	case len(rest) == 0:
+		return routeIAMList, ""
+	case len(rest) == 1 && rest[0] == "info":
+		return routeIAMInfo, ""
+	case len(rest) == 1 && (rest[0] == "security-credentials" || rest[0] == "security-credentials-extended"):
+		return routeRoleList, ""
+	case len(rest) == 2 && rest[0] == "security-credentials":
+		return routeCredentials, rest[1]
+	case len(rest) == 2 && rest[0] == "security-credentials-extended":
+		return routeCredentialsExtended, rest[1]
+	}
+	return routeNotFound, ""
+}
+
+// badPath reports whether the decoded path must be refused: not absolute, a
+// ".." segment (also after percent-decoding, e.g. %2e%2e or %2F..), or a
+// control character such as NUL. Such a path is never forwarded.
+func badPath(p string) bool {
+	if p == "" || p[0] != '/' {
+		return true
+	}
+	for i := 0; i < len(p); i++ {
+		if p[i] < 0x20 || p[i] == 0x7f {
+			return true
+		}
+	}
+	for seg := range strings.SplitSeq(p, "/") {
+		if seg == ".." {
+			return true
+		}
+	}
+	return false
+}
+
+var (
+	allowRead  = []string{http.MethodGet, http.MethodHead}
+	allowToken = []string{http.MethodPut}
+)
+
+func allowedMethods(route string) []string {
+	if route == routeToken {
+		return allowToken
+	}
+	return allowRead
+}
+
+func (s *Server) serveHTTP(w http.ResponseWriter, r *http.Request) {
+	start := time.Now()
+	st := s.state.Load()
+	rec := &recorder{ResponseWriter: w}
+	route, role := routeOf(r.URL.Path)
+	if route == routePassthrough && st.pt == nil {
+		route = routeNotFound
+	}
+	defer func() {
+		d := time.Since(start)
+		code := rec.code()
+		s.m.observe(route, code, d)
+		if ce := s.log.Check(zap.DebugLevel, "request"); ce != nil {
+			ce.Write(zap.String("route", route), zap.String("method", methodLabel(r.Method)),
+				zap.Int("code", code), zap.Duration("duration", d))
+		}
+	}()
+	s.serve(rec, r, st, route, role)
+}
+
+func (s *Server) serve(w http.ResponseWriter, r *http.Request, st *state, route, role string) {
+	uri := r.RequestURI
+	if uri == "" {
+		uri = r.URL.RequestURI()
+	}
+	if len(uri) > maxURIBytes {
+		writeText(w, http.StatusRequestURITooLong, "Request-URI Too Long")
+		return
+	}
+	if badPath(r.URL.Path) {
+		writeText(w, http.StatusBadRequest, "Bad Request")
+		return
+	}
+	if r.ContentLength > maxBodyBytes {
+		writeText(w, http.StatusRequestEntityTooLarge, "Request Entity Too Large")
+		return
+	}
+	if r.Body != nil && r.Body != http.NoBody {
+		n, err := io.Copy(io.Discard, io.LimitReader(r.Body, maxBodyBytes+1))
+		if n > maxBodyBytes {
+			writeText(w, http.StatusRequestEntityTooLarge, "Request Entity Too Large")
+			return
+		}
+		if err != nil {
+			writeText(w, http.StatusBadRequest, "Bad Request")
+			return
+		}
+		// The body is not used by any route and never forwarded.
+		r2 := *r
+		r2.Body, r2.ContentLength, r2.TransferEncoding = http.NoBody, 0, nil
+		r = &r2
+	}
+	allowed := allowedMethods(route)
+	if !contains(allowed, r.Method) {
+		w.Header().Set("Allow", strings.Join(allowed, ", "))
+		writeText(w, http.StatusMethodNotAllowed, "Method Not Allowed")
+		return
+	}
+	if route == routeToken {
+		s.serveToken(w, r, st)
+		return
+	}
+	if !s.authorize(w, r, st) {
+		return
+	}
+	switch route {
+	case routeIAMList:
+		writeText(w, http.StatusOK, "info\nsecurity-credentials/")
+	case routeRoleList:
+		writeText(w, http.StatusOK, st.cfg.RoleName)
+	case routeCredentials, routeCredentialsExtended:
+		s.serveCredentials(w, r, st, route, role)
+	case routeIAMInfo:
+		s.serveIAMInfo(w, r, st)
+	case routePassthrough:
+		st.pt.proxy.ServeHTTP(w, r)
+	default:
+		writeText(w, http.StatusNotFound, "Not Found")
+	}
+}
+
+// serveToken answers PUT /latest/api/token.
+func (s *Server) serveToken(w http.ResponseWriter, r *http.Request, st *state) {
+	if _, ok := r.Header["X-Forwarded-For"]; ok {
+		s.m.rejections.WithLabelValues(rejectForwarded).Inc()
+		writeText(w, http.StatusBadRequest, forwardedRejection)
+		return
+	}
+	ttl, ok := parseTTL(r.Header.Values(headerTokenTTL))
+	if !ok {
+		s.m.rejections.WithLabelValues(rejectBadTTL).Inc()
+		writeText(w, http.StatusBadRequest, "invalid token TTL")
+		return
+	}
+	now := s.now()
+	tok, exp, err := s.minter.mint(now, ttl)
+	if err != nil {
+		s.log.Error("cannot mint session token", zap.Error(err))
+		writeText(w, http.StatusInternalServerError, "Internal Server Error")
+		return
+	}
+	s.outstanding.add(now, exp)
+	s.m.tokensIssued.Inc()
+
+	h := w.Header()
+	h.Set(headerTokenTTL, strconv.Itoa(ttl))
+	h.Set("Content-Type", "text/plain")
+	h.Set("Content-Length", strconv.Itoa(len(tok)))
+	restore := s.applyHopLimit(r, st.cfg.HopLimit)
+	w.WriteHeader(http.StatusOK)
+	_, _ = io.WriteString(w, tok)
+	if restore != nil {
+		_ = http.NewResponseController(w).Flush()
+		if err := restore(); err != nil {
+			s.log.Debug("cannot restore hop limit", zap.Error(err))
+		}
+	}
+}
+
+// applyHopLimit sets the hop limit on the request's connection (when served
+// by Serve) and returns the function that restores it, or nil.
+func (s *Server) applyHopLimit(r *http.Request, hops int) func() error {
+	c := connFrom(r.Context())
+	if c == nil {
+		return nil
+	}
+	restore, err := setHopLimit(c, hops)
+	if err != nil {
+		if !errors.Is(err, errHopLimitUnsupported) {
+			s.hopWarn.Do(func() {
+				s.log.Warn("cannot set the hop limit of token responses", zap.Error(err))
+			})
+		}
+		return nil
+	}
+	return restore
+}
+
+// authorize checks the client's session token. It writes the 401 and
+// returns false when the request must be refused.
+func (s *Server) authorize(w http.ResponseWriter, r *http.Request, st *state) bool {
+	vals := r.Header.Values(headerToken)
+	if len(vals) == 0 || (len(vals) == 1 && vals[0] == "") {
+		if !st.cfg.TokensRequired {
+			return true // IMDSv1
+		}
+		s.m.rejections.WithLabelValues(rejectMissing).Inc()
+		writeText(w, http.StatusUnauthorized, "no token provided")
+		return false
+	}
+	status := tokenInvalid
+	if len(vals) == 1 {
+		status = s.minter.verify(vals[0], s.now())
+	}
+	switch status {
+	case tokenValid:
+		return true
+	case tokenExpired:
+		s.m.rejections.WithLabelValues(rejectExpired).Inc()
+	default:
+		s.m.rejections.WithLabelValues(rejectInvalid).Inc()
+	}
+	writeText(w, http.StatusUnauthorized, "invalid token provided")
+	return false
+}
+
+// serveCredentials answers security-credentials[-extended]/<role>.
+func (s *Server) serveCredentials(w http.ResponseWriter, r *http.Request, st *state, route, role string) {
+	if role != st.cfg.RoleName {
+		writeText(w, http.StatusNotFound, "Not Found")
+		return
+	}
+	c, err := s.src.Credentials(r.Context(), role)
+	now := s.now()
+	if err != nil || !usable(c, now) {
+		s.serveError(w, route, err, now)
+		return
+	}
+	writeBody(w, http.StatusOK, credentialDocument(c, now, route == routeCredentialsExtended))
+}
+
+// serveIAMInfo answers iam/info.
+func (s *Server) serveIAMInfo(w http.ResponseWriter, r *http.Request, st *state) {
+	c, err := s.src.Credentials(r.Context(), st.cfg.RoleName)
+	now := s.now()
+	if err != nil || !usable(c, now) {
+		s.serveError(w, routeIAMInfo, err, now)
+		return
+	}
+	arn := instanceProfileARN(&st.cfg, c)
+	if arn == "" {
+		writeBody(w, http.StatusOK, errorDocument(codeNoProfile, errorMessages[codeNoProfile], now))
+		return
+	}
+	writeBody(w, http.StatusOK, iamInfoDocument(arn, c, now))
+}
+
+// credentialWarnEvery bounds credential-error Warn lines; the rest go to Debug.
+const credentialWarnEvery = 10 * time.Second
+
+// serveError writes the HTTP 200 error document for a failed credential
+// lookup (err != nil) or unusable credentials (err == nil) and logs why.
+func (s *Server) serveError(w http.ResponseWriter, route string, err error, now time.Time) {
+	code, class, permanent := codeNoCredentials, "", false
+	if err != nil {
+		class, permanent = classify(err)
+		code = errorCode(class)
+	}
+	lvl := zap.DebugLevel
+	if t, last := time.Now().UnixNano(), s.warnAt.Load(); t-last >= int64(credentialWarnEvery) && s.warnAt.CompareAndSwap(last, t) {
+		lvl = zap.WarnLevel
+	}
+	if ce := s.log.Check(lvl, "no credentials to serve"); ce != nil {
+		fields := []zap.Field{zap.String("route", route), zap.String("code", code)}
+		if err != nil {
+			fields = append(fields, zap.String("class", class), zap.Bool("permanent", permanent), zap.Error(err))
+		}
+		ce.Write(fields...)
+	}
+	writeBody(w, http.StatusOK, errorDocument(code, errorMessages[code], now))
+}
+
+// writeText writes a complete text/plain response in one go.
+func writeText(w http.ResponseWriter, status int, body string) {
+	writeBody(w, status, []byte(body))
+}
+
+// writeBody writes a complete text/plain response with Content-Length, so
+// net/http sends header and body in one write.
+func writeBody(w http.ResponseWriter, status int, body []byte) {
+	h := w.Header()
+	h.Set("Content-Type", "text/plain")
+	h.Set("Content-Length", strconv.Itoa(len(body)))
+	w.WriteHeader(status)
+	_, _ = w.Write(body)
+}
+
+func contains(list []string, s string) bool {
+	for _, v := range list {
+		if v == s {
+			return true
+		}
+	}
+	return false
+}
+
+// methodLabel bounds a client-sent method for logging.
+func methodLabel(m string) string {
+	switch m {
+	case http.MethodGet, http.MethodHead, http.MethodPut, http.MethodPost, http.MethodDelete,
+		http.MethodPatch, http.MethodOptions, http.MethodConnect, http.MethodTrace:
+		return m
+	}
+	return "other"
+}
+
+// recorder remembers the status code written through it. It passes Flush on
+// and exposes the wrapped writer to http.ResponseController.
+type recorder struct {
+	http.ResponseWriter
+	status int
+}
+
+func (r *recorder) WriteHeader(code int) {
+	if r.status == 0 && (code < 100 || code > 199 || code == http.StatusSwitchingProtocols) {
+		r.status = code
+	}
+	r.ResponseWriter.WriteHeader(code)
+}
+
+func (r *recorder) Write(b []byte) (int, error) {
+	if r.status == 0 {
+		r.status = http.StatusOK
+	}
+	return r.ResponseWriter.Write(b)
+}
+
+func (r *recorder) Flush() {
+	_ = http.NewResponseController(r.ResponseWriter).Flush()
+}
+
+func (r *recorder) Unwrap() http.ResponseWriter { return r.ResponseWriter }
+
+// code is the status sent (200 when the handler wrote nothing).
+func (r *recorder) code() int {
+	if r.status == 0 {
+		return http.StatusOK
+	}
+	return r.status
+}

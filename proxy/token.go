@@ -1,0 +1,201 @@
+package proxy
+
+import (
+	"crypto/hmac"
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/base64"
+	"encoding/binary"
+	"fmt"
+	"sync"
+	"time"
+)
+
+// IMDSv2 session tokens are stateless. A token is the unpadded base64url
+// encoding of
+//
+//	version (1 byte) | expiry (8 bytes, big-endian unix seconds) |
+//	nonce (16 random bytes) | HMAC-SHA256(key, the preceding 25 bytes)
+//
+// where key is 32 random bytes drawn once per process. That is 57 bytes, 76
+// header-safe characters ([A-Za-z0-9_-], never CR or LF). The full 32-byte MAC
+// is kept (no truncation); the nonce only makes tokens issued in the same
+// second distinct. Nothing is stored per token, so memory does not grow with
+// the token request rate; a restart of the daemon invalidates every token (SDKs
+// answer the resulting 401 with a new PUT).
+
+const (
+	// minTokenTTL and maxTokenTTL bound X-aws-ec2-metadata-token-ttl-seconds, in seconds.
+	minTokenTTL = 1
+	maxTokenTTL = 21600
+
+	tokenVersion   byte = 1
+	tokenNonceLen       = 16
+	tokenSignedLen      = 1 + 8 + tokenNonceLen
+	tokenRawLen         = tokenSignedLen + sha256.Size
+)
+
+var tokenEncoding = base64.RawURLEncoding.Strict()
+
+// tokenLen is the length of every token string.
+var tokenLen = tokenEncoding.EncodedLen(tokenRawLen)
+
+// tokenStatus is the outcome of verifying a token.
+type tokenStatus int
+
+const (
+	tokenValid tokenStatus = iota
+	tokenInvalid
+	tokenExpired
+)
+
+// tokenMinter mints and verifies tokens with one per-process key. It is
+// immutable after creation and safe for concurrent use.
+type tokenMinter struct {
+	key [32]byte
+}
+
+func newTokenMinter() (*tokenMinter, error) {
+	m := &tokenMinter{}
+	if _, err := rand.Read(m.key[:]); err != nil {
+		return nil, fmt.Errorf("proxy: token key: %w", err)
+	}
+	return m, nil
+}
+
+// tokenExpiry is the unix second at which a token issued at now for ttl
+// seconds stops being valid: now+ttl rounded up to a whole second, so a token
+// is never rejected before its full TTL has passed.
+func tokenExpiry(now time.Time, ttl int) int64 {
+	exp := now.Unix() + int64(ttl)
+	if now.Nanosecond() != 0 {
+		exp++
+	}
+	return exp
+}
+
+// mint returns a new token valid for ttl seconds from now, and its expiry in
+// unix seconds.
+func (m *tokenMinter) mint(now time.Time, ttl int) (string, int64, error) {
+	exp := tokenExpiry(now, ttl)
+	var raw [tokenRawLen]byte
+	raw[0] = tokenVersion
+	binary.BigEndian.PutUint64(raw[1:9], uint64(exp))
+	if _, err := rand.Read(raw[9:tokenSignedLen]); err != nil {
+		return "", 0, fmt.Errorf("proxy: token nonce: %w", err)
+	}
+	mac := hmac.New(sha256.New, m.key[:])
+	mac.Write(raw[:tokenSignedLen])
+	mac.Sum(raw[:tokenSignedLen])
+	return tokenEncoding.EncodeToString(raw[:]), exp, nil
+}
+
+// verify checks a token presented at now: well formed, minted with this
+// process's key (constant-time compare) and not expired (valid while
+// now < expiry).
+func (m *tokenMinter) verify(tok string, now time.Time) tokenStatus {
+	if len(tok) != tokenLen {
+		return tokenInvalid
+	}
+	var raw [tokenRawLen]byte
+	n, err := tokenEncoding.Decode(raw[:], []byte(tok))
+	if err != nil || n != tokenRawLen || raw[0] != tokenVersion {
+		return tokenInvalid
+	}
+	mac := hmac.New(sha256.New, m.key[:])
+	mac.Write(raw[:tokenSignedLen])
+	var sum [sha256.Size]byte
+	if !hmac.Equal(mac.Sum(sum[:0]), raw[tokenSignedLen:]) {
+		return tokenInvalid
+	}
+	exp := int64(binary.BigEndian.Uint64(raw[1:9]))
+	if now.Unix() >= exp {
+		return tokenExpired
+	}
+	return tokenValid
+}
+
+// parseTTL parses the values of the X-aws-ec2-metadata-token-ttl-seconds
+// request header: exactly one value of 1 to 5 ASCII digits (no sign, no
+// spaces) between minTokenTTL and maxTokenTTL.
+func parseTTL(values []string) (int, bool) {
+	if len(values) != 1 {
+		return 0, false
+	}
+	v := values[0]
+	if len(v) == 0 || len(v) > 5 {
+		return 0, false
+	}
+	n := 0
+	for i := 0; i < len(v); i++ {
+		c := v[i]
+		if c < '0' || c > '9' {
+			return 0, false
+		}
+		n = n*10 + int(c-'0')
+	}
+	if n < minTokenTTL || n > maxTokenTTL {
+		return 0, false
+	}
+	return n, true
+}
+
+// ringSlots covers every possible expiry second: a token expires at most
+// maxTokenTTL+1 seconds after it was issued (rounding up).
+const ringSlots = maxTokenTTL + 2
+
+// outstandingTokens counts tokens issued and not yet expired in O(1) memory: a
+// ring of per-second counts indexed by expiry second. Seconds that have passed
+// are swept lazily (amortised O(1) per call, at most ringSlots steps). Safe for
+// concurrent use.
+type outstandingTokens struct {
+	mu    sync.Mutex
+	slots [ringSlots]uint32
+	total int64
+	swept int64 // every slot for a second <= swept is cleared
+}
+
+func newOutstandingTokens(now time.Time) *outstandingTokens {
+	return &outstandingTokens{swept: now.Unix()}
+}
+
+// advance clears the slots of the seconds in (swept, now]. Caller holds mu.
+func (o *outstandingTokens) advance(now int64) {
+	if now <= o.swept {
+		return // clock stood still or went back: nothing new expired
+	}
+	if now-o.swept >= ringSlots {
+		clear(o.slots[:])
+		o.total = 0
+		o.swept = now
+		return
+	}
+	for s := o.swept + 1; s <= now; s++ {
+		i := s % ringSlots
+		o.total -= int64(o.slots[i])
+		o.slots[i] = 0
+	}
+	o.swept = now
+}
+
+// add counts one token issued at now that expires at exp (unix seconds).
+func (o *outstandingTokens) add(now time.Time, exp int64) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	o.advance(now.Unix())
+	// A token whose expiry second was already swept (clock went back) or lies
+	// beyond the ring cannot be tracked; it is simply not counted.
+	if exp <= o.swept || exp-o.swept >= ringSlots {
+		return
+	}
+	o.slots[exp%ringSlots]++
+	o.total++
+}
+
+// count returns the number of tokens outstanding at now.
+func (o *outstandingTokens) count(now time.Time) int64 {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	o.advance(now.Unix())
+	return o.total
+}
