@@ -22,6 +22,7 @@ import (
 	"fmt"
 	"net/http"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/aws/aws-sdk-go-v2/aws"
@@ -96,11 +97,14 @@ type WebIdentity struct {
 	roleARN     string
 	sessionName string
 	duration    time.Duration
-	timeout     time.Duration
-	tokens      TokenSource
-	log         *zap.Logger
-	now         func() time.Time
-	retryDelay  time.Duration
+	// capped is set once STS refused duration as longer than the role's
+	// MaxSessionDuration; later calls then ask for fallbackDuration.
+	capped     atomic.Bool
+	timeout    time.Duration
+	tokens     TokenSource
+	log        *zap.Logger
+	now        func() time.Time
+	retryDelay time.Duration
 }
 
 // NewWebIdentity builds the STS client from the SDK's default configuration
@@ -205,6 +209,12 @@ func (w *WebIdentity) Fetch(ctx context.Context, key string) (creds.Credentials,
 		return creds.Credentials{}, err
 	}
 	out, err := w.assume(ctx, tok)
+	if err != nil && w.tooLong(err) {
+		w.capped.Store(true)
+		w.log.Warn("role.duration exceeds the role's MaxSessionDuration; asking for 1h instead until restart or reload (raise MaxSessionDuration or lower role.duration)",
+			zap.Duration("configured", w.duration), zap.Duration("using", fallbackDuration))
+		out, err = w.assume(ctx, tok)
+	}
 	if err != nil {
 		e := w.classify(err, tok)
 		if e.Class != ClassInvalidToken && e.Class != ClassExpiredToken {
@@ -267,10 +277,31 @@ func (w *WebIdentity) assume(ctx context.Context, tok string) (*sts.AssumeRoleWi
 		RoleSessionName:  aws.String(w.sessionName),
 		WebIdentityToken: aws.String(tok),
 	}
-	if w.duration > 0 {
-		in.DurationSeconds = aws.Int32(int32(w.duration / time.Second))
+	if d := w.requestDuration(); d > 0 {
+		in.DurationSeconds = aws.Int32(int32(d / time.Second))
 	}
 	return w.client.AssumeRoleWithWebIdentity(ctx, in)
+}
+
+// fallbackDuration is asked for when the configured duration is longer than
+// the role allows: every role's MaxSessionDuration is at least one hour.
+const fallbackDuration = time.Hour
+
+func (w *WebIdentity) requestDuration() time.Duration {
+	if w.capped.Load() {
+		return fallbackDuration
+	}
+	return w.duration
+}
+
+// tooLong reports whether err is STS refusing DurationSeconds as longer than
+// the role's MaxSessionDuration, while a shorter duration is still possible.
+func (w *WebIdentity) tooLong(err error) bool {
+	if w.capped.Load() || w.duration <= fallbackDuration {
+		return false
+	}
+	e := Classify(err)
+	return e.Code == "ValidationError" && strings.Contains(e.Message, "MaxSessionDuration")
 }
 
 // classify wraps Classify, names the operation and role and makes sure the

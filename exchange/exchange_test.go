@@ -523,3 +523,45 @@ func TestNoSecretsInLogsOrErrors(t *testing.T) {
 		}
 	}
 }
+
+// TestDurationAboveRoleMaximumFallsBack: a role.duration longer than the
+// role's MaxSessionDuration must not leave the host without credentials: the
+// call is repeated once with one hour, and later calls ask for one hour.
+func TestDurationAboveRoleMaximumFallsBack(t *testing.T) {
+	exp := time.Now().Add(time.Hour).Truncate(time.Second).UTC()
+	tooLong := errorXML("Sender", "ValidationError", "The requested DurationSeconds exceeds the MaxSessionDuration set for this role.")
+	fake := newFakeSTS(t, response{status: 400, body: tooLong}, response{status: 200, body: successXML(exp)})
+	core, logs := observer.New(zapcore.WarnLevel)
+	w := newTestWebIdentity(t, fake.srv.URL, WebIdentityConfig{Duration: 6 * time.Hour}, &tokenSource{tokens: []string{testJWT}}, zap.New(core))
+
+	for i := 0; i < 2; i++ {
+		if _, err := w.Fetch(context.Background(), ""); err != nil {
+			t.Fatalf("fetch %d: %v", i, err)
+		}
+	}
+	var got []string
+	for _, c := range fake.calls() {
+		got = append(got, c.form.Get("DurationSeconds"))
+	}
+	if want := []string{"21600", "3600", "3600"}; fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Fatalf("DurationSeconds asked = %v, want %v", got, want)
+	}
+	if logs.FilterMessageSnippet("MaxSessionDuration").Len() != 1 {
+		t.Fatalf("want exactly one warning naming MaxSessionDuration, got %v", logs.All())
+	}
+}
+
+// TestOtherValidationErrorsStayPermanent: only the duration refusal falls back.
+func TestOtherValidationErrorsStayPermanent(t *testing.T) {
+	bad := errorXML("Sender", "ValidationError", "1 validation error detected: Value at 'roleArn' failed to satisfy constraint")
+	fake := newFakeSTS(t, response{status: 400, body: bad})
+	w := newTestWebIdentity(t, fake.srv.URL, WebIdentityConfig{Duration: 6 * time.Hour}, &tokenSource{tokens: []string{testJWT}}, nil)
+	_, err := w.Fetch(context.Background(), "")
+	var e *Error
+	if !errors.As(err, &e) || !e.Permanent() || e.Class != ClassValidation {
+		t.Fatalf("err = %v, want a permanent validation error", err)
+	}
+	if n := len(fake.calls()); n != 1 {
+		t.Fatalf("STS calls = %d, want 1", n)
+	}
+}
