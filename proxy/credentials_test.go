@@ -281,3 +281,43 @@ func TestDocumentsParseAsSDKsDo(t *testing.T) {
 		t.Errorf("%+v", doc.AccountID)
 	}
 }
+
+// TestCredentialDocumentFollowsRotation: the rendered document is reused only
+// while the source returns the same credentials; a refresh is served at once,
+// and the legacy and extended documents never mix.
+func TestCredentialDocumentFollowsRotation(t *testing.T) {
+	e := newEnv(t, Config{TokensRequired: true})
+	tok := e.token(t, "60")
+	get := func(path string) string {
+		w := e.do(http.MethodGet, path, map[string]string{headerToken: tok})
+		if w.Code != http.StatusOK {
+			t.Fatalf("%s: %d", path, w.Code)
+		}
+		return w.Body.String()
+	}
+	legacy := "/latest/meta-data/iam/security-credentials/" + testRole
+	extended := "/latest/meta-data/iam/security-credentials-extended/" + testRole
+	first := get(legacy)
+	if get(legacy) != first || strings.Contains(first, "AccountId") || !strings.Contains(get(extended), `"AccountId" : "222222222222"`) {
+		t.Fatalf("documents of unchanged credentials differ or mix:\n%s", first)
+	}
+
+	next := testCreds()
+	next.AccessKeyID, next.SecretAccessKey, next.SessionToken = "ASIANEXTKEY000000001", "nextsecret", "nexttoken"
+	next.LastUpdated = next.LastUpdated.Add(30 * time.Minute)
+	e.src.set(next, nil)
+	for _, path := range []string{legacy, extended} {
+		body := get(path)
+		if !strings.Contains(body, "ASIANEXTKEY000000001") || !strings.Contains(body, "nextsecret") || strings.Contains(body, testKeyID) {
+			t.Fatalf("%s after rotation still serves the old credentials:\n%s", path, body)
+		}
+	}
+
+	// Credentials without LastUpdated are rendered with the current time.
+	noStamp := next
+	noStamp.LastUpdated = time.Time{}
+	e.src.set(noStamp, nil)
+	if body := get(legacy); !strings.Contains(body, imdsTime(t0)) {
+		t.Fatalf("LastUpdated should be now when the source sets none:\n%s", body)
+	}
+}

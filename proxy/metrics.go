@@ -3,6 +3,7 @@ package proxy
 import (
 	"errors"
 	"strconv"
+	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -58,6 +59,20 @@ type metrics struct {
 	rejections     *prometheus.CounterVec
 	ptErrors       *prometheus.CounterVec
 	upstreamTokens *prometheus.CounterVec
+
+	// hot caches the children of requests and duration per (route, code),
+	// so a request costs no label hashing or formatting.
+	hot sync.Map // routeCode -> *routeMetrics
+}
+
+type routeCode struct {
+	route string
+	code  int
+}
+
+type routeMetrics struct {
+	requests prometheus.Counter
+	duration prometheus.Observer
 }
 
 // newMetrics builds the collectors and registers them with reg (nil: not
@@ -124,6 +139,15 @@ func newMetrics(reg prometheus.Registerer, outstanding func() float64) (*metrics
 
 // observe records one answered request.
 func (m *metrics) observe(route string, code int, d time.Duration) {
-	m.requests.WithLabelValues(route, strconv.Itoa(code)).Inc()
-	m.duration.WithLabelValues(route).Observe(d.Seconds())
+	k := routeCode{route, code}
+	v, ok := m.hot.Load(k)
+	if !ok {
+		v, _ = m.hot.LoadOrStore(k, &routeMetrics{
+			requests: m.requests.WithLabelValues(route, strconv.Itoa(code)),
+			duration: m.duration.WithLabelValues(route),
+		})
+	}
+	rm := v.(*routeMetrics)
+	rm.requests.Inc()
+	rm.duration.Observe(d.Seconds())
 }

@@ -188,6 +188,8 @@ type Server struct {
 	mu    sync.Mutex // serialises Update
 	state atomic.Pointer[state]
 
+	docs atomic.Pointer[docMemo] // last rendered credential documents
+
 	warnAt  atomic.Int64 // unix nanos of the last credential-error Warn
 	hopWarn sync.Once
 }
@@ -548,7 +550,34 @@ func (s *Server) serveCredentials(w http.ResponseWriter, r *http.Request, st *st
 		s.serveError(w, route, err, now)
 		return
 	}
-	writeBody(w, http.StatusOK, credentialDocument(c, now, route == routeCredentialsExtended))
+	writeBody(w, http.StatusOK, s.credentialBody(c, now, route == routeCredentialsExtended))
+}
+
+// docMemo holds the rendered credential documents of one set of credentials.
+// The byte slices are shared between requests and never modified.
+type docMemo struct {
+	c                creds.Credentials
+	legacy, extended []byte
+}
+
+// credentialBody renders the credential document of c, reusing the last
+// rendering while the source keeps returning the same credentials: the cache
+// hands out one value per refresh, so a hit costs a comparison instead of
+// JSON encoding. Credentials without LastUpdated are rendered every time
+// (their document depends on now).
+func (s *Server) credentialBody(c creds.Credentials, now time.Time, extended bool) []byte {
+	if c.LastUpdated.IsZero() {
+		return credentialDocument(c, now, extended)
+	}
+	m := s.docs.Load()
+	if m == nil || m.c != c {
+		m = &docMemo{c: c, legacy: credentialDocument(c, now, false), extended: credentialDocument(c, now, true)}
+		s.docs.Store(m)
+	}
+	if extended {
+		return m.extended
+	}
+	return m.legacy
 }
 
 // serveIAMInfo answers iam/info.
