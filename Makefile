@@ -29,8 +29,9 @@ $(AEMM):
 tools: $(AEMM) $(FAKESTS)
 
 # demo: the daemon, a fake STS + OIDC issuer and the IMDS stand-in, all on
-# loopback; prints what to type, Ctrl-C stops everything.
-demo: build tools
+# loopback; the AWS CLI gets credentials through it, then it prints what to
+# type. Ctrl-C stops everything. test-deps installs the AWS CLI when missing.
+demo: build tools test-deps
 	./scripts/demo.sh
 
 # test-deps installs the real SDK clients the end-to-end tests drive:

@@ -696,3 +696,60 @@ func TestLogsNoSecrets(t *testing.T) {
 		t.Error("credential error not logged at Warn")
 	}
 }
+
+// TestSlowClientsCannotPin: a client that never finishes its request header
+// is disconnected after the header timeout, and many such clients do not
+// stop others from being served meanwhile.
+func TestSlowClientsCannotPin(t *testing.T) {
+	e := newEnv(t, Config{})
+	e.s.now = time.Now
+	c := testCreds()
+	c.Expires = time.Now().Add(time.Hour)
+	e.src.set(c, nil)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- e.s.Serve(ctx, ln) }()
+	defer func() { cancel(); <-done }()
+
+	var slow []net.Conn
+	for range 50 {
+		conn, err := net.Dial("tcp", ln.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer conn.Close()
+		if _, err := conn.Write([]byte("GET /latest/meta-data/ HTTP/1.1\r\nHost: x\r\n")); err != nil {
+			t.Fatal(err)
+		}
+		slow = append(slow, conn)
+	}
+	// Others are served while the slow clients hang.
+	resp, err := http.Get("http://" + ln.Addr().String() + "/latest/meta-data/iam/security-credentials/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("a normal client got %d while slow clients hung", resp.StatusCode)
+	}
+	// Every slow client is cut off within the header timeout (plus slack).
+	start := time.Now()
+	for _, conn := range slow {
+		_ = conn.SetReadDeadline(start.Add(readHeaderTimeout + 1500*time.Millisecond))
+		buf := make([]byte, 512)
+		for {
+			_, err := conn.Read(buf)
+			if err == nil {
+				continue // an error response (408) may come before the close
+			}
+			if ne, ok := err.(net.Error); ok && ne.Timeout() {
+				t.Fatalf("a slow client was still connected %s after the header timeout", time.Since(start))
+			}
+			break
+		}
+	}
+}

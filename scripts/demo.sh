@@ -72,13 +72,12 @@ aws_cmd=(env -u AWS_ACCESS_KEY_ID -u AWS_SECRET_ACCESS_KEY -u AWS_SESSION_TOKEN 
   AWS_CONFIG_FILE=/dev/null AWS_SHARED_CREDENTIALS_FILE=/dev/null
   AWS_EC2_METADATA_SERVICE_ENDPOINT=http://127.0.0.1:8169/ /usr/bin/aws configure export-credentials --format env-no-export)
 
-if $check; then
-  out=$("${aws_cmd[@]}")
-  # Print the access key id only: the secret and the token stay on this host.
-  echo "$out" | grep '^AWS_ACCESS_KEY_ID=' 
-  echo "$out" | grep -q '^AWS_SECRET_ACCESS_KEY=.' && echo "demo: the AWS CLI got a complete set of credentials through imdsproxy"
-  exit 0
-fi
+# One real client call, so the demo shows it working at once. Only the access
+# key id is printed: the secret and the session token stay out of terminals.
+out=$("${aws_cmd[@]}") || { echo "demo: the AWS CLI could not get credentials; see $work/imdsproxy.log" >&2; exit 1; }
+echo "$out" | grep '^AWS_ACCESS_KEY_ID='
+echo "$out" | grep -q '^AWS_SECRET_ACCESS_KEY=.' && echo "demo: the AWS CLI got a complete set of credentials through imdsproxy"
+$check && exit 0
 
 cat <<TXT
 
