@@ -1,9 +1,12 @@
 package bench
 
 import (
+	"flag"
 	"fmt"
 	"io"
 	"slices"
+	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -74,6 +77,104 @@ func BenchmarkIMDS(b *testing.B) {
 					if target == "daemon" && ok && ceil.ReqPerSec > 0 {
 						b.ReportMetric(res.ReqPerSec/ceil.ReqPerSec, "ratio_to_ceiling")
 					}
+				})
+			}
+		}
+	}
+}
+
+// Open-loop parameters: go test ./test/bench/ -bench Paced -paced.rate 2000,4000
+// runs the paced benchmarks at each listed offered load.
+var (
+	pacedRates    = flag.String("paced.rate", "2000", "offered loads of BenchmarkIMDSPaced, total HTTP requests per second, comma-separated")
+	pacedDuration = flag.Duration("paced.duration", 5*time.Second, "length of each BenchmarkIMDSPaced run")
+)
+
+const pacedConns = 50
+
+// paced holds every open-loop run, by "scenario/conns/rate/target". A paced
+// run is timed, not b.N-driven: it runs once per process and later calls of
+// the same sub-benchmark report the same numbers (like the token flood).
+var (
+	pacedMu  sync.Mutex
+	paced    = map[string]*pacedResult{}
+	pacedErr = map[string]error{}
+)
+
+func pacedKey(sc string, conns, rate int, target string) string {
+	return fmt.Sprintf("%s/%d/%d/%s", sc, conns, rate, target)
+}
+
+func parseRates(s string) ([]int, error) {
+	var rates []int
+	for f := range strings.SplitSeq(s, ",") {
+		r, err := strconv.Atoi(strings.TrimSpace(f))
+		if err != nil || r <= 0 {
+			return nil, fmt.Errorf("-paced.rate %q: want positive integers separated by commas", s)
+		}
+		rates = append(rates, r)
+	}
+	return rates, nil
+}
+
+// BenchmarkIMDSPaced is the open-loop counterpart of BenchmarkIMDS: 50
+// keep-alive connections offering a fixed total load (-paced.rate HTTP
+// requests per second, 2,000 by default, for -paced.duration), the ceiling
+// and then the daemon, with latency measured from each operation's scheduled
+// send time (see runPaced). At 2,000 req/s each creds-get worker sends every
+// 25 ms, and each imdsv2-flow worker starts a flow every 75 ms (about 667
+// flows/s). Latencies are per operation; req/s is the achieved rate.
+func BenchmarkIMDSPaced(b *testing.B) {
+	rates, err := parseRates(*pacedRates)
+	if err != nil {
+		b.Fatal(err)
+	}
+	env := getEnv(b)
+	for _, sc := range scenarios {
+		for _, rate := range rates {
+			for _, target := range []string{"ceiling", "daemon"} {
+				b.Run(fmt.Sprintf("%s/conns=%d/rate=%d/%s", sc.name, pacedConns, rate, target), func(b *testing.B) {
+					srv, tok := env.ceiling, env.ceilingToken
+					if target == "daemon" {
+						srv, tok = env.daemon, env.daemonToken
+					}
+					key := pacedKey(sc.name, pacedConns, rate, target)
+					pacedMu.Lock()
+					res, done := paced[key]
+					err := pacedErr[key]
+					pacedMu.Unlock()
+					if !done && err == nil {
+						time.Sleep(250 * time.Millisecond) // let the previous run's connections close
+						var r pacedResult
+						r, err = runPaced(srv.base, roleName, tok, srv.pid, pacedConns, float64(rate), *pacedDuration, sc.reqsPerOp, sc.op)
+						pacedMu.Lock()
+						if err != nil {
+							pacedErr[key] = err
+						} else {
+							res = &r
+							paced[key] = res
+						}
+						pacedMu.Unlock()
+					}
+					if err != nil {
+						b.Fatalf("%s: %v; server output:\n%s", target, err, srv.out)
+					}
+					if srv.exited() {
+						b.Fatalf("%s exited during the run; output:\n%s", target, srv.out)
+					}
+					if res.Errors > 0 {
+						b.Errorf("%s: %d of %d operations failed; first: %v", target, res.Errors, res.Ops, res.FirstErr)
+					}
+					b.ReportMetric(0, "ns/op")
+					b.ReportMetric(us(res.P50), "p50_us")
+					b.ReportMetric(us(res.P99), "p99_us")
+					b.ReportMetric(us(res.P999), "p999_us")
+					b.ReportMetric(us(res.Max), "max_us")
+					b.ReportMetric(res.ReqPerSec, "req/s")
+					b.ReportMetric(res.CPUPer1k(), "cpu_ms/1k")
+					b.ReportMetric(mb(res.RSSMaxKB), "rss_MB")
+					b.ReportMetric(float64(res.Late), "late_ops")
+					b.ReportMetric(us(res.WakeP99), "wake_p99_us")
 				})
 			}
 		}
@@ -242,7 +343,10 @@ func mb(kb int64) float64        { return float64(kb) / 1024 }
 func printReport(w io.Writer) {
 	resultsMu.Lock()
 	defer resultsMu.Unlock()
-	if len(results) == 0 && flood == nil && len(coldStarts) == 0 {
+	pacedMu.Lock()
+	npaced := len(paced)
+	pacedMu.Unlock()
+	if len(results) == 0 && npaced == 0 && flood == nil && len(coldStarts) == 0 {
 		return
 	}
 	fmt.Fprintln(w, "\n<!-- imdsproxy bench report: paste into docs/benchmarks.md -->")
@@ -271,6 +375,7 @@ func printReport(w io.Writer) {
 		}
 		fmt.Fprintln(w, "\nLatency is per operation (one request for creds-get, three for imdsv2-flow); req/s and CPU count HTTP requests.")
 	}
+	printPaced(w)
 	if f := flood; f != nil {
 		fmt.Fprintf(w, "\nToken flood (%d connections, %s, daemon): %.0f tokens/s, %d errors, %.1f CPU ms / 1k tokens.\n\n",
 			floodConns, floodDuration, f.TokensPerSec, f.Errors, f.CPUPer1kTokenMs)
@@ -287,4 +392,34 @@ func printReport(w io.Writer) {
 		fmt.Fprintf(w, "\nCold start, exec to /readyz 200 (%d starts): p50 %.1f ms, max %.1f ms.\n",
 			n, ms(percentile(coldStarts, 0.5)), ms(coldStarts[n-1]))
 	}
+}
+
+// printPaced writes the open-loop table.
+func printPaced(w io.Writer) {
+	pacedMu.Lock()
+	defer pacedMu.Unlock()
+	if len(paced) == 0 {
+		return
+	}
+	rates, err := parseRates(*pacedRates)
+	if err != nil {
+		return
+	}
+	fmt.Fprintf(w, "\nOpen loop: %d connections at a fixed offered load, %s per run; latency from the scheduled send time.\n\n", pacedConns, *pacedDuration)
+	fmt.Fprintln(w, "| scenario | offered req/s | server | p50 µs | p99 µs | p99.9 µs | max µs | achieved req/s | CPU ms / 1k req | CPU % of a core | RSS MB | late ops | wake lag p50 / p99 µs |")
+	fmt.Fprintln(w, "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+	for _, sc := range scenarios {
+		for _, rate := range rates {
+			for _, target := range []string{"ceiling", "daemon"} {
+				r, ok := paced[pacedKey(sc.name, pacedConns, rate, target)]
+				if !ok {
+					continue
+				}
+				fmt.Fprintf(w, "| %s | %d | %s | %.0f | %.0f | %.0f | %.0f | %.0f | %.1f | %.1f | %.1f | %d of %d | %.0f / %.0f |\n",
+					sc.name, rate, target, us(r.P50), us(r.P99), us(r.P999), us(r.Max), r.ReqPerSec,
+					r.CPUPer1k(), r.CPUPercent(), mb(r.RSSMaxKB), r.Late, r.Ops, us(r.WakeP50), us(r.WakeP99))
+			}
+		}
+	}
+	fmt.Fprintln(w, "\nLatency is per operation (one request for creds-get, three for imdsv2-flow), from its scheduled send time; it includes the generator's wake lag.")
 }

@@ -6,6 +6,12 @@
 //
 //	IMDSPROXY_BIN=$PWD/bin/imdsproxy go test -run '^$' -bench . -benchtime 5s -count 1 ./test/bench/
 //
+// BenchmarkIMDS is closed loop (saturation); BenchmarkIMDSPaced is open loop
+// at a fixed offered load, set with -paced.rate (requests/s, comma-separated,
+// default 2000) and -paced.duration (default 5s), e.g.
+//
+//	go test -run '^$' -bench Paced ./test/bench/ -paced.rate 500,2000
+//
 // The benchmarks skip when IMDSPROXY_BIN is unset or names no file. Results
 // are reported with b.ReportMetric and, at the end of the run, as a markdown
 // table on stdout for docs/benchmarks.md. The package has no non-test code

@@ -14,15 +14,24 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 )
 
-// This file is the load generator and the /proc readers. The generator is
-// closed-loop: a fixed number of workers, each with its own http.Client and
-// exactly one keep-alive connection, each issuing its next operation as soon
-// as the previous one is answered. Latencies go into one preallocated slice,
-// indexed by the operation number, so recording costs no allocation and no
-// lock.
+// This file is the load generator and the /proc readers. It has two modes,
+// both with a fixed number of workers, each with its own http.Client and
+// exactly one keep-alive connection:
+//
+//   - closed loop (runLoad): each worker issues its next operation as soon as
+//     the previous one is answered, so the server runs at saturation and
+//     latency is mostly queueing;
+//   - open loop (runPaced): each worker issues its operations on a fixed
+//     schedule, and latency is measured from the scheduled send time, so a
+//     stall delays and counts against every operation scheduled behind it
+//     (no coordinated omission).
+//
+// Latencies go into one preallocated slice, indexed by the operation number,
+// so recording costs no allocation and no lock.
 
 // Paths and headers of the IMDS API (WIRE.md §1–§2).
 const (
@@ -360,4 +369,188 @@ var clockTicks = sync.OnceValue(func() int64 {
 func drain(resp *http.Response) {
 	_, _ = io.Copy(io.Discard, resp.Body)
 	resp.Body.Close()
+}
+
+// pacedResult is what one open-loop run produced. Latencies are per
+// operation, from the operation's scheduled send time to the end of its last
+// response body.
+type pacedResult struct {
+	Conns       int
+	OfferedRate float64       // HTTP requests per second asked for
+	Interval    time.Duration // between two operations of one worker
+	Ops         int
+	Requests    int
+	Elapsed     time.Duration // from the first scheduled send to the last answer
+	P50, P99    time.Duration
+	P999, Max   time.Duration
+	CPU         time.Duration // server process user+system time during the run
+	RSSMaxKB    int64
+	Errors      int
+	FirstErr    error
+	ReqPerSec   float64 // achieved: Requests ÷ Elapsed
+	// Late counts operations whose worker was still busy with the previous
+	// one at their scheduled time; they were sent at once, and their latency
+	// includes the wait.
+	Late int
+	// WakeP50 and WakeP99 are the generator's own lateness: send time minus
+	// scheduled time, over the operations whose worker was idle and asleep.
+	// It is part of every latency above, for the daemon and the ceiling alike.
+	WakeP50, WakeP99 time.Duration
+}
+
+// CPUPer1k is the server's CPU time per 1,000 HTTP requests, in milliseconds.
+func (r pacedResult) CPUPer1k() float64 {
+	if r.Requests == 0 {
+		return 0
+	}
+	return float64(r.CPU) / float64(time.Millisecond) * 1000 / float64(r.Requests)
+}
+
+// CPUPercent is the server's CPU time over the run, in percent of one core.
+func (r pacedResult) CPUPercent() float64 {
+	if r.Elapsed <= 0 {
+		return 0
+	}
+	return 100 * float64(r.CPU) / float64(r.Elapsed)
+}
+
+// runPaced is the open-loop generator. conns workers together offer rate
+// HTTP requests per second for about d: each worker starts an operation every
+// Interval = conns × reqsPerOp ÷ rate (25 ms for one request per operation at
+// 50 connections and 2,000 req/s), and the workers' first operations are
+// staggered evenly across one Interval, so the server sees a steady stream.
+// Operation k of worker i is scheduled at t0 + i×Interval/conns + k×Interval.
+// A worker sleeps until that time; if it is already past (the previous
+// operation was slow), it sends at once. Either way the latency counts from
+// the scheduled time.
+func runPaced(base, role, tok string, pid, conns int, rate float64, d time.Duration, reqsPerOp int,
+	op func(*worker) error) (pacedResult, error) {
+	if conns < 1 || rate <= 0 || reqsPerOp < 1 {
+		return pacedResult{}, fmt.Errorf("paced: conns %d, rate %g, reqsPerOp %d", conns, rate, reqsPerOp)
+	}
+	interval := time.Duration(float64(conns*reqsPerOp) / rate * float64(time.Second))
+	perWorker := max(int(d/interval), 1)
+	workers := make([]*worker, conns)
+	for i := range workers {
+		w, err := newWorker(base, role, tok)
+		if err != nil {
+			return pacedResult{}, err
+		}
+		workers[i] = w
+	}
+	defer func() {
+		for _, w := range workers {
+			w.c.CloseIdleConnections()
+		}
+	}()
+	// Warm up, untimed: open every connection and run one operation on it.
+	var wg sync.WaitGroup
+	warmErr := make([]error, conns)
+	for i, w := range workers {
+		wg.Go(func() { warmErr[i] = op(w) })
+	}
+	wg.Wait()
+	if err := errors.Join(warmErr...); err != nil {
+		return pacedResult{}, fmt.Errorf("warm-up: %w", err)
+	}
+
+	ops := conns * perWorker
+	lat := make([]time.Duration, ops)
+	wake := make([]time.Duration, ops)
+	var nerr, nlate atomic.Int64
+	var firstErr atomic.Pointer[error]
+	var lastEnd atomic.Int64 // ns since t0 of the latest answer
+	rss := newRSSSampler(pid, 50*time.Millisecond)
+	cpu0, err := procCPU(pid)
+	if err != nil {
+		return pacedResult{}, err
+	}
+	// Leave the workers time to reach their first sleep before t0.
+	t0 := time.Now().Add(50 * time.Millisecond)
+	for i, w := range workers {
+		offset := time.Duration(int64(interval) * int64(i) / int64(conns))
+		wg.Go(func() {
+			var late int64
+			for k := range perWorker {
+				j := i*perWorker + k
+				due := t0.Add(offset + time.Duration(k)*interval)
+				if sleepUntil(due) {
+					wake[j] = time.Since(due)
+				} else {
+					late++
+					wake[j] = -1
+				}
+				err := op(w)
+				end := time.Now()
+				lat[j] = end.Sub(due)
+				if err != nil {
+					nerr.Add(1)
+					firstErr.CompareAndSwap(nil, &err)
+				}
+				if k == perWorker-1 {
+					e := int64(end.Sub(t0))
+					for {
+						old := lastEnd.Load()
+						if e <= old || lastEnd.CompareAndSwap(old, e) {
+							break
+						}
+					}
+				}
+			}
+			nlate.Add(late)
+		})
+	}
+	wg.Wait()
+	cpu1, err := procCPU(pid)
+	if err != nil {
+		return pacedResult{}, err
+	}
+	res := pacedResult{
+		Conns:       conns,
+		OfferedRate: rate,
+		Interval:    interval,
+		Ops:         ops,
+		Requests:    ops * reqsPerOp,
+		Elapsed:     time.Duration(lastEnd.Load()),
+		CPU:         cpu1 - cpu0,
+		RSSMaxKB:    rss.stop(),
+		Errors:      int(nerr.Load()),
+		Late:        int(nlate.Load()),
+	}
+	if p := firstErr.Load(); p != nil {
+		res.FirstErr = *p
+	}
+	if res.Elapsed > 0 {
+		res.ReqPerSec = float64(res.Requests) / res.Elapsed.Seconds()
+	}
+	slices.Sort(lat)
+	res.P50, res.P99, res.P999 = percentile(lat, 0.50), percentile(lat, 0.99), percentile(lat, 0.999)
+	res.Max = lat[len(lat)-1]
+	wake = slices.DeleteFunc(wake, func(d time.Duration) bool { return d < 0 })
+	slices.Sort(wake)
+	res.WakeP50, res.WakeP99 = percentile(wake, 0.50), percentile(wake, 0.99)
+	return res, nil
+}
+
+// sleepUntil sleeps until t and reports whether it had to (false: t has
+// passed already). It parks the goroutine's thread in nanosleep(2) rather
+// than using time.Sleep: when the Go scheduler is idle, timers fire from the
+// netpoller's epoll_wait, whose timeout is whole milliseconds and rounds a
+// wait under 1 ms up to 1 ms (runtime/netpoll_epoll.go), so time.Sleep wakes
+// up to 1 ms late (p50 about 0.45-0.55 ms late on the 2-vCPU VM of
+// docs/benchmarks.md, against about 0.13 ms with nanosleep). That lateness
+// would be charged to the server. nanosleep uses a kernel high-resolution
+// timer; what remains (the VM's wake-up time and the 50 µs default timer
+// slack) is reported as the wake lag.
+func sleepUntil(t time.Time) bool {
+	d := time.Until(t)
+	if d <= 0 {
+		return false
+	}
+	for d > 0 {
+		ts := syscall.NsecToTimespec(int64(d))
+		_ = syscall.Nanosleep(&ts, nil) // EINTR: sleep again for what is left
+		d = time.Until(t)
+	}
+	return true
 }
