@@ -306,6 +306,22 @@ type envOptions struct {
 	expiryMargin   time.Duration // default 2s
 	tokens         string        // imds.tokens; default "required"
 	noWaitReady    bool          // wait for /healthz only, not /readyz
+
+	// identityYAML, when set, renders the role:, source:, identity: and any
+	// source-specific sections of the config instead of the web-identity
+	// default (role arn/name, source web-identity, the token file).
+	identityYAML func(e *daemonEnv) string
+	// upstreamURL, when set, replaces the shared stand-in IMDS as the
+	// daemon's upstream (for sources that read instance-profile
+	// credentials from it).
+	upstreamURL string
+	// extraEnv is appended to the daemon's environment (for example
+	// AWS_ENDPOINT_URL_ROLESANYWHERE for another source's fake).
+	extraEnv []string
+	// extraSecrets returns more values that must never appear in the
+	// daemon's log, /debug/cache or /metrics (keys issued by another
+	// source's fake, private keys, …).
+	extraSecrets func() map[string]string
 }
 
 type daemonEnv struct {
@@ -403,19 +419,31 @@ func startDaemon(t *testing.T, opts envOptions) *daemonEnv {
 	return e
 }
 
+// upstreamBase is the daemon's upstream: the option, else the shared stand-in.
+func (e *daemonEnv) upstreamBase() string {
+	if e.opts.upstreamURL != "" {
+		return e.opts.upstreamURL
+	}
+	return e.upstream.url
+}
+
 // config renders the daemon's YAML config.
 func (e *daemonEnv) config() string {
+	identity := fmt.Sprintf(`role: {arn: %q, name: %s, session_name: "", duration: 1h}
+source: web-identity
+identity: {jwt_file: %q}
+`, roleARN, roleName, e.tokenFile)
+	if e.opts.identityYAML != nil {
+		identity = e.opts.identityYAML(e)
+	}
 	return fmt.Sprintf(`listen: 127.0.0.1:%d
 admin_listen: 127.0.0.1:%d
 upstream: %s
 upstream_timeout: 2s
 imds: {tokens: %s, hop_limit: 1}
-role: {arn: %q, name: %s, session_name: "", duration: 1h}
-source: web-identity
-identity: {jwt_file: %q}
 cache: {backoff_initial: %s, backoff_max: %s, expiry_margin: %s}
-`, e.imdsPort, e.adminPort, e.upstream.url, e.opts.tokens, roleARN, roleName, e.tokenFile,
-		e.opts.backoffInitial, e.opts.backoffMax, e.opts.expiryMargin)
+%s`, e.imdsPort, e.adminPort, e.upstreamBase(), e.opts.tokens,
+		e.opts.backoffInitial, e.opts.backoffMax, e.opts.expiryMargin, identity)
 }
 
 func (e *daemonEnv) writeConfig(t testing.TB, cfg string) {
@@ -453,14 +481,14 @@ func (e *daemonEnv) daemonEnviron() []string {
 		}
 		env = append(env, kv)
 	}
-	return append(env,
+	return append(append(env,
 		"HOME="+e.dir,
 		"NO_PROXY=*", "no_proxy=*",
 		"AWS_REGION=us-east-1",
 		"AWS_ENDPOINT_URL_STS="+e.sts.URL,
 		"AWS_CONFIG_FILE="+e.emptyFile,
 		"AWS_SHARED_CREDENTIALS_FILE="+e.emptyFile,
-	)
+	), e.opts.extraEnv...)
 }
 
 // clientEnviron is a minimal, hermetic environment for SDK client
@@ -577,6 +605,11 @@ func (e *daemonEnv) secrets() map[string]string {
 		mid := len(is.SessionToken) / 2
 		out[fmt.Sprintf("SessionToken #%d (middle 32 chars)", i)] = is.SessionToken[mid-16 : mid+16]
 		out[fmt.Sprintf("JWT presented to STS for #%d", i)] = is.WebIdentityToken
+	}
+	if e.opts.extraSecrets != nil {
+		for k, v := range e.opts.extraSecrets() {
+			out[k] = v
+		}
 	}
 	e.mu.Lock()
 	defer e.mu.Unlock()
