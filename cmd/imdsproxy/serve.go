@@ -218,43 +218,54 @@ func (d *daemon) buildFetcher(ctx context.Context, cfg Config, sessionName strin
 // run opens both listeners, then runs every task until ctx ends or one fails.
 func (d *daemon) run(ctx context.Context) error {
 	cfg := d.config()
-	var lc net.ListenConfig
-	imdsLn, err := lc.Listen(ctx, "tcp", cfg.Listen)
+	imdsLns, adminLn, err := openListeners(ctx, cfg)
 	if err != nil {
-		return fmt.Errorf("listen: %w", err)
+		return err
 	}
-	adminLn, err := lc.Listen(ctx, "tcp", cfg.AdminListen)
-	if err != nil {
-		imdsLn.Close()
-		return fmt.Errorf("admin_listen: %w", err)
+	addrs := make([]string, 0, len(imdsLns))
+	for _, ln := range imdsLns {
+		addrs = append(addrs, ln.Addr().String())
 	}
 	d.log.Info("listening",
-		zap.String("listen", imdsLn.Addr().String()),
+		zap.Strings("listen", addrs),
 		zap.String("admin_listen", adminLn.Addr().String()),
 		zap.String("role", cfg.Role.ARN), zap.String("role_name", cfg.Role.Name),
 		zap.String("source", cfg.Source), zap.String("session_name", d.sessionName),
 		zap.String("version", buildVersion()))
 
 	g, gctx := errgroup.WithContext(ctx)
-	g.Go(func() error { return d.proxy.Serve(gctx, imdsLn) })
+	for _, ln := range imdsLns {
+		g.Go(func() error { return d.proxy.Serve(gctx, ln) })
+	}
 	g.Go(func() error { return serveAdmin(gctx, adminLn, d.adminHandler(), d.log) })
 	g.Go(func() error { return d.cache.Run(gctx) })
-	g.Go(func() error { d.prefetch(gctx); return nil })
+	g.Go(func() error {
+		if d.prefetch(gctx) {
+			notifyReady(d.log)
+		}
+		return nil
+	})
 	g.Go(func() error { d.reloadLoop(gctx); return nil })
-	return g.Wait()
+	for _, task := range d.backgroundTasks() {
+		g.Go(func() error { return task(gctx) })
+	}
+	err = g.Wait()
+	notifyStopping(d.log)
+	return err
 }
 
 // prefetch fills the cache for the current role; readiness waits for it. A
 // failure is already logged and scheduled for retry by the cache.
-func (d *daemon) prefetch(ctx context.Context) {
+func (d *daemon) prefetch(ctx context.Context) bool {
 	role := *d.roleName.Load()
 	if err := d.cache.Prefetch(ctx, role); err != nil {
 		if ctx.Err() == nil {
 			d.log.Warn("initial credential fetch failed; retrying in the background", zap.String("role_name", role), zap.Error(err))
 		}
-		return
+		return false
 	}
 	d.log.Info("credentials cached; ready", zap.String("role_name", role))
+	return true
 }
 
 func (d *daemon) config() Config {
