@@ -1,10 +1,15 @@
-// Package token reads the host's workload identity: an OIDC JWT kept in a file
-// by an external agent (identity.jwt_file) and rotated by rewriting the file.
+// Package token reads the host's workload identity: an OIDC JWT or an X.509
+// certificate and key.
 //
-// File re-reads the file on every Token call, so a rotated token is picked up
-// at once, and checks its shape and expiry before anything is sent upstream
-// (the signature is verified by STS, not here). It is a leaf package: it
-// imports nothing of the project.
+// The JWT comes from a file kept fresh by an external agent (File,
+// identity.jwt_file, re-read on every Token call so a rotated token is picked
+// up at once), from a command (Command, identity.jwt_command) or from an
+// issuer that checks the instance's signed identity document (URL,
+// identity.jwt_url); the last two reuse a token until shortly before its exp.
+// Every source checks the token's shape and expiry before anything is sent
+// upstream (the signature is verified by STS, not here). X509 loads a
+// certificate, its chain and private key, re-reading them when the files
+// change. It is a leaf package: it imports nothing of the project.
 //
 // Errors are *Error values with a bounded Reason. They carry the error
 // classification methods of the project (ErrorClass, Permanent; see
@@ -92,7 +97,7 @@ func (e *Error) Permanent() bool {
 	case ReasonEmpty, ReasonTooLarge, ReasonMalformed, ReasonExpired:
 		return true
 	}
-	return false
+	return x509Permanent(e.Reason) // the X.509 reasons (x509.go)
 }
 
 // FileOptions tunes a File. The zero value is usable.

@@ -1,18 +1,23 @@
-// Package sts is a fake AWS STS that implements AssumeRoleWithWebIdentity the
-// way the real service does on the wire (AWS Query protocol in, XML out), for
-// end-to-end tests of imdsproxy.
+// Package sts is a fake AWS STS that implements AssumeRoleWithWebIdentity and
+// AssumeRole the way the real service does on the wire (AWS Query protocol
+// in, XML out), for end-to-end tests of imdsproxy.
 //
 // The fake verifies the web identity token for real: RS256 signature against
-// the JWKS of a configured issuer, kid, iss, aud and exp. It validates
-// RoleArn, RoleSessionName and DurationSeconds, issues unique random
-// credentials and records them, so a test can check that what a client got
-// is exactly what STS issued. Failure modes, latency and session length can be
-// changed while it runs.
+// the JWKS of a configured issuer, kid, iss, aud and exp. AssumeRole requests
+// must carry a valid AWS Signature Version 4 made with base credentials the
+// test allowed (AllowBase, AllowBaseSession) or with credentials the fake
+// issued itself (role chaining); the signature is recomputed with the secret
+// key. It validates RoleArn, RoleSessionName, DurationSeconds, ExternalId,
+// SourceIdentity and session tags, issues unique random credentials and
+// records them, so a test can check that what a client got is exactly what
+// STS issued. Failure modes, latency and session length can be changed while
+// it runs; they apply to both actions.
 //
 // All methods are safe for concurrent use.
 package sts
 
 import (
+	"bytes"
 	"context"
 	"crypto"
 	"crypto/rand"
@@ -37,10 +42,15 @@ import (
 	"github.com/imdsproxy/imdsproxy/test/fakes/oidc"
 )
 
-// Mode selects how the fake answers AssumeRoleWithWebIdentity.
+// Mode selects how the fake answers AssumeRoleWithWebIdentity and
+// AssumeRole.
 type Mode int
 
-// Modes. Every mode except ModeOK fails the call before the token is looked at.
+// Modes. Every mode except ModeOK fails the call before the token is looked
+// at (for AssumeRole: after the signature was verified). For AssumeRole,
+// ModeAccessDenied names sts:AssumeRole and ModeExpiredToken answers
+// ExpiredToken (expired base credentials); ModeIDPError and ModeInvalidToken
+// are answered as for AssumeRoleWithWebIdentity.
 const (
 	// ModeOK verifies the request and issues credentials.
 	ModeOK Mode = iota
@@ -111,7 +121,17 @@ type Config struct {
 	// HTTPClient fetches discovery and JWKS documents; nil means a client
 	// with a 5s timeout.
 	HTTPClient *http.Client
+	// ExternalID, when set, is the ExternalId every AssumeRole must carry
+	// (trust policy condition sts:ExternalId); a missing or different one
+	// gets AccessDenied. See also RequireExternalID.
+	ExternalID string
 }
+
+// Actions the fake implements.
+const (
+	ActionAssumeRoleWithWebIdentity = "AssumeRoleWithWebIdentity"
+	ActionAssumeRole                = "AssumeRole"
+)
 
 // Issued is one set of credentials the fake handed out.
 type Issued struct {
@@ -128,9 +148,18 @@ type Issued struct {
 	// WebIdentityToken is the JWT that was presented (a secret too).
 	WebIdentityToken string
 	DurationSeconds  int
+
+	// Action is ActionAssumeRoleWithWebIdentity or ActionAssumeRole.
+	Action string
+	// BaseAccessKeyID is the access key id that signed an AssumeRole.
+	BaseAccessKeyID string
+	// ExternalID, SourceIdentity and Tags are what an AssumeRole carried.
+	ExternalID     string
+	SourceIdentity string
+	Tags           map[string]string
 }
 
-// Call is one AssumeRoleWithWebIdentity request, successful or not.
+// Call is one request, successful or not.
 type Call struct {
 	At              time.Time
 	RoleARN         string
@@ -138,6 +167,21 @@ type Call struct {
 	DurationSeconds int
 	Status          int
 	Code            string // STS error code, "" on success
+
+	// Action is the Action parameter (ActionAssumeRoleWithWebIdentity or
+	// ActionAssumeRole).
+	Action string
+	// AccessKeyID is the access key id named in the SigV4 Authorization
+	// header ("" when none could be parsed); SignatureValid reports whether
+	// the fake verified the signature with that key's secret (and the
+	// session token) and accepted it.
+	AccessKeyID    string
+	SignatureValid bool
+	// ExternalID, SourceIdentity and Tags (Tags.member.N.Key/Value) are the
+	// AssumeRole parameters as received, recorded before validation.
+	ExternalID     string
+	SourceIdentity string
+	Tags           map[string]string
 }
 
 // Server is the fake STS.
@@ -151,6 +195,8 @@ type Server struct {
 	calls         []Call
 	issued        []Issued
 	inflight      int
+	bases         map[string]baseCredential
+	externalID    string
 
 	closeOnce sync.Once
 	closed    chan struct{}
@@ -173,7 +219,8 @@ func New(cfg Config) *Server {
 	if cfg.HTTPClient == nil {
 		cfg.HTTPClient = &http.Client{Timeout: 5 * time.Second}
 	}
-	return &Server{cfg: cfg, closed: make(chan struct{})}
+	return &Server{cfg: cfg, closed: make(chan struct{}), externalID: cfg.ExternalID,
+		bases: map[string]baseCredential{}}
 }
 
 // Start returns a fake STS served by an httptest server, URL set. The fake is
@@ -207,11 +254,11 @@ func (s *Server) SetDelay(d time.Duration) { s.mu.Lock(); s.delay = d; s.mu.Unlo
 // restores the normal behaviour.
 func (s *Server) SetSessionLength(d time.Duration) { s.mu.Lock(); s.sessionLength = d; s.mu.Unlock() }
 
-// Calls returns how many AssumeRoleWithWebIdentity requests arrived,
-// failed ones included.
+// Calls returns how many requests (of either action) arrived, failed ones
+// included.
 func (s *Server) Calls() int { s.mu.Lock(); defer s.mu.Unlock(); return len(s.calls) }
 
-// CallLog returns every AssumeRoleWithWebIdentity request so far.
+// CallLog returns every request (of either action) so far.
 func (s *Server) CallLog() []Call {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -251,7 +298,8 @@ func (s *Server) Find(accessKeyID string) (Issued, bool) {
 }
 
 // Reset returns to ModeOK with no delay and normal sessions and forgets all
-// calls and issued credentials.
+// calls and issued credentials. Allowed base credentials and the required
+// external id stay.
 func (s *Server) Reset() {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -284,13 +332,19 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request) {
 		writeError(w, reqID, sender(http.StatusNotFound, "UnknownOperationException", "Unknown operation"))
 		return
 	}
-	r.Body = http.MaxBytesReader(w, r.Body, 1<<20)
+	// The body is kept: AssumeRole's signature covers its hash.
+	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, 1<<20))
+	if err != nil {
+		writeError(w, reqID, sender(http.StatusBadRequest, "MalformedQueryString", "could not parse the request"))
+		return
+	}
+	r.Body = io.NopCloser(bytes.NewReader(body))
 	if err := r.ParseForm(); err != nil {
 		writeError(w, reqID, sender(http.StatusBadRequest, "MalformedQueryString", "could not parse the request"))
 		return
 	}
 	action := r.Form.Get("Action")
-	if action != "AssumeRoleWithWebIdentity" {
+	if action != ActionAssumeRoleWithWebIdentity && action != ActionAssumeRole {
 		writeError(w, reqID, sender(http.StatusBadRequest, "InvalidAction",
 			fmt.Sprintf("Could not find operation %s for version %s", action, r.Form.Get("Version"))))
 		return
@@ -301,8 +355,16 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request) {
 	s.inflight++
 	callIdx := len(s.calls)
 	dur, _ := strconv.Atoi(r.Form.Get("DurationSeconds"))
-	s.calls = append(s.calls, Call{At: s.cfg.Now(), RoleARN: r.Form.Get("RoleArn"),
-		RoleSessionName: r.Form.Get("RoleSessionName"), DurationSeconds: dur})
+	call := Call{At: s.cfg.Now(), RoleARN: r.Form.Get("RoleArn"),
+		RoleSessionName: r.Form.Get("RoleSessionName"), DurationSeconds: dur, Action: action}
+	if action == ActionAssumeRole {
+		call.ExternalID, call.SourceIdentity = r.Form.Get("ExternalId"), r.Form.Get("SourceIdentity")
+		call.Tags, _ = parseTags(r.Form)
+		if a, err := parseAuthorization(r.Header.Get("Authorization")); err == nil {
+			call.AccessKeyID = a.accessKeyID
+		}
+	}
+	s.calls = append(s.calls, call)
 	s.mu.Unlock()
 	defer func() { s.mu.Lock(); s.inflight--; s.mu.Unlock() }()
 
@@ -329,9 +391,26 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request) {
 
 	var res *result
 	var serr *stsError
+	var base *baseCredential
+	if action == ActionAssumeRole {
+		if base, serr = s.authenticate(r, body); serr != nil {
+			record(serr.status, serr.code)
+			writeError(w, reqID, serr)
+			return
+		}
+		s.mu.Lock()
+		if callIdx < len(s.calls) {
+			s.calls[callIdx].SignatureValid = true
+		}
+		s.mu.Unlock()
+	}
 	switch mode {
 	case ModeOK:
-		res, serr = s.assume(r.Context(), r.Form, sessionLength)
+		if action == ActionAssumeRole {
+			res, serr = s.assumeRole(r.Form, sessionLength, base)
+		} else {
+			res, serr = s.assume(r.Context(), r.Form, sessionLength)
+		}
 	case ModeFail5xx:
 		serr = &stsError{status: 500, typ: "Receiver", code: "InternalFailure", message: "An internal error occurred."}
 	case ModeUnavailable:
@@ -350,9 +429,13 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request) {
 	case ModeInvalidToken:
 		serr = sender(400, "InvalidIdentityToken", "Incorrect token audience")
 	case ModeExpiredToken:
-		serr = sender(400, "ExpiredTokenException", "Token expired: current date/time must be before the expiration date/time")
+		if action == ActionAssumeRole {
+			serr = sender(403, "ExpiredToken", "The security token included in the request is expired")
+		} else {
+			serr = sender(400, "ExpiredTokenException", "Token expired: current date/time must be before the expiration date/time")
+		}
 	case ModeAccessDenied:
-		serr = sender(403, "AccessDenied", "Not authorized to perform sts:AssumeRoleWithWebIdentity")
+		serr = sender(403, "AccessDenied", "Not authorized to perform sts:"+action)
 	default:
 		serr = &stsError{status: 500, typ: "Receiver", code: "InternalFailure", message: "unknown fake mode"}
 	}
@@ -362,6 +445,10 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	record(http.StatusOK, "")
+	if action == ActionAssumeRole {
+		writeAssumeRoleSuccess(w, reqID, res)
+		return
+	}
 	writeSuccess(w, reqID, res)
 }
 
@@ -457,6 +544,7 @@ func (s *Server) assume(ctx context.Context, form map[string][]string, sessionLe
 		Subject:          claims.sub,
 		WebIdentityToken: tok,
 		DurationSeconds:  int(length / time.Second),
+		Action:           ActionAssumeRoleWithWebIdentity,
 	}
 	s.mu.Lock()
 	s.issued = append(s.issued, is)

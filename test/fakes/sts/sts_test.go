@@ -145,7 +145,7 @@ func TestRequestValidation(t *testing.T) {
 		{"duration high", mod("DurationSeconds", "43201"), "ValidationError"},
 		{"missing token", mod("WebIdentityToken", ""), "ValidationError"},
 		{"bad version", mod("Version", "2010-01-01"), "InvalidAction"},
-		{"other action", mod("Action", "AssumeRole"), "InvalidAction"},
+		{"other action", mod("Action", "GetSessionToken"), "InvalidAction"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -1,0 +1,499 @@
+package exchange
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/http"
+	"regexp"
+	"sort"
+	"strings"
+	"sync/atomic"
+	"time"
+	"unicode/utf8"
+
+	"github.com/aws/aws-sdk-go-v2/aws"
+	"github.com/aws/aws-sdk-go-v2/aws/ratelimit"
+	"github.com/aws/aws-sdk-go-v2/aws/retry"
+	"github.com/aws/aws-sdk-go-v2/config"
+	"github.com/aws/aws-sdk-go-v2/feature/ec2/imds"
+	"github.com/aws/aws-sdk-go-v2/service/sts"
+	"github.com/aws/aws-sdk-go-v2/service/sts/types"
+	"go.uber.org/zap"
+
+	"github.com/imdsproxy/imdsproxy/creds"
+)
+
+// SourceAssumeRole is the creds.Credentials.Source of credentials from
+// AssumeRole.
+const SourceAssumeRole = "assume-role"
+
+// ClassBaseCredentials is the error class of an AssumeRole whose base
+// credentials could not be obtained (the base provider failed) or were
+// refused by STS (InvalidClientTokenId, SignatureDoesNotMatch, ExpiredToken,
+// ...). Retryable; permanent only when the base provider's own error says so.
+const ClassBaseCredentials = "base_credentials"
+
+// Limits of session tags and of the other AssumeRole parameters (STS API
+// reference).
+const (
+	MaxSessionTags   = 50   // tags per AssumeRole call
+	MaxTagKeyLen     = 128  // characters of a tag key
+	MaxTagValueLen   = 256  // characters of a tag value
+	maxExternalIDLen = 1224 // characters of ExternalId
+	minExternalIDLen = 2
+)
+
+// opAssumeRole names the STS operation in errors.
+const opAssumeRole = "AssumeRole"
+
+// arBaseCacheWindow refreshes base credentials this long before they
+// expire.
+const arBaseCacheWindow = 5 * time.Minute
+
+var (
+	arExternalIDRe = regexp.MustCompile(`^[\w+=,.@:/-]+$`)
+	arTagRe        = regexp.MustCompile(`^[\p{L}\p{Z}\p{N}_.:/=+\-@]*$`)
+)
+
+// arBaseRefused lists the STS codes that mean "these base credentials are
+// not (or no longer) accepted": the cached base credentials are dropped and
+// the call is retried once with freshly retrieved ones.
+var arBaseRefused = map[string]bool{
+	"InvalidClientTokenId":        true,
+	"SignatureDoesNotMatch":       true,
+	"IncompleteSignature":         true,
+	"InvalidSignatureException":   true,
+	"MissingAuthenticationToken":  true,
+	"UnrecognizedClientException": true,
+	"ExpiredToken":                true,
+	"ExpiredTokenException":       true,
+	"RequestExpired":              true,
+}
+
+// AssumeRoleConfig configures NewAssumeRole.
+type AssumeRoleConfig struct {
+	// RoleARN is the workload role to assume. Required.
+	RoleARN string
+	// SessionName is the RoleSessionName, already resolved by the caller
+	// (see SessionName). It is passed through SanitizeSessionName. Required.
+	SessionName string
+	// Duration is DurationSeconds (whole seconds, 15 min to 12 h); 0 lets
+	// STS choose (1 h). Role chaining (base credentials that are themselves
+	// a role session, such as instance-profile credentials) is limited to
+	// 1 h by STS: a longer duration is refused once, then 1 h is asked for
+	// until the AssumeRole is rebuilt.
+	Duration time.Duration
+	// ExternalID is sent as ExternalId when not empty (2..1224 characters
+	// of [\w+=,.@:/-]).
+	ExternalID string
+	// SourceIdentity is sent when not empty (2..64 characters of the
+	// RoleSessionName set [\w+=,.@-]); it needs sts:SetSourceIdentity.
+	SourceIdentity string
+	// Tags are session tags (at most 50; keys 1..128 and values 0..256
+	// characters of [\p{L}\p{Z}\p{N}_.:/=+\-@]; keys unique regardless of
+	// case and not starting with "aws:"), sent sorted by key. They need
+	// sts:TagSession.
+	Tags map[string]string
+	// Region is the STS region. "" means the SDK's default configuration
+	// (AWS_REGION, the shared config file); it is an error if none is found.
+	// IMDS is never asked for the region.
+	Region string
+	// Base provides the credentials that sign the call, for example
+	// (*InstanceProfile).Provider(). It is wrapped in an
+	// aws.CredentialsCache (refreshed 5 min before expiry). nil means the
+	// SDK's default credential chain (environment, shared files, SSO, web
+	// identity, container credentials) WITHOUT its IMDS step: on the hosts
+	// we run on, IMDS may be this daemon; use an InstanceProfile for that.
+	Base aws.CredentialsProvider
+	// HTTPClient is used for STS calls; nil means the SDK's default client
+	// (which honours HTTP(S)_PROXY).
+	HTTPClient *http.Client
+	// MaxAttempts is the number of SDK attempts per STS call; 0 means 2.
+	MaxAttempts int
+	// Timeout bounds a whole Fetch (base credentials and retries included);
+	// 0 means 20 s.
+	Timeout time.Duration
+}
+
+// AssumeRole fetches credentials with STS AssumeRole, signed (SigV4) with
+// base credentials. It is safe for concurrent use; apart from the base
+// credentials it has no cache of its own.
+type AssumeRole struct {
+	client         *sts.Client
+	base           *aws.CredentialsCache
+	inner          *aws.CredentialsCache // the SDK chain's own cache, nil otherwise
+	roleARN        string
+	sessionName    string
+	externalID     string
+	sourceIdentity string
+	tags           []types.Tag
+	duration       time.Duration
+	capped         atomic.Bool
+	timeout        time.Duration
+	log            *zap.Logger
+	now            func() time.Time
+}
+
+// NewAssumeRole validates cfg and builds the STS client from the SDK's
+// default configuration (region, AWS_ENDPOINT_URL_STS, AWS_ENDPOINT_URL,
+// shared config, HTTP(S)_PROXY), never letting the SDK ask IMDS for
+// anything. ctx bounds configuration loading only. log may be nil.
+func NewAssumeRole(ctx context.Context, cfg AssumeRoleConfig, log *zap.Logger) (*AssumeRole, error) {
+	if !strings.HasPrefix(cfg.RoleARN, "arn:") || strings.Count(cfg.RoleARN, ":") < 5 {
+		return nil, fmt.Errorf("exchange: invalid role ARN %q", cfg.RoleARN)
+	}
+	if strings.TrimSpace(cfg.SessionName) == "" {
+		return nil, errors.New("exchange: empty session name")
+	}
+	if cfg.Duration != 0 && (cfg.Duration < MinDuration || cfg.Duration > MaxDuration) {
+		return nil, fmt.Errorf("exchange: duration %s outside %s..%s", cfg.Duration, MinDuration, MaxDuration)
+	}
+	if cfg.MaxAttempts < 0 || cfg.Timeout < 0 {
+		return nil, errors.New("exchange: negative MaxAttempts or Timeout")
+	}
+	if err := validateExternalID(cfg.ExternalID); err != nil {
+		return nil, err
+	}
+	if err := validateSourceIdentity(cfg.SourceIdentity); err != nil {
+		return nil, err
+	}
+	tags, err := sessionTags(cfg.Tags)
+	if err != nil {
+		return nil, err
+	}
+	if cfg.MaxAttempts == 0 {
+		cfg.MaxAttempts = DefaultMaxAttempts
+	}
+	if cfg.Timeout == 0 {
+		cfg.Timeout = DefaultTimeout
+	}
+	if log == nil {
+		log = zap.NewNop()
+	}
+
+	maxAttempts := cfg.MaxAttempts
+	opts := []func(*config.LoadOptions) error{
+		// Never let the SDK talk to IMDS on its own (region, defaults mode,
+		// the credential chain's last step): IMDS may be ourselves.
+		config.WithEC2IMDSClientEnableState(imds.ClientDisabled),
+		config.WithRetryer(func() aws.Retryer {
+			return retry.NewStandard(func(o *retry.StandardOptions) {
+				o.MaxAttempts = maxAttempts
+				o.RateLimiter = ratelimit.None // the cache owns long-term backoff
+			})
+		}),
+	}
+	if cfg.Base != nil {
+		// Keep LoadDefaultConfig from building (and logging about) a chain.
+		opts = append(opts, config.WithCredentialsProvider(aws.AnonymousCredentials{}))
+	}
+	if cfg.Region != "" {
+		opts = append(opts, config.WithRegion(cfg.Region))
+	}
+	if cfg.HTTPClient != nil {
+		opts = append(opts, config.WithHTTPClient(cfg.HTTPClient))
+	}
+	awsCfg, err := config.LoadDefaultConfig(ctx, opts...)
+	if err != nil {
+		return nil, fmt.Errorf("exchange: load AWS config: %w", err)
+	}
+	if awsCfg.Region == "" {
+		return nil, errors.New("exchange: no region: set AWS_REGION")
+	}
+	base := cfg.Base
+	var inner *aws.CredentialsCache
+	if base == nil {
+		if awsCfg.Credentials == nil {
+			return nil, errors.New("exchange: the SDK's default configuration has no credential chain")
+		}
+		base = awsCfg.Credentials
+		inner, _ = base.(*aws.CredentialsCache)
+	}
+	cache := aws.NewCredentialsCache(arMarkedProvider{base}, func(o *aws.CredentialsCacheOptions) {
+		o.ExpiryWindow = arBaseCacheWindow
+		o.ExpiryWindowJitterFrac = 0.2
+	})
+	client := sts.NewFromConfig(awsCfg, func(o *sts.Options) {
+		o.Credentials = cache
+	})
+	return &AssumeRole{
+		client:         client,
+		base:           cache,
+		inner:          inner,
+		roleARN:        cfg.RoleARN,
+		sessionName:    SanitizeSessionName(cfg.SessionName),
+		externalID:     cfg.ExternalID,
+		sourceIdentity: cfg.SourceIdentity,
+		tags:           tags,
+		duration:       cfg.Duration.Truncate(time.Second),
+		timeout:        cfg.Timeout,
+		log:            log,
+		now:            time.Now,
+	}, nil
+}
+
+func validateExternalID(id string) error {
+	if id == "" {
+		return nil
+	}
+	if n := utf8.RuneCountInString(id); n < minExternalIDLen || n > maxExternalIDLen || !arExternalIDRe.MatchString(id) {
+		return fmt.Errorf("exchange: invalid external id: want %d..%d characters of [A-Za-z0-9_+=,.@:/-]",
+			minExternalIDLen, maxExternalIDLen)
+	}
+	return nil
+}
+
+func validateSourceIdentity(si string) error {
+	if si == "" {
+		return nil
+	}
+	if len(si) < minSessionName || len(si) > maxSessionName {
+		return fmt.Errorf("exchange: source identity %q: want %d..%d characters", si, minSessionName, maxSessionName)
+	}
+	for _, r := range si {
+		if !sessionNameChar(r) {
+			return fmt.Errorf("exchange: source identity %q: only [A-Za-z0-9_+=,.@-] are allowed", si)
+		}
+	}
+	return nil
+}
+
+// sessionTags validates tags and returns them sorted by key.
+func sessionTags(m map[string]string) ([]types.Tag, error) {
+	if len(m) > MaxSessionTags {
+		return nil, fmt.Errorf("exchange: %d session tags, at most %d are allowed", len(m), MaxSessionTags)
+	}
+	seen := make(map[string]string, len(m))
+	tags := make([]types.Tag, 0, len(m))
+	for k, v := range m {
+		switch n := utf8.RuneCountInString(k); {
+		case n == 0 || n > MaxTagKeyLen:
+			return nil, fmt.Errorf("exchange: session tag key %q: want 1..%d characters", k, MaxTagKeyLen)
+		case !utf8.ValidString(k) || !arTagRe.MatchString(k):
+			return nil, fmt.Errorf("exchange: session tag key %q: only letters, digits, spaces and _.:/=+-@ are allowed", k)
+		case strings.HasPrefix(strings.ToLower(k), "aws:"):
+			return nil, fmt.Errorf("exchange: session tag key %q: the aws: prefix is reserved", k)
+		}
+		if utf8.RuneCountInString(v) > MaxTagValueLen {
+			return nil, fmt.Errorf("exchange: session tag %q: value longer than %d characters", k, MaxTagValueLen)
+		}
+		if !utf8.ValidString(v) || !arTagRe.MatchString(v) {
+			return nil, fmt.Errorf("exchange: session tag %q: value may hold only letters, digits, spaces and _.:/=+-@", k)
+		}
+		if other, dup := seen[strings.ToLower(k)]; dup {
+			return nil, fmt.Errorf("exchange: session tag keys %q and %q differ only in case (STS keys are case-insensitive)", other, k)
+		}
+		seen[strings.ToLower(k)] = k
+		tags = append(tags, types.Tag{Key: aws.String(k), Value: aws.String(v)})
+	}
+	sort.Slice(tags, func(i, j int) bool { return *tags[i].Key < *tags[j].Key })
+	return tags, nil
+}
+
+// RoleARN returns the role this AssumeRole assumes.
+func (a *AssumeRole) RoleARN() string { return a.roleARN }
+
+// SessionName returns the RoleSessionName in use.
+func (a *AssumeRole) SessionName() string { return a.sessionName }
+
+// Fetch calls STS AssumeRole for the configured role, signed with the base
+// credentials. key is ignored (one role per AssumeRole); it exists so that
+// AssumeRole fits the cache's Fetcher shape.
+//
+// When STS refuses the base credentials (InvalidClientTokenId,
+// SignatureDoesNotMatch, ExpiredToken, ...) the cached base credentials are
+// dropped and the call is retried once. Errors are *Error: STS errors are
+// classified by Classify (AccessDenied is permanent, ...); a failure to get
+// base credentials, or their refusal, is class base_credentials. On success
+// the credentials are Complete and valid now, Source "assume-role", RoleARN
+// the assumed-role ARN and AccountID its account.
+func (a *AssumeRole) Fetch(ctx context.Context, key string) (creds.Credentials, error) {
+	ctx, cancel := context.WithTimeout(ctx, a.timeout)
+	defer cancel()
+
+	out, err := a.assume(ctx)
+	if err != nil && a.tooLong(err) {
+		a.capped.Store(true)
+		a.log.Warn("role.duration is longer than STS allows for this role (MaxSessionDuration, or 1h for role chaining from instance-profile credentials); asking for 1h instead until restart or reload",
+			zap.Duration("configured", a.duration), zap.Duration("using", fallbackDuration))
+		out, err = a.assume(ctx)
+	}
+	if err != nil && a.baseRefused(err) && ctx.Err() == nil {
+		e := Classify(err)
+		a.log.Info("STS refused the base credentials; retrying once with freshly retrieved ones",
+			zap.String("code", e.Code), zap.String("request_id", e.RequestID))
+		a.invalidateBase()
+		out, err = a.assume(ctx)
+	}
+	if err != nil {
+		e := a.classify(err)
+		if e.Class == ClassBaseCredentials {
+			a.invalidateBase()
+		}
+		return creds.Credentials{}, e
+	}
+	c, err := a.convert(out)
+	if err != nil {
+		return creds.Credentials{}, err
+	}
+	a.log.Debug("assumed role", zap.Object("credentials", c))
+	return c, nil
+}
+
+func (a *AssumeRole) invalidateBase() {
+	a.base.Invalidate()
+	if a.inner != nil {
+		a.inner.Invalidate()
+	}
+}
+
+func (a *AssumeRole) assume(ctx context.Context) (*sts.AssumeRoleOutput, error) {
+	in := &sts.AssumeRoleInput{
+		RoleArn:         aws.String(a.roleARN),
+		RoleSessionName: aws.String(a.sessionName),
+	}
+	if d := a.requestDuration(); d > 0 {
+		in.DurationSeconds = aws.Int32(int32(d / time.Second))
+	}
+	if a.externalID != "" {
+		in.ExternalId = aws.String(a.externalID)
+	}
+	if a.sourceIdentity != "" {
+		in.SourceIdentity = aws.String(a.sourceIdentity)
+	}
+	if len(a.tags) > 0 {
+		in.Tags = a.tags
+	}
+	return a.client.AssumeRole(ctx, in)
+}
+
+func (a *AssumeRole) requestDuration() time.Duration {
+	if a.capped.Load() {
+		return fallbackDuration
+	}
+	return a.duration
+}
+
+// tooLong reports whether err is STS refusing DurationSeconds as longer than
+// the role's MaxSessionDuration or the 1 h limit of role chaining, while a
+// shorter duration is still possible.
+func (a *AssumeRole) tooLong(err error) bool {
+	if a.capped.Load() || a.duration <= fallbackDuration {
+		return false
+	}
+	var be *arBaseError
+	if errors.As(err, &be) {
+		return false
+	}
+	e := Classify(err)
+	return e.Code == "ValidationError" &&
+		(strings.Contains(e.Message, "MaxSessionDuration") || strings.Contains(e.Message, "role chaining"))
+}
+
+func (a *AssumeRole) baseRefused(err error) bool {
+	var be *arBaseError
+	if errors.As(err, &be) {
+		return false
+	}
+	return arBaseRefused[Classify(err).Code]
+}
+
+// classify names the operation and role; base credential failures and
+// refusals become class base_credentials.
+func (a *AssumeRole) classify(err error) *Error {
+	var be *arBaseError
+	if errors.As(err, &be) {
+		var p interface{ Permanent() bool }
+		e := &Error{
+			Op:        opAssumeRole + " base credentials",
+			Role:      a.roleARN,
+			Class:     ClassBaseCredentials,
+			Message:   sanitize(be.err.Error(), maxMessage, false),
+			Err:       err,
+			permanent: errors.As(be.err, &p) && p.Permanent(),
+		}
+		a.log.Debug("AssumeRole base credentials failed", zap.Error(e))
+		return e
+	}
+	e := Classify(err)
+	if e.Op == "" {
+		e.Op = opAssumeRole
+	}
+	e.Role = a.roleARN
+	if arBaseRefused[e.Code] {
+		e.Class, e.permanent = ClassBaseCredentials, false
+	}
+	a.log.Debug("AssumeRole failed", zap.String("class", e.Class), zap.String("code", e.Code),
+		zap.Int("http_status", e.HTTPStatus), zap.String("request_id", e.RequestID))
+	return e
+}
+
+func (a *AssumeRole) invalid(msg string) *Error {
+	return &Error{Op: opAssumeRole, Role: a.roleARN, Class: ClassInvalidResponse, Message: msg}
+}
+
+func (a *AssumeRole) convert(out *sts.AssumeRoleOutput) (creds.Credentials, error) {
+	if out == nil || out.Credentials == nil {
+		return creds.Credentials{}, a.invalid("response has no Credentials")
+	}
+	sc := out.Credentials
+	now := a.now()
+	c := creds.Credentials{
+		AccessKeyID:     aws.ToString(sc.AccessKeyId),
+		SecretAccessKey: aws.ToString(sc.SecretAccessKey),
+		SessionToken:    aws.ToString(sc.SessionToken),
+		Expires:         aws.ToTime(sc.Expiration).UTC(),
+		LastUpdated:     now.UTC(),
+		Source:          SourceAssumeRole,
+	}
+	switch {
+	case c.AccessKeyID == "":
+		return creds.Credentials{}, a.invalid("response lacks Credentials.AccessKeyId")
+	case c.SecretAccessKey == "":
+		return creds.Credentials{}, a.invalid("response lacks Credentials.SecretAccessKey")
+	case c.SessionToken == "":
+		return creds.Credentials{}, a.invalid("response lacks Credentials.SessionToken")
+	case sc.Expiration == nil || sc.Expiration.IsZero():
+		return creds.Credentials{}, a.invalid("response lacks Credentials.Expiration")
+	case !c.Expires.After(now):
+		return creds.Credentials{}, a.invalid(fmt.Sprintf("credentials expired at %s (check the host clock)",
+			c.Expires.Format(time.RFC3339)))
+	}
+	if out.AssumedRoleUser != nil && aws.ToString(out.AssumedRoleUser.Arn) != "" {
+		c.RoleARN = aws.ToString(out.AssumedRoleUser.Arn)
+	} else {
+		a.log.Warn("STS response lacks AssumedRoleUser.Arn; using the configured role ARN")
+		c.RoleARN = a.roleARN
+	}
+	c.AccountID = creds.AccountFromARN(c.RoleARN)
+	if c.AccountID == "" {
+		c.AccountID = creds.AccountFromARN(a.roleARN)
+	}
+	if !c.Complete() {
+		return creds.Credentials{}, a.invalid("incomplete credentials")
+	}
+	return c, nil
+}
+
+// arMarkedProvider marks the errors of the base provider, so that Fetch can
+// tell them from STS's.
+type arMarkedProvider struct{ p aws.CredentialsProvider }
+
+func (m arMarkedProvider) Retrieve(ctx context.Context) (aws.Credentials, error) {
+	c, err := m.p.Retrieve(ctx)
+	if err != nil {
+		return aws.Credentials{}, &arBaseError{err: err}
+	}
+	return c, nil
+}
+
+// arBaseError is a failure of the base credential provider.
+type arBaseError struct{ err error }
+
+func (e *arBaseError) Error() string { return "base credentials: " + e.err.Error() }
+func (e *arBaseError) Unwrap() error { return e.err }
+
+// RetryableError tells the SDK's retryer not to retry: the base provider
+// retries on its own, and the cache owns long-term backoff.
+func (e *arBaseError) RetryableError() bool { return false }

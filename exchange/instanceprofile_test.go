@@ -1,0 +1,627 @@
+package exchange
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/http"
+	"net/http/httptest"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+	"go.uber.org/zap/zaptest/observer"
+
+	"github.com/imdsproxy/imdsproxy/creds"
+)
+
+// Instance-profile test values; the secret and token must never appear in
+// errors or logs.
+const (
+	ipTestRole    = "instance-role"
+	ipTestKey     = "ASIAINSTANCEPROFILE1"
+	ipTestSecret  = "ipSecretAccessKeyEXAMPLEipSecretAccessKe"
+	ipTestToken   = "IQoJb3JpZ2luX2VjEInstanceProfileSessionTokenEXAMPLE=="
+	ipTestProfile = "arn:aws:iam::111111111111:instance-profile/web"
+)
+
+// ipCredDoc renders a credential document the way EC2 does.
+func ipCredDoc(key, secret, token string, exp time.Time) string {
+	return fmt.Sprintf(`{
+  "Code" : "Success",
+  "LastUpdated" : "%s",
+  "Type" : "AWS-HMAC",
+  "AccessKeyId" : "%s",
+  "SecretAccessKey" : "%s",
+  "Token" : "%s",
+  "Expiration" : "%s"
+}`, time.Now().UTC().Format(time.RFC3339), key, secret, token, exp.UTC().Format(time.RFC3339))
+}
+
+// ipStandIn is an httptest stand-in for the real IMDS. By default it is
+// IMDSv2-only, lists ipTestRole and serves valid credentials and iam/info.
+type ipStandIn struct {
+	srv *httptest.Server
+
+	mu          sync.Mutex
+	tokens      map[string]bool
+	putStatus   int           // != 0: answer token PUTs with this status
+	putDelay    time.Duration // delay of token PUTs
+	allowV1     bool          // serve GETs without a token
+	listing     string
+	doc         func() (int, string) // credential document
+	docDelay    time.Duration
+	info        func() (int, string) // iam/info
+	puts        int
+	gets        map[string]int // path -> count
+	tokenless   int            // GETs without a token
+	rejected401 int
+}
+
+func newIPStandIn(t testing.TB) *ipStandIn {
+	s := &ipStandIn{tokens: map[string]bool{}, gets: map[string]int{}, listing: ipTestRole}
+	exp := time.Now().Add(6 * time.Hour)
+	s.doc = func() (int, string) { return 200, ipCredDoc(ipTestKey, ipTestSecret, ipTestToken, exp) }
+	s.info = func() (int, string) {
+		return 200, `{
+  "Code" : "Success",
+  "LastUpdated" : "2026-01-01T00:00:00Z",
+  "InstanceProfileArn" : "` + ipTestProfile + `",
+  "InstanceProfileId" : "AIPAEXAMPLEEXAMPLE"
+}`
+	}
+	s.srv = httptest.NewServer(http.HandlerFunc(s.serve))
+	t.Cleanup(s.srv.Close)
+	return s
+}
+
+func (s *ipStandIn) set(fn func(s *ipStandIn)) { s.mu.Lock(); fn(s); s.mu.Unlock() }
+
+func (s *ipStandIn) count(path string) int { s.mu.Lock(); defer s.mu.Unlock(); return s.gets[path] }
+
+func (s *ipStandIn) stats() (puts, tokenless, rejected int) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.puts, s.tokenless, s.rejected401
+}
+
+// invalidateTokens forgets every issued token (as after an IMDS restart).
+func (s *ipStandIn) invalidateTokens() { s.set(func(s *ipStandIn) { s.tokens = map[string]bool{} }) }
+
+func (s *ipStandIn) wait(ctx context.Context, d time.Duration) {
+	if d <= 0 {
+		return
+	}
+	select {
+	case <-ctx.Done():
+	case <-time.After(d):
+	}
+}
+
+func (s *ipStandIn) serve(w http.ResponseWriter, r *http.Request) {
+	const prefix = "/latest/meta-data/"
+	if r.URL.Path == "/latest/api/token" {
+		if r.Method != http.MethodPut {
+			http.Error(w, "method", http.StatusMethodNotAllowed)
+			return
+		}
+		s.mu.Lock()
+		s.puts++
+		st, delay := s.putStatus, s.putDelay
+		s.mu.Unlock()
+		s.wait(r.Context(), delay)
+		if st != 0 {
+			http.Error(w, http.StatusText(st), st)
+			return
+		}
+		ttl, err := strconv.Atoi(r.Header.Get("X-aws-ec2-metadata-token-ttl-seconds"))
+		if err != nil || ttl < 1 || ttl > 21600 {
+			http.Error(w, "bad ttl", http.StatusBadRequest)
+			return
+		}
+		tok := "tok-" + strconv.FormatInt(time.Now().UnixNano(), 36)
+		s.mu.Lock()
+		s.tokens[tok] = true
+		s.mu.Unlock()
+		w.Header().Set("X-aws-ec2-metadata-token-ttl-seconds", strconv.Itoa(ttl))
+		_, _ = w.Write([]byte(tok))
+		return
+	}
+	if r.Method != http.MethodGet || !strings.HasPrefix(r.URL.Path, prefix) {
+		http.NotFound(w, r)
+		return
+	}
+	path := strings.TrimPrefix(r.URL.Path, prefix)
+	tok := r.Header.Get("X-aws-ec2-metadata-token")
+	s.mu.Lock()
+	s.gets[path]++
+	if tok == "" {
+		s.tokenless++
+	}
+	ok := s.tokens[tok] || (tok == "" && s.allowV1)
+	if !ok {
+		s.rejected401++
+	}
+	listing, doc, docDelay, info := s.listing, s.doc, s.docDelay, s.info
+	s.mu.Unlock()
+	if !ok {
+		http.Error(w, "401 - Unauthorized", http.StatusUnauthorized)
+		return
+	}
+	switch path {
+	case "iam/security-credentials", "iam/security-credentials/":
+		_, _ = w.Write([]byte(listing))
+	case "iam/security-credentials/" + strings.TrimSpace(strings.SplitN(listing, "\n", 2)[0]):
+		s.wait(r.Context(), docDelay)
+		st, body := doc()
+		w.WriteHeader(st)
+		_, _ = w.Write([]byte(body))
+	case "iam/info":
+		st, body := info()
+		w.WriteHeader(st)
+		_, _ = w.Write([]byte(body))
+	case "instance-id":
+		_, _ = w.Write([]byte("i-0123456789abcdef0"))
+	default:
+		http.NotFound(w, r)
+	}
+}
+
+func newTestInstanceProfile(t testing.TB, base string, cfg InstanceProfileConfig, log *zap.Logger) *InstanceProfile {
+	t.Helper()
+	cfg.IMDSBase = base
+	p, err := NewInstanceProfile(cfg, log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+// ipAssertClean fails when text holds the stand-in's secret or token.
+func ipAssertClean(t *testing.T, where, text string) {
+	t.Helper()
+	for _, s := range []string{ipTestSecret, ipTestToken} {
+		if strings.Contains(text, s) {
+			t.Errorf("%s contains a secret: %s", where, text)
+		}
+	}
+}
+
+func ipClass(t *testing.T, err error) *Error {
+	t.Helper()
+	if err == nil {
+		t.Fatal("no error")
+	}
+	var e *Error
+	if !errors.As(err, &e) {
+		t.Fatalf("error %T is not *Error: %v", err, err)
+	}
+	ipAssertClean(t, "error", err.Error())
+	return e
+}
+
+func TestInstanceProfileFetch(t *testing.T) {
+	t.Setenv("AWS_EC2_METADATA_DISABLED", "true") // ignored: the upstream is explicit
+	up := newIPStandIn(t)
+	p := newTestInstanceProfile(t, up.srv.URL+"/", InstanceProfileConfig{}, nil)
+	ctx := context.Background()
+
+	name, err := p.RoleName(ctx)
+	if err != nil || name != ipTestRole {
+		t.Fatalf("RoleName = %q, %v", name, err)
+	}
+	before := time.Now()
+	c, err := p.Fetch(ctx, "ignored")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.AccessKeyID != ipTestKey || c.SecretAccessKey != ipTestSecret || c.SessionToken != ipTestToken ||
+		c.Source != SourceInstanceProfile || c.AccountID != "111111111111" ||
+		c.RoleARN != "arn:aws:iam::111111111111:role/"+ipTestRole || !c.ValidAt(time.Now()) ||
+		c.Expires.Location() != time.UTC || c.LastUpdated.Before(before.Add(-time.Second)) {
+		t.Fatalf("credentials %v (LastUpdated %v)", c, c.LastUpdated)
+	}
+	if _, err := p.Fetch(ctx, ""); err != nil {
+		t.Fatal(err)
+	}
+	// The listing and iam/info are read once; credentials on every Fetch.
+	if n := up.count("iam/security-credentials/"); n != 1 {
+		t.Errorf("listing read %d times, want 1", n)
+	}
+	if n := up.count("iam/info"); n != 1 {
+		t.Errorf("iam/info read %d times, want 1", n)
+	}
+	if n := up.count("iam/security-credentials/" + ipTestRole); n != 2 {
+		t.Errorf("credentials read %d times, want 2", n)
+	}
+	if _, tokenless, _ := up.stats(); tokenless != 0 {
+		t.Errorf("%d IMDSv1 requests to an IMDSv2 upstream", tokenless)
+	}
+
+	// Provider: the same credentials, as the SDK wants them.
+	ac, err := p.Provider().Retrieve(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ac.AccessKeyID != ipTestKey || ac.SecretAccessKey != ipTestSecret || ac.SessionToken != ipTestToken ||
+		!ac.CanExpire || !ac.Expires.Equal(c.Expires) || ac.Source != SourceInstanceProfile || ac.AccountID != "111111111111" {
+		t.Fatalf("provider credentials %+v", ac.AccessKeyID)
+	}
+}
+
+func TestInstanceProfileConfiguredRole(t *testing.T) {
+	up := newIPStandIn(t)
+	up.set(func(s *ipStandIn) {
+		s.listing = "other-role\nsecond"
+		s.info = func() (int, string) { return 404, "" }
+	})
+	// The configured role is used as is, without the listing (the stand-in
+	// serves documents under the first listed name only).
+	p := newTestInstanceProfile(t, up.srv.URL, InstanceProfileConfig{RoleName: "other-role"}, nil)
+	c, err := p.Fetch(context.Background(), "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if up.count("iam/security-credentials/") != 0 {
+		t.Error("listing read although the role is configured")
+	}
+	// iam/info unavailable: no account, no role ARN, still credentials.
+	if c.AccountID != "" || c.RoleARN != "" || !c.Complete() {
+		t.Fatalf("credentials %v", c)
+	}
+}
+
+func TestInstanceProfileListing(t *testing.T) {
+	for _, tc := range []struct {
+		listing string
+		want    string // "" for invalid_response
+	}{
+		{"instance-role", "instance-role"},
+		{"instance-role\n", "instance-role"},
+		{"  instance-role  \nsecond-role\n", "instance-role"},
+		{"", ""},
+		{"\n", ""},
+		{"../../user-data", ""},
+		{"role with spaces", ""},
+	} {
+		t.Run(fmt.Sprintf("%q", tc.listing), func(t *testing.T) {
+			up := newIPStandIn(t)
+			up.set(func(s *ipStandIn) { s.listing = tc.listing })
+			p := newTestInstanceProfile(t, up.srv.URL, InstanceProfileConfig{}, nil)
+			got, err := p.RoleName(context.Background())
+			if tc.want == "" {
+				if e := ipClass(t, err); e.Class != ClassInvalidResponse || e.Permanent() {
+					t.Fatalf("class %s permanent %v: %v", e.Class, e.Permanent(), err)
+				}
+				return
+			}
+			if err != nil || got != tc.want {
+				t.Fatalf("RoleName = %q, %v", got, err)
+			}
+		})
+	}
+}
+
+func TestInstanceProfileErrorDocument(t *testing.T) {
+	for _, tc := range []struct {
+		code  string
+		class string
+	}{
+		{"AssumeRoleUnauthorizedAccess", ClassOther},
+		{"InternalError", ClassServer},
+		{"Throttled", ClassServer},
+		{"ServiceUnavailable", ClassServer},
+		{"Failure", ClassOther},
+	} {
+		t.Run(tc.code, func(t *testing.T) {
+			up := newIPStandIn(t)
+			up.set(func(s *ipStandIn) {
+				s.doc = func() (int, string) {
+					// An error document that (wrongly) also carries the secret.
+					return 200, `{"Code":"` + tc.code + `","Message":"EC2 cannot assume the role; ` + ipTestSecret + `",` +
+						`"LastUpdated":"2026-01-01T00:00:00Z","SecretAccessKey":"` + ipTestSecret + `"}`
+				}
+			})
+			core, logs := observer.New(zapcore.DebugLevel)
+			p := newTestInstanceProfile(t, up.srv.URL, InstanceProfileConfig{}, zap.New(core))
+			c, err := p.Fetch(context.Background(), "")
+			e := ipClass(t, err)
+			if !c.IsZero() || e.Class != tc.class || e.Code != tc.code || e.Permanent() || !strings.Contains(err.Error(), tc.code) {
+				t.Fatalf("class %s code %s permanent %v: %v", e.Class, e.Code, e.Permanent(), err)
+			}
+			ipAssertLogsClean(t, logs)
+		})
+	}
+}
+
+func ipAssertLogsClean(t *testing.T, logs *observer.ObservedLogs) {
+	t.Helper()
+	for _, entry := range logs.All() {
+		line := entry.Message
+		for k, v := range entry.ContextMap() {
+			line += fmt.Sprintf(" %s=%v", k, v)
+		}
+		ipAssertClean(t, "log line", line)
+	}
+}
+
+func TestInstanceProfileBadDocuments(t *testing.T) {
+	future := time.Now().Add(time.Hour).UTC().Format(time.RFC3339)
+	ok := map[string]any{"Code": "Success", "AccessKeyId": ipTestKey, "SecretAccessKey": ipTestSecret,
+		"Token": ipTestToken, "Expiration": future}
+	doc := func(change map[string]any) string {
+		var parts []string
+		for k, v := range ok {
+			if nv, found := change[k]; found {
+				if nv == nil {
+					continue
+				}
+				v = nv
+			}
+			switch v := v.(type) {
+			case string:
+				parts = append(parts, strconv.Quote(k)+":"+strconv.Quote(v))
+			default:
+				parts = append(parts, fmt.Sprintf("%q:%v", k, v))
+			}
+		}
+		return "{" + strings.Join(parts, ",") + "}"
+	}
+	tests := map[string]string{
+		"not JSON":             "<html>proxy error</html>",
+		"array":                "[]",
+		"empty":                "",
+		"no key":               doc(map[string]any{"AccessKeyId": nil}),
+		"no secret":            doc(map[string]any{"SecretAccessKey": nil}),
+		"no token":             doc(map[string]any{"Token": nil}),
+		"no expiration":        doc(map[string]any{"Expiration": nil}),
+		"expired":              doc(map[string]any{"Expiration": time.Now().Add(-time.Minute).UTC().Format(time.RFC3339)}),
+		"bad time":             doc(map[string]any{"Expiration": "tomorrow"}),
+		"number token":         doc(map[string]any{"Token": 12345}),
+		"token with a newline": doc(map[string]any{"Token": ipTestToken + "\nX-Injected: 1"}),
+	}
+	for name, body := range tests {
+		t.Run(name, func(t *testing.T) {
+			up := newIPStandIn(t)
+			up.set(func(s *ipStandIn) { s.doc = func() (int, string) { return 200, body } })
+			p := newTestInstanceProfile(t, up.srv.URL, InstanceProfileConfig{}, nil)
+			c, err := p.Fetch(context.Background(), "")
+			if e := ipClass(t, err); e.Class != ClassInvalidResponse || !c.IsZero() {
+				t.Fatalf("class %s: %v", e.Class, err)
+			}
+		})
+	}
+	t.Run("fractional seconds and no Code are fine", func(t *testing.T) {
+		up := newIPStandIn(t)
+		body := doc(map[string]any{"Code": nil, "Expiration": time.Now().Add(time.Hour).UTC().Format("2006-01-02T15:04:05.000000Z")})
+		up.set(func(s *ipStandIn) { s.doc = func() (int, string) { return 200, body } })
+		p := newTestInstanceProfile(t, up.srv.URL, InstanceProfileConfig{}, nil)
+		if c, err := p.Fetch(context.Background(), ""); err != nil || !c.Complete() {
+			t.Fatalf("%v %v", c, err)
+		}
+	})
+}
+
+func TestInstanceProfileV1Fallback(t *testing.T) {
+	for _, st := range []int{403, 404, 405} {
+		t.Run(strconv.Itoa(st), func(t *testing.T) {
+			up := newIPStandIn(t)
+			up.set(func(s *ipStandIn) { s.putStatus, s.allowV1 = st, true })
+			core, logs := observer.New(zapcore.WarnLevel)
+			p := newTestInstanceProfile(t, up.srv.URL, InstanceProfileConfig{}, zap.New(core))
+			for i := 0; i < 3; i++ {
+				c, err := p.Fetch(context.Background(), "")
+				if err != nil {
+					t.Fatalf("fetch %d: %v", i, err)
+				}
+				if c.AccessKeyID != ipTestKey || c.AccountID != "111111111111" {
+					t.Fatalf("credentials %v", c)
+				}
+			}
+			puts, tokenless, _ := up.stats()
+			if tokenless == 0 {
+				t.Error("no IMDSv1 request")
+			}
+			// One refusal by the IMDSv2-only client, one by the SDK's
+			// fallback client (which then stays on IMDSv1).
+			if puts > 2 {
+				t.Errorf("%d token requests; the fallback should be sticky", puts)
+			}
+			if n := logs.FilterMessageSnippet("IMDSv1").Len(); n != 1 {
+				t.Errorf("%d warnings about IMDSv1, want 1", n)
+			}
+		})
+	}
+}
+
+// Only 403/404/405 on the token request lead to IMDSv1; 5xx, 400 and
+// timeouts do not.
+func TestInstanceProfileNoV1Fallback(t *testing.T) {
+	for _, tc := range []struct {
+		name      string
+		putStatus int
+		putDelay  time.Duration
+		class     string
+	}{
+		{"500", 500, 0, ClassServer},
+		{"503", 503, 0, ClassServer},
+		{"400", 400, 0, ClassOther},
+		{"slow", 0, 5 * time.Second, ClassTimeout},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			up := newIPStandIn(t)
+			up.set(func(s *ipStandIn) { s.putStatus, s.putDelay, s.allowV1 = tc.putStatus, tc.putDelay, true })
+			p := newTestInstanceProfile(t, up.srv.URL, InstanceProfileConfig{Timeout: 1500 * time.Millisecond}, nil)
+			_, err := p.Fetch(context.Background(), "")
+			if e := ipClass(t, err); e.Class != tc.class || e.Permanent() {
+				t.Fatalf("class %s (want %s) permanent %v: %v", e.Class, tc.class, e.Permanent(), err)
+			}
+			if _, tokenless, _ := up.stats(); tokenless != 0 {
+				t.Errorf("%d IMDSv1 requests", tokenless)
+			}
+		})
+	}
+}
+
+func TestInstanceProfileHTTPErrors(t *testing.T) {
+	t.Parallel()
+	t.Run("slow credentials", func(t *testing.T) {
+		up := newIPStandIn(t)
+		up.set(func(s *ipStandIn) { s.docDelay = 3 * time.Second })
+		p := newTestInstanceProfile(t, up.srv.URL, InstanceProfileConfig{Timeout: 300 * time.Millisecond}, nil)
+		start := time.Now()
+		_, err := p.Fetch(context.Background(), "")
+		if e := ipClass(t, err); e.Class != ClassTimeout {
+			t.Fatalf("class %s: %v", e.Class, err)
+		}
+		if d := time.Since(start); d > 2*time.Second {
+			t.Fatalf("Fetch took %v with a 300ms timeout", d)
+		}
+	})
+	t.Run("5xx", func(t *testing.T) {
+		up := newIPStandIn(t)
+		up.set(func(s *ipStandIn) { s.doc = func() (int, string) { return 500, "oops" } })
+		p := newTestInstanceProfile(t, up.srv.URL, InstanceProfileConfig{}, nil)
+		_, err := p.Fetch(context.Background(), "")
+		if e := ipClass(t, err); e.Class != ClassServer || e.HTTPStatus != 500 {
+			t.Fatalf("class %s status %d: %v", e.Class, e.HTTPStatus, err)
+		}
+	})
+	t.Run("429", func(t *testing.T) {
+		up := newIPStandIn(t)
+		up.set(func(s *ipStandIn) { s.doc = func() (int, string) { return 429, "" } })
+		p := newTestInstanceProfile(t, up.srv.URL, InstanceProfileConfig{}, nil)
+		_, err := p.Fetch(context.Background(), "")
+		if e := ipClass(t, err); e.Class != ClassThrottling {
+			t.Fatalf("class %s: %v", e.Class, err)
+		}
+	})
+	t.Run("404 forgets the role", func(t *testing.T) {
+		up := newIPStandIn(t)
+		p := newTestInstanceProfile(t, up.srv.URL, InstanceProfileConfig{}, nil)
+		if _, err := p.Fetch(context.Background(), ""); err != nil {
+			t.Fatal(err)
+		}
+		up.set(func(s *ipStandIn) { s.listing = "new-role" })
+		_, err := p.Fetch(context.Background(), "")
+		if e := ipClass(t, err); e.HTTPStatus != 404 || e.Class != ClassOther {
+			t.Fatalf("class %s status %d: %v", e.Class, e.HTTPStatus, err)
+		}
+		c, err := p.Fetch(context.Background(), "")
+		if err != nil || c.RoleARN != "arn:aws:iam::111111111111:role/new-role" {
+			t.Fatalf("after re-listing: %v %v", c, err)
+		}
+	})
+	t.Run("network", func(t *testing.T) {
+		up := newIPStandIn(t)
+		up.srv.Close()
+		p := newTestInstanceProfile(t, up.srv.URL, InstanceProfileConfig{}, nil)
+		_, err := p.Fetch(context.Background(), "")
+		if e := ipClass(t, err); e.Class != ClassNetwork {
+			t.Fatalf("class %s: %v", e.Class, err)
+		}
+	})
+	t.Run("huge body", func(t *testing.T) {
+		up := newIPStandIn(t)
+		up.set(func(s *ipStandIn) {
+			s.doc = func() (int, string) { return 200, `{"Token":"` + strings.Repeat("A", 1<<20) + `"}` }
+		})
+		p := newTestInstanceProfile(t, up.srv.URL, InstanceProfileConfig{}, nil)
+		_, err := p.Fetch(context.Background(), "")
+		if e := ipClass(t, err); e.Class != ClassInvalidResponse {
+			t.Fatalf("class %s: %v", e.Class, err)
+		}
+	})
+}
+
+// A token the upstream no longer knows gets 401; the SDK fetches a new one
+// and retries. An upstream that refuses every token is a classified error.
+func TestInstanceProfile401(t *testing.T) {
+	t.Parallel()
+	up := newIPStandIn(t)
+	p := newTestInstanceProfile(t, up.srv.URL, InstanceProfileConfig{}, nil)
+	if _, err := p.Fetch(context.Background(), ""); err != nil {
+		t.Fatal(err)
+	}
+	up.invalidateTokens()
+	if _, err := p.Fetch(context.Background(), ""); err != nil {
+		t.Fatalf("after the upstream forgot its tokens: %v", err)
+	}
+	if _, _, rejected := up.stats(); rejected == 0 {
+		t.Fatal("the stand-in never answered 401")
+	}
+
+	// Tokens are issued but never accepted.
+	bad := newIPStandIn(t)
+	bad.srv.Config.Handler = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Method == http.MethodPut {
+			w.Header().Set("X-aws-ec2-metadata-token-ttl-seconds", "300")
+			_, _ = w.Write([]byte("useless"))
+			return
+		}
+		http.Error(w, "401 - Unauthorized", http.StatusUnauthorized)
+	})
+	p = newTestInstanceProfile(t, bad.srv.URL, InstanceProfileConfig{}, nil)
+	_, err := p.Fetch(context.Background(), "")
+	if e := ipClass(t, err); e.HTTPStatus != 401 || e.Class != ClassOther || e.Permanent() {
+		t.Fatalf("class %s status %d: %v", e.Class, e.HTTPStatus, err)
+	}
+}
+
+// Secrets never reach errors or logs, on success or failure, at debug.
+func TestInstanceProfileNoSecrets(t *testing.T) {
+	core, logs := observer.New(zapcore.DebugLevel)
+	up := newIPStandIn(t)
+	p := newTestInstanceProfile(t, up.srv.URL, InstanceProfileConfig{Timeout: 500 * time.Millisecond}, zap.New(core))
+	ctx := context.Background()
+	c, err := p.Fetch(ctx, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ipAssertClean(t, "credentials formatted", fmt.Sprintf("%v %+v %#v %s %q", c, c, c, c, c))
+	for _, body := range []string{
+		`{"Code":"Success","AccessKeyId":"` + ipTestKey + `","SecretAccessKey":"` + ipTestSecret + `","Token":"` + ipTestToken + `","Expiration":"bad"}`,
+		`{"Code":"Success","AccessKeyId":"` + ipTestKey + `","SecretAccessKey":"` + ipTestSecret + `","Token":"` + ipTestToken + `"}`,
+		`{"Code":"Success","AccessKeyId":"` + ipTestKey + `","SecretAccessKey":"` + ipTestSecret + `","Token":"` + ipTestToken + `\n","Expiration":"2099-01-01T00:00:00Z"}`,
+		`{"Code":"Nope","Message":"` + ipTestToken + `","Token":"` + ipTestToken + `"}`,
+		`{"Code":"Success","SecretAccessKey":"` + ipTestSecret + `",`,
+	} {
+		up.set(func(s *ipStandIn) { s.doc = func() (int, string) { return 200, body } })
+		_, err := p.Fetch(ctx, "")
+		ipClass(t, err)
+	}
+	up.set(func(s *ipStandIn) { s.doc = func() (int, string) { return 500, ipTestSecret } })
+	ipClass(t, func() error { _, err := p.Fetch(ctx, ""); return err }())
+	ipAssertLogsClean(t, logs)
+	if logs.Len() == 0 {
+		t.Fatal("nothing logged at debug")
+	}
+}
+
+func TestNewInstanceProfileValidation(t *testing.T) {
+	for _, cfg := range []InstanceProfileConfig{
+		{IMDSBase: ""},
+		{IMDSBase: "169.254.169.254"},
+		{IMDSBase: "ftp://169.254.169.254"},
+		{IMDSBase: "http://169.254.169.254/latest"},
+		{IMDSBase: "http://169.254.169.254", RoleName: "a/b"},
+		{IMDSBase: "http://169.254.169.254", Timeout: -1},
+	} {
+		if _, err := NewInstanceProfile(cfg, nil); err == nil {
+			t.Errorf("%+v accepted", cfg)
+		}
+	}
+	if _, err := NewInstanceProfile(InstanceProfileConfig{IMDSBase: "http://[fd00:ec2::254]"}, nil); err != nil {
+		t.Error(err)
+	}
+}
+
+// Compile-time check: InstanceProfile fits the cache's Fetcher shape.
+var _ interface {
+	Fetch(context.Context, string) (creds.Credentials, error)
+} = (*InstanceProfile)(nil)

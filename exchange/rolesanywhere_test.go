@@ -1,0 +1,488 @@
+package exchange
+
+import (
+	"context"
+	"crypto"
+	"crypto/x509"
+	"encoding/json"
+	"errors"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+	"go.uber.org/zap/zaptest/observer"
+
+	"github.com/imdsproxy/imdsproxy/test/fakes/rolesanywhere"
+)
+
+const (
+	testTrustAnchor = "arn:aws:rolesanywhere:us-east-1:222222222222:trust-anchor/0b8c3f1e-1111-2222-3333-444455556666"
+	testProfile     = "arn:aws:rolesanywhere:us-east-1:222222222222:profile/7c9a1b2c-1111-2222-3333-444455556666"
+)
+
+// staticX509 is an X509Source returning a fixed identity or error.
+type staticX509 struct {
+	leaf   *x509.Certificate
+	chain  []*x509.Certificate
+	signer crypto.Signer
+	err    error
+	calls  atomic.Int32
+}
+
+func (s *staticX509) X509(context.Context) (*x509.Certificate, []*x509.Certificate, crypto.Signer, error) {
+	s.calls.Add(1)
+	if s.err != nil {
+		return nil, nil, nil, s.err
+	}
+	return s.leaf, s.chain, s.signer, nil
+}
+
+var (
+	testCAOnce sync.Once
+	testCA     *rolesanywhere.CA
+	testCAErr  error
+)
+
+func sharedCA(t testing.TB) *rolesanywhere.CA {
+	t.Helper()
+	testCAOnce.Do(func() { testCA, testCAErr = rolesanywhere.NewCA() })
+	if testCAErr != nil {
+		t.Fatal(testCAErr)
+	}
+	return testCA
+}
+
+func issueLeaf(t testing.TB, o rolesanywhere.LeafOptions) *staticX509 {
+	t.Helper()
+	l, err := sharedCA(t).Issue(o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &staticX509{leaf: l.Cert, chain: l.Chain, signer: l.Key}
+}
+
+func startFakeRA(t testing.TB) *rolesanywhere.Server {
+	return rolesanywhere.Start(t, rolesanywhere.Config{
+		Roots: sharedCA(t).Pool(), TrustAnchorARN: testTrustAnchor, ProfileARN: testProfile, RoleARN: testRoleARN,
+	})
+}
+
+func newTestRolesAnywhere(t testing.TB, endpoint string, cfg RolesAnywhereConfig, src X509Source, log *zap.Logger) *RolesAnywhere {
+	t.Helper()
+	isolateAWSEnv(t)
+	unsetenv(t, "AWS_ENDPOINT_URL_ROLESANYWHERE")
+	t.Setenv("AWS_ENDPOINT_URL_ROLESANYWHERE", endpoint)
+	if cfg.TrustAnchorARN == "" {
+		cfg.TrustAnchorARN = testTrustAnchor
+	}
+	if cfg.ProfileARN == "" {
+		cfg.ProfileARN = testProfile
+	}
+	if cfg.RoleARN == "" {
+		cfg.RoleARN = testRoleARN
+	}
+	r, err := NewRolesAnywhere(context.Background(), cfg, src, log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r.backoff = func(int) time.Duration { return time.Millisecond }
+	return r
+}
+
+func TestRolesAnywhereFetch(t *testing.T) {
+	fake := startFakeRA(t)
+	for _, kt := range []rolesanywhere.KeyType{rolesanywhere.RSA2048, rolesanywhere.ECP256, rolesanywhere.ECP384} {
+		t.Run(string(kt), func(t *testing.T) {
+			src := issueLeaf(t, rolesanywhere.LeafOptions{Key: kt})
+			r := newTestRolesAnywhere(t, fake.URL, RolesAnywhereConfig{Duration: 2 * time.Hour}, src, nil)
+			c, err := r.Fetch(context.Background(), "ignored")
+			if err != nil {
+				t.Fatalf("Fetch: %v\ncalls: %+v", err, fake.CallLog())
+			}
+			is, ok := fake.Last()
+			if !ok {
+				t.Fatal("nothing issued")
+			}
+			if c.AccessKeyID != is.AccessKeyID || c.SecretAccessKey != is.SecretAccessKey || c.SessionToken != is.SessionToken ||
+				!c.Expires.Equal(is.Expiration) {
+				t.Fatalf("got %v, issued %s expiring %s", c, is.AccessKeyID, is.Expiration)
+			}
+			if c.Source != SourceRolesAnywhere || c.AccountID != "222222222222" || c.RoleARN != is.AssumedRoleARN ||
+				!strings.HasPrefix(c.RoleARN, "arn:aws:sts::222222222222:assumed-role/app/") {
+				t.Fatalf("identity fields: %v (source %q)", c, c.Source)
+			}
+			if is.DurationSeconds != 7200 || is.Serial != src.leaf.SerialNumber.String() || is.RoleARN != testRoleARN {
+				t.Fatalf("request as the fake saw it: %+v", is)
+			}
+		})
+	}
+}
+
+func TestRolesAnywhereSessionNameAndDefaults(t *testing.T) {
+	var got struct {
+		body  map[string]any
+		query string
+		path  string
+		ct    string
+	}
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		b, _ := io.ReadAll(r.Body)
+		_ = json.Unmarshal(b, &got.body)
+		got.query, got.path, got.ct = r.URL.RawQuery, r.URL.Path, r.Header.Get("Content-Type")
+		w.WriteHeader(http.StatusCreated)
+		_, _ = io.WriteString(w, raSuccessJSON(time.Now().Add(time.Hour)))
+	}))
+	defer srv.Close()
+	src := issueLeaf(t, rolesanywhere.LeafOptions{})
+
+	r := newTestRolesAnywhere(t, srv.URL+"/prefix/", RolesAnywhereConfig{}, src, nil)
+	if _, err := r.Fetch(context.Background(), ""); err != nil {
+		t.Fatal(err)
+	}
+	if len(got.body) != 1 || got.body["durationSeconds"] != float64(3600) {
+		t.Fatalf("default body %v", got.body)
+	}
+	if got.path != "/prefix/sessions" || got.ct != "application/json" {
+		t.Fatalf("path %q content-type %q", got.path, got.ct)
+	}
+	wantQuery := "profileArn=" + uriEncode(testProfile) + "&roleArn=" + uriEncode(testRoleARN) + "&trustAnchorArn=" + uriEncode(testTrustAnchor)
+	if got.query != wantQuery {
+		t.Fatalf("query %q\nwant  %q", got.query, wantQuery)
+	}
+
+	r = newTestRolesAnywhere(t, srv.URL, RolesAnywhereConfig{SessionName: "host 1", Duration: 900 * time.Second}, src, nil)
+	if _, err := r.Fetch(context.Background(), ""); err != nil {
+		t.Fatal(err)
+	}
+	if got.body["roleSessionName"] != "host-1" || got.body["durationSeconds"] != float64(900) {
+		t.Fatalf("body %v", got.body)
+	}
+}
+
+func raSuccessJSON(exp time.Time) string {
+	return `{"credentialSet":[{"assumedRoleUser":{"arn":"arn:aws:sts::222222222222:assumed-role/app/abc","assumedRoleId":"AROAEXAMPLE:abc"},` +
+		`"credentials":{"accessKeyId":"ASIAEXAMPLEEXAMPLE","expiration":"` + exp.UTC().Format(time.RFC3339) + `",` +
+		`"secretAccessKey":"` + testSecretKey + `","sessionToken":"` + testSessionToken + `"},` +
+		`"packedPolicySize":0,"roleArn":"arn:aws:iam::222222222222:role/app","sourceIdentity":"CN=host"}],` +
+		`"subjectArn":"arn:aws:rolesanywhere:us-east-1:222222222222:subject/x"}`
+}
+
+func TestRolesAnywhereErrors(t *testing.T) {
+	src := issueLeaf(t, rolesanywhere.LeafOptions{Key: rolesanywhere.ECP256})
+	future := time.Now().Add(time.Hour)
+	for _, tc := range []struct {
+		name      string
+		status    int
+		header    map[string]string
+		body      string
+		class     string
+		code      string
+		permanent bool
+		attempts  int32
+	}{
+		{"access denied header", 403, map[string]string{"X-Amzn-ErrorType": "AccessDeniedException:http://internal.amazon.com/coral/"}, `{"message":"Untrusted certificate. Insufficient certificate"}`, ClassAccessDenied, "AccessDeniedException", true, 1},
+		{"validation body code", 400, nil, `{"code":"ValidationException","message":"bad duration"}`, ClassValidation, "ValidationException", true, 1},
+		{"not found __type with namespace", 404, nil, `{"__type":"com.amazonaws.rolesanywhere#ResourceNotFoundException","message":"no profile"}`, ClassValidation, "ResourceNotFoundException", true, 1},
+		{"throttling", 429, map[string]string{"X-Amzn-ErrorType": "ThrottlingException"}, `{"message":"Rate exceeded"}`, ClassThrottling, "ThrottlingException", false, 2},
+		{"429 without code", 429, nil, ``, ClassThrottling, "", false, 2},
+		{"500", 500, nil, `{"message":"internal"}`, ClassServer, "", false, 2},
+		{"503 html", 503, nil, `<html>bad gateway</html>`, ClassServer, "", false, 2},
+		{"403 unknown code", 403, nil, `{"message":"nope"}`, ClassAccessDenied, "", true, 1},
+		{"400 html from a proxy", 400, nil, `<html>`, ClassInvalidResponse, "", false, 1},
+		{"201 not json", 201, nil, `<html>`, ClassInvalidResponse, "", false, 1},
+		{"201 empty set", 201, nil, `{"credentialSet":[]}`, ClassInvalidResponse, "", false, 1},
+		{"201 no credentials", 201, nil, `{"credentialSet":[{}]}`, ClassInvalidResponse, "", false, 1},
+		{"201 bad expiration", 201, nil, strings.Replace(raSuccessJSON(future), future.UTC().Format(time.RFC3339), "tomorrow", 1), ClassInvalidResponse, "", false, 1},
+		{"201 expired", 201, nil, raSuccessJSON(time.Now().Add(-time.Minute)), ClassInvalidResponse, "", false, 1},
+		{"201 no secret", 201, nil, strings.Replace(raSuccessJSON(future), `"secretAccessKey"`, `"x"`, 1), ClassInvalidResponse, "", false, 1},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var calls atomic.Int32
+			srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				calls.Add(1)
+				for k, v := range tc.header {
+					w.Header().Set(k, v)
+				}
+				w.Header().Set("X-Amzn-RequestId", "req-1")
+				w.WriteHeader(tc.status)
+				_, _ = io.WriteString(w, tc.body)
+			}))
+			defer srv.Close()
+			r := newTestRolesAnywhere(t, srv.URL, RolesAnywhereConfig{}, src, nil)
+			c, err := r.Fetch(context.Background(), "")
+			if err == nil || !c.IsZero() {
+				t.Fatalf("Fetch = %v, %v; want an error and no credentials", c, err)
+			}
+			var e *Error
+			if !errors.As(err, &e) {
+				t.Fatalf("error %T %v", err, err)
+			}
+			if e.Class != tc.class || e.Code != tc.code || e.Permanent() != tc.permanent || e.HTTPStatus != tc.status || e.Op != "CreateSession" {
+				t.Fatalf("error %v: class %q code %q permanent %v status %d", e, e.Class, e.Code, e.Permanent(), e.HTTPStatus)
+			}
+			if calls.Load() != tc.attempts {
+				t.Fatalf("%d attempts, want %d", calls.Load(), tc.attempts)
+			}
+			if strings.Contains(err.Error(), testSecretKey) || strings.Contains(err.Error(), testSessionToken) {
+				t.Fatalf("secret in error: %v", err)
+			}
+		})
+	}
+}
+
+func TestRolesAnywhereFakeModes(t *testing.T) {
+	fake := startFakeRA(t)
+	src := issueLeaf(t, rolesanywhere.LeafOptions{})
+	r := newTestRolesAnywhere(t, fake.URL, RolesAnywhereConfig{}, src, nil)
+	for _, tc := range []struct {
+		mode      rolesanywhere.Mode
+		class     string
+		permanent bool
+	}{
+		{rolesanywhere.ModeAccessDenied, ClassAccessDenied, true},
+		{rolesanywhere.ModeValidation, ClassValidation, true},
+		{rolesanywhere.ModeNotFound, ClassValidation, true},
+		{rolesanywhere.ModeThrottle, ClassThrottling, false},
+		{rolesanywhere.ModeFail5xx, ClassServer, false},
+		{rolesanywhere.ModeEmptySet, ClassInvalidResponse, false},
+	} {
+		t.Run(tc.mode.String(), func(t *testing.T) {
+			fake.SetMode(tc.mode)
+			_, err := r.Fetch(context.Background(), "")
+			var e *Error
+			if !errors.As(err, &e) || e.Class != tc.class || e.Permanent() != tc.permanent {
+				t.Fatalf("error %v, want class %s permanent %v", err, tc.class, tc.permanent)
+			}
+		})
+	}
+}
+
+func TestRolesAnywhereRetriesThenSucceeds(t *testing.T) {
+	var calls atomic.Int32
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if calls.Add(1) == 1 {
+			w.WriteHeader(http.StatusServiceUnavailable)
+			return
+		}
+		w.WriteHeader(http.StatusCreated)
+		_, _ = io.WriteString(w, raSuccessJSON(time.Now().Add(time.Hour)))
+	}))
+	defer srv.Close()
+	src := issueLeaf(t, rolesanywhere.LeafOptions{})
+	r := newTestRolesAnywhere(t, srv.URL, RolesAnywhereConfig{}, src, nil)
+	c, err := r.Fetch(context.Background(), "")
+	if err != nil || !c.Complete() || calls.Load() != 2 || src.calls.Load() != 2 {
+		t.Fatalf("Fetch = %v, %v after %d calls (%d identity reads)", c, err, calls.Load(), src.calls.Load())
+	}
+}
+
+func TestRolesAnywhereTimeoutAndNetwork(t *testing.T) {
+	src := issueLeaf(t, rolesanywhere.LeafOptions{})
+	block := make(chan struct{})
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		select {
+		case <-block:
+		case <-r.Context().Done():
+		}
+	}))
+	defer srv.Close()
+	defer close(block)
+	r := newTestRolesAnywhere(t, srv.URL, RolesAnywhereConfig{Timeout: 200 * time.Millisecond}, src, nil)
+	_, err := r.Fetch(context.Background(), "")
+	var e *Error
+	if !errors.As(err, &e) || e.Class != ClassTimeout {
+		t.Fatalf("error %v, want timeout", err)
+	}
+
+	dead := httptest.NewServer(http.NotFoundHandler())
+	url := dead.URL
+	dead.Close()
+	r = newTestRolesAnywhere(t, url, RolesAnywhereConfig{}, src, nil)
+	_, err = r.Fetch(context.Background(), "")
+	if !errors.As(err, &e) || e.Class != ClassNetwork {
+		t.Fatalf("error %v, want network", err)
+	}
+}
+
+// classedIdentityErr mimics token.Error.
+type classedIdentityErr struct{}
+
+func (classedIdentityErr) Error() string {
+	return "token: /etc/pki/key.pem: key_permissions: mode 0644"
+}
+func (classedIdentityErr) ErrorClass() string { return "identity" }
+func (classedIdentityErr) Permanent() bool    { return true }
+
+func TestRolesAnywhereIdentityError(t *testing.T) {
+	var calls atomic.Int32
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { calls.Add(1) }))
+	defer srv.Close()
+	r := newTestRolesAnywhere(t, srv.URL, RolesAnywhereConfig{}, &staticX509{err: classedIdentityErr{}}, nil)
+	_, err := r.Fetch(context.Background(), "")
+	var classed interface {
+		ErrorClass() string
+		Permanent() bool
+	}
+	if !errors.As(err, &classed) || classed.ErrorClass() != "identity" || !classed.Permanent() {
+		t.Fatalf("error %v lost the identity class", err)
+	}
+	if e := Classify(err); e.Class != ClassIdentity || !e.Permanent() {
+		t.Fatalf("Classify: %v", e)
+	}
+
+	r = newTestRolesAnywhere(t, srv.URL, RolesAnywhereConfig{}, &staticX509{err: errors.New("disk on fire")}, nil)
+	_, err = r.Fetch(context.Background(), "")
+	var e *Error
+	if !errors.As(err, &e) || e.Class != ClassIdentity {
+		t.Fatalf("error %v, want class identity", err)
+	}
+	if calls.Load() != 0 {
+		t.Fatalf("%d requests sent without an identity", calls.Load())
+	}
+}
+
+func TestNewRolesAnywhereValidation(t *testing.T) {
+	isolateAWSEnv(t)
+	src := &staticX509{}
+	ok := RolesAnywhereConfig{TrustAnchorARN: testTrustAnchor, ProfileARN: testProfile, RoleARN: testRoleARN}
+	for _, tc := range []struct {
+		name string
+		mod  func(*RolesAnywhereConfig)
+		want string
+	}{
+		{"profile in another region", func(c *RolesAnywhereConfig) {
+			c.ProfileARN = strings.Replace(testProfile, "us-east-1", "eu-west-1", 1)
+		}, "differs"},
+		{"trust anchor not an ARN", func(c *RolesAnywhereConfig) { c.TrustAnchorARN = "0b8c3f1e" }, "trust_anchor_arn"},
+		{"trust anchor is a profile", func(c *RolesAnywhereConfig) { c.TrustAnchorARN = testProfile }, "trust_anchor_arn"},
+		{"profile is a trust anchor", func(c *RolesAnywhereConfig) { c.ProfileARN = testTrustAnchor }, "profile_arn"},
+		{"no region", func(c *RolesAnywhereConfig) {
+			c.TrustAnchorARN = "arn:aws:rolesanywhere::222222222222:trust-anchor/x"
+		}, "trust_anchor_arn"},
+		{"bad role", func(c *RolesAnywhereConfig) { c.RoleARN = "app" }, "role ARN"},
+		{"short duration", func(c *RolesAnywhereConfig) { c.Duration = 899 * time.Second }, "duration"},
+		{"long duration", func(c *RolesAnywhereConfig) { c.Duration = 43201 * time.Second }, "duration"},
+		{"negative attempts", func(c *RolesAnywhereConfig) { c.MaxAttempts = -1 }, "negative"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			cfg := ok
+			tc.mod(&cfg)
+			_, err := NewRolesAnywhere(context.Background(), cfg, src, nil)
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("error %v, want it to mention %q", err, tc.want)
+			}
+		})
+	}
+	if _, err := NewRolesAnywhere(context.Background(), ok, nil, nil); err == nil {
+		t.Fatal("nil source accepted")
+	}
+}
+
+func TestRolesAnywhereEndpoint(t *testing.T) {
+	src := &staticX509{}
+	for _, tc := range []struct {
+		name, specific, general, trustAnchor, want string
+	}{
+		{"default", "", "", testTrustAnchor, "https://rolesanywhere.us-east-1.amazonaws.com/sessions"},
+		{"china", "", "", "arn:aws-cn:rolesanywhere:cn-north-1:222222222222:trust-anchor/x", "https://rolesanywhere.cn-north-1.amazonaws.com.cn/sessions"},
+		{"general", "", "http://127.0.0.1:9/", testTrustAnchor, "http://127.0.0.1:9/sessions"},
+		{"specific wins", "http://127.0.0.1:8/p", "http://127.0.0.1:9", testTrustAnchor, "http://127.0.0.1:8/p/sessions"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			isolateAWSEnv(t)
+			unsetenv(t, "AWS_ENDPOINT_URL_ROLESANYWHERE")
+			if tc.specific != "" {
+				t.Setenv("AWS_ENDPOINT_URL_ROLESANYWHERE", tc.specific)
+			}
+			if tc.general != "" {
+				t.Setenv("AWS_ENDPOINT_URL", tc.general)
+			}
+			profile := strings.Replace(tc.trustAnchor, "trust-anchor/", "profile/", 1)
+			r, err := NewRolesAnywhere(context.Background(), RolesAnywhereConfig{TrustAnchorARN: tc.trustAnchor, ProfileARN: profile, RoleARN: testRoleARN}, src, nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if r.Endpoint() != tc.want {
+				t.Fatalf("endpoint %s, want %s", r.Endpoint(), tc.want)
+			}
+		})
+	}
+	isolateAWSEnv(t)
+	t.Setenv("AWS_ENDPOINT_URL_ROLESANYWHERE", "ftp://x")
+	if _, err := NewRolesAnywhere(context.Background(), RolesAnywhereConfig{TrustAnchorARN: testTrustAnchor, ProfileARN: testProfile, RoleARN: testRoleARN}, src, nil); err == nil {
+		t.Fatal("ftp endpoint accepted")
+	}
+}
+
+func TestRolesAnywhereNoSecretsInLogsOrErrors(t *testing.T) {
+	fake := startFakeRA(t)
+	l, err := sharedCA(t).Issue(rolesanywhere.LeafOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	core, logs := observer.New(zapcore.DebugLevel)
+	src := &staticX509{leaf: l.Cert, chain: l.Chain, signer: l.Key}
+	r := newTestRolesAnywhere(t, fake.URL, RolesAnywhereConfig{}, src, zap.New(core))
+	c, err := r.Fetch(context.Background(), "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	fake.SetMode(rolesanywhere.ModeAccessDenied)
+	_, ferr := r.Fetch(context.Background(), "")
+	var all strings.Builder
+	for _, e := range logs.All() {
+		all.WriteString(e.Message)
+		for k, v := range e.ContextMap() {
+			all.WriteString(k + "=" + strings.ReplaceAll(strings.TrimSpace(stringify(v)), "\n", " "))
+		}
+	}
+	all.WriteString(ferr.Error())
+	keyBody := strings.Join(strings.Split(string(l.KeyPEM), "\n")[1:3], "")
+	for name, s := range map[string]string{"secret": c.SecretAccessKey, "token": c.SessionToken, "key": keyBody} {
+		if strings.Contains(all.String(), s) {
+			t.Errorf("%s appears in logs or errors", name)
+		}
+	}
+}
+
+func stringify(v any) string {
+	b, _ := json.Marshal(v)
+	return string(b)
+}
+
+func TestSanitizeErrorCode(t *testing.T) {
+	for in, want := range map[string]string{
+		"AccessDeniedException": "AccessDeniedException",
+		"AccessDeniedException:http://internal.amazon.com/coral/com.amazonaws.rolesanywhere/": "AccessDeniedException",
+		"com.amazonaws.rolesanywhere#ValidationException":                                     "ValidationException",
+		"aws.protocoltests.restjson#FooError:http://internal.amazon.com/coral/":               "FooError",
+		"  ThrottlingException ": "ThrottlingException",
+		"":                       "",
+	} {
+		if got := sanitizeErrorCode(in); got != want {
+			t.Errorf("sanitizeErrorCode(%q) = %q, want %q", in, got, want)
+		}
+	}
+}
+
+func TestRolesAnywhereMessageTruncated(t *testing.T) {
+	src := issueLeaf(t, rolesanywhere.LeafOptions{})
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.WriteHeader(400)
+		_, _ = io.WriteString(w, `{"code":"ValidationException","message":"`+strings.Repeat("x", 5000)+"\\u0007"+`"}`)
+	}))
+	defer srv.Close()
+	r := newTestRolesAnywhere(t, srv.URL, RolesAnywhereConfig{}, src, nil)
+	_, err := r.Fetch(context.Background(), "")
+	var e *Error
+	if !errors.As(err, &e) || len(e.Message) > maxMessage || strings.ContainsRune(e.Message, 7) {
+		t.Fatalf("message not truncated/sanitized: %d bytes", len(e.Message))
+	}
+}

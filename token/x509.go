@@ -1,0 +1,459 @@
+package token
+
+// X.509 identity (identity.x509: cert, key, chain) for IAM Roles Anywhere.
+
+import (
+	"bytes"
+	"context"
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/ed25519"
+	"crypto/elliptic"
+	"crypto/rsa"
+	"crypto/x509"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"os"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"go.uber.org/zap"
+)
+
+// Reasons an X.509 identity could not be used, in addition to ReasonMissing
+// and ReasonUnreadable (a file that does not exist or cannot be read). They
+// are values of Error.Reason and of the result label of
+// imdsproxy_identity_certificate_loads_total. All of them are permanent:
+// only new files (or a fixed mode or clock) help.
+const (
+	// ReasonCertInvalid: the certificate or chain file is not PEM
+	// certificates (garbage, truncated, no CERTIFICATE block, bad DER, too large).
+	ReasonCertInvalid = "cert_invalid"
+	// ReasonCertExpired: the leaf certificate's NotAfter is before now.
+	ReasonCertExpired = "cert_expired"
+	// ReasonCertNotYetValid: the leaf certificate's NotBefore is after now.
+	ReasonCertNotYetValid = "cert_not_yet_valid"
+	// ReasonKeyInvalid: the key file is not one unencrypted PEM private key
+	// in PKCS#8, PKCS#1 or SEC1 form.
+	ReasonKeyInvalid = "key_invalid"
+	// ReasonKeyUnsupported: the key is not RSA 2048..4096 bits or ECDSA
+	// P-256/P-384.
+	ReasonKeyUnsupported = "key_unsupported"
+	// ReasonKeyPermissions: the key file is readable or writable by group or
+	// others.
+	ReasonKeyPermissions = "key_permissions"
+	// ReasonKeyMismatch: the key is not the certificate's.
+	ReasonKeyMismatch = "key_mismatch"
+)
+
+// x509Reasons lists every reason an X.509 load can fail with, to pre-create
+// metric series.
+var x509Reasons = []string{ReasonMissing, ReasonUnreadable, ReasonCertInvalid, ReasonCertExpired,
+	ReasonCertNotYetValid, ReasonKeyInvalid, ReasonKeyUnsupported, ReasonKeyPermissions, ReasonKeyMismatch}
+
+// x509Permanent reports whether reason is one of the X.509 reasons, all
+// permanent (see Error.Permanent).
+func x509Permanent(reason string) bool {
+	switch reason {
+	case ReasonCertInvalid, ReasonCertExpired, ReasonCertNotYetValid, ReasonKeyInvalid,
+		ReasonKeyUnsupported, ReasonKeyPermissions, ReasonKeyMismatch:
+		return true
+	}
+	return false
+}
+
+// maxPEMFile is the largest certificate, key or chain file accepted.
+const maxPEMFile = 1 << 20
+
+// RSA key sizes accepted, in bits.
+const (
+	minRSABits = 2048
+	maxRSABits = 4096
+)
+
+// X509Options tunes an X509. The zero value is usable.
+type X509Options struct {
+	// Now returns the current time for the validity checks; nil means time.Now.
+	Now func() time.Time
+}
+
+// X509 is the host's X.509 identity backed by a certificate file, a private
+// key file and an optional chain file that an external agent rewrites on
+// rotation. Every X509 call stats the files (cheap) and reloads and
+// re-validates them when any changed (device, inode, size, mtime or mode),
+// so rotation is picked up without a restart. It is safe for concurrent use.
+type X509 struct {
+	certPath, keyPath, chainPath string
+	now                          func() time.Time
+	log                          *zap.Logger
+
+	mu     sync.Mutex
+	cached *x509Identity // last good identity, nil before the first
+
+	loads  *prometheus.CounterVec // nil without a registerer
+	expiry prometheus.Gauge
+}
+
+// x509Identity is one validated load.
+type x509Identity struct {
+	fp     [3]fileStamp // cert, key, chain
+	leaf   *x509.Certificate
+	chain  []*x509.Certificate
+	signer crypto.Signer
+}
+
+// fileStamp identifies one version of a file.
+type fileStamp struct {
+	dev, ino uint64
+	size     int64
+	mtime    time.Time
+	mode     fs.FileMode
+}
+
+// NewX509 returns an X509 reading certPath, keyPath and chainPath (chainPath
+// may be ""). It loads and validates the files once, so that a bad
+// configuration is reported at start-up; that error is an *Error. log may be
+// nil (no logging). reg may be nil (no metrics); otherwise these metrics are
+// registered on it:
+//
+//	imdsproxy_identity_certificate_loads_total{result}             counter; result is "ok" or a Reason
+//	imdsproxy_identity_certificate_expiry_timestamp_seconds       gauge; NotAfter of the loaded leaf, Unix seconds
+func NewX509(certPath, keyPath, chainPath string, opts X509Options, log *zap.Logger, reg prometheus.Registerer) (*X509, error) {
+	if certPath == "" || keyPath == "" {
+		return nil, errors.New("token: x509: empty certificate or key path")
+	}
+	if opts.Now == nil {
+		opts.Now = time.Now
+	}
+	if log == nil {
+		log = zap.NewNop()
+	}
+	x := &X509{certPath: certPath, keyPath: keyPath, chainPath: chainPath, now: opts.Now, log: log}
+	if reg != nil {
+		x.loads = prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "imdsproxy_identity_certificate_loads_total",
+			Help: "Loads of the X.509 identity files (on start and after every change), by result (ok or the reason they were refused).",
+		}, []string{"result"})
+		x.expiry = prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "imdsproxy_identity_certificate_expiry_timestamp_seconds",
+			Help: "NotAfter of the X.509 identity certificate loaded last, in Unix seconds.",
+		})
+		for _, c := range []prometheus.Collector{x.loads, x.expiry} {
+			if err := reg.Register(c); err != nil {
+				return nil, fmt.Errorf("token: register metrics: %w", err)
+			}
+		}
+		x.loads.WithLabelValues("ok")
+		for _, r := range x509Reasons {
+			x.loads.WithLabelValues(r)
+		}
+	}
+	if _, _, _, err := x.X509(context.Background()); err != nil {
+		return nil, err
+	}
+	return x, nil
+}
+
+// Paths returns the certificate, key and chain paths.
+func (x *X509) Paths() (cert, key, chain string) { return x.certPath, x.keyPath, x.chainPath }
+
+// X509 returns the leaf certificate, the intermediates of the chain (the
+// extra certificates of the certificate file, then those of the chain file;
+// possibly none) and the private key. It reloads the files when they changed
+// since the last good load; when the new files do not validate it returns
+// the error (and retries the load on the next call). The cached identity is
+// re-checked against the clock on every call. Errors are *Error; they never
+// contain key material. An already cancelled ctx returns its error.
+func (x *X509) X509(ctx context.Context) (*x509.Certificate, []*x509.Certificate, crypto.Signer, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, nil, nil, err
+	}
+	x.mu.Lock()
+	defer x.mu.Unlock()
+	id := x.cached
+	if id == nil || !x.unchanged(id) {
+		loaded, err := x.load()
+		if err != nil {
+			var te *Error
+			if errors.As(err, &te) {
+				x.count(te.Reason)
+				x.log.Warn("X.509 identity refused", zap.String("reason", te.Reason), zap.String("path", te.Path), zap.Error(te.Err))
+			}
+			return nil, nil, nil, err
+		}
+		x.count("ok")
+		if x.expiry != nil {
+			x.expiry.Set(float64(loaded.leaf.NotAfter.Unix()))
+		}
+		x.log.Info("X.509 identity loaded", zap.String("cert", x.certPath),
+			zap.String("serial", loaded.leaf.SerialNumber.String()),
+			zap.String("subject", loaded.leaf.Subject.String()),
+			zap.Time("not_after", loaded.leaf.NotAfter), zap.Int("intermediates", len(loaded.chain)))
+		x.cached, id = loaded, loaded
+	}
+	if err := x.checkValidity(id.leaf); err != nil {
+		return nil, nil, nil, err
+	}
+	return id.leaf, id.chain, id.signer, nil
+}
+
+func (x *X509) count(result string) {
+	if x.loads != nil {
+		x.loads.WithLabelValues(result).Inc()
+	}
+}
+
+// unchanged reports whether every file still has the stamp of id.
+func (x *X509) unchanged(id *x509Identity) bool {
+	for i, p := range []string{x.certPath, x.keyPath, x.chainPath} {
+		if p == "" {
+			continue
+		}
+		st, err := os.Stat(p)
+		if err != nil || stampOf(st) != id.fp[i] {
+			return false
+		}
+	}
+	return true
+}
+
+func stampOf(st fs.FileInfo) fileStamp {
+	s := fileStamp{size: st.Size(), mtime: st.ModTime(), mode: st.Mode()}
+	if sys, ok := st.Sys().(*syscall.Stat_t); ok {
+		s.dev, s.ino = uint64(sys.Dev), sys.Ino //nolint:unconvert // Dev is not uint64 everywhere
+	}
+	return s
+}
+
+func (x *X509) checkValidity(leaf *x509.Certificate) error {
+	now := x.now()
+	if now.Before(leaf.NotBefore) {
+		return &Error{Reason: ReasonCertNotYetValid, Path: x.certPath, Err: fmt.Errorf(
+			"certificate NotBefore %s is after now %s (check the host clock)",
+			leaf.NotBefore.UTC().Format(time.RFC3339), now.UTC().Format(time.RFC3339))}
+	}
+	if now.After(leaf.NotAfter) {
+		return &Error{Reason: ReasonCertExpired, Path: x.certPath, Err: fmt.Errorf(
+			"certificate expired: NotAfter %s is before now %s",
+			leaf.NotAfter.UTC().Format(time.RFC3339), now.UTC().Format(time.RFC3339))}
+	}
+	return nil
+}
+
+// load reads and validates all files.
+func (x *X509) load() (*x509Identity, error) {
+	id := &x509Identity{}
+	certPEM, st, err := readPEMFile(x.certPath, ReasonCertInvalid)
+	if err != nil {
+		return nil, err
+	}
+	id.fp[0] = st
+	certs, err := parseCertificates(certPEM)
+	if err != nil {
+		return nil, &Error{Reason: ReasonCertInvalid, Path: x.certPath, Err: err}
+	}
+	id.leaf, id.chain = certs[0], certs[1:]
+	if x.chainPath != "" {
+		chainPEM, st, err := readPEMFile(x.chainPath, ReasonCertInvalid)
+		if err != nil {
+			return nil, err
+		}
+		id.fp[2] = st
+		more, err := parseCertificates(chainPEM)
+		if err != nil {
+			return nil, &Error{Reason: ReasonCertInvalid, Path: x.chainPath, Err: fmt.Errorf("chain: %w", err)}
+		}
+		id.chain = append(id.chain, more...)
+	}
+	if err := x.checkValidity(id.leaf); err != nil {
+		return nil, err
+	}
+
+	keyPEM, st, err := readPEMFile(x.keyPath, ReasonKeyInvalid)
+	if err != nil {
+		return nil, err
+	}
+	id.fp[1] = st
+	if perm := st.mode.Perm(); perm&0o077 != 0 {
+		return nil, &Error{Reason: ReasonKeyPermissions, Path: x.keyPath, Err: fmt.Errorf(
+			"private key file mode %04o is readable or writable by group or others; run chmod 600 %s", uint32(perm), x.keyPath)}
+	}
+	signer, err := parsePrivateKey(keyPEM)
+	clear(keyPEM)
+	if err != nil {
+		var te *Error
+		if errors.As(err, &te) {
+			te.Path = x.keyPath
+			return nil, te
+		}
+		return nil, &Error{Reason: ReasonKeyInvalid, Path: x.keyPath, Err: err}
+	}
+	if !publicKeysEqual(signer.Public(), id.leaf.PublicKey) {
+		return nil, &Error{Reason: ReasonKeyMismatch, Path: x.keyPath, Err: fmt.Errorf(
+			"private key (%s) does not match the public key of certificate %s (serial %s, %s)",
+			describeKey(signer.Public()), x.certPath, id.leaf.SerialNumber, describeKey(id.leaf.PublicKey))}
+	}
+	id.signer = signer
+	return id, nil
+}
+
+// readPEMFile reads a regular file of at most maxPEMFile bytes and returns
+// its content and its stamp (from the open descriptor, so the stamp
+// describes exactly the bytes read).
+func readPEMFile(path, tooLargeReason string) ([]byte, fileStamp, error) {
+	fail := func(reason string, err error) ([]byte, fileStamp, error) {
+		return nil, fileStamp{}, &Error{Reason: reason, Path: path, Err: err}
+	}
+	fh, err := os.OpenFile(path, os.O_RDONLY|syscall.O_NONBLOCK, 0)
+	if err != nil {
+		if errors.Is(err, fs.ErrNotExist) {
+			return fail(ReasonMissing, pathless(err))
+		}
+		return fail(ReasonUnreadable, pathless(err))
+	}
+	defer fh.Close()
+	st, err := fh.Stat()
+	if err != nil {
+		return fail(ReasonUnreadable, pathless(err))
+	}
+	if !st.Mode().IsRegular() {
+		return fail(ReasonUnreadable, fmt.Errorf("not a regular file (%s)", fileType(st.Mode())))
+	}
+	if st.Size() > maxPEMFile {
+		return fail(tooLargeReason, fmt.Errorf("%d bytes, limit %d", st.Size(), maxPEMFile))
+	}
+	b, err := io.ReadAll(io.LimitReader(fh, maxPEMFile+1))
+	if err != nil {
+		return fail(ReasonUnreadable, pathless(err))
+	}
+	if len(b) > maxPEMFile {
+		return fail(tooLargeReason, fmt.Errorf("more than %d bytes", maxPEMFile))
+	}
+	return b, stampOf(st), nil
+}
+
+// parseCertificates returns every CERTIFICATE block of b, in order. Other
+// block types are skipped; a truncated or malformed block, or no
+// certificate at all, is an error. Errors never quote the input.
+func parseCertificates(b []byte) ([]*x509.Certificate, error) {
+	var certs []*x509.Certificate
+	rest := b
+	for {
+		var block *pem.Block
+		block, rest = pem.Decode(rest)
+		if block == nil {
+			break
+		}
+		if block.Type != "CERTIFICATE" {
+			continue
+		}
+		c, err := x509.ParseCertificate(block.Bytes)
+		if err != nil {
+			return nil, fmt.Errorf("PEM block %d is not a valid X.509 certificate: %v", len(certs)+1, err)
+		}
+		certs = append(certs, c)
+	}
+	if bytes.Contains(rest, []byte("-----BEGIN")) {
+		return nil, fmt.Errorf("truncated or malformed PEM block after %d certificate(s)", len(certs))
+	}
+	if len(certs) == 0 {
+		return nil, errors.New("no PEM CERTIFICATE block found")
+	}
+	return certs, nil
+}
+
+// parsePrivateKey decodes the one private key of b (PKCS#8, PKCS#1 or SEC1,
+// unencrypted; an "EC PARAMETERS" block is skipped) and checks its type and
+// size. Errors are *Error (Path unset) and never quote the input or the
+// parser's error (which could echo key bytes).
+func parsePrivateKey(b []byte) (crypto.Signer, error) {
+	invalid := func(format string, args ...any) (crypto.Signer, error) {
+		return nil, &Error{Reason: ReasonKeyInvalid, Err: fmt.Errorf(format, args...)}
+	}
+	var key *pem.Block
+	rest := b
+	for {
+		var block *pem.Block
+		block, rest = pem.Decode(rest)
+		if block == nil {
+			break
+		}
+		switch block.Type {
+		case "EC PARAMETERS":
+			continue
+		case "ENCRYPTED PRIVATE KEY":
+			return invalid("the private key is encrypted (PKCS#8 ENCRYPTED PRIVATE KEY); store it unencrypted with mode 0600")
+		}
+		if _, ok := block.Headers["Proc-Type"]; ok || block.Headers["DEK-Info"] != "" {
+			return invalid("the private key is encrypted (legacy PEM encryption); store it unencrypted with mode 0600")
+		}
+		if key != nil {
+			return invalid("more than one PEM block (%s, %s); the key file must hold one private key", key.Type, block.Type)
+		}
+		key = block
+	}
+	if bytes.Contains(rest, []byte("-----BEGIN")) {
+		return invalid("truncated or malformed PEM block")
+	}
+	if key == nil {
+		return invalid("no PEM private key block found")
+	}
+	var parsed any
+	var err error
+	switch key.Type {
+	case "PRIVATE KEY":
+		parsed, err = x509.ParsePKCS8PrivateKey(key.Bytes)
+	case "RSA PRIVATE KEY":
+		parsed, err = x509.ParsePKCS1PrivateKey(key.Bytes)
+	case "EC PRIVATE KEY":
+		parsed, err = x509.ParseECPrivateKey(key.Bytes)
+	default:
+		return invalid("PEM block type %q is not PRIVATE KEY, RSA PRIVATE KEY or EC PRIVATE KEY", key.Type)
+	}
+	if err != nil {
+		return invalid("PEM block %q does not hold a valid key of that format", key.Type)
+	}
+	unsupported := func(format string, args ...any) (crypto.Signer, error) {
+		return nil, &Error{Reason: ReasonKeyUnsupported, Err: fmt.Errorf(
+			format+"; Roles Anywhere keys must be RSA 2048..4096 bits or ECDSA P-256/P-384", args...)}
+	}
+	switch k := parsed.(type) {
+	case *rsa.PrivateKey:
+		if bits := k.N.BitLen(); bits < minRSABits || bits > maxRSABits {
+			return unsupported("found an RSA key of %d bits", bits)
+		}
+		return k, nil
+	case *ecdsa.PrivateKey:
+		if k.Curve != elliptic.P256() && k.Curve != elliptic.P384() {
+			return unsupported("found an ECDSA key on curve %s", k.Curve.Params().Name)
+		}
+		return k, nil
+	case ed25519.PrivateKey:
+		return unsupported("found an Ed25519 key")
+	default:
+		return unsupported("found a %T key", parsed)
+	}
+}
+
+func publicKeysEqual(a, b crypto.PublicKey) bool {
+	eq, ok := a.(interface{ Equal(crypto.PublicKey) bool })
+	return ok && eq.Equal(b)
+}
+
+// describeKey names a public key's type and size, e.g. "RSA 2048 bits".
+func describeKey(pub crypto.PublicKey) string {
+	switch k := pub.(type) {
+	case *rsa.PublicKey:
+		return fmt.Sprintf("RSA %d bits", k.N.BitLen())
+	case *ecdsa.PublicKey:
+		return "ECDSA " + k.Curve.Params().Name
+	case ed25519.PublicKey:
+		return "Ed25519"
+	}
+	return fmt.Sprintf("%T", pub)
+}
