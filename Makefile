@@ -66,12 +66,28 @@ bench: build
 	$(GO) test -run '^$$' -bench . -benchmem -count 1 ./proxy/ ./cache/
 	IMDSPROXY_BIN=$(CURDIR)/$(BIN) $(GO) test -run '^$$' -bench . -benchtime 5s -count 1 ./test/bench/
 
+# install: binary, systemd units (ExecStart rewritten to $(PREFIX)/bin),
+# sysusers and tmpfiles snippets and the example config. See docs/deploy.md.
+SYSTEMDDIR ?= /etc/systemd/system
+SYSUSERSDIR ?= /usr/lib/sysusers.d
+TMPFILESDIR ?= /usr/lib/tmpfiles.d
+UNITS := imdsproxy.service imdsproxy.socket imdsproxy-admin.socket
+
 install: build
 	install -D -m 0755 $(BIN) $(DESTDIR)$(PREFIX)/bin/imdsproxy
+	for u in $(UNITS); do \
+		install -d $(DESTDIR)$(SYSTEMDDIR) && \
+		sed 's|/usr/local/bin/imdsproxy|$(PREFIX)/bin/imdsproxy|g' systemd/$$u > $(DESTDIR)$(SYSTEMDDIR)/$$u && \
+		chmod 0644 $(DESTDIR)$(SYSTEMDDIR)/$$u || exit 1; \
+	done
+	install -D -m 0644 systemd/imdsproxy.sysusers $(DESTDIR)$(SYSUSERSDIR)/imdsproxy.conf
+	install -D -m 0644 systemd/imdsproxy.tmpfiles $(DESTDIR)$(TMPFILESDIR)/imdsproxy.conf
 	install -D -m 0644 systemd/config.example.yaml $(DESTDIR)/etc/imdsproxy/config.example.yaml
 
 uninstall:
 	rm -f $(DESTDIR)$(PREFIX)/bin/imdsproxy $(DESTDIR)/etc/imdsproxy/config.example.yaml
+	rm -f $(addprefix $(DESTDIR)$(SYSTEMDDIR)/,$(UNITS))
+	rm -f $(DESTDIR)$(SYSUSERSDIR)/imdsproxy.conf $(DESTDIR)$(TMPFILESDIR)/imdsproxy.conf
 
 clean:
 	rm -rf bin

@@ -116,12 +116,18 @@ type Config struct {
 	// InstanceProfileARN is served by iam/info. Empty means derived from the
 	// served credentials: arn:<partition>:iam::<account>:instance-profile/<RoleName>.
 	InstanceProfileARN string
+	// TokenKey is the HMAC key of IMDSv2 session tokens, TokenKeySize bytes:
+	// processes given the same key accept each other's tokens, so tokens
+	// survive a restart. Nil: a random key per Server. Read by New only;
+	// Update ignores it. Keep it secret: it mints tokens.
+	TokenKey []byte
 }
 
 var roleNameRE = regexp.MustCompile(`^[\w+=,.@-]{1,64}$`)
 
 // normalize validates c and returns a private copy with defaults applied.
 func (c Config) normalize() (Config, error) {
+	c.TokenKey = nil // used once by New; not kept in the running state
 	if !roleNameRE.MatchString(c.RoleName) {
 		return Config{}, fmt.Errorf("proxy: invalid role name %q: want 1..64 of [A-Za-z0-9+=,.@_-]", c.RoleName)
 	}
@@ -215,7 +221,7 @@ func New(cfg Config, src CredentialSource, log *zap.Logger, reg prometheus.Regis
 	if log == nil {
 		log = zap.NewNop()
 	}
-	minter, err := newTokenMinter()
+	minter, err := newTokenMinter(cfg.TokenKey)
 	if err != nil {
 		return nil, err
 	}
@@ -285,7 +291,10 @@ func (s *Server) Update(cfg Config) error {
 func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 	cfg := s.state.Load().cfg
 	errLog, _ := zap.NewStdLogAt(s.log.Named("http"), zap.WarnLevel)
+	ln = &onceCloseListener{Listener: ln}
+	var fresh freshConns
 	srv := &http.Server{
+		ConnState:         fresh.track,
 		Handler:           s.handler,
 		ReadHeaderTimeout: readHeaderTimeout,
 		ReadTimeout:       readTimeout,
@@ -302,6 +311,13 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 		return fmt.Errorf("proxy: serve: %w", err)
 	case <-ctx.Done():
 	}
+	// http.Server.Shutdown drops, unanswered, the first request of a
+	// connection accepted but not yet read when it starts. So stop
+	// accepting first and give such connections a moment to send their
+	// request: on a hand-off (socket activation) the next process accepts
+	// the new connections meanwhile, and no request is lost.
+	_ = ln.Close()
+	fresh.wait(freshConnWait)
 	wait := max(minShutdownWait, cfg.UpstreamTimeout+time.Second)
 	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), wait)
 	defer cancel()
@@ -688,4 +704,55 @@ func (r *recorder) code() int {
 		return http.StatusOK
 	}
 	return r.status
+}
+
+// freshConnWait bounds how long Serve waits, at shutdown, for accepted
+// connections to send their first request.
+const freshConnWait = time.Second
+
+// freshConns counts connections accepted whose first request has not been
+// read yet (http.StateNew).
+type freshConns struct {
+	mu sync.Mutex
+	m  map[net.Conn]struct{}
+}
+
+func (f *freshConns) track(c net.Conn, st http.ConnState) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if st == http.StateNew {
+		if f.m == nil {
+			f.m = map[net.Conn]struct{}{}
+		}
+		f.m[c] = struct{}{}
+		return
+	}
+	delete(f.m, c)
+}
+
+// wait returns when no connection is fresh, or after at most d.
+func (f *freshConns) wait(d time.Duration) {
+	deadline := time.Now().Add(d)
+	for time.Now().Before(deadline) {
+		f.mu.Lock()
+		n := len(f.m)
+		f.mu.Unlock()
+		if n == 0 {
+			return
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
+}
+
+// onceCloseListener makes a second Close a no-op, so that Shutdown does not
+// report the listener Serve already closed.
+type onceCloseListener struct {
+	net.Listener
+	once sync.Once
+	err  error
+}
+
+func (l *onceCloseListener) Close() error {
+	l.once.Do(func() { l.err = l.Listener.Close() })
+	return l.err
 }

@@ -224,7 +224,7 @@ func TestAuth(t *testing.T) {
 				case garbage:
 					r.Header.Set(headerToken, "AQAEAgarbage")
 				case forged:
-					other, _ := newTokenMinter()
+					other, _ := newTokenMinter(nil)
 					tok, _, _ := other.mint(t0, 300)
 					r.Header.Set(headerToken, tok)
 				case twoHeaders:

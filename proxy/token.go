@@ -18,12 +18,13 @@ import (
 //	version (1 byte) | expiry (8 bytes, big-endian unix seconds) |
 //	nonce (16 random bytes) | HMAC-SHA256(key, the preceding 25 bytes)
 //
-// where key is 32 random bytes drawn once per process. That is 57 bytes, 76
+// where key is 32 random bytes drawn once per process, or Config.TokenKey. That is 57 bytes, 76
 // header-safe characters ([A-Za-z0-9_-], never CR or LF). The full 32-byte MAC
 // is kept (no truncation); the nonce only makes tokens issued in the same
 // second distinct. Nothing is stored per token, so memory does not grow with
-// the token request rate; a restart of the daemon invalidates every token (SDKs
-// answer the resulting 401 with a new PUT).
+// the token request rate. With a random key a restart of the daemon
+// invalidates every token (SDKs answer the resulting 401 with a new PUT); with
+// Config.TokenKey shared by successive processes tokens survive a restart.
 
 const (
 	// minTokenTTL and maxTokenTTL bound X-aws-ec2-metadata-token-ttl-seconds, in seconds.
@@ -59,10 +60,22 @@ type tokenMinter struct {
 	macs sync.Pool
 }
 
-func newTokenMinter() (*tokenMinter, error) {
+// TokenKeySize is the length in bytes of Config.TokenKey.
+const TokenKeySize = 32
+
+// newTokenMinter returns a minter with the given key (TokenKeySize bytes), or
+// with a random one when key is nil.
+func newTokenMinter(key []byte) (*tokenMinter, error) {
 	m := &tokenMinter{}
-	if _, err := rand.Read(m.key[:]); err != nil {
-		return nil, fmt.Errorf("proxy: token key: %w", err)
+	switch {
+	case key == nil:
+		if _, err := rand.Read(m.key[:]); err != nil {
+			return nil, fmt.Errorf("proxy: token key: %w", err)
+		}
+	case len(key) == TokenKeySize:
+		copy(m.key[:], key)
+	default:
+		return nil, fmt.Errorf("proxy: token key is %d bytes, want %d", len(key), TokenKeySize)
 	}
 	m.macs.New = func() any { return hmac.New(sha256.New, m.key[:]) }
 	return m, nil

@@ -43,7 +43,7 @@ func TestParseTTL(t *testing.T) {
 }
 
 func TestTokenFormat(t *testing.T) {
-	m, err := newTokenMinter()
+	m, err := newTokenMinter(nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -69,8 +69,8 @@ func TestTokenFormat(t *testing.T) {
 }
 
 func TestTokenVerify(t *testing.T) {
-	m, _ := newTokenMinter()
-	other, _ := newTokenMinter()
+	m, _ := newTokenMinter(nil)
+	other, _ := newTokenMinter(nil)
 	issued := t0 // 12:00:00.5
 	tok, exp, err := m.mint(issued, 300)
 	if err != nil {
@@ -122,7 +122,7 @@ func TestTokenVerify(t *testing.T) {
 // TestTokenNeverExpiresEarly checks every TTL at whole and fractional issue
 // times: a token is valid for at least its full TTL.
 func TestTokenNeverExpiresEarly(t *testing.T) {
-	m, _ := newTokenMinter()
+	m, _ := newTokenMinter(nil)
 	for _, frac := range []time.Duration{0, 1, 500 * time.Millisecond, time.Second - 1} {
 		issued := time.Unix(1_800_000_000, 0).Add(frac)
 		for _, ttl := range []int{1, 2, 300, 21599, 21600} {
@@ -230,7 +230,7 @@ func FuzzTokenTTLHeader(f *testing.F) {
 }
 
 func FuzzTokenVerify(f *testing.F) {
-	m, err := newTokenMinter()
+	m, err := newTokenMinter(nil)
 	if err != nil {
 		f.Fatal(err)
 	}

@@ -26,25 +26,28 @@ const maxConfigSize = 1 << 20
 // are an error. The zero value is not valid; use loadConfig or parseConfig,
 // which apply defaults and validate.
 type Config struct {
-	Listen          string         `yaml:"listen"`
-	AdminListen     string         `yaml:"admin_listen"`
-	Upstream        string         `yaml:"upstream"`
-	UpstreamTimeout Duration       `yaml:"upstream_timeout"`
-	Region          string         `yaml:"region"`
-	IMDS            IMDSConfig     `yaml:"imds"`
-	Role            RoleConfig     `yaml:"role"`
-	Source          string         `yaml:"source"`
-	Identity        IdentityConfig `yaml:"identity"`
-	Federation      FederationCfg  `yaml:"federation"`
-	RolesAnywhere   RolesAnywhere  `yaml:"roles_anywhere"`
-	Rollout         RolloutConfig  `yaml:"rollout"`
-	Cache           CacheConfig    `yaml:"cache"`
+	Listen          string          `yaml:"listen"`
+	AdminListen     string          `yaml:"admin_listen"`
+	Upstream        string          `yaml:"upstream"`
+	UpstreamTimeout Duration        `yaml:"upstream_timeout"`
+	Region          string          `yaml:"region"`
+	IMDS            IMDSConfig      `yaml:"imds"`
+	Role            RoleConfig      `yaml:"role"`
+	Source          string          `yaml:"source"`
+	Identity        IdentityConfig  `yaml:"identity"`
+	Federation      FederationCfg   `yaml:"federation"`
+	RolesAnywhere   RolesAnywhere   `yaml:"roles_anywhere"`
+	AssumeRole      AssumeRoleCfg   `yaml:"assume_role"`
+	Rollout         RolloutConfig   `yaml:"rollout"`
+	Cache           CacheConfig     `yaml:"cache"`
+	Intercept       InterceptConfig `yaml:"intercept"` // see intercept.go
 }
 
 // IMDSConfig is the `imds:` section.
 type IMDSConfig struct {
-	Tokens   string `yaml:"tokens"`
-	HopLimit int    `yaml:"hop_limit"`
+	Tokens       string `yaml:"tokens"`
+	HopLimit     int    `yaml:"hop_limit"`
+	TokenKeyFile string `yaml:"token_key_file"` // see intercept.go, lifecycle.go
 }
 
 // RoleConfig is the `role:` section.
@@ -60,6 +63,8 @@ type IdentityConfig struct {
 	JWTFile    string      `yaml:"jwt_file"`
 	JWTCommand []string    `yaml:"jwt_command"`
 	JWTURL     string      `yaml:"jwt_url"`
+	CAFile     string      `yaml:"ca_file"` // extra CA bundle for jwt_url
+	Timeout    Duration    `yaml:"timeout"` // bound on jwt_command / jwt_url
 	X509       *X509Config `yaml:"x509"`
 }
 
@@ -80,6 +85,14 @@ type FederationCfg struct {
 type RolesAnywhere struct {
 	TrustAnchorARN string `yaml:"trust_anchor_arn"`
 	ProfileARN     string `yaml:"profile_arn"`
+}
+
+// AssumeRoleCfg is the `assume_role:` section (source assume-role).
+type AssumeRoleCfg struct {
+	Base           string            `yaml:"base"` // instance-profile | sdk-chain
+	ExternalID     string            `yaml:"external_id"`
+	SourceIdentity string            `yaml:"source_identity"`
+	Tags           map[string]string `yaml:"tags"`
 }
 
 // RolloutConfig is the `rollout:` section.
@@ -117,8 +130,7 @@ func (d Duration) MarshalYAML() (any, error) { return time.Duration(d).String(),
 
 // Sources this build can serve, and all sources of the contract.
 var (
-	implementedSources = map[string]bool{"web-identity": true}
-	knownSources       = []string{"web-identity", "federation", "roles-anywhere", "assume-role", "instance-profile"}
+	knownSources = []string{"web-identity", "federation", "roles-anywhere", "assume-role", "instance-profile"}
 )
 
 func defaultConfig() Config {
@@ -246,6 +258,22 @@ func checkNode(n *yaml.Node, t reflect.Type, path string) error {
 				return err
 			}
 		}
+	case t.Kind() == reflect.Map:
+		if n.Kind != yaml.MappingNode {
+			return fmt.Errorf("config: line %d: %s: must be a mapping", n.Line, name(path))
+		}
+		seen := map[string]bool{}
+		for i := 0; i+1 < len(n.Content); i += 2 {
+			k, v := n.Content[i], n.Content[i+1]
+			key := joinPath(path, k.Value)
+			if k.Kind != yaml.ScalarNode || seen[k.Value] {
+				return fmt.Errorf("config: line %d: %s: keys must be distinct strings", k.Line, key)
+			}
+			seen[k.Value] = true
+			if err := checkNode(v, t.Elem(), key); err != nil {
+				return err
+			}
+		}
 	case t.Kind() == reflect.String:
 		if n.Kind != yaml.ScalarNode {
 			return fmt.Errorf("config: line %d: %s: must be a string", n.Line, name(path))
@@ -304,6 +332,9 @@ var (
 // validate checks every value and fills derived defaults (role.name). Every
 // error names the offending key.
 func (c *Config) validate() error {
+	if err := c.validateDeployment(); err != nil { // intercept.go
+		return err
+	}
 	for key, addr := range map[string]string{"listen": c.Listen, "admin_listen": c.AdminListen} {
 		if _, port, err := net.SplitHostPort(addr); err != nil || port == "" {
 			return fmt.Errorf("config: %s: %q is not a host:port address", key, addr)
@@ -331,17 +362,19 @@ func (c *Config) validate() error {
 	if !slices.Contains(knownSources, c.Source) {
 		return fmt.Errorf("config: source: %q is not one of %s", c.Source, strings.Join(knownSources, ", "))
 	}
-	if !implementedSources[c.Source] {
-		return fmt.Errorf("config: source: %q is not supported by this build yet (supported: web-identity)", c.Source)
-	}
 	m := roleARNRe.FindStringSubmatch(c.Role.ARN)
-	if m == nil {
+	switch {
+	case m != nil:
+		if c.Role.Name == "" {
+			c.Role.Name = m[1]
+		}
+	case c.Source == "instance-profile" && c.Role.ARN == "":
+		// The role is the instance profile's; its name is discovered from
+		// upstream at start unless role.name is set.
+	default:
 		return fmt.Errorf("config: role.arn: %q is not an IAM role ARN such as arn:aws:iam::222222222222:role/app", c.Role.ARN)
 	}
-	if c.Role.Name == "" {
-		c.Role.Name = m[1]
-	}
-	if !roleNameRe.MatchString(c.Role.Name) {
+	if c.Role.Name != "" && !roleNameRe.MatchString(c.Role.Name) {
 		return fmt.Errorf("config: role.name: %q may hold only letters, digits and _+=,.@- (1 to 64)", c.Role.Name)
 	}
 	if c.Role.SessionName != "" && !sessionNameRe.MatchString(c.Role.SessionName) {
@@ -362,33 +395,6 @@ func (c *Config) validate() error {
 	}
 	if cc.ExpiryMargin.D() >= c.Role.Duration.D()/2 {
 		return fmt.Errorf("config: cache.expiry_margin: %s must be less than half of role.duration", cc.ExpiryMargin.D())
-	}
-	return nil
-}
-
-func (c *Config) validateIdentity() error {
-	id := c.Identity
-	set := 0
-	for _, b := range []bool{id.JWTFile != "", len(id.JWTCommand) > 0, id.JWTURL != "", id.X509 != nil} {
-		if b {
-			set++
-		}
-	}
-	if set > 1 {
-		return errors.New("config: identity: set exactly one of jwt_file, jwt_command, jwt_url, x509")
-	}
-	switch c.Source {
-	case "web-identity":
-		switch {
-		case id.JWTFile != "":
-			if !strings.HasPrefix(id.JWTFile, "/") {
-				return fmt.Errorf("config: identity.jwt_file: %q must be an absolute path", id.JWTFile)
-			}
-		case len(id.JWTCommand) > 0, id.JWTURL != "":
-			return errors.New("config: identity: jwt_command and jwt_url are not supported by this build yet; use identity.jwt_file")
-		default:
-			return errors.New("config: identity.jwt_file: required for source web-identity")
-		}
 	}
 	return nil
 }

@@ -46,6 +46,11 @@ func TestDefaultsAndDerivedValues(t *testing.T) {
 // TestBadConfigsNameTheKey checks that every refusal names the offending key.
 func TestBadConfigsNameTheKey(t *testing.T) {
 	base := "role: {arn: \"arn:aws:iam::222222222222:role/app\"}\nidentity: {jwt_file: /run/t.jwt}\n"
+	const (
+		raAnchor  = "arn:aws:rolesanywhere:us-east-1:222222222222:trust-anchor/0b8c3f1e-1111-2222-3333-444455556666"
+		raProfile = "arn:aws:rolesanywhere:us-east-1:222222222222:profile/7c9a1b2c-1111-2222-3333-444455556666"
+	)
+	raBase := "role: {arn: \"arn:aws:iam::222222222222:role/app\"}\nsource: roles-anywhere\nidentity: {x509: {cert: /c.pem, key: /k.pem}}\n"
 	cases := []struct {
 		name, yaml, wantKey string
 	}{
@@ -63,7 +68,24 @@ func TestBadConfigsNameTheKey(t *testing.T) {
 		{"bad role name", "role: {arn: \"arn:aws:iam::222222222222:role/app\", name: \"a/b\"}\nidentity: {jwt_file: /run/t.jwt}\n", "role.name"},
 		{"bad session name", "role: {arn: \"arn:aws:iam::222222222222:role/app\", session_name: \"has space\"}\nidentity: {jwt_file: /run/t.jwt}\n", "role.session_name"},
 		{"unknown source", base + "source: magic\n", "source"},
-		{"unimplemented source", base + "source: federation\n", "source"},
+		{"federation without url", base + "source: federation\n", "federation.url"},
+		{"federation plain http", base + "source: federation\nfederation: {url: \"http://creds.internal/v1\"}\n", "federation.url"},
+		{"federation relative ca", base + "source: federation\nfederation: {url: \"https://creds.internal/v1\", ca_file: ca.pem}\n", "federation.ca_file"},
+		{"roles anywhere without x509", base + "source: roles-anywhere\n", "identity.x509"},
+		{"roles anywhere bad anchor", raBase + "roles_anywhere: {trust_anchor_arn: nope, profile_arn: " + raProfile + "}\n", "roles_anywhere.trust_anchor_arn"},
+		{"roles anywhere bad profile", raBase + "roles_anywhere: {trust_anchor_arn: " + raAnchor + ", profile_arn: nope}\n", "roles_anywhere.profile_arn"},
+		{"roles anywhere regions differ", raBase + "roles_anywhere: {trust_anchor_arn: " + raAnchor + ", profile_arn: " + strings.Replace(raProfile, "us-east-1", "eu-west-1", 1) + "}\n", "roles_anywhere.profile_arn"},
+		{"roles anywhere relative key", "role: {arn: \"arn:aws:iam::222222222222:role/app\"}\nsource: roles-anywhere\nidentity: {x509: {cert: /c.pem, key: k.pem}}\n", "identity.x509.key"},
+		{"assume role with jwt", base + "source: assume-role\n", "identity.jwt_file"},
+		{"assume role bad base", "role: {arn: \"arn:aws:iam::222222222222:role/app\"}\nsource: assume-role\nassume_role: {base: magic}\n", "assume_role.base"},
+		{"assume role aws tag", "role: {arn: \"arn:aws:iam::222222222222:role/app\"}\nsource: assume-role\nassume_role: {tags: {\"aws:x\": y}}\n", "assume_role.tags"},
+		{"assume role tags not a map", "role: {arn: \"arn:aws:iam::222222222222:role/app\"}\nsource: assume-role\nassume_role: {tags: [a]}\n", "assume_role.tags"},
+		{"assume role bad source identity", "role: {arn: \"arn:aws:iam::222222222222:role/app\"}\nsource: assume-role\nassume_role: {source_identity: \"a b\"}\n", "assume_role.source_identity"},
+		{"instance profile with x509", "source: instance-profile\nidentity: {x509: {cert: /c, key: /k}}\n", "identity.x509"},
+		{"jwt command relative", "role: {arn: \"arn:aws:iam::222222222222:role/app\"}\nidentity: {jwt_command: [mint]}\n", "identity.jwt_command"},
+		{"jwt url plain http", "role: {arn: \"arn:aws:iam::222222222222:role/app\"}\nidentity: {jwt_url: \"http://issuer.internal/t\"}\n", "identity.jwt_url"},
+		{"ca file without url", "role: {arn: \"arn:aws:iam::222222222222:role/app\"}\nidentity: {jwt_file: /t, ca_file: /ca.pem}\n", "identity.ca_file"},
+		{"identity timeout", "role: {arn: \"arn:aws:iam::222222222222:role/app\"}\nidentity: {jwt_command: [/bin/mint], timeout: 10m}\n", "identity.timeout"},
 		{"no identity", "role: {arn: \"arn:aws:iam::222222222222:role/app\"}\n", "identity.jwt_file"},
 		{"relative jwt path", "role: {arn: \"arn:aws:iam::222222222222:role/app\"}\nidentity: {jwt_file: token.jwt}\n", "identity.jwt_file"},
 		{"two identities", "role: {arn: \"arn:aws:iam::222222222222:role/app\"}\nidentity: {jwt_file: /a, jwt_url: https://x}\n", "identity"},
@@ -138,7 +160,7 @@ func FuzzParseConfig(f *testing.F) {
 		if err := cfg.validate(); err != nil {
 			t.Fatalf("accepted config fails validation: %v", err)
 		}
-		if cfg.Role.Name == "" || cfg.IMDS.HopLimit < 1 || cfg.IMDS.HopLimit > 64 {
+		if (cfg.Role.Name == "" && cfg.Source != "instance-profile") || cfg.IMDS.HopLimit < 1 || cfg.IMDS.HopLimit > 64 {
 			t.Fatalf("accepted config with bad values: %+v", cfg)
 		}
 	})
@@ -147,7 +169,7 @@ func FuzzParseConfig(f *testing.F) {
 // TestDocumentedExamples parses every YAML example of the operator docs, so
 // the docs cannot drift from the code.
 func TestDocumentedExamples(t *testing.T) {
-	for _, doc := range []string{"../../docs/configuration.md", "../../README.md"} {
+	for _, doc := range []string{"../../docs/configuration.md", "../../README.md", "../../docs/federation.md"} {
 		data, err := os.ReadFile(doc)
 		if err != nil {
 			t.Fatal(err)
@@ -170,17 +192,19 @@ func TestDocumentedExamples(t *testing.T) {
 func yamlBlocks(md string) []string {
 	var out []string
 	var cur []string
+	indent := ""
 	in := false
 	for _, line := range strings.Split(md, "\n") {
 		trimmed := strings.TrimSpace(line)
 		switch {
 		case !in && trimmed == "```yaml":
 			in, cur = true, nil
+			indent = line[:len(line)-len(strings.TrimLeft(line, " "))]
 		case in && trimmed == "```":
 			in = false
 			out = append(out, strings.Join(cur, "\n"))
 		case in:
-			cur = append(cur, strings.TrimPrefix(line, "   "))
+			cur = append(cur, strings.TrimPrefix(line, indent))
 		}
 	}
 	return out

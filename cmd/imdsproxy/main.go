@@ -45,6 +45,7 @@ AWS SDKs the credentials of this host's workload role.
 Usage:
   imdsproxy serve --config FILE [--log-format json|console] [--log-level LEVEL]
   imdsproxy check-config FILE
+  imdsproxy intercept install|remove|status [--config FILE]
   imdsproxy version
   imdsproxy help
 
@@ -54,6 +55,9 @@ Commands:
                 /readyz /debug/cache). SIGHUP reloads the config (a bad file is
                 refused and the running config kept); SIGTERM drains and exits 0.
   check-config  validate a config file; on error name the offending key and exit 3.
+  intercept     install, remove or check the nftables rules that redirect
+                169.254.169.254:80 and [fd00:ec2::254]:80 to the daemon (needs
+                CAP_NET_ADMIN; see docs/deploy.md).
   version       print the version.
 
 The daemon's own AWS calls honour AWS_REGION, AWS_ENDPOINT_URL_STS and
@@ -74,6 +78,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		return runServe(ctx, args[1:], stdout, stderr)
 	case "check-config":
 		return runCheckConfig(args[1:], stdout, stderr)
+	case "intercept":
+		return runIntercept(args[1:], stdout, stderr)
 	case "version", "--version", "-version":
 		fmt.Fprintln(stdout, versionString())
 		return exitOK
@@ -108,8 +114,12 @@ func runCheckConfig(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "imdsproxy: %v\n", err)
 		return exitConfig
 	}
-	fmt.Fprintf(stdout, "%s: ok (source %s, role %s listed as %q, listen %s, admin %s)\n",
-		*path, cfg.Source, cfg.Role.ARN, cfg.Role.Name, cfg.Listen, cfg.AdminListen)
+	role := fmt.Sprintf("role %s listed as %q", cfg.Role.ARN, cfg.Role.Name)
+	if cfg.Role.Name == "" {
+		role = "the instance profile's role, its name read from upstream at start"
+	}
+	fmt.Fprintf(stdout, "%s: ok (source %s, %s, listen %s, admin %s)\n",
+		*path, cfg.Source, role, cfg.Listen, cfg.AdminListen)
 	return exitOK
 }
 

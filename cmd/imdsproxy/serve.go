@@ -27,8 +27,8 @@ import (
 	"github.com/imdsproxy/imdsproxy/cache"
 	"github.com/imdsproxy/imdsproxy/creds"
 	"github.com/imdsproxy/imdsproxy/exchange"
+	"github.com/imdsproxy/imdsproxy/intercept"
 	"github.com/imdsproxy/imdsproxy/proxy"
-	"github.com/imdsproxy/imdsproxy/token"
 )
 
 const defaultConfigPath = "/etc/imdsproxy/config.yaml"
@@ -120,6 +120,8 @@ type daemon struct {
 
 	reloadOK   prometheus.Gauge
 	reloadTime prometheus.Gauge
+
+	interceptMetrics *intercept.Metrics // lifecycle.go
 }
 
 func newDaemon(ctx context.Context, path string, cfg Config, log *zap.Logger) (*daemon, error) {
@@ -142,7 +144,12 @@ func newDaemon(ctx context.Context, path string, cfg Config, log *zap.Logger) (*
 		Help: "Unix time of the last successful configuration load.",
 	})
 	d.reg.MustRegister(buildInfo, d.reloadOK, d.reloadTime)
+	d.interceptMetrics = newInterceptMetrics(d.reg) // lifecycle.go
 
+	if err := resolveRoleName(ctx, &cfg, log); err != nil {
+		return nil, err
+	}
+	d.cfg = cfg
 	d.sessionName = resolveSessionName(ctx, cfg)
 	f, gen, err := d.buildFetcher(ctx, cfg, d.sessionName)
 	if err != nil {
@@ -157,7 +164,11 @@ func newDaemon(ctx context.Context, path string, cfg Config, log *zap.Logger) (*
 	if err != nil {
 		return nil, fmt.Errorf("cache: %w", err)
 	}
-	d.proxy, err = proxy.New(proxyConfig(cfg), d.cache, log.Named("proxy"), d.reg)
+	pcfg := proxyConfig(cfg)
+	if pcfg.TokenKey, err = loadTokenKey(cfg.IMDS.TokenKeyFile); err != nil { // lifecycle.go
+		return nil, err
+	}
+	d.proxy, err = proxy.New(pcfg, d.cache, log.Named("proxy"), d.reg)
 	if err != nil {
 		return nil, fmt.Errorf("proxy: %w", err)
 	}
@@ -193,26 +204,6 @@ func resolveSessionName(ctx context.Context, cfg Config) string {
 	ctx, cancel := context.WithTimeout(ctx, 3*time.Second)
 	defer cancel()
 	return exchange.SessionName(ctx, cfg.Role.SessionName, cfg.Upstream)
-}
-
-// buildFetcher builds the identity source and the exchange for cfg. Their
-// metrics go to a registry of their own, returned to be swapped in with them.
-func (d *daemon) buildFetcher(ctx context.Context, cfg Config, sessionName string) (cache.Fetcher, *prometheus.Registry, error) {
-	gen := prometheus.NewRegistry()
-	tok, err := token.NewFile(cfg.Identity.JWTFile, token.FileOptions{}, d.log.Named("token"), gen)
-	if err != nil {
-		return nil, nil, fmt.Errorf("identity: %w", err)
-	}
-	wi, err := exchange.NewWebIdentity(ctx, exchange.WebIdentityConfig{
-		RoleARN:     cfg.Role.ARN,
-		SessionName: sessionName,
-		Duration:    cfg.Role.Duration.D(),
-		Region:      cfg.Region,
-	}, tok, d.log.Named("exchange"))
-	if err != nil {
-		return nil, nil, err
-	}
-	return wi, gen, nil
 }
 
 // run opens both listeners, then runs every task until ctx ends or one fails.
@@ -300,6 +291,9 @@ func (d *daemon) reloadLoop(ctx context.Context) {
 func (d *daemon) reload(ctx context.Context) error {
 	next, err := loadConfig(d.path)
 	if err != nil {
+		return err
+	}
+	if err := resolveRoleName(ctx, &next, d.log); err != nil {
 		return err
 	}
 	d.mu.Lock()
