@@ -27,6 +27,7 @@ func (d *daemon) adminHandler() http.Handler {
 	})
 	mux.HandleFunc("GET /readyz", d.handleReady)
 	mux.HandleFunc("GET /debug/cache", d.handleDebugCache)
+	mux.HandleFunc("GET /debug/status", d.handleDebugStatus)
 	return mux
 }
 
@@ -42,8 +43,9 @@ func (d *daemon) gatherer() prometheus.Gatherer {
 // valid, and why not.
 func (d *daemon) readiness() (bool, string) {
 	role := *d.roleName.Load()
+	key := d.servedKey()
 	for _, e := range d.cache.Snapshot() {
-		if e.Key != role {
+		if e.Key != key {
 			continue
 		}
 		switch {
@@ -131,4 +133,51 @@ func writeText(w http.ResponseWriter, status int, body string) {
 	w.Header().Set("Cache-Control", "no-store")
 	w.WriteHeader(status)
 	_, _ = w.Write([]byte(body))
+}
+
+// statusCacheEntry is one cache entry of /debug/status.
+type statusCacheEntry struct {
+	Key         string `json:"key"`
+	AccessKeyID string `json:"access_key_id"`
+	Expires     string `json:"expires,omitempty"`
+	NextRefresh string `json:"next_refresh,omitempty"`
+	LastError   string `json:"last_error"`
+	ErrorClass  string `json:"error_class"`
+	Valid       bool   `json:"valid"`
+}
+
+// handleDebugStatus serves the summary `imdsproxy status` prints: readiness,
+// the rollout decision and the cache, never a secret.
+func (d *daemon) handleDebugStatus(w http.ResponseWriter, _ *http.Request) {
+	cfg := d.config()
+	ready, why := d.readiness()
+	out := struct {
+		Ready          bool               `json:"ready"`
+		ReadyReason    string             `json:"ready_reason"`
+		Version        string             `json:"version"`
+		Source         string             `json:"source"`
+		RoleARN        string             `json:"role_arn"`
+		RoleName       string             `json:"role_name"`
+		Rollout        any                `json:"rollout"`
+		ServedRoleName string             `json:"served_role_name"`
+		Cache          []statusCacheEntry `json:"cache"`
+	}{
+		Ready: ready, ReadyReason: why, Version: buildVersion(), Source: cfg.Source,
+		RoleARN: cfg.Role.ARN, RoleName: cfg.Role.Name, Rollout: d.rolloutStatus(),
+		ServedRoleName: *d.roleName.Load(), Cache: []statusCacheEntry{},
+	}
+	for _, e := range d.cache.Snapshot() {
+		out.Cache = append(out.Cache, statusCacheEntry{
+			Key: e.Key, AccessKeyID: e.AccessKeyID, Expires: rfc3339(e.Expires), NextRefresh: rfc3339(e.NextRefresh),
+			LastError: e.LastError, ErrorClass: e.ErrorClass, Valid: e.Valid,
+		})
+	}
+	body, err := json.MarshalIndent(out, "", "  ")
+	if err != nil {
+		writeText(w, http.StatusInternalServerError, "cannot encode the status\n")
+		return
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("Cache-Control", "no-store")
+	_, _ = w.Write(append(body, '\n'))
 }

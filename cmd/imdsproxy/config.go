@@ -97,7 +97,12 @@ type AssumeRoleCfg struct {
 
 // RolloutConfig is the `rollout:` section.
 type RolloutConfig struct {
-	Policy string `yaml:"policy"`
+	Policy         string   `yaml:"policy"` // path | https:// URL | s3://bucket/key; "" = no rollout
+	PollInterval   Duration `yaml:"poll_interval"`
+	GroupTag       string   `yaml:"group_tag"`
+	Group          string   `yaml:"group"`
+	Fallback       string   `yaml:"fallback"` // none | instance-profile
+	ShadowInterval Duration `yaml:"shadow_interval"`
 }
 
 // CacheConfig is the `cache:` section: refresh and retry tuning.
@@ -384,6 +389,9 @@ func (c *Config) validate() error {
 		return fmt.Errorf("config: role.duration: %s is outside 15m..12h (the STS limits)", d)
 	}
 	if err := c.validateIdentity(); err != nil {
+		return err
+	}
+	if err := c.validateRollout(); err != nil { // rollout.go
 		return err
 	}
 	cc := c.Cache

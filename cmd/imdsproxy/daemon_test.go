@@ -153,6 +153,11 @@ func TestDaemonMetricsLintAndAdmin(t *testing.T) {
 			t.Errorf("documented metric %s is not exported", name)
 		}
 	}
+	code, status := td.get(t, "/debug/status")
+	if code != http.StatusOK || !strings.Contains(status, `"ready": true`) || !strings.Contains(status, issued.AccessKeyID) ||
+		!strings.Contains(status, `"enabled": false`) || strings.Contains(status, issued.SecretAccessKey) || strings.Contains(status, issued.SessionToken) {
+		t.Fatalf("debug/status = %d %s", code, status)
+	}
 	_, dbg := td.get(t, "/debug/cache")
 	if !strings.Contains(dbg, issued.AccessKeyID) || strings.Contains(dbg, issued.SecretAccessKey) || strings.Contains(dbg, issued.SessionToken) {
 		t.Fatalf("debug/cache must show the key id and no secret: %s", dbg)

@@ -122,6 +122,8 @@ type daemon struct {
 	reloadTime prometheus.Gauge
 
 	interceptMetrics *intercept.Metrics // lifecycle.go
+
+	rollout *rolloutState // nil unless rollout.policy is set (rollout_wire.go)
 }
 
 func newDaemon(ctx context.Context, path string, cfg Config, log *zap.Logger) (*daemon, error) {
@@ -160,15 +162,23 @@ func newDaemon(ctx context.Context, path string, cfg Config, log *zap.Logger) (*
 	name := cfg.Role.Name
 	d.roleName.Store(&name)
 
-	d.cache, err = cache.New(d.fetcher, cacheConfig(cfg), log.Named("cache"), d.reg)
+	fetcher, err := d.setupRollout(ctx, cfg, d.fetcher)
+	if err != nil {
+		return nil, err
+	}
+	d.cache, err = cache.New(fetcher, cacheConfig(cfg), log.Named("cache"), d.reg)
 	if err != nil {
 		return nil, fmt.Errorf("cache: %w", err)
 	}
-	pcfg := proxyConfig(cfg)
+	src, err := d.credentialSource(ctx, cfg)
+	if err != nil {
+		return nil, err
+	}
+	pcfg := d.proxyConfig(cfg)
 	if pcfg.TokenKey, err = loadTokenKey(cfg.IMDS.TokenKeyFile); err != nil { // lifecycle.go
 		return nil, err
 	}
-	d.proxy, err = proxy.New(pcfg, d.cache, log.Named("proxy"), d.reg)
+	d.proxy, err = proxy.New(pcfg, src, log.Named("proxy"), d.reg)
 	if err != nil {
 		return nil, fmt.Errorf("proxy: %w", err)
 	}
@@ -187,10 +197,12 @@ func cacheConfig(cfg Config) cache.Config {
 	}
 }
 
-func proxyConfig(cfg Config) proxy.Config {
+// proxyConfig is the IMDS API's part of cfg; the listed role is the one
+// currently served (the rollout may serve the instance profile's).
+func (d *daemon) proxyConfig(cfg Config) proxy.Config {
 	u, _ := url.Parse(cfg.Upstream) // validated in Config.validate
 	return proxy.Config{
-		RoleName:        cfg.Role.Name,
+		RoleName:        *d.roleName.Load(),
 		TokensRequired:  cfg.IMDS.Tokens == "required",
 		HopLimit:        cfg.IMDS.HopLimit,
 		Upstream:        u,
@@ -231,13 +243,13 @@ func (d *daemon) run(ctx context.Context) error {
 	g.Go(func() error { return serveAdmin(gctx, adminLn, d.adminHandler(), d.log) })
 	g.Go(func() error { return d.cache.Run(gctx) })
 	g.Go(func() error {
-		if d.prefetch(gctx) {
+		if d.startServing(gctx) {
 			notifyReady(d.log)
 		}
 		return nil
 	})
 	g.Go(func() error { d.reloadLoop(gctx); return nil })
-	for _, task := range d.backgroundTasks() {
+	for _, task := range append(d.backgroundTasks(), d.rolloutTasks()...) {
 		g.Go(func() error { return task(gctx) })
 	}
 	err = g.Wait()
@@ -245,10 +257,10 @@ func (d *daemon) run(ctx context.Context) error {
 	return err
 }
 
-// prefetch fills the cache for the current role; readiness waits for it. A
+// prefetch fills the cache for the served key; readiness waits for it. A
 // failure is already logged and scheduled for retry by the cache.
 func (d *daemon) prefetch(ctx context.Context) bool {
-	role := *d.roleName.Load()
+	role := d.servedKey()
 	if err := d.cache.Prefetch(ctx, role); err != nil {
 		if ctx.Err() == nil {
 			d.log.Warn("initial credential fetch failed; retrying in the background", zap.String("role_name", role), zap.Error(err))
@@ -307,6 +319,12 @@ func (d *daemon) reload(ctx context.Context) error {
 		d.log.Warn("cache settings take effect at restart")
 		next.Cache = prev.Cache
 	}
+	if d.rollout != nil || next.rolloutEnabled() {
+		if next.Rollout != prev.Rollout || next.Role.Name != prev.Role.Name {
+			d.log.Warn("rollout settings and role.name take effect at restart under a rollout; the policy itself is re-read now")
+			next.Rollout, next.Role.Name = prev.Rollout, prev.Role.Name
+		}
+	}
 	identityChanged := next.Source != prev.Source || next.Role != prev.Role || next.Region != prev.Region ||
 		!reflect.DeepEqual(next.Identity, prev.Identity)
 	if identityChanged {
@@ -318,17 +336,21 @@ func (d *daemon) reload(ctx context.Context) error {
 		if err != nil {
 			return err
 		}
-		if err := d.proxy.Update(proxyConfig(next)); err != nil {
+		prevName := *d.roleName.Load()
+		if d.rollout == nil {
+			name := next.Role.Name
+			d.roleName.Store(&name)
+		}
+		if err := d.proxy.Update(d.proxyConfig(next)); err != nil {
+			d.roleName.Store(&prevName)
 			return err
 		}
 		d.sessionName = session
 		d.fetcher.set(f)
 		d.gen.Store(gen)
-		name := next.Role.Name
-		d.roleName.Store(&name)
 		d.cache.Purge()
-		go d.prefetch(ctx)
-	} else if err := d.proxy.Update(proxyConfig(next)); err != nil {
+		go d.startServing(ctx)
+	} else if err := d.proxy.Update(d.proxyConfig(next)); err != nil {
 		return err
 	}
 	d.cfg = next
