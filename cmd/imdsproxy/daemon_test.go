@@ -52,9 +52,15 @@ type testDaemon struct {
 // given extra YAML appended to a working config.
 func startDaemon(t *testing.T, extra string) *testDaemon {
 	t.Helper()
+	return startDaemonWith(t, extra, http.NotFoundHandler())
+}
+
+// startDaemonWith is startDaemon with imds as the real IMDS.
+func startDaemonWith(t *testing.T, extra string, imds http.Handler) *testDaemon {
+	t.Helper()
 	issuer := oidc.Start(t)
 	fake := sts.Start(t, sts.Config{Issuer: issuer})
-	upstream := httptest.NewServer(http.NotFoundHandler())
+	upstream := httptest.NewServer(imds)
 	t.Cleanup(upstream.Close)
 	dir := t.TempDir()
 	tokenPath := filepath.Join(dir, "token.jwt")
@@ -149,6 +155,9 @@ func TestDaemonMetricsLintAndAdmin(t *testing.T) {
 		"imdsproxy_identity_certificate_expiry_timestamp_seconds": true,
 	}
 	for _, name := range documentedMetrics(t) {
+		if strings.HasPrefix(name, "imdsproxy_rollout_") {
+			continue // exported with a rollout policy: TestDaemonRollout
+		}
 		if !otherSources[name] && !strings.Contains(metrics, name) {
 			t.Errorf("documented metric %s is not exported", name)
 		}
@@ -260,4 +269,98 @@ func TestReadinessReportsPermanentErrors(t *testing.T) {
 		t.Fatalf("readiness = %v %q, want not ready naming access_denied", ok, why)
 	}
 	_ = zap.NewNop()
+}
+
+// standInIMDS is an IMDSv2 stand-in with an instance id, a group tag and
+// valid instance-profile credentials.
+func standInIMDS(t *testing.T) http.Handler {
+	t.Helper()
+	mux := http.NewServeMux()
+	mux.HandleFunc("PUT /latest/api/token", func(w http.ResponseWriter, _ *http.Request) {
+		w.Header().Set("X-aws-ec2-metadata-token-ttl-seconds", "21600")
+		_, _ = w.Write([]byte("upstream-token"))
+	})
+	text := func(body string) http.HandlerFunc {
+		return func(w http.ResponseWriter, r *http.Request) {
+			if r.Header.Get("X-aws-ec2-metadata-token") != "upstream-token" {
+				w.WriteHeader(http.StatusUnauthorized)
+				return
+			}
+			_, _ = w.Write([]byte(body))
+		}
+	}
+	mux.HandleFunc("GET /latest/meta-data/instance-id", text("i-0123456789abcdef0"))
+	mux.HandleFunc("GET /latest/meta-data/tags/instance/{key}", text("api-asg"))
+	mux.HandleFunc("GET /latest/meta-data/iam/security-credentials/", text("ip-role"))
+	mux.HandleFunc("GET /latest/meta-data/iam/info", text(`{"Code":"Success","LastUpdated":"2026-01-01T00:00:00Z","InstanceProfileArn":"arn:aws:iam::111111111111:instance-profile/ip-role","InstanceProfileId":"AIPAEXAMPLE"}`))
+	mux.HandleFunc("GET /latest/meta-data/iam/security-credentials/ip-role", func(w http.ResponseWriter, r *http.Request) {
+		text(fmt.Sprintf(`{"Code":"Success","LastUpdated":"2026-01-01T00:00:00Z","Type":"AWS-HMAC","AccessKeyId":"ASIAINSTANCEPROFILE1","SecretAccessKey":"ipsecret","Token":"iptoken","Expiration":%q}`,
+			time.Now().Add(6*time.Hour).UTC().Format(time.RFC3339)))(w, r)
+	})
+	return mux
+}
+
+// TestDaemonRollout wires a rollout in process: the policy decides what is
+// listed and served, a rewritten policy re-read on reload switches it, and
+// the rollout metrics are exported and lint-clean.
+func TestDaemonRollout(t *testing.T) {
+	policy := filepath.Join(t.TempDir(), "rollout.yaml")
+	if err := os.WriteFile(policy, []byte("version: v1\ndefault: off\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	td := startDaemonWith(t, fmt.Sprintf("rollout: {policy: %s, poll_interval: 1h}\n", policy), standInIMDS(t))
+	ctx := context.Background()
+	if !td.d.startServing(ctx) {
+		t.Fatal("instance-profile credentials not cached for stage off")
+	}
+	list := func() string {
+		put := httptest.NewRequest(http.MethodPut, "/latest/api/token", nil)
+		put.Header.Set("X-aws-ec2-metadata-token-ttl-seconds", "60")
+		rec := httptest.NewRecorder()
+		td.d.proxy.Handler().ServeHTTP(rec, put)
+		get := httptest.NewRequest(http.MethodGet, "/latest/meta-data/iam/security-credentials/", nil)
+		get.Header.Set("X-aws-ec2-metadata-token", rec.Body.String())
+		rec2 := httptest.NewRecorder()
+		td.d.proxy.Handler().ServeHTTP(rec2, get)
+		return rec2.Body.String()
+	}
+	if got := list(); got != "ip-role" {
+		t.Fatalf("stage off lists %q, want the instance profile's role", got)
+	}
+	if ok, why := td.d.readiness(); !ok {
+		t.Fatalf("not ready in stage off: %s", why)
+	}
+
+	if err := os.WriteFile(policy, []byte("version: v2\ndefault: off\ngroups: {api-asg: on}\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	td.d.reloadRolloutPolicy(ctx)
+	if !td.d.applyRollout(ctx) {
+		t.Fatal("workload credentials not cached for stage on")
+	}
+	if got := list(); got != "app" {
+		t.Fatalf("stage on lists %q, want the workload role", got)
+	}
+	_, status := td.get(t, "/debug/status")
+	for _, want := range []string{`"enabled": true`, `"stage": "on"`, `"group": "api-asg"`, `"version": "v2"`} {
+		if !strings.Contains(status, want) {
+			t.Errorf("debug/status lacks %s:\n%s", want, status)
+		}
+	}
+	problems, err := testutil.GatherAndLint(td.d.gatherer())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range problems {
+		t.Errorf("promlint: %s: %s", p.Metric, p.Text)
+	}
+	_, metrics := td.get(t, "/metrics")
+	for _, name := range documentedMetrics(t) {
+		if strings.HasPrefix(name, "imdsproxy_rollout_") && !strings.Contains(metrics, name) {
+			t.Errorf("documented metric %s is not exported under a rollout", name)
+		}
+	}
+	if strings.Contains(td.logs.String(), "ipsecret") || strings.Contains(metrics, "ipsecret") {
+		t.Fatal("the instance profile's secret reached the logs or metrics")
+	}
 }

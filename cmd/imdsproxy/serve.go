@@ -354,6 +354,7 @@ func (d *daemon) reload(ctx context.Context) error {
 		return err
 	}
 	d.cfg = next
+	d.reloadRolloutPolicy(ctx)
 	d.log.Info("configuration reloaded", zap.String("config", d.path), zap.Bool("identity_changed", identityChanged))
 	return nil
 }

@@ -1,0 +1,280 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"sync"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/imdsproxy/imdsproxy/cache"
+	"github.com/imdsproxy/imdsproxy/creds"
+	"github.com/imdsproxy/imdsproxy/exchange"
+	"github.com/imdsproxy/imdsproxy/proxy"
+	"github.com/imdsproxy/imdsproxy/rollout"
+)
+
+// ipKeyPrefix marks the cache key of the instance profile's credentials; a
+// role name cannot hold '/', so it never collides with the workload key.
+const ipKeyPrefix = "instance-profile/"
+
+// rolloutState is the daemon's rollout machinery: which credentials this
+// host serves, decided from the policy, the host's group and its bucket.
+type rolloutState struct {
+	cfg         RolloutConfig
+	host        rollout.Host
+	bucket      int
+	fallback    rollout.Fallback
+	workloadKey string
+	ipRole      string // the role the real IMDS lists
+	ipKey       string
+	ipFetcher   *exchange.InstanceProfile
+	loader      *rollout.Loader
+	selector    *rollout.Selector
+	verifier    *exchange.CallerIdentity
+
+	mu sync.Mutex // serialises apply
+}
+
+// offPolicy is served until a policy has been loaded: the zero policy puts
+// every host off, so it keeps the instance profile's credentials, as before
+// the rollout.
+var offPolicy = &rollout.Policy{}
+
+// setupRollout builds the rollout machinery when rollout.policy is set and
+// returns the fetcher the cache must use: the workload fetcher, plus the
+// instance profile's for keys with ipKeyPrefix.
+func (d *daemon) setupRollout(ctx context.Context, cfg Config, workload cache.Fetcher) (cache.Fetcher, error) {
+	if !cfg.rolloutEnabled() {
+		return workload, nil
+	}
+	log := d.log.Named("rollout")
+	ip, err := exchange.NewInstanceProfile(exchange.InstanceProfileConfig{IMDSBase: cfg.Upstream}, d.log.Named("exchange"))
+	if err != nil {
+		return nil, err
+	}
+	sctx, cancel := context.WithTimeout(ctx, 15*time.Second)
+	defer cancel()
+	ipRole, err := ip.RoleName(sctx)
+	if err != nil {
+		return nil, fmt.Errorf("rollout: the instance profile's role could not be read from %s: %w", cfg.Upstream, err)
+	}
+	host, err := rollout.DetectHost(sctx, cfg.Upstream, cfg.Rollout.GroupTag, cfg.Rollout.Group)
+	if err != nil {
+		return nil, fmt.Errorf("rollout: %w", err)
+	}
+	opts := rollout.LoaderOptions{Interval: cfg.Rollout.PollInterval.D()}
+	if strings.HasPrefix(cfg.Rollout.Policy, "s3://") {
+		if opts.S3, err = rollout.NewS3Getter(ctx, ip.Provider(), cfg.Region); err != nil {
+			return nil, fmt.Errorf("rollout: %w", err)
+		}
+	}
+	loader, err := rollout.NewLoader(cfg.Rollout.Policy, opts, log, d.reg)
+	if err != nil {
+		return nil, fmt.Errorf("rollout: %w", err)
+	}
+	verifier, err := exchange.NewCallerIdentity(ctx, cfg.Region, 10*time.Second)
+	if err != nil {
+		return nil, fmt.Errorf("rollout: %w", err)
+	}
+	r := &rolloutState{
+		cfg: cfg.Rollout, host: host, bucket: rollout.Bucket(host.InstanceID),
+		fallback: rollout.Fallback(cfg.Rollout.Fallback), workloadKey: cfg.Role.Name,
+		ipRole: ipRole, ipKey: ipKeyPrefix + ipRole, ipFetcher: ip, loader: loader, verifier: verifier,
+	}
+	lctx, lcancel := context.WithTimeout(ctx, 10*time.Second)
+	defer lcancel()
+	if err := loader.Load(lctx); err != nil {
+		log.Warn("rollout policy not loaded at start; serving the instance profile until it is", zap.Error(err))
+	}
+	log.Info("rollout host", zap.String("instance_id", host.InstanceID), zap.String("id_source", host.IDSource),
+		zap.String("group", host.Group), zap.String("group_source", host.GroupSource), zap.Int("bucket", r.bucket))
+	if host.IDSource == rollout.IDFromHostname {
+		log.Warn("the instance id could not be read; the canary bucket is derived from the host name")
+	}
+	d.rollout = r
+	return routeFetcher{workload: workload, instanceProfile: ip}, nil
+}
+
+// routeFetcher sends instance-profile keys to the instance profile's
+// fetcher and every other key to the workload's.
+type routeFetcher struct{ workload, instanceProfile cache.Fetcher }
+
+func (f routeFetcher) Fetch(ctx context.Context, key string) (creds.Credentials, error) {
+	if strings.HasPrefix(key, ipKeyPrefix) {
+		return f.instanceProfile.Fetch(ctx, key)
+	}
+	return f.workload.Fetch(ctx, key)
+}
+
+// credentialSource is what the IMDS API serves from: the cache, or under a
+// rollout the selector in front of it (with the first decision applied, so
+// the listed role is right from the first request).
+func (d *daemon) credentialSource(_ context.Context, _ Config) (proxy.CredentialSource, error) {
+	r := d.rollout
+	if r == nil {
+		return d.cache, nil
+	}
+	sel, err := rollout.NewSelector(rollout.SelectorConfig{
+		Workload: d.cache, WorkloadKey: r.workloadKey,
+		InstanceProfile: d.cache, InstanceProfileKey: r.ipKey,
+		Fallback: r.fallback, Host: r.host,
+	}, d.log.Named("rollout"), d.reg)
+	if err != nil {
+		return nil, fmt.Errorf("rollout: %w", err)
+	}
+	r.selector = sel
+	dec := r.decide()
+	sel.Set(dec)
+	name := r.servedName(dec)
+	d.roleName.Store(&name)
+	return sel, nil
+}
+
+func (r *rolloutState) decide() rollout.Decision {
+	p, _ := r.loader.Current()
+	if p == nil {
+		p = offPolicy
+	}
+	return rollout.Decide(p, r.host.Group, r.bucket)
+}
+
+func (r *rolloutState) servedName(d rollout.Decision) string {
+	if d.Serve == rollout.KindInstanceProfile {
+		return r.ipRole
+	}
+	return r.workloadKey
+}
+
+func (r *rolloutState) servedKey(d rollout.Decision) string {
+	if d.Serve == rollout.KindInstanceProfile {
+		return r.ipKey
+	}
+	return r.workloadKey
+}
+
+// servedKey is the cache key of the credentials served now.
+func (d *daemon) servedKey() string {
+	if r := d.rollout; r != nil && r.selector != nil {
+		return r.servedKey(r.selector.Decision())
+	}
+	return *d.roleName.Load()
+}
+
+// startServing makes the credentials the host serves available: without a
+// rollout the workload role's, with one whatever the decision needs.
+func (d *daemon) startServing(ctx context.Context) bool {
+	if d.rollout == nil {
+		return d.prefetch(ctx)
+	}
+	return d.applyRollout(ctx)
+}
+
+// applyRollout recomputes the decision from the current policy, switches
+// what is served (for new requests at once), keeps the credentials the
+// decision needs warm and reports whether the served ones are cached.
+func (d *daemon) applyRollout(ctx context.Context) bool {
+	r := d.rollout
+	r.mu.Lock()
+	dec := r.decide()
+	prev := r.selector.Decision()
+	r.selector.Set(dec)
+	name := r.servedName(dec)
+	if *d.roleName.Load() != name {
+		old := d.roleName.Load()
+		d.roleName.Store(&name)
+		if err := d.proxy.Update(d.proxyConfig(d.config())); err != nil {
+			d.roleName.Store(old)
+			d.log.Error("rollout: cannot switch the listed role", zap.String("role_name", name), zap.Error(err))
+		}
+	}
+	r.mu.Unlock()
+	if prev.Stage != dec.Stage || prev.Serve != dec.Serve || prev.Percent != dec.Percent {
+		d.log.Info("rollout decision", zap.String("stage", string(dec.Stage)), zap.String("serve", string(dec.Serve)),
+			zap.Bool("shadow", dec.Shadow), zap.String("reason", dec.Reason), zap.String("policy_version", dec.PolicyVersion))
+	}
+
+	needWorkload, needIP := dec.Needs(r.fallback)
+	served := r.servedKey(dec)
+	warm := func(key string) bool {
+		for _, e := range d.cache.Snapshot() {
+			if e.Key == key && e.Valid {
+				return true
+			}
+		}
+		if err := d.cache.Prefetch(ctx, key); err != nil {
+			if ctx.Err() == nil {
+				d.log.Warn("rollout: credentials not cached yet; retrying in the background", zap.String("key", key), zap.Error(err))
+			}
+			return false
+		}
+		return true
+	}
+	for key, need := range map[string]bool{r.workloadKey: needWorkload, r.ipKey: needIP} {
+		if need && key != served {
+			go warm(key)
+		}
+	}
+	return warm(served)
+}
+
+// rolloutTasks poll the policy, apply every change and verify workload
+// credentials in the shadow stage.
+func (d *daemon) rolloutTasks() []func(context.Context) error {
+	r := d.rollout
+	if r == nil {
+		return nil
+	}
+	changes := r.loader.Subscribe()
+	return []func(context.Context) error{
+		r.loader.Run,
+		func(ctx context.Context) error {
+			for {
+				select {
+				case <-ctx.Done():
+					return nil
+				case <-changes:
+					d.applyRollout(ctx)
+				}
+			}
+		},
+		func(ctx context.Context) error {
+			return r.selector.RunShadow(ctx, r.verifier, r.cfg.ShadowInterval.D())
+		},
+	}
+}
+
+// reloadRolloutPolicy re-reads the policy (SIGHUP); a change is applied by
+// the subscription loop.
+func (d *daemon) reloadRolloutPolicy(ctx context.Context) {
+	if r := d.rollout; r != nil {
+		if err := r.loader.Load(ctx); err != nil {
+			d.log.Error("rollout policy refused; keeping the last good one", zap.Error(err))
+		}
+	}
+}
+
+// rolloutStatus is the rollout part of /debug/status.
+func (d *daemon) rolloutStatus() any {
+	r := d.rollout
+	if r == nil || r.selector == nil {
+		return map[string]bool{"enabled": false}
+	}
+	dec := r.selector.Decision()
+	_, ls := r.loader.Current()
+	sh := r.selector.Shadow()
+	return map[string]any{
+		"enabled": true, "stage": dec.Stage, "percent": dec.Percent, "group": r.host.Group,
+		"group_source": r.host.GroupSource, "bucket": r.bucket, "serve": dec.Serve, "shadow": dec.Shadow,
+		"kill_switch": dec.KillSwitch, "reason": dec.Reason, "fallback": r.fallback,
+		"policy": map[string]string{
+			"source": ls.Source, "version": ls.Version, "last_load": rfc3339(ls.LastLoad),
+			"last_success": rfc3339(ls.LastSuccess), "last_error": ls.LastError,
+		},
+		"shadow_status": map[string]string{
+			"last_check": rfc3339(sh.LastCheck), "last_result": sh.LastResult, "last_arn": sh.LastARN, "last_error": sh.LastError,
+		},
+	}
+}
