@@ -7,6 +7,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/imdsproxy/imdsproxy/rollout"
 )
 
 func TestGoodConfigs(t *testing.T) {
@@ -169,7 +171,7 @@ func FuzzParseConfig(f *testing.F) {
 // TestDocumentedExamples parses every YAML example of the operator docs, so
 // the docs cannot drift from the code.
 func TestDocumentedExamples(t *testing.T) {
-	for _, doc := range []string{"../../docs/configuration.md", "../../README.md", "../../docs/federation.md"} {
+	for _, doc := range []string{"../../docs/configuration.md", "../../README.md", "../../docs/federation.md", "../../docs/rollout.md"} {
 		data, err := os.ReadFile(doc)
 		if err != nil {
 			t.Fatal(err)
@@ -179,6 +181,12 @@ func TestDocumentedExamples(t *testing.T) {
 			t.Fatalf("%s has no yaml examples", doc)
 		}
 		for i, b := range blocks {
+			if isPolicy(b) {
+				if _, err := rollout.ParsePolicy([]byte(b)); err != nil {
+					t.Errorf("%s example %d (a rollout policy): %v\n%s", doc, i+1, err, b)
+				}
+				continue
+			}
 			if _, err := parseConfig([]byte(b)); err != nil {
 				t.Errorf("%s example %d: %v\n%s", doc, i+1, err, b)
 			}
@@ -187,6 +195,19 @@ func TestDocumentedExamples(t *testing.T) {
 	if _, err := loadConfig("../../systemd/config.example.yaml"); err != nil {
 		t.Errorf("systemd/config.example.yaml: %v", err)
 	}
+}
+
+// isPolicy reports whether a documented YAML block is a rollout policy
+// rather than a daemon config: policies start with their version.
+func isPolicy(block string) bool {
+	for _, line := range strings.Split(block, "\n") {
+		line = strings.TrimSpace(line)
+		if line == "" || strings.HasPrefix(line, "#") {
+			continue
+		}
+		return strings.HasPrefix(line, "version:")
+	}
+	return false
 }
 
 func yamlBlocks(md string) []string {

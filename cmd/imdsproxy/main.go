@@ -46,6 +46,7 @@ Usage:
   imdsproxy serve --config FILE [--log-format json|console] [--log-level LEVEL]
   imdsproxy check-config FILE
   imdsproxy intercept install|remove|status [--config FILE]
+  imdsproxy status [--admin HOST:PORT] [--config FILE] [--json]
   imdsproxy version
   imdsproxy help
 
@@ -58,6 +59,10 @@ Commands:
   intercept     install, remove or check the nftables rules that redirect
                 169.254.169.254:80 and [fd00:ec2::254]:80 to the daemon (needs
                 CAP_NET_ADMIN; see docs/deploy.md).
+  status        ask the running daemon (GET /debug/status on the admin listener)
+                and print readiness, rollout stage and why, group, role, expiry
+                and next refresh, last error, policy version; exit 0 ready,
+                1 not ready, 3 admin endpoint unreachable.
   version       print the version.
 
 The daemon's own AWS calls honour AWS_REGION, AWS_ENDPOINT_URL_STS and
@@ -78,6 +83,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		return runServe(ctx, args[1:], stdout, stderr)
 	case "check-config":
 		return runCheckConfig(args[1:], stdout, stderr)
+	case "status":
+		return runStatus(ctx, args[1:], stdout, stderr)
 	case "intercept":
 		return runIntercept(args[1:], stdout, stderr)
 	case "version", "--version", "-version":

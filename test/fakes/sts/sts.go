@@ -254,11 +254,11 @@ func (s *Server) SetDelay(d time.Duration) { s.mu.Lock(); s.delay = d; s.mu.Unlo
 // restores the normal behaviour.
 func (s *Server) SetSessionLength(d time.Duration) { s.mu.Lock(); s.sessionLength = d; s.mu.Unlock() }
 
-// Calls returns how many requests (of either action) arrived, failed ones
-// included.
+// Calls returns how many requests (of any action) arrived, failed ones
+// included; CallCount counts one action.
 func (s *Server) Calls() int { s.mu.Lock(); defer s.mu.Unlock(); return len(s.calls) }
 
-// CallLog returns every request (of either action) so far.
+// CallLog returns every request (of any action) so far.
 func (s *Server) CallLog() []Call {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -344,6 +344,10 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	action := r.Form.Get("Action")
+	if action == ActionGetCallerIdentity { // callerid.go
+		s.serveGetCallerIdentity(w, r, body, reqID)
+		return
+	}
 	if action != ActionAssumeRoleWithWebIdentity && action != ActionAssumeRole {
 		writeError(w, reqID, sender(http.StatusBadRequest, "InvalidAction",
 			fmt.Sprintf("Could not find operation %s for version %s", action, r.Form.Get("Version"))))
