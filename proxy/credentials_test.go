@@ -321,3 +321,26 @@ func TestCredentialDocumentFollowsRotation(t *testing.T) {
 		t.Fatalf("LastUpdated should be now when the source sets none:\n%s", body)
 	}
 }
+
+// TestAlsoServe: a role name in AlsoServe is answered with the served
+// credentials but never listed; other names stay 404.
+func TestAlsoServe(t *testing.T) {
+	e := newEnv(t, Config{TokensRequired: true, AlsoServe: []string{"old-role"}})
+	tok := e.token(t, "60")
+	hdr := map[string]string{headerToken: tok}
+	if w := e.do(http.MethodGet, "/latest/meta-data/iam/security-credentials/", hdr); w.Body.String() != testRole {
+		t.Fatalf("listing = %q, want only %q", w.Body.String(), testRole)
+	}
+	for _, name := range []string{testRole, "old-role"} {
+		w := e.do(http.MethodGet, "/latest/meta-data/iam/security-credentials/"+name, hdr)
+		if w.Code != http.StatusOK || !strings.Contains(w.Body.String(), testKeyID) {
+			t.Fatalf("%s: %d %s", name, w.Code, w.Body.String())
+		}
+	}
+	if w := e.do(http.MethodGet, "/latest/meta-data/iam/security-credentials/other", hdr); w.Code != http.StatusNotFound {
+		t.Fatalf("unknown role: %d", w.Code)
+	}
+	if _, err := New(Config{RoleName: testRole, AlsoServe: []string{"bad/name"}}, &fakeSource{}, nil, nil); err == nil {
+		t.Fatal("an invalid AlsoServe name was accepted")
+	}
+}

@@ -23,6 +23,7 @@
 package proxy
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -31,6 +32,7 @@ import (
 	"net/http"
 	"net/url"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -116,11 +118,34 @@ type Config struct {
 	// InstanceProfileARN is served by iam/info. Empty means derived from the
 	// served credentials: arn:<partition>:iam::<account>:instance-profile/<RoleName>.
 	InstanceProfileARN string
+	// AlsoServe lists more role names whose credential paths are answered,
+	// with the same credentials as RoleName, though only RoleName is listed.
+	// A rollout switching the listed role sets the other name here, so a
+	// client that read the listing just before a switch and asks for the
+	// old name gets the credentials now served, not a 404. Each must be a
+	// valid IAM role name.
+	AlsoServe []string
 	// TokenKey is the HMAC key of IMDSv2 session tokens, TokenKeySize bytes:
 	// processes given the same key accept each other's tokens, so tokens
 	// survive a restart. Nil: a random key per Server. Read by New only;
 	// Update ignores it. Keep it secret: it mints tokens.
 	TokenKey []byte
+	// Access, when set, decides which local processes may read credentials
+	// and enables the audit log (see AccessControl in access.go). Nil: every
+	// client may, and nothing is audited.
+	Access AccessControl
+	// AuditLog receives one Info line per credential hand-out when Access
+	// is set. Nil: the Server's logger named "audit".
+	AuditLog *zap.Logger
+	// AllowedHosts are Host header values (host names or IP addresses, no
+	// port) accepted besides 169.254.169.254, fd00:ec2::254, localhost,
+	// 127.0.0.1, ::1 and the listener's own address; a request with any
+	// other Host gets 403 (DNS-rebinding defence, hostcheck.go).
+	AllowedHosts []string
+	// MaxConns bounds the client connections one Serve keeps open
+	// (connlimit.go). Zero means DefaultMaxConns. Read by Serve when it
+	// starts.
+	MaxConns int
 }
 
 var roleNameRE = regexp.MustCompile(`^[\w+=,.@-]{1,64}$`)
@@ -128,9 +153,19 @@ var roleNameRE = regexp.MustCompile(`^[\w+=,.@-]{1,64}$`)
 // normalize validates c and returns a private copy with defaults applied.
 func (c Config) normalize() (Config, error) {
 	c.TokenKey = nil // used once by New; not kept in the running state
+	var err error
+	if c.AllowedHosts, err = normalizeHosts(c.AllowedHosts); err != nil || c.MaxConns < 0 {
+		return Config{}, cmp.Or(err, fmt.Errorf("proxy: max connections %d is negative", c.MaxConns))
+	}
 	if !roleNameRE.MatchString(c.RoleName) {
 		return Config{}, fmt.Errorf("proxy: invalid role name %q: want 1..64 of [A-Za-z0-9+=,.@_-]", c.RoleName)
 	}
+	for _, n := range c.AlsoServe {
+		if !roleNameRE.MatchString(n) {
+			return Config{}, fmt.Errorf("proxy: invalid role name %q in AlsoServe", n)
+		}
+	}
+	c.AlsoServe = slices.Clone(c.AlsoServe)
 	if c.HopLimit == 0 {
 		c.HopLimit = 1
 	}
@@ -198,6 +233,9 @@ type Server struct {
 
 	warnAt  atomic.Int64 // unix nanos of the last credential-error Warn
 	hopWarn sync.Once
+	lim     *limitMetrics // hostcheck.go, connlimit.go
+
+	auditLog *zap.Logger // default of Config.AuditLog
 }
 
 // state is what Update swaps atomically.
@@ -228,12 +266,16 @@ func New(cfg Config, src CredentialSource, log *zap.Logger, reg prometheus.Regis
 	s := &Server{
 		src:         src,
 		log:         log.Named("proxy"),
+		auditLog:    log.Named("audit"),
 		minter:      minter,
 		outstanding: newOutstandingTokens(time.Now()),
 		now:         time.Now,
 	}
 	s.m, err = newMetrics(reg, func() float64 { return float64(s.outstanding.count(s.now())) })
 	if err != nil {
+		return nil, err
+	}
+	if s.lim, err = newLimitMetrics(reg); err != nil {
 		return nil, err
 	}
 	s.handler = http.HandlerFunc(s.serveHTTP)
@@ -291,7 +333,7 @@ func (s *Server) Update(cfg Config) error {
 func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 	cfg := s.state.Load().cfg
 	errLog, _ := zap.NewStdLogAt(s.log.Named("http"), zap.WarnLevel)
-	ln = &onceCloseListener{Listener: ln}
+	ln = &onceCloseListener{Listener: newLimitListener(ln, cmp.Or(cfg.MaxConns, DefaultMaxConns), s.lim)}
 	var fresh freshConns
 	srv := &http.Server{
 		ConnState:         fresh.track,
@@ -301,7 +343,7 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 		WriteTimeout:      cfg.UpstreamTimeout + writeTimeoutSlack,
 		IdleTimeout:       idleTimeout,
 		MaxHeaderBytes:    maxHeaderBytes,
-		ConnContext:       connContext,
+		ConnContext:       connAccessContext, // access.go
 		ErrorLog:          errLog,
 	}
 	errc := make(chan error, 1)
@@ -417,6 +459,9 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request, st *state, route,
 		writeText(w, http.StatusRequestURITooLong, "Request-URI Too Long")
 		return
 	}
+	if !s.checkRequest(w, r, st) { // hostcheck.go: framing (smuggling) and Host (DNS rebinding)
+		return
+	}
 	if badPath(r.URL.Path) {
 		writeText(w, http.StatusBadRequest, "Bad Request")
 		return
@@ -453,13 +498,17 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request, st *state, route,
 	if !s.authorize(w, r, st) {
 		return
 	}
+	who, ok := s.checkAccess(w, r, st, route) // access.go: 403 on credential routes
+	if !ok {
+		return
+	}
 	switch route {
 	case routeIAMList:
 		writeText(w, http.StatusOK, "info\nsecurity-credentials/")
 	case routeRoleList:
 		writeText(w, http.StatusOK, st.cfg.RoleName)
 	case routeCredentials, routeCredentialsExtended:
-		s.serveCredentials(w, r, st, route, role)
+		s.serveCredentials(w, r, st, route, role, who)
 	case routeIAMInfo:
 		s.serveIAMInfo(w, r, st)
 	case routePassthrough:
@@ -555,11 +604,12 @@ func (s *Server) authorize(w http.ResponseWriter, r *http.Request, st *state) bo
 }
 
 // serveCredentials answers security-credentials[-extended]/<role>.
-func (s *Server) serveCredentials(w http.ResponseWriter, r *http.Request, st *state, route, role string) {
-	if role != st.cfg.RoleName {
+func (s *Server) serveCredentials(w http.ResponseWriter, r *http.Request, st *state, route, role string, who Peer) {
+	if role != st.cfg.RoleName && !slices.Contains(st.cfg.AlsoServe, role) {
 		writeText(w, http.StatusNotFound, "Not Found")
 		return
 	}
+	fetchStart := time.Now()
 	c, err := s.src.Credentials(r.Context(), role)
 	now := s.now()
 	if err != nil || !usable(c, now) {
@@ -567,6 +617,9 @@ func (s *Server) serveCredentials(w http.ResponseWriter, r *http.Request, st *st
 		return
 	}
 	writeBody(w, http.StatusOK, s.credentialBody(c, now, route == routeCredentialsExtended))
+	if st.cfg.Access != nil {
+		s.audit(st, who, route, role, c, fetchStart) // access.go
+	}
 }
 
 // docMemo holds the rendered credential documents of one set of credentials.

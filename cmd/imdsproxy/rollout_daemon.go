@@ -278,3 +278,21 @@ func (d *daemon) rolloutStatus() any {
 		},
 	}
 }
+
+// otherRoleNames are the role names a rollout may have listed before the
+// current one: their credential paths serve what is served now, so a client
+// that read the listing just before a switch gets credentials, not a 404.
+func (d *daemon) otherRoleNames() []string {
+	r := d.rollout
+	if r == nil {
+		return nil
+	}
+	current := *d.roleName.Load()
+	var out []string
+	for _, n := range []string{r.workloadKey, r.ipRole} {
+		if n != current && n != "" {
+			out = append(out, n)
+		}
+	}
+	return out
+}
