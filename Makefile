@@ -62,9 +62,11 @@ fuzz:
 
 # bench: the daemon against a bare net/http ceiling in the same run; writes
 # the table printed into docs/benchmarks.md by hand with machine and date.
+# Then the fleet simulation's representative set (docs/scale.md).
 bench: build
 	$(GO) test -run '^$$' -bench . -benchmem -count 1 ./proxy/ ./cache/
 	IMDSPROXY_BIN=$(CURDIR)/$(BIN) $(GO) test -run '^$$' -bench . -benchtime 5s -count 1 ./test/bench/
+	$(GO) run ./cmd/fleetsim -report
 
 # install: binary, systemd units (ExecStart rewritten to $(PREFIX)/bin),
 # sysusers and tmpfiles snippets and the example config. See docs/deploy.md.

@@ -24,8 +24,8 @@ func TestBackoff(t *testing.T) {
 		{n: 9, r: 0, want: max / 2},
 		{n: 1000, r: 1, want: max}, // no overflow
 	} {
-		if got := backoff(tc.n, initial, max, tc.r); got != tc.want {
-			t.Errorf("backoff(%d, r=%v) = %s, want %s", tc.n, tc.r, got, tc.want)
+		if got := RetryDelay(tc.n, initial, max, tc.r); got != tc.want {
+			t.Errorf("RetryDelay(%d, r=%v) = %s, want %s", tc.n, tc.r, got, tc.want)
 		}
 	}
 }

@@ -304,6 +304,7 @@ type envOptions struct {
 	backoffInitial time.Duration // default 1s
 	backoffMax     time.Duration // default 5s
 	expiryMargin   time.Duration // default 2s
+	fetchTimeout   time.Duration // cache.fetch_timeout; 0: the daemon's default (30s)
 	tokens         string        // imds.tokens; default "required"
 	noWaitReady    bool          // wait for /healthz only, not /readyz
 
@@ -436,14 +437,18 @@ identity: {jwt_file: %q}
 	if e.opts.identityYAML != nil {
 		identity = e.opts.identityYAML(e)
 	}
+	fetchTimeout := ""
+	if e.opts.fetchTimeout > 0 {
+		fetchTimeout = fmt.Sprintf(", fetch_timeout: %s", e.opts.fetchTimeout)
+	}
 	return fmt.Sprintf(`listen: 127.0.0.1:%d
 admin_listen: 127.0.0.1:%d
 upstream: %s
 upstream_timeout: 2s
 imds: {tokens: %s, hop_limit: 1}
-cache: {backoff_initial: %s, backoff_max: %s, expiry_margin: %s}
+cache: {backoff_initial: %s, backoff_max: %s, expiry_margin: %s%s}
 %s`, e.imdsPort, e.adminPort, e.upstreamBase(), e.opts.tokens,
-		e.opts.backoffInitial, e.opts.backoffMax, e.opts.expiryMargin, identity)
+		e.opts.backoffInitial, e.opts.backoffMax, e.opts.expiryMargin, fetchTimeout, identity)
 }
 
 func (e *daemonEnv) writeConfig(t testing.TB, cfg string) {

@@ -41,13 +41,15 @@ type Config struct {
 	Rollout         RolloutConfig   `yaml:"rollout"`
 	Cache           CacheConfig     `yaml:"cache"`
 	Intercept       InterceptConfig `yaml:"intercept"` // see intercept.go
+	Access          AccessConfig    `yaml:"access"`    // see access.go
 }
 
 // IMDSConfig is the `imds:` section.
 type IMDSConfig struct {
-	Tokens       string `yaml:"tokens"`
-	HopLimit     int    `yaml:"hop_limit"`
-	TokenKeyFile string `yaml:"token_key_file"` // see intercept.go, lifecycle.go
+	Tokens       string   `yaml:"tokens"`
+	HopLimit     int      `yaml:"hop_limit"`
+	TokenKeyFile string   `yaml:"token_key_file"` // see intercept.go, lifecycle.go
+	AllowedHosts []string `yaml:"allowed_hosts"`  // see hostcheck.go
 }
 
 // RoleConfig is the `role:` section.
@@ -340,6 +342,9 @@ func (c *Config) validate() error {
 	if err := c.validateDeployment(); err != nil { // intercept.go
 		return err
 	}
+	if err := c.validateAllowedHosts(); err != nil { // hostcheck.go
+		return err
+	}
 	for key, addr := range map[string]string{"listen": c.Listen, "admin_listen": c.AdminListen} {
 		if _, port, err := net.SplitHostPort(addr); err != nil || port == "" {
 			return fmt.Errorf("config: %s: %q is not a host:port address", key, addr)
@@ -392,6 +397,9 @@ func (c *Config) validate() error {
 		return err
 	}
 	if err := c.validateRollout(); err != nil { // rollout.go
+		return err
+	}
+	if err := c.validateAccess(); err != nil { // access.go
 		return err
 	}
 	cc := c.Cache

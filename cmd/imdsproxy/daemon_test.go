@@ -91,7 +91,7 @@ cache: {backoff_initial: 100ms, backoff_max: 1s, expiry_margin: 2s}
 	}
 	logs := &syncBuffer{}
 	log, _ := newLogger("json", "debug", logs)
-	d, err := newDaemon(context.Background(), cfgPath, cfg, log)
+	d, err := newDaemon(context.Background(), cfgPath, cfg, log, nil)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -50,7 +50,8 @@ func runServe(ctx context.Context, args []string, _ io.Writer, stderr io.Writer)
 		fs.Usage()
 		return exitUsage
 	}
-	log, err := newLogger(*format, *level, stderr)
+	logOut := &countingWriter{w: stderr}
+	log, err := newLogger(*format, *level, logOut)
 	if err != nil {
 		fmt.Fprintf(stderr, "imdsproxy: %v\n", err)
 		return exitUsage
@@ -62,7 +63,7 @@ func runServe(ctx context.Context, args []string, _ io.Writer, stderr io.Writer)
 		log.Error("invalid configuration", zap.Error(err))
 		return exitConfig
 	}
-	d, err := newDaemon(ctx, *path, cfg, log)
+	d, err := newDaemon(ctx, *path, cfg, log, &logOut.errors)
 	if err != nil {
 		log.Error("cannot start", zap.Error(err))
 		return exitError
@@ -126,7 +127,24 @@ type daemon struct {
 	rollout *rolloutState // nil unless rollout.policy is set (rollout_wire.go)
 }
 
-func newDaemon(ctx context.Context, path string, cfg Config, log *zap.Logger) (*daemon, error) {
+// countingWriter counts the log writes that failed (a full disk, a closed
+// pipe), so that losing the logs shows in the metrics.
+type countingWriter struct {
+	w      io.Writer
+	errors atomic.Int64
+}
+
+func (c *countingWriter) Write(p []byte) (int, error) {
+	n, err := c.w.Write(p)
+	if err != nil {
+		c.errors.Add(1)
+	}
+	return n, err
+}
+
+// newDaemon builds the daemon for cfg. logErrors counts failed log writes
+// (nil: none are counted).
+func newDaemon(ctx context.Context, path string, cfg Config, log *zap.Logger, logErrors *atomic.Int64) (*daemon, error) {
 	d := &daemon{path: path, log: log, cfg: cfg, reg: prometheus.NewRegistry(), fetcher: &swapFetcher{}}
 	d.reg.MustRegister(
 		collectors.NewGoCollector(),
@@ -145,7 +163,14 @@ func newDaemon(ctx context.Context, path string, cfg Config, log *zap.Logger) (*
 		Name: "imdsproxy_config_last_reload_success_timestamp_seconds",
 		Help: "Unix time of the last successful configuration load.",
 	})
-	d.reg.MustRegister(buildInfo, d.reloadOK, d.reloadTime)
+	if logErrors == nil {
+		logErrors = new(atomic.Int64)
+	}
+	logWriteErrors := prometheus.NewCounterFunc(prometheus.CounterOpts{
+		Name: "imdsproxy_log_write_errors_total",
+		Help: "Log lines that could not be written (for example a full disk); the daemon keeps serving.",
+	}, func() float64 { return float64(logErrors.Load()) })
+	d.reg.MustRegister(buildInfo, d.reloadOK, d.reloadTime, logWriteErrors)
 	d.interceptMetrics = newInterceptMetrics(d.reg) // lifecycle.go
 
 	if err := resolveRoleName(ctx, &cfg, log); err != nil {
@@ -207,6 +232,10 @@ func (d *daemon) proxyConfig(cfg Config) proxy.Config {
 		HopLimit:        cfg.IMDS.HopLimit,
 		Upstream:        u,
 		UpstreamTimeout: cfg.UpstreamTimeout.D(),
+		AllowedHosts:    cfg.IMDS.AllowedHosts,     // hostcheck.go
+		Access:          accessControl(cfg.Access), // access.go
+		AuditLog:        d.log.Named("audit"),
+		AlsoServe:       d.otherRoleNames(), // rollout_daemon.go
 	}
 }
 

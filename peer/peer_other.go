@@ -1,0 +1,17 @@
+//go:build !linux
+
+package peer
+
+import (
+	"context"
+	"net"
+	"syscall"
+)
+
+func (r *Resolver) lookup(context.Context, *net.TCPAddr, *net.TCPAddr) (Info, error) {
+	return Info{}, ErrUnsupported
+}
+
+func originalDst(syscall.Conn, bool) (*net.TCPAddr, error) { return nil, ErrUnsupported }
+
+func scanProc(context.Context, string, uint64, int, map[uint64]int) int { return 0 }

@@ -1,0 +1,77 @@
+package proxy
+
+import (
+	"net"
+	"sync"
+	"syscall"
+)
+
+// DefaultMaxConns is the number of client connections Serve keeps open at
+// most when Config.MaxConns is zero. An idle connection costs about 10 KiB
+// (goroutine and buffers), so the bound is about 40 MiB.
+const DefaultMaxConns = 4096
+
+// limitListener accepts at most cap(sem) connections open at once: Accept
+// waits for one to close before accepting more (the kernel's backlog queues
+// the rest). A silent connection is closed after readHeaderTimeout and an
+// idle keep-alive one after idleTimeout, so a flood that fills the limit
+// delays new clients by at most that long.
+type limitListener struct {
+	net.Listener
+	sem  chan struct{}
+	done chan struct{}
+	once sync.Once
+	m    *limitMetrics
+}
+
+func newLimitListener(ln net.Listener, n int, m *limitMetrics) *limitListener {
+	return &limitListener{Listener: ln, sem: make(chan struct{}, n), done: make(chan struct{}), m: m}
+}
+
+func (l *limitListener) Accept() (net.Conn, error) {
+	select {
+	case l.sem <- struct{}{}:
+	default:
+		l.m.limitReached.Inc()
+		select {
+		case l.sem <- struct{}{}:
+		case <-l.done:
+			return nil, net.ErrClosed
+		}
+	}
+	c, err := l.Listener.Accept()
+	if err != nil {
+		<-l.sem
+		return nil, err
+	}
+	l.m.openConns.Inc()
+	return &limitConn{Conn: c, release: func() { <-l.sem; l.m.openConns.Dec() }}, nil
+}
+
+func (l *limitListener) Close() error {
+	l.once.Do(func() { close(l.done) })
+	return l.Listener.Close()
+}
+
+// limitConn gives its slot back once, on the first Close.
+type limitConn struct {
+	net.Conn
+	once    sync.Once
+	release func()
+}
+
+func (c *limitConn) Close() error {
+	err := c.Conn.Close()
+	c.once.Do(c.release)
+	return err
+}
+
+// SyscallConn passes the accepted connection's socket on, so that the hop
+// limit of token responses can still be set.
+func (c *limitConn) SyscallConn() (syscall.RawConn, error) {
+	sc, ok := c.Conn.(syscall.Conn)
+	if !ok {
+		return nil, errHopLimitUnsupported
+	}
+	return sc.SyscallConn()
+}

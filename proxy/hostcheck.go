@@ -1,0 +1,158 @@
+package proxy
+
+import (
+	"fmt"
+	"net"
+	"net/http"
+	"strings"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// defaultHosts are the Host header values (without port) every Server
+// accepts: the IMDS addresses SDKs use and the loopback names of a directly
+// configured endpoint. Config.AllowedHosts adds to them, and the address of
+// the listener a request arrived on is always accepted.
+var defaultHosts = []string{"169.254.169.254", "fd00:ec2::254", "localhost", "127.0.0.1", "::1"}
+
+// hostForbidden is the body of a request refused for its Host header.
+const hostForbidden = "Forbidden: Host header not allowed"
+
+// normalizeHosts validates Config.AllowedHosts and returns a lower-cased copy:
+// each entry is a host name or IP address without port or brackets.
+func normalizeHosts(hosts []string) ([]string, error) {
+	out := make([]string, 0, len(hosts))
+	for _, h := range hosts {
+		l := strings.ToLower(h)
+		if l == "" || strings.ContainsAny(l, "[]@/\\ \t") || (strings.Contains(l, ":") && net.ParseIP(l) == nil) || !headerSafe(l) {
+			return nil, fmt.Errorf("proxy: allowed host %q: want a host name or IP address without port", h)
+		}
+		out = append(out, l)
+	}
+	return out, nil
+}
+
+// hostAllowed reports whether the Host header value host (r.Host, which for
+// an absolute-form request target is the target's host) names this IMDS:
+// empty (HTTP/1.0), one of defaultHosts or extra, or the IP of local (the
+// listener's address the request arrived on, nil if unknown), each with or
+// without a numeric port. IPv6 addresses must be bracketed. Anything else, in
+// particular a DNS name a browser sends after DNS rebinding, user info or
+// non-ASCII, is refused.
+func hostAllowed(host string, local net.Addr, extra []string) bool {
+	if host == "" {
+		return true
+	}
+	name := host
+	if h, port, err := net.SplitHostPort(host); err == nil {
+		if !digits(port) {
+			return false
+		}
+		name = h
+		if strings.Contains(name, ":") && !strings.HasPrefix(host, "[") {
+			return false
+		}
+	} else if strings.HasPrefix(host, "[") && strings.HasSuffix(host, "]") {
+		name = host[1 : len(host)-1]
+	} else if strings.ContainsAny(host, ":[]") {
+		return false // a bare IPv6 address or a malformed port
+	}
+	if strings.Contains(name, "%") {
+		return false // IPv6 zones are not used to reach the IMDS
+	}
+	name = strings.ToLower(name)
+	for _, list := range [][]string{defaultHosts, extra} {
+		for _, h := range list {
+			if name == h {
+				return true
+			}
+		}
+	}
+	if ta, ok := local.(*net.TCPAddr); ok && ta.IP != nil {
+		if ip := net.ParseIP(name); ip != nil && ip.Equal(ta.IP) {
+			return true
+		}
+	}
+	return false
+}
+
+// digits reports whether s is empty (RFC 3986 allows "host:") or at most
+// five ASCII digits.
+func digits(s string) bool {
+	if len(s) > 5 {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		if s[i] < '0' || s[i] > '9' {
+			return false
+		}
+	}
+	return true
+}
+
+// checkRequest applies the checks against request smuggling and DNS
+// rebinding, on every route, before any handler runs. It returns false when
+// it has written the refusal.
+//
+// Framing: a request with a Transfer-Encoding (chunked, alone or together
+// with a Content-Length that net/http then ignores) is refused with 400 and
+// its connection closed, so that whatever follows on the connection is never
+// parsed as a request. No SDK sends a body on IMDS requests; a
+// Content-Length body (at most maxBodyBytes) is still read and discarded.
+//
+// Host: a request that arrived over a connection (http.LocalAddrContextKey
+// is set, as it is by every http.Server, Serve's included) whose Host is not
+// allowed (see hostAllowed) gets 403: a page loaded from a rebound DNS name
+// must get neither a token, nor credentials, nor metadata. A request built
+// in process without a connection (httptest.NewRequest) has no listener
+// address and its Host is not checked.
+func (s *Server) checkRequest(w http.ResponseWriter, r *http.Request, st *state) bool {
+	if len(r.TransferEncoding) > 0 {
+		w.Header().Set("Connection", "close")
+		writeText(w, http.StatusBadRequest, "Bad Request")
+		return false
+	}
+	local, ok := r.Context().Value(http.LocalAddrContextKey).(net.Addr)
+	if !ok || hostAllowed(r.Host, local, st.cfg.AllowedHosts) {
+		return true
+	}
+	s.lim.hostRejections.Inc()
+	writeText(w, http.StatusForbidden, hostForbidden)
+	return false
+}
+
+// limitMetrics are the collectors of the Host check and the connection
+// limit.
+type limitMetrics struct {
+	hostRejections prometheus.Counter
+	openConns      prometheus.Gauge
+	limitReached   prometheus.Counter
+}
+
+// newLimitMetrics builds the collectors and registers them with reg (nil:
+// not registered).
+func newLimitMetrics(reg prometheus.Registerer) (*limitMetrics, error) {
+	m := &limitMetrics{
+		hostRejections: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "imdsproxy_http_host_rejections_total",
+			Help: "IMDS requests refused with 403 because their Host header does not name the IMDS (DNS rebinding defence).",
+		}),
+		openConns: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "imdsproxy_http_open_connections",
+			Help: "Client connections to the IMDS listeners currently open.",
+		}),
+		limitReached: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "imdsproxy_http_connection_limit_reached_total",
+			Help: "Times a new IMDS connection had to wait because max connections were open.",
+		}),
+	}
+	if reg == nil {
+		return m, nil
+	}
+	for _, c := range []prometheus.Collector{m.hostRejections, m.openConns, m.limitReached} {
+		if err := reg.Register(c); err != nil {
+			return nil, fmt.Errorf("proxy: register metrics: %w", err)
+		}
+	}
+	return m, nil
+}

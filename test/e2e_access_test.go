@@ -1,0 +1,112 @@
+package test
+
+import (
+	"context"
+	"fmt"
+	"net/http"
+	"os"
+	"strings"
+	"testing"
+	"time"
+)
+
+// accessIdentity is the default identity config plus an access: section.
+func accessIdentity(access string) func(e *daemonEnv) string {
+	return func(e *daemonEnv) string {
+		return fmt.Sprintf(`role: {arn: %q, name: %s, session_name: "", duration: 1h}
+source: web-identity
+identity: {jwt_file: %q}
+access: %s
+`, roleARN, roleName, e.tokenFile, access)
+	}
+}
+
+// TestAccessDenyUID: the test's own uid is denied, so credential paths get
+// 403 while the rest of the metadata still passes through.
+func TestAccessDenyUID(t *testing.T) {
+	uid := os.Getuid()
+	e := startDaemon(t, envOptions{identityYAML: accessIdentity(fmt.Sprintf("{deny_uids: [%d]}", uid))})
+	ctx, cancel := context.WithTimeout(t.Context(), 20*time.Second)
+	defer cancel()
+	tok, err := imdsToken(ctx, e.imdsURL, 300)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		path string
+		want int
+	}{
+		{credPath, http.StatusForbidden},
+		{"/latest/meta-data/iam/security-credentials-extended/" + roleName, http.StatusForbidden},
+		{"/latest/meta-data/iam/security-credentials/", http.StatusForbidden},
+		{"/latest/meta-data/iam/info", http.StatusForbidden},
+		{"/latest/meta-data/instance-id", http.StatusOK},
+	} {
+		code, body, err := imdsGet(ctx, httpClient, e.imdsURL, tc.path, tok)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if code != tc.want {
+			t.Errorf("GET %s = %d %q, want %d", tc.path, code, body, tc.want)
+		}
+	}
+	if m := e.metrics(t); !strings.Contains(m, "\nimdsproxy_access_denied_total 4\n") {
+		t.Errorf("metrics lack imdsproxy_access_denied_total 4:\n%s", grepLines(m, "access_denied"))
+	}
+	for _, l := range e.logLines() {
+		if l["logger"] == "audit" {
+			t.Errorf("audit line for a refused request: %v", l)
+		}
+	}
+	e.assertNoSecrets(t, "daemon log", e.log.String())
+}
+
+// TestAccessAllowUIDAudit: the test's uid is allowed; the hand-out is
+// audited with the uid, pid and access key id, never the secret.
+func TestAccessAllowUIDAudit(t *testing.T) {
+	uid := os.Getuid()
+	e := startDaemon(t, envOptions{identityYAML: accessIdentity(fmt.Sprintf("{allow_uids: [%d]}", uid))})
+	ctx, cancel := context.WithTimeout(t.Context(), 20*time.Second)
+	defer cancel()
+	d, err := e.fetchCreds(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := e.checkServed(d); err != nil {
+		t.Fatal(err)
+	}
+	var audit []map[string]any
+	deadline := time.Now().Add(5 * time.Second)
+	for len(audit) == 0 && time.Now().Before(deadline) {
+		for _, l := range e.logLines() {
+			if l["logger"] == "audit" {
+				audit = append(audit, l)
+			}
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if len(audit) != 1 {
+		t.Fatalf("%d audit lines, want 1; log:\n%s", len(audit), e.logTail(20))
+	}
+	a := audit[0]
+	want := map[string]any{
+		"msg": "credentials served", "level": "info", "identified": true,
+		"uid": float64(uid), "pid": float64(os.Getpid()),
+		"access_key_id": d.AccessKeyId, "role_name": roleName, "route": "credentials",
+	}
+	for k, v := range want {
+		if a[k] != v {
+			t.Errorf("audit %s = %v, want %v (line %v)", k, a[k], v, a)
+		}
+	}
+	if exe, _ := os.Executable(); a["exe"] != exe {
+		t.Errorf("audit exe = %v, want %s", a["exe"], exe)
+	}
+	if k := a["kind"]; k != "cache" && k != "fetch" {
+		t.Errorf("audit kind = %v", k)
+	}
+	e.assertNoSecrets(t, "daemon log", e.log.String())
+	if strings.Contains(e.log.String(), d.SecretAccessKey) || strings.Contains(e.log.String(), d.Token) {
+		t.Error("daemon log holds the served secret")
+	}
+}
