@@ -434,46 +434,10 @@ func (a *AssumeRole) invalid(msg string) *Error {
 }
 
 func (a *AssumeRole) convert(out *sts.AssumeRoleOutput) (creds.Credentials, error) {
-	if out == nil || out.Credentials == nil {
-		return creds.Credentials{}, a.invalid("response has no Credentials")
+	if out == nil {
+		return creds.Credentials{}, a.invalid("empty response")
 	}
-	sc := out.Credentials
-	now := a.now()
-	c := creds.Credentials{
-		AccessKeyID:     aws.ToString(sc.AccessKeyId),
-		SecretAccessKey: aws.ToString(sc.SecretAccessKey),
-		SessionToken:    aws.ToString(sc.SessionToken),
-		Expires:         aws.ToTime(sc.Expiration).UTC(),
-		LastUpdated:     now.UTC(),
-		Source:          SourceAssumeRole,
-	}
-	switch {
-	case c.AccessKeyID == "":
-		return creds.Credentials{}, a.invalid("response lacks Credentials.AccessKeyId")
-	case c.SecretAccessKey == "":
-		return creds.Credentials{}, a.invalid("response lacks Credentials.SecretAccessKey")
-	case c.SessionToken == "":
-		return creds.Credentials{}, a.invalid("response lacks Credentials.SessionToken")
-	case sc.Expiration == nil || sc.Expiration.IsZero():
-		return creds.Credentials{}, a.invalid("response lacks Credentials.Expiration")
-	case !c.Expires.After(now):
-		return creds.Credentials{}, a.invalid(fmt.Sprintf("credentials expired at %s (check the host clock)",
-			c.Expires.Format(time.RFC3339)))
-	}
-	if out.AssumedRoleUser != nil && aws.ToString(out.AssumedRoleUser.Arn) != "" {
-		c.RoleARN = aws.ToString(out.AssumedRoleUser.Arn)
-	} else {
-		a.log.Warn("STS response lacks AssumedRoleUser.Arn; using the configured role ARN")
-		c.RoleARN = a.roleARN
-	}
-	c.AccountID = creds.AccountFromARN(c.RoleARN)
-	if c.AccountID == "" {
-		c.AccountID = creds.AccountFromARN(a.roleARN)
-	}
-	if !c.Complete() {
-		return creds.Credentials{}, a.invalid("incomplete credentials")
-	}
-	return c, nil
+	return stsCredentials(opAssumeRole, SourceAssumeRole, a.roleARN, out.Credentials, out.AssumedRoleUser, a.now(), a.log)
 }
 
 // arMarkedProvider marks the errors of the base provider, so that Fetch can

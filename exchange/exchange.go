@@ -325,45 +325,8 @@ func (w *WebIdentity) invalid(msg string) *Error {
 }
 
 func (w *WebIdentity) convert(out *sts.AssumeRoleWithWebIdentityOutput) (creds.Credentials, error) {
-	if out == nil || out.Credentials == nil {
-		return creds.Credentials{}, w.invalid("response has no Credentials")
+	if out == nil {
+		return creds.Credentials{}, w.invalid("empty response")
 	}
-	sc := out.Credentials
-	now := w.now()
-	c := creds.Credentials{
-		AccessKeyID:     aws.ToString(sc.AccessKeyId),
-		SecretAccessKey: aws.ToString(sc.SecretAccessKey),
-		SessionToken:    aws.ToString(sc.SessionToken),
-		Expires:         aws.ToTime(sc.Expiration).UTC(),
-		LastUpdated:     now.UTC(),
-		Source:          SourceWebIdentity,
-	}
-	switch {
-	case c.AccessKeyID == "":
-		return creds.Credentials{}, w.invalid("response lacks Credentials.AccessKeyId")
-	case c.SecretAccessKey == "":
-		return creds.Credentials{}, w.invalid("response lacks Credentials.SecretAccessKey")
-	case c.SessionToken == "":
-		return creds.Credentials{}, w.invalid("response lacks Credentials.SessionToken")
-	case sc.Expiration == nil || sc.Expiration.IsZero():
-		return creds.Credentials{}, w.invalid("response lacks Credentials.Expiration")
-	case !c.Expires.After(now):
-		return creds.Credentials{}, w.invalid(fmt.Sprintf("credentials expired at %s (check the host clock)",
-			c.Expires.Format(time.RFC3339)))
-	}
-	if out.AssumedRoleUser != nil && aws.ToString(out.AssumedRoleUser.Arn) != "" {
-		c.RoleARN = aws.ToString(out.AssumedRoleUser.Arn)
-	} else {
-		// Real STS always sends AssumedRoleUser; fall back to what we asked for.
-		w.log.Warn("STS response lacks AssumedRoleUser.Arn; using the configured role ARN")
-		c.RoleARN = w.roleARN
-	}
-	c.AccountID = creds.AccountFromARN(c.RoleARN)
-	if c.AccountID == "" {
-		c.AccountID = creds.AccountFromARN(w.roleARN)
-	}
-	if !c.Complete() {
-		return creds.Credentials{}, w.invalid("incomplete credentials")
-	}
-	return c, nil
+	return stsCredentials(opAssumeRoleWithWebIdentity, SourceWebIdentity, w.roleARN, out.Credentials, out.AssumedRoleUser, w.now(), w.log)
 }
