@@ -153,9 +153,10 @@ type drillStats struct {
 	maxPut time.Duration
 	maxGet time.Duration
 
-	errDocs     int     // error documents accepted once nothing valid remained
-	daemonCount float64 // token and credential requests the daemon answered
-	daemonSlow  float64 // … of which slower than drillMaxWait inside the daemon
+	errDocs        int     // error documents accepted once nothing valid remained
+	daemonCount    float64 // token and credential requests the daemon answered
+	daemonSlow     float64 // … of which slower than drillMaxWait inside the daemon
+	daemonVerySlow float64 // … of which slower than one second
 }
 
 func (s *drillStats) fail(list *[]string, format string, args ...any) {
@@ -200,7 +201,7 @@ func (e *daemonEnv) drillServe(t *testing.T, until time.Time, c drillClients) *d
 		c.served = e.checkServed
 	}
 	s := &drillStats{}
-	countBefore, fastBefore := e.drillDaemonLatency(t)
+	countBefore, fastBefore, boundedBefore := e.drillDaemonLatency(t)
 	var lastExp atomic.Int64 // Unix seconds of the latest expiry served
 	var wg sync.WaitGroup
 	for range 2 {
@@ -255,21 +256,24 @@ func (e *daemonEnv) drillServe(t *testing.T, until time.Time, c drillClients) *d
 		}()
 	}
 	wg.Wait()
-	countAfter, fastAfter := e.drillDaemonLatency(t)
+	countAfter, fastAfter, boundedAfter := e.drillDaemonLatency(t)
 	s.daemonCount, s.daemonSlow = countAfter-countBefore, (countAfter-countBefore)-(fastAfter-fastBefore)
+	s.daemonVerySlow = (countAfter - countBefore) - (boundedAfter - boundedBefore)
 	return s
 }
 
 // drillDaemonLatency returns how many token and credential requests the
-// daemon answered, and how many of them within drillMaxWait.
-func (e *daemonEnv) drillDaemonLatency(t *testing.T) (count, fast float64) {
+// daemon answered, how many of them within drillMaxWait, and how many
+// within one second.
+func (e *daemonEnv) drillDaemonLatency(t *testing.T) (count, fast, bounded float64) {
 	t.Helper()
 	m := e.metrics(t)
 	for _, route := range []string{"token", "credentials"} {
 		count += drillMetric(m, "imdsproxy_http_request_duration_seconds_count", map[string]string{"route": route})
 		fast += drillMetric(m, "imdsproxy_http_request_duration_seconds_bucket", map[string]string{"route": route, "le": "0.1"})
+		bounded += drillMetric(m, "imdsproxy_http_request_duration_seconds_bucket", map[string]string{"route": route, "le": "1"})
 	}
-	return count, fast
+	return count, fast, bounded
 }
 
 // check fails t on any bad or slow answer.
@@ -279,8 +283,15 @@ func (s *drillStats) check(t *testing.T, phase string) {
 	defer s.mu.Unlock()
 	t.Logf("%s: %d good answers, %d error documents after expiry, slowest PUT %v and GET %v seen by the client, %v of %v requests slower than %v in the daemon, keys served %v",
 		phase, s.ok, s.errDocs, s.maxPut, s.maxGet, s.daemonSlow, s.daemonCount, drillMaxWait, s.keys)
-	if s.daemonSlow > 0 {
-		t.Errorf("%s: %v requests waited longer than %v in the daemon (imdsproxy_http_request_duration_seconds)", phase, s.daemonSlow, drillMaxWait)
+	// A request that waited on upstream takes seconds (the faults are 2 s,
+	// 3 s or forever): none may take a second. Under -race on a loaded
+	// 2-core machine the scheduler alone can hold an answer past 100 ms now
+	// and then, so a few such are tolerated (at most 2%).
+	if s.daemonVerySlow > 0 {
+		t.Errorf("%s: %v requests took longer than 1s in the daemon (imdsproxy_http_request_duration_seconds): they waited on upstream", phase, s.daemonVerySlow)
+	}
+	if s.daemonSlow > max(1, s.daemonCount/50) {
+		t.Errorf("%s: %v of %v requests waited longer than %v in the daemon (imdsproxy_http_request_duration_seconds)", phase, s.daemonSlow, s.daemonCount, drillMaxWait)
 	}
 	if s.ok == 0 {
 		t.Errorf("%s: no good answer at all", phase)
@@ -474,7 +485,10 @@ func runDrill(t *testing.T, f drillFault) {
 	// Phase 1: valid credentials remain.
 	stop := make(chan struct{})
 	rz := e.watchReadyz(stop)
-	s := e.drillServe(t, validUntil.Add(-500*time.Millisecond), drillClients{wantAK: first.AccessKeyID})
+	// End the phase 2 s before the credentials stop being servable: the
+	// clients, the /readyz checks and the daemon all need their moment on a
+	// loaded 2-core machine, and nothing in this phase may race the expiry.
+	s := e.drillServe(t, validUntil.Add(-2*time.Second), drillClients{wantAK: first.AccessKeyID})
 	close(stop)
 	s.check(t, "while valid credentials remain")
 	if f.permanent {
@@ -1031,7 +1045,7 @@ func drillClockStep(t *testing.T) {
 
 	stop := make(chan struct{})
 	rz := e.watchReadyz(stop)
-	s := e.drillServe(t, validUntil.Add(-500*time.Millisecond), drillClients{wantAK: first.AccessKeyID, served: served})
+	s := e.drillServe(t, validUntil.Add(-2*time.Second), drillClients{wantAK: first.AccessKeyID, served: served})
 	close(stop)
 	s.check(t, "after the step, while valid credentials remain")
 	if bad := rz.notOK(); len(bad) > 0 {
@@ -1167,7 +1181,10 @@ func drillLogDiskFull(t *testing.T) {
 	// An STS outage makes the daemon log warnings (which fail) while it
 	// serves from the cache.
 	e.sts.SetMode(sts.ModeFail5xx)
-	s := e.drillServe(t, validUntil.Add(-500*time.Millisecond), drillClients{wantAK: first.AccessKeyID})
+	// End the phase 2 s before the credentials stop being servable: the
+	// clients, the /readyz checks and the daemon all need their moment on a
+	// loaded 2-core machine, and nothing in this phase may race the expiry.
+	s := e.drillServe(t, validUntil.Add(-2*time.Second), drillClients{wantAK: first.AccessKeyID})
 	s.check(t, "log disk full, STS failing")
 	if n := e.refreshFailures(t, "server"); n < 1 {
 		t.Errorf(`imdsproxy_cache_refreshes_total{result="failure",class="server"} = %v, want >= 1`, n)
