@@ -4,6 +4,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"os"
 	"slices"
 	"strconv"
 	"strings"
@@ -39,7 +40,31 @@ func resultKey(sc string, conns int, target string) string {
 	return fmt.Sprintf("%s/%d/%s", sc, conns, target)
 }
 
-// BenchmarkIMDS measures the ceiling and then the daemon for each scenario
+// targets are the servers of BenchmarkIMDS and BenchmarkIMDSPaced, in the
+// order they run: the ceiling just before the daemon, then AEMM.
+var targets = []string{"ceiling", "daemon", "aemm"}
+
+// target returns the server called name, or skips b (AEMM missing).
+func (e *benchEnv) target(b *testing.B, name string) *server {
+	switch name {
+	case "ceiling":
+		return e.ceiling
+	case "daemon":
+		return e.daemon
+	case "aemm":
+		if e.aemm == nil {
+			b.Skipf("SKIPPED (LOUDLY): amazon-ec2-metadata-mock: %s", e.aemmSkip)
+		}
+		if e.aemm.exited() {
+			b.Fatalf("amazon-ec2-metadata-mock has exited (%s); the end of its output:\n%s", e.aemm.cmd.ProcessState, tail(e.aemm.out.String(), 4000))
+		}
+		return e.aemm
+	}
+	b.Fatalf("unknown target %q", name)
+	return nil
+}
+
+// BenchmarkIMDS measures the ceiling, the daemon and AEMM for each scenario
 // at 1 and 50 keep-alive connections. One b.N is one operation (one request
 // for creds-get, three for imdsv2-flow); p50_us and p99_us are per operation,
 // req/s and cpu_ms/1k count HTTP requests.
@@ -47,40 +72,95 @@ func BenchmarkIMDS(b *testing.B) {
 	env := getEnv(b)
 	for _, sc := range scenarios {
 		for _, conns := range connCounts {
-			for _, target := range []string{"ceiling", "daemon"} {
+			for _, target := range targets {
 				b.Run(fmt.Sprintf("%s/conns=%d/%s", sc.name, conns, target), func(b *testing.B) {
-					srv, tok := env.ceiling, env.ceilingToken
-					if target == "daemon" {
-						srv, tok = env.daemon, env.daemonToken
-					}
-					b.StopTimer()
-					res, err := runLoad(srv.base, roleName, tok, srv.pid, conns, b.N, sc.reqsPerOp, sc.op,
-						func() { b.ResetTimer(); b.StartTimer() }, b.StopTimer)
-					if err != nil {
-						b.Fatalf("%s: %v; server output:\n%s", target, err, srv.out)
-					}
-					if srv.exited() {
-						b.Fatalf("%s exited during the run; output:\n%s", target, srv.out)
-					}
-					if res.Errors > 0 {
-						b.Errorf("%s: %d of %d operations failed; first: %v", target, res.Errors, res.Ops, res.FirstErr)
-					}
-					b.ReportMetric(us(res.P50), "p50_us")
-					b.ReportMetric(us(res.P99), "p99_us")
-					b.ReportMetric(res.ReqPerSec, "req/s")
-					b.ReportMetric(res.CPUPer1k(), "cpu_ms/1k")
-					b.ReportMetric(mb(res.RSSMaxKB), "rss_MB")
+					srv := env.target(b, target)
+					res := measureClosed(b, env, srv, sc, conns, resultKey(sc.name, conns, target))
 					resultsMu.Lock()
 					results[resultKey(sc.name, conns, target)] = res
 					ceil, ok := results[resultKey(sc.name, conns, "ceiling")]
+					dmn, okD := results[resultKey(sc.name, conns, "daemon")]
 					resultsMu.Unlock()
 					if target == "daemon" && ok && ceil.ReqPerSec > 0 {
 						b.ReportMetric(res.ReqPerSec/ceil.ReqPerSec, "ratio_to_ceiling")
+					}
+					if target == "aemm" && okD && res.ReqPerSec > 0 {
+						b.ReportMetric(dmn.ReqPerSec/res.ReqPerSec, "daemon_ratio_to_aemm")
 					}
 				})
 			}
 		}
 	}
+}
+
+// aemmCrashes holds, by result or paced key, why AEMM stopped during that
+// run (under resultsMu).
+var aemmCrashes = map[string]string{}
+
+// checkAEMMCrash, when srv is AEMM and it has exited, records the reason
+// (the Go runtime's fatal error and the first AEMM function in its trace),
+// starts a fresh AEMM for the benchmarks that follow, and skips b: a crash
+// is AEMM's result, not a failure of the harness.
+func (e *benchEnv) checkAEMMCrash(b *testing.B, srv *server, key string) {
+	if srv.name != "aemm" || !srv.exited() {
+		return
+	}
+	out := srv.out.String()
+	reason := fmt.Sprintf("exited (%s)", srv.cmd.ProcessState)
+	// AEMM logs each request on stdout, which may interleave with the
+	// runtime's message on stderr: look for the message itself first.
+	lines := strings.Split(out, "\n")
+	at := -1
+	for _, msg := range []string{"concurrent map writes", "concurrent map read and map write", "fatal error:", "panic:"} {
+		for i, l := range lines {
+			if j := strings.Index(l, msg); j >= 0 {
+				at, reason = i, strings.TrimSpace(l[j:])
+				break
+			}
+		}
+		if at >= 0 {
+			break
+		}
+	}
+	if at >= 0 {
+		for _, f := range lines[at+1:] {
+			if f = strings.TrimSpace(f); strings.HasPrefix(f, "github.com/aws/amazon-ec2-metadata-mock/") {
+				reason += " in " + strings.TrimPrefix(f[:strings.IndexByte(f+"(", '(')], "github.com/aws/amazon-ec2-metadata-mock/pkg/")
+				break
+			}
+		}
+	}
+	resultsMu.Lock()
+	aemmCrashes[key] = reason
+	resultsMu.Unlock()
+	fmt.Fprintf(os.Stderr, "\n*** amazon-ec2-metadata-mock CRASHED during %s: %s; end of its output:\n%s\n*** restarting it for the next benchmarks ***\n\n", b.Name(), reason, tail(out, 3000))
+	if e.aemm, e.aemmSkip = e.startAEMM(); e.aemmSkip != "" {
+		fmt.Fprintf(os.Stderr, "*** could not restart amazon-ec2-metadata-mock: %s ***\n", e.aemmSkip)
+	}
+	b.Skipf("amazon-ec2-metadata-mock crashed: %s", reason)
+}
+
+// measureClosed runs one closed-loop benchmark against srv and reports it.
+func measureClosed(b *testing.B, env *benchEnv, srv *server, sc scenario, conns int, key string) loadResult {
+	b.StopTimer()
+	res, err := runLoad(srv.ep(), srv.tok, srv.pid, conns, b.N, sc.reqsPerOp, sc.op,
+		func() { b.ResetTimer(); b.StartTimer() }, b.StopTimer)
+	env.checkAEMMCrash(b, srv, key)
+	if err != nil {
+		b.Fatalf("%s: %v; end of server output:\n%s", srv.name, err, tail(srv.out.String(), 4000))
+	}
+	if srv.exited() {
+		b.Fatalf("%s exited during the run (%s); end of output:\n%s", srv.name, srv.cmd.ProcessState, tail(srv.out.String(), 4000))
+	}
+	if res.Errors > 0 {
+		b.Errorf("%s: %d of %d operations failed; first: %v", srv.name, res.Errors, res.Ops, res.FirstErr)
+	}
+	b.ReportMetric(us(res.P50), "p50_us")
+	b.ReportMetric(us(res.P99), "p99_us")
+	b.ReportMetric(res.ReqPerSec, "req/s")
+	b.ReportMetric(res.CPUPer1k(), "cpu_ms/1k")
+	b.ReportMetric(mb(res.RSSMaxKB), "rss_MB")
+	return res
 }
 
 // Open-loop parameters: go test ./test/bench/ -bench Paced -paced.rate 2000,4000
@@ -132,12 +212,9 @@ func BenchmarkIMDSPaced(b *testing.B) {
 	env := getEnv(b)
 	for _, sc := range scenarios {
 		for _, rate := range rates {
-			for _, target := range []string{"ceiling", "daemon"} {
+			for _, target := range targets {
 				b.Run(fmt.Sprintf("%s/conns=%d/rate=%d/%s", sc.name, pacedConns, rate, target), func(b *testing.B) {
-					srv, tok := env.ceiling, env.ceilingToken
-					if target == "daemon" {
-						srv, tok = env.daemon, env.daemonToken
-					}
+					srv := env.target(b, target)
 					key := pacedKey(sc.name, pacedConns, rate, target)
 					pacedMu.Lock()
 					res, done := paced[key]
@@ -146,7 +223,7 @@ func BenchmarkIMDSPaced(b *testing.B) {
 					if !done && err == nil {
 						time.Sleep(250 * time.Millisecond) // let the previous run's connections close
 						var r pacedResult
-						r, err = runPaced(srv.base, roleName, tok, srv.pid, pacedConns, float64(rate), *pacedDuration, sc.reqsPerOp, sc.op)
+						r, err = runPaced(srv.ep(), srv.tok, srv.pid, pacedConns, float64(rate), *pacedDuration, sc.reqsPerOp, sc.op)
 						pacedMu.Lock()
 						if err != nil {
 							pacedErr[key] = err
@@ -156,11 +233,12 @@ func BenchmarkIMDSPaced(b *testing.B) {
 						}
 						pacedMu.Unlock()
 					}
+					env.checkAEMMCrash(b, srv, key)
 					if err != nil {
-						b.Fatalf("%s: %v; server output:\n%s", target, err, srv.out)
+						b.Fatalf("%s: %v; end of server output:\n%s", target, err, tail(srv.out.String(), 4000))
 					}
 					if srv.exited() {
-						b.Fatalf("%s exited during the run; output:\n%s", target, srv.out)
+						b.Fatalf("%s exited during the run (%s); end of output:\n%s", target, srv.cmd.ProcessState, tail(srv.out.String(), 4000))
 					}
 					if res.Errors > 0 {
 						b.Errorf("%s: %d of %d operations failed; first: %v", target, res.Errors, res.Ops, res.FirstErr)
@@ -178,6 +256,142 @@ func BenchmarkIMDSPaced(b *testing.B) {
 				})
 			}
 		}
+	}
+}
+
+// interceptCases are the closed-loop runs of BenchmarkIntercept.
+var interceptCases = []struct {
+	sc    scenario
+	conns int
+}{
+	{scenarios[0], 1},
+	{scenarios[1], 1},
+}
+
+// intercepted holds BenchmarkIntercept's runs by "scenario/conns/path".
+var intercepted = map[string]loadResult{}
+
+// BenchmarkIntercept measures the daemon in its own network namespace with
+// interception enabled, from the same workers, through the nftables redirect
+// (http://169.254.169.254/) and directly (http://127.0.0.1:PORT/), direct
+// first. It skips, loudly, when not root or without ip netns and nft.
+func BenchmarkIntercept(b *testing.B) {
+	env := getEnv(b)
+	for _, c := range interceptCases {
+		for _, path := range []string{"direct", "redirect"} {
+			b.Run(fmt.Sprintf("%s/conns=%d/%s", c.sc.name, c.conns, path), func(b *testing.B) {
+				if env.ns == nil {
+					b.Skipf("SKIPPED (LOUDLY): interception path: %s", env.nsSkip)
+				}
+				srv := env.ns.direct
+				if path == "redirect" {
+					srv = env.ns.redirect
+				}
+				res := measureClosed(b, env, srv, c.sc, c.conns, "")
+				resultsMu.Lock()
+				intercepted[resultKey(c.sc.name, c.conns, path)] = res
+				d, ok := intercepted[resultKey(c.sc.name, c.conns, "direct")]
+				resultsMu.Unlock()
+				if path == "redirect" && ok {
+					b.ReportMetric(us(res.P50-d.P50), "added_p50_us")
+				}
+			})
+		}
+	}
+	// Open loop: creds-get at the default paced load, each path once.
+	rates, err := parseRates(*pacedRates)
+	if err != nil {
+		b.Fatal(err)
+	}
+	sc, rate := scenarios[0], rates[len(rates)-1]
+	for _, path := range []string{"direct", "redirect"} {
+		b.Run(fmt.Sprintf("%s/conns=%d/rate=%d/%s", sc.name, pacedConns, rate, path), func(b *testing.B) {
+			if env.ns == nil {
+				b.Skipf("SKIPPED (LOUDLY): interception path: %s", env.nsSkip)
+			}
+			srv := env.ns.direct
+			if path == "redirect" {
+				srv = env.ns.redirect
+			}
+			key := pacedKey(sc.name, pacedConns, rate, path)
+			pacedMu.Lock()
+			res, done := interceptPaced[key]
+			pacedMu.Unlock()
+			if !done {
+				time.Sleep(250 * time.Millisecond)
+				r, err := runPaced(srv.ep(), srv.tok, srv.pid, pacedConns, float64(rate), *pacedDuration, sc.reqsPerOp, sc.op)
+				if err != nil {
+					b.Fatalf("%s: %v; server output:\n%s", srv.name, err, srv.out)
+				}
+				res = &r
+				pacedMu.Lock()
+				interceptPaced[key] = res
+				pacedMu.Unlock()
+			}
+			if res.Errors > 0 {
+				b.Errorf("%s: %d of %d operations failed; first: %v", srv.name, res.Errors, res.Ops, res.FirstErr)
+			}
+			b.ReportMetric(0, "ns/op")
+			b.ReportMetric(us(res.P50), "p50_us")
+			b.ReportMetric(us(res.P99), "p99_us")
+			b.ReportMetric(res.ReqPerSec, "req/s")
+			b.ReportMetric(res.CPUPer1k(), "cpu_ms/1k")
+		})
+	}
+}
+
+// interceptPaced holds BenchmarkIntercept's open-loop runs by
+// "scenario/conns/rate/path", under pacedMu; like every paced run, each runs
+// once per process.
+var interceptPaced = map[string]*pacedResult{}
+
+// newConns holds BenchmarkNewConn's latencies by target, sorted.
+var newConns = map[string][]time.Duration{}
+
+// newConnCount is how many connections BenchmarkNewConn opens per server.
+const newConnCount = 2000
+
+// BenchmarkNewConn measures what a connection's first credential GET costs:
+// newConnCount times per server, one at a time, dial a new connection, GET
+// the credentials once and close it. The daemon identifies the client
+// process behind each new connection on its first credential request
+// (sock_diag, then /proc: the access control and audit of docs/security.md)
+// and remembers it for the connection; every other benchmark warms its
+// connections first and so never pays it. Like the paced runs, it runs once
+// per process, whatever b.N, and later calls report the same numbers.
+func BenchmarkNewConn(b *testing.B) {
+	env := getEnv(b)
+	for _, target := range targets {
+		b.Run(target, func(b *testing.B) {
+			srv := env.target(b, target)
+			resultsMu.Lock()
+			lat, done := newConns[target]
+			resultsMu.Unlock()
+			if !done {
+				ep := srv.ep()
+				lat = make([]time.Duration, 0, newConnCount)
+				for range newConnCount {
+					w, err := newWorker(ep, srv.tok)
+					if err != nil {
+						b.Fatal(err)
+					}
+					t0 := time.Now()
+					err = w.getCreds()
+					lat = append(lat, time.Since(t0))
+					w.c.CloseIdleConnections()
+					if err != nil {
+						b.Fatalf("%s: %v", srv.name, err)
+					}
+				}
+				slices.Sort(lat)
+				resultsMu.Lock()
+				newConns[target] = lat
+				resultsMu.Unlock()
+			}
+			b.ReportMetric(0, "ns/op")
+			b.ReportMetric(us(percentile(lat, 0.5)), "p50_us")
+			b.ReportMetric(us(percentile(lat, 0.99)), "p99_us")
+		})
 	}
 }
 
@@ -238,7 +452,7 @@ func runFlood(env *benchEnv) (*floodResult, error) {
 	}
 	workers := make([]*worker, floodConns)
 	for i := range workers {
-		if workers[i], err = newWorker(d.base, roleName, env.daemonToken); err != nil {
+		if workers[i], err = newWorker(d.ep(), d.tok); err != nil {
 			return nil, err
 		}
 	}
@@ -335,6 +549,9 @@ func BenchmarkColdStart(b *testing.B) {
 	coldMu.Unlock()
 }
 
+// tail returns the last n bytes of s.
+func tail(s string, n int) string { return s[max(len(s)-n, 0):] }
+
 func us(d time.Duration) float64 { return float64(d) / float64(time.Microsecond) }
 func ms(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
 func mb(kb int64) float64        { return float64(kb) / 1024 }
@@ -344,9 +561,9 @@ func printReport(w io.Writer) {
 	resultsMu.Lock()
 	defer resultsMu.Unlock()
 	pacedMu.Lock()
-	npaced := len(paced)
+	npaced := len(paced) + len(interceptPaced)
 	pacedMu.Unlock()
-	if len(results) == 0 && npaced == 0 && flood == nil && len(coldStarts) == 0 {
+	if len(results) == 0 && len(intercepted) == 0 && len(newConns) == 0 && npaced == 0 && flood == nil && len(coldStarts) == 0 {
 		return
 	}
 	fmt.Fprintln(w, "\n<!-- imdsproxy bench report: paste into docs/benchmarks.md -->")
@@ -354,26 +571,75 @@ func printReport(w io.Writer) {
 		fmt.Fprintf(w, "\nLoad average (1/5/15 min) at start: %s; at end: %s.\n", envVal.loadAtStart, loadAvg())
 	}
 	if len(results) > 0 {
-		fmt.Fprintln(w, "\n| scenario | conns | server | p50 µs | p99 µs | req/s | CPU ms / 1k req | RSS MB | daemon ÷ ceiling |")
-		fmt.Fprintln(w, "|---|---:|---|---:|---:|---:|---:|---:|---:|")
+		fmt.Fprintln(w, "\n| scenario | conns | server | p50 µs | p99 µs | req/s | CPU ms / 1k req | RSS MB | daemon ÷ ceiling | daemon ÷ aemm |")
+		fmt.Fprintln(w, "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|")
 		for _, sc := range scenarios {
 			for _, conns := range connCounts {
 				ceil, okC := results[resultKey(sc.name, conns, "ceiling")]
-				for _, target := range []string{"ceiling", "daemon"} {
+				dmn, okD := results[resultKey(sc.name, conns, "daemon")]
+				for _, target := range targets {
 					r, ok := results[resultKey(sc.name, conns, target)]
+					if crash, crashed := aemmCrashes[resultKey(sc.name, conns, target)]; crashed && target == "aemm" {
+						fmt.Fprintf(w, "| %s | %d | %s | crashed: %s | | | | | | |\n", sc.name, conns, target, crash)
+						continue
+					}
 					if !ok {
 						continue
 					}
-					ratio := ""
+					ratio, ratioA := "", ""
 					if target == "daemon" && okC && ceil.ReqPerSec > 0 {
 						ratio = fmt.Sprintf("%.0f%%", 100*r.ReqPerSec/ceil.ReqPerSec)
 					}
-					fmt.Fprintf(w, "| %s | %d | %s | %.0f | %.0f | %.0f | %.1f | %.1f | %s |\n",
-						sc.name, conns, target, us(r.P50), us(r.P99), r.ReqPerSec, r.CPUPer1k(), mb(r.RSSMaxKB), ratio)
+					if target == "aemm" && okD && r.ReqPerSec > 0 {
+						ratioA = fmt.Sprintf("%.2f×", dmn.ReqPerSec/r.ReqPerSec)
+					}
+					fmt.Fprintf(w, "| %s | %d | %s | %.0f | %.0f | %.0f | %.1f | %.1f | %s | %s |\n",
+						sc.name, conns, target, us(r.P50), us(r.P99), r.ReqPerSec, r.CPUPer1k(), mb(r.RSSMaxKB), ratio, ratioA)
 				}
 			}
 		}
 		fmt.Fprintln(w, "\nLatency is per operation (one request for creds-get, three for imdsv2-flow); req/s and CPU count HTTP requests.")
+		if envVal != nil && envVal.aemm != nil {
+			fmt.Fprintf(w, "daemon ÷ aemm is the daemon's req/s over AEMM's; AEMM's credential document is %d bytes, the daemon's %d.\n",
+				envVal.aemmCredsLen, len(envVal.wire.Creds.Body))
+		}
+	}
+	if envVal != nil && envVal.aemmSkip != "" {
+		fmt.Fprintf(w, "\n**amazon-ec2-metadata-mock was skipped**: %s\n", envVal.aemmSkip)
+	}
+	if len(intercepted) > 0 {
+		fmt.Fprintln(w, "\nInterception: the daemon in its own network namespace, the same workers through the nftables redirect and directly.")
+		fmt.Fprintln(w, "\n| scenario | conns | path | p50 µs | p99 µs | req/s | CPU ms / 1k req | added p50 µs |")
+		fmt.Fprintln(w, "|---|---:|---|---:|---:|---:|---:|---:|")
+		for _, c := range interceptCases {
+			d, okD := intercepted[resultKey(c.sc.name, c.conns, "direct")]
+			for _, path := range []string{"direct", "redirect"} {
+				r, ok := intercepted[resultKey(c.sc.name, c.conns, path)]
+				if !ok {
+					continue
+				}
+				added := ""
+				if path == "redirect" && okD {
+					added = fmt.Sprintf("%+.0f", us(r.P50-d.P50))
+				}
+				fmt.Fprintf(w, "| %s | %d | %s | %.0f | %.0f | %.0f | %.1f | %s |\n",
+					c.sc.name, c.conns, path, us(r.P50), us(r.P99), r.ReqPerSec, r.CPUPer1k(), added)
+			}
+		}
+	}
+	if len(newConns) > 0 {
+		fmt.Fprintln(w, "\nFirst credential GET on a new connection (dial, GET, close; one at a time):")
+		fmt.Fprintln(w, "\n| server | connections | p50 µs | p99 µs |")
+		fmt.Fprintln(w, "|---|---:|---:|---:|")
+		for _, target := range targets {
+			if lat := newConns[target]; len(lat) > 0 {
+				fmt.Fprintf(w, "| %s | %d | %.0f | %.0f |\n", target, len(lat), us(percentile(lat, 0.5)), us(percentile(lat, 0.99)))
+			}
+		}
+	}
+	printInterceptPaced(w)
+	if envVal != nil && envVal.nsSkip != "" {
+		fmt.Fprintf(w, "\n**The interception benchmark was skipped**: %s\n", envVal.nsSkip)
 	}
 	printPaced(w)
 	if f := flood; f != nil {
@@ -394,6 +660,36 @@ func printReport(w io.Writer) {
 	}
 }
 
+// printInterceptPaced writes BenchmarkIntercept's open-loop rows.
+func printInterceptPaced(w io.Writer) {
+	pacedMu.Lock()
+	defer pacedMu.Unlock()
+	if len(interceptPaced) == 0 {
+		return
+	}
+	rates, err := parseRates(*pacedRates)
+	if err != nil {
+		return
+	}
+	sc, rate := scenarios[0], rates[len(rates)-1]
+	fmt.Fprintf(w, "\nInterception, open loop: %s, %d connections, %d req/s offered, %s per path; latency from the scheduled send time.\n\n", sc.name, pacedConns, rate, *pacedDuration)
+	fmt.Fprintln(w, "| path | p50 µs | p99 µs | p99.9 µs | achieved req/s | CPU ms / 1k req | late ops | wake lag p50 / p99 µs | added p50 µs |")
+	fmt.Fprintln(w, "|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+	d, okD := interceptPaced[pacedKey(sc.name, pacedConns, rate, "direct")]
+	for _, path := range []string{"direct", "redirect"} {
+		r, ok := interceptPaced[pacedKey(sc.name, pacedConns, rate, path)]
+		if !ok {
+			continue
+		}
+		added := ""
+		if path == "redirect" && okD {
+			added = fmt.Sprintf("%+.0f", us(r.P50-d.P50))
+		}
+		fmt.Fprintf(w, "| %s | %.0f | %.0f | %.0f | %.0f | %.1f | %d of %d | %.0f / %.0f | %s |\n",
+			path, us(r.P50), us(r.P99), us(r.P999), r.ReqPerSec, r.CPUPer1k(), r.Late, r.Ops, us(r.WakeP50), us(r.WakeP99), added)
+	}
+}
+
 // printPaced writes the open-loop table.
 func printPaced(w io.Writer) {
 	pacedMu.Lock()
@@ -410,8 +706,13 @@ func printPaced(w io.Writer) {
 	fmt.Fprintln(w, "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 	for _, sc := range scenarios {
 		for _, rate := range rates {
-			for _, target := range []string{"ceiling", "daemon"} {
+			for _, target := range targets {
 				r, ok := paced[pacedKey(sc.name, pacedConns, rate, target)]
+				crash, crashed := aemmCrashes[pacedKey(sc.name, pacedConns, rate, target)] // the caller holds resultsMu
+				if crashed && target == "aemm" {
+					fmt.Fprintf(w, "| %s | %d | %s | crashed: %s | | | | | | | | | |\n", sc.name, rate, target, crash)
+					continue
+				}
 				if !ok {
 					continue
 				}

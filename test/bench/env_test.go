@@ -41,9 +41,15 @@ type server struct {
 	cmd  *exec.Cmd
 	pid  int
 	base string // http://127.0.0.1:PORT
+	role string // the role it serves
+	tok  string // a valid IMDSv2 token, for the GETs
+	dial dialFunc
 	out  *capBuffer
 	done chan struct{} // closed when the process has exited
 }
+
+// ep is where the load generator reaches s.
+func (s *server) ep() endpoint { return endpoint{base: s.base, role: s.role, dial: s.dial} }
 
 // stop sends SIGTERM and waits up to 10 s, then kills.
 func (s *server) stop() {
@@ -68,17 +74,33 @@ func (s *server) exited() bool {
 	}
 }
 
-// capBuffer keeps the first 64 KiB a subprocess writes, for error messages.
+// capBuffer keeps the first 64 KiB a subprocess writes and the last 32 KiB,
+// for error messages (AEMM logs two lines per request, and the reason it
+// stopped would be past the first 64 KiB).
 type capBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
+	mu      sync.Mutex
+	b       bytes.Buffer
+	tail    []byte
+	dropped int64
 }
+
+const capHead, capTail = 64 << 10, 32 << 10
 
 func (c *capBuffer) Write(p []byte) (int, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if room := 64<<10 - c.b.Len(); room > 0 {
-		c.b.Write(p[:min(len(p), room)])
+	q := p
+	if room := capHead - c.b.Len(); room > 0 {
+		n := min(len(q), room)
+		c.b.Write(q[:n])
+		q = q[n:]
+	}
+	if len(q) > 0 {
+		c.tail = append(c.tail, q...)
+		if over := len(c.tail) - capTail; over > 0 {
+			c.dropped += int64(over)
+			c.tail = append(c.tail[:0], c.tail[over:]...)
+		}
 	}
 	return len(p), nil
 }
@@ -86,7 +108,10 @@ func (c *capBuffer) Write(p []byte) (int, error) {
 func (c *capBuffer) String() string {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	return c.b.String()
+	if len(c.tail) == 0 {
+		return c.b.String()
+	}
+	return fmt.Sprintf("%s\n[... %d bytes left out ...]\n%s", c.b.Bytes(), c.dropped, c.tail)
 }
 
 // wireResponse is one captured response of the daemon.
@@ -121,6 +146,17 @@ type benchEnv struct {
 	ceilingToken string
 	wire         wireSample
 
+	// aemm is amazon-ec2-metadata-mock, nil (and aemmSkip says why) when
+	// its binary is missing or it did not start.
+	aemm         *server
+	aemmSkip     string
+	aemmCredsLen int // bytes of its credential document
+
+	// ns is the network namespace of the interception benchmark, nil (and
+	// nsSkip says why) when it could not be set up.
+	ns     *nsEnv
+	nsSkip string
+
 	nstarted int // daemons started, for config file names
 
 	loadAtStart string // /proc/loadavg when the environment was built
@@ -150,14 +186,20 @@ func getEnv(b *testing.B) *benchEnv {
 	return envVal
 }
 
-// teardownEnv stops everything getEnv started.
-func teardownEnv() {
+var teardownOnce sync.Once
+
+// teardownEnv stops everything getEnv started, once.
+func teardownEnv() { teardownOnce.Do(teardown) }
+
+func teardown() {
 	e := envVal
 	if e == nil {
 		return
 	}
 	e.daemon.stop()
 	e.ceiling.stop()
+	e.aemm.stop()
+	e.ns.teardown()
 	if e.fakeSTS != nil {
 		e.fakeSTS.Close()
 	}
@@ -176,6 +218,16 @@ func newEnv(bin string) (_ *benchEnv, err error) {
 	}
 	e := &benchEnv{bin: abs, loadAtStart: loadAvg()}
 	envVal = e // so that teardownEnv cleans up a half-built environment
+	// On SIGINT or SIGTERM, stop the subprocesses and delete the namespace
+	// before exiting; TestMain does it at a normal end.
+	go func() {
+		ctx, stop := signalContext()
+		defer stop()
+		<-ctx.Done()
+		fmt.Fprintln(os.Stderr, "bench: interrupted (SIGINT or SIGTERM): stopping the servers and deleting the namespace")
+		teardownEnv()
+		os.Exit(2)
+	}()
 	if e.dir, err = os.MkdirTemp("", "imdsproxy-bench-"); err != nil {
 		return nil, err
 	}
@@ -214,6 +266,16 @@ func newEnv(bin string) (_ *benchEnv, err error) {
 	if e.ceilingToken, err = e.checkCeiling(); err != nil {
 		return nil, err
 	}
+	e.daemon.role, e.daemon.tok = roleName, e.daemonToken
+	e.ceiling.role, e.ceiling.tok = roleName, e.ceilingToken
+	e.aemm, e.aemmSkip = e.startAEMM()
+	if e.aemmSkip != "" {
+		fmt.Fprintf(os.Stderr, "\n*** SKIPPING amazon-ec2-metadata-mock: %s ***\n\n", e.aemmSkip)
+	}
+	e.ns, e.nsSkip = e.setupNetns()
+	if e.nsSkip != "" {
+		fmt.Fprintf(os.Stderr, "\n*** SKIPPING the interception benchmark: %s ***\n\n", e.nsSkip)
+	}
 	return e, nil
 }
 
@@ -229,19 +291,24 @@ func freePort() (int, error) {
 
 // daemonEnv is the daemon's environment: ours without any AWS_* variable,
 // plus the region and the fake STS endpoint.
-func (e *benchEnv) daemonEnv() []string {
+func (e *benchEnv) daemonEnv(stsURL string) []string {
 	var env []string
 	for _, kv := range os.Environ() {
 		if !strings.HasPrefix(kv, "AWS_") {
 			env = append(env, kv)
 		}
 	}
-	return append(env, "AWS_REGION=us-east-1", "AWS_ENDPOINT_URL_STS="+e.stsURL)
+	return append(env, "AWS_REGION=us-east-1", "AWS_ENDPOINT_URL_STS="+stsURL)
 }
 
 // startDaemon writes a config with fresh ports, starts the daemon and waits
 // for /readyz to answer 200. The duration is from exec to that answer.
-func (e *benchEnv) startDaemon() (*server, time.Duration, error) {
+func (e *benchEnv) startDaemon() (*server, time.Duration, error) { return e.startDaemonIn(nil) }
+
+// startDaemonIn is startDaemon; with ns set, the daemon runs inside that
+// network namespace (ip netns exec, which execs, so the pid is the daemon's)
+// with interception enabled, and talks to the fakes ns serves there.
+func (e *benchEnv) startDaemonIn(ns *nsEnv) (*server, time.Duration, error) {
 	port, err1 := freePort()
 	admin, err2 := freePort()
 	if err := errors.Join(err1, err2); err != nil {
@@ -249,6 +316,11 @@ func (e *benchEnv) startDaemon() (*server, time.Duration, error) {
 	}
 	if port == admin {
 		return nil, 0, fmt.Errorf("free port %d returned twice", port)
+	}
+	upstream, stsURL, extra, dial := e.upstream, e.stsURL, "", dialFunc(nil)
+	if ns != nil {
+		upstream, stsURL, dial = ns.upstream, ns.stsURL, ns.dial
+		extra = fmt.Sprintf("intercept: {enabled: true, ipv6: false, check_interval: 30s, exempt_uid: %d}\n", nsExemptUID)
 	}
 	e.nstarted++
 	cfgPath := filepath.Join(e.dir, fmt.Sprintf("config-%d.yaml", e.nstarted))
@@ -259,16 +331,29 @@ imds: {tokens: required, hop_limit: 1}
 role: {arn: %q, name: %s, duration: 1h}
 source: web-identity
 identity: {jwt_file: %q}
-`, port, admin, e.upstream, roleARN, roleName, e.jwtFile)
+`, port, admin, upstream, roleARN, roleName, e.jwtFile) + extra
 	if err := os.WriteFile(cfgPath, []byte(cfg), 0o600); err != nil {
 		return nil, 0, err
 	}
-	s := &server{name: "daemon", base: fmt.Sprintf("http://127.0.0.1:%d", port), out: &capBuffer{}, done: make(chan struct{})}
-	s.cmd = exec.Command(e.bin, "serve", "--config", cfgPath, "--log-level", "warn")
-	s.cmd.Env = e.daemonEnv()
+	s := &server{name: "daemon", base: fmt.Sprintf("http://127.0.0.1:%d", port), role: roleName, dial: dial,
+		out: &capBuffer{}, done: make(chan struct{})}
+	args := []string{"serve", "--config", cfgPath, "--log-level", "warn"}
+	if ns != nil {
+		// Rules first, as ExecStartPre would.
+		inst := exec.Command("ip", "netns", "exec", ns.name, e.bin, "intercept", "install", "--config", cfgPath)
+		inst.Env = e.daemonEnv(stsURL)
+		if out, err := inst.CombinedOutput(); err != nil {
+			return nil, 0, fmt.Errorf("imdsproxy intercept install in %s: %v: %s", ns.name, err, out)
+		}
+		s.name = "daemon (netns)"
+		s.cmd = exec.Command("ip", append([]string{"netns", "exec", ns.name, e.bin}, args...)...)
+	} else {
+		s.cmd = exec.Command(e.bin, args...)
+	}
+	s.cmd.Env = e.daemonEnv(stsURL)
 	s.cmd.Stdout, s.cmd.Stderr = s.out, s.out
 	readyURL := fmt.Sprintf("http://127.0.0.1:%d/readyz", admin)
-	poll := &http.Client{Timeout: time.Second, Transport: &http.Transport{Proxy: nil, DisableKeepAlives: true}}
+	poll := &http.Client{Timeout: time.Second, Transport: &http.Transport{Proxy: nil, DisableKeepAlives: true, DialContext: dial}}
 
 	t0 := time.Now()
 	if err := s.cmd.Start(); err != nil {

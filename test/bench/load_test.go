@@ -2,6 +2,7 @@ package bench
 
 import (
 	"bytes"
+	"context"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -42,14 +43,31 @@ const (
 	requestedTTL = "21600" // what botocore, JS and Java ask for
 )
 
+// dialFunc opens a connection; nil means an ordinary net.Dialer in this
+// process's network namespace.
+type dialFunc func(ctx context.Context, network, addr string) (net.Conn, error)
+
+// endpoint is where the load generator sends its requests: the server's
+// base URL, the role it serves, and how to dial it.
+type endpoint struct {
+	base string // http://HOST:PORT
+	role string
+	dial dialFunc
+}
+
 // newClient returns a client that keeps exactly one connection to the server
 // and never goes through a proxy.
-func newClient() *http.Client {
+func newClient() *http.Client { return newClientDial(nil) }
+
+func newClientDial(dial dialFunc) *http.Client {
+	if dial == nil {
+		dial = (&net.Dialer{Timeout: 2 * time.Second, KeepAlive: 30 * time.Second}).DialContext
+	}
 	return &http.Client{
 		Timeout: 10 * time.Second,
 		Transport: &http.Transport{
 			Proxy:               nil,
-			DialContext:         (&net.Dialer{Timeout: 2 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
+			DialContext:         dial,
 			MaxIdleConns:        256,
 			MaxIdleConnsPerHost: 256,
 			MaxConnsPerHost:     1,
@@ -71,8 +89,9 @@ type worker struct {
 	buf     bytes.Buffer
 }
 
-func newWorker(base, role, tok string) (*worker, error) {
-	w := &worker{c: newClient(), role: []byte(role)}
+func newWorker(ep endpoint, tok string) (*worker, error) {
+	base, role := ep.base, ep.role
+	w := &worker{c: newClientDial(ep.dial), role: []byte(role)}
 	var err error
 	if w.put, err = http.NewRequest(http.MethodPut, base+tokenPath, nil); err != nil {
 		return nil, err
@@ -161,14 +180,14 @@ func (r loadResult) CPUPer1k() float64 {
 // base and measures them. ready is called (with the timer running state up
 // to the caller) just before the measured part starts and done just after it
 // ends, so a benchmark can start and stop its timer there.
-func runLoad(base, role, tok string, pid, conns, ops, reqsPerOp int,
+func runLoad(ep endpoint, tok string, pid, conns, ops, reqsPerOp int,
 	op func(*worker) error, ready, done func()) (loadResult, error) {
 	if ops < 1 {
 		ops = 1
 	}
 	workers := make([]*worker, conns)
 	for i := range workers {
-		w, err := newWorker(base, role, tok)
+		w, err := newWorker(ep, tok)
 		if err != nil {
 			return loadResult{}, err
 		}
@@ -423,7 +442,7 @@ func (r pacedResult) CPUPercent() float64 {
 // A worker sleeps until that time; if it is already past (the previous
 // operation was slow), it sends at once. Either way the latency counts from
 // the scheduled time.
-func runPaced(base, role, tok string, pid, conns int, rate float64, d time.Duration, reqsPerOp int,
+func runPaced(ep endpoint, tok string, pid, conns int, rate float64, d time.Duration, reqsPerOp int,
 	op func(*worker) error) (pacedResult, error) {
 	if conns < 1 || rate <= 0 || reqsPerOp < 1 {
 		return pacedResult{}, fmt.Errorf("paced: conns %d, rate %g, reqsPerOp %d", conns, rate, reqsPerOp)
@@ -432,7 +451,7 @@ func runPaced(base, role, tok string, pid, conns int, rate float64, d time.Durat
 	perWorker := max(int(d/interval), 1)
 	workers := make([]*worker, conns)
 	for i := range workers {
-		w, err := newWorker(base, role, tok)
+		w, err := newWorker(ep, tok)
 		if err != nil {
 			return pacedResult{}, err
 		}
