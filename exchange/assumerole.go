@@ -8,7 +8,6 @@ import (
 	"regexp"
 	"sort"
 	"strings"
-	"sync/atomic"
 	"time"
 	"unicode/utf8"
 
@@ -128,8 +127,7 @@ type AssumeRole struct {
 	externalID     string
 	sourceIdentity string
 	tags           []types.Tag
-	duration       time.Duration
-	capped         atomic.Bool
+	duration       *sessionDuration
 	timeout        time.Duration
 	log            *zap.Logger
 	now            func() time.Time
@@ -226,7 +224,7 @@ func NewAssumeRole(ctx context.Context, cfg AssumeRoleConfig, log *zap.Logger) (
 		externalID:     cfg.ExternalID,
 		sourceIdentity: cfg.SourceIdentity,
 		tags:           tags,
-		duration:       cfg.Duration.Truncate(time.Second),
+		duration:       &sessionDuration{want: cfg.Duration.Truncate(time.Second)},
 		timeout:        cfg.Timeout,
 		log:            log,
 		now:            time.Now,
@@ -313,10 +311,8 @@ func (a *AssumeRole) Fetch(ctx context.Context, key string) (creds.Credentials, 
 	defer cancel()
 
 	out, err := a.assume(ctx)
-	if err != nil && a.tooLong(err) {
-		a.capped.Store(true)
-		a.log.Warn("role.duration is longer than STS allows for this role (MaxSessionDuration, or 1h for role chaining from instance-profile credentials); asking for 1h instead until restart or reload",
-			zap.Duration("configured", a.duration), zap.Duration("using", fallbackDuration))
+	var be *arBaseError
+	if err != nil && !errors.As(err, &be) && a.duration.refused(err, a.log) {
 		out, err = a.assume(ctx)
 	}
 	if err != nil && a.baseRefused(err) && ctx.Err() == nil {
@@ -353,7 +349,7 @@ func (a *AssumeRole) assume(ctx context.Context) (*sts.AssumeRoleOutput, error) 
 		RoleArn:         aws.String(a.roleARN),
 		RoleSessionName: aws.String(a.sessionName),
 	}
-	if d := a.requestDuration(); d > 0 {
+	if d := a.duration.get(); d > 0 {
 		in.DurationSeconds = aws.Int32(int32(d / time.Second))
 	}
 	if a.externalID != "" {
@@ -366,29 +362,6 @@ func (a *AssumeRole) assume(ctx context.Context) (*sts.AssumeRoleOutput, error) 
 		in.Tags = a.tags
 	}
 	return a.client.AssumeRole(ctx, in)
-}
-
-func (a *AssumeRole) requestDuration() time.Duration {
-	if a.capped.Load() {
-		return fallbackDuration
-	}
-	return a.duration
-}
-
-// tooLong reports whether err is STS refusing DurationSeconds as longer than
-// the role's MaxSessionDuration or the 1 h limit of role chaining, while a
-// shorter duration is still possible.
-func (a *AssumeRole) tooLong(err error) bool {
-	if a.capped.Load() || a.duration <= fallbackDuration {
-		return false
-	}
-	var be *arBaseError
-	if errors.As(err, &be) {
-		return false
-	}
-	e := Classify(err)
-	return e.Code == "ValidationError" &&
-		(strings.Contains(e.Message, "MaxSessionDuration") || strings.Contains(e.Message, "role chaining"))
 }
 
 func (a *AssumeRole) baseRefused(err error) bool {

@@ -22,7 +22,6 @@ import (
 	"fmt"
 	"net/http"
 	"strings"
-	"sync/atomic"
 	"time"
 
 	"github.com/aws/aws-sdk-go-v2/aws"
@@ -96,15 +95,12 @@ type WebIdentity struct {
 	client      *sts.Client
 	roleARN     string
 	sessionName string
-	duration    time.Duration
-	// capped is set once STS refused duration as longer than the role's
-	// MaxSessionDuration; later calls then ask for fallbackDuration.
-	capped     atomic.Bool
-	timeout    time.Duration
-	tokens     TokenSource
-	log        *zap.Logger
-	now        func() time.Time
-	retryDelay time.Duration
+	duration    *sessionDuration
+	timeout     time.Duration
+	tokens      TokenSource
+	log         *zap.Logger
+	now         func() time.Time
+	retryDelay  time.Duration
 }
 
 // NewWebIdentity builds the STS client from the SDK's default configuration
@@ -176,7 +172,7 @@ func NewWebIdentity(ctx context.Context, cfg WebIdentityConfig, tokens TokenSour
 		client:      client,
 		roleARN:     cfg.RoleARN,
 		sessionName: SanitizeSessionName(cfg.SessionName),
-		duration:    cfg.Duration.Truncate(time.Second),
+		duration:    &sessionDuration{want: cfg.Duration.Truncate(time.Second)},
 		timeout:     cfg.Timeout,
 		tokens:      tokens,
 		log:         log,
@@ -209,10 +205,7 @@ func (w *WebIdentity) Fetch(ctx context.Context, key string) (creds.Credentials,
 		return creds.Credentials{}, err
 	}
 	out, err := w.assume(ctx, tok)
-	if err != nil && w.tooLong(err) {
-		w.capped.Store(true)
-		w.log.Warn("role.duration exceeds the role's MaxSessionDuration; asking for 1h instead until restart or reload (raise MaxSessionDuration or lower role.duration)",
-			zap.Duration("configured", w.duration), zap.Duration("using", fallbackDuration))
+	if err != nil && w.duration.refused(err, w.log) {
 		out, err = w.assume(ctx, tok)
 	}
 	if err != nil {
@@ -277,31 +270,10 @@ func (w *WebIdentity) assume(ctx context.Context, tok string) (*sts.AssumeRoleWi
 		RoleSessionName:  aws.String(w.sessionName),
 		WebIdentityToken: aws.String(tok),
 	}
-	if d := w.requestDuration(); d > 0 {
+	if d := w.duration.get(); d > 0 {
 		in.DurationSeconds = aws.Int32(int32(d / time.Second))
 	}
 	return w.client.AssumeRoleWithWebIdentity(ctx, in)
-}
-
-// fallbackDuration is asked for when the configured duration is longer than
-// the role allows: every role's MaxSessionDuration is at least one hour.
-const fallbackDuration = time.Hour
-
-func (w *WebIdentity) requestDuration() time.Duration {
-	if w.capped.Load() {
-		return fallbackDuration
-	}
-	return w.duration
-}
-
-// tooLong reports whether err is STS refusing DurationSeconds as longer than
-// the role's MaxSessionDuration, while a shorter duration is still possible.
-func (w *WebIdentity) tooLong(err error) bool {
-	if w.capped.Load() || w.duration <= fallbackDuration {
-		return false
-	}
-	e := Classify(err)
-	return e.Code == "ValidationError" && strings.Contains(e.Message, "MaxSessionDuration")
 }
 
 // classify wraps Classify, names the operation and role and makes sure the
