@@ -27,6 +27,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/imdsproxy/imdsproxy/test/fakes/sigv4"
 )
 
 // Call is one request the fake answered.
@@ -158,8 +160,8 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request) {
 	w.Header().Set("Server", "AmazonS3")
 	bucket, key, _ := strings.Cut(strings.TrimPrefix(r.URL.Path, "/"), "/")
 	call := Call{At: s.now(), Method: r.Method, Bucket: bucket, Key: key}
-	if a, err := parseAuthorization(r.Header.Get("Authorization")); err == nil {
-		call.AccessKeyID = a.accessKeyID
+	if a, err := sigv4.Parse(r.Header.Get("Authorization")); err == nil {
+		call.AccessKeyID = a.AccessKeyID
 	}
 	status, code := s.answer(w, r, bucket, key, &call, reqID)
 	call.Status, call.Code = status, code
@@ -229,12 +231,12 @@ func (s *Server) authorize(r *http.Request, call *Call) *s3Error {
 	if h == "" {
 		return denied
 	}
-	a, err := parseAuthorization(h)
+	a, err := sigv4.Parse(h)
 	if err != nil {
 		return &s3Error{http.StatusBadRequest, "AuthorizationHeaderMalformed", err.Error()}
 	}
 	s.mu.Lock()
-	k, ok := s.keys[a.accessKeyID]
+	k, ok := s.keys[a.AccessKeyID]
 	s.mu.Unlock()
 	if !ok {
 		return &s3Error{http.StatusForbidden, "AccessDenied", "Access Denied"}
@@ -245,10 +247,14 @@ func (s *Server) authorize(r *http.Request, call *Call) *s3Error {
 	if k.sessionToken != "" && r.Header.Get("X-Amz-Security-Token") != k.sessionToken {
 		return &s3Error{http.StatusForbidden, "InvalidToken", "The provided token is malformed or otherwise invalid."}
 	}
-	if a.service != "s3" {
+	if a.Service != "s3" {
 		return &s3Error{http.StatusForbidden, "SignatureDoesNotMatch", "Credential should be scoped to correct service: 's3'."}
 	}
-	if !verifySignature(r, a, k.secret) {
+	// S3 signs whatever X-Amz-Content-Sha256 says (a digest or
+	// UNSIGNED-PAYLOAD), which it requires with SigV4.
+	payloadHash := r.Header.Get("X-Amz-Content-Sha256")
+	if amzDate := r.Header.Get("X-Amz-Date"); payloadHash == "" || len(amzDate) < 8 || amzDate[:8] != a.Date ||
+		!a.Matches(r, k.secret, payloadHash) {
 		return &s3Error{http.StatusForbidden, "SignatureDoesNotMatch",
 			"The request signature we calculated does not match the signature you provided. Check your key and signing method."}
 	}

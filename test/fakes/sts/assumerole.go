@@ -9,6 +9,8 @@ import (
 	"strings"
 	"time"
 	"unicode/utf8"
+
+	"github.com/imdsproxy/imdsproxy/test/fakes/sigv4"
 )
 
 // baseCredential is a set of credentials allowed to sign AssumeRole.
@@ -64,13 +66,16 @@ func (s *Server) lookupBase(id string) (baseCredential, bool) {
 	return baseCredential{}, false
 }
 
+// amzDateFormat is the layout of X-Amz-Date.
+const amzDateFormat = "20060102T150405Z"
+
 // authenticate verifies the SigV4 signature of an AssumeRole request.
 func (s *Server) authenticate(r *http.Request, body []byte) (*baseCredential, *stsError) {
 	h := r.Header.Get("Authorization")
 	if h == "" {
 		return nil, sender(http.StatusForbidden, "MissingAuthenticationToken", "Request is missing Authentication Token")
 	}
-	a, err := parseAuthorization(h)
+	a, err := sigv4.Parse(h)
 	if err != nil {
 		return nil, sender(http.StatusBadRequest, "IncompleteSignature", err.Error())
 	}
@@ -80,11 +85,11 @@ func (s *Server) authenticate(r *http.Request, body []byte) (*baseCredential, *s
 		return nil, sender(http.StatusBadRequest, "IncompleteSignature",
 			"Authorization header requires existence of either a 'X-Amz-Date' or a 'Date' header.")
 	}
-	if a.date != amzDate[:8] {
+	if a.Date != amzDate[:8] {
 		return nil, sender(http.StatusForbidden, "SignatureDoesNotMatch",
-			"Date in Credential scope does not match YYYYMMDD from ISO-8601 version of date from HTTP: '"+a.date+"' != '"+amzDate[:8]+"'")
+			"Date in Credential scope does not match YYYYMMDD from ISO-8601 version of date from HTTP: '"+a.Date+"' != '"+amzDate[:8]+"'")
 	}
-	if a.service != "sts" {
+	if a.Service != "sts" {
 		return nil, sender(http.StatusForbidden, "SignatureDoesNotMatch",
 			"Credential should be scoped to correct service: 'sts'.")
 	}
@@ -92,11 +97,11 @@ func (s *Server) authenticate(r *http.Request, body []byte) (*baseCredential, *s
 		return nil, sender(http.StatusForbidden, "SignatureDoesNotMatch",
 			"Signature expired: "+amzDate+" is now earlier or later than the allowed 15 minute window.")
 	}
-	if !contains(a.signedHeaders, "host") {
+	if !a.Signs("host") {
 		return nil, sender(http.StatusForbidden, "SignatureDoesNotMatch",
 			"'Host' or ':authority' must be a 'SignedHeader' in the AWS Authorization.")
 	}
-	base, ok := s.lookupBase(a.accessKeyID)
+	base, ok := s.lookupBase(a.AccessKeyID)
 	if !ok {
 		return nil, sender(http.StatusForbidden, "InvalidClientTokenId", "The security token included in the request is invalid.")
 	}
@@ -106,24 +111,16 @@ func (s *Server) authenticate(r *http.Request, body []byte) (*baseCredential, *s
 	if base.issued && !base.expires.IsZero() && !s.cfg.Now().Before(base.expires) {
 		return nil, sender(http.StatusForbidden, "ExpiredToken", "The security token included in the request is expired")
 	}
-	want, err := signatureV4(r, body, a, base.secret)
-	if err != nil {
-		return nil, sender(http.StatusForbidden, "SignatureDoesNotMatch", err.Error())
+	payloadHash := sigv4.PayloadHash(body)
+	if h := r.Header.Get("X-Amz-Content-Sha256"); h != "" && h != "UNSIGNED-PAYLOAD" && h != payloadHash {
+		return nil, sender(http.StatusForbidden, "SignatureDoesNotMatch",
+			"The provided 'x-amz-content-sha256' header does not match what was computed.")
 	}
-	if !hmacEqualHex(want, a.signature) {
+	if !a.Matches(r, base.secret, payloadHash) {
 		return nil, sender(http.StatusForbidden, "SignatureDoesNotMatch",
 			"The request signature we calculated does not match the signature you provided. Check your AWS Secret Access Key and signing method. Consult the service documentation for details.")
 	}
 	return &base, nil
-}
-
-func contains(list []string, s string) bool {
-	for _, x := range list {
-		if x == s {
-			return true
-		}
-	}
-	return false
 }
 
 var (

@@ -5,6 +5,8 @@ import (
 	"net/http"
 	"strings"
 	"time"
+
+	"github.com/imdsproxy/imdsproxy/test/fakes/sigv4"
 )
 
 // ActionGetCallerIdentity is sts:GetCallerIdentity. The fake answers it only
@@ -34,8 +36,8 @@ func (s *Server) CallCount(action string) int {
 
 func (s *Server) serveGetCallerIdentity(w http.ResponseWriter, r *http.Request, body []byte, reqID string) {
 	call := Call{At: s.cfg.Now(), Action: ActionGetCallerIdentity}
-	if a, err := parseAuthorization(r.Header.Get("Authorization")); err == nil {
-		call.AccessKeyID = a.accessKeyID
+	if a, err := sigv4.Parse(r.Header.Get("Authorization")); err == nil {
+		call.AccessKeyID = a.AccessKeyID
 	}
 	s.mu.Lock()
 	mode, delay := s.mode, s.delay

@@ -40,6 +40,8 @@ import (
 	"time"
 
 	"github.com/imdsproxy/imdsproxy/test/fakes/oidc"
+
+	"github.com/imdsproxy/imdsproxy/test/fakes/sigv4"
 )
 
 // Mode selects how the fake answers AssumeRoleWithWebIdentity and
@@ -364,8 +366,8 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request) {
 	if action == ActionAssumeRole {
 		call.ExternalID, call.SourceIdentity = r.Form.Get("ExternalId"), r.Form.Get("SourceIdentity")
 		call.Tags, _ = parseTags(r.Form)
-		if a, err := parseAuthorization(r.Header.Get("Authorization")); err == nil {
-			call.AccessKeyID = a.accessKeyID
+		if a, err := sigv4.Parse(r.Header.Get("Authorization")); err == nil {
+			call.AccessKeyID = a.AccessKeyID
 		}
 	}
 	s.calls = append(s.calls, call)
