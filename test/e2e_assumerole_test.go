@@ -86,23 +86,10 @@ func startIPUpstream(t *testing.T) *ipUpstream {
 		u.mu.Lock()
 		u.credReads++
 		u.mu.Unlock()
-		return fmt.Sprintf(`{
-  "Code" : "Success",
-  "LastUpdated" : "%s",
-  "Type" : "AWS-HMAC",
-  "AccessKeyId" : "%s",
-  "SecretAccessKey" : "%s",
-  "Token" : "%s",
-  "Expiration" : "%s"
-}`, time.Now().UTC().Format(time.RFC3339), u.key, u.secret, u.token, u.expires.Format(time.RFC3339))
+		return ipCredentialDocument(u.key, u.secret, u.token, u.expires)
 	}))
 	mux.HandleFunc(p+"iam/info", serve(func() string {
-		return `{
-  "Code" : "Success",
-  "LastUpdated" : "` + time.Now().UTC().Format(time.RFC3339) + `",
-  "InstanceProfileArn" : "arn:aws:iam::` + ipUpstreamAccount + `:instance-profile/web",
-  "InstanceProfileId" : "AIPAE2EEXAMPLEEXAMPLE"
-}`
+		return ipInfoDocument()
 	}))
 	mux.HandleFunc(p+"instance-id", serve(func() string { return ipUpstreamInstanceID }))
 	mux.HandleFunc(p+"placement/region", serve(func() string { return "us-east-1" }))
@@ -311,4 +298,28 @@ func TestInstanceProfileSource(t *testing.T) {
 func arRedactIssued(is sts.Issued) sts.Issued {
 	is.SecretAccessKey, is.SessionToken, is.WebIdentityToken = "<redacted>", "<redacted>", "<redacted>"
 	return is
+}
+
+// ipCredentialDocument is the real IMDS's credential document of the
+// instance profile, in EC2's format.
+func ipCredentialDocument(key, secret, token string, expires time.Time) string {
+	return fmt.Sprintf(`{
+  "Code" : "Success",
+  "LastUpdated" : "%s",
+  "Type" : "AWS-HMAC",
+  "AccessKeyId" : "%s",
+  "SecretAccessKey" : "%s",
+  "Token" : "%s",
+  "Expiration" : "%s"
+}`, time.Now().UTC().Format(time.RFC3339), key, secret, token, expires.Format(time.RFC3339))
+}
+
+// ipInfoDocument is the real IMDS's iam/info of the instance profile.
+func ipInfoDocument() string {
+	return `{
+  "Code" : "Success",
+  "LastUpdated" : "` + time.Now().UTC().Format(time.RFC3339) + `",
+  "InstanceProfileArn" : "arn:aws:iam::` + ipUpstreamAccount + `:instance-profile/web",
+  "InstanceProfileId" : "AIPAE2EEXAMPLEEXAMPLE"
+}`
 }

@@ -94,23 +94,10 @@ func startRolloutUpstream(t *testing.T) *roUpstream {
 	const p = "GET /latest/meta-data/"
 	mux.HandleFunc(p+"iam/security-credentials/", serve(func() string { return ipUpstreamRole }))
 	mux.HandleFunc(p+"iam/security-credentials/"+ipUpstreamRole, serve(func() string {
-		return fmt.Sprintf(`{
-  "Code" : "Success",
-  "LastUpdated" : "%s",
-  "Type" : "AWS-HMAC",
-  "AccessKeyId" : "%s",
-  "SecretAccessKey" : "%s",
-  "Token" : "%s",
-  "Expiration" : "%s"
-}`, time.Now().UTC().Format(time.RFC3339), u.key, u.secret, u.token, u.expires.Format(time.RFC3339))
+		return ipCredentialDocument(u.key, u.secret, u.token, u.expires)
 	}))
 	mux.HandleFunc(p+"iam/info", serve(func() string {
-		return `{
-  "Code" : "Success",
-  "LastUpdated" : "` + time.Now().UTC().Format(time.RFC3339) + `",
-  "InstanceProfileArn" : "arn:aws:iam::` + ipUpstreamAccount + `:instance-profile/web",
-  "InstanceProfileId" : "AIPAE2EEXAMPLEEXAMPLE"
-}`
+		return ipInfoDocument()
 	}))
 	mux.HandleFunc(p+"instance-id", serve(func() string { return roInstanceID }))
 	mux.HandleFunc(p+"placement/region", serve(func() string { return "us-east-1" }))
