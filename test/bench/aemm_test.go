@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"net/http"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"time"
 )
@@ -49,7 +48,7 @@ func (e *benchEnv) startAEMM() (_ *server, skip string) {
 	}
 	s := &server{name: "aemm", base: fmt.Sprintf("http://127.0.0.1:%d", port), role: aemmRole,
 		out: &capBuffer{}, done: make(chan struct{})}
-	s.cmd = exec.Command(bin, "-n", "127.0.0.1", "-p", fmt.Sprint(port))
+	s.cmd = pinnedCommand(bin, "-n", "127.0.0.1", "-p", fmt.Sprint(port))
 	s.cmd.Dir = home
 	s.cmd.Env = append(e.daemonEnv(e.stsURL), "HOME="+home)
 	s.cmd.Stdout, s.cmd.Stderr = s.out, s.out

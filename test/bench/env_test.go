@@ -346,9 +346,9 @@ identity: {jwt_file: %q}
 			return nil, 0, fmt.Errorf("imdsproxy intercept install in %s: %v: %s", ns.name, err, out)
 		}
 		s.name = "daemon (netns)"
-		s.cmd = exec.Command("ip", append([]string{"netns", "exec", ns.name, e.bin}, args...)...)
+		s.cmd = exec.Command("ip", append([]string{"netns", "exec", ns.name}, pinned(append([]string{e.bin}, args...)...)...)...)
 	} else {
-		s.cmd = exec.Command(e.bin, args...)
+		s.cmd = pinnedCommand(e.bin, args...)
 	}
 	s.cmd.Env = e.daemonEnv(stsURL)
 	s.cmd.Stdout, s.cmd.Stderr = s.out, s.out
@@ -456,7 +456,7 @@ func (e *benchEnv) startCeiling() (*server, error) {
 		return nil, err
 	}
 	s := &server{name: "ceiling", out: &capBuffer{}, done: make(chan struct{})}
-	s.cmd = exec.Command(self)
+	s.cmd = pinnedCommand(self)
 	s.cmd.Env = append(os.Environ(), ceilingEnv+"="+spec)
 	s.cmd.Stderr = s.out
 	stdout, err := s.cmd.StdoutPipe()

@@ -2,6 +2,8 @@ package bench
 
 import (
 	"context"
+	"flag"
+	"fmt"
 	"os"
 	"os/signal"
 	"syscall"
@@ -14,6 +16,11 @@ import (
 func TestMain(m *testing.M) {
 	if spec := os.Getenv(ceilingEnv); spec != "" {
 		os.Exit(runCeiling(spec))
+	}
+	flag.Parse()
+	if err := applyPin(); err != nil {
+		fmt.Fprintln(os.Stderr, "bench:", err)
+		os.Exit(2)
 	}
 	code := m.Run()
 	printReport(os.Stdout)
