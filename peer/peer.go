@@ -1,15 +1,23 @@
-// Package peer finds the local process at the other end of a TCP connection:
-// its uid from the kernel (netlink sock_diag on the connection's exact
-// 4-tuple), and, best effort, its pid (the process holding the socket's inode
-// open, found by scanning /proc/*/fd), executable (/proc/<pid>/exe) and
-// systemd unit (/proc/<pid>/cgroup).
+// Package peer finds the local process at the other end of a TCP connection.
+// From the kernel's record of the peer's socket (netlink sock_diag on the
+// connection's exact 4-tuple) it takes the socket's uid and, on Linux 5.7 and
+// later with a cgroup2 file system mounted, the cgroup v2 the socket was
+// created in (INET_DIAG_CGROUP_ID), hence its systemd unit. Best effort, it
+// then finds a pid (a process holding the socket's inode open, searched in
+// the socket's cgroup.procs first, then in every /proc/*/fd) and that
+// process's executable (/proc/<pid>/exe).
 //
-// Only the uid is authoritative: the kernel records it when the socket is
-// created and it cannot be forged by the peer. The pid, exe and unit are read
-// from /proc after the fact: the process may have exited or passed the
-// socket on, several processes may share the socket (fork), and reading
-// another user's /proc/<pid>/fd or exe needs CAP_SYS_PTRACE (or root). When
-// they cannot be found they are left zero and Lookup still succeeds.
+// The uid, cgroup and unit are authoritative: the kernel records them when
+// the socket is created, the peer cannot forge them, and reading them needs
+// no privilege (sock_diag answers any user; the cgroup2 tree is world
+// readable). The pid and exe are read from /proc after the fact: the
+// process may have exited or passed the socket on, several processes may
+// share the socket (fork), and reading another user's /proc/<pid>/fd needs
+// CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH (root has both), without which a
+// Resolver does not even try. When they cannot be found they are left zero and Lookup still
+// succeeds. The unit comes from /proc/<pid>/cgroup only when the kernel
+// reports no socket cgroup (older kernels, no cgroup2 mount) or the
+// cgroup has since been removed.
 //
 // The package is Linux-only; elsewhere Lookup returns ErrUnsupported.
 // It imports nothing of the project.
@@ -27,14 +35,25 @@ type Info struct {
 	// succeeds.
 	UID int
 	// PID is a process holding the peer's socket open, or 0 when none was
-	// found (exited, hidden by /proc permissions or another pid namespace).
+	// found (exited, hidden by /proc permissions or another pid namespace)
+	// or not searched for: without CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH
+	// a socket of another uid than this process's is not.
 	PID int
 	// Exe is the executable of PID (the target of /proc/<pid>/exe, which
 	// ends in " (deleted)" when the file was replaced), or "".
 	Exe string
-	// Unit is the systemd unit (a *.service or *.scope) whose cgroup holds
-	// PID, or "".
+	// Unit is the systemd unit (a *.service or *.scope) the peer runs in:
+	// the outermost unit named in Cgroup, or, when Cgroup is "", in
+	// PID's /proc/<pid>/cgroup; "" when neither names one. The outermost
+	// unit is the one systemd's system manager runs: a unit nested inside
+	// another (a user manager's units inside user@UID.service, a
+	// delegated subtree) was named by that unit's processes, not by root.
 	Unit string
+	// Cgroup is the cgroup v2 path (as in the "0::" line of
+	// /proc/<pid>/cgroup) the peer's socket was created in, from the
+	// kernel; "" when the kernel does not report it (Linux < 5.7, no
+	// cgroup2 mount) or the cgroup has been removed since.
+	Cgroup string
 }
 
 // Errors of Lookup; test with errors.Is.
@@ -49,9 +68,8 @@ var (
 )
 
 // unitFromCgroup returns the systemd unit named in the contents of a
-// /proc/<pid>/cgroup file: the last path component ending in .service or
-// .scope. The unified hierarchy (0::) is preferred over the v1 name=systemd
-// hierarchy.
+// /proc/<pid>/cgroup file (see unitFromPath). The unified hierarchy (0::)
+// is preferred over the v1 name=systemd hierarchy.
 func unitFromCgroup(data string) string {
 	var v1 string
 	for line := range strings.SplitSeq(data, "\n") {
@@ -75,10 +93,14 @@ func unitFromCgroup(data string) string {
 	return v1
 }
 
+// unitFromPath returns the outermost systemd unit named in a cgroup path:
+// its first component ending in .service or .scope (slices are skipped), or
+// "". Below a unit the names are chosen by that unit's processes (a user's
+// systemd --user creates units of any name inside user@UID.service; a
+// service with Delegate=yes creates cgroups of any name), so a nested name
+// is no evidence of which system unit the process belongs to.
 func unitFromPath(path string) string {
-	segs := strings.Split(path, "/")
-	for i := len(segs) - 1; i >= 0; i-- {
-		s := segs[i]
+	for s := range strings.SplitSeq(path, "/") {
 		for _, suffix := range []string{".service", ".scope"} {
 			if len(s) > len(suffix) && strings.HasSuffix(s, suffix) {
 				return s

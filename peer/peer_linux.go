@@ -23,6 +23,10 @@ const (
 	sizeofNlMsghdr     = 16
 	sizeofInetDiagReq  = 56 // struct inet_diag_req_v2
 	sizeofInetDiagMsg  = 72 // struct inet_diag_msg
+	sizeofNlAttr       = 4  // struct nlattr
+	nlaAlignTo         = 4  // NLA_ALIGNTO
+	nlaTypeMask        = 0x3fff
+	inetDiagCgroupID   = 21 // INET_DIAG_CGROUP_ID: u64, Linux >= 5.7
 	inetDiagNoCookie   = ^uint32(0)
 	allTCPStates       = ^uint32(0)
 	netlinkTimeout     = time.Second
@@ -35,15 +39,33 @@ const (
 )
 
 func (r *Resolver) lookup(ctx context.Context, local, remote *net.TCPAddr) (Info, error) {
-	uid, inode, err := sockDiag(ctx, remote, local)
+	d, err := sockDiag(ctx, remote, local)
 	if err != nil {
 		return Info{}, err
 	}
-	info := Info{UID: int(uid)}
-	if inode == 0 {
+	info := Info{UID: int(d.uid)}
+	// The socket's cgroup, as the kernel recorded it at creation: the unit
+	// comes from there whenever the id can be mapped to a path.
+	var cg cgroupEntry
+	fromKernel := false
+	if d.hasCgroup && r.cgroups != nil {
+		cg, fromKernel = r.cgroups.lookup(ctx, d.cgroupID)
+		if fromKernel {
+			info.Cgroup = cg.path
+			info.Unit = unitFromPath(cg.path)
+		}
+	}
+	if d.inode == 0 {
 		return info, nil // a socket without a file (orphaned): no process
 	}
-	info.PID = r.pidOf(ctx, inode, info.UID)
+	if !r.mayScan(info.UID) {
+		return info, nil
+	}
+	var group []int
+	if fromKernel && cg.rel != "/" {
+		group = r.cgroups.procs(cg.rel)
+	}
+	info.PID = r.pidOf(ctx, d.inode, info.UID, group)
 	if info.PID == 0 {
 		return info, nil
 	}
@@ -51,16 +73,58 @@ func (r *Resolver) lookup(ctx context.Context, local, remote *net.TCPAddr) (Info
 	if exe, err := os.Readlink(base + "/exe"); err == nil {
 		info.Exe = exe
 	}
-	if cg, err := os.ReadFile(base + "/cgroup"); err == nil {
-		info.Unit = unitFromCgroup(string(cg))
+	if !fromKernel {
+		if cg, err := os.ReadFile(base + "/cgroup"); err == nil {
+			info.Unit = unitFromCgroup(string(cg))
+		}
 	}
 	return info, nil
 }
 
-// sockDiag asks the kernel for the uid and inode of the TCP socket whose
-// local address is src and remote address is dst (an exact lookup, not a
-// dump).
-func sockDiag(ctx context.Context, src, dst *net.TCPAddr) (uid uint32, inode uint64, err error) {
+// diagAnswer is what sock_diag says about one socket.
+type diagAnswer struct {
+	uid       uint32 // socket owner (fsuid of its creator)
+	inode     uint64 // socket inode, 0 for a socket without a file
+	cgroupID  uint64 // cgroup v2 id of the creator (INET_DIAG_CGROUP_ID)
+	hasCgroup bool   // the kernel sent INET_DIAG_CGROUP_ID (Linux >= 5.7)
+}
+
+// parseDiagMsg decodes the payload of a SOCK_DIAG_BY_FAMILY answer: a
+// struct inet_diag_msg followed by netlink attributes, of which only
+// INET_DIAG_CGROUP_ID is kept. It reports the answer's source and
+// destination ports (host order) for the caller to check.
+func parseDiagMsg(d []byte) (a diagAnswer, sport, dport uint16, err error) {
+	if len(d) < sizeofInetDiagMsg {
+		return diagAnswer{}, 0, 0, errors.New("peer: sock_diag: short answer")
+	}
+	ne := binary.NativeEndian
+	sport, dport = binary.BigEndian.Uint16(d[4:]), binary.BigEndian.Uint16(d[6:])
+	a.uid, a.inode = ne.Uint32(d[64:]), uint64(ne.Uint32(d[68:]))
+	for attrs := d[sizeofInetDiagMsg:]; len(attrs) >= sizeofNlAttr; {
+		l := int(ne.Uint16(attrs[0:]))
+		typ := ne.Uint16(attrs[2:]) & nlaTypeMask
+		if l < sizeofNlAttr || l > len(attrs) {
+			return diagAnswer{}, 0, 0, fmt.Errorf("peer: sock_diag: bad attribute length %d", l)
+		}
+		if typ == inetDiagCgroupID {
+			if l != sizeofNlAttr+8 {
+				return diagAnswer{}, 0, 0, fmt.Errorf("peer: sock_diag: cgroup id attribute of %d bytes", l)
+			}
+			a.cgroupID, a.hasCgroup = ne.Uint64(attrs[sizeofNlAttr:]), true
+		}
+		next := (l + nlaAlignTo - 1) &^ (nlaAlignTo - 1)
+		if next >= len(attrs) {
+			break
+		}
+		attrs = attrs[next:]
+	}
+	return a, sport, dport, nil
+}
+
+// sockDiag asks the kernel for the uid, inode and cgroup of the TCP socket
+// whose local address is src and remote address is dst (an exact lookup,
+// not a dump).
+func sockDiag(ctx context.Context, src, dst *net.TCPAddr) (diagAnswer, error) {
 	family := uint8(unix.AF_INET)
 	s4, d4 := src.IP.To4(), dst.IP.To4()
 	var sa, da [16]byte
@@ -73,11 +137,11 @@ func sockDiag(ctx context.Context, src, dst *net.TCPAddr) (uid uint32, inode uin
 		copy(sa[:], src.IP)
 		copy(da[:], dst.IP)
 	default:
-		return 0, 0, ErrUnsupported
+		return diagAnswer{}, ErrUnsupported
 	}
 	fd, err := unix.Socket(unix.AF_NETLINK, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, unix.NETLINK_SOCK_DIAG)
 	if err != nil {
-		return 0, 0, fmt.Errorf("peer: sock_diag socket: %w", err)
+		return diagAnswer{}, fmt.Errorf("peer: sock_diag socket: %w", err)
 	}
 	defer unix.Close(fd)
 	timeout := netlinkTimeout
@@ -85,11 +149,11 @@ func sockDiag(ctx context.Context, src, dst *net.TCPAddr) (uid uint32, inode uin
 		timeout = min(timeout, time.Until(dl))
 	}
 	if timeout <= 0 {
-		return 0, 0, context.DeadlineExceeded
+		return diagAnswer{}, context.DeadlineExceeded
 	}
 	tv := unix.NsecToTimeval(timeout.Nanoseconds())
 	if err := unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &tv); err != nil {
-		return 0, 0, fmt.Errorf("peer: sock_diag timeout: %w", err)
+		return diagAnswer{}, fmt.Errorf("peer: sock_diag timeout: %w", err)
 	}
 
 	const seq = 1
@@ -110,7 +174,7 @@ func sockDiag(ctx context.Context, src, dst *net.TCPAddr) (uid uint32, inode uin
 	ne.PutUint32(b[48:], inetDiagNoCookie)
 	ne.PutUint32(b[52:], inetDiagNoCookie)
 	if err := unix.Sendto(fd, req[:], 0, &unix.SockaddrNetlink{Family: unix.AF_NETLINK}); err != nil {
-		return 0, 0, fmt.Errorf("peer: sock_diag send: %w", err)
+		return diagAnswer{}, fmt.Errorf("peer: sock_diag send: %w", err)
 	}
 
 	buf := make([]byte, 4096)
@@ -118,16 +182,16 @@ func sockDiag(ctx context.Context, src, dst *net.TCPAddr) (uid uint32, inode uin
 		n, _, err := unix.Recvfrom(fd, buf, 0)
 		if err != nil {
 			if errors.Is(err, unix.EAGAIN) || errors.Is(err, unix.EINTR) && ctx.Err() != nil {
-				return 0, 0, fmt.Errorf("peer: sock_diag: no answer within %s", timeout)
+				return diagAnswer{}, fmt.Errorf("peer: sock_diag: no answer within %s", timeout)
 			}
 			if errors.Is(err, unix.EINTR) {
 				continue
 			}
-			return 0, 0, fmt.Errorf("peer: sock_diag receive: %w", err)
+			return diagAnswer{}, fmt.Errorf("peer: sock_diag receive: %w", err)
 		}
 		msgs, err := syscall.ParseNetlinkMessage(buf[:n])
 		if err != nil {
-			return 0, 0, fmt.Errorf("peer: sock_diag: %w", err)
+			return diagAnswer{}, fmt.Errorf("peer: sock_diag: %w", err)
 		}
 		for _, m := range msgs {
 			if m.Header.Seq != seq {
@@ -136,28 +200,28 @@ func sockDiag(ctx context.Context, src, dst *net.TCPAddr) (uid uint32, inode uin
 			switch m.Header.Type {
 			case unix.NLMSG_ERROR:
 				if len(m.Data) < 4 {
-					return 0, 0, errors.New("peer: sock_diag: short error message")
+					return diagAnswer{}, errors.New("peer: sock_diag: short error message")
 				}
 				errno := -int32(ne.Uint32(m.Data))
 				switch unix.Errno(errno) {
 				case 0:
 					continue // an ack
 				case unix.ENOENT:
-					return 0, 0, ErrNotFound
+					return diagAnswer{}, ErrNotFound
 				}
-				return 0, 0, fmt.Errorf("peer: sock_diag: %w", unix.Errno(errno))
+				return diagAnswer{}, fmt.Errorf("peer: sock_diag: %w", unix.Errno(errno))
 			case unix.SOCK_DIAG_BY_FAMILY:
-				d := m.Data
-				if len(d) < sizeofInetDiagMsg {
-					return 0, 0, errors.New("peer: sock_diag: short answer")
+				a, sport, dport, err := parseDiagMsg(m.Data)
+				if err != nil {
+					return diagAnswer{}, err
 				}
 				// Make sure the kernel answered about the socket asked for.
-				if binary.BigEndian.Uint16(d[4:]) != uint16(src.Port) || binary.BigEndian.Uint16(d[6:]) != uint16(dst.Port) {
-					return 0, 0, ErrNotFound
+				if sport != uint16(src.Port) || dport != uint16(dst.Port) {
+					return diagAnswer{}, ErrNotFound
 				}
-				return ne.Uint32(d[64:]), uint64(ne.Uint32(d[68:])), nil
+				return a, nil
 			case unix.NLMSG_DONE:
-				return 0, 0, ErrNotFound
+				return diagAnswer{}, ErrNotFound
 			}
 		}
 	}
@@ -206,9 +270,12 @@ func originalDst(c syscall.Conn, v4 bool) (*net.TCPAddr, error) {
 }
 
 // scanProc searches proc/*/fd for the socket inode, processes owned by uid
-// first and newest (highest pid) first within each group, recording every socket inode it reads into owners. It returns the
-// pid found or 0. It stops early when found or when ctx is done.
-func scanProc(ctx context.Context, proc string, inode uint64, uid int, owners map[uint64]int) int {
+// first and newest (highest pid) first within each group, recording every
+// socket inode it reads into owners. Processes of other uids are searched
+// only when others is set (reading their fds needs privilege, see
+// canReadAllFDs). It
+// returns the pid found or 0. It stops early when found or when ctx is done.
+func scanProc(ctx context.Context, proc string, inode uint64, uid int, others bool, owners map[uint64]int) int {
 	d, err := os.Open(proc)
 	if err != nil {
 		return 0
@@ -228,14 +295,16 @@ func scanProc(ctx context.Context, proc string, inode uint64, uid int, owners ma
 	// that has just started.
 	slices.Sort(pids)
 	slices.Reverse(pids)
-	others := make([]int, 0, len(pids))
+	var rest []int
 	for _, pid := range pids {
 		var st unix.Stat_t
 		if unix.Stat(proc+"/"+strconv.Itoa(pid), &st) != nil {
 			continue
 		}
 		if int(st.Uid) != uid {
-			others = append(others, pid)
+			if others {
+				rest = append(rest, pid)
+			}
 			continue
 		}
 		if ctx.Err() != nil {
@@ -245,7 +314,14 @@ func scanProc(ctx context.Context, proc string, inode uint64, uid int, owners ma
 			return pid
 		}
 	}
-	for _, pid := range others {
+	return scanPIDs(ctx, proc, rest, inode, owners)
+}
+
+// scanPIDs searches the fds of pids, in order, for the socket inode,
+// recording every socket inode it reads into owners. It returns the pid
+// found or 0.
+func scanPIDs(ctx context.Context, proc string, pids []int, inode uint64, owners map[uint64]int) int {
+	for _, pid := range pids {
 		if ctx.Err() != nil {
 			return 0
 		}
@@ -254,6 +330,20 @@ func scanProc(ctx context.Context, proc string, inode uint64, uid int, owners ma
 		}
 	}
 	return 0
+}
+
+// canReadAllFDs reports whether this process may read every process's
+// /proc/<pid>/fd: listing the directory (mode 0500, owned by the process's
+// uid) needs CAP_DAC_READ_SEARCH or CAP_DAC_OVERRIDE, and reading its links
+// CAP_SYS_PTRACE, all in the effective set (root has them).
+func canReadAllFDs() bool {
+	hdr := unix.CapUserHeader{Version: unix.LINUX_CAPABILITY_VERSION_3}
+	var data [2]unix.CapUserData
+	if err := unix.Capget(&hdr, &data[0]); err != nil {
+		return false
+	}
+	has := func(c int) bool { return data[c/32].Effective&(1<<(c%32)) != 0 }
+	return has(unix.CAP_SYS_PTRACE) && (has(unix.CAP_DAC_READ_SEARCH) || has(unix.CAP_DAC_OVERRIDE))
 }
 
 // scanFDs records the socket inodes pid has open into owners and reports
@@ -292,4 +382,14 @@ func scanFDs(proc string, pid int, owners map[uint64]int, want uint64) bool {
 		}
 	}
 	return found
+}
+
+// inodeOf returns the inode number of the file at path (not following a
+// final symbolic link).
+func inodeOf(path string) (uint64, error) {
+	var st unix.Stat_t
+	if err := unix.Lstat(path, &st); err != nil {
+		return 0, err
+	}
+	return st.Ino, nil
 }

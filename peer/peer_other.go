@@ -14,4 +14,10 @@ func (r *Resolver) lookup(context.Context, *net.TCPAddr, *net.TCPAddr) (Info, er
 
 func originalDst(syscall.Conn, bool) (*net.TCPAddr, error) { return nil, ErrUnsupported }
 
-func scanProc(context.Context, string, uint64, int, map[uint64]int) int { return 0 }
+func scanProc(context.Context, string, uint64, int, bool, map[uint64]int) int { return 0 }
+
+func scanPIDs(context.Context, string, []int, uint64, map[uint64]int) int { return 0 }
+
+func canReadAllFDs() bool { return false }
+
+func inodeOf(string) (uint64, error) { return 0, ErrUnsupported }

@@ -89,7 +89,7 @@ func TestLookupSelf(t *testing.T) {
 				if err != nil {
 					t.Fatal(err)
 				}
-				want := Info{UID: os.Getuid(), PID: os.Getpid(), Exe: ownExe(t), Unit: info.Unit}
+				want := Info{UID: os.Getuid(), PID: os.Getpid(), Exe: ownExe(t), Unit: info.Unit, Cgroup: info.Cgroup}
 				if info != want {
 					t.Errorf("Lookup = %+v, want %+v", info, want)
 				}
@@ -181,7 +181,11 @@ func TestUnitFromCgroup(t *testing.T) {
 	for _, tc := range []struct{ in, want string }{
 		{"0::/system.slice/app.service\n", "app.service"},
 		{"0::/system.slice/app.service/worker\n", "app.service"},
-		{"0::/user.slice/user-1000.slice/user@1000.service/app.slice/run-r1.scope\n", "run-r1.scope"},
+		// The outermost unit: names below user@1000.service are the user's.
+		{"0::/user.slice/user-1000.slice/user@1000.service/app.slice/run-r1.scope\n", "user@1000.service"},
+		{"0::/user.slice/user-1000.slice/user@1000.service/app.slice/backup.service\n", "user@1000.service"},
+		{"0::/user.slice/user-1000.slice/session-3.scope\n", "session-3.scope"},
+		{"0::/system.slice/docker.service/delegated/x.service\n", "docker.service"},
 		{"0::/\n", ""},
 		{"12:memory:/x\n1:name=systemd:/system.slice/cron.service\n0::/\n", "cron.service"},
 		{"1:name=systemd:/system.slice/cron.service\n0::/system.slice/ssh.service\n", "ssh.service"},

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"net"
+	"os"
 	"sync"
 	"syscall"
 	"time"
@@ -13,26 +14,34 @@ import (
 const DefaultInodeTTL = 2 * time.Second
 
 // Resolver looks up the process behind connections, caching what the
-// expensive /proc scan found for a short time. Create it with NewResolver.
-// It is safe for concurrent use; /proc scans are serialised, so concurrent
-// lookups of new connections share one scan.
+// expensive /proc scan found for a short time and the paths of cgroup ids.
+// Create it with NewResolver. It is safe for concurrent use; /proc scans
+// are serialised, so concurrent lookups of new connections share one scan.
 type Resolver struct {
-	ttl  time.Duration
-	proc string           // mount point of procfs
-	now  func() time.Time // replaced by tests
+	ttl     time.Duration
+	proc    string           // mount point of procfs
+	now     func() time.Time // replaced by tests
+	cgroups *cgroupMap       // nil: socket cgroups are not used
+	allFDs  bool             // may read every process's fds (see canReadAllFDs)
+	euid    int              // whose fds are readable without it
 
-	mu        sync.Mutex     // serialises scans; guards the fields below
-	scannedAt time.Time      // start of the last scan
-	owners    map[uint64]int // socket inode -> pid, as of scannedAt
+	mu         sync.Mutex     // serialises scans; guards the fields below
+	ownersAt   time.Time      // when owners was started
+	fullScanAt time.Time      // start of the last scan of every process
+	owners     map[uint64]int // socket inode -> pid, valid until ownersAt+ttl
 }
 
 // NewResolver returns a Resolver whose inode cache entries live for ttl
-// (zero: DefaultInodeTTL).
+// (zero: DefaultInodeTTL). It finds the cgroup2 mount on first use.
 func NewResolver(ttl time.Duration) *Resolver {
 	if ttl <= 0 {
 		ttl = DefaultInodeTTL
 	}
-	return &Resolver{ttl: ttl, proc: "/proc", now: time.Now}
+	return &Resolver{
+		ttl: ttl, proc: "/proc", now: time.Now,
+		cgroups: newCgroupMap(locateCgroup2, DefaultCgroupWalkInterval),
+		allFDs:  canReadAllFDs(), euid: os.Geteuid(),
+	}
 }
 
 // Lookup returns the process whose TCP socket has local address remote and
@@ -43,7 +52,8 @@ func NewResolver(ttl time.Duration) *Resolver {
 // Lookup fails with ErrNotFound when no socket in the caller's network
 // namespace has those addresses, and with ErrUnsupported for other address
 // types or platforms. On success Info.UID is set; PID, Exe and Unit are best
-// effort (see the package doc). ctx bounds the /proc scan.
+// effort (see the package doc); Unit and Cgroup are authoritative when the
+// kernel reports the socket's cgroup. ctx bounds the whole lookup.
 func (r *Resolver) Lookup(ctx context.Context, local, remote net.Addr) (Info, error) {
 	l, ok1 := local.(*net.TCPAddr)
 	rm, ok2 := remote.(*net.TCPAddr)
@@ -80,23 +90,37 @@ func (r *Resolver) LookupConn(ctx context.Context, c net.Conn) (Info, error) {
 }
 
 // pidOf returns a process holding the socket with the given inode open, or
-// 0. Processes owned by uid are searched first.
-func (r *Resolver) pidOf(ctx context.Context, inode uint64, uid int) int {
+// 0. The processes of group (the socket's cgroup) are searched first, then,
+// when the socket is not found there, every process: those owned by uid
+// first, those of other uids only with CAP_SYS_PTRACE and
+// CAP_DAC_READ_SEARCH. Without them a socket of another uid than ours is not
+// searched for at all: its owner's fds cannot be read.
+func (r *Resolver) pidOf(ctx context.Context, inode uint64, uid int, group []int) int {
+	if !r.mayScan(uid) {
+		return 0
+	}
 	start := r.now()
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	fresh := start.Sub(r.scannedAt) < r.ttl
+	fresh := start.Sub(r.ownersAt) < r.ttl
 	if pid, ok := r.owners[inode]; ok && fresh {
 		return pid
 	}
-	if !r.scannedAt.Before(start) {
-		// A scan began after this lookup did and did not see the socket:
-		// another scan would not either.
-		return 0
-	}
 	if !fresh || r.owners == nil {
 		r.owners = make(map[uint64]int)
+		r.ownersAt = start
 	}
-	r.scannedAt = r.now()
-	return scanProc(ctx, r.proc, inode, uid, r.owners)
+	if pid := scanPIDs(ctx, r.proc, group, inode, r.owners); pid != 0 {
+		return pid
+	}
+	if !r.fullScanAt.Before(start) && !r.fullScanAt.Before(r.ownersAt) {
+		// A full scan began after this lookup did, recorded into owners,
+		// and did not see the socket: another would not either.
+		return 0
+	}
+	r.fullScanAt = r.now()
+	return scanProc(ctx, r.proc, inode, uid, r.allFDs, r.owners)
 }
+
+// mayScan reports whether the fds of uid's processes can be read.
+func (r *Resolver) mayScan(uid int) bool { return r.allFDs || uid == r.euid }

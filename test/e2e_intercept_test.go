@@ -269,7 +269,11 @@ func (e *icEnv) setupNetwork() {
 }
 
 // openSockets creates the daemon's listening sockets inside the host
-// namespace, as systemd's imdsproxy.socket would.
+// namespace, as systemd's imdsproxy.socket would. The thread that enters the
+// namespace returns to its own before it is unlocked: a locked thread that
+// stayed in the namespace would, were it the main thread (which never
+// exits), keep the test process listed by `ip netns pids` for the namespace,
+// and setupNetwork's cleanup would kill it.
 func (e *icEnv) openSockets() {
 	t := e.t
 	ns, err := os.Open("/run/netns/" + e.host)
@@ -278,11 +282,26 @@ func (e *icEnv) openSockets() {
 	addrs := []string{fmt.Sprintf("127.0.0.1:%d", icIMDSPort), fmt.Sprintf("[::1]:%d", icIMDSPort), fmt.Sprintf("127.0.0.1:%d", icAdminPort)}
 	done := make(chan error, 1)
 	go func() {
-		runtime.LockOSThread() // never unlocked: the thread dies with the goroutine
-		if err := unix.Setns(int(ns.Fd()), unix.CLONE_NEWNET); err != nil {
+		runtime.LockOSThread()
+		self, err := os.Open("/proc/thread-self/ns/net")
+		if err != nil {
+			runtime.UnlockOSThread()
 			done <- err
 			return
 		}
+		defer self.Close()
+		if err := unix.Setns(int(ns.Fd()), unix.CLONE_NEWNET); err != nil {
+			runtime.UnlockOSThread()
+			done <- err
+			return
+		}
+		defer func() {
+			// Back home, the thread may serve other goroutines; if it
+			// cannot go back it stays locked and exits with this one.
+			if unix.Setns(int(self.Fd()), unix.CLONE_NEWNET) == nil {
+				runtime.UnlockOSThread()
+			}
+		}()
 		for _, a := range addrs {
 			ln, err := net.Listen("tcp", a)
 			if err != nil {

@@ -1,0 +1,454 @@
+package test
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// The client identification end-to-end test: the daemon, as in production,
+// runs as an unprivileged uid (icUID) with CAP_NET_ADMIN only, intercepts
+// 169.254.169.254:80 in the "host" network namespace of the interception
+// test (see e2e_intercept_test.go) and has an access: section. Clients run
+// in that namespace as other uids, some in cgroups of their own named like
+// transient systemd scopes, and reach the daemon through the nftables
+// redirect (SO_ORIGINAL_DST) or directly. The daemon must name each client's
+// uid and unit (from the kernel's sock_diag: the socket's cgroup v2) in its
+// audit and access lines and apply allow_uids and allow_units by them,
+// without CAP_SYS_PTRACE; pid and exe are empty then, and found once the
+// operator adds CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH.
+//
+// The daemon is started with nsenter --net rather than ip netns exec, which
+// remounts /sys and so hides the cgroup2 file system from the daemon.
+
+const (
+	pdAllowedUID = 4242 // in allow_uids
+	pdOtherUID   = 4343 // not in allow_uids
+)
+
+func TestPeerIdentityIntercepted(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("SKIPPED (LOUDLY): the client identification end-to-end test needs root to create network namespaces, nftables rules and cgroups; CI runs it as root")
+	}
+	for _, tool := range []string{"ip", "nft", "setpriv", "nsenter", "curl"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			t.Skipf("SKIPPED (LOUDLY): %s is not installed; this test needs iproute2, nftables, util-linux and curl (`make test-deps`)", tool)
+		}
+	}
+	if out, err := exec.Command("ip", "netns", "list").CombinedOutput(); err != nil {
+		t.Skipf("SKIPPED (LOUDLY): `ip netns` is unavailable: %v: %s", err, out)
+	}
+	cgMount := pdCgroup2Mount(t)
+	if cgMount == "" {
+		t.Skip("SKIPPED (LOUDLY): no cgroup2 file system is mounted: units cannot be told from the kernel")
+	}
+	aemm := os.Getenv("AEMM_BIN")
+	if aemm == "" {
+		aemm = filepath.Join(repoRoot, "bin", "tools", "ec2-metadata-mock")
+	}
+	requireClient(t, aemm, "amazon-ec2-metadata-mock (the real IMDS inside the namespace)")
+
+	// Two cgroups named like transient scopes: one allowed, one not.
+	allowed, other := pdCgroup(t, cgMount), pdCgroup(t, cgMount)
+
+	e := pdSetup(t, aemm, fmt.Sprintf("{allow_uids: [%d], allow_units: [%s], audit: true}", pdAllowedUID, allowed.unit))
+	d := pdStartDaemon(e, false)
+	logs := []*lockedBuffer{d.log}
+	own := pdOwnUnit(t) // clients run without a cgroup of their own are in the test's
+
+	// run runs imdsclient get PATH in the host namespace as uid, in cg
+	// (nil: the test's own cgroup), and returns its pid, stdout and error.
+	run := func(t *testing.T, uid int, cg *pdCgroupDir, base, path string) (int, string, error) {
+		t.Helper()
+		args := []string{"netns", "exec", e.host, "setpriv", "--reuid", fmt.Sprint(uid), "--regid", fmt.Sprint(uid), "--clear-groups",
+			e.client, "get"}
+		if base != "" {
+			args = append(args, "-base", base)
+		}
+		ctx, cancel := context.WithTimeout(t.Context(), 60*time.Second)
+		defer cancel()
+		cmd := exec.CommandContext(ctx, "ip", append(args, path)...)
+		cmd.Env, cmd.Dir = e.clientEnv(), e.dir
+		if cg != nil {
+			// Born in the cgroup (clone3 CLONE_INTO_CGROUP): ip and setpriv
+			// exec the client, so every socket is made there.
+			cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: int(cg.f.Fd())}
+		}
+		var out, errb bytes.Buffer
+		cmd.Stdout, cmd.Stderr = &out, &errb
+		if err := cmd.Start(); err != nil {
+			t.Fatalf("start client: %v", err)
+		}
+		err := cmd.Wait()
+		if err != nil {
+			err = fmt.Errorf("%v: %s", err, strings.TrimSpace(errb.String()))
+		}
+		return cmd.Process.Pid, out.String(), err
+	}
+	var served []credDoc // every document handed out, to check the log against
+	credsOK := func(t *testing.T, who, out string, err error) {
+		t.Helper()
+		if err != nil {
+			t.Fatalf("%s: credentials: %v", who, err)
+		}
+		e.checkIssued(t, who, out)
+		var doc credDoc
+		if err := json.Unmarshal([]byte(out), &doc); err != nil || doc.SecretAccessKey == "" || doc.Token == "" {
+			t.Fatalf("%s: not a credential document (%v)", who, err)
+		}
+		served = append(served, doc)
+	}
+	forbidden := func(t *testing.T, who string, err error) {
+		t.Helper()
+		if err == nil || !strings.Contains(err.Error(), "403") {
+			t.Errorf("%s: credentials: %v, want 403", who, err)
+		}
+	}
+
+	t.Run("allowed uid through the redirect is audited by uid", func(t *testing.T) {
+		pid, out, err := run(t, pdAllowedUID, nil, "", credPath)
+		credsOK(t, "uid 4242", out, err)
+		a := d.waitLine(t, "credentials served", func(l map[string]any) bool { return l["uid"] == float64(pdAllowedUID) })
+		// No CAP_SYS_PTRACE: pid and exe of another uid are not read.
+		pdExpect(t, a, map[string]any{"logger": "audit", "identified": true, "pid": float64(0), "exe": "", "unit": own, "route": "credentials"})
+		t.Logf("client pid %d; audit line %v", pid, a)
+	})
+	t.Run("allowed unit through the redirect is audited by unit", func(t *testing.T) {
+		_, out, err := run(t, pdOtherUID, allowed, "", credPath)
+		credsOK(t, "uid 4343 in "+allowed.unit, out, err)
+		a := d.waitLine(t, "credentials served", func(l map[string]any) bool { return l["unit"] == allowed.unit })
+		pdExpect(t, a, map[string]any{"logger": "audit", "identified": true, "uid": float64(pdOtherUID), "pid": float64(0), "exe": ""})
+	})
+	t.Run("allowed unit connecting directly", func(t *testing.T) {
+		n := d.count("credentials served")
+		_, out, err := run(t, pdOtherUID, allowed, fmt.Sprintf("http://127.0.0.1:%d", icIMDSPort), credPath)
+		credsOK(t, "uid 4343 in "+allowed.unit+" (direct)", out, err)
+		a := d.waitLine(t, "credentials served", func(l map[string]any) bool { return d.count("credentials served") > n && l["unit"] == allowed.unit })
+		pdExpect(t, a, map[string]any{"uid": float64(pdOtherUID)})
+	})
+	t.Run("another unit is refused credentials, not metadata", func(t *testing.T) {
+		_, _, err := run(t, pdOtherUID, other, "", credPath)
+		forbidden(t, "uid 4343 in "+other.unit, err)
+		l := d.waitLine(t, "access denied", func(l map[string]any) bool { return l["unit"] == other.unit })
+		pdExpect(t, l, map[string]any{"identified": true, "uid": float64(pdOtherUID)})
+		if _, out, err := run(t, pdOtherUID, other, "", "/latest/meta-data/instance-id"); err != nil || out != icInstanceID {
+			t.Errorf("instance-id: %q, %v; want %q", out, err, icInstanceID)
+		}
+	})
+	t.Run("another uid through the redirect is refused credentials, not metadata", func(t *testing.T) {
+		for _, p := range []string{credPath, "/latest/meta-data/iam/security-credentials/", "/latest/meta-data/iam/info"} {
+			_, _, err := run(t, pdOtherUID, nil, "", p)
+			forbidden(t, "uid 4343 "+p, err)
+		}
+		l := d.waitLine(t, "access denied", func(l map[string]any) bool { return l["uid"] == float64(pdOtherUID) && l["unit"] == own })
+		pdExpect(t, l, map[string]any{"identified": true, "pid": float64(0)})
+		if _, out, err := run(t, pdOtherUID, nil, "", "/latest/meta-data/instance-id"); err != nil || out != icInstanceID {
+			t.Errorf("instance-id: %q, %v; want %q", out, err, icInstanceID)
+		}
+	})
+	for _, l := range d.lines() {
+		if l["logger"] == "audit" && l["uid"] == float64(pdOtherUID) && l["unit"] != allowed.unit {
+			t.Errorf("audit line for a refused client: %v", l)
+		}
+	}
+
+	t.Run("with CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH pid and exe are found", func(t *testing.T) {
+		next := pdStartDaemon(e, true)
+		if code := d.stop(); code != 0 {
+			t.Errorf("old daemon exited %d on SIGTERM", code)
+		}
+		d = next
+		logs = append(logs, d.log)
+		pid, out, err := run(t, pdOtherUID, allowed, "", credPath)
+		credsOK(t, "uid 4343 in "+allowed.unit, out, err)
+		a := d.waitLine(t, "credentials served", func(l map[string]any) bool { return l["unit"] == allowed.unit })
+		pdExpect(t, a, map[string]any{"uid": float64(pdOtherUID), "pid": float64(pid), "exe": e.client})
+	})
+	for _, doc := range served {
+		for _, l := range logs {
+			if strings.Contains(l.String(), doc.SecretAccessKey) || strings.Contains(l.String(), doc.Token) {
+				t.Error("the daemon's log holds a secret it served")
+			}
+		}
+	}
+}
+
+// pdCgroupDir is a cgroup of the test, named like a transient scope.
+type pdCgroupDir struct {
+	unit string
+	f    *os.File // the open directory, for CLONE_INTO_CGROUP
+}
+
+// pdCgroup creates imdsproxy-e2e-<random>.scope under the cgroup2 mount; a
+// cleanup removes it once its processes have gone.
+func pdCgroup(t *testing.T, mount string) *pdCgroupDir {
+	t.Helper()
+	var b [6]byte
+	_, _ = rand.Read(b[:])
+	c := &pdCgroupDir{unit: "imdsproxy-e2e-" + hex.EncodeToString(b[:]) + ".scope"}
+	dir := filepath.Join(mount, c.unit)
+	if err := os.Mkdir(dir, 0o755); err != nil {
+		t.Skipf("SKIPPED (LOUDLY): cannot create a cgroup under %s: %v", mount, err)
+	}
+	var err error
+	if c.f, err = os.Open(dir); err != nil {
+		os.Remove(dir)
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		c.f.Close()
+		deadline := time.Now().Add(10 * time.Second)
+		for {
+			err := os.Remove(dir)
+			if err == nil || errors.Is(err, os.ErrNotExist) {
+				return
+			}
+			if time.Now().After(deadline) {
+				t.Errorf("cannot remove cgroup %s: %v", dir, err)
+				return
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+	})
+	return c
+}
+
+// pdOwnUnit is the outermost systemd unit in the test's own cgroup v2 path
+// (the 0:: line of /proc/self/cgroup), or "".
+func pdOwnUnit(t *testing.T) string {
+	t.Helper()
+	data, err := os.ReadFile("/proc/self/cgroup")
+	icMust(t, err)
+	for line := range strings.SplitSeq(string(data), "\n") {
+		if p, ok := strings.CutPrefix(line, "0::"); ok {
+			for seg := range strings.SplitSeq(p, "/") {
+				if len(seg) > len(".scope") && (strings.HasSuffix(seg, ".service") || strings.HasSuffix(seg, ".scope")) {
+					return seg
+				}
+			}
+		}
+	}
+	return ""
+}
+
+// pdCgroup2Mount is the test's cgroup2 mount point, or "".
+func pdCgroup2Mount(t *testing.T) string {
+	t.Helper()
+	f, err := os.Open("/proc/self/mountinfo")
+	if err != nil {
+		return ""
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		fields := strings.Fields(sc.Text())
+		for i, s := range fields {
+			if s == "-" && i >= 6 && i+1 < len(fields) && fields[i+1] == "cgroup2" && fields[3] == "/" {
+				return fields[4]
+			}
+		}
+	}
+	return ""
+}
+
+// pdSetup builds the interception test's two namespaces, the real IMDS and
+// the fake STS, writes a config with the given access: section and installs
+// the rules and the listening sockets.
+func pdSetup(t *testing.T, aemm, access string) *icEnv {
+	e := &icEnv{t: t, bin: daemonBinary(t), sts: &lockedBuffer{}}
+	id := fmt.Sprintf("%d-%d", os.Getpid(), icSeq.Add(1))
+	e.host, e.imds = "imdsproxy-e2e-"+id+"-host", "imdsproxy-e2e-"+id+"-imds"
+	var err error
+	e.dir, err = os.MkdirTemp("", "imdsproxy-e2e-pd-")
+	icMust(t, err)
+	t.Cleanup(func() { os.RemoveAll(e.dir) })
+	icMust(t, os.Chmod(e.dir, 0o755))
+	icMust(t, os.Chown(e.dir, icUID, icUID))
+
+	bins := t.TempDir()
+	e.client = filepath.Join(e.dir, "imdsclient")
+	fakests := filepath.Join(bins, "fakests")
+	for pkg, out := range map[string]string{"./test/fakes/cmd/imdsclient": e.client, "./test/fakes/cmd/fakests": fakests} {
+		cmd := exec.Command("go", "build", "-o", out, pkg)
+		cmd.Dir = repoRoot
+		if b, err := cmd.CombinedOutput(); err != nil {
+			t.Fatalf("go build %s: %v\n%s", pkg, err, b)
+		}
+	}
+	icMust(t, os.Chmod(e.client, 0o755))
+
+	e.setupNetwork()
+	aemmHome := filepath.Join(e.dir, "aemm")
+	icMust(t, os.Mkdir(aemmHome, 0o700))
+	e.startBackground("aemm", e.imds, nil, aemmHome, []string{"HOME=" + aemmHome, "PATH=/usr/bin:/bin"},
+		aemm, "-n", "169.254.169.254", "-p", "80")
+	tokenFile := filepath.Join(e.dir, "token.jwt")
+	e.startBackground("fakests", e.host, e.sts, e.dir, []string{"PATH=/usr/bin:/bin"},
+		"setpriv", "--reuid", fmt.Sprint(icUID), "--regid", fmt.Sprint(icUID), "--clear-groups",
+		fakests, "-sts-listen", "127.0.0.1:8190", "-issuer-listen", "127.0.0.1:8191", "-token-file", tokenFile)
+	icWaitFor(t, 10*time.Second, "the token file", func() bool { _, err := os.Stat(tokenFile); return err == nil })
+	icWaitFor(t, 10*time.Second, "the real IMDS from the host namespace", func() bool {
+		out, err := e.nsOutput(e.host, nil, "curl", "-s", "-m", "1", "http://169.254.169.254/latest/meta-data/instance-id")
+		return err == nil && out == icInstanceID
+	})
+
+	e.emptyFile = filepath.Join(e.dir, "empty")
+	icMust(t, os.WriteFile(e.emptyFile, nil, 0o644))
+	e.config = filepath.Join(e.dir, "config.yaml")
+	icMust(t, os.WriteFile(e.config, []byte(fmt.Sprintf(`listen: 127.0.0.1:%d
+admin_listen: 127.0.0.1:%d
+upstream: http://169.254.169.254
+imds: {tokens: required, hop_limit: 1, token_key_file: %s}
+role: {arn: %q, name: %s, duration: 1h}
+source: web-identity
+identity: {jwt_file: %s}
+intercept: {enabled: true, ipv6: true, check_interval: 1s, exempt_uid: %d}
+access: %s
+`, icIMDSPort, icAdminPort, filepath.Join(e.dir, "token.key"), roleARN, roleName, tokenFile, icUID, access)), 0o644))
+	e.nsRun(e.host, nil, e.bin, "intercept", "install", "--config", e.config)
+	e.openSockets()
+	return e
+}
+
+// pdDaemon is a daemon of this test and its JSON log.
+type pdDaemon struct {
+	*icDaemon
+}
+
+// pdStartDaemon starts a daemon in the host namespace as icUID with
+// CAP_NET_ADMIN (and CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH when ptrace), the
+// held sockets and NOTIFY_SOCKET, and waits for its READY=1. Unlike icEnv.startDaemon it
+// enters the namespace with nsenter, keeping the host's /sys/fs/cgroup.
+func pdStartDaemon(e *icEnv, ptrace bool) *pdDaemon {
+	t := e.t
+	e.gen++
+	sock := filepath.Join(e.dir, fmt.Sprintf("notify-%d", e.gen))
+	nc, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: sock, Net: "unixgram"})
+	icMust(t, err)
+	defer nc.Close()
+	icMust(t, os.Chmod(sock, 0o666))
+
+	caps := "+net_admin"
+	if ptrace {
+		caps += ",+sys_ptrace,+dac_read_search"
+	}
+	d := &icDaemon{log: &lockedBuffer{}, done: make(chan struct{})}
+	d.cmd = exec.Command("nsenter", "--net=/run/netns/"+e.host, "--",
+		"setpriv", "--reuid", fmt.Sprint(icUID), "--regid", fmt.Sprint(icUID), "--clear-groups",
+		"--inh-caps", caps, "--ambient-caps", caps,
+		"/bin/sh", "-c", `LISTEN_PID=$$; export LISTEN_PID; exec "$0" "$@"`,
+		e.bin, "serve", "--config", e.config, "--log-format", "json", "--log-level", "debug")
+	d.cmd.Dir = e.dir
+	d.cmd.Env = []string{
+		"PATH=/usr/bin:/bin", "HOME=" + e.dir, "NO_PROXY=*",
+		"AWS_REGION=us-east-1", "AWS_ENDPOINT_URL_STS=http://127.0.0.1:8190",
+		"AWS_CONFIG_FILE=" + e.emptyFile, "AWS_SHARED_CREDENTIALS_FILE=" + e.emptyFile,
+		fmt.Sprintf("LISTEN_FDS=%d", len(e.files)), "LISTEN_FDNAMES=imds:imds6:admin",
+		"NOTIFY_SOCKET=" + sock,
+	}
+	d.cmd.ExtraFiles = e.files
+	d.cmd.Stdout, d.cmd.Stderr = d.log, d.log
+	icMust(t, d.cmd.Start())
+	go func() { d.err = d.cmd.Wait(); close(d.done) }()
+	gen := e.gen
+	t.Cleanup(func() {
+		d.stop()
+		if t.Failed() {
+			t.Logf("daemon #%d log:\n%s", gen, icTail(d.log.String(), 40))
+		}
+	})
+	icMust(t, nc.SetReadDeadline(time.Now().Add(readyTimeout)))
+	ready := make(chan error, 1)
+	go func() {
+		buf := make([]byte, 4096)
+		for {
+			n, err := nc.Read(buf)
+			if err != nil {
+				ready <- err
+				return
+			}
+			if strings.Contains(string(buf[:n]), "READY=1") {
+				ready <- nil
+				return
+			}
+		}
+	}()
+	select {
+	case err := <-ready:
+		if err != nil {
+			t.Fatalf("daemon #%d sent no READY=1: %v\n%s", gen, err, icTail(d.log.String(), 40))
+		}
+	case <-d.done:
+		t.Fatalf("daemon #%d exited before READY=1: %v\n%s", gen, d.err, icTail(d.log.String(), 40))
+	}
+	return &pdDaemon{d}
+}
+
+// lines returns the daemon's JSON log lines, decoded.
+func (d *pdDaemon) lines() []map[string]any {
+	var out []map[string]any
+	sc := bufio.NewScanner(strings.NewReader(d.log.String()))
+	sc.Buffer(make([]byte, 1<<20), 1<<20)
+	for sc.Scan() {
+		var m map[string]any
+		if json.Unmarshal(sc.Bytes(), &m) == nil {
+			out = append(out, m)
+		}
+	}
+	return out
+}
+
+// count is the number of log lines with message msg.
+func (d *pdDaemon) count(msg string) int {
+	n := 0
+	for _, l := range d.lines() {
+		if l["msg"] == msg {
+			n++
+		}
+	}
+	return n
+}
+
+// waitLine waits for the last log line with message msg that match accepts.
+func (d *pdDaemon) waitLine(t *testing.T, msg string, match func(map[string]any) bool) map[string]any {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		var found map[string]any
+		for _, l := range d.lines() {
+			if l["msg"] == msg && match(l) {
+				found = l
+			}
+		}
+		if found != nil {
+			return found
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no %q log line as expected; log:\n%s", msg, icTail(d.log.String(), 20))
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// pdExpect checks fields of a log line.
+func pdExpect(t *testing.T, line map[string]any, want map[string]any) {
+	t.Helper()
+	for k, v := range want {
+		if line[k] != v {
+			t.Errorf("%s = %v (%T), want %v; line %v", k, line[k], line[k], v, line)
+		}
+	}
+}
