@@ -56,59 +56,76 @@ func malformed(format string, args ...any) error {
 // tokens larger than MaxTokenSize are refused. ParseClaims does not check
 // expiry. Errors never contain any part of jwt.
 func ParseClaims(jwt string) (Claims, error) {
+	c, _, err := parseJWT(jwt)
+	return c, err
+}
+
+// jwtShape is what parseJWT learns about a token beyond its claims: enough
+// to tell whether its signature has the length its algorithm produces.
+type jwtShape struct {
+	alg    string // the header's "alg"
+	sigLen int    // decoded signature length in bytes
+}
+
+// parseJWT is ParseClaims, also returning the token's shape (meaningful
+// only without an error).
+func parseJWT(jwt string) (Claims, jwtShape, error) {
+	var shape jwtShape
 	if len(jwt) > MaxTokenSize {
-		return Claims{}, malformed("larger than %d bytes", MaxTokenSize)
+		return Claims{}, shape, malformed("larger than %d bytes", MaxTokenSize)
 	}
 	for i := 0; i < len(jwt); i++ {
 		if !isJWTChar(jwt[i]) {
 			if jwt[i] < 0x20 || jwt[i] == 0x7f {
-				return Claims{}, malformed("control character at offset %d", i)
+				return Claims{}, shape, malformed("control character at offset %d", i)
 			}
-			return Claims{}, malformed("character outside base64url at offset %d", i)
+			return Claims{}, shape, malformed("character outside base64url at offset %d", i)
 		}
 	}
 	parts := strings.Split(jwt, ".")
 	if len(parts) != 3 {
-		return Claims{}, malformed("%d dot-separated parts, want 3", len(parts))
+		return Claims{}, shape, malformed("%d dot-separated parts, want 3", len(parts))
 	}
 	names := [3]string{"header", "payload", "signature"}
 	var decoded [3][]byte
 	for i, p := range parts {
 		b, err := decodeSegment(p)
 		if err != nil {
-			return Claims{}, malformed("%s is not base64url", names[i])
+			return Claims{}, shape, malformed("%s is not base64url", names[i])
 		}
 		if len(b) == 0 {
-			return Claims{}, malformed("%s is empty", names[i])
+			return Claims{}, shape, malformed("%s is empty", names[i])
 		}
 		decoded[i] = b
 	}
+	shape.sigLen = len(decoded[2])
 
 	header, err := jsonObject(decoded[0])
 	if err != nil {
-		return Claims{}, malformed("header is not a JSON object")
+		return Claims{}, shape, malformed("header is not a JSON object")
 	}
 	var alg string
 	if raw, ok := header["alg"]; !ok {
-		return Claims{}, malformed(`header has no "alg"`)
+		return Claims{}, shape, malformed(`header has no "alg"`)
 	} else if err := strictString(raw, &alg); err != nil {
-		return Claims{}, malformed(`header "alg" is not a string`)
+		return Claims{}, shape, malformed(`header "alg" is not a string`)
 	}
 	if alg == "" || strings.EqualFold(alg, "none") {
-		return Claims{}, malformed(`header "alg" is empty or "none"`)
+		return Claims{}, shape, malformed(`header "alg" is empty or "none"`)
 	}
+	shape.alg = alg
 
 	payload, err := jsonObject(decoded[1])
 	if err != nil {
-		return Claims{}, malformed("payload is not a JSON object")
+		return Claims{}, shape, malformed("payload is not a JSON object")
 	}
 	var c Claims
 	raw, ok := payload["exp"]
 	if !ok {
-		return Claims{}, malformed(`payload has no "exp"`)
+		return Claims{}, shape, malformed(`payload has no "exp"`)
 	}
 	if c.Expiry, err = numericDate(raw); err != nil {
-		return Claims{}, malformed(`"exp" %v`, err)
+		return Claims{}, shape, malformed(`"exp" %v`, err)
 	}
 	for _, f := range []struct {
 		name string
@@ -116,7 +133,7 @@ func ParseClaims(jwt string) (Claims, error) {
 	}{{"iat", &c.IssuedAt}, {"nbf", &c.NotBefore}} {
 		if raw, ok := payload[f.name]; ok && !isNull(raw) {
 			if *f.dst, err = numericDate(raw); err != nil {
-				return Claims{}, malformed("%q %v", f.name, err)
+				return Claims{}, shape, malformed("%q %v", f.name, err)
 			}
 		}
 	}
@@ -126,16 +143,72 @@ func ParseClaims(jwt string) (Claims, error) {
 	}{{"iss", &c.Issuer}, {"sub", &c.Subject}} {
 		if raw, ok := payload[f.name]; ok && !isNull(raw) {
 			if err := strictString(raw, f.dst); err != nil {
-				return Claims{}, malformed("%q is not a string", f.name)
+				return Claims{}, shape, malformed("%q is not a string", f.name)
 			}
 		}
 	}
 	if raw, ok := payload["aud"]; ok && !isNull(raw) {
 		if c.Audience, err = audience(raw); err != nil {
-			return Claims{}, malformed(`"aud" is not a string or an array of strings`)
+			return Claims{}, shape, malformed(`"aud" is not a string or an array of strings`)
 		}
 	}
-	return c, nil
+	return c, shape, nil
+}
+
+// signatureLengths maps the JWS algorithms of RFC 7518 and RFC 8037 whose
+// signature length is fixed to the allowed lengths in bytes. RSA algorithms
+// (RS*, PS*) are handled by plausibleSignature: their signature is as long
+// as the key's modulus.
+var signatureLengths = map[string][]int{
+	"HS256": {32}, "HS384": {48}, "HS512": {64},
+	"ES256": {64}, "ES256K": {64}, "ES384": {96}, "ES512": {132},
+	"EdDSA": {64, 114}, // Ed25519, Ed448
+}
+
+// plausibleSignature reports whether a token's decoded signature has a
+// length its algorithm produces, and when not, describes what was expected.
+// A signature cut short (a token file read while its writer was half-way
+// through) still decodes, and only its length gives it away. RSA signatures
+// are as long as the modulus: 256 to 2048 bytes in steps of 128 (keys of
+// 2048, 3072, 4096, … bits) are plausible; odd key sizes are not, although
+// legal, so callers must treat a false result as a suspicion, not a proof.
+// An algorithm it does not know is always plausible.
+func plausibleSignature(s jwtShape) (ok bool, want string) {
+	switch s.alg {
+	case "RS256", "RS384", "RS512", "PS256", "PS384", "PS512":
+		if s.sigLen >= 256 && s.sigLen <= 2048 && s.sigLen%128 == 0 {
+			return true, ""
+		}
+		return false, "a multiple of 128 bytes from 256 (a 2048-bit RSA key)"
+	}
+	lens, known := signatureLengths[s.alg]
+	if !known {
+		return true, ""
+	}
+	for i, n := range lens {
+		if n == s.sigLen {
+			return true, ""
+		}
+		if i > 0 {
+			want += " or "
+		}
+		want += fmt.Sprintf("%d bytes", n)
+	}
+	return false, want
+}
+
+// jwtPrefix reports whether s could be the beginning of a compact JWT that
+// was cut short: nothing but base64url characters and at most two dots.
+func jwtPrefix(s string) bool {
+	if strings.Count(s, ".") > 2 {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		if !isJWTChar(s[i]) {
+			return false
+		}
+	}
+	return true
 }
 
 func isJWTChar(b byte) bool {

@@ -135,5 +135,16 @@ func FuzzParseClaims(f *testing.F) {
 		if c.Expiry.Unix() < 0 || c.Expiry.Unix() > maxUnixSeconds {
 			t.Fatalf("expiry out of range: %v", c.Expiry)
 		}
+		// What File uses to spot a token cut short agrees with ParseClaims.
+		c2, shape, err := parseJWT(jwt)
+		if err != nil || !reflect.DeepEqual(c, c2) || shape.alg == "" || shape.sigLen == 0 {
+			t.Fatalf("parseJWT disagrees: %v %+v", err, shape)
+		}
+		if ok, want := plausibleSignature(shape); !ok && want == "" {
+			t.Fatalf("implausible signature without saying what is expected: %+v", shape)
+		}
+		if !jwtPrefix(jwt) {
+			t.Fatalf("an accepted token is not a JWT prefix")
+		}
 	})
 }

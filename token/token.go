@@ -17,6 +17,7 @@
 package token
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -48,10 +49,16 @@ const (
 	ReasonMalformed = "malformed"
 	// ReasonExpired: the token's exp claim is not after now.
 	ReasonExpired = "expired"
+	// ReasonChanging: the file is being rewritten in place: it changed
+	// while it was read, or it was modified within the last SettleTime and
+	// holds what a write cut short leaves (nothing, the start of a JWT, a
+	// signature shorter than its algorithm produces), and stayed so for
+	// the whole of the re-reads (at most ChangeWait). See File.
+	ReasonChanging = "changing"
 )
 
 // reasons lists every Reason, to pre-create metric series.
-var reasons = []string{ReasonMissing, ReasonUnreadable, ReasonEmpty, ReasonTooLarge, ReasonMalformed, ReasonExpired}
+var reasons = []string{ReasonMissing, ReasonUnreadable, ReasonEmpty, ReasonTooLarge, ReasonMalformed, ReasonExpired, ReasonChanging}
 
 // ErrorClassIdentity is the error class of every *Error (see
 // docs/architecture.md, "Error classification").
@@ -90,8 +97,9 @@ func (e *Error) ErrorClass() string { return ErrorClassIdentity }
 // content that will never be accepted, and only the token agent writing a new
 // file fixes it. It is false for missing and unreadable, which are typical of
 // start-up races (the agent has not written the file yet) and of transient I/O
-// errors. Either way the caller keeps retrying with backoff; Permanent only
-// decides how loudly the failure is reported.
+// errors, and for changing (the agent is half-way through a rewrite). Either
+// way the caller keeps retrying with backoff; Permanent only decides how
+// loudly the failure is reported.
 func (e *Error) Permanent() bool {
 	switch e.Reason {
 	case ReasonEmpty, ReasonTooLarge, ReasonMalformed, ReasonExpired:
@@ -110,8 +118,53 @@ type FileOptions struct {
 	Now func() time.Time
 }
 
+// Timing of File's defence against files rewritten in place.
+const (
+	// SettleTime: a file modified less than this long ago may still be
+	// being written. Its content is confirmed by a second identical read,
+	// and content that looks cut short is not used until the file has been
+	// left alone this long.
+	SettleTime = 10 * time.Second
+	// ChangeWait bounds the time one Token call spends re-reading a file
+	// that is being rewritten before it gives up with ReasonChanging.
+	ChangeWait = 200 * time.Millisecond
+	// firstPause and maxPause are the pauses between such re-reads.
+	firstPause = 10 * time.Millisecond
+	maxPause   = 50 * time.Millisecond
+)
+
 // File is a token source backed by a file that an external agent rewrites
 // on rotation. It is safe for concurrent use.
+//
+// Agents should replace the file atomically (write a temporary file in the
+// same directory, then rename it over the old one). Some truncate and
+// rewrite it in place instead, and a read can then see nothing, the start of
+// the new token, or (when the read spans a write) a splice of old and new.
+// File never returns such a torn token, which would otherwise reach STS.
+// Every read:
+//
+//   - reads the whole file in one call between two fstat calls on the open
+//     descriptor, and counts the read as torn when device, inode, size,
+//     mtime or mode differ between the two or the bytes read are not the
+//     size;
+//   - when the file was modified less than SettleTime ago, reads it again
+//     after a pause and uses the content only when two reads in a row are
+//     identical (a write within one timestamp tick of the fstat calls does
+//     not change what they report);
+//   - when the file was modified less than SettleTime ago and holds what an
+//     interrupted write leaves (an empty file, the start of a JWT that does
+//     not parse yet, a JWT whose signature is not as long as its algorithm
+//     makes them: a signature cut mid-way still decodes), keeps re-reading.
+//
+// The re-reads pause 10 ms, doubling up to 50 ms, for at most ChangeWait in
+// all; then Token fails with ReasonChanging, a transient error: the caller
+// retries later, by which time the writer has finished. Once a file has been
+// left alone for SettleTime its content is final: a malformed or empty file
+// is refused as such (permanent), and a token with an unusual signature
+// length (an RSA key of an odd size) is used (logged at Info). A torn token
+// gets through only when its writer stopped for longer than SettleTime, or
+// for longer than the pauses exactly where the signature has a length its
+// algorithm also produces (a 4096-bit RSA signature cut at 256 or 384 bytes).
 type File struct {
 	path    string
 	maxSize int64
@@ -175,14 +228,15 @@ func (f *File) Path() string { return f.path }
 
 // Token reads the file (on every call, so rotation is picked up), trims
 // surrounding whitespace, checks the JWT shape with ParseClaims and refuses a
-// token whose exp is not after now. Errors are *Error. ctx is accepted for the
-// TokenSource interface; a local file read is not interruptible, but an
-// already cancelled ctx returns its error without reading.
+// token whose exp is not after now. A file being rewritten in place is
+// re-read for up to ChangeWait (see File). Errors are *Error, or ctx's error
+// when ctx ends during a pause between re-reads (an already cancelled ctx
+// returns its error without reading).
 func (f *File) Token(ctx context.Context) (string, error) {
 	if err := ctx.Err(); err != nil {
 		return "", err
 	}
-	tok, claims, err := f.read()
+	tok, claims, err := f.read(ctx)
 	if err != nil {
 		var te *Error
 		if errors.As(err, &te) {
@@ -210,49 +264,129 @@ func (f *File) fail(reason string, err error) error {
 	return &Error{Reason: reason, Path: f.path, Err: err}
 }
 
-func (f *File) read() (string, Claims, error) {
+// read returns the file's token once it is known not to be torn (see File).
+func (f *File) read(ctx context.Context) (string, Claims, error) {
+	start := time.Now()
+	pause := firstPause
+	var prev []byte // the content of the previous read, if any
+	for reads := 1; ; reads++ {
+		snap, err := f.readOnce()
+		if err != nil {
+			return "", Claims{}, err
+		}
+		tok, claims, partial, verr := f.judge(snap.content)
+		age := time.Since(snap.mtime)
+		young := age < SettleTime && age > -SettleTime
+		var why string
+		switch {
+		case snap.changed:
+			why = "it changed while it was read"
+		case young && partial != "":
+			why = fmt.Sprintf("%s, and it was modified %v ago", partial, age.Round(time.Millisecond))
+		case young && (prev == nil || !bytes.Equal(prev, snap.content)):
+			why = fmt.Sprintf("it was modified %v ago and two reads in a row differed", age.Round(time.Millisecond))
+		default:
+			if partial != "" && verr == nil {
+				f.log.Info("identity token with an unusual signature length used: the file has not changed for a while",
+					zap.String("path", f.path), zap.String("detail", partial), zap.Duration("unchanged_for", age.Round(time.Second)))
+			}
+			return tok, claims, verr
+		}
+		prev = snap.content
+		elapsed := time.Since(start)
+		if elapsed+pause > ChangeWait {
+			return "", Claims{}, f.fail(ReasonChanging, fmt.Errorf(
+				"the file is being rewritten: %s (%d reads in %v); the token agent should replace it atomically (write a temporary file, rename it)",
+				why, reads, elapsed.Round(time.Millisecond)))
+		}
+		t := time.NewTimer(pause)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return "", Claims{}, ctx.Err()
+		case <-t.C:
+		}
+		pause = min(2*pause, maxPause)
+	}
+}
+
+// fileSnapshot is one read of the token file.
+type fileSnapshot struct {
+	content []byte
+	mtime   time.Time
+	changed bool // the file changed while it was read
+}
+
+// readOnce reads the whole file between two fstat calls. Its errors are the
+// definitive ones (missing, unreadable, too_large): no re-read changes them.
+func (f *File) readOnce() (fileSnapshot, error) {
 	// O_NONBLOCK keeps open(2) from blocking on a FIFO without a writer; it
 	// has no effect on regular files, and anything else is refused below.
 	fh, err := os.OpenFile(f.path, os.O_RDONLY|syscall.O_NONBLOCK, 0)
 	if err != nil {
 		if errors.Is(err, fs.ErrNotExist) {
-			return "", Claims{}, f.fail(ReasonMissing, pathless(err))
+			return fileSnapshot{}, f.fail(ReasonMissing, pathless(err))
 		}
-		return "", Claims{}, f.fail(ReasonUnreadable, pathless(err))
+		return fileSnapshot{}, f.fail(ReasonUnreadable, pathless(err))
 	}
 	defer fh.Close()
-	st, err := fh.Stat()
+	before, err := fh.Stat()
 	if err != nil {
-		return "", Claims{}, f.fail(ReasonUnreadable, pathless(err))
+		return fileSnapshot{}, f.fail(ReasonUnreadable, pathless(err))
 	}
-	if !st.Mode().IsRegular() {
-		return "", Claims{}, f.fail(ReasonUnreadable, fmt.Errorf("not a regular file (%s)", fileType(st.Mode())))
+	if !before.Mode().IsRegular() {
+		return fileSnapshot{}, f.fail(ReasonUnreadable, fmt.Errorf("not a regular file (%s)", fileType(before.Mode())))
 	}
-	if st.Size() > f.maxSize {
-		return "", Claims{}, f.fail(ReasonTooLarge, fmt.Errorf("%d bytes, limit %d", st.Size(), f.maxSize))
+	if before.Size() > f.maxSize {
+		return fileSnapshot{}, f.fail(ReasonTooLarge, fmt.Errorf("%d bytes, limit %d", before.Size(), f.maxSize))
 	}
-	// The size may change between fstat and read (the agent rewrites the
-	// file in place): read at most one byte more than allowed.
-	b, err := io.ReadAll(io.LimitReader(fh, f.maxSize+1))
+	// One byte more than the size, so that a file that grew meanwhile is
+	// noticed; a file holds a few KiB at most, so this is one read(2).
+	buf := make([]byte, before.Size()+1)
+	n, err := io.ReadFull(fh, buf)
+	if err != nil && !errors.Is(err, io.ErrUnexpectedEOF) && !errors.Is(err, io.EOF) {
+		return fileSnapshot{}, f.fail(ReasonUnreadable, pathless(err))
+	}
+	after, err := fh.Stat()
 	if err != nil {
-		return "", Claims{}, f.fail(ReasonUnreadable, pathless(err))
+		return fileSnapshot{}, f.fail(ReasonUnreadable, pathless(err))
 	}
-	if int64(len(b)) > f.maxSize {
-		return "", Claims{}, f.fail(ReasonTooLarge, fmt.Errorf("more than %d bytes", f.maxSize))
+	if after.Size() > f.maxSize {
+		return fileSnapshot{}, f.fail(ReasonTooLarge, fmt.Errorf("%d bytes, limit %d", after.Size(), f.maxSize))
 	}
-	tok := strings.TrimSpace(string(b))
+	return fileSnapshot{
+		content: buf[:n],
+		mtime:   after.ModTime(),
+		changed: stampOf(before) != stampOf(after) || int64(n) != after.Size(),
+	}, nil
+}
+
+// judge checks content as a token. partial, when not "", says why content
+// looks like a write cut short; the content is then either refused by err
+// (empty, malformed) or acceptable in itself (an unusual signature length).
+func (f *File) judge(content []byte) (tok string, c Claims, partial string, err error) {
+	if len(content) == 0 {
+		return "", Claims{}, "the file is empty", f.fail(ReasonEmpty, errors.New("no token in file"))
+	}
+	tok = strings.TrimSpace(string(content))
 	if tok == "" {
-		return "", Claims{}, f.fail(ReasonEmpty, errors.New("no token in file"))
+		return "", Claims{}, "", f.fail(ReasonEmpty, errors.New("no token in file"))
 	}
-	claims, err := ParseClaims(tok)
-	if err != nil {
-		return "", Claims{}, f.fail(ReasonMalformed, err)
+	c, shape, perr := parseJWT(tok)
+	if perr != nil {
+		if jwtPrefix(tok) {
+			partial = fmt.Sprintf("it holds no complete JWT (%v)", perr)
+		}
+		return "", Claims{}, partial, f.fail(ReasonMalformed, perr)
 	}
-	if now := f.now(); !claims.Expiry.After(now) {
-		return "", Claims{}, f.fail(ReasonExpired, fmt.Errorf("exp %s is not after now %s",
-			claims.Expiry.Format(time.RFC3339), now.UTC().Format(time.RFC3339)))
+	if now := f.now(); !c.Expiry.After(now) {
+		return "", Claims{}, "", f.fail(ReasonExpired, fmt.Errorf("exp %s is not after now %s",
+			c.Expiry.Format(time.RFC3339), now.UTC().Format(time.RFC3339)))
 	}
-	return tok, claims, nil
+	if ok, want := plausibleSignature(shape); !ok {
+		partial = fmt.Sprintf("its %s signature is %d bytes, want %s", shape.alg, shape.sigLen, want)
+	}
+	return tok, c, partial, nil
 }
 
 // pathless drops the path from an *fs.PathError (Error already names it).

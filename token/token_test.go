@@ -21,16 +21,34 @@ import (
 
 var testNow = time.Date(2026, 3, 1, 12, 0, 0, 0, time.UTC)
 
-// makeJWT builds an unsigned-but-well-shaped JWT with the given payload.
+// makeJWT builds an unsigned-but-well-shaped JWT with the given payload: an
+// RS256 header and a signature as long as a 2048-bit key makes them.
 func makeJWT(t testing.TB, payload map[string]any) string {
 	t.Helper()
-	h, _ := json.Marshal(map[string]any{"alg": "RS256", "kid": "k1", "typ": "JWT"})
+	return makeJWTAlg(t, "RS256", 256, payload)
+}
+
+// makeJWTAlg builds a JWT with header alg and a signature of sigLen bytes.
+func makeJWTAlg(t testing.TB, alg string, sigLen int, payload map[string]any) string {
+	t.Helper()
+	h, _ := json.Marshal(map[string]any{"alg": alg, "kid": "k1", "typ": "JWT"})
 	p, err := json.Marshal(payload)
 	if err != nil {
 		t.Fatal(err)
 	}
+	sig := []byte("signature-bytes-" + strings.Repeat("x", sigLen))[:sigLen]
 	enc := base64.RawURLEncoding.EncodeToString
-	return enc(h) + "." + enc(p) + "." + enc([]byte("signature-bytes-"+strings.Repeat("x", 40)))
+	return enc(h) + "." + enc(p) + "." + enc(sig)
+}
+
+// age sets path's modification time d into the past, so that File treats
+// its content as final (see SettleTime).
+func age(t *testing.T, path string, d time.Duration) {
+	t.Helper()
+	old := time.Now().Add(-d)
+	if err := os.Chtimes(path, old, old); err != nil {
+		t.Fatal(err)
+	}
 }
 
 func validJWT(t testing.TB, sub string) string {
@@ -150,8 +168,25 @@ func TestTokenErrors(t *testing.T) {
 		{"malformed", func(t *testing.T) string {
 			p := filepath.Join(dir, "malformed")
 			write(t, p, "not-a-jwt")
+			age(t, p, SettleTime+time.Second) // else it could be a JWT being written
 			return p
 		}, ReasonMalformed, true},
+		{"garbage", func(t *testing.T) string {
+			p := filepath.Join(dir, "garbage")
+			write(t, p, "<html>502 Bad Gateway</html>\n") // no JWT starts so: final at once
+			return p
+		}, ReasonMalformed, true},
+		{"truncated", func(t *testing.T) string {
+			p := filepath.Join(dir, "truncated")
+			write(t, p, "") // O_TRUNC, nothing written yet
+			age(t, p, SettleTime+time.Second)
+			return p
+		}, ReasonEmpty, true},
+		{"changing", func(t *testing.T) string {
+			p := filepath.Join(dir, "changing")
+			write(t, p, "") // O_TRUNC just now, nothing written yet
+			return p
+		}, ReasonChanging, false},
 		{"expired", func(t *testing.T) string {
 			p := filepath.Join(dir, "expired")
 			write(t, p, expired)

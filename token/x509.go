@@ -87,6 +87,26 @@ type X509Options struct {
 // rotation. Every X509 call stats the files (cheap) and reloads and
 // re-validates them when any changed (device, inode, size, mtime or mode),
 // so rotation is picked up without a restart. It is safe for concurrent use.
+//
+// The files need not exist when the daemon starts: a certificate agent
+// (SPIFFE, ACME, …) often writes them only after it has started itself.
+// Like File, X509 then reports a transient error and loads the files on the
+// first call after they appear. What is transient and what permanent:
+//
+//   - missing (a file does not exist yet) and unreadable (it cannot be
+//     opened or read, or is not a regular file) are transient
+//     (Error.Permanent is false): an agent or an operator fixes them without
+//     touching imdsproxy. NewX509 accepts missing files, and only those:
+//     a path that exists but is a directory, a FIFO or unreadable is a
+//     configuration mistake at start-up and fails NewX509.
+//   - every reason about the content (cert_invalid, cert_expired,
+//     cert_not_yet_valid, key_invalid, key_unsupported, key_permissions,
+//     key_mismatch) is permanent: only new files, a fixed mode or a fixed
+//     clock help. NewX509 fails on them for the files that exist (they are
+//     read in the order certificate, chain, key, up to the first missing).
+//
+// Either way X509 keeps retrying on every call; Permanent only decides how
+// loudly a caller reports the failure (in imdsproxy: /readyz at once).
 type X509 struct {
 	certPath, keyPath, chainPath string
 	now                          func() time.Time
@@ -117,9 +137,11 @@ type fileStamp struct {
 
 // NewX509 returns an X509 reading certPath, keyPath and chainPath (chainPath
 // may be ""). It loads and validates the files once, so that a bad
-// configuration is reported at start-up; that error is an *Error. log may be
-// nil (no logging). reg may be nil (no metrics); otherwise these metrics are
-// registered on it:
+// configuration is reported at start-up; that error is an *Error. Files that
+// do not exist yet are not an error: they are logged (Warn) and loaded by
+// the first X509 call after they appear (see X509 for what fails at once).
+// log may be nil (no logging). reg may be nil (no metrics); otherwise these
+// metrics are registered on it:
 //
 //	imdsproxy_identity_certificate_loads_total{result}             counter; result is "ok" or a Reason
 //	imdsproxy_identity_certificate_expiry_timestamp_seconds       gauge; NotAfter of the loaded leaf, Unix seconds
@@ -154,7 +176,12 @@ func NewX509(certPath, keyPath, chainPath string, opts X509Options, log *zap.Log
 		}
 	}
 	if _, _, _, err := x.X509(context.Background()); err != nil {
-		return nil, err
+		var te *Error
+		if !errors.As(err, &te) || te.Reason != ReasonMissing {
+			return nil, err
+		}
+		x.log.Warn("X.509 identity files not there yet; they are loaded when they appear",
+			zap.String("path", te.Path), zap.Error(te.Err))
 	}
 	return x, nil
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/pem"
 	"errors"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"strings"
@@ -13,6 +14,8 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/imdsproxy/imdsproxy/test/fakes/rolesanywhere"
 )
@@ -224,25 +227,93 @@ func metricVec(t *testing.T, reg prometheus.Registerer) *prometheus.CounterVec {
 	return are.ExistingCollector.(*prometheus.CounterVec)
 }
 
+// TestX509MissingFiles: files that do not exist yet do not fail NewX509;
+// X509 reports them as a transient missing error naming the file, and
+// loads the identity on the first call after they appear. A path that is
+// a directory, or an empty one, fails at once.
 func TestX509MissingFiles(t *testing.T) {
 	l := issue(t, rolesanywhere.LeafOptions{})
-	cert, key, chain := identityFiles(t, l)
-	for name, paths := range map[string][3]string{
-		"cert":  {cert + ".nope", key, chain},
-		"key":   {cert, key + ".nope", chain},
-		"chain": {cert, key, chain + ".nope"},
-	} {
-		_, err := NewX509(paths[0], paths[1], paths[2], X509Options{}, nil, nil)
-		var te *Error
-		if !errors.As(err, &te) || te.Reason != ReasonMissing || te.Permanent() {
-			t.Errorf("%s: %v", name, err)
-		}
+	src, srcKey, srcChain := identityFiles(t, l)
+	for _, missing := range []string{"cert", "key", "chain", "all"} {
+		t.Run(missing, func(t *testing.T) {
+			dir := t.TempDir()
+			paths := map[string]string{"cert": filepath.Join(dir, "cert.pem"), "key": filepath.Join(dir, "key.pem"), "chain": filepath.Join(dir, "chain.pem")}
+			from := map[string]string{"cert": src, "key": srcKey, "chain": srcChain}
+			put := func(which string) {
+				t.Helper()
+				b, err := os.ReadFile(from[which])
+				if err != nil {
+					t.Fatal(err)
+				}
+				if err := os.WriteFile(paths[which], b, 0o600); err != nil {
+					t.Fatal(err)
+				}
+			}
+			for _, w := range []string{"cert", "key", "chain"} {
+				if w != missing && missing != "all" {
+					put(w)
+				}
+			}
+			reg := prometheus.NewPedanticRegistry()
+			core, logs := observer.New(zap.DebugLevel)
+			x, err := NewX509(paths["cert"], paths["key"], paths["chain"], X509Options{}, zap.New(core), reg)
+			if err != nil {
+				t.Fatalf("NewX509 with %s missing: %v", missing, err)
+			}
+			if logs.FilterMessage("X.509 identity files not there yet; they are loaded when they appear").Len() != 1 {
+				t.Errorf("no Warn line at construction: %v", logs.All())
+			}
+			for range 2 {
+				_, _, _, err = x.X509(context.Background())
+				var te *Error
+				if !errors.As(err, &te) || te.Reason != ReasonMissing || te.Permanent() || te.ErrorClass() != "identity" {
+					t.Fatalf("X509 with %s missing: %v, want a transient missing error", missing, err)
+				}
+				if !strings.Contains(err.Error(), dir) || !errors.Is(err, fs.ErrNotExist) {
+					t.Errorf("error %q does not name the missing file", err)
+				}
+			}
+			if n := testutil.ToFloat64(metricVec(t, reg).WithLabelValues(ReasonMissing)); n != 3 {
+				t.Errorf("loads_total{result=missing} = %v, want 3 (construction and two calls)", n)
+			}
+			// The agent writes the files: picked up at once.
+			for _, w := range []string{"cert", "key", "chain"} {
+				if w == missing || missing == "all" {
+					put(w)
+				}
+			}
+			leaf, _, _, err := x.X509(context.Background())
+			if err != nil || !leaf.Equal(l.Cert) {
+				t.Fatalf("after the files appeared: %v", err)
+			}
+			if n := testutil.ToFloat64(metricVec(t, reg).WithLabelValues("ok")); n != 1 {
+				t.Errorf("loads_total{result=ok} = %v", n)
+			}
+		})
 	}
-	if _, err := NewX509(t.TempDir(), key, "", X509Options{}, nil, nil); err == nil || !strings.Contains(err.Error(), "not a regular file") {
+
+	// Definitely wrong at start-up: fail NewX509.
+	if _, err := NewX509(t.TempDir(), srcKey, "", X509Options{}, nil, nil); err == nil || !strings.Contains(err.Error(), "not a regular file") {
 		t.Errorf("directory as cert: %v", err)
 	}
-	if _, err := NewX509("", key, "", X509Options{}, nil, nil); err == nil {
+	if _, err := NewX509(src, t.TempDir(), "", X509Options{}, nil, nil); err == nil || !strings.Contains(err.Error(), "not a regular file") {
+		t.Errorf("directory as key: %v", err)
+	}
+	if _, err := NewX509("", srcKey, "", X509Options{}, nil, nil); err == nil {
 		t.Error("empty cert path accepted")
+	}
+	if _, err := NewX509(src, "", "", X509Options{}, nil, nil); err == nil {
+		t.Error("empty key path accepted")
+	}
+	// A present file that does not validate still fails at once, even with
+	// another file missing (the certificate is read first).
+	garbage := filepath.Join(t.TempDir(), "cert.pem")
+	if err := os.WriteFile(garbage, []byte("hello\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	var te *Error
+	if _, err := NewX509(garbage, srcKey+".nope", "", X509Options{}, nil, nil); !errors.As(err, &te) || te.Reason != ReasonCertInvalid {
+		t.Errorf("garbage cert, missing key: %v, want cert_invalid", err)
 	}
 }
 

@@ -242,7 +242,7 @@ func (s *Server) assumeRole(form map[string][]string, sessionLength time.Duratio
 	}
 
 	denied := sender(403, "AccessDenied", fmt.Sprintf("User: %s is not authorized to perform: sts:AssumeRole on resource: %s", base.accessKeyID, roleARN))
-	if s.cfg.RoleARN != "" && roleARN != s.cfg.RoleARN {
+	if !s.roleAllowed(roleARN) {
 		return nil, denied
 	}
 	s.mu.Lock()

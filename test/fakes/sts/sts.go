@@ -112,7 +112,8 @@ type Config struct {
 	// Audience is the required aud value; empty means "sts.amazonaws.com".
 	Audience string
 	// RoleARN, when set, is the only role that may be assumed (others get
-	// AccessDenied, as a role whose trust policy does not match).
+	// AccessDenied, as a role whose trust policy does not match), besides
+	// those added with AllowRoles.
 	RoleARN string
 	// Subject, when set, is the only sub allowed (trust policy condition).
 	Subject string
@@ -196,8 +197,10 @@ type Server struct {
 	sessionLength time.Duration
 	calls         []Call
 	issued        []Issued
+	webTokens     []string // WebIdentityToken of every AssumeRoleWithWebIdentity call
 	inflight      int
 	bases         map[string]baseCredential
+	moreRoles     map[string]bool // AllowRoles
 	externalID    string
 
 	closeOnce sync.Once
@@ -242,6 +245,30 @@ func Start(tb testing.TB, cfg Config) *Server {
 // Close releases requests blocked in ModeHang or in a delay. It is idempotent.
 func (s *Server) Close() { s.closeOnce.Do(func() { close(s.closed) }) }
 
+// AllowRoles lets the roles arns be assumed too when Config.RoleARN
+// restricts the assumable roles (several roles trusting the same identity).
+func (s *Server) AllowRoles(arns ...string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.moreRoles == nil {
+		s.moreRoles = map[string]bool{}
+	}
+	for _, a := range arns {
+		s.moreRoles[a] = true
+	}
+}
+
+// roleAllowed reports whether roleARN may be assumed: any role without
+// Config.RoleARN, else that one and those of AllowRoles.
+func (s *Server) roleAllowed(roleARN string) bool {
+	if s.cfg.RoleARN == "" || roleARN == s.cfg.RoleARN {
+		return true
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.moreRoles[roleARN]
+}
+
 // SetMode changes how later requests are answered.
 func (s *Server) SetMode(m Mode) { s.mu.Lock(); s.mode = m; s.mu.Unlock() }
 
@@ -277,6 +304,16 @@ func (s *Server) Issued() []Issued {
 	return append([]Issued(nil), s.issued...)
 }
 
+// WebIdentityTokens returns the WebIdentityToken parameter of every
+// AssumeRoleWithWebIdentity request so far, in arrival order, whatever the
+// outcome (rejected, failed by the mode, hung): what the client sent, torn
+// or not. They are secrets: never print them.
+func (s *Server) WebIdentityTokens() []string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return append([]string(nil), s.webTokens...)
+}
+
 // Last returns the most recently issued credential, and false if none was.
 func (s *Server) Last() (Issued, bool) {
 	s.mu.Lock()
@@ -306,7 +343,7 @@ func (s *Server) Reset() {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.mode, s.delay, s.sessionLength = ModeOK, 0, 0
-	s.calls, s.issued = nil, nil
+	s.calls, s.issued, s.webTokens = nil, nil, nil
 }
 
 // Handler returns the STS HTTP handler (POST / or GET / with the Query
@@ -371,6 +408,9 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 	s.calls = append(s.calls, call)
+	if action == ActionAssumeRoleWithWebIdentity {
+		s.webTokens = append(s.webTokens, r.Form.Get("WebIdentityToken"))
+	}
 	s.mu.Unlock()
 	defer func() { s.mu.Lock(); s.inflight--; s.mu.Unlock() }()
 
@@ -529,7 +569,7 @@ func (s *Server) assume(ctx context.Context, form map[string][]string, sessionLe
 	if serr != nil {
 		return nil, serr
 	}
-	if s.cfg.RoleARN != "" && roleARN != s.cfg.RoleARN {
+	if !s.roleAllowed(roleARN) {
 		return nil, sender(403, "AccessDenied", "Not authorized to perform sts:AssumeRoleWithWebIdentity")
 	}
 	if s.cfg.Subject != "" && claims.sub != s.cfg.Subject {
