@@ -21,10 +21,14 @@ type Peer struct {
 	Known bool
 	// UID is the owner of the peer's socket, from the kernel.
 	UID int
-	// PID, Exe and Unit (systemd unit) are best effort: zero when unknown.
-	PID  int
-	Exe  string
-	Unit string
+	// Unit (systemd unit) and Cgroup (the cgroup v2 path the peer's socket
+	// was created in) come from the kernel when it records the socket's
+	// cgroup, else best effort; PID and Exe are best effort. Zero when
+	// unknown.
+	PID    int
+	Exe    string
+	Unit   string
+	Cgroup string
 }
 
 // AccessControl decides which local processes may read credentials. It is
@@ -46,6 +50,25 @@ type Peer struct {
 type AccessControl interface {
 	Identify(ctx context.Context, conn net.Conn) (Peer, error)
 	Allow(p Peer) bool
+}
+
+// RoleMapper chooses, per client process, the role served to it: the
+// per-workload roles of one host. It is consulted on the credential routes
+// after AccessControl.Identify and Allow, with the same remembered Peer
+// (Known false when the client could not be identified).
+//
+// RoleFor returns the name of the role p is served instead of
+// Config.RoleName, and true; or false when p is served Config.RoleName (an
+// unmatched or unidentified client). A returned name must be a valid IAM
+// role name (1..64 of [A-Za-z0-9+=,.@_-]) that the CredentialSource knows;
+// it is listed, served and passed to CredentialSource.Credentials as is.
+// The mapping is the only thing that decides which role a client may read:
+// a client mapped to a role gets 404 for every other role name, including
+// Config.RoleName and Config.AlsoServe, and a client that is not mapped
+// gets 404 for every mapped role. RoleFor is called on every credential
+// request, so it must be cheap, and it must be safe for concurrent use.
+type RoleMapper interface {
+	RoleFor(p Peer) (name string, ok bool)
 }
 
 // identifyTimeout bounds AccessControl.Identify.
@@ -155,5 +178,6 @@ func peerFields(who Peer) []zap.Field {
 		zap.Int("pid", who.PID),
 		zap.String("exe", who.Exe),
 		zap.String("unit", who.Unit),
+		zap.String("cgroup", who.Cgroup),
 	}
 }

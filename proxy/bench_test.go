@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"go.uber.org/zap"
 
 	"github.com/imdsproxy/imdsproxy/creds"
 )
@@ -94,4 +95,24 @@ func BenchmarkCredentialGETCeiling(b *testing.B) {
 		return nil
 	})
 	benchGet(b, base, "/latest/meta-data/iam/security-credentials/"+testRole, http.Header{"X-Aws-Ec2-Metadata-Token": {"x"}})
+}
+
+// BenchmarkCredentialGETWorkload is BenchmarkCredentialGET for a client
+// that a RoleMapper maps to a role of its own (identified once per
+// keep-alive connection).
+func BenchmarkCredentialGETWorkload(b *testing.B) {
+	c := testCreds()
+	c.Expires = time.Now().Add(time.Hour)
+	s, err := New(Config{RoleName: testRole, TokensRequired: true, Access: peerAccess{who: Peer{Known: true, UID: 1001}},
+		Roles: uidRoles{1001: "billing"}, AuditLog: zap.NewNop()}, constSource{c}, nil, prometheus.NewRegistry())
+	if err != nil {
+		b.Fatal(err)
+	}
+	tok, _, err := s.minter.mint(time.Now(), 21600)
+	if err != nil {
+		b.Fatal(err)
+	}
+	base := benchServe(b, s.Serve)
+	hdr := http.Header{"X-Aws-Ec2-Metadata-Token": {tok}}
+	benchGet(b, base, "/latest/meta-data/iam/security-credentials/billing", hdr)
 }

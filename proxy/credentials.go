@@ -170,12 +170,12 @@ func errorCode(class string) string {
 	}
 }
 
-// instanceProfileARN is cfg's InstanceProfileARN, or one derived from the
-// served credentials: arn:<partition>:iam::<account>:instance-profile/<role>,
-// the partition taken from the role ARN (default "aws"). "" when the account
-// is unknown.
-func instanceProfileARN(cfg *Config, c creds.Credentials) string {
-	if cfg.InstanceProfileARN != "" {
+// instanceProfileARN is cfg's InstanceProfileARN for the host's role (host
+// true), or one derived from the credentials served as role:
+// arn:<partition>:iam::<account>:instance-profile/<role>, the partition
+// taken from the role ARN (default "aws"). "" when the account is unknown.
+func instanceProfileARN(cfg *Config, role string, host bool, c creds.Credentials) string {
+	if host && cfg.InstanceProfileARN != "" {
 		return cfg.InstanceProfileARN
 	}
 	acct := accountID(c)
@@ -186,7 +186,7 @@ func instanceProfileARN(cfg *Config, c creds.Credentials) string {
 	if parts := strings.SplitN(c.RoleARN, ":", 3); len(parts) == 3 && parts[0] == "arn" && isPartition(parts[1]) {
 		partition = parts[1]
 	}
-	return "arn:" + partition + ":iam::" + acct + ":instance-profile/" + cfg.RoleName
+	return "arn:" + partition + ":iam::" + acct + ":instance-profile/" + role
 }
 
 func isPartition(p string) bool {

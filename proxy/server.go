@@ -8,7 +8,8 @@
 //     the configured IP TTL / IPv6 hop limit;
 //   - GET …/meta-data/iam/security-credentials[-extended]/[<role>],
 //     …/meta-data/iam/info and the iam listing: from a CredentialSource
-//     (normally the credential cache), for the one configured role;
+//     (normally the credential cache), for the configured role, or with a
+//     RoleMapper for the role of the client process (per-workload roles);
 //   - every other GET/HEAD: forwarded unchanged to the real IMDS (the
 //     upstream) with the daemon's own upstream token.
 //
@@ -95,9 +96,10 @@ type CredentialSource interface {
 // Config is the part of the daemon's configuration the IMDS API uses. New and
 // Update validate it; a Config is copied, so the caller may reuse it.
 type Config struct {
-	// RoleName is the single role listed under security-credentials/ and
-	// security-credentials-extended/, and the only <role> served there. It
-	// must be a valid IAM role name (1..64 of [A-Za-z0-9+=,.@_-]). Required.
+	// RoleName is the host's role: listed under security-credentials/ and
+	// security-credentials-extended/, and the only <role> served there, to
+	// every client that Roles does not map to a role of its own. It must be
+	// a valid IAM role name (1..64 of [A-Za-z0-9+=,.@_-]). Required.
 	RoleName string
 	// TokensRequired selects IMDSv2-only (true: a request without a session
 	// token gets 401) or optional mode (false: a request without a token is
@@ -119,7 +121,8 @@ type Config struct {
 	// served credentials: arn:<partition>:iam::<account>:instance-profile/<RoleName>.
 	InstanceProfileARN string
 	// AlsoServe lists more role names whose credential paths are answered,
-	// with the same credentials as RoleName, though only RoleName is listed.
+	// with the same credentials as RoleName, though only RoleName is listed;
+	// never to a client that Roles maps to a role of its own.
 	// A rollout switching the listed role sets the other name here, so a
 	// client that read the listing just before a switch and asks for the
 	// old name gets the credentials now served, not a 404. Each must be a
@@ -134,6 +137,12 @@ type Config struct {
 	// and enables the audit log (see AccessControl in access.go). Nil: every
 	// client may, and nothing is audited.
 	Access AccessControl
+	// Roles, when set, maps client processes to roles of their own (see
+	// RoleMapper in access.go): a mapped client is listed and served only
+	// its role, every other client only RoleName (and AlsoServe). It needs
+	// Access, which identifies the client. Nil: every client is served
+	// RoleName.
+	Roles RoleMapper
 	// AuditLog receives one Info line per credential hand-out when Access
 	// is set. Nil: the Server's logger named "audit".
 	AuditLog *zap.Logger
@@ -166,6 +175,9 @@ func (c Config) normalize() (Config, error) {
 		}
 	}
 	c.AlsoServe = slices.Clone(c.AlsoServe)
+	if c.Roles != nil && c.Access == nil {
+		return Config{}, errors.New("proxy: Roles needs Access to identify the client process")
+	}
 	if c.HopLimit == 0 {
 		c.HopLimit = 1
 	}
@@ -229,7 +241,7 @@ type Server struct {
 	mu    sync.Mutex // serialises Update
 	state atomic.Pointer[state]
 
-	docs atomic.Pointer[docMemo] // last rendered credential documents
+	docs atomic.Pointer[docMemos] // last rendered credential documents, by role
 
 	warnAt  atomic.Int64 // unix nanos of the last credential-error Warn
 	hopWarn sync.Once
@@ -318,9 +330,10 @@ func (s *Server) Update(cfg Config) error {
 		}
 	}
 	s.state.Store(&state{cfg: n, pt: pt})
+	s.docs.Store(nil)
 	s.log.Info("configuration updated", zap.String("role_name", n.RoleName),
 		zap.Bool("tokens_required", n.TokensRequired), zap.Int("hop_limit", n.HopLimit),
-		zap.Bool("passthrough", n.Upstream != nil))
+		zap.Bool("passthrough", n.Upstream != nil), zap.Bool("per_workload_roles", n.Roles != nil))
 	return nil
 }
 
@@ -506,11 +519,12 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request, st *state, route,
 	case routeIAMList:
 		writeText(w, http.StatusOK, "info\nsecurity-credentials/")
 	case routeRoleList:
-		writeText(w, http.StatusOK, st.cfg.RoleName)
+		served, _ := roleFor(&st.cfg, who)
+		writeText(w, http.StatusOK, served)
 	case routeCredentials, routeCredentialsExtended:
 		s.serveCredentials(w, r, st, route, role, who)
 	case routeIAMInfo:
-		s.serveIAMInfo(w, r, st)
+		s.serveIAMInfo(w, r, st, who)
 	case routePassthrough:
 		st.pt.proxy.ServeHTTP(w, r)
 	default:
@@ -603,9 +617,23 @@ func (s *Server) authorize(w http.ResponseWriter, r *http.Request, st *state) bo
 	return false
 }
 
-// serveCredentials answers security-credentials[-extended]/<role>.
+// roleFor is the role served to who: the one cfg.Roles maps it to (host
+// false), else cfg.RoleName (host true; AlsoServe applies only then).
+func roleFor(cfg *Config, who Peer) (name string, host bool) {
+	if cfg.Roles != nil {
+		if n, ok := cfg.Roles.RoleFor(who); ok {
+			return n, false
+		}
+	}
+	return cfg.RoleName, true
+}
+
+// serveCredentials answers security-credentials[-extended]/<role>. Only the
+// role served to who is answered; any other name gets the same 404 as an
+// unknown role.
 func (s *Server) serveCredentials(w http.ResponseWriter, r *http.Request, st *state, route, role string, who Peer) {
-	if role != st.cfg.RoleName && !slices.Contains(st.cfg.AlsoServe, role) {
+	served, host := roleFor(&st.cfg, who)
+	if role != served && (!host || !slices.Contains(st.cfg.AlsoServe, role)) {
 		writeText(w, http.StatusNotFound, "Not Found")
 		return
 	}
@@ -616,7 +644,7 @@ func (s *Server) serveCredentials(w http.ResponseWriter, r *http.Request, st *st
 		s.serveError(w, route, err, now)
 		return
 	}
-	writeBody(w, http.StatusOK, s.credentialBody(c, now, route == routeCredentialsExtended))
+	writeBody(w, http.StatusOK, s.credentialBody(served, c, now, route == routeCredentialsExtended))
 	if st.cfg.Access != nil {
 		s.audit(st, who, route, role, c, fetchStart) // access.go
 	}
@@ -629,19 +657,31 @@ type docMemo struct {
 	legacy, extended []byte
 }
 
-// credentialBody renders the credential document of c, reusing the last
-// rendering while the source keeps returning the same credentials: the cache
-// hands out one value per refresh, so a hit costs a comparison instead of
-// JSON encoding. Credentials without LastUpdated are rendered every time
-// (their document depends on now).
-func (s *Server) credentialBody(c creds.Credentials, now time.Time, extended bool) []byte {
+// docMemos maps a served role name to the last documents rendered for it.
+// It is copied on write (a new map per refresh of one role) and read
+// without a lock; Update drops it, so names no longer served do not stay.
+type docMemos map[string]*docMemo
+
+// credentialBody renders the credential document of c, served as role,
+// reusing the last rendering for role while the source keeps returning the
+// same credentials: the cache hands out one value per refresh, so a hit
+// costs a map lookup and a comparison instead of JSON encoding. A memo is
+// used only when it holds exactly c (every field, secret and role ARN
+// included), so two roles' credentials never share a document; keying by
+// role keeps several roles' memos from evicting each other. Credentials
+// without LastUpdated are rendered every time (their document depends on
+// now).
+func (s *Server) credentialBody(role string, c creds.Credentials, now time.Time, extended bool) []byte {
 	if c.LastUpdated.IsZero() {
 		return credentialDocument(c, now, extended)
 	}
-	m := s.docs.Load()
+	var m *docMemo
+	if p := s.docs.Load(); p != nil {
+		m = (*p)[role]
+	}
 	if m == nil || m.c != c {
 		m = &docMemo{c: c, legacy: credentialDocument(c, now, false), extended: credentialDocument(c, now, true)}
-		s.docs.Store(m)
+		s.storeDoc(role, m)
 	}
 	if extended {
 		return m.extended
@@ -649,15 +689,37 @@ func (s *Server) credentialBody(c creds.Credentials, now time.Time, extended boo
 	return m.legacy
 }
 
-// serveIAMInfo answers iam/info.
-func (s *Server) serveIAMInfo(w http.ResponseWriter, r *http.Request, st *state) {
-	c, err := s.src.Credentials(r.Context(), st.cfg.RoleName)
+// storeDoc records m as role's memo: a copy of the memo map with m in it.
+// A lost race only costs a later re-rendering.
+func (s *Server) storeDoc(role string, m *docMemo) {
+	for {
+		old := s.docs.Load()
+		var next docMemos
+		if old == nil {
+			next = docMemos{role: m}
+		} else {
+			next = make(docMemos, len(*old)+1)
+			for k, v := range *old {
+				next[k] = v
+			}
+			next[role] = m
+		}
+		if s.docs.CompareAndSwap(old, &next) {
+			return
+		}
+	}
+}
+
+// serveIAMInfo answers iam/info for the role served to who.
+func (s *Server) serveIAMInfo(w http.ResponseWriter, r *http.Request, st *state, who Peer) {
+	role, host := roleFor(&st.cfg, who)
+	c, err := s.src.Credentials(r.Context(), role)
 	now := s.now()
 	if err != nil || !usable(c, now) {
 		s.serveError(w, routeIAMInfo, err, now)
 		return
 	}
-	arn := instanceProfileARN(&st.cfg, c)
+	arn := instanceProfileARN(&st.cfg, role, host, c)
 	if arn == "" {
 		writeBody(w, http.StatusOK, errorDocument(codeNoProfile, errorMessages[codeNoProfile], now))
 		return

@@ -39,12 +39,18 @@ func (c *Config) validateAccess() error {
 		}
 	}
 	for i, u := range a.AllowUnits {
-		if strings.ContainsAny(u, "/ \t\n\x00") ||
-			!(len(u) > len(".service") && strings.HasSuffix(u, ".service") || len(u) > len(".scope") && strings.HasSuffix(u, ".scope")) {
+		if !isUnitName(u) {
 			return fmt.Errorf("config: access.allow_units[%d]: %q is not a systemd unit name such as app.service or run-1.scope", i, u)
 		}
 	}
 	return nil
+}
+
+// isUnitName reports whether u looks like the name of a systemd service or
+// scope unit, as package peer reports it.
+func isUnitName(u string) bool {
+	return !strings.ContainsAny(u, "/ \t\n\x00") &&
+		(len(u) > len(".service") && strings.HasSuffix(u, ".service") || len(u) > len(".scope") && strings.HasSuffix(u, ".scope"))
 }
 
 // restricted reports whether any list is set.
@@ -55,18 +61,28 @@ func (a AccessConfig) restricted() bool {
 // accessControl is the proxy's AccessControl for a, or nil when clients
 // need not be identified (no lists, audit off).
 func accessControl(a AccessConfig) proxy.AccessControl {
-	if !a.restricted() && a.Audit != nil && !*a.Audit {
+	if p := newAccessPolicy(a, nil); p != nil {
+		return p
+	}
+	return nil
+}
+
+// newAccessPolicy is the policy of a and the workload roles w (nil: none),
+// or nil when clients need not be identified (no lists, audit off, no
+// workloads).
+func newAccessPolicy(a AccessConfig, w *workloadRoles) *accessPolicy {
+	if w == nil && !a.restricted() && a.Audit != nil && !*a.Audit {
 		return nil
 	}
-	p := &accessPolicy{
+	return &accessPolicy{
 		res:        peer.NewResolver(0),
 		restricted: a.restricted(),
 		allowAll:   len(a.AllowUIDs)+len(a.AllowUnits) == 0,
 		allowUIDs:  set(a.AllowUIDs),
 		denyUIDs:   set(a.DenyUIDs),
 		allowUnits: set(a.AllowUnits),
+		roles:      w,
 	}
-	return p
 }
 
 func set[T comparable](list []T) map[T]bool {
@@ -78,7 +94,8 @@ func set[T comparable](list []T) map[T]bool {
 }
 
 // accessPolicy implements proxy.AccessControl with a peer.Resolver and the
-// lists of an AccessConfig. It is immutable; a reload builds a new one.
+// lists of an AccessConfig, and with workloads proxy.RoleMapper. It is
+// immutable; a reload builds a new one.
 type accessPolicy struct {
 	res        *peer.Resolver
 	restricted bool // any list set
@@ -86,6 +103,7 @@ type accessPolicy struct {
 	allowUIDs  map[int]bool
 	denyUIDs   map[int]bool
 	allowUnits map[string]bool
+	roles      *workloadRoles // nil without workloads
 }
 
 // Identify finds the process behind conn: its uid from the kernel, its pid,
@@ -95,12 +113,13 @@ func (p *accessPolicy) Identify(ctx context.Context, conn net.Conn) (proxy.Peer,
 	if err != nil {
 		return proxy.Peer{}, fmt.Errorf("access: identify %s: %w", conn.RemoteAddr(), err)
 	}
-	return proxy.Peer{Known: true, UID: info.UID, PID: info.PID, Exe: info.Exe, Unit: info.Unit}, nil
+	return proxy.Peer{Known: true, UID: info.UID, PID: info.PID, Exe: info.Exe, Unit: info.Unit, Cgroup: info.Cgroup}, nil
 }
 
 // Allow applies the lists: everyone when none is set; else an unidentified
 // peer never, a denied uid never, and with allow lists only a listed uid or
-// unit.
+// unit, or a workload (an entry of workloads: is an allow of its own; the
+// allow lists decide who may read the host's role).
 func (p *accessPolicy) Allow(who proxy.Peer) bool {
 	switch {
 	case !p.restricted:
@@ -110,5 +129,17 @@ func (p *accessPolicy) Allow(who proxy.Peer) bool {
 	case p.allowAll:
 		return true
 	}
-	return p.allowUIDs[who.UID] || (who.Unit != "" && p.allowUnits[who.Unit])
+	if p.allowUIDs[who.UID] || (who.Unit != "" && p.allowUnits[who.Unit]) {
+		return true
+	}
+	_, workload := p.RoleFor(who)
+	return workload
+}
+
+// RoleFor implements proxy.RoleMapper with the workloads: list.
+func (p *accessPolicy) RoleFor(who proxy.Peer) (string, bool) {
+	if p.roles == nil {
+		return "", false
+	}
+	return p.roles.RoleFor(who)
 }

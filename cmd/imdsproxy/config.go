@@ -42,6 +42,7 @@ type Config struct {
 	Cache           CacheConfig     `yaml:"cache"`
 	Intercept       InterceptConfig `yaml:"intercept"` // see intercept.go
 	Access          AccessConfig    `yaml:"access"`    // see access.go
+	Workloads       []WorkloadCfg   `yaml:"workloads"` // see workloads.go
 }
 
 // IMDSConfig is the `imds:` section.
@@ -384,14 +385,8 @@ func (c *Config) validate() error {
 	default:
 		return fmt.Errorf("config: role.arn: %q is not an IAM role ARN such as arn:aws:iam::222222222222:role/app", c.Role.ARN)
 	}
-	if c.Role.Name != "" && !roleNameRe.MatchString(c.Role.Name) {
-		return fmt.Errorf("config: role.name: %q may hold only letters, digits and _+=,.@- (1 to 64)", c.Role.Name)
-	}
-	if c.Role.SessionName != "" && !sessionNameRe.MatchString(c.Role.SessionName) {
-		return fmt.Errorf("config: role.session_name: %q may hold only letters, digits and _+=,.@- (2 to 64)", c.Role.SessionName)
-	}
-	if d := c.Role.Duration.D(); d < 15*time.Minute || d > 12*time.Hour {
-		return fmt.Errorf("config: role.duration: %s is outside 15m..12h (the STS limits)", d)
+	if err := validateRoleFields("role", &c.Role); err != nil {
+		return err
 	}
 	if err := c.validateIdentity(); err != nil {
 		return err
@@ -411,6 +406,21 @@ func (c *Config) validate() error {
 	}
 	if cc.ExpiryMargin.D() >= c.Role.Duration.D()/2 {
 		return fmt.Errorf("config: cache.expiry_margin: %s must be less than half of role.duration", cc.ExpiryMargin.D())
+	}
+	return c.validateWorkloads() // workloads.go
+}
+
+// validateRoleFields checks the name (when set), session name and duration
+// of the role section at key.
+func validateRoleFields(key string, r *RoleConfig) error {
+	if r.Name != "" && !roleNameRe.MatchString(r.Name) {
+		return fmt.Errorf("config: %s.name: %q may hold only letters, digits and _+=,.@- (1 to 64)", key, r.Name)
+	}
+	if r.SessionName != "" && !sessionNameRe.MatchString(r.SessionName) {
+		return fmt.Errorf("config: %s.session_name: %q may hold only letters, digits and _+=,.@- (2 to 64)", key, r.SessionName)
+	}
+	if d := r.Duration.D(); d < 15*time.Minute || d > 12*time.Hour {
+		return fmt.Errorf("config: %s.duration: %s is outside 15m..12h (the STS limits)", key, d)
 	}
 	return nil
 }

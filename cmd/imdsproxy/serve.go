@@ -214,7 +214,7 @@ func newDaemon(ctx context.Context, path string, cfg Config, log *zap.Logger, lo
 
 func cacheConfig(cfg Config) cache.Config {
 	return cache.Config{
-		Size:           16,
+		Size:           cache.DefaultSize + maxWorkloads, // cache settings apply at restart: room for any reload
 		FetchTimeout:   cfg.Cache.FetchTimeout.D(),
 		BackoffInitial: cfg.Cache.BackoffInitial.D(),
 		BackoffMax:     cfg.Cache.BackoffMax.D(),
@@ -225,18 +225,29 @@ func cacheConfig(cfg Config) cache.Config {
 // proxyConfig is the IMDS API's part of cfg; the listed role is the one
 // currently served (the rollout may serve the instance profile's).
 func (d *daemon) proxyConfig(cfg Config) proxy.Config {
-	u, _ := url.Parse(cfg.Upstream) // validated in Config.validate
+	u, _ := url.Parse(cfg.Upstream)   // validated in Config.validate
+	access, roles := proxyAccess(cfg) // workloads.go
 	return proxy.Config{
 		RoleName:        *d.roleName.Load(),
 		TokensRequired:  cfg.IMDS.Tokens == "required",
 		HopLimit:        cfg.IMDS.HopLimit,
 		Upstream:        u,
 		UpstreamTimeout: cfg.UpstreamTimeout.D(),
-		AllowedHosts:    cfg.IMDS.AllowedHosts,     // hostcheck.go
-		Access:          accessControl(cfg.Access), // access.go
-		AuditLog:        d.log.Named("audit"),
+		AllowedHosts:    cfg.IMDS.AllowedHosts, // hostcheck.go
+		Access:          access,
+		Roles:           roles,
+		AuditLog:        d.auditLog(cfg.Access),
 		AlsoServe:       d.otherRoleNames(), // rollout_daemon.go
 	}
+}
+
+// auditLog is the logger of the audit lines: none with access.audit false
+// (clients may still be identified, for access lists or workloads).
+func (d *daemon) auditLog(a AccessConfig) *zap.Logger {
+	if a.Audit != nil && !*a.Audit {
+		return zap.NewNop()
+	}
+	return d.log.Named("audit")
 }
 
 // resolveSessionName picks the STS session name: the configured one, else the
@@ -263,6 +274,7 @@ func (d *daemon) run(ctx context.Context) error {
 		zap.String("admin_listen", adminLn.Addr().String()),
 		zap.String("role", cfg.Role.ARN), zap.String("role_name", cfg.Role.Name),
 		zap.String("source", cfg.Source), zap.String("session_name", d.sessionName),
+		zap.Int("workloads", len(cfg.Workloads)),
 		zap.String("version", buildVersion()))
 
 	g, gctx := errgroup.WithContext(ctx)
@@ -287,8 +299,10 @@ func (d *daemon) run(ctx context.Context) error {
 }
 
 // prefetch fills the cache for the served key; readiness waits for it. A
-// failure is already logged and scheduled for retry by the cache.
+// failure is already logged and scheduled for retry by the cache. The
+// workload roles are fetched beside it, in the background.
 func (d *daemon) prefetch(ctx context.Context) bool {
+	d.warmWorkloads(ctx, d.config().Workloads) // workloads.go
 	role := d.servedKey()
 	if err := d.cache.Prefetch(ctx, role); err != nil {
 		if ctx.Err() == nil {
@@ -355,7 +369,8 @@ func (d *daemon) reload(ctx context.Context) error {
 		}
 	}
 	identityChanged := next.Source != prev.Source || next.Role != prev.Role || next.Region != prev.Region ||
-		!reflect.DeepEqual(next.Identity, prev.Identity)
+		!reflect.DeepEqual(next.Identity, prev.Identity) ||
+		workloadRolesChanged(prev.Workloads, next.Workloads) // workloads.go
 	if identityChanged {
 		session := d.sessionName
 		if next.Role.SessionName != prev.Role.SessionName {

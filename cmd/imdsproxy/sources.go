@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"crypto/tls"
 	"errors"
@@ -181,24 +182,30 @@ func checkHTTPSURL(raw string) error {
 }
 
 // buildFetcher builds the identity source and the exchange of cfg's source.
-// Their metrics go to a registry of their own, returned to be swapped in
-// together with them on reload.
+// With workloads it builds one exchange per role (the host's and each
+// workload's), all on the same identity source, behind a roleFetcher that
+// dispatches by cache key (the role name). Their metrics go to a registry of
+// their own, returned to be swapped in together with them on reload.
 func (d *daemon) buildFetcher(ctx context.Context, cfg Config, sessionName string) (cache.Fetcher, *prometheus.Registry, error) {
 	gen := prometheus.NewRegistry()
 	log := d.log.Named("exchange")
+	// perRole builds the exchange of one role; nil for sources whose role
+	// is not a parameter of the exchange (workloads are refused there).
+	var perRole func(r RoleConfig) (cache.Fetcher, error)
 	switch cfg.Source {
 	case "web-identity":
 		tok, err := d.jwtSource(cfg, gen)
 		if err != nil {
 			return nil, nil, err
 		}
-		f, err := exchange.NewWebIdentity(ctx, exchange.WebIdentityConfig{
-			RoleARN:     cfg.Role.ARN,
-			SessionName: sessionName,
-			Duration:    cfg.Role.Duration.D(),
-			Region:      cfg.Region,
-		}, tok, log)
-		return f, gen, err
+		perRole = func(r RoleConfig) (cache.Fetcher, error) {
+			return fetcherOf(exchange.NewWebIdentity(ctx, exchange.WebIdentityConfig{
+				RoleARN:     r.ARN,
+				SessionName: cmp.Or(r.SessionName, sessionName),
+				Duration:    r.Duration.D(),
+				Region:      cfg.Region,
+			}, tok, log))
+		}
 	case "federation":
 		tok, err := d.jwtSource(cfg, gen)
 		if err != nil {
@@ -213,20 +220,21 @@ func (d *daemon) buildFetcher(ctx context.Context, cfg Config, sessionName strin
 			fc.ClientCertificate = clientCertificate(x)
 		}
 		f, err := exchange.NewFederation(fc, tok, log)
-		return f, gen, err
+		return oneRole(cfg, f, gen, err)
 	case "roles-anywhere":
 		x, err := d.x509Source(cfg, gen)
 		if err != nil {
 			return nil, nil, err
 		}
-		f, err := exchange.NewRolesAnywhere(ctx, exchange.RolesAnywhereConfig{
-			TrustAnchorARN: cfg.RolesAnywhere.TrustAnchorARN,
-			ProfileARN:     cfg.RolesAnywhere.ProfileARN,
-			RoleARN:        cfg.Role.ARN,
-			SessionName:    cfg.Role.SessionName, // sent only when set: the profile must accept it
-			Duration:       cfg.Role.Duration.D(),
-		}, x, log)
-		return f, gen, err
+		perRole = func(r RoleConfig) (cache.Fetcher, error) {
+			return fetcherOf(exchange.NewRolesAnywhere(ctx, exchange.RolesAnywhereConfig{
+				TrustAnchorARN: cfg.RolesAnywhere.TrustAnchorARN,
+				ProfileARN:     cfg.RolesAnywhere.ProfileARN,
+				RoleARN:        r.ARN,
+				SessionName:    r.SessionName, // sent only when set: the profile must accept it
+				Duration:       r.Duration.D(),
+			}, x, log))
+		}
 	case "assume-role":
 		var base aws.CredentialsProvider
 		if cfg.AssumeRole.Base == "instance-profile" {
@@ -236,22 +244,58 @@ func (d *daemon) buildFetcher(ctx context.Context, cfg Config, sessionName strin
 			}
 			base = ip.Provider()
 		}
-		f, err := exchange.NewAssumeRole(ctx, exchange.AssumeRoleConfig{
-			RoleARN:        cfg.Role.ARN,
-			SessionName:    sessionName,
-			Duration:       cfg.Role.Duration.D(),
-			ExternalID:     cfg.AssumeRole.ExternalID,
-			SourceIdentity: cfg.AssumeRole.SourceIdentity,
-			Tags:           cfg.AssumeRole.Tags,
-			Region:         cfg.Region,
-			Base:           base,
-		}, log)
-		return f, gen, err
+		perRole = func(r RoleConfig) (cache.Fetcher, error) {
+			return fetcherOf(exchange.NewAssumeRole(ctx, exchange.AssumeRoleConfig{
+				RoleARN:        r.ARN,
+				SessionName:    cmp.Or(r.SessionName, sessionName),
+				Duration:       r.Duration.D(),
+				ExternalID:     cfg.AssumeRole.ExternalID,
+				SourceIdentity: cfg.AssumeRole.SourceIdentity,
+				Tags:           cfg.AssumeRole.Tags,
+				Region:         cfg.Region,
+				Base:           base,
+			}, log))
+		}
 	case "instance-profile":
 		f, err := exchange.NewInstanceProfile(exchange.InstanceProfileConfig{IMDSBase: cfg.Upstream}, log)
-		return f, gen, err
+		return oneRole(cfg, f, gen, err)
+	default:
+		return nil, nil, fmt.Errorf("source %q is not supported", cfg.Source)
 	}
-	return nil, nil, fmt.Errorf("source %q is not supported", cfg.Source)
+	host, err := perRole(cfg.Role)
+	if err != nil || len(cfg.Workloads) == 0 {
+		return host, gen, err
+	}
+	rf := roleFetcher{cfg.Role.Name: host}
+	for i, w := range cfg.Workloads {
+		f, err := perRole(w.Role)
+		if err != nil {
+			return nil, nil, fmt.Errorf("workloads[%d]: %w", i, err)
+		}
+		rf[w.Role.Name] = f
+	}
+	return rf, gen, nil
+}
+
+// fetcherOf converts a constructor's result, keeping a failed one nil (not
+// a nil pointer in a non-nil interface).
+func fetcherOf[F cache.Fetcher](f F, err error) (cache.Fetcher, error) {
+	if err != nil {
+		return nil, err
+	}
+	return f, nil
+}
+
+// oneRole is the result of buildFetcher for a source that serves one role
+// only; config validation refuses workloads with it.
+func oneRole[F cache.Fetcher](cfg Config, f F, gen *prometheus.Registry, err error) (cache.Fetcher, *prometheus.Registry, error) {
+	if err != nil {
+		return nil, nil, err
+	}
+	if len(cfg.Workloads) > 0 {
+		return nil, nil, fmt.Errorf("workloads: not supported with source %s", cfg.Source)
+	}
+	return f, gen, nil
 }
 
 // jwtSource builds the identity token source of cfg.identity.
