@@ -45,11 +45,13 @@ unit:
 
 e2e: build tools
 	IMDSPROXY_BIN=$(CURDIR)/$(BIN) AEMM_BIN=$(AEMM) $(GO) test -race -count=1 -timeout 15m ./test/
+	IMDSPROXY_CLOCK_STEP=1 IMDSPROXY_BIN=$(CURDIR)/$(BIN) AEMM_BIN=$(AEMM) $(GO) test -race -count=1 -timeout 5m -run '^TestClockStepReal$$' ./test/
 
 # test: everything CI runs — formatting, vet, unit tests and fuzz seed corpora
 # (with the race detector), and the end-to-end tests against the built binary.
 test: test-deps build lint
 	IMDSPROXY_BIN=$(CURDIR)/$(BIN) AEMM_BIN=$(AEMM) $(GO) test -race -count=1 -timeout 20m ./...
+	IMDSPROXY_CLOCK_STEP=1 IMDSPROXY_BIN=$(CURDIR)/$(BIN) AEMM_BIN=$(AEMM) $(GO) test -race -count=1 -timeout 5m -run '^TestClockStepReal$$' ./test/
 
 lint:
 	@unformatted=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \

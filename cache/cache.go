@@ -17,6 +17,24 @@
 // reported (Snapshot, metrics, log) but follow the same schedule, since an
 // operator may fix the cause at any time.
 //
+// Clock steps: freshness is judged on the wall clock (credentials carry a
+// wall-clock expiry from upstream), while Go timers run on the monotonic clock,
+// which a step of the wall clock (an NTP step, a VM or host resumed from
+// suspend, an operator's date -s) does not move. Run therefore never sleeps
+// longer than MaxSleep and compares, at every wake, the wall-clock time that
+// passed with the monotonic time that passed; a difference of more than
+// StepThreshold is a step, logged once at Warn ("wall clock stepped", with
+// the signed step) and counted in imdsproxy_cache_clock_steps_total. Each
+// scheduled fetch is due at the earlier of its wall-clock time and the same
+// delay on the monotonic clock. After a forward step whatever the wall clock
+// made due (refreshes, retries, credentials that now look expired) is fetched
+// within MaxSleep, once per key; nothing else changes, so there is no storm.
+// After a backward step cached credentials look longer-lived, but every
+// pending refresh or retry still comes when it would have without the step,
+// so a key in backoff is not locked out for the size of the step, and no
+// credentials are kept longer than planned should the new clock be the wrong
+// one.
+//
 // The package knows nothing of AWS: keys are opaque strings (imdsproxy uses
 // the configured role name) and errors are classified only through the
 // optional methods ErrorClass() string and Permanent() bool.
@@ -65,14 +83,37 @@ type Config struct {
 	// ExpiryMargin is how much lifetime credentials must have left to be
 	// served or accepted from upstream (clock-skew safety). Default 1m.
 	ExpiryMargin time.Duration
-	// Now returns the current time. Nil means time.Now. Run's timer still
-	// runs on real time: it sleeps for NextRefresh minus Now().
+	// Now returns the current wall-clock time. Nil means time.Now. Any
+	// monotonic clock reading is dropped (t.Round(0)): expiries and schedules
+	// are wall-clock times. Run and the schedule also read the runtime's
+	// monotonic clock (time.Now) to detect steps of Now (see the package
+	// doc), so a Now that does not advance with real time reads as steps.
 	Now func() time.Time
 	// Rand returns a uniform number in [0, 1) for jitter. Nil means
 	// math/rand/v2.Float64. It is called with the cache's lock held, so it
 	// need not be safe for concurrent use.
 	Rand func() float64
 }
+
+// Run's defences against wall-clock steps (see the package doc).
+const (
+	// MaxSleep caps one sleep of Run: a forward step of the wall clock is
+	// acted on within MaxSleep. 5 s is far inside the default ExpiryMargin
+	// (1 m), so a refresh a step made overdue happens while credentials that
+	// were servable at the step still are, and it is short next to the ~2 s
+	// minimum between fetches of a key (BackoffInitial), so the cap adds no
+	// upstream traffic. It is cheap: a wake locks the cache and scans at most
+	// Config.Size keys (BenchmarkStartDue: about a microsecond for 16).
+	// (When a step leaves nothing servable, the first Get starts the fetch
+	// itself; it does not wait for Run.)
+	MaxSleep = 5 * time.Second
+	// StepThreshold is how far the wall-clock time elapsed between two wakes
+	// of Run may differ from the monotonic time elapsed before it counts as
+	// a clock step. Slewing (NTP adjusts the rate by at most 500 ppm, 2.5 ms
+	// per MaxSleep) and scheduling delays (which move both clocks alike) stay
+	// far below it.
+	StepThreshold = 2 * time.Second
+)
 
 // Default values applied by New to zero fields of Config.
 const (
@@ -102,8 +143,9 @@ type Entry struct {
 	// LastRefresh is when the last upstream fetch (success or failure)
 	// finished; zero if none has finished yet.
 	LastRefresh time.Time
-	// NextRefresh is when the next upstream fetch is due; zero if none is
-	// scheduled.
+	// NextRefresh is when the next upstream fetch is due, on the wall clock;
+	// zero if none is scheduled. After a backward clock step it is the
+	// scheduled time moved back by the step (see the package doc).
 	NextRefresh time.Time
 	// LastError is the message of the last failure, "" after a success.
 	LastError string
@@ -125,6 +167,7 @@ type Entry struct {
 type Cache struct {
 	fetcher Fetcher
 	cfg     Config
+	ownNow  bool // cfg.Now is time.Now: clock reads it once for both clocks
 	log     *zap.Logger
 	m       *metrics
 
@@ -141,8 +184,9 @@ type entry struct {
 	creds       creds.Credentials // last good credentials; zero if none
 	lastUpdated time.Time
 	lastRefresh time.Time
-	nextRefresh time.Time
-	err         error // last failure, nil after a success
+	nextRefresh time.Time // wall clock
+	dueMono     time.Time // nextRefresh on the monotonic clock (see next)
+	err         error     // last failure, nil after a success
 	class       string
 	permanent   bool
 	failures    int
@@ -177,7 +221,8 @@ func New(f Fetcher, cfg Config, log *zap.Logger, reg prometheus.Registerer) (*Ca
 	if cfg.BackoffMax < cfg.BackoffInitial {
 		return nil, fmt.Errorf("cache: backoff max %s is less than backoff initial %s", cfg.BackoffMax, cfg.BackoffInitial)
 	}
-	if cfg.Now == nil {
+	ownNow := cfg.Now == nil
+	if ownNow {
 		cfg.Now = time.Now
 	}
 	if cfg.Rand == nil {
@@ -189,6 +234,7 @@ func New(f Fetcher, cfg Config, log *zap.Logger, reg prometheus.Registerer) (*Ca
 	c := &Cache{
 		fetcher: f,
 		cfg:     cfg,
+		ownNow:  ownNow,
 		log:     log,
 		wake:    make(chan struct{}, 1),
 	}
@@ -225,7 +271,7 @@ func setDefault[T comparable](p *T, def T) {
 // even when the fetch fails.
 func (c *Cache) Get(ctx context.Context, key string) (creds.Credentials, error) {
 	c.mu.Lock()
-	now := c.cfg.Now()
+	now, mono := c.clock()
 	e := c.entryLocked(key)
 	if c.servable(e.creds, now) {
 		cr, stale := e.creds, e.failures > 0
@@ -237,8 +283,8 @@ func (c *Cache) Get(ctx context.Context, key string) (creds.Credentials, error) 
 		}
 		return cr, nil
 	}
-	if e.failures > 0 && now.Before(e.nextRefresh) {
-		err := fmt.Errorf("cache: no valid credentials for %s, next attempt in %s: %w", key, e.nextRefresh.Sub(now).Round(time.Millisecond), e.err)
+	if next := e.next(now, mono); e.failures > 0 && now.Before(next) {
+		err := fmt.Errorf("cache: no valid credentials for %s, next attempt in %s: %w", key, next.Sub(now).Round(time.Millisecond), e.err)
 		c.mu.Unlock()
 		c.m.errors.Inc()
 		return creds.Credentials{}, err
@@ -281,54 +327,78 @@ func (c *Cache) Prefetch(ctx context.Context, key string) error {
 // and never fetched successfully is retried only when Get asks again (after
 // its backoff), so a mistyped key cannot cause background traffic. Refreshes
 // go through the same shared fetch as Get and never block Get. Fetches in
-// flight when ctx ends finish on their own (bounded by FetchTimeout). Call
-// Run once per Cache.
+// flight when ctx ends finish on their own (bounded by FetchTimeout). Run
+// sleeps at most MaxSleep at a time and reports steps of the wall clock (see
+// the package doc). Call Run once per Cache.
 func (c *Cache) Run(ctx context.Context) error {
-	timer := time.NewTimer(time.Hour)
-	timer.Stop()
+	timer := time.NewTimer(MaxSleep)
 	defer timer.Stop()
+	lastWall, lastMono := c.clock()
+	var step time.Duration // detected at the latest wake, reported after startDue
 	for {
-		next, ok := c.startDue(ctx)
-		var tick <-chan time.Time
-		if ok {
-			timer.Reset(next.Sub(c.cfg.Now()))
-			tick = timer.C
+		sleep, started := c.startDue(ctx)
+		if step != 0 {
+			c.reportStep(step, started)
+			step = 0
 		}
+		timer.Reset(sleep)
 		select {
 		case <-ctx.Done():
 			return nil
 		case <-c.wake:
-		case <-tick:
+		case <-timer.C:
 		}
+		wall, mono := c.clock()
+		if d := wall.Sub(lastWall) - mono.Sub(lastMono); d > StepThreshold || d < -StepThreshold {
+			step = d
+		}
+		lastWall, lastMono = wall, mono
 	}
 }
 
-// startDue starts a refresh for every registered key whose NextRefresh has
-// come and returns the earliest NextRefresh still ahead (ok false if none).
-func (c *Cache) startDue(ctx context.Context) (next time.Time, ok bool) {
+// reportStep logs and counts a step of the wall clock by d (positive:
+// forward), after which started refreshes were due at once.
+func (c *Cache) reportStep(d time.Duration, started int) {
+	dir := "forward"
+	if d < 0 {
+		dir = "backward"
+	}
+	c.m.clockSteps.WithLabelValues(dir).Inc()
+	c.log.Warn("wall clock stepped",
+		zap.Duration(logStep, d),
+		zap.String(logDirection, dir),
+		zap.Time(logWallClock, c.now()),
+		zap.Int(logRefreshesStarted, started))
+}
+
+// startDue starts a refresh for every registered key that is due and returns
+// how long Run may sleep: until the earliest schedule still ahead, at most
+// MaxSleep. started counts the refreshes it started.
+func (c *Cache) startDue(ctx context.Context) (sleep time.Duration, started int) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	now := c.cfg.Now()
+	now, mono := c.clock()
+	sleep = MaxSleep
 	for _, e := range c.lru.Values() {
 		if !e.background || e.flight != nil || e.nextRefresh.IsZero() {
 			continue
 		}
-		if !now.Before(e.nextRefresh) {
+		next := e.next(now, mono)
+		if !now.Before(next) {
 			c.startLocked(ctx, e)
+			started++
 			continue
 		}
-		if !ok || e.nextRefresh.Before(next) {
-			next, ok = e.nextRefresh, true
-		}
+		sleep = min(sleep, next.Sub(now))
 	}
-	return next, ok
+	return sleep, started
 }
 
 // Snapshot returns a redacted view of every cached key, sorted by key.
 func (c *Cache) Snapshot() []Entry {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	now := c.cfg.Now()
+	now, mono := c.clock()
 	out := make([]Entry, 0, c.lru.Len())
 	for _, e := range c.lru.Values() {
 		s := Entry{
@@ -337,7 +407,7 @@ func (c *Cache) Snapshot() []Entry {
 			Expires:             e.creds.Expires,
 			LastUpdated:         e.lastUpdated,
 			LastRefresh:         e.lastRefresh,
-			NextRefresh:         e.nextRefresh,
+			NextRefresh:         e.next(now, mono),
 			ErrorClass:          e.class,
 			Permanent:           e.permanent,
 			ConsecutiveFailures: e.failures,
@@ -370,6 +440,43 @@ func (c *Cache) entryLocked(key string) *entry {
 		c.lru.Add(key, e)
 	}
 	return e
+}
+
+// clock returns the wall-clock time (Config.Now, monotonic reading dropped)
+// and the monotonic time (time.Now). With the default Now both come from one
+// reading, so they agree exactly until the wall clock steps.
+func (c *Cache) clock() (wall, mono time.Time) {
+	mono = time.Now()
+	if c.ownNow {
+		return mono.Round(0), mono
+	}
+	return c.cfg.Now().Round(0), mono
+}
+
+// now returns the wall-clock time, without a monotonic reading.
+func (c *Cache) now() time.Time {
+	return c.cfg.Now().Round(0)
+}
+
+// schedule sets e's next fetch to next, a wall-clock time, read at (now,
+// mono) from clock. c.mu must be held.
+func (e *entry) schedule(next, now, mono time.Time) {
+	e.nextRefresh = next
+	e.dueMono = mono.Add(next.Sub(now))
+}
+
+// next returns when e's next fetch is due, as a wall-clock time, read at
+// (now, mono) from clock: the earlier of its wall-clock schedule and the same
+// delay on the monotonic clock, which differ only after a step of the wall
+// clock. Zero if none is scheduled. c.mu must be held.
+func (e *entry) next(now, mono time.Time) time.Time {
+	if e.nextRefresh.IsZero() {
+		return time.Time{}
+	}
+	if m := now.Add(e.dueMono.Sub(mono)); m.Before(e.nextRefresh) {
+		return m
+	}
+	return e.nextRefresh
 }
 
 // servable reports whether cr may be served at now.
@@ -415,13 +522,13 @@ func wait(ctx context.Context, key string, f *flight) (creds.Credentials, error)
 // releases f's waiters.
 func (c *Cache) fetch(ctx context.Context, e *entry, f *flight) {
 	ctx, cancel := context.WithTimeout(ctx, c.cfg.FetchTimeout)
-	start := c.cfg.Now()
+	_, began := c.clock()
 	cr, err := c.fetcher.Fetch(ctx, e.key)
 	timedOut := ctx.Err() != nil
 	cancel()
 
 	c.mu.Lock()
-	now := c.cfg.Now()
+	now, mono := c.clock()
 	if err == nil {
 		err = c.check(cr, now)
 	}
@@ -435,20 +542,21 @@ func (c *Cache) fetch(ctx context.Context, e *entry, f *flight) {
 		e.lastUpdated = now
 		e.err, e.class, e.permanent, e.failures = nil, "", false, 0
 		e.background = true
-		e.nextRefresh = c.refreshAt(now, cr.Expires)
+		e.schedule(c.refreshAt(now, cr.Expires), now, mono)
 	} else {
 		class, permanent = classify(err, timedOut)
 		e.err, e.class, e.permanent = err, class, permanent
 		e.failures++
-		e.nextRefresh = c.retryAt(now, e)
+		e.schedule(c.retryAt(now, e), now, mono)
 	}
 	e.lastRefresh = now
 	e.flight = nil
 	failures, next, lastGood := e.failures, e.nextRefresh, c.servable(e.creds, now)
 	c.mu.Unlock()
 
-	// Metrics first, so they are up to date when the waiters return.
-	took := now.Sub(start).Seconds()
+	// Metrics first, so they are up to date when the waiters return. The
+	// duration is monotonic: a clock step during the fetch does not show.
+	took := mono.Sub(began).Seconds()
 	if err == nil {
 		c.m.fetchOK.Observe(took)
 		c.m.refreshes.WithLabelValues("success", "none").Inc()
@@ -489,6 +597,10 @@ const (
 	logConsecutiveFailures = "consecutive_failures"
 	logRetryIn             = "retry_in"
 	logServingLastGood     = "serving_last_good"
+	logStep                = "step"
+	logDirection           = "direction"
+	logWallClock           = "wall_clock"
+	logRefreshesStarted    = "refreshes_started"
 )
 
 // Error classes the cache assigns itself.

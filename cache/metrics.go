@@ -12,6 +12,7 @@ type metrics struct {
 	refreshes                *prometheus.CounterVec
 	fetchOK, fetchFail       prometheus.Observer
 	inFlight                 prometheus.Gauge
+	clockSteps               *prometheus.CounterVec
 }
 
 func newMetrics(c *Cache, reg prometheus.Registerer) (*metrics, error) {
@@ -32,20 +33,27 @@ func newMetrics(c *Cache, reg prometheus.Registerer) (*metrics, error) {
 		Name: "imdsproxy_cache_fetches_in_flight",
 		Help: "Upstream credential fetches in progress.",
 	})
+	clockSteps := prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "imdsproxy_cache_clock_steps_total",
+		Help: "Steps of the wall clock seen by the cache's refresh loop (wall-clock and monotonic time elapsed between two wakes differing by more than 2s), by direction (forward, backward). A host resumed from suspend counts as a forward step.",
+	}, []string{"direction"})
+	clockSteps.WithLabelValues("forward")
+	clockSteps.WithLabelValues("backward")
 	m := &metrics{
-		hit:       requests.WithLabelValues("hit"),
-		stale:     requests.WithLabelValues("stale"),
-		miss:      requests.WithLabelValues("miss"),
-		errors:    requests.WithLabelValues("error"),
-		refreshes: refreshes,
-		fetchOK:   duration.WithLabelValues("success"),
-		fetchFail: duration.WithLabelValues("failure"),
-		inFlight:  inFlight,
+		hit:        requests.WithLabelValues("hit"),
+		stale:      requests.WithLabelValues("stale"),
+		miss:       requests.WithLabelValues("miss"),
+		errors:     requests.WithLabelValues("error"),
+		refreshes:  refreshes,
+		fetchOK:    duration.WithLabelValues("success"),
+		fetchFail:  duration.WithLabelValues("failure"),
+		inFlight:   inFlight,
+		clockSteps: clockSteps,
 	}
 	if reg == nil {
 		return m, nil
 	}
-	for _, col := range []prometheus.Collector{requests, refreshes, duration, inFlight, newEntryCollector(c)} {
+	for _, col := range []prometheus.Collector{requests, refreshes, duration, inFlight, clockSteps, newEntryCollector(c)} {
 		if err := reg.Register(col); err != nil {
 			return nil, err
 		}
@@ -84,7 +92,7 @@ func (k *entryCollector) Describe(ch chan<- *prometheus.Desc) {
 
 // Collect implements prometheus.Collector.
 func (k *entryCollector) Collect(ch chan<- prometheus.Metric) {
-	now := k.c.cfg.Now()
+	now := k.c.now()
 	snap := k.c.Snapshot()
 	for _, e := range snap {
 		if !e.Expires.IsZero() {

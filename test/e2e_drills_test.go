@@ -1203,8 +1203,10 @@ func drillUpstreamIMDS(t *testing.T) {
 
 // drillClockStep: the host clock steps forward an hour.
 //
-// What cannot be done here: step the daemon's own CLOCK_REALTIME. Stepping
-// the system clock would disturb everything else on the machine; a time
+// Not done here: step the daemon's own CLOCK_REALTIME. That disturbs
+// everything else on the machine and these drills run alongside other
+// tests, so TestClockStepReal (e2e_clockstep_test.go) does it in a serial
+// step of its own (`make test`, IMDSPROXY_CLOCK_STEP=1). Here, a time
 // namespace (unshare --time) offsets only CLOCK_MONOTONIC and
 // CLOCK_BOOTTIME; and libfaketime (Debian's faketime) works by LD_PRELOAD on
 // libc, which Go bypasses (the runtime reads the clock through the vDSO):
@@ -1222,11 +1224,12 @@ func drillUpstreamIMDS(t *testing.T) {
 // naming the host clock, answer an error document once nothing valid
 // remains, and recover by itself when the clocks agree again.
 //
-// Not covered: cached credentials suddenly looking an hour older because
-// the daemon's own clock jumped (that is the ordinary "nothing valid
-// remains" path, covered by the other drills), and timers: the refresh
-// schedule runs on Go's monotonic clock, which a wall-clock step does not
-// move.
+// The daemon's own clock jumping (cached credentials suddenly an hour older;
+// refresh timers on Go's monotonic clock, which a wall-clock step does not
+// move) is covered by TestClockStepReal: the cache never sleeps more than
+// 5 s, compares wall and monotonic time at each wake, refreshes whatever the
+// step made due, and reports the step (imdsproxy_cache_clock_steps_total,
+// log "wall clock stepped").
 func drillClockStep(t *testing.T) {
 	var skew atomic.Int64 // world clock minus host clock, nanoseconds
 	world := func() time.Time { return time.Now().Add(time.Duration(skew.Load())) }

@@ -45,18 +45,31 @@ func (d *daemon) readiness() (bool, string) {
 	role := *d.roleName.Load()
 	key := d.servedKey()
 	for _, e := range d.cache.Snapshot() {
-		if e.Key != key {
-			continue
+		if e.Key == key {
+			return entryReadiness(role, &e)
 		}
-		switch {
-		case e.Valid && e.Permanent:
-			return false, fmt.Sprintf("not ready: the last refresh for role %s failed with a permanent error (%s: %s); still serving cached credentials valid until %s",
-				role, e.ErrorClass, e.LastError, e.Expires.UTC().Format(time.RFC3339))
-		case e.Valid:
-			return true, fmt.Sprintf("ready: credentials for role %s valid until %s", role, e.Expires.UTC().Format(time.RFC3339))
-		case e.LastError != "":
-			return false, fmt.Sprintf("not ready: no valid credentials for role %s: %s: %s", role, e.ErrorClass, e.LastError)
-		}
+	}
+	return entryReadiness(role, nil)
+}
+
+// entryReadiness is the readiness of role given its cache entry, nil when the
+// cache holds none.
+func entryReadiness(role string, e *cache.Entry) (bool, string) {
+	switch {
+	case e == nil:
+	case e.Valid && e.Permanent:
+		return false, fmt.Sprintf("not ready: the last refresh for role %s failed with a permanent error (%s: %s); still serving cached credentials valid until %s",
+			role, e.ErrorClass, e.LastError, e.Expires.UTC().Format(time.RFC3339))
+	case e.Valid:
+		return true, fmt.Sprintf("ready: credentials for role %s valid until %s", role, e.Expires.UTC().Format(time.RFC3339))
+	case e.LastError != "":
+		return false, fmt.Sprintf("not ready: no valid credentials for role %s: %s: %s", role, e.ErrorClass, e.LastError)
+	case e.AccessKeyID != "":
+		// Held, no failure, yet not servable: they ran out without a failed
+		// refresh, most often because the wall clock stepped forward; the
+		// cache refreshes within seconds.
+		return false, fmt.Sprintf("not ready: the cached credentials for role %s expire at %s, too soon by the local clock; refreshing (check the host clock if this persists)",
+			role, e.Expires.UTC().Format(time.RFC3339))
 	}
 	return false, fmt.Sprintf("not ready: credentials for role %s not fetched yet", role)
 }
