@@ -1,6 +1,7 @@
 package bench
 
 import (
+	"cmp"
 	"flag"
 	"fmt"
 	"io"
@@ -176,9 +177,11 @@ const pacedConns = 50
 // run is timed, not b.N-driven: it runs once per process and later calls of
 // the same sub-benchmark report the same numbers (like the token flood).
 var (
-	pacedMu  sync.Mutex
-	paced    = map[string]*pacedResult{}
-	pacedErr = map[string]error{}
+	pacedMu sync.Mutex
+	paced   = map[string]*pacedResult{}
+	// pacedSide is the daemon's own histogram of its paced runs, by key.
+	pacedSide = map[string]*serverSide{}
+	pacedErr  = map[string]error{}
 )
 
 func pacedKey(sc string, conns, rate int, target string) string {
@@ -223,13 +226,26 @@ func BenchmarkIMDSPaced(b *testing.B) {
 					if !done && err == nil {
 						time.Sleep(250 * time.Millisecond) // let the previous run's connections close
 						var r pacedResult
+						before, herr := srv.histogram()
 						r, err = runPaced(srv.ep(), srv.tok, srv.pid, pacedConns, float64(rate), *pacedDuration, sc.reqsPerOp, sc.op)
+						var side *serverSide
+						if srv.admin != "" {
+							after, herr2 := srv.histogram()
+							if herr = cmp.Or(herr, herr2); herr != nil {
+								side = &serverSide{Err: herr}
+							} else {
+								side = newServerSide(before, after)
+							}
+						}
 						pacedMu.Lock()
 						if err != nil {
 							pacedErr[key] = err
 						} else {
 							res = &r
 							paced[key] = res
+							if side != nil {
+								pacedSide[key] = side
+							}
 						}
 						pacedMu.Unlock()
 					}
@@ -253,6 +269,12 @@ func BenchmarkIMDSPaced(b *testing.B) {
 					b.ReportMetric(mb(res.RSSMaxKB), "rss_MB")
 					b.ReportMetric(float64(res.Late), "late_ops")
 					b.ReportMetric(us(res.WakeP99), "wake_p99_us")
+					pacedMu.Lock()
+					side := pacedSide[key]
+					pacedMu.Unlock()
+					if side != nil && side.Err == nil && side.Count > 0 {
+						b.ReportMetric(us(side.P99Bound), "daemon_side_p99_le_us")
+					}
 				})
 			}
 		}
@@ -723,4 +745,21 @@ func printPaced(w io.Writer) {
 		}
 	}
 	fmt.Fprintln(w, "\nLatency is per operation (one request for creds-get, three for imdsv2-flow), from its scheduled send time; it includes the generator's wake lag.")
+	var sides []string
+	for _, sc := range scenarios {
+		for _, rate := range rates {
+			if side := pacedSide[pacedKey(sc.name, pacedConns, rate, "daemon")]; side != nil {
+				sides = append(sides, fmt.Sprintf("| %s | %d | %.0f | %s |", sc.name, rate, side.Count, fmtServerSide(side)))
+			}
+		}
+	}
+	if len(sides) > 0 {
+		fmt.Fprintln(w, "\nThe daemon's own view of the same runs: its `imdsproxy_http_request_duration_seconds` histogram for the credential GETs, scraped before and after each run (handler start to answer written; no kernel, no generator).")
+		fmt.Fprintln(w)
+		fmt.Fprintln(w, "| scenario | offered req/s | credential GETs | daemon-side p99 µs (upper bound: smallest bucket holding 99%) |")
+		fmt.Fprintln(w, "|---|---:|---:|---|")
+		for _, l := range sides {
+			fmt.Fprintln(w, l)
+		}
+	}
 }

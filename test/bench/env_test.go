@@ -41,11 +41,14 @@ type server struct {
 	cmd  *exec.Cmd
 	pid  int
 	base string // http://127.0.0.1:PORT
-	role string // the role it serves
-	tok  string // a valid IMDSv2 token, for the GETs
-	dial dialFunc
-	out  *capBuffer
-	done chan struct{} // closed when the process has exited
+	// admin is the daemon's admin listener (http://127.0.0.1:PORT), "" for
+	// the other servers.
+	admin string
+	role  string // the role it serves
+	tok   string // a valid IMDSv2 token, for the GETs
+	dial  dialFunc
+	out   *capBuffer
+	done  chan struct{} // closed when the process has exited
 }
 
 // ep is where the load generator reaches s.
@@ -336,7 +339,8 @@ identity: {jwt_file: %q}
 		return nil, 0, err
 	}
 	s := &server{name: "daemon", base: fmt.Sprintf("http://127.0.0.1:%d", port), role: roleName, dial: dial,
-		out: &capBuffer{}, done: make(chan struct{})}
+		admin: fmt.Sprintf("http://127.0.0.1:%d", admin),
+		out:   &capBuffer{}, done: make(chan struct{})}
 	args := []string{"serve", "--config", cfgPath, "--log-level", "warn"}
 	if ns != nil {
 		// Rules first, as ExecStartPre would.

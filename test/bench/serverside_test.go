@@ -1,0 +1,196 @@
+package bench
+
+import (
+	"bufio"
+	"fmt"
+	"io"
+	"math"
+	"net/http"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// The daemon's own view of its latency. The generator's latencies include
+// the kernel's loopback, the generator's scheduling and its wake lag; the
+// daemon's imdsproxy_http_request_duration_seconds histogram measures only
+// the time from the handler receiving a request to its answer being written.
+// Scraping it before and after a run and subtracting gives, for that run
+// alone, the share of credential GETs answered within each bucket bound, and
+// bounds the daemon-side p99 from above (the smallest bound holding 99%).
+
+// durationMetric is the histogram scraped, route the label value counted.
+const (
+	durationMetric = "imdsproxy_http_request_duration_seconds"
+	credsRoute     = "credentials"
+)
+
+// histogram is the cumulative bucket counts of one route: le[i] → cum[i],
+// le ascending, the last +Inf.
+type histogram struct {
+	le  []float64
+	cum []float64
+}
+
+// scrapeHistogram reads route's buckets of durationMetric from the daemon's
+// /metrics at admin (http://host:port) through client.
+func scrapeHistogram(client *http.Client, admin, route string) (histogram, error) {
+	resp, err := client.Get(admin + "/metrics")
+	if err != nil {
+		return histogram{}, err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return histogram{}, fmt.Errorf("GET %s/metrics: %s", admin, resp.Status)
+	}
+	return parseHistogram(resp.Body, durationMetric, route)
+}
+
+// parseHistogram reads name's buckets with route="route" from a Prometheus
+// text exposition.
+func parseHistogram(r io.Reader, name, route string) (histogram, error) {
+	type bucket struct{ le, n float64 }
+	var bs []bucket
+	sc := bufio.NewScanner(r)
+	sc.Buffer(make([]byte, 64<<10), 1<<20)
+	prefix := name + "_bucket{"
+	for sc.Scan() {
+		line := sc.Text()
+		if !strings.HasPrefix(line, prefix) {
+			continue
+		}
+		labels, value, ok := strings.Cut(line[len(prefix):], "} ")
+		if !ok || !strings.Contains(","+labels+",", `,route="`+route+`",`) {
+			continue
+		}
+		var le float64 = math.NaN()
+		for l := range strings.SplitSeq(labels, ",") {
+			if v, ok := strings.CutPrefix(l, `le="`); ok {
+				v = strings.TrimSuffix(v, `"`)
+				if v == "+Inf" {
+					le = math.Inf(1)
+				} else if f, err := strconv.ParseFloat(v, 64); err == nil {
+					le = f
+				}
+			}
+		}
+		n, err := strconv.ParseFloat(strings.TrimSpace(value), 64)
+		if math.IsNaN(le) || err != nil {
+			return histogram{}, fmt.Errorf("%s: bad bucket line %q", name, line)
+		}
+		bs = append(bs, bucket{le, n})
+	}
+	if err := sc.Err(); err != nil {
+		return histogram{}, err
+	}
+	if len(bs) == 0 {
+		return histogram{}, fmt.Errorf("%s: no buckets for route %q", name, route)
+	}
+	slices.SortFunc(bs, func(a, b bucket) int {
+		switch {
+		case a.le < b.le:
+			return -1
+		case a.le > b.le:
+			return 1
+		}
+		return 0
+	})
+	var h histogram
+	for _, b := range bs {
+		h.le, h.cum = append(h.le, b.le), append(h.cum, b.n)
+	}
+	return h, nil
+}
+
+// since is h − before, bucket by bucket (the run between two scrapes).
+func (h histogram) since(before histogram) (histogram, error) {
+	if !slices.Equal(h.le, before.le) {
+		return histogram{}, fmt.Errorf("bucket bounds changed between scrapes")
+	}
+	d := histogram{le: h.le, cum: make([]float64, len(h.cum))}
+	for i := range h.cum {
+		d.cum[i] = h.cum[i] - before.cum[i]
+	}
+	return d, nil
+}
+
+// count is the number of observations.
+func (h histogram) count() float64 {
+	if len(h.cum) == 0 {
+		return 0
+	}
+	return h.cum[len(h.cum)-1]
+}
+
+// within is the share of observations ≤ bound (bound must be a bucket
+// bound), NaN without observations or when bound is not one.
+func (h histogram) within(bound float64) float64 {
+	i := slices.Index(h.le, bound)
+	if i < 0 || h.count() == 0 {
+		return math.NaN()
+	}
+	return h.cum[i] / h.count()
+}
+
+// quantileBound is the smallest bucket bound holding at least q of the
+// observations: an upper bound of the q-quantile. +Inf when only the last
+// bucket does, NaN without observations.
+func (h histogram) quantileBound(q float64) float64 {
+	n := h.count()
+	if n == 0 {
+		return math.NaN()
+	}
+	for i, c := range h.cum {
+		if c >= q*n {
+			return h.le[i]
+		}
+	}
+	return math.Inf(1)
+}
+
+// serverSide is what the daemon's histogram says of one run.
+type serverSide struct {
+	Count       float64       // credential GETs observed
+	P99Bound    time.Duration // upper bound of the daemon-side p99
+	Within500us float64       // share answered within 0.5 ms
+	Within1ms   float64       // share answered within 1 ms
+	Err         error         // why there is nothing, if so
+}
+
+// fmtServerSide renders s for the report: "≤ 250 µs (99.98% ≤ 0.5 ms)".
+func fmtServerSide(s *serverSide) string {
+	switch {
+	case s == nil:
+		return ""
+	case s.Err != nil:
+		return "n/a (" + s.Err.Error() + ")"
+	case s.Count == 0:
+		return "no credential GETs"
+	}
+	return fmt.Sprintf("≤ %.0f (%.2f%% ≤ 500 µs, %.2f%% ≤ 1 ms)", us(s.P99Bound), 100*s.Within500us, 100*s.Within1ms)
+}
+
+// newServerSide computes serverSide from two scrapes.
+func newServerSide(before, after histogram) *serverSide {
+	d, err := after.since(before)
+	if err != nil {
+		return &serverSide{Err: err}
+	}
+	s := &serverSide{Count: d.count(), Within500us: d.within(0.0005), Within1ms: d.within(0.001)}
+	if b := d.quantileBound(0.99); !math.IsInf(b, 0) && !math.IsNaN(b) {
+		s.P99Bound = time.Duration(b * float64(time.Second))
+	}
+	return s
+}
+
+// histogram scrapes s's credential-route histogram; a zero histogram and no
+// error for servers without an admin listener.
+func (s *server) histogram() (histogram, error) {
+	if s.admin == "" {
+		return histogram{}, nil
+	}
+	tr := &http.Transport{Proxy: nil, DisableKeepAlives: true, DialContext: s.dial}
+	defer tr.CloseIdleConnections()
+	return scrapeHistogram(&http.Client{Timeout: 5 * time.Second, Transport: tr}, s.admin, credsRoute)
+}
