@@ -75,63 +75,7 @@ func TestInterceptNetns(t *testing.T) {
 	}
 	requireClient(t, aemm, "amazon-ec2-metadata-mock (the real IMDS inside the namespace)")
 
-	e := &icEnv{t: t, bin: daemonBinary(t), sts: &lockedBuffer{}}
-	id := fmt.Sprintf("%d-%d", os.Getpid(), icSeq.Add(1))
-	e.host, e.imds = "imdsproxy-e2e-"+id+"-host", "imdsproxy-e2e-"+id+"-imds"
-	var err error
-	e.dir, err = os.MkdirTemp("", "imdsproxy-e2e-ic-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(e.dir) })
-	icMust(t, os.Chmod(e.dir, 0o755))
-	icMust(t, os.Chown(e.dir, icUID, icUID))
-
-	bins := t.TempDir()
-	e.client = filepath.Join(e.dir, "imdsclient")
-	fakests := filepath.Join(bins, "fakests")
-	for pkg, out := range map[string]string{"./test/fakes/cmd/imdsclient": e.client, "./test/fakes/cmd/fakests": fakests} {
-		cmd := exec.Command("go", "build", "-o", out, pkg)
-		cmd.Dir = repoRoot
-		if b, err := cmd.CombinedOutput(); err != nil {
-			t.Fatalf("go build %s: %v\n%s", pkg, err, b)
-		}
-	}
-	icMust(t, os.Chmod(e.client, 0o755))
-
-	e.setupNetwork()
-
-	// The real IMDS, on both addresses, inside the imds namespace.
-	aemmHome := filepath.Join(e.dir, "aemm")
-	icMust(t, os.Mkdir(aemmHome, 0o700))
-	for _, host := range []string{"169.254.169.254", "[fd00:ec2::254]"} {
-		e.startBackground("aemm "+host, e.imds, nil, aemmHome, []string{"HOME=" + aemmHome, "PATH=/usr/bin:/bin"},
-			aemm, "-n", host, "-p", "80")
-	}
-	// The fake STS and issuer, on the host namespace's loopback, as icUID so
-	// the token file it writes is the daemon's.
-	tokenFile := filepath.Join(e.dir, "token.jwt")
-	e.startBackground("fakests", e.host, e.sts, e.dir, []string{"PATH=/usr/bin:/bin"},
-		"setpriv", "--reuid", fmt.Sprint(icUID), "--regid", fmt.Sprint(icUID), "--clear-groups",
-		fakests, "-sts-listen", "127.0.0.1:8190", "-issuer-listen", "127.0.0.1:8191", "-token-file", tokenFile)
-	icWaitFor(t, 10*time.Second, "the token file", func() bool { _, err := os.Stat(tokenFile); return err == nil })
-	icWaitFor(t, 10*time.Second, "the real IMDS from the host namespace", func() bool {
-		out, err := e.nsOutput(e.host, nil, "curl", "-s", "-m", "1", "http://169.254.169.254/latest/meta-data/instance-id")
-		return err == nil && out == icInstanceID
-	})
-
-	e.emptyFile = filepath.Join(e.dir, "empty")
-	icMust(t, os.WriteFile(e.emptyFile, nil, 0o644))
-	e.config = filepath.Join(e.dir, "config.yaml")
-	icMust(t, os.WriteFile(e.config, []byte(fmt.Sprintf(`listen: 127.0.0.1:%d
-admin_listen: 127.0.0.1:%d
-upstream: http://169.254.169.254
-imds: {tokens: required, hop_limit: 1, token_key_file: %s}
-role: {arn: %q, name: %s, duration: 1h}
-source: web-identity
-identity: {jwt_file: %s}
-intercept: {enabled: true, ipv6: true, check_interval: 1s, exempt_uid: %d}
-`, icIMDSPort, icAdminPort, filepath.Join(e.dir, "token.key"), roleARN, roleName, tokenFile, icUID)), 0o644))
+	e := newIcEnv(t, aemm, "")
 
 	// Rules first (ExecStartPre), twice: one set of rules.
 	for range 2 {
@@ -266,6 +210,76 @@ func (e *icEnv) setupNetwork() {
 			t.Fatalf("ip %s: %v: %s", strings.Join(s, " "), err, out)
 		}
 	}
+}
+
+// newIcEnv builds the interception tests' two namespaces, the real IMDS
+// (AEMM on 169.254.169.254 and fd00:ec2::254 in the imds namespace) and the
+// fake STS and issuer, builds the test client, and writes the daemon's
+// config, with the given flow-style access: section when not "". It installs
+// no rules and opens no sockets.
+func newIcEnv(t *testing.T, aemm, access string) *icEnv {
+	accessLine := ""
+	if access != "" {
+		accessLine = "access: " + access + "\n"
+	}
+	e := &icEnv{t: t, bin: daemonBinary(t), sts: &lockedBuffer{}}
+	id := fmt.Sprintf("%d-%d", os.Getpid(), icSeq.Add(1))
+	e.host, e.imds = "imdsproxy-e2e-"+id+"-host", "imdsproxy-e2e-"+id+"-imds"
+	var err error
+	e.dir, err = os.MkdirTemp("", "imdsproxy-e2e-ic-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(e.dir) })
+	icMust(t, os.Chmod(e.dir, 0o755))
+	icMust(t, os.Chown(e.dir, icUID, icUID))
+
+	bins := t.TempDir()
+	e.client = filepath.Join(e.dir, "imdsclient")
+	fakests := filepath.Join(bins, "fakests")
+	for pkg, out := range map[string]string{"./test/fakes/cmd/imdsclient": e.client, "./test/fakes/cmd/fakests": fakests} {
+		cmd := exec.Command("go", "build", "-o", out, pkg)
+		cmd.Dir = repoRoot
+		if b, err := cmd.CombinedOutput(); err != nil {
+			t.Fatalf("go build %s: %v\n%s", pkg, err, b)
+		}
+	}
+	icMust(t, os.Chmod(e.client, 0o755))
+
+	e.setupNetwork()
+
+	// The real IMDS, on both addresses, inside the imds namespace.
+	aemmHome := filepath.Join(e.dir, "aemm")
+	icMust(t, os.Mkdir(aemmHome, 0o700))
+	for _, host := range []string{"169.254.169.254", "[fd00:ec2::254]"} {
+		e.startBackground("aemm "+host, e.imds, nil, aemmHome, []string{"HOME=" + aemmHome, "PATH=/usr/bin:/bin"},
+			aemm, "-n", host, "-p", "80")
+	}
+	// The fake STS and issuer, on the host namespace's loopback, as icUID so
+	// the token file it writes is the daemon's.
+	tokenFile := filepath.Join(e.dir, "token.jwt")
+	e.startBackground("fakests", e.host, e.sts, e.dir, []string{"PATH=/usr/bin:/bin"},
+		"setpriv", "--reuid", fmt.Sprint(icUID), "--regid", fmt.Sprint(icUID), "--clear-groups",
+		fakests, "-sts-listen", "127.0.0.1:8190", "-issuer-listen", "127.0.0.1:8191", "-token-file", tokenFile)
+	icWaitFor(t, 10*time.Second, "the token file", func() bool { _, err := os.Stat(tokenFile); return err == nil })
+	icWaitFor(t, 10*time.Second, "the real IMDS from the host namespace", func() bool {
+		out, err := e.nsOutput(e.host, nil, "curl", "-s", "-m", "1", "http://169.254.169.254/latest/meta-data/instance-id")
+		return err == nil && out == icInstanceID
+	})
+
+	e.emptyFile = filepath.Join(e.dir, "empty")
+	icMust(t, os.WriteFile(e.emptyFile, nil, 0o644))
+	e.config = filepath.Join(e.dir, "config.yaml")
+	icMust(t, os.WriteFile(e.config, []byte(fmt.Sprintf(`listen: 127.0.0.1:%d
+admin_listen: 127.0.0.1:%d
+upstream: http://169.254.169.254
+imds: {tokens: required, hop_limit: 1, token_key_file: %s}
+role: {arn: %q, name: %s, duration: 1h}
+source: web-identity
+identity: {jwt_file: %s}
+intercept: {enabled: true, ipv6: true, check_interval: 1s, exempt_uid: %d}
+%s`, icIMDSPort, icAdminPort, filepath.Join(e.dir, "token.key"), roleARN, roleName, tokenFile, icUID, accessLine)), 0o644))
+	return e
 }
 
 // openSockets creates the daemon's listening sockets inside the host
