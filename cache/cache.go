@@ -431,6 +431,17 @@ func (c *Cache) Purge() {
 	c.mu.Unlock()
 }
 
+// Forget drops key, its credentials and its refresh schedule, as Purge does
+// for every key, so the cache stops refreshing credentials nothing needs any
+// more. A fetch in flight finishes and its callers get its result, but
+// nothing it returns is stored. A later Get or Prefetch of key starts
+// afresh. It reports whether key was cached.
+func (c *Cache) Forget(key string) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.lru.Remove(key)
+}
+
 // entryLocked returns the entry of key, marked most recently used, adding an
 // empty one if there is none. c.mu must be held.
 func (c *Cache) entryLocked(key string) *entry {

@@ -647,6 +647,45 @@ func TestPurge(t *testing.T) {
 	})
 }
 
+func TestForget(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		f := newFake(succeed(time.Hour))
+		h := newHarness(t, f, Config{Rand: fixedRand(0.5)})
+		defer run(t, h.Cache)()
+		for _, k := range []string{"a", "b"} {
+			if err := h.Prefetch(t.Context(), k); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if !h.Forget("a") {
+			t.Fatal(`Forget("a") = false for a cached key`)
+		}
+		if h.Forget("a") || h.Forget("never") {
+			t.Fatal("Forget of a key not cached reported true")
+		}
+		if s := h.Snapshot(); len(s) != 1 || s[0].Key != "b" {
+			t.Fatalf("snapshot after Forget(a): %+v, want only b", s)
+		}
+		// Over two hours b is refreshed (about every 27 min) and a never.
+		before := f.calls()
+		time.Sleep(2 * time.Hour)
+		synctest.Wait()
+		refreshes := f.calls() - before
+		if refreshes < 3 || refreshes > 5 {
+			t.Fatalf("fetch calls in 2h after Forget(a) = %d, want b's 3..5 refreshes only", refreshes)
+		}
+		if s := h.Snapshot(); len(s) != 1 || s[0].Key != "b" {
+			t.Fatalf("snapshot 2h after Forget(a): %+v, want only b", s)
+		}
+		// A forgotten key comes back with a fresh fetch.
+		calls := f.calls()
+		mustGet(t, h.Cache, "a")
+		if f.calls() != calls+1 {
+			t.Errorf("Get after Forget: %d fetches, want 1", f.calls()-calls)
+		}
+	})
+}
+
 func TestSnapshot(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		f := newFake(succeed(time.Hour))

@@ -13,6 +13,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -523,6 +524,10 @@ func TestRolloutPolicyFileSIGHUP(t *testing.T) {
 	time.Sleep(200 * time.Millisecond)
 	loop.finish(t, "instance-profile", "workload")
 
+	// Off again: the workload credentials are neither served nor verified,
+	// so the cache forgets them and STS is not called to refresh them.
+	roWaitCacheKeys(t, e, []string{"instance-profile/" + ipUpstreamRole}, 5*time.Second)
+
 	if e.exited() || e.cmd.Process.Pid != pid {
 		t.Fatal("the daemon restarted")
 	}
@@ -564,6 +569,36 @@ func TestRolloutPolicyFileSIGHUP(t *testing.T) {
 	e.signal(t, syscall.SIGHUP)
 	waitMetric(t, e, "imdsproxy_rollout_policy_last_load_successful", "", func(v float64) bool { return v == 1 }, 10*time.Second)
 	waitKind(t, e, up, "workload", 10*time.Second)
+}
+
+// roWaitCacheKeys waits until /debug/cache lists exactly the keys want.
+func roWaitCacheKeys(t *testing.T, e *daemonEnv, want []string, within time.Duration) {
+	t.Helper()
+	deadline := time.Now().Add(within)
+	for {
+		var got []string
+		st, body, err := httpGet(e.adminURL + "/debug/cache")
+		if err == nil && st == http.StatusOK {
+			var dc struct {
+				Entries []struct {
+					Key string `json:"key"`
+				} `json:"entries"`
+			}
+			if err = json.Unmarshal([]byte(body), &dc); err == nil {
+				for _, en := range dc.Entries {
+					got = append(got, en.Key)
+				}
+			}
+		}
+		slices.Sort(got)
+		if slices.Equal(got, want) {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("/debug/cache keys %v (status %d, %v), want %v", got, st, err, want)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
 }
 
 // runStatusCommand runs `imdsproxy status` against the daemon.

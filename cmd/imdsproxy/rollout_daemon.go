@@ -213,8 +213,14 @@ func (d *daemon) applyRollout(ctx context.Context) bool {
 		return true
 	}
 	for key, need := range map[string]bool{r.workloadKey: needWorkload, r.ipKey: needIP} {
-		if need && key != served {
+		switch {
+		case key == served:
+		case need:
 			go warm(key)
+		case d.cache.Forget(key):
+			// No longer served, verified or kept for a fallback: stop
+			// refreshing it (no STS or IMDS calls for nothing).
+			d.log.Info("rollout: credentials no longer needed; not refreshed any more", zap.String("key", key))
 		}
 	}
 	return warm(served)
