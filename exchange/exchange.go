@@ -63,6 +63,15 @@ type TokenSource interface {
 	Token(ctx context.Context) (string, error)
 }
 
+// tokenForgetter is implemented by token sources that remember a token
+// between calls (token.Command, token.URL): Forget(tok) makes the next Token
+// obtain a new one. WebIdentity calls it when STS refuses tok, so a token
+// STS considers expired or invalid is not served again from memory because
+// the local clock disagrees.
+type tokenForgetter interface {
+	Forget(tok string)
+}
+
 // WebIdentityConfig configures NewWebIdentity.
 type WebIdentityConfig struct {
 	// RoleARN is the workload role to assume. Required.
@@ -193,7 +202,9 @@ func (w *WebIdentity) SessionName() string { return w.sessionName }
 //
 // On InvalidIdentityToken the token is re-read and the call retried once
 // after a short pause; on ExpiredTokenException it is retried once only if
-// the re-read token differs. Errors are *Error, or the token source's error
+// the re-read token differs. A source that remembers tokens is told to
+// forget the refused one first (tokenForgetter), so the re-read obtains a
+// new token. Errors are *Error, or the token source's error
 // wrapped with %w (its ErrorClass/Permanent stay reachable with errors.As).
 // On success the credentials are Complete and valid now.
 func (w *WebIdentity) Fetch(ctx context.Context, key string) (creds.Credentials, error) {
@@ -221,6 +232,9 @@ func (w *WebIdentity) Fetch(ctx context.Context, key string) (creds.Credentials,
 				return creds.Credentials{}, e
 			case <-t.C:
 			}
+		}
+		if f, ok := w.tokens.(tokenForgetter); ok {
+			f.Forget(tok)
 		}
 		fresh, terr := w.token(ctx)
 		if terr != nil {

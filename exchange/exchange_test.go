@@ -354,6 +354,50 @@ func TestExpiredTokenRetriedOnlyWithNewToken(t *testing.T) {
 	}
 }
 
+// rememberingSource stands in for token.Command: it hands out its current
+// token until told to forget it, then the next one.
+type rememberingSource struct {
+	tokenSource
+	forgot []string
+}
+
+func (s *rememberingSource) Token(ctx context.Context) (string, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.n++
+	return s.tokens[min(len(s.forgot), len(s.tokens)-1)], nil
+}
+
+func (s *rememberingSource) Forget(tok string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if tok == s.tokens[min(len(s.forgot), len(s.tokens)-1)] {
+		s.forgot = append(s.forgot, tok)
+	}
+}
+
+// TestRefusedTokenForgotten: a source that remembers tokens (jwt_command,
+// jwt_url) is told to forget the one STS refused, so the retry carries a
+// new token instead of the remembered one the local clock still trusts.
+func TestRefusedTokenForgotten(t *testing.T) {
+	for _, refusal := range []response{
+		{status: 400, body: errorXML("Sender", "ExpiredTokenException", "Token expired")},
+		{status: 400, body: errorXML("Sender", "InvalidIdentityToken", "Couldn't retrieve verification key")},
+	} {
+		fake := newFakeSTS(t, refusal, response{status: 200, body: successXML(time.Now().Add(time.Hour))})
+		tokens := &rememberingSource{tokenSource: tokenSource{tokens: []string{testJWT, testJWT2}}}
+		w := newTestWebIdentity(t, fake.srv.URL, WebIdentityConfig{}, tokens, nil)
+		if _, err := w.Fetch(context.Background(), ""); err != nil {
+			t.Fatal(err)
+		}
+		calls := fake.calls()
+		if len(tokens.forgot) != 1 || tokens.forgot[0] != testJWT || len(calls) != 2 ||
+			calls[1].form.Get("WebIdentityToken") != testJWT2 {
+			t.Errorf("forgot %d tokens, %d STS calls; want the refused token forgotten and the retry with a new one", len(tokens.forgot), len(calls))
+		}
+	}
+}
+
 // classedErr stands in for *token.Error (exchange must not import token).
 type classedErr struct{ permanent bool }
 

@@ -141,6 +141,12 @@ func (c *Command) Path() string { return c.argv[0] }
 // command's output.
 func (c *Command) Token(ctx context.Context) (string, error) { return c.jwt.Token(ctx) }
 
+// Forget drops the remembered token if it is tok, so that the next Token
+// runs the command again. The exchange calls it when STS refuses tok
+// (expired or invalid by STS's clock and keys, whatever the local clock
+// says, as after the host's clock stepped back). Safe for concurrent use.
+func (c *Command) Forget(tok string) { c.jwt.forget(tok) }
+
 // run executes the command once. ctx carries the run's timeout.
 func (c *Command) run(ctx context.Context) (string, []zap.Field, error) {
 	cmd := exec.CommandContext(ctx, c.argv[0], c.argv[1:]...)
@@ -309,6 +315,16 @@ func (s *jwtSource) cached() (string, bool) {
 		return s.tok, true
 	}
 	return "", false
+}
+
+// forget drops the remembered token if it is tok (an older token refused
+// by STS must not drop a newer one fetched meanwhile).
+func (s *jwtSource) forget(tok string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if tok != "" && s.tok == tok {
+		s.tok, s.claims, s.reuse = "", Claims{}, time.Time{}
+	}
 }
 
 func (s *jwtSource) Token(ctx context.Context) (string, error) {

@@ -119,6 +119,32 @@ func TestCommandSuccessAndCaching(t *testing.T) {
 	}
 }
 
+// TestCommandForget: a token STS refused is forgotten, so the next Token
+// runs the command again even though the local clock says the remembered
+// token is still good (the host's clock stepped back); forgetting another
+// token (an older one) keeps the remembered one.
+func TestCommandForget(t *testing.T) {
+	dir := t.TempDir()
+	clock := newTestClock(testNow)
+	tok := validJWT(t, "host-1")
+	write(t, filepath.Join(dir, "token"), tok)
+	c, _ := newTestCommand(t, []string{tokenScript(t, dir)}, CommandOptions{Now: clock.Now}, nil)
+	ctx := context.Background()
+	if got, err := c.Token(ctx); err != nil || got != tok {
+		t.Fatalf("Token = %q, %v", got, err)
+	}
+	c.Forget("an.older.token")
+	if got, err := c.Token(ctx); err != nil || got != tok || runs(t, dir) != 1 {
+		t.Fatalf("after forgetting another token: %q, %v, %d runs; want the remembered token, 1 run", got, err, runs(t, dir))
+	}
+	tok2 := makeJWT(t, map[string]any{"sub": "host-1", "exp": clock.Now().Add(time.Hour).Unix(), "iat": clock.Now().Unix() + 1})
+	write(t, filepath.Join(dir, "token"), tok2)
+	c.Forget(tok)
+	if got, err := c.Token(ctx); err != nil || got != tok2 || runs(t, dir) != 2 {
+		t.Fatalf("after Forget: %q, %v, %d runs; want a new run's token", got, err, runs(t, dir))
+	}
+}
+
 func TestCommandShortLivedTokenMargin(t *testing.T) {
 	// A 5-minute token without iat: margin is the 60 s minimum.
 	dir := t.TempDir()

@@ -184,6 +184,10 @@ func (u *URL) Path() string { return u.redacted }
 // body.
 func (u *URL) Token(ctx context.Context) (string, error) { return u.jwt.Token(ctx) }
 
+// Forget drops the remembered token if it is tok, so that the next Token
+// asks the issuer again (see Command.Forget). Safe for concurrent use.
+func (u *URL) Forget(tok string) { u.jwt.forget(tok) }
+
 func (u *URL) fetch(ctx context.Context) (string, []zap.Field, error) {
 	doc, sig, err := u.identityDocument(ctx)
 	if err != nil {
