@@ -63,9 +63,9 @@ type AccessControl interface {
 // role name (1..64 of [A-Za-z0-9+=,.@_-]) that the CredentialSource knows;
 // it is listed, served and passed to CredentialSource.Credentials as is.
 // The mapping is the only thing that decides which role a client may read:
-// a client mapped to a role gets 404 for every other role name, including
-// Config.RoleName and Config.AlsoServe, and a client that is not mapped
-// gets 404 for every mapped role. RoleFor is called on every credential
+// a client mapped to a role gets 404 for every other role name except
+// Config.AlsoServe (answered with its own role's credentials), and a client
+// that is not mapped gets 404 for every mapped role not in AlsoServe. RoleFor is called on every credential
 // request, so it must be cheap, and it must be safe for concurrent use.
 type RoleMapper interface {
 	RoleFor(p Peer) (name string, ok bool)
@@ -92,6 +92,23 @@ type peerMemo struct {
 // slot for the connection's Peer.
 func connAccessContext(ctx context.Context, c net.Conn) context.Context {
 	return context.WithValue(connContext(ctx, c), peerKey{}, &peerMemo{})
+}
+
+// PeerFromContext returns the Peer identified for the connection of the
+// request whose context ctx is (the one passed to
+// CredentialSource.Credentials), and whether it was identified: false
+// without an AccessControl or before Identify ran. A CredentialSource that
+// serves per process (a rollout's, choosing a workload's role) uses it to
+// pick the credentials from the client itself rather than from the
+// requested name.
+func PeerFromContext(ctx context.Context) (Peer, bool) {
+	memo, _ := ctx.Value(peerKey{}).(*peerMemo)
+	if memo == nil {
+		return Peer{}, false
+	}
+	memo.mu.Lock()
+	defer memo.mu.Unlock()
+	return memo.who, memo.done && memo.who.Known
 }
 
 func isCredentialRoute(route string) bool {
@@ -145,10 +162,11 @@ func (s *Server) identify(r *http.Request, ac AccessControl) Peer {
 	return who
 }
 
-// audit writes the audit line of one credential hand-out. kind is "fetch"
-// when the credentials were obtained from upstream while the request waited
-// (stored at or after fetchStart), else "cache".
-func (s *Server) audit(st *state, who Peer, route, role string, c creds.Credentials, fetchStart time.Time) {
+// audit writes the audit line of one credential hand-out of role, asked for
+// as requested (an AlsoServe alias when they differ, then logged too). kind
+// is "fetch" when the credentials were obtained from upstream while the
+// request waited (stored at or after fetchStart), else "cache".
+func (s *Server) audit(st *state, who Peer, route, role, requested string, c creds.Credentials, fetchStart time.Time) {
 	kind := "cache"
 	if !c.LastUpdated.Before(fetchStart) {
 		kind = "fetch"
@@ -158,7 +176,11 @@ func (s *Server) audit(st *state, who Peer, route, role string, c creds.Credenti
 		log = s.auditLog
 	}
 	if ce := log.Check(zap.InfoLevel, "credentials served"); ce != nil {
-		ce.Write(append(peerFields(who),
+		fields := peerFields(who)
+		if requested != role {
+			fields = append(fields, zap.String("requested_role_name", requested))
+		}
+		ce.Write(append(fields,
 			zap.String("role_name", role),
 			zap.String("role", c.RoleARN),
 			zap.String("access_key_id", c.AccessKeyID),

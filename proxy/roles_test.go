@@ -87,7 +87,9 @@ func newRolesServer(t *testing.T, cfg Config, src CredentialSource, log *zap.Log
 }
 
 // TestRolesPerPeer: with a RoleMapper each client process is listed and
-// served only its own role; every other name is a 404 like an unknown role.
+// served only its own role; an AlsoServe name is answered to every client
+// with its own role's credentials; every other name is a 404 like an
+// unknown role.
 func TestRolesPerPeer(t *testing.T) {
 	src := &roleCreds{m: map[string]creds.Credentials{
 		testRole:  credsFor(testRole, "222222222222", "ASIAHOST0000000000000"),
@@ -95,8 +97,7 @@ func TestRolesPerPeer(t *testing.T) {
 		"reports": credsFor("reports", "444455556666", "ASIAREPORTS000000000"),
 	}}
 	roles := uidRoles{1001: "billing", 1002: "reports"}
-	const old = "previous" // a rollout's AlsoServe name: the host's credentials
-	src.m[old] = src.m[testRole]
+	const old = "previous" // a rollout's AlsoServe name: an alias of the served role
 	for _, tc := range []struct {
 		name    string
 		access  peerAccess
@@ -129,7 +130,7 @@ func TestRolesPerPeer(t *testing.T) {
 				for _, p := range []string{"security-credentials/", "security-credentials-extended/"} {
 					code, body := get(t, client, iam+p+name)
 					want := http.StatusNotFound
-					if name == tc.role || (name == old && tc.role == testRole) {
+					if name == tc.role || name == old {
 						want = http.StatusOK
 					}
 					if code != want {
@@ -152,25 +153,25 @@ func TestRolesPerPeer(t *testing.T) {
 				t.Errorf("iam/info = %d %q, want profile %s", code, body, tc.profile)
 			}
 			for _, l := range logs.FilterMessage("credentials served").All() {
-				if got := l.ContextMap()["role_name"]; got != tc.role && !(tc.role == testRole && got == old) {
+				if got := l.ContextMap()["role_name"]; got != tc.role {
 					t.Errorf("audit role_name = %v, want %s", got, tc.role)
+				}
+				if got, ok := l.ContextMap()["requested_role_name"]; ok && got != old {
+					t.Errorf("audit requested_role_name = %v, want %s (only for an alias)", got, old)
 				}
 				if got := l.ContextMap()["access_key_id"]; got != tc.key {
 					t.Errorf("audit access_key_id = %v, want %s", got, tc.key)
 				}
 			}
-			want := 2 // one per served document: legacy and extended
-			if tc.role == testRole {
-				want = 4 // and the AlsoServe name's
-			}
+			want := 4 // one per served document: legacy and extended, by name and by the AlsoServe alias
 			if n := logs.FilterMessage("credentials served").Len(); n != want {
 				t.Errorf("%d audit lines, want %d", n, want)
 			}
 		})
 	}
 	for _, r := range src.asked() {
-		if r == "unknown" {
-			t.Error("the credential source was asked for a role nobody is served")
+		if r == "unknown" || r == old {
+			t.Errorf("the credential source was asked for %q, a role nobody is served", r)
 		}
 	}
 }
@@ -252,5 +253,55 @@ func TestCredentialBodyPerRole(t *testing.T) {
 	}
 	if e.s.docs.Load() != nil {
 		t.Error("Update kept the memos")
+	}
+}
+
+// peerSource is a CredentialSource recording the Peer PeerFromContext finds
+// in each request's context.
+type peerSource struct {
+	mu    sync.Mutex
+	peers []Peer
+	found []bool
+}
+
+func (p *peerSource) Credentials(ctx context.Context, _ string) (creds.Credentials, error) {
+	who, ok := PeerFromContext(ctx)
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.peers, p.found = append(p.peers, who), append(p.found, ok)
+	return credsFor(testRole, "222222222222", "ASIAHOST0000000000000"), nil
+}
+
+// TestPeerFromContext: the CredentialSource finds the identified client in
+// the request's context; an unidentified one or no AccessControl gives
+// false.
+func TestPeerFromContext(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		access AccessControl
+		want   bool
+	}{
+		{"identified", peerAccess{who: Peer{Known: true, UID: 1001, Unit: "billing.service"}}, true},
+		{"unidentified", peerAccess{err: errors.New("gone")}, false},
+		{"no access control", nil, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			src := &peerSource{}
+			base, client := newRolesServer(t, Config{RoleName: testRole, Access: tc.access}, src, nil)
+			if code, _ := get(t, client, base+"/latest/meta-data/iam/security-credentials/"+testRole); code != 200 {
+				t.Fatalf("GET = %d", code)
+			}
+			src.mu.Lock()
+			defer src.mu.Unlock()
+			if len(src.found) != 1 || src.found[0] != tc.want {
+				t.Fatalf("PeerFromContext found %v, want [%v]", src.found, tc.want)
+			}
+			if tc.want && (src.peers[0].UID != 1001 || src.peers[0].Unit != "billing.service") {
+				t.Errorf("PeerFromContext = %+v", src.peers[0])
+			}
+		})
+	}
+	if _, ok := PeerFromContext(context.Background()); ok {
+		t.Error("a context without a connection has a peer")
 	}
 }

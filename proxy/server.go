@@ -121,12 +121,13 @@ type Config struct {
 	// served credentials: arn:<partition>:iam::<account>:instance-profile/<RoleName>.
 	InstanceProfileARN string
 	// AlsoServe lists more role names whose credential paths are answered,
-	// with the same credentials as RoleName, though only RoleName is listed;
-	// never to a client that Roles maps to a role of its own.
-	// A rollout switching the listed role sets the other name here, so a
-	// client that read the listing just before a switch and asks for the
-	// old name gets the credentials now served, not a 404. Each must be a
-	// valid IAM role name.
+	// though never listed, to every client with the credentials of the role
+	// that client is served (RoleName, or the one Roles maps it to): the
+	// CredentialSource is asked for the served role, never for an
+	// AlsoServe name. A rollout switching the listed role sets the other
+	// names here, so a client that read the listing just before a switch
+	// and asks for the old name gets the credentials now served, not a 404.
+	// Each must be a valid IAM role name.
 	AlsoServe []string
 	// TokenKey is the HMAC key of IMDSv2 session tokens, TokenKeySize bytes:
 	// processes given the same key accept each other's tokens, so tokens
@@ -139,7 +140,8 @@ type Config struct {
 	Access AccessControl
 	// Roles, when set, maps client processes to roles of their own (see
 	// RoleMapper in access.go): a mapped client is listed and served only
-	// its role, every other client only RoleName (and AlsoServe). It needs
+	// its role, every other client only RoleName (AlsoServe names are
+	// aliases of the served role for both). It needs
 	// Access, which identifies the client. Nil: every client is served
 	// RoleName.
 	Roles RoleMapper
@@ -618,7 +620,7 @@ func (s *Server) authorize(w http.ResponseWriter, r *http.Request, st *state) bo
 }
 
 // roleFor is the role served to who: the one cfg.Roles maps it to (host
-// false), else cfg.RoleName (host true; AlsoServe applies only then).
+// false), else cfg.RoleName (host true).
 func roleFor(cfg *Config, who Peer) (name string, host bool) {
 	if cfg.Roles != nil {
 		if n, ok := cfg.Roles.RoleFor(who); ok {
@@ -629,16 +631,17 @@ func roleFor(cfg *Config, who Peer) (name string, host bool) {
 }
 
 // serveCredentials answers security-credentials[-extended]/<role>. Only the
-// role served to who is answered; any other name gets the same 404 as an
-// unknown role.
+// role served to who and the AlsoServe names are answered, always with the
+// credentials of the role served to who; any other name gets the same 404
+// as an unknown role.
 func (s *Server) serveCredentials(w http.ResponseWriter, r *http.Request, st *state, route, role string, who Peer) {
-	served, host := roleFor(&st.cfg, who)
-	if role != served && (!host || !slices.Contains(st.cfg.AlsoServe, role)) {
+	served, _ := roleFor(&st.cfg, who)
+	if role != served && !slices.Contains(st.cfg.AlsoServe, role) {
 		writeText(w, http.StatusNotFound, "Not Found")
 		return
 	}
 	fetchStart := time.Now()
-	c, err := s.src.Credentials(r.Context(), role)
+	c, err := s.src.Credentials(r.Context(), served)
 	now := s.now()
 	if err != nil || !usable(c, now) {
 		s.serveError(w, route, err, now)
@@ -646,7 +649,7 @@ func (s *Server) serveCredentials(w http.ResponseWriter, r *http.Request, st *st
 	}
 	writeBody(w, http.StatusOK, s.credentialBody(served, c, now, route == routeCredentialsExtended))
 	if st.cfg.Access != nil {
-		s.audit(st, who, route, role, c, fetchStart) // access.go
+		s.audit(st, who, route, served, role, c, fetchStart) // access.go
 	}
 }
 

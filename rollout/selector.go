@@ -41,8 +41,15 @@ type Verifier interface {
 type SelectorConfig struct {
 	// Workload supplies the workload role's credentials. Required.
 	Workload Source
-	// WorkloadKey is the key passed to Workload (the cache key).
+	// WorkloadKey is the key passed to Workload (the cache key): the host's
+	// role, and the one shadow verification checks.
 	WorkloadKey string
+	// WorkloadKeyFor, when set, chooses the key passed to Workload per
+	// request while the workload kind is served (per-workload roles: the
+	// requesting process's role, from ctx); it must be cheap, safe for
+	// concurrent use and return WorkloadKey for a client with no role of
+	// its own. Nil: WorkloadKey for every request.
+	WorkloadKeyFor func(ctx context.Context) string
 	// InstanceProfile supplies the instance profile's credentials. Required.
 	InstanceProfile Source
 	// InstanceProfileKey is the key passed to InstanceProfile.
@@ -189,12 +196,13 @@ func (s *Selector) Set(d Decision) {
 // Decision returns the current decision.
 func (s *Selector) Decision() Decision { return *s.decision.Load() }
 
-// Credentials serves credentials according to the current decision. role is
-// ignored (the proxy has validated it). With Serve workload, when the
-// workload source fails (it holds nothing valid) and Fallback is
-// instance-profile, the instance profile's credentials are served instead,
-// logged at Warn (rate-limited) and counted; with Fallback none the workload
-// error is returned. A cancelled request never falls back.
+// Credentials serves credentials according to the current decision, read
+// once per request. role is ignored (the proxy has validated it; under
+// per-workload roles WorkloadKeyFor chooses the key). With Serve workload,
+// when the workload source fails for the key (it holds nothing valid) and
+// Fallback is instance-profile, the instance profile's credentials are
+// served instead, logged at Warn (rate-limited) and counted; with Fallback
+// none the workload error is returned. A cancelled request never falls back.
 func (s *Selector) Credentials(ctx context.Context, role string) (creds.Credentials, error) {
 	d := s.decision.Load()
 	if d.Serve != KindWorkload {
@@ -205,7 +213,11 @@ func (s *Selector) Credentials(ctx context.Context, role string) (creds.Credenti
 		s.served.WithLabelValues(string(KindInstanceProfile)).Inc()
 		return c, nil
 	}
-	c, err := s.cfg.Workload.Credentials(ctx, s.cfg.WorkloadKey)
+	key := s.cfg.WorkloadKey
+	if s.cfg.WorkloadKeyFor != nil {
+		key = s.cfg.WorkloadKeyFor(ctx)
+	}
+	c, err := s.cfg.Workload.Credentials(ctx, key)
 	if err == nil {
 		s.served.WithLabelValues(string(KindWorkload)).Inc()
 		return c, nil
@@ -216,16 +228,16 @@ func (s *Selector) Credentials(ctx context.Context, role string) (creds.Credenti
 	ipc, ipErr := s.cfg.InstanceProfile.Credentials(ctx, s.cfg.InstanceProfileKey)
 	if ipErr != nil {
 		s.log.Warn("workload credentials unavailable and the instance-profile fallback failed too",
-			zap.Error(err), zap.NamedError("fallback_error", ipErr))
+			zap.String("key", key), zap.Error(err), zap.NamedError("fallback_error", ipErr))
 		return creds.Credentials{}, err
 	}
 	s.fallbacks.Inc()
 	s.served.WithLabelValues(string(KindInstanceProfile)).Inc()
-	s.warnFallback(err)
+	s.warnFallback(key, err)
 	return ipc, nil
 }
 
-func (s *Selector) warnFallback(err error) {
+func (s *Selector) warnFallback(key string, err error) {
 	now := time.Now()
 	s.mu.Lock()
 	if !s.lastWarn.IsZero() && now.Sub(s.lastWarn) < fallbackWarnEvery {
@@ -237,7 +249,7 @@ func (s *Selector) warnFallback(err error) {
 	s.lastWarn, s.nSuppressed = now, 0
 	s.mu.Unlock()
 	s.log.Warn("workload credentials unavailable; serving instance-profile credentials (rollout.fallback: instance-profile)",
-		zap.Error(err), zap.Int("suppressed", suppressed))
+		zap.String("key", key), zap.Error(err), zap.Int("suppressed", suppressed))
 }
 
 // RunShadow verifies the workload credentials while the current decision has

@@ -190,6 +190,83 @@ func TestSelectorFallback(t *testing.T) {
 	}
 }
 
+// keyedSource is a hand-written Source with credentials per key; a key it
+// does not hold fails like a cache with nothing valid.
+type keyedSource struct {
+	mu   sync.Mutex
+	m    map[string]creds.Credentials
+	keys []string
+}
+
+func (k *keyedSource) Credentials(_ context.Context, key string) (creds.Credentials, error) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	k.keys = append(k.keys, key)
+	c, ok := k.m[key]
+	if !ok {
+		return creds.Credentials{}, errors.New("nothing valid cached for " + key)
+	}
+	return c, nil
+}
+
+type clientKey struct{}
+
+// TestSelectorWorkloadKeyFor: with WorkloadKeyFor the workload kind serves
+// each request the key it chooses (per-workload roles), the instance-profile
+// kind ignores it, the fallback applies to every key, and shadow verification
+// keeps checking WorkloadKey.
+func TestSelectorWorkloadKeyFor(t *testing.T) {
+	wl := &keyedSource{m: map[string]creds.Credentials{
+		"app":     newFakeSource("ASIAHOSTROLE", wlAccount).c,
+		"billing": newFakeSource("ASIABILLING", wlAccount).c,
+	}}
+	ip := newFakeSource("ASIAPROFILE", ipAccount)
+	s, err := NewSelector(SelectorConfig{
+		Workload: wl, WorkloadKey: "app",
+		WorkloadKeyFor: func(ctx context.Context) string {
+			if k, ok := ctx.Value(clientKey{}).(string); ok {
+				return k
+			}
+			return "app"
+		},
+		InstanceProfile: ip, InstanceProfileKey: "profile",
+		Fallback: FallbackInstanceProfile,
+	}, nil, prometheus.NewPedanticRegistry())
+	if err != nil {
+		t.Fatal(err)
+	}
+	as := func(client string) context.Context {
+		if client == "" {
+			return context.Background()
+		}
+		return context.WithValue(context.Background(), clientKey{}, client)
+	}
+	check := func(stage, client, want string) {
+		t.Helper()
+		// The requested name never matters: the proxy passes the listed one.
+		c, err := s.Credentials(as(client), "ip-role")
+		if err != nil || c.AccessKeyID != want {
+			t.Errorf("%s, client %q: %s, %v; want %s", stage, client, c.AccessKeyID, err, want)
+		}
+	}
+	for _, client := range []string{"", "billing", "reports"} {
+		check("off", client, "ASIAPROFILE")
+	}
+	s.Set(Decide(&Policy{Default: Rule{Stage: StageOn}}, "api-asg", 5))
+	check("on", "", "ASIAHOSTROLE")
+	check("on", "billing", "ASIABILLING")
+	check("on, nothing cached for the workload's role: fallback", "reports", "ASIAPROFILE")
+	if got := testutil.ToFloat64(s.fallbacks); got != 1 {
+		t.Errorf("fallbacks_total = %v, want 1", got)
+	}
+	if _, err := s.verifyOnce(as("billing"), &fakeVerifier{arn: "arn:aws:sts::" + wlAccount + ":assumed-role/app/i-1"}); err != nil {
+		t.Fatal(err)
+	}
+	if last := wl.keys[len(wl.keys)-1]; last != "app" {
+		t.Errorf("shadow verification read key %q, want the host role's", last)
+	}
+}
+
 func TestSelectorNoFallbackOnCancelledRequest(t *testing.T) {
 	h := newSelectorHarness(t, FallbackInstanceProfile)
 	h.s.Set(Decide(nil, "", 0))

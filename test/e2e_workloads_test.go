@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -303,5 +304,205 @@ workloads:
 			t.Errorf("the removed role is still refreshed: %v", l)
 		}
 	}
+	e.assertNoSecrets(t, "daemon log", e.log.String())
+}
+
+// TestWorkloadsWithRollout: under a rollout the decision switches the whole
+// host. Off, a workload uid and an unmatched uid both get the instance
+// profile's credentials under its role name and the workload's role is not
+// fetched; on (SIGHUP to a policy putting the host's group on), the workload
+// gets its role and every other client the host's; off again, everyone gets
+// the instance profile and the cache forgets both roles. A workload client
+// and an unmatched one keep asking throughout: no request fails across the
+// switches.
+func TestWorkloadsWithRollout(t *testing.T) {
+	requireClient(t, python3Path, "python3")
+	if os.Geteuid() != 0 {
+		t.Skip("running clients as other uids needs root")
+	}
+	up := startRolloutUpstream(t)
+	policy := filepath.Join(t.TempDir(), "rollout.yaml")
+	writePolicyFile(t, policy, roPolicy("wl-1", "off"))
+	e := startDaemon(t, envOptions{
+		upstreamURL:  up.url,
+		extraSecrets: up.secrets,
+		identityYAML: func(e *daemonEnv) string {
+			e.sts.AllowRoles(billingARN)
+			return fmt.Sprintf(`role: {arn: %q, name: %s, session_name: "", duration: 1h}
+source: web-identity
+identity: {jwt_file: %q}
+rollout:
+  policy: %q
+  poll_interval: 1h
+  group_tag: %q
+  group: ""
+  fallback: none
+  shadow_interval: 1s
+workloads:
+- {uid: %d, role: {arn: %q, name: billing, duration: 1h}}
+`, roleARN, roleName, e.tokenFile, policy, roGroupTag, billingUID, billingARN)
+		},
+	})
+	homes := newUIDHomes(t)
+	names := []string{ipUpstreamRole, roleName, "billing", "reports"}
+	probe := func(uid int) (probeResult, error) {
+		out, err := homes.runAs(t, e, uid, python3Path, append([]string{"-c", probeScript, e.imdsURL}, names...)...)
+		if err != nil {
+			return probeResult{}, err
+		}
+		var r probeResult
+		if err := json.Unmarshal(out, &r); err != nil {
+			return probeResult{}, fmt.Errorf("probe as uid %d printed %q: %v", uid, out, err)
+		}
+		return r, nil
+	}
+	// kind names the credentials of an access key id.
+	kind := func(key string) string {
+		if key == up.key {
+			return "instance-profile"
+		}
+		if is, ok := e.sts.Find(key); ok {
+			return is.RoleARN
+		}
+		return "unknown " + key
+	}
+	// consistent checks one probe: the listing and every configured name
+	// answered with the same credentials, iam/info naming the listed role,
+	// an unconfigured name a 404. It returns the listing and the kind.
+	consistent := func(uid int, r probeResult) (string, string, error) {
+		if r.ListingCode != 200 || r.InfoCode != 200 || !strings.HasSuffix(r.Profile, ":instance-profile/"+r.Listing) {
+			return "", "", fmt.Errorf("uid %d: listing %d %q, iam/info %d %q", uid, r.ListingCode, r.Listing, r.InfoCode, r.Profile)
+		}
+		listed, ok := r.Docs[r.Listing]
+		if !ok || listed.Status != 200 || listed.Code != "Success" {
+			return "", "", fmt.Errorf("uid %d: document of the listed %s: %+v", uid, r.Listing, listed)
+		}
+		for name, d := range r.Docs {
+			switch {
+			case name == "reports" && d.Status != 404:
+				return "", "", fmt.Errorf("uid %d: an unconfigured role answered %d", uid, d.Status)
+			case name != "reports" && (d.Status != 200 || d.Code != "Success"):
+				return "", "", fmt.Errorf("uid %d: GET %s = %d %q (a name listed around a switch)", uid, name, d.Status, d.Code)
+			case name != "reports" && kind(d.Key) != kind(listed.Key):
+				return "", "", fmt.Errorf("uid %d: GET %s served %s, the listed %s %s", uid, name, kind(d.Key), r.Listing, kind(listed.Key))
+			}
+		}
+		return r.Listing, kind(listed.Key), nil
+	}
+	// expect polls until uid is listed wantListed and served wantKind.
+	expect := func(step string, uid int, wantListed, wantKind string) {
+		t.Helper()
+		deadline := time.Now().Add(20 * time.Second)
+		for {
+			r, err := probe(uid)
+			if err != nil {
+				t.Fatal(err)
+			}
+			listed, k, err := consistent(uid, r)
+			if err != nil {
+				t.Fatalf("%s: %v", step, err)
+			}
+			if listed == wantListed && k == wantKind {
+				return
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("%s: uid %d listed %q served %s, want %q served %s\n%s", step, uid, listed, k, wantListed, wantKind, e.logTail(30))
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+	}
+	assumedBilling := func() int {
+		n := 0
+		for _, c := range e.sts.CallLog() {
+			if c.RoleARN == billingARN {
+				n++
+			}
+		}
+		return n
+	}
+
+	waitKind(t, e, up, "instance-profile", 10*time.Second)
+	expect("off", billingUID, ipUpstreamRole, "instance-profile")
+	expect("off", unmatchedUID, ipUpstreamRole, "instance-profile")
+	roWaitCacheKeys(t, e, []string{"instance-profile/" + ipUpstreamRole}, 5*time.Second)
+	if n := assumedBilling(); n != 0 {
+		t.Errorf("off: the workload's role was assumed %d times; the host serves the instance profile", n)
+	}
+	out, _ := runStatusCommand(t, e)
+	if !strings.Contains(out, "workloads:     1 configured, inactive") {
+		t.Errorf("imdsproxy status while off:\n%s", out)
+	}
+
+	// Clients keep asking across both switches: the unmatched test process
+	// (the SDK's two requests) and the workload uid (listing, then every
+	// name it may have been listed).
+	loop := startClientLoop(e, up)
+	homes.home(t, billingUID)
+	var (
+		mu       sync.Mutex
+		wlFails  []string
+		wlKinds  = map[string]int{}
+		stopWL   = make(chan struct{})
+		wlDone   = make(chan struct{})
+		wlProbes int
+	)
+	go func() {
+		defer close(wlDone)
+		for {
+			select {
+			case <-stopWL:
+				return
+			default:
+			}
+			r, err := probe(billingUID)
+			var k string
+			if err == nil {
+				_, k, err = consistent(billingUID, r)
+			}
+			mu.Lock()
+			wlProbes++
+			if err != nil {
+				wlFails = append(wlFails, err.Error())
+			} else {
+				wlKinds[k]++
+			}
+			mu.Unlock()
+		}
+	}()
+
+	writePolicyFile(t, policy, roPolicy("wl-2", "on"))
+	e.signal(t, syscall.SIGHUP)
+	waitKind(t, e, up, "workload", 15*time.Second)
+	expect("on", billingUID, "billing", billingARN)
+	expect("on", unmatchedUID, roleName, roleARN)
+	roWaitCacheKeys(t, e, slices.Sorted(slices.Values([]string{"billing", roleName})), 10*time.Second)
+	out, _ = runStatusCommand(t, e)
+	if !strings.Contains(out, "workloads:     1 configured, active") {
+		t.Errorf("imdsproxy status while on:\n%s", out)
+	}
+
+	writePolicyFile(t, policy, roPolicy("wl-3", "off"))
+	e.signal(t, syscall.SIGHUP)
+	waitKind(t, e, up, "instance-profile", 15*time.Second)
+	expect("off again", billingUID, ipUpstreamRole, "instance-profile")
+	expect("off again", unmatchedUID, ipUpstreamRole, "instance-profile")
+	time.Sleep(200 * time.Millisecond)
+	close(stopWL)
+	<-wlDone
+	loop.finish(t, "instance-profile", "workload")
+	mu.Lock()
+	if len(wlFails) > 0 {
+		t.Errorf("%d of %d workload probes failed across the switches; first: %s", len(wlFails), wlProbes, wlFails[0])
+	}
+	for k := range wlKinds {
+		if k != "instance-profile" && k != billingARN {
+			t.Errorf("the workload uid was served %s", k)
+		}
+	}
+	t.Logf("workload probes: %d, %v", wlProbes, wlKinds)
+	mu.Unlock()
+
+	// Off again: only the instance profile's credentials are kept.
+	roWaitCacheKeys(t, e, []string{"instance-profile/" + ipUpstreamRole}, 10*time.Second)
 	e.assertNoSecrets(t, "daemon log", e.log.String())
 }

@@ -3,8 +3,10 @@ package main
 import (
 	"context"
 	"fmt"
+	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"go.uber.org/zap"
@@ -34,6 +36,10 @@ type rolloutState struct {
 	loader      *rollout.Loader
 	selector    *rollout.Selector
 	verifier    *exchange.CallerIdentity
+	// roles maps client processes to their workload's role (nil: no
+	// workloads): the selector's choice of key while the workload kind is
+	// served. Replaced on reload.
+	roles atomic.Pointer[workloadRoles]
 
 	mu sync.Mutex // serialises apply
 }
@@ -94,6 +100,7 @@ func (d *daemon) setupRollout(ctx context.Context, cfg Config, workload cache.Fe
 	if host.IDSource == rollout.IDFromHostname {
 		log.Warn("the instance id could not be read; the canary bucket is derived from the host name")
 	}
+	r.roles.Store(newWorkloadRoles(cfg.Workloads))
 	d.rollout = r
 	return routeFetcher{workload: workload, instanceProfile: ip}, nil
 }
@@ -120,7 +127,8 @@ func (d *daemon) credentialSource(_ context.Context, _ Config) (proxy.Credential
 	sel, err := rollout.NewSelector(rollout.SelectorConfig{
 		Workload: d.cache, WorkloadKey: r.workloadKey,
 		InstanceProfile: d.cache, InstanceProfileKey: r.ipKey,
-		Fallback: r.fallback, Host: r.host,
+		WorkloadKeyFor: r.workloadKeyFor,
+		Fallback:       r.fallback, Host: r.host,
 	}, d.log.Named("rollout"), d.reg)
 	if err != nil {
 		return nil, fmt.Errorf("rollout: %w", err)
@@ -131,6 +139,50 @@ func (d *daemon) credentialSource(_ context.Context, _ Config) (proxy.Credential
 	name := r.servedName(dec)
 	d.roleName.Store(&name)
 	return sel, nil
+}
+
+// workloadKeyFor is the cache key served to the client of ctx while the
+// host serves the workload kind: its workload's role, else the host's. It
+// goes by the process itself, not by the name the client asked for or the
+// listing it was shown, so a client never gets another workload's role or,
+// being a workload, the host's, whatever the timing of a switch.
+func (r *rolloutState) workloadKeyFor(ctx context.Context) string {
+	if w := r.roles.Load(); w != nil {
+		if p, ok := proxy.PeerFromContext(ctx); ok {
+			if name, ok := w.RoleFor(p); ok {
+				return name
+			}
+		}
+	}
+	return r.workloadKey
+}
+
+// rolloutRoles is the proxy's RoleMapper under a rollout: the workloads'
+// mapping while the host serves the workload kind, no mapping while it
+// serves the instance profile (every client is then listed the instance
+// profile's role, as on EC2). It reads the selector's decision, so the
+// listing follows a switch at once; the credentials themselves are chosen
+// by the selector (workloadKeyFor).
+type rolloutRoles struct {
+	roles proxy.RoleMapper
+	sel   *rollout.Selector
+}
+
+// RoleFor implements proxy.RoleMapper.
+func (m rolloutRoles) RoleFor(p proxy.Peer) (string, bool) {
+	if m.sel.Decision().Serve != rollout.KindWorkload {
+		return "", false
+	}
+	return m.roles.RoleFor(p)
+}
+
+// rolloutMapper wraps the workloads' RoleMapper for a rollout (nil stays
+// nil; without a rollout it is returned as is).
+func (d *daemon) rolloutMapper(roles proxy.RoleMapper) proxy.RoleMapper {
+	if roles == nil || d.rollout == nil || d.rollout.selector == nil {
+		return roles
+	}
+	return rolloutRoles{roles: roles, sel: d.rollout.selector}
 }
 
 func (r *rolloutState) decide() rollout.Decision {
@@ -174,7 +226,10 @@ func (d *daemon) startServing(ctx context.Context) bool {
 
 // applyRollout recomputes the decision from the current policy, switches
 // what is served (for new requests at once), keeps the credentials the
-// decision needs warm and reports whether the served ones are cached.
+// decision needs warm and reports whether the served ones are cached. The
+// workloads' roles are needed only while the workload kind is served: they
+// are fetched in the background when it starts and forgotten when it ends
+// (shadow verifies the host's role only).
 func (d *daemon) applyRollout(ctx context.Context) bool {
 	r := d.rollout
 	r.mu.Lock()
@@ -212,7 +267,11 @@ func (d *daemon) applyRollout(ctx context.Context) bool {
 		}
 		return true
 	}
-	for key, need := range map[string]bool{r.workloadKey: needWorkload, r.ipKey: needIP} {
+	needs := map[string]bool{r.workloadKey: needWorkload, r.ipKey: needIP}
+	for _, w := range d.config().Workloads {
+		needs[w.Role.Name] = dec.Serve == rollout.KindWorkload
+	}
+	for key, need := range needs {
 		switch {
 		case key == served:
 		case need:
@@ -269,12 +328,16 @@ func (d *daemon) rolloutStatus() any {
 		return map[string]bool{"enabled": false}
 	}
 	dec := r.selector.Decision()
+	n := len(d.config().Workloads)
 	_, ls := r.loader.Current()
 	sh := r.selector.Shadow()
 	return map[string]any{
 		"enabled": true, "stage": dec.Stage, "percent": dec.Percent, "group": r.host.Group,
 		"group_source": r.host.GroupSource, "bucket": r.bucket, "serve": dec.Serve, "shadow": dec.Shadow,
 		"kill_switch": dec.KillSwitch, "reason": dec.Reason, "fallback": r.fallback,
+		"workloads": map[string]any{
+			"configured": n, "active": n > 0 && dec.Serve == rollout.KindWorkload,
+		},
 		"policy": map[string]string{
 			"source": ls.Source, "version": ls.Version, "last_load": rfc3339(ls.LastLoad),
 			"last_success": rfc3339(ls.LastSuccess), "last_error": ls.LastError,
@@ -285,18 +348,25 @@ func (d *daemon) rolloutStatus() any {
 	}
 }
 
-// otherRoleNames are the role names a rollout may have listed before the
-// current one: their credential paths serve what is served now, so a client
-// that read the listing just before a switch gets credentials, not a 404.
-func (d *daemon) otherRoleNames() []string {
+// rolloutRoleNames are the role names a rollout may have listed to some
+// client: the host's role, the instance profile's and, with workloads, each
+// workload's (the current name included, since a workload client is not
+// listed it). Their credential paths serve every client what it is served
+// now (the proxy passes the served role, and the selector goes by the
+// process), so a client that read the listing just before a switch gets
+// credentials, not a 404.
+func (d *daemon) rolloutRoleNames(cfg Config) []string {
 	r := d.rollout
 	if r == nil {
 		return nil
 	}
-	current := *d.roleName.Load()
+	names := []string{r.workloadKey, r.ipRole}
+	for _, w := range cfg.Workloads {
+		names = append(names, w.Role.Name)
+	}
 	var out []string
-	for _, n := range []string{r.workloadKey, r.ipRole} {
-		if n != current && n != "" {
+	for _, n := range names {
+		if n != "" && !slices.Contains(out, n) {
 			out = append(out, n)
 		}
 	}

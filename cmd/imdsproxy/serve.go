@@ -235,9 +235,9 @@ func (d *daemon) proxyConfig(cfg Config) proxy.Config {
 		UpstreamTimeout: cfg.UpstreamTimeout.D(),
 		AllowedHosts:    cfg.IMDS.AllowedHosts, // hostcheck.go
 		Access:          access,
-		Roles:           roles,
+		Roles:           d.rolloutMapper(roles), // rollout_daemon.go
 		AuditLog:        d.auditLog(cfg.Access),
-		AlsoServe:       d.otherRoleNames(), // rollout_daemon.go
+		AlsoServe:       d.rolloutRoleNames(cfg), // rollout_daemon.go
 	}
 }
 
@@ -398,6 +398,9 @@ func (d *daemon) reload(ctx context.Context) error {
 		return err
 	}
 	d.cfg = next
+	if d.rollout != nil {
+		d.rollout.roles.Store(newWorkloadRoles(next.Workloads)) // rollout_daemon.go
+	}
 	d.reloadRolloutPolicy(ctx)
 	d.log.Info("configuration reloaded", zap.String("config", d.path), zap.Bool("identity_changed", identityChanged))
 	return nil

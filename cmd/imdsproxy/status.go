@@ -63,6 +63,10 @@ type cliRollout struct {
 	Fallback     string    `json:"fallback"`
 	Policy       cliPolicy `json:"policy"`
 	ShadowStatus cliShadow `json:"shadow_status"`
+	Workloads    struct {
+		Configured int  `json:"configured"`
+		Active     bool `json:"active"`
+	} `json:"workloads"`
 }
 
 type cliPolicy struct {
@@ -262,6 +266,13 @@ func printStatus(w io.Writer, addr string, doc cliStatusDoc, now time.Time) {
 				detail = s.LastError
 			}
 			line("shadow", "%s at %s: %s", orDash(s.LastResult), when(s.LastCheck, now), orDash(detail))
+		}
+		switch w := ro.Workloads; {
+		case w.Configured == 0:
+		case w.Active:
+			line("workloads", "%d configured, active: each is served its own role", w.Configured)
+		default:
+			line("workloads", "%d configured, inactive: every client is served the instance profile", w.Configured)
 		}
 	}
 

@@ -22,7 +22,8 @@ const statusReadyCanary = `{"ready": true, "ready_reason": "ready: credentials f
              "policy": {"source": "s3://fleet-config/imdsproxy/rollout.yaml", "version": "2026-11-25.1",
                         "last_load": "2026-11-25T12:00:00Z", "last_success": "2026-11-25T12:00:00Z", "last_error": ""},
              "shadow_status": {"last_check": "2026-11-25T11:58:00Z", "last_result": "success",
-                               "last_arn": "arn:aws:sts::222222222222:assumed-role/app/i-0aaaabbbbccccdddd", "last_error": ""}},
+                               "last_arn": "arn:aws:sts::222222222222:assumed-role/app/i-0aaaabbbbccccdddd", "last_error": ""},
+             "workloads": {"configured": 2, "active": false}},
  "served_role_name": "instance-role",
  "cache": [ {"key": "app", "access_key_id": "ASIAWORKLOAD", "expires": "2026-11-25T13:00:00Z", "next_refresh": "2026-11-25T12:30:00Z", "last_error": "", "error_class": "", "valid": true},
             {"key": "instance-profile", "access_key_id": "ASIAINSTANCE", "expires": "2026-11-25T18:00:00Z", "next_refresh": "2026-11-25T15:00:00Z", "last_error": "", "error_class": "", "valid": true} ]}
@@ -34,7 +35,8 @@ const statusNotReady = `{"ready": false, "ready_reason": "not ready: no valid cr
              "serve": "workload", "shadow": false, "kill_switch": true, "reason": "kill switch", "fallback": "none",
              "policy": {"source": "/etc/imdsproxy/rollout.yaml", "version": "2026-11-25.2",
                         "last_load": "2026-11-25T12:01:00Z", "last_success": "2026-11-25T12:00:00Z", "last_error": "rollout: policy: line 3: unknown stage \"maybe\""},
-             "shadow_status": {"last_check": "2026-11-25T11:59:00Z", "last_result": "failure", "last_arn": "", "last_error": "sts: InvalidClientTokenId"}},
+             "shadow_status": {"last_check": "2026-11-25T11:59:00Z", "last_result": "failure", "last_arn": "", "last_error": "sts: InvalidClientTokenId"},
+             "workloads": {"configured": 1, "active": true}},
  "served_role_name": "app",
  "cache": [ {"key": "app", "access_key_id": "", "expires": "", "next_refresh": "2026-11-25T12:00:05Z", "last_error": "InternalFailure: An internal error occurred.", "error_class": "server", "valid": false} ]}
 `
@@ -100,6 +102,7 @@ func TestStatusCommand(t *testing.T) {
 			"last load:   2026-11-25T12:00:00Z (",
 			"shadow:        success at 2026-11-25T11:58:00Z",
 			"arn:aws:sts::222222222222:assumed-role/app/i-0aaaabbbbccccdddd",
+			"workloads:     2 configured, inactive: every client is served the instance profile",
 			"cache app:     ASIAWORKLOAD, valid until 2026-11-25T13:00:00Z",
 			"cache instance-profile: ASIAINSTANCE",
 			"next refresh: 2026-11-25T12:30:00Z",
@@ -112,6 +115,7 @@ func TestStatusCommand(t *testing.T) {
 			"last error:  rollout: policy: line 3: unknown stage \"maybe\" (the last good policy stays in force)",
 			"shadow:        failure at 2026-11-25T11:59:00Z (",
 			"sts: InvalidClientTokenId",
+			"workloads:     1 configured, active: each is served its own role",
 			"cache app:     no valid credentials",
 			"last error:  server: InternalFailure: An internal error occurred.",
 		}},

@@ -48,9 +48,6 @@ func (c *Config) validateWorkloads() error {
 	case "instance-profile":
 		return fmt.Errorf("config: workloads: not supported with source instance-profile (the instance profile has one role)")
 	}
-	if c.rolloutEnabled() {
-		return fmt.Errorf("config: workloads: cannot be combined with rollout.policy (a rollout switches the whole host between the instance profile and one role); remove one of them")
-	}
 	names := map[string]string{c.Role.Name: "role.name"}
 	units := map[string]int{}
 	uids := map[int]int{}

@@ -63,8 +63,9 @@ func TestWorkloadsConfig(t *testing.T) {
 			"workloads: not supported with source federation"},
 		{"instance-profile", "source: instance-profile\nidentity: {}\nworkloads: [{uid: 1, role: " + billing + "}]\n",
 			"workloads: not supported with source instance-profile"},
-		{"rollout", "rollout: {policy: /etc/imdsproxy/rollout.yaml}\nworkloads: [{uid: 1, role: " + billing + "}]\n",
-			"workloads: cannot be combined with rollout.policy"},
+		{"with rollout", "rollout: {policy: /etc/imdsproxy/rollout.yaml, fallback: instance-profile}\nworkloads: [{uid: 1, role: " + billing + "}]\n", ""},
+		{"with rollout, name of the host role", "rollout: {policy: /etc/imdsproxy/rollout.yaml}\nworkloads: [{uid: 1, role: {arn: \"arn:aws:iam::444455556666:role/app\"}}]\n",
+			`workloads[0].role.name: "app" is already used by role.name`},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			yaml := workloadsBase + tc.yaml
