@@ -3,26 +3,72 @@ package proxy
 import (
 	"context"
 	"net"
+	"sync"
 )
 
 // EC2 sends the token PUT response with the IP TTL (IPv6 hop limit) set to the
 // instance's HttpPutResponseHopLimit, so that a token cannot travel further
 // than that many hops (for example into a container network). The daemon does
-// the same for the token response only: it sets IP_TTL or IPV6_UNICAST_HOPS on
-// the connection, writes and flushes the response, then restores the previous
-// value so that other responses on the keep-alive connection are unaffected.
+// the same for the token response: it sets IP_TTL or IPV6_UNICAST_HOPS on the
+// connection before writing the response, and leaves it set until the next
+// request arrives on the connection, when it restores the previous value, so
+// that the other responses on a keep-alive connection are unaffected.
 //
-// Limitation: the option is read by the kernel when a segment is built. A
-// segment of the token response that is retransmitted after the restore
-// carries the restored TTL. With TCP_NODELAY (Go's default) the response of a
-// few hundred bytes leaves in the first write.
+// Why not restore right after writing: the kernel reads the option whenever
+// it builds a segment, retransmissions included. A response dropped at the
+// hop limit (the point of the limit) is retransmitted about 200 ms later,
+// and after an immediate restore the retransmission carried the normal TTL
+// and reached the client beyond the limit. A client that sends its next
+// request has received the token response (HTTP/1.1 answers in order, and
+// SDKs do not pipeline), so none of its segments is retransmitted after the
+// restore. A client beyond the limit never receives it and never sends
+// another request; its connection keeps the limit until it closes.
 
 // connKey is the context key under which Serve stores the accepted net.Conn.
 type connKey struct{}
 
+// hopKey is the context key of a connection's *hopPending.
+type hopKey struct{}
+
+// hopPending holds the restore of a hop limit left set by a token response,
+// to run when the connection's next request arrives. HTTP/1 requests of one
+// connection are sequential; the mutex makes that an implementation detail.
+type hopPending struct {
+	mu      sync.Mutex
+	restore func() error
+}
+
 // connContext is the http.Server.ConnContext of Serve.
 func connContext(ctx context.Context, c net.Conn) context.Context {
-	return context.WithValue(ctx, connKey{}, c)
+	return context.WithValue(context.WithValue(ctx, connKey{}, c), hopKey{}, &hopPending{})
+}
+
+// deferHopRestore keeps restore for the connection's next request and
+// reports true, or reports false when ctx has no connection slot (the
+// handler is served outside Serve) and the caller must restore at once.
+func deferHopRestore(ctx context.Context, restore func() error) bool {
+	p, _ := ctx.Value(hopKey{}).(*hopPending)
+	if p == nil {
+		return false
+	}
+	p.mu.Lock()
+	p.restore = restore
+	p.mu.Unlock()
+	return true
+}
+
+// takeHopRestore returns and clears the restore left by the connection's
+// previous request, nil when there is none.
+func takeHopRestore(ctx context.Context) func() error {
+	p, _ := ctx.Value(hopKey{}).(*hopPending)
+	if p == nil {
+		return nil
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	r := p.restore
+	p.restore = nil
+	return r
 }
 
 // connFrom returns the connection stored by connContext, or nil.

@@ -447,6 +447,11 @@ func allowedMethods(route string) []string {
 
 func (s *Server) serveHTTP(w http.ResponseWriter, r *http.Request) {
 	start := time.Now()
+	if restore := takeHopRestore(r.Context()); restore != nil {
+		// The previous response on this connection was a token, sent with
+		// the hop limit; the client has received it (hoplimit.go).
+		s.restoreHopLimit(restore)
+	}
 	st := s.state.Load()
 	rec := &recorder{ResponseWriter: w}
 	route, role := routeOf(r.URL.Path)
@@ -566,9 +571,18 @@ func (s *Server) serveToken(w http.ResponseWriter, r *http.Request, st *state) {
 	_, _ = io.WriteString(w, tok)
 	if restore != nil {
 		_ = http.NewResponseController(w).Flush()
-		if err := restore(); err != nil {
-			s.log.Debug("cannot restore hop limit", zap.Error(err))
+		// Kept until the connection's next request (hoplimit.go): a
+		// retransmission of this response must carry the limit too.
+		if !deferHopRestore(r.Context(), restore) {
+			s.restoreHopLimit(restore)
 		}
+	}
+}
+
+// restoreHopLimit runs the restore of a hop limit set for a token response.
+func (s *Server) restoreHopLimit(restore func() error) {
+	if err := restore(); err != nil {
+		s.log.Debug("cannot restore hop limit", zap.Error(err))
 	}
 }
 
