@@ -8,6 +8,7 @@ import (
 	"io"
 	"io/fs"
 	"net"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -83,6 +84,37 @@ func activationFiles() ([]*os.File, []string, error) {
 // listener, the second the admin listener and any more are IMDS listeners.
 // What was not passed is opened from the config: listen, admin_listen, and
 // intercept.listen_ipv6 when interception of IPv6 is enabled.
+// exposedListenerWarning is logged (and printed by check-config) for an IMDS
+// listener on a wildcard address: it hands this host's credentials to anyone
+// who can reach the port from any interface, and the Host check does not
+// stop a request sent straight to it.
+const exposedListenerWarning = "the IMDS listener accepts connections on every interface: anyone who can reach this port from the network gets this host's credentials; " +
+	"listen on 127.0.0.1 (and [::1]), and for containers on the bridges' own addresses (docs/deploy.md, Containers on a bridge)"
+
+// wildcardAddr reports whether the host:port addr has an unspecified IP
+// (0.0.0.0, ::) or no host at all.
+func wildcardAddr(addr string) bool {
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		return false
+	}
+	if host == "" {
+		return true
+	}
+	ip, err := netip.ParseAddr(host)
+	return err == nil && ip.IsUnspecified()
+}
+
+// imdsListenAddrs are the IMDS listener addresses cfg opens itself (without
+// socket activation).
+func (c Config) imdsListenAddrs() []string {
+	addrs := []string{c.Listen}
+	if ic := c.Intercept; ic.Enabled && ic.IPv6 != nil && *ic.IPv6 {
+		addrs = append(addrs, ic.ListenIPv6)
+	}
+	return addrs
+}
+
 func openListeners(ctx context.Context, cfg Config) (imds []net.Listener, admin net.Listener, err error) {
 	defer func() {
 		if err != nil {
@@ -126,17 +158,16 @@ func openListeners(ctx context.Context, cfg Config) (imds []net.Listener, admin 
 	}
 	var lc net.ListenConfig
 	if len(imds) == 0 {
-		ln, err := lc.Listen(ctx, "tcp", cfg.Listen)
-		if err != nil {
-			return imds, admin, fmt.Errorf("listen: %w", err)
-		}
-		imds = append(imds, ln)
-		if ic := cfg.Intercept; ic.Enabled && ic.IPv6 != nil && *ic.IPv6 {
-			ln6, err := lc.Listen(ctx, "tcp", ic.ListenIPv6)
+		for i, addr := range cfg.imdsListenAddrs() {
+			ln, err := lc.Listen(ctx, "tcp", addr)
 			if err != nil {
-				return imds, admin, fmt.Errorf("intercept.listen_ipv6: %w", err)
+				key := "listen"
+				if i > 0 {
+					key = "intercept.listen_ipv6"
+				}
+				return imds, admin, fmt.Errorf("%s: %w", key, err)
 			}
-			imds = append(imds, ln6)
+			imds = append(imds, ln)
 		}
 	}
 	if admin == nil {

@@ -127,6 +127,11 @@ func runCheckConfig(args []string, stdout, stderr io.Writer) int {
 	}
 	fmt.Fprintf(stdout, "%s: ok (source %s, %s, listen %s, admin %s)\n",
 		*path, cfg.Source, role, cfg.Listen, cfg.AdminListen)
+	for _, addr := range cfg.imdsListenAddrs() {
+		if wildcardAddr(addr) {
+			fmt.Fprintf(stderr, "imdsproxy: warning: %s: %s\n", addr, exposedListenerWarning)
+		}
+	}
 	return exitOK
 }
 

@@ -22,7 +22,9 @@ func TestRunCommands(t *testing.T) {
 		{name: "help", args: []string{"help"}, code: exitOK, wantOut: "check-config"},
 		{name: "version", args: []string{"version"}, code: exitOK, wantOut: "imdsproxy "},
 		{name: "check good", args: []string{"check-config", "testdata/good/full.yaml"}, code: exitOK, wantOut: "ok (source web-identity"},
-		{name: "check good flag", args: []string{"check-config", "--config", "testdata/good/minimal.yaml"}, code: exitOK, wantOut: "app-prod"},
+		{name: "check good flag", args: []string{"check-config", "--config", "testdata/good/minimal.yaml"}, code: exitOK, wantOut: "app-prod", notWantErr: "warning"},
+		{name: "check wildcard listen", args: []string{"check-config", "testdata/good/wildcard-listen.yaml"}, code: exitOK, wantOut: "listen 0.0.0.0:8169",
+			wantErr: "warning: 0.0.0.0:8169: the IMDS listener accepts connections on every interface"},
 		{name: "check unknown key", args: []string{"check-config", "testdata/bad/unknown-key.yaml"}, code: exitConfig, wantErr: "role.nmae"},
 		{name: "check bad tokens", args: []string{"check-config", "testdata/bad/bad-tokens.yaml"}, code: exitConfig, wantErr: "imds.tokens"},
 		{name: "check bad duration", args: []string{"check-config", "testdata/bad/bad-duration.yaml"}, code: exitConfig, wantErr: "role.duration"},
@@ -50,6 +52,9 @@ func TestRunCommands(t *testing.T) {
 			}
 			if tc.wantErr != "" && !strings.Contains(errOut.String(), tc.wantErr) {
 				t.Errorf("stderr %q lacks %q", errOut.String(), tc.wantErr)
+			}
+			if tc.notWantErr != "" && strings.Contains(errOut.String(), tc.notWantErr) {
+				t.Errorf("stderr %q has %q", errOut.String(), tc.notWantErr)
 			}
 		})
 	}
@@ -80,5 +85,17 @@ func TestLogWriteErrorsCounted(t *testing.T) {
 	log.Warn("two")
 	if got := w.errors.Load(); got < 2 {
 		t.Fatalf("counted %d failed writes, want at least 2", got)
+	}
+}
+
+func TestWildcardAddr(t *testing.T) {
+	for addr, want := range map[string]bool{
+		"0.0.0.0:8169": true, "[::]:8169": true, ":8169": true,
+		"127.0.0.1:8169": false, "[::1]:8169": false, "172.17.0.1:8169": false,
+		"localhost:8169": false, "garbage": false,
+	} {
+		if got := wildcardAddr(addr); got != want {
+			t.Errorf("wildcardAddr(%q) = %v, want %v", addr, got, want)
+		}
 	}
 }

@@ -268,6 +268,9 @@ func (d *daemon) run(ctx context.Context) error {
 	addrs := make([]string, 0, len(imdsLns))
 	for _, ln := range imdsLns {
 		addrs = append(addrs, ln.Addr().String())
+		if wildcardAddr(ln.Addr().String()) {
+			d.log.Warn(exposedListenerWarning, zap.String("listen", ln.Addr().String()))
+		}
 	}
 	d.log.Info("listening",
 		zap.Strings("listen", addrs),
