@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the end-to-end tests drive, when it is missing: the AWS CLI and
 # boto3 from Debian (the real clients, at /usr/bin/aws and /usr/bin/python3),
-# nftables and iproute2, and the JavaScript SDK v3 from npm (pinned by
+# nftables and iproute2, systemd-nspawn and curl (the units under systemd as
+# PID 1, test/e2e_systemd_test.go), and the JavaScript SDK v3 from npm (pinned by
 # test/js/package-lock.json). Idempotent; quiet when everything is there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,6 +14,8 @@ command -v nft >/dev/null 2>&1 || need+=(nftables)
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v node >/dev/null 2>&1 || need+=(nodejs)
 command -v npm >/dev/null 2>&1 || need+=(npm)
+command -v systemd-nspawn >/dev/null 2>&1 || need+=(systemd-container)
+command -v curl >/dev/null 2>&1 || need+=(curl)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "test-deps: missing ${need[*]}; run as root (or apt-get install ${need[*]})" >&2
