@@ -9,7 +9,8 @@
 // Every source checks the token's shape and expiry before anything is sent
 // upstream (the signature is verified by STS, not here). X509 loads a
 // certificate, its chain and private key, re-reading them when the files
-// change. It is a leaf package: it imports nothing of the project.
+// change. Both File and X509 defend against files rewritten in place (see
+// File and X509). It is a leaf package: it imports nothing of the project.
 //
 // Errors are *Error values with a bounded Reason. They carry the error
 // classification methods of the project (ErrorClass, Permanent; see
@@ -53,7 +54,9 @@ const (
 	// while it was read, or it was modified within the last SettleTime and
 	// holds what a write cut short leaves (nothing, the start of a JWT, a
 	// signature shorter than its algorithm produces), and stayed so for
-	// the whole of the re-reads (at most ChangeWait). See File.
+	// the whole of the re-reads (at most ChangeWait). See File. For X509:
+	// X.509 identity files modified within SettleTime do not validate (see
+	// X509).
 	ReasonChanging = "changing"
 )
 
@@ -118,7 +121,7 @@ type FileOptions struct {
 	Now func() time.Time
 }
 
-// Timing of File's defence against files rewritten in place.
+// Timing of the defence of File and X509 against files rewritten in place.
 const (
 	// SettleTime: a file modified less than this long ago may still be
 	// being written. Its content is confirmed by a second identical read,
@@ -266,17 +269,15 @@ func (f *File) fail(reason string, err error) error {
 
 // read returns the file's token once it is known not to be torn (see File).
 func (f *File) read(ctx context.Context) (string, Claims, error) {
-	start := time.Now()
-	pause := firstPause
+	rr := newRereads()
 	var prev []byte // the content of the previous read, if any
-	for reads := 1; ; reads++ {
-		snap, err := f.readOnce()
+	for {
+		snap, err := readSnapshot(f.path, f.maxSize, ReasonTooLarge)
 		if err != nil {
 			return "", Claims{}, err
 		}
 		tok, claims, partial, verr := f.judge(snap.content)
-		age := time.Since(snap.mtime)
-		young := age < SettleTime && age > -SettleTime
+		age, young := settling(snap.mtime)
 		var why string
 		switch {
 		case snap.changed:
@@ -293,71 +294,122 @@ func (f *File) read(ctx context.Context) (string, Claims, error) {
 			return tok, claims, verr
 		}
 		prev = snap.content
-		elapsed := time.Since(start)
-		if elapsed+pause > ChangeWait {
+		more, err := rr.wait(ctx)
+		if err != nil {
+			return "", Claims{}, err
+		}
+		if !more {
 			return "", Claims{}, f.fail(ReasonChanging, fmt.Errorf(
-				"the file is being rewritten: %s (%d reads in %v); the token agent should replace it atomically (write a temporary file, rename it)",
-				why, reads, elapsed.Round(time.Millisecond)))
+				"the file is being rewritten: %s (%s); the token agent should replace it atomically (write a temporary file, rename it)",
+				why, rr))
 		}
-		t := time.NewTimer(pause)
-		select {
-		case <-ctx.Done():
-			t.Stop()
-			return "", Claims{}, ctx.Err()
-		case <-t.C:
-		}
-		pause = min(2*pause, maxPause)
 	}
 }
 
-// fileSnapshot is one read of the token file.
+// settling returns how long ago a file was modified (mtime) and whether
+// that is within SettleTime, so that the file may still be being written.
+// An mtime more than SettleTime in the future (a clock step) does not count
+// as recent.
+func settling(mtime time.Time) (age time.Duration, young bool) {
+	age = time.Since(mtime)
+	return age, age < SettleTime && age > -SettleTime
+}
+
+// rereads paces the re-reads of files being rewritten in place: pauses of
+// firstPause doubling up to maxPause, for at most ChangeWait in all. It
+// counts the reads; its String describes them for an error message. Not
+// safe for concurrent use.
+type rereads struct {
+	start time.Time
+	pause time.Duration
+	reads int
+}
+
+func newRereads() *rereads {
+	return &rereads{start: time.Now(), pause: firstPause, reads: 1}
+}
+
+// wait pauses before the next read. It returns false, without pausing,
+// when that pause would take the reads past ChangeWait, and ctx's error
+// when ctx ends during the pause.
+func (r *rereads) wait(ctx context.Context) (bool, error) {
+	if time.Since(r.start)+r.pause > ChangeWait {
+		return false, nil
+	}
+	t := time.NewTimer(r.pause)
+	select {
+	case <-ctx.Done():
+		t.Stop()
+		return false, ctx.Err()
+	case <-t.C:
+	}
+	r.pause = min(2*r.pause, maxPause)
+	r.reads++
+	return true, nil
+}
+
+// String returns "<n> reads in <elapsed>".
+func (r *rereads) String() string {
+	return fmt.Sprintf("%d reads in %v", r.reads, time.Since(r.start).Round(time.Millisecond))
+}
+
+// fileSnapshot is one read of a file.
 type fileSnapshot struct {
 	content []byte
 	mtime   time.Time
-	changed bool // the file changed while it was read
+	stamp   fileStamp // of the file after the read
+	changed bool      // the file changed while it was read
 }
 
-// readOnce reads the whole file between two fstat calls. Its errors are the
-// definitive ones (missing, unreadable, too_large): no re-read changes them.
-func (f *File) readOnce() (fileSnapshot, error) {
+// readSnapshot reads the whole of the regular file at path, of at most
+// maxSize bytes, between two fstat calls on the open descriptor (see File).
+// Its errors are *Error naming path, with the reason missing, unreadable or
+// (more than maxSize bytes) tooLarge; they are definitive: no re-read
+// changes them.
+func readSnapshot(path string, maxSize int64, tooLarge string) (fileSnapshot, error) {
+	fail := func(reason string, err error) (fileSnapshot, error) {
+		return fileSnapshot{}, &Error{Reason: reason, Path: path, Err: err}
+	}
 	// O_NONBLOCK keeps open(2) from blocking on a FIFO without a writer; it
 	// has no effect on regular files, and anything else is refused below.
-	fh, err := os.OpenFile(f.path, os.O_RDONLY|syscall.O_NONBLOCK, 0)
+	fh, err := os.OpenFile(path, os.O_RDONLY|syscall.O_NONBLOCK, 0)
 	if err != nil {
 		if errors.Is(err, fs.ErrNotExist) {
-			return fileSnapshot{}, f.fail(ReasonMissing, pathless(err))
+			return fail(ReasonMissing, pathless(err))
 		}
-		return fileSnapshot{}, f.fail(ReasonUnreadable, pathless(err))
+		return fail(ReasonUnreadable, pathless(err))
 	}
 	defer fh.Close()
 	before, err := fh.Stat()
 	if err != nil {
-		return fileSnapshot{}, f.fail(ReasonUnreadable, pathless(err))
+		return fail(ReasonUnreadable, pathless(err))
 	}
 	if !before.Mode().IsRegular() {
-		return fileSnapshot{}, f.fail(ReasonUnreadable, fmt.Errorf("not a regular file (%s)", fileType(before.Mode())))
+		return fail(ReasonUnreadable, fmt.Errorf("not a regular file (%s)", fileType(before.Mode())))
 	}
-	if before.Size() > f.maxSize {
-		return fileSnapshot{}, f.fail(ReasonTooLarge, fmt.Errorf("%d bytes, limit %d", before.Size(), f.maxSize))
+	if before.Size() > maxSize {
+		return fail(tooLarge, fmt.Errorf("%d bytes, limit %d", before.Size(), maxSize))
 	}
 	// One byte more than the size, so that a file that grew meanwhile is
-	// noticed; a file holds a few KiB at most, so this is one read(2).
+	// noticed; the files hold a few KiB, so this is one read(2).
 	buf := make([]byte, before.Size()+1)
 	n, err := io.ReadFull(fh, buf)
 	if err != nil && !errors.Is(err, io.ErrUnexpectedEOF) && !errors.Is(err, io.EOF) {
-		return fileSnapshot{}, f.fail(ReasonUnreadable, pathless(err))
+		return fail(ReasonUnreadable, pathless(err))
 	}
 	after, err := fh.Stat()
 	if err != nil {
-		return fileSnapshot{}, f.fail(ReasonUnreadable, pathless(err))
+		return fail(ReasonUnreadable, pathless(err))
 	}
-	if after.Size() > f.maxSize {
-		return fileSnapshot{}, f.fail(ReasonTooLarge, fmt.Errorf("%d bytes, limit %d", after.Size(), f.maxSize))
+	if after.Size() > maxSize {
+		return fail(tooLarge, fmt.Errorf("%d bytes, limit %d", after.Size(), maxSize))
 	}
+	st := stampOf(after)
 	return fileSnapshot{
 		content: buf[:n],
 		mtime:   after.ModTime(),
-		changed: stampOf(before) != stampOf(after) || int64(n) != after.Size(),
+		stamp:   st,
+		changed: stampOf(before) != st || int64(n) != after.Size(),
 	}, nil
 }
 

@@ -10,11 +10,12 @@ import (
 	"crypto/ed25519"
 	"crypto/elliptic"
 	"crypto/rsa"
+	"crypto/sha256"
 	"crypto/x509"
+	"encoding/binary"
 	"encoding/pem"
 	"errors"
 	"fmt"
-	"io"
 	"io/fs"
 	"os"
 	"sync"
@@ -26,10 +27,12 @@ import (
 )
 
 // Reasons an X.509 identity could not be used, in addition to ReasonMissing
-// and ReasonUnreadable (a file that does not exist or cannot be read). They
-// are values of Error.Reason and of the result label of
+// and ReasonUnreadable (a file that does not exist or cannot be read) and
+// ReasonChanging (the files are being rewritten; see X509). They are values
+// of Error.Reason and of the result label of
 // imdsproxy_identity_certificate_loads_total. All of them are permanent:
-// only new files (or a fixed mode or clock) help.
+// only new files (or a fixed mode or clock) help. X509 reports them only
+// for files left alone for SettleTime.
 const (
 	// ReasonCertInvalid: the certificate or chain file is not PEM
 	// certificates (garbage, truncated, no CERTIFICATE block, bad DER, too large).
@@ -53,7 +56,7 @@ const (
 
 // x509Reasons lists every reason an X.509 load can fail with, to pre-create
 // metric series.
-var x509Reasons = []string{ReasonMissing, ReasonUnreadable, ReasonCertInvalid, ReasonCertExpired,
+var x509Reasons = []string{ReasonMissing, ReasonUnreadable, ReasonChanging, ReasonCertInvalid, ReasonCertExpired,
 	ReasonCertNotYetValid, ReasonKeyInvalid, ReasonKeyUnsupported, ReasonKeyPermissions, ReasonKeyMismatch}
 
 // x509Permanent reports whether reason is one of the X.509 reasons, all
@@ -91,7 +94,19 @@ type X509Options struct {
 // The files need not exist when the daemon starts: a certificate agent
 // (SPIFFE, ACME, …) often writes them only after it has started itself.
 // Like File, X509 then reports a transient error and loads the files on the
-// first call after they appear. What is transient and what permanent:
+// first call after they appear.
+//
+// Agents should replace each file atomically (write a temporary file, rename
+// it). Some rewrite them in place, or write the certificate and the key one
+// after the other, so that a load can see a torn PEM file, or a new
+// certificate with the old key. X509 applies File's discipline to every
+// load: each file is read whole between two fstat calls (a file that changed
+// meanwhile is read again); while any file was modified less than SettleTime
+// ago, the files are used only when two loads in a row, at least 10 ms
+// apart, read identical bytes that validate, and files that do not validate
+// are re-read for at most ChangeWait. The key is always checked against the
+// certificate's public key, so a mismatched pair is never returned. What is
+// transient and what permanent:
 //
 //   - missing (a file does not exist yet) and unreadable (it cannot be
 //     opened or read, or is not a regular file) are transient
@@ -99,14 +114,24 @@ type X509Options struct {
 //     touching imdsproxy. NewX509 accepts missing files, and only those:
 //     a path that exists but is a directory, a FIFO or unreadable is a
 //     configuration mistake at start-up and fails NewX509.
+//   - changing (transient): a file changed during every read for
+//     ChangeWait, or files modified less than SettleTime ago do not
+//     validate. Meanwhile the identity loaded last, if any and still
+//     within its validity, stays in use: X509 returns it (and the load is
+//     counted as changing); without one, X509 returns the error. NewX509
+//     accepts it, like missing.
 //   - every reason about the content (cert_invalid, cert_expired,
 //     cert_not_yet_valid, key_invalid, key_unsupported, key_permissions,
-//     key_mismatch) is permanent: only new files, a fixed mode or a fixed
-//     clock help. NewX509 fails on them for the files that exist (they are
-//     read in the order certificate, chain, key, up to the first missing).
+//     key_mismatch) of files left alone for SettleTime is permanent: only
+//     new files, a fixed mode or a fixed clock help, and the identity loaded
+//     before is no longer used. NewX509 fails on them for the files that
+//     exist (they are read in the order certificate, chain, key, up to the
+//     first missing).
 //
 // Either way X509 keeps retrying on every call; Permanent only decides how
-// loudly a caller reports the failure (in imdsproxy: /readyz at once).
+// loudly a caller reports the failure (in imdsproxy: /readyz at once). A
+// call holds X509's lock while it re-reads files being rewritten, so
+// concurrent calls wait for it (at most ChangeWait each).
 type X509 struct {
 	certPath, keyPath, chainPath string
 	now                          func() time.Time
@@ -121,10 +146,16 @@ type X509 struct {
 
 // x509Identity is one validated load.
 type x509Identity struct {
-	fp     [3]fileStamp // cert, key, chain
-	leaf   *x509.Certificate
-	chain  []*x509.Certificate
-	signer crypto.Signer
+	fp     [3]fileStamp // by certFile, keyFile, chainFile
+	digest [sha256.Size]byte
+	// settled: every file had been left alone for SettleTime when read, so
+	// unchanged stamps mean unchanged files. Stamps of a file modified
+	// within a timestamp tick of the load may not change when its content
+	// does, so until then the files are re-read and compared by digest.
+	settled bool
+	leaf    *x509.Certificate
+	chain   []*x509.Certificate
+	signer  crypto.Signer
 }
 
 // fileStamp identifies one version of a file.
@@ -138,8 +169,9 @@ type fileStamp struct {
 // NewX509 returns an X509 reading certPath, keyPath and chainPath (chainPath
 // may be ""). It loads and validates the files once, so that a bad
 // configuration is reported at start-up; that error is an *Error. Files that
-// do not exist yet are not an error: they are logged (Warn) and loaded by
-// the first X509 call after they appear (see X509 for what fails at once).
+// do not exist yet, or are being written (ReasonChanging), are not an error:
+// they are logged (Warn) and loaded by the first X509 call after they
+// appear or settle (see X509 for what fails at once).
 // log may be nil (no logging). reg may be nil (no metrics); otherwise these
 // metrics are registered on it:
 //
@@ -177,11 +209,16 @@ func NewX509(certPath, keyPath, chainPath string, opts X509Options, log *zap.Log
 	}
 	if _, _, _, err := x.X509(context.Background()); err != nil {
 		var te *Error
-		if !errors.As(err, &te) || te.Reason != ReasonMissing {
+		switch {
+		case errors.As(err, &te) && te.Reason == ReasonMissing:
+			x.log.Warn("X.509 identity files not there yet; they are loaded when they appear",
+				zap.String("path", te.Path), zap.Error(te.Err))
+		case errors.As(err, &te) && te.Reason == ReasonChanging:
+			x.log.Warn("X.509 identity files are being written; they are loaded when they settle",
+				zap.String("path", te.Path), zap.Error(te.Err))
+		default:
 			return nil, err
 		}
-		x.log.Warn("X.509 identity files not there yet; they are loaded when they appear",
-			zap.String("path", te.Path), zap.Error(te.Err))
 	}
 	return x, nil
 }
@@ -193,9 +230,12 @@ func (x *X509) Paths() (cert, key, chain string) { return x.certPath, x.keyPath,
 // extra certificates of the certificate file, then those of the chain file;
 // possibly none) and the private key. It reloads the files when they changed
 // since the last good load; when the new files do not validate it returns
-// the error (and retries the load on the next call). The cached identity is
-// re-checked against the clock on every call. Errors are *Error; they never
-// contain key material. An already cancelled ctx returns its error.
+// the error (and retries the load on the next call), except while they are
+// being rewritten (ReasonChanging, see X509): then it returns the identity
+// loaded last, if it is still valid. The identity returned is re-checked
+// against the clock on every call. Errors are *Error, or ctx's error when
+// ctx ends while files being rewritten are re-read; they never contain key
+// material. An already cancelled ctx returns its error.
 func (x *X509) X509(ctx context.Context) (*x509.Certificate, []*x509.Certificate, crypto.Signer, error) {
 	if err := ctx.Err(); err != nil {
 		return nil, nil, nil, err
@@ -203,25 +243,35 @@ func (x *X509) X509(ctx context.Context) (*x509.Certificate, []*x509.Certificate
 	x.mu.Lock()
 	defer x.mu.Unlock()
 	id := x.cached
-	if id == nil || !x.unchanged(id) {
-		loaded, err := x.load()
-		if err != nil {
-			var te *Error
-			if errors.As(err, &te) {
-				x.count(te.Reason)
-				x.log.Warn("X.509 identity refused", zap.String("reason", te.Reason), zap.String("path", te.Path), zap.Error(te.Err))
+	if id == nil || !id.settled || !x.unchanged(id) {
+		loaded, fresh, err := x.load(ctx, id)
+		var te *Error
+		switch {
+		case err == nil:
+			x.cached, id = loaded, loaded
+			if !fresh {
+				break // the same files as the cached identity
 			}
+			x.count("ok")
+			if x.expiry != nil {
+				x.expiry.Set(float64(loaded.leaf.NotAfter.Unix()))
+			}
+			x.log.Info("X.509 identity loaded", zap.String("cert", x.certPath),
+				zap.String("serial", loaded.leaf.SerialNumber.String()),
+				zap.String("subject", loaded.leaf.Subject.String()),
+				zap.Time("not_after", loaded.leaf.NotAfter), zap.Int("intermediates", len(loaded.chain)),
+				zap.Bool("settled", loaded.settled))
+		case !errors.As(err, &te):
+			return nil, nil, nil, err // ctx ended
+		case te.Reason == ReasonChanging && id != nil && x.checkValidity(id.leaf) == nil:
+			x.count(te.Reason)
+			x.log.Info("X.509 identity files are being rewritten; the identity loaded before stays in use",
+				zap.String("path", te.Path), zap.String("serial", id.leaf.SerialNumber.String()), zap.Error(te.Err))
+		default:
+			x.count(te.Reason)
+			x.log.Warn("X.509 identity refused", zap.String("reason", te.Reason), zap.String("path", te.Path), zap.Error(te.Err))
 			return nil, nil, nil, err
 		}
-		x.count("ok")
-		if x.expiry != nil {
-			x.expiry.Set(float64(loaded.leaf.NotAfter.Unix()))
-		}
-		x.log.Info("X.509 identity loaded", zap.String("cert", x.certPath),
-			zap.String("serial", loaded.leaf.SerialNumber.String()),
-			zap.String("subject", loaded.leaf.Subject.String()),
-			zap.Time("not_after", loaded.leaf.NotAfter), zap.Int("intermediates", len(loaded.chain)))
-		x.cached, id = loaded, loaded
 	}
 	if err := x.checkValidity(id.leaf); err != nil {
 		return nil, nil, nil, err
@@ -272,26 +322,131 @@ func (x *X509) checkValidity(leaf *x509.Certificate) error {
 	return nil
 }
 
-// load reads and validates all files.
-func (x *X509) load() (*x509Identity, error) {
-	id := &x509Identity{}
-	certPEM, st, err := readPEMFile(x.certPath, ReasonCertInvalid)
-	if err != nil {
-		return nil, err
+// load reads and validates the files, with the defence against files
+// rewritten in place described at X509. cached is the identity loaded last
+// (nil if none): when the files hold exactly what it was loaded from, load
+// returns a copy of it with the current stamps and fresh false, without
+// parsing them again. Errors are *Error, or ctx's error.
+func (x *X509) load(ctx context.Context, cached *x509Identity) (id *x509Identity, fresh bool, err error) {
+	rr := newRereads()
+	var prev *[sha256.Size]byte // the digest of the previous pass, if any
+	for {
+		p := x.readFiles()
+		if cached != nil && p.readErr == nil && p.changed == "" && p.digest == cached.digest {
+			_, young := settling(p.mtime)
+			same := *cached
+			same.fp, same.settled = p.fp, !young
+			return &same, false, nil
+		}
+		id, err := x.validate(&p)
+		clear(p.content[1]) // the private key
+		if err != nil && err == p.readErr {
+			return nil, false, err // definitive: missing, unreadable, too large
+		}
+		age, young := settling(p.mtime)
+		var why, path string
+		var te *Error
+		switch {
+		case p.changed != "":
+			why, path = "it changed while it was read", p.changed
+		case young && errors.As(err, &te):
+			why, path = fmt.Sprintf("%s: %v, and the files were modified %v ago", te.Reason, te.Err, age.Round(time.Millisecond)), te.Path
+		case young && (prev == nil || *prev != p.digest):
+			why, path = fmt.Sprintf("the files were modified %v ago and two reads in a row differed", age.Round(time.Millisecond)), p.youngest
+		case err != nil:
+			return nil, false, err
+		default:
+			id.fp, id.digest, id.settled = p.fp, p.digest, !young
+			return id, true, nil
+		}
+		prev = &p.digest
+		more, err := rr.wait(ctx)
+		if err != nil {
+			return nil, false, err
+		}
+		if !more {
+			return nil, false, &Error{Reason: ReasonChanging, Path: path, Err: fmt.Errorf(
+				"the X.509 identity files are being rewritten: %s (%s); the certificate agent should replace each file atomically (write a temporary file, rename it)",
+				why, rr)}
+		}
 	}
-	id.fp[0] = st
-	certs, err := parseCertificates(certPEM)
+}
+
+// Indexes of the files in x509Pass and x509Identity.fp.
+const (
+	certFile = iota
+	keyFile
+	chainFile
+)
+
+// x509Pass is one read of the files.
+type x509Pass struct {
+	content [3][]byte    // by certFile, keyFile, chainFile; nil when not read
+	fp      [3]fileStamp // of the files read
+	read    [3]bool      // which files were read
+	readErr error        // why the next file could not be read (missing, unreadable, too large)
+	digest  [sha256.Size]byte
+	mtime   time.Time // the latest mtime of the files read
+	// youngest is the path of the file with that mtime; changed that of a
+	// file that changed while it was read, if any.
+	youngest, changed string
+}
+
+// readFiles reads the certificate, chain and key files, in that order, up to
+// the first that cannot be read.
+func (x *X509) readFiles() x509Pass {
+	var p x509Pass
+	h := sha256.New()
+	for _, f := range []struct {
+		i              int
+		path, tooLarge string
+	}{{certFile, x.certPath, ReasonCertInvalid}, {chainFile, x.chainPath, ReasonCertInvalid}, {keyFile, x.keyPath, ReasonKeyInvalid}} {
+		if f.path == "" {
+			continue
+		}
+		snap, err := readSnapshot(f.path, maxPEMFile, f.tooLarge)
+		if err != nil {
+			p.readErr = err
+			break
+		}
+		p.content[f.i], p.fp[f.i], p.read[f.i] = snap.content, snap.stamp, true
+		if snap.changed && p.changed == "" {
+			p.changed = f.path
+		}
+		if p.youngest == "" || snap.mtime.After(p.mtime) {
+			p.mtime, p.youngest = snap.mtime, f.path
+		}
+		// Each file as its index, mode, length and content, so that no two
+		// different sets of files are hashed alike.
+		var hdr [13]byte
+		hdr[0] = byte(f.i)
+		binary.BigEndian.PutUint32(hdr[1:], uint32(snap.stamp.mode))
+		binary.BigEndian.PutUint64(hdr[5:], uint64(len(snap.content)))
+		h.Write(hdr[:])
+		h.Write(snap.content)
+	}
+	h.Sum(p.digest[:0])
+	return p
+}
+
+// validate checks the files of p in the order certificate, chain, key, and
+// returns p.readErr when it gets to the file that could not be read. The
+// returned identity lacks fp, digest and settled.
+func (x *X509) validate(p *x509Pass) (*x509Identity, error) {
+	if !p.read[certFile] {
+		return nil, p.readErr
+	}
+	id := &x509Identity{}
+	certs, err := parseCertificates(p.content[certFile])
 	if err != nil {
 		return nil, &Error{Reason: ReasonCertInvalid, Path: x.certPath, Err: err}
 	}
 	id.leaf, id.chain = certs[0], certs[1:]
 	if x.chainPath != "" {
-		chainPEM, st, err := readPEMFile(x.chainPath, ReasonCertInvalid)
-		if err != nil {
-			return nil, err
+		if !p.read[chainFile] {
+			return nil, p.readErr
 		}
-		id.fp[2] = st
-		more, err := parseCertificates(chainPEM)
+		more, err := parseCertificates(p.content[chainFile])
 		if err != nil {
 			return nil, &Error{Reason: ReasonCertInvalid, Path: x.chainPath, Err: fmt.Errorf("chain: %w", err)}
 		}
@@ -301,17 +456,14 @@ func (x *X509) load() (*x509Identity, error) {
 		return nil, err
 	}
 
-	keyPEM, st, err := readPEMFile(x.keyPath, ReasonKeyInvalid)
-	if err != nil {
-		return nil, err
+	if !p.read[keyFile] {
+		return nil, p.readErr
 	}
-	id.fp[1] = st
-	if perm := st.mode.Perm(); perm&0o077 != 0 {
+	if perm := p.fp[keyFile].mode.Perm(); perm&0o077 != 0 {
 		return nil, &Error{Reason: ReasonKeyPermissions, Path: x.keyPath, Err: fmt.Errorf(
 			"private key file mode %04o is readable or writable by group or others; run chmod 600 %s", uint32(perm), x.keyPath)}
 	}
-	signer, err := parsePrivateKey(keyPEM)
-	clear(keyPEM)
+	signer, err := parsePrivateKey(p.content[keyFile])
 	if err != nil {
 		var te *Error
 		if errors.As(err, &te) {
@@ -320,6 +472,8 @@ func (x *X509) load() (*x509Identity, error) {
 		}
 		return nil, &Error{Reason: ReasonKeyInvalid, Path: x.keyPath, Err: err}
 	}
+	// The pair is checked on every load: a certificate and key written one
+	// after the other are never returned mismatched.
 	if !publicKeysEqual(signer.Public(), id.leaf.PublicKey) {
 		return nil, &Error{Reason: ReasonKeyMismatch, Path: x.keyPath, Err: fmt.Errorf(
 			"private key (%s) does not match the public key of certificate %s (serial %s, %s)",
@@ -327,41 +481,6 @@ func (x *X509) load() (*x509Identity, error) {
 	}
 	id.signer = signer
 	return id, nil
-}
-
-// readPEMFile reads a regular file of at most maxPEMFile bytes and returns
-// its content and its stamp (from the open descriptor, so the stamp
-// describes exactly the bytes read).
-func readPEMFile(path, tooLargeReason string) ([]byte, fileStamp, error) {
-	fail := func(reason string, err error) ([]byte, fileStamp, error) {
-		return nil, fileStamp{}, &Error{Reason: reason, Path: path, Err: err}
-	}
-	fh, err := os.OpenFile(path, os.O_RDONLY|syscall.O_NONBLOCK, 0)
-	if err != nil {
-		if errors.Is(err, fs.ErrNotExist) {
-			return fail(ReasonMissing, pathless(err))
-		}
-		return fail(ReasonUnreadable, pathless(err))
-	}
-	defer fh.Close()
-	st, err := fh.Stat()
-	if err != nil {
-		return fail(ReasonUnreadable, pathless(err))
-	}
-	if !st.Mode().IsRegular() {
-		return fail(ReasonUnreadable, fmt.Errorf("not a regular file (%s)", fileType(st.Mode())))
-	}
-	if st.Size() > maxPEMFile {
-		return fail(tooLargeReason, fmt.Errorf("%d bytes, limit %d", st.Size(), maxPEMFile))
-	}
-	b, err := io.ReadAll(io.LimitReader(fh, maxPEMFile+1))
-	if err != nil {
-		return fail(ReasonUnreadable, pathless(err))
-	}
-	if len(b) > maxPEMFile {
-		return fail(tooLargeReason, fmt.Errorf("more than %d bytes", maxPEMFile))
-	}
-	return b, stampOf(st), nil
 }
 
 // parseCertificates returns every CERTIFICATE block of b, in order. Other

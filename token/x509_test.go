@@ -54,6 +54,17 @@ func identityFiles(t testing.TB, l *rolesanywhere.Leaf) (cert, key, chain string
 	return cert, key, chain
 }
 
+// settleFiles sets the modification time of the files (those not "") to
+// twice SettleTime ago, so that X509 takes their content as final.
+func settleFiles(t *testing.T, paths ...string) {
+	t.Helper()
+	for _, p := range paths {
+		if p != "" {
+			age(t, p, 2*SettleTime)
+		}
+	}
+}
+
 // secretLines returns the base64 body lines of a PEM document, each of
 // which must never appear in an error or log.
 func secretLines(pemBytes []byte) []string {
@@ -190,6 +201,7 @@ func TestX509Refused(t *testing.T) {
 					t.Fatal(err)
 				}
 			}
+			settleFiles(t, cert, key, chain) // fresh files would be refused as changing (TestX509InPlace)
 			reg := prometheus.NewPedanticRegistry()
 			_, err := NewX509(cert, key, chain, X509Options{}, nil, reg)
 			var te *Error
@@ -311,6 +323,7 @@ func TestX509MissingFiles(t *testing.T) {
 	if err := os.WriteFile(garbage, []byte("hello\n"), 0o644); err != nil {
 		t.Fatal(err)
 	}
+	settleFiles(t, garbage)
 	var te *Error
 	if _, err := NewX509(garbage, srcKey+".nope", "", X509Options{}, nil, nil); !errors.As(err, &te) || te.Reason != ReasonCertInvalid {
 		t.Errorf("garbage cert, missing key: %v, want cert_invalid", err)
@@ -357,15 +370,25 @@ func TestX509Rotation(t *testing.T) {
 		t.Fatal("rotation by rename not picked up")
 	}
 
-	// Rotation mid-write: new certificate, old key → refused, cached one not served.
+	// Rotation mid-write: new certificate, old key. While the certificate
+	// is new, the load is refused as changing and the cached identity is
+	// served; once the files have been left alone for SettleTime, the
+	// mismatch is permanent and the cached identity is no longer served.
 	l3 := issue(t, rolesanywhere.LeafOptions{Key: rolesanywhere.ECP256})
 	if err := os.WriteFile(cert, l3.CertPEM, 0o644); err != nil { // in place
 		t.Fatal(err)
 	}
+	if serial() != l2.Cert.SerialNumber.String() {
+		t.Fatal("half-rotated files: the cached identity is not served")
+	}
+	if n := testutil.ToFloat64(metricVec(t, reg).WithLabelValues(ReasonChanging)); n != 1 {
+		t.Fatalf("loads_total{result=changing} = %v, want 1", n)
+	}
+	settleFiles(t, cert, key, chain)
 	_, _, _, err = x.X509(context.Background())
 	var te *Error
-	if !errors.As(err, &te) || te.Reason != ReasonKeyMismatch {
-		t.Fatalf("half-rotated files: %v", err)
+	if !errors.As(err, &te) || te.Reason != ReasonKeyMismatch || !te.Permanent() {
+		t.Fatalf("half-rotated files left alone: %v", err)
 	}
 	if err := os.WriteFile(key, l3.KeyPEM, 0o600); err != nil { // in place
 		t.Fatal(err)
@@ -375,6 +398,7 @@ func TestX509Rotation(t *testing.T) {
 	}
 
 	// chmod alone is noticed.
+	settleFiles(t, cert, key, chain)
 	if err := os.Chmod(key, 0o644); err != nil {
 		t.Fatal(err)
 	}
