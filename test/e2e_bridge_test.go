@@ -4,17 +4,13 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
-
-	"golang.org/x/sys/unix"
 )
 
 // The interception of containers on a bridge, end to end. On top of
@@ -54,8 +50,6 @@ type brEnv struct {
 	*icEnv
 	ctr, pod, ctr2 string // namespace names
 	bridge, other  string // bridge names: listed in intercept.bridges, not listed
-	files          []*os.File
-	names          string // LISTEN_FDNAMES of files
 }
 
 func TestInterceptContainerBridge(t *testing.T) {
@@ -103,7 +97,7 @@ func TestInterceptContainerBridge(t *testing.T) {
 	b.nsMust(b.host, nil, b.bin, "intercept", "status", "--config", b.config)
 
 	b.openBridgeSockets()
-	d := b.startBridgeDaemon()
+	d := b.startDaemon()
 
 	t.Run("the container gets the daemon's answers", func(t *testing.T) {
 		if got := b.nsMust(b.ctr, nil, b.client, "get", "/latest/meta-data/iam/security-credentials/"); got != roleName {
@@ -203,7 +197,7 @@ func TestInterceptContainerBridge(t *testing.T) {
 			t.Errorf("daemon exited %d on SIGTERM", code)
 		}
 		b.configure(2)
-		d = b.startBridgeDaemon()
+		d = b.startDaemon()
 		tok := b.nsMust(b.pod, nil, "curl", "-sS", "-m", "10", "-X", "PUT", "-H", "X-aws-ec2-metadata-token-ttl-seconds: 60", "http://169.254.169.254"+brTokenPath)
 		if tok == "" {
 			t.Fatalf("pod one hop behind the container: empty token with hop_limit 2")
@@ -381,125 +375,14 @@ func (b *brEnv) configure(hops int) {
 // loopback ones, the bridge's two addresses, and the admin socket. See
 // openSockets for why the thread goes back to its namespace.
 func (b *brEnv) openBridgeSockets() {
-	t := b.t
-	socks := []struct{ name, addr string }{
+	socks := []icSocket{
 		{"imds", fmt.Sprintf("127.0.0.1:%d", icIMDSPort)},
 		{"imds6", fmt.Sprintf("[::1]:%d", icIMDSPort)},
 		{"imds-bridge", fmt.Sprintf("%s:%d", brAddr4, icIMDSPort)},
 		{"imds-bridge6", fmt.Sprintf("[%s]:%d", brAddr6, icIMDSPort)},
 		{"admin", fmt.Sprintf("127.0.0.1:%d", icAdminPort)},
 	}
-	t.Cleanup(func() {
-		for _, f := range b.files {
-			f.Close()
-		}
-	})
-	ns, err := os.Open("/run/netns/" + b.host)
-	icMust(t, err)
-	defer ns.Close()
-	done := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		self, err := os.Open("/proc/thread-self/ns/net")
-		if err != nil {
-			runtime.UnlockOSThread()
-			done <- err
-			return
-		}
-		defer self.Close()
-		if err := unix.Setns(int(ns.Fd()), unix.CLONE_NEWNET); err != nil {
-			runtime.UnlockOSThread()
-			done <- err
-			return
-		}
-		defer func() {
-			if unix.Setns(int(self.Fd()), unix.CLONE_NEWNET) == nil {
-				runtime.UnlockOSThread()
-			}
-		}()
-		var names []string
-		for _, s := range socks {
-			ln, err := net.Listen("tcp", s.addr)
-			if err != nil {
-				done <- err
-				return
-			}
-			f, err := ln.(*net.TCPListener).File()
-			ln.Close()
-			if err != nil {
-				done <- err
-				return
-			}
-			b.files = append(b.files, f)
-			names = append(names, s.name)
-		}
-		b.names = strings.Join(names, ":")
-		done <- nil
-	}()
-	icMust(t, <-done)
-}
-
-// startBridgeDaemon is startDaemon with b's sockets: the daemon in the host
-// namespace as icUID with CAP_NET_ADMIN; it waits for READY=1.
-func (b *brEnv) startBridgeDaemon() *icDaemon {
-	t := b.t
-	b.gen++
-	sock := filepath.Join(b.dir, fmt.Sprintf("notify-%d", b.gen))
-	nc, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: sock, Net: "unixgram"})
-	icMust(t, err)
-	defer nc.Close()
-	icMust(t, os.Chmod(sock, 0o666))
-
-	gen := b.gen
-	d := &icDaemon{log: &lockedBuffer{}, done: make(chan struct{})}
-	d.cmd = exec.Command("ip", "netns", "exec", b.host,
-		"setpriv", "--reuid", fmt.Sprint(icUID), "--regid", fmt.Sprint(icUID), "--clear-groups",
-		"--inh-caps", "+net_admin", "--ambient-caps", "+net_admin",
-		"/bin/sh", "-c", `LISTEN_PID=$$; export LISTEN_PID; exec "$0" "$@"`,
-		b.bin, "serve", "--config", b.config, "--log-format", "json", "--log-level", "debug")
-	d.cmd.Dir = b.dir
-	d.cmd.Env = []string{
-		"PATH=/usr/bin:/bin", "HOME=" + b.dir, "NO_PROXY=*",
-		"AWS_REGION=us-east-1", "AWS_ENDPOINT_URL_STS=http://127.0.0.1:8190",
-		"AWS_CONFIG_FILE=" + b.emptyFile, "AWS_SHARED_CREDENTIALS_FILE=" + b.emptyFile,
-		fmt.Sprintf("LISTEN_FDS=%d", len(b.files)), "LISTEN_FDNAMES=" + b.names,
-		"NOTIFY_SOCKET=" + sock,
-	}
-	d.cmd.ExtraFiles = b.files
-	d.cmd.Stdout, d.cmd.Stderr = d.log, d.log
-	icMust(t, d.cmd.Start())
-	go func() { d.err = d.cmd.Wait(); close(d.done) }()
-	t.Cleanup(func() {
-		d.stop()
-		if t.Failed() {
-			t.Logf("daemon #%d log:\n%s", gen, icTail(d.log.String(), 40))
-		}
-	})
-	ready := make(chan string, 1)
-	go func() {
-		buf := make([]byte, 4096)
-		for {
-			nc.SetReadDeadline(time.Now().Add(readyTimeout))
-			n, err := nc.Read(buf)
-			if err != nil {
-				ready <- "error: " + err.Error()
-				return
-			}
-			if s := string(buf[:n]); strings.Contains(s, "READY=1") {
-				ready <- s
-				return
-			}
-		}
-	}()
-	select {
-	case s := <-ready:
-		if !strings.Contains(s, "READY=1") {
-			t.Fatalf("daemon #%d sent no READY=1: %s\n%s", gen, s, icTail(d.log.String(), 40))
-		}
-	case <-d.done:
-		t.Fatalf("daemon #%d exited before READY=1: %v\n%s", gen, d.err, icTail(d.log.String(), 40))
-	}
-	return d
+	b.openSocketsAt(socks)
 }
 
 // nsExit runs args in namespace ns with the clients' environment and returns

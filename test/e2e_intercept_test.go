@@ -54,8 +54,13 @@ type icEnv struct {
 	emptyFile  string
 	sts        *lockedBuffer // fakests log
 	files      []*os.File    // the listening sockets handed to daemons
+	fdNames    []string      // their LISTEN_FDNAMES
 	gen        int
 }
+
+// icSocket is one listening socket handed to daemons and its name in
+// LISTEN_FDNAMES, as a systemd socket unit would give it.
+type icSocket struct{ name, addr string }
 
 func TestInterceptNetns(t *testing.T) {
 	if os.Geteuid() != 0 {
@@ -283,17 +288,26 @@ intercept: {enabled: true, ipv6: true, check_interval: 1s, exempt_uid: %d}
 }
 
 // openSockets creates the daemon's listening sockets inside the host
-// namespace, as systemd's imdsproxy.socket would. The thread that enters the
-// namespace returns to its own before it is unlocked: a locked thread that
-// stayed in the namespace would, were it the main thread (which never
-// exits), keep the test process listed by `ip netns pids` for the namespace,
-// and setupNetwork's cleanup would kill it.
+// namespace, as systemd's imdsproxy.socket would.
 func (e *icEnv) openSockets() {
+	e.openSocketsAt([]icSocket{
+		{"imds", fmt.Sprintf("127.0.0.1:%d", icIMDSPort)},
+		{"imds6", fmt.Sprintf("[::1]:%d", icIMDSPort)},
+		{"admin", fmt.Sprintf("127.0.0.1:%d", icAdminPort)},
+	})
+}
+
+// openSocketsAt creates socks inside the host namespace and adds them to the
+// sockets handed to daemons. The thread that enters the namespace returns to
+// its own before it is unlocked: a locked thread that stayed in the
+// namespace would, were it the main thread (which never exits), keep the
+// test process listed by `ip netns pids` for the namespace, and
+// setupNetwork's cleanup would kill it.
+func (e *icEnv) openSocketsAt(socks []icSocket) {
 	t := e.t
 	ns, err := os.Open("/run/netns/" + e.host)
 	icMust(t, err)
 	defer ns.Close()
-	addrs := []string{fmt.Sprintf("127.0.0.1:%d", icIMDSPort), fmt.Sprintf("[::1]:%d", icIMDSPort), fmt.Sprintf("127.0.0.1:%d", icAdminPort)}
 	done := make(chan error, 1)
 	go func() {
 		runtime.LockOSThread()
@@ -316,8 +330,8 @@ func (e *icEnv) openSockets() {
 				runtime.UnlockOSThread()
 			}
 		}()
-		for _, a := range addrs {
-			ln, err := net.Listen("tcp", a)
+		for _, sock := range socks {
+			ln, err := net.Listen("tcp", sock.addr)
 			if err != nil {
 				done <- err
 				return
@@ -329,6 +343,7 @@ func (e *icEnv) openSockets() {
 				return
 			}
 			e.files = append(e.files, f)
+			e.fdNames = append(e.fdNames, sock.name)
 		}
 		done <- nil
 	}()
@@ -367,7 +382,14 @@ func (d *icDaemon) stop() int {
 // startDaemon starts a daemon process in the host namespace as icUID with
 // CAP_NET_ADMIN (for the rule keeper) and the held sockets, and waits for its
 // READY=1.
-func (e *icEnv) startDaemon() *icDaemon {
+func (e *icEnv) startDaemon() *icDaemon { return e.startDaemonWith("+net_admin", false) }
+
+// startDaemonWith starts a daemon in the host namespace as icUID with the
+// capabilities caps (setpriv syntax), the held sockets and NOTIFY_SOCKET,
+// and waits for its READY=1. With nsenter it enters the namespace with
+// nsenter --net instead of ip netns exec, which remounts /sys and so hides
+// the host's cgroup2 mount.
+func (e *icEnv) startDaemonWith(caps string, nsenter bool) *icDaemon {
 	t := e.t
 	e.gen++
 	sock := filepath.Join(e.dir, fmt.Sprintf("notify-%d", e.gen))
@@ -377,27 +399,32 @@ func (e *icEnv) startDaemon() *icDaemon {
 	icMust(t, os.Chmod(sock, 0o666))
 
 	d := &icDaemon{log: &lockedBuffer{}, done: make(chan struct{})}
-	d.cmd = exec.Command("ip", "netns", "exec", e.host,
+	enter := []string{"ip", "netns", "exec", e.host}
+	if nsenter {
+		enter = []string{"nsenter", "--net=/run/netns/" + e.host, "--"}
+	}
+	d.cmd = exec.Command(enter[0], append(enter[1:],
 		"setpriv", "--reuid", fmt.Sprint(icUID), "--regid", fmt.Sprint(icUID), "--clear-groups",
-		"--inh-caps", "+net_admin", "--ambient-caps", "+net_admin",
+		"--inh-caps", caps, "--ambient-caps", caps,
 		"/bin/sh", "-c", `LISTEN_PID=$$; export LISTEN_PID; exec "$0" "$@"`,
-		e.bin, "serve", "--config", e.config, "--log-format", "json", "--log-level", "debug")
+		e.bin, "serve", "--config", e.config, "--log-format", "json", "--log-level", "debug")...)
 	d.cmd.Dir = e.dir
 	d.cmd.Env = []string{
 		"PATH=/usr/bin:/bin", "HOME=" + e.dir, "NO_PROXY=*",
 		"AWS_REGION=us-east-1", "AWS_ENDPOINT_URL_STS=http://127.0.0.1:8190",
 		"AWS_CONFIG_FILE=" + e.emptyFile, "AWS_SHARED_CREDENTIALS_FILE=" + e.emptyFile,
-		fmt.Sprintf("LISTEN_FDS=%d", len(e.files)), "LISTEN_FDNAMES=imds:imds6:admin",
+		fmt.Sprintf("LISTEN_FDS=%d", len(e.files)), "LISTEN_FDNAMES=" + strings.Join(e.fdNames, ":"),
 		"NOTIFY_SOCKET=" + sock,
 	}
 	d.cmd.ExtraFiles = e.files
 	d.cmd.Stdout, d.cmd.Stderr = d.log, d.log
 	icMust(t, d.cmd.Start())
 	go func() { d.err = d.cmd.Wait(); close(d.done) }()
+	gen := e.gen
 	t.Cleanup(func() {
 		d.stop()
 		if t.Failed() {
-			t.Logf("daemon #%d log:\n%s", e.gen, icTail(d.log.String(), 40))
+			t.Logf("daemon #%d log:\n%s", gen, icTail(d.log.String(), 40))
 		}
 	})
 	ready := make(chan string, 1)

@@ -9,7 +9,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -279,72 +278,14 @@ type pdDaemon struct {
 }
 
 // pdStartDaemon starts a daemon in the host namespace as icUID with
-// CAP_NET_ADMIN (and CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH when ptrace), the
-// held sockets and NOTIFY_SOCKET, and waits for its READY=1. Unlike icEnv.startDaemon it
-// enters the namespace with nsenter, keeping the host's /sys/fs/cgroup.
+// CAP_NET_ADMIN (and CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH when ptrace),
+// entering the namespace with nsenter to keep the host's /sys/fs/cgroup.
 func pdStartDaemon(e *icEnv, ptrace bool) *pdDaemon {
-	t := e.t
-	e.gen++
-	sock := filepath.Join(e.dir, fmt.Sprintf("notify-%d", e.gen))
-	nc, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: sock, Net: "unixgram"})
-	icMust(t, err)
-	defer nc.Close()
-	icMust(t, os.Chmod(sock, 0o666))
-
 	caps := "+net_admin"
 	if ptrace {
 		caps += ",+sys_ptrace,+dac_read_search"
 	}
-	d := &icDaemon{log: &lockedBuffer{}, done: make(chan struct{})}
-	d.cmd = exec.Command("nsenter", "--net=/run/netns/"+e.host, "--",
-		"setpriv", "--reuid", fmt.Sprint(icUID), "--regid", fmt.Sprint(icUID), "--clear-groups",
-		"--inh-caps", caps, "--ambient-caps", caps,
-		"/bin/sh", "-c", `LISTEN_PID=$$; export LISTEN_PID; exec "$0" "$@"`,
-		e.bin, "serve", "--config", e.config, "--log-format", "json", "--log-level", "debug")
-	d.cmd.Dir = e.dir
-	d.cmd.Env = []string{
-		"PATH=/usr/bin:/bin", "HOME=" + e.dir, "NO_PROXY=*",
-		"AWS_REGION=us-east-1", "AWS_ENDPOINT_URL_STS=http://127.0.0.1:8190",
-		"AWS_CONFIG_FILE=" + e.emptyFile, "AWS_SHARED_CREDENTIALS_FILE=" + e.emptyFile,
-		fmt.Sprintf("LISTEN_FDS=%d", len(e.files)), "LISTEN_FDNAMES=imds:imds6:admin",
-		"NOTIFY_SOCKET=" + sock,
-	}
-	d.cmd.ExtraFiles = e.files
-	d.cmd.Stdout, d.cmd.Stderr = d.log, d.log
-	icMust(t, d.cmd.Start())
-	go func() { d.err = d.cmd.Wait(); close(d.done) }()
-	gen := e.gen
-	t.Cleanup(func() {
-		d.stop()
-		if t.Failed() {
-			t.Logf("daemon #%d log:\n%s", gen, icTail(d.log.String(), 40))
-		}
-	})
-	icMust(t, nc.SetReadDeadline(time.Now().Add(readyTimeout)))
-	ready := make(chan error, 1)
-	go func() {
-		buf := make([]byte, 4096)
-		for {
-			n, err := nc.Read(buf)
-			if err != nil {
-				ready <- err
-				return
-			}
-			if strings.Contains(string(buf[:n]), "READY=1") {
-				ready <- nil
-				return
-			}
-		}
-	}()
-	select {
-	case err := <-ready:
-		if err != nil {
-			t.Fatalf("daemon #%d sent no READY=1: %v\n%s", gen, err, icTail(d.log.String(), 40))
-		}
-	case <-d.done:
-		t.Fatalf("daemon #%d exited before READY=1: %v\n%s", gen, d.err, icTail(d.log.String(), 40))
-	}
-	return &pdDaemon{d}
+	return &pdDaemon{e.startDaemonWith(caps, true)}
 }
 
 // lines returns the daemon's JSON log lines, decoded.
