@@ -53,23 +53,7 @@ type brEnv struct {
 }
 
 func TestInterceptContainerBridge(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("SKIPPED (LOUDLY): the container interception end-to-end test needs root to create network namespaces, bridges and nftables rules; CI runs it as root")
-	}
-	for _, tool := range []string{"ip", "nft", "setpriv", "curl", "python3"} {
-		if _, err := exec.LookPath(tool); err != nil {
-			t.Skipf("SKIPPED (LOUDLY): %s is not installed; the container interception end-to-end test needs iproute2, nftables, util-linux, curl and python3 (`make test-deps`)", tool)
-		}
-	}
-	if out, err := exec.Command("ip", "netns", "list").CombinedOutput(); err != nil {
-		t.Skipf("SKIPPED (LOUDLY): `ip netns` is unavailable: %v: %s", err, out)
-	}
-	aemm := os.Getenv("AEMM_BIN")
-	if aemm == "" {
-		aemm = filepath.Join(repoRoot, "bin", "tools", "ec2-metadata-mock")
-	}
-	requireClient(t, aemm, "amazon-ec2-metadata-mock (the real IMDS inside the namespace)")
-
+	aemm := requireNetnsTest(t, "the container interception end-to-end test", "network namespaces, bridges and nftables rules")
 	b := &brEnv{icEnv: newIcEnv(t, aemm, "")}
 	b.setupContainers(aemm)
 	b.configure(1)

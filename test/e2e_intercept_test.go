@@ -63,23 +63,7 @@ type icEnv struct {
 type icSocket struct{ name, addr string }
 
 func TestInterceptNetns(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("SKIPPED (LOUDLY): the interception end-to-end test needs root to create network namespaces and nftables rules; CI runs it as root")
-	}
-	for _, tool := range []string{"ip", "nft", "setpriv", "curl"} {
-		if _, err := exec.LookPath(tool); err != nil {
-			t.Skipf("SKIPPED (LOUDLY): %s is not installed; the interception end-to-end test needs iproute2, nftables, util-linux and curl (`make test-deps`)", tool)
-		}
-	}
-	if out, err := exec.Command("ip", "netns", "list").CombinedOutput(); err != nil {
-		t.Skipf("SKIPPED (LOUDLY): `ip netns` is unavailable: %v: %s", err, out)
-	}
-	aemm := os.Getenv("AEMM_BIN")
-	if aemm == "" {
-		aemm = filepath.Join(repoRoot, "bin", "tools", "ec2-metadata-mock")
-	}
-	requireClient(t, aemm, "amazon-ec2-metadata-mock (the real IMDS inside the namespace)")
-
+	aemm := requireNetnsTest(t, "the interception end-to-end test", "network namespaces and nftables rules")
 	e := newIcEnv(t, aemm, "")
 
 	// Rules first (ExecStartPre), twice: one set of rules.
@@ -215,6 +199,32 @@ func (e *icEnv) setupNetwork() {
 			t.Fatalf("ip %s: %v: %s", strings.Join(s, " "), err, out)
 		}
 	}
+}
+
+// requireNetnsTest skips t, loudly, unless it runs as root with ip (and
+// working ip netns), nft, setpriv, nsenter, curl, python3 and
+// amazon-ec2-metadata-mock, which the tests built on newIcEnv use; what
+// names the test and needs what root is for, in the messages. It returns
+// the path of amazon-ec2-metadata-mock.
+func requireNetnsTest(t *testing.T, what, needs string) (aemm string) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skipf("SKIPPED (LOUDLY): %s needs root to create %s; CI runs it as root", what, needs)
+	}
+	for _, tool := range []string{"ip", "nft", "setpriv", "nsenter", "curl", "python3"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			t.Skipf("SKIPPED (LOUDLY): %s is not installed; %s needs iproute2, nftables, util-linux, curl and python3 (`make test-deps`)", tool, what)
+		}
+	}
+	if out, err := exec.Command("ip", "netns", "list").CombinedOutput(); err != nil {
+		t.Skipf("SKIPPED (LOUDLY): `ip netns` is unavailable: %v: %s", err, out)
+	}
+	aemm = os.Getenv("AEMM_BIN")
+	if aemm == "" {
+		aemm = filepath.Join(repoRoot, "bin", "tools", "ec2-metadata-mock")
+	}
+	requireClient(t, aemm, "amazon-ec2-metadata-mock (the real IMDS inside the namespace)")
+	return aemm
 }
 
 // newIcEnv builds the interception tests' two namespaces, the real IMDS

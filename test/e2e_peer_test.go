@@ -39,26 +39,11 @@ const (
 )
 
 func TestPeerIdentityIntercepted(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("SKIPPED (LOUDLY): the client identification end-to-end test needs root to create network namespaces, nftables rules and cgroups; CI runs it as root")
-	}
-	for _, tool := range []string{"ip", "nft", "setpriv", "nsenter", "curl"} {
-		if _, err := exec.LookPath(tool); err != nil {
-			t.Skipf("SKIPPED (LOUDLY): %s is not installed; this test needs iproute2, nftables, util-linux and curl (`make test-deps`)", tool)
-		}
-	}
-	if out, err := exec.Command("ip", "netns", "list").CombinedOutput(); err != nil {
-		t.Skipf("SKIPPED (LOUDLY): `ip netns` is unavailable: %v: %s", err, out)
-	}
+	aemm := requireNetnsTest(t, "the client identification end-to-end test", "network namespaces, nftables rules and cgroups")
 	cgMount := pdCgroup2Mount(t)
 	if cgMount == "" {
 		t.Skip("SKIPPED (LOUDLY): no cgroup2 file system is mounted: units cannot be told from the kernel")
 	}
-	aemm := os.Getenv("AEMM_BIN")
-	if aemm == "" {
-		aemm = filepath.Join(repoRoot, "bin", "tools", "ec2-metadata-mock")
-	}
-	requireClient(t, aemm, "amazon-ec2-metadata-mock (the real IMDS inside the namespace)")
 
 	// Two cgroups named like transient scopes: one allowed, one not.
 	allowed, other := pdCgroup(t, cgMount), pdCgroup(t, cgMount)
