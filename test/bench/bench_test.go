@@ -216,7 +216,15 @@ func BenchmarkIMDSPaced(b *testing.B) {
 	for _, sc := range scenarios {
 		for _, rate := range rates {
 			for _, target := range targets {
-				b.Run(fmt.Sprintf("%s/conns=%d/rate=%d/%s", sc.name, pacedConns, rate, target), func(b *testing.B) {
+				gen := "" // the default generator keeps its names
+				if *pacedSpin {
+					gen = "spin/"
+				}
+				b.Run(fmt.Sprintf("%s/conns=%d/rate=%d/%s%s", sc.name, pacedConns, rate, gen, target), func(b *testing.B) {
+					if *pacedSpin {
+						benchSpin(b, env, sc, rate, target)
+						return
+					}
 					srv := env.target(b, target)
 					key := pacedKey(sc.name, pacedConns, rate, target)
 					pacedMu.Lock()
@@ -583,7 +591,7 @@ func printReport(w io.Writer) {
 	resultsMu.Lock()
 	defer resultsMu.Unlock()
 	pacedMu.Lock()
-	npaced := len(paced) + len(interceptPaced)
+	npaced := len(paced) + len(interceptPaced) + len(spinPaced)
 	pacedMu.Unlock()
 	if len(results) == 0 && len(intercepted) == 0 && len(newConns) == 0 && npaced == 0 && flood == nil && len(coldStarts) == 0 {
 		return
@@ -664,6 +672,7 @@ func printReport(w io.Writer) {
 		fmt.Fprintf(w, "\n**The interception benchmark was skipped**: %s\n", envVal.nsSkip)
 	}
 	printPaced(w)
+	printSpin(w)
 	if f := flood; f != nil {
 		fmt.Fprintf(w, "\nToken flood (%d connections, %s, daemon): %.0f tokens/s, %d errors, %.1f CPU ms / 1k tokens.\n\n",
 			floodConns, floodDuration, f.TokensPerSec, f.Errors, f.CPUPer1kTokenMs)

@@ -2,15 +2,18 @@ package bench
 
 import (
 	"bytes"
+	"cmp"
 	"errors"
 	"flag"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"net/url"
 	"runtime"
 	"slices"
 	"strconv"
+	"testing"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -609,4 +612,136 @@ func runSpin(ep endpoint, tok string, pid, conns int, rate float64, d time.Durat
 // index is the slot of c's current operation in lat and send.
 func (r *spinRun) index(c *spinConn) int {
 	return c.id*r.perConn + c.k
+}
+
+// spinPaced holds every spin run by pacedKey, and spinSide the daemon's
+// histogram of its spin runs, under pacedMu. Like the paced runs, each runs
+// once per process.
+var (
+	spinPaced = map[string]*spinResult{}
+	spinSide  = map[string]*serverSide{}
+	spinErr   = map[string]error{}
+)
+
+// benchSpin is one sub-benchmark of BenchmarkIMDSPaced with -paced.spin.
+func benchSpin(b *testing.B, env *benchEnv, sc scenario, rate int, target string) {
+	srv := env.target(b, target)
+	plan, ok := spinPlans[sc.name]
+	if !ok {
+		b.Fatalf("spin: no plan for scenario %q", sc.name)
+	}
+	key := pacedKey(sc.name, pacedConns, rate, target)
+	pacedMu.Lock()
+	res, done := spinPaced[key]
+	err := spinErr[key]
+	pacedMu.Unlock()
+	if !done && err == nil {
+		time.Sleep(250 * time.Millisecond) // let the previous run's connections close
+		before, herr := srv.histogram()
+		var r spinResult
+		r, err = runSpin(srv.ep(), srv.tok, srv.pid, pacedConns, float64(rate), *pacedDuration, plan)
+		var side *serverSide
+		if srv.admin != "" {
+			after, herr2 := srv.histogram()
+			if herr = cmp.Or(herr, herr2); herr != nil {
+				side = &serverSide{Err: herr}
+			} else {
+				side = newServerSide(before, after)
+			}
+		}
+		pacedMu.Lock()
+		if err != nil {
+			spinErr[key] = err
+		} else {
+			res = &r
+			spinPaced[key] = res
+			if side != nil {
+				spinSide[key] = side
+			}
+		}
+		pacedMu.Unlock()
+	}
+	env.checkAEMMCrash(b, srv, key)
+	if err != nil {
+		b.Fatalf("%s: %v; end of server output:\n%s", target, err, tail(srv.out.String(), 4000))
+	}
+	if srv.exited() {
+		b.Fatalf("%s exited during the run (%s); end of output:\n%s", target, srv.cmd.ProcessState, tail(srv.out.String(), 4000))
+	}
+	if res.Errors > 0 {
+		b.Errorf("%s: %d of %d operations failed; first: %v", target, res.Errors, res.Ops, res.FirstErr)
+	}
+	b.ReportMetric(0, "ns/op")
+	b.ReportMetric(us(res.P50), "p50_us")
+	b.ReportMetric(us(res.P99), "p99_us")
+	b.ReportMetric(us(res.P999), "p999_us")
+	b.ReportMetric(us(res.Max), "max_us")
+	b.ReportMetric(res.ReqPerSec, "req/s")
+	b.ReportMetric(res.CPUPer1k(), "cpu_ms/1k")
+	b.ReportMetric(float64(res.Late), "late_ops")
+	b.ReportMetric(us(res.SendP50), "send_lag_p50_us")
+	b.ReportMetric(us(res.SendP99), "send_lag_p99_us")
+	pacedMu.Lock()
+	side := spinSide[key]
+	pacedMu.Unlock()
+	if side != nil && side.Err == nil && side.Count > 0 {
+		b.ReportMetric(us(side.P99Bound), "daemon_side_p99_le_us")
+	}
+}
+
+// printSpin writes the spin generator's table and the daemon-side table of
+// its runs. The caller holds resultsMu (for aemmCrashes).
+func printSpin(w io.Writer) {
+	pacedMu.Lock()
+	defer pacedMu.Unlock()
+	if len(spinPaced) == 0 {
+		return
+	}
+	rates, err := parseRates(*pacedRates)
+	if err != nil {
+		return
+	}
+	pin := "**not pinned** (the spinning generator shares the CPUs with the servers)"
+	if activePin.server != "" {
+		pin = fmt.Sprintf("pinned (`-pin %s/%s`: servers on CPU %s, the generator on CPU %s)", activePin.server, activePin.client, activePin.server, activePin.client)
+	}
+	fmt.Fprintf(w, "\nOpen loop, spin generator, %s: %d connections driven by one spinning thread, %s per run; latency from the scheduled send time.\n\n", pin, pacedConns, *pacedDuration)
+	fmt.Fprintln(w, "| scenario | offered req/s | server | p50 µs | p99 µs | p99.9 µs | max µs | achieved req/s | CPU ms / 1k req | CPU % of a core | RSS MB | late ops | send lag p50 / p99 / max µs |")
+	fmt.Fprintln(w, "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+	for _, sc := range scenarios {
+		for _, rate := range rates {
+			for _, target := range targets {
+				key := pacedKey(sc.name, pacedConns, rate, target)
+				r, ok := spinPaced[key]
+				if crash, crashed := aemmCrashes[key]; crashed && target == "aemm" {
+					fmt.Fprintf(w, "| %s | %d | %s | crashed: %s | | | | | | | | | |\n", sc.name, rate, target, crash)
+					continue
+				}
+				if !ok {
+					continue
+				}
+				fmt.Fprintf(w, "| %s | %d | %s | %.0f | %.0f | %.0f | %.0f | %.0f | %.1f | %.1f | %.1f | %d of %d | %.1f / %.1f / %.0f |\n",
+					sc.name, rate, target, us(r.P50), us(r.P99), us(r.P999), us(r.Max), r.ReqPerSec,
+					r.CPUPer1k(), r.CPUPercent(), mb(r.RSSMaxKB), r.Late, r.Ops, us(r.SendP50), us(r.SendP99), us(r.SendMax))
+			}
+		}
+	}
+	fmt.Fprintln(w, "\nLatency is per operation (one request for creds-get, three for imdsv2-flow), from its scheduled send time to the read that completed its last response. Send lag is the time from the scheduled time to the write of the operation's first request, over the operations not late; RSS is the larger of the server's RSS before and after the run (no sampler runs during it).")
+	var sides []string
+	for _, sc := range scenarios {
+		for _, rate := range rates {
+			if side := spinSide[pacedKey(sc.name, pacedConns, rate, "daemon")]; side != nil {
+				sides = append(sides, fmt.Sprintf("| %s | %d | %.0f | %s |", sc.name, rate, side.Count, fmtServerSide(side)))
+			}
+		}
+	}
+	if len(sides) > 0 {
+		fmt.Fprintln(w, "\nThe daemon's own view of the spin runs (its `imdsproxy_http_request_duration_seconds` histogram for the credential GETs, scraped before and after each run):")
+		fmt.Fprintln(w)
+		fmt.Fprintln(w, "| scenario | offered req/s | credential GETs | daemon-side p99 µs (upper bound: smallest bucket holding 99%) |")
+		fmt.Fprintln(w, "|---|---:|---:|---|")
+		for _, l := range sides {
+			fmt.Fprintln(w, l)
+		}
+	}
 }
