@@ -64,10 +64,14 @@ fuzz:
 
 # bench: the daemon against a bare net/http ceiling in the same run; writes
 # the table printed into docs/benchmarks.md by hand with machine and date.
+# Then the paced runs again from the spin generator pinned to CPU 1 (servers
+# on CPU 0; needs two CPUs), which measures the p99 without the generator's
+# wake lag.
 # Then the fleet simulation's representative set (docs/scale.md).
-bench: build
+bench: build tools
 	$(GO) test -run '^$$' -bench . -benchmem -count 1 ./proxy/ ./cache/
-	IMDSPROXY_BIN=$(CURDIR)/$(BIN) $(GO) test -run '^$$' -bench . -benchtime 5s -count 1 ./test/bench/
+	IMDSPROXY_BIN=$(CURDIR)/$(BIN) AEMM_BIN=$(AEMM) $(GO) test -run '^$$' -bench . -benchtime 5s -count 1 ./test/bench/
+	IMDSPROXY_BIN=$(CURDIR)/$(BIN) AEMM_BIN=$(AEMM) $(GO) test -run '^$$' -bench BenchmarkIMDSPaced -count 1 ./test/bench/ -args -pin 0/1 -paced.spin
 	$(GO) run ./cmd/fleetsim -report
 
 # install: binary, systemd units (ExecStart rewritten to $(PREFIX)/bin),
