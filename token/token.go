@@ -26,6 +26,7 @@ import (
 	"io/fs"
 	"os"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -173,6 +174,7 @@ type File struct {
 	maxSize int64
 	now     func() time.Time
 	log     *zap.Logger
+	stale   staleMtimes // the file's size changed but not its mtime
 
 	reads  *prometheus.CounterVec // nil without a registerer
 	expiry prometheus.Gauge
@@ -278,6 +280,7 @@ func (f *File) read(ctx context.Context) (string, Claims, error) {
 		}
 		tok, claims, partial, verr := f.judge(snap.content)
 		age, young := settling(snap.mtime)
+		young = f.stale.young(snap.stamp) || young
 		var why string
 		switch {
 		case snap.changed:
@@ -313,6 +316,36 @@ func (f *File) read(ctx context.Context) (string, Claims, error) {
 func settling(mtime time.Time) (age time.Duration, young bool) {
 	age = time.Since(mtime)
 	return age, age < SettleTime && age > -SettleTime
+}
+
+// staleMtimes catches files whose mtime lags their content: a reader can see
+// a truncate's new size before its new mtime (stat does not take the
+// inode's lock, and ext4 sets the times after it has freed the blocks), so
+// a file being rewritten in place can look empty yet unmodified for years.
+// When a file's size or inode changed since the previous read while its
+// mtime did not, the mtime is stale, and the file counts as modified now
+// (on the monotonic clock) for SettleTime. Safe for concurrent use.
+type staleMtimes struct {
+	mu    sync.Mutex
+	last  []fileStamp
+	stale time.Time // monotonic; zero until a stale mtime was seen
+}
+
+// young records stamps (one per file, in a fixed order) and reports whether
+// a stale mtime was seen within the last SettleTime, this read included.
+func (w *staleMtimes) young(stamps ...fileStamp) bool {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if len(w.last) == len(stamps) {
+		for i, st := range stamps {
+			old := w.last[i]
+			if st.mtime.Equal(old.mtime) && (st.size != old.size || st.ino != old.ino || st.dev != old.dev) {
+				w.stale = time.Now()
+			}
+		}
+	}
+	w.last = append(w.last[:0], stamps...)
+	return !w.stale.IsZero() && time.Since(w.stale) < SettleTime
 }
 
 // rereads paces the re-reads of files being rewritten in place: pauses of

@@ -139,6 +139,7 @@ type X509 struct {
 
 	mu     sync.Mutex
 	cached *x509Identity // last good identity, nil before the first
+	stale  staleMtimes   // a file's size changed but not its mtime
 
 	loads  *prometheus.CounterVec // nil without a registerer
 	expiry prometheus.Gauge
@@ -332,8 +333,10 @@ func (x *X509) load(ctx context.Context, cached *x509Identity) (id *x509Identity
 	var prev *[sha256.Size]byte // the digest of the previous pass, if any
 	for {
 		p := x.readFiles()
+		recent := x.stale.young(p.fp[:]...)
 		if cached != nil && p.readErr == nil && p.changed == "" && p.digest == cached.digest {
 			_, young := settling(p.mtime)
+			young = recent || young
 			same := *cached
 			same.fp, same.settled = p.fp, !young
 			return &same, false, nil
@@ -344,6 +347,7 @@ func (x *X509) load(ctx context.Context, cached *x509Identity) (id *x509Identity
 			return nil, false, err // definitive: missing, unreadable, too large
 		}
 		age, young := settling(p.mtime)
+		young = recent || young
 		var why, path string
 		var te *Error
 		switch {
