@@ -21,8 +21,11 @@ import (
 // and reached the client beyond the limit. A client that sends its next
 // request has received the token response (HTTP/1.1 answers in order, and
 // SDKs do not pipeline), so none of its segments is retransmitted after the
-// restore. A client beyond the limit never receives it and never sends
-// another request; its connection keeps the limit until it closes.
+// restore. A client beyond the limit never receives the token response;
+// should it send another request anyway (pipelined, or blind), the kernel
+// still holds unacknowledged bytes of the token response (SIOCOUTQ), and the
+// limit is kept for that request's answer too, so nothing of the connection
+// ever leaves with the normal TTL while the token is unacknowledged.
 
 // connKey is the context key under which Serve stores the accepted net.Conn.
 type connKey struct{}

@@ -449,8 +449,16 @@ func (s *Server) serveHTTP(w http.ResponseWriter, r *http.Request) {
 	start := time.Now()
 	if restore := takeHopRestore(r.Context()); restore != nil {
 		// The previous response on this connection was a token, sent with
-		// the hop limit; the client has received it (hoplimit.go).
-		s.restoreHopLimit(restore)
+		// the hop limit. Restore it only once the client has acknowledged
+		// every byte: a request sent before the token response arrived
+		// (pipelined, or blind by a client beyond the limit) would
+		// otherwise let a retransmission of it leave with the normal TTL
+		// (hoplimit.go). Until then this answer carries the limit too.
+		if n, ok := unacked(connFrom(r.Context())); ok && n > 0 {
+			deferHopRestore(r.Context(), restore)
+		} else {
+			s.restoreHopLimit(restore)
+		}
 	}
 	st := s.state.Load()
 	rec := &recorder{ResponseWriter: w}

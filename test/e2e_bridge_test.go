@@ -44,6 +44,8 @@ const (
 	brSideAddr  = "169.254.0.1" // the imds namespace's end of the veth
 	brSideBody  = "not-the-metadata-service"
 	brTokenPath = "/latest/api/token"
+	// headerTokenTTLName is the header every token response carries.
+	headerTokenTTLName = "X-Aws-Ec2-Metadata-Token-Ttl-Seconds"
 )
 
 type brEnv struct {
@@ -159,6 +161,39 @@ func TestInterceptContainerBridge(t *testing.T) {
 		// about 200 ms.
 		if code != 28 || dropped == 0 {
 			t.Errorf("pod one hop behind the container, token PUT with hop_limit 1: curl exit %d, %d TTL-1 segments at ctr; want exit 28 (timed out: every response segment dropped at ctr)", code, dropped)
+		}
+	})
+
+	t.Run("hop limit 1: a request sent blind after the PUT does not release the token", func(t *testing.T) {
+		// The pod sends its PUT and, without waiting for the answer, a GET
+		// on the same connection. The daemon reads the GET while the token
+		// response is still unacknowledged (every copy dropped at ctr); were
+		// the normal TTL restored then, a retransmission would carry the
+		// token to the pod. Nothing of the token response may arrive.
+		const script = `import socket, sys, time
+s = socket.create_connection(("169.254.169.254", 80), timeout=5)
+s.sendall(b"PUT /latest/api/token HTTP/1.1\r\nHost: 169.254.169.254\r\nX-aws-ec2-metadata-token-ttl-seconds: 60\r\nContent-Length: 0\r\n\r\n")
+time.sleep(0.05)
+s.sendall(b"GET /latest/meta-data/instance-id HTTP/1.1\r\nHost: 169.254.169.254\r\n\r\n")
+s.settimeout(0.5)
+buf, end = b"", time.time() + 4
+while time.time() < end:
+    try:
+        d = s.recv(65536)
+    except socket.timeout:
+        continue
+    if not d:
+        break
+    buf += d
+sys.stdout.write(buf.decode("latin-1"))
+`
+		out, code := b.nsExit(b.pod, 30*time.Second, "python3", "-c", script)
+		t.Logf("pipelined PUT + GET from the pod: exit %d, %d bytes received", code, len(out))
+		if code != 0 {
+			t.Fatalf("the pipelined client failed (exit %d): %s", code, out)
+		}
+		if strings.Contains(strings.ToLower(out), strings.ToLower(headerTokenTTLName)) {
+			t.Errorf("the token response reached the pod one routed hop away with hop_limit 1 (pipelined request):\n%s", out)
 		}
 	})
 
