@@ -54,6 +54,13 @@ type Info struct {
 	// kernel; "" when the kernel does not report it (Linux < 5.7, no
 	// cgroup2 mount) or the cgroup has been removed since.
 	Cgroup string
+	// UnitUnknown reports that the kernel named the socket's cgroup but it
+	// could not be mapped to a path in time (a cgroup newer than the last
+	// walk of the cgroup2 tree, or one removed since) and /proc named no
+	// unit either: Unit is "" because it is unknown, not because the peer
+	// runs outside any unit. A caller matching units must not take such a
+	// peer for one without a unit; a later lookup may succeed.
+	UnitUnknown bool
 }
 
 // Errors of Lookup; test with errors.Is.

@@ -53,6 +53,8 @@ func (r *Resolver) lookup(ctx context.Context, local, remote *net.TCPAddr) (Info
 		if fromKernel {
 			info.Cgroup = cg.path
 			info.Unit = unitFromPath(cg.path)
+		} else {
+			info.UnitUnknown = true // unless /proc names it below
 		}
 	}
 	if d.inode == 0 {
@@ -76,6 +78,7 @@ func (r *Resolver) lookup(ctx context.Context, local, remote *net.TCPAddr) (Info
 	if !fromKernel {
 		if cg, err := os.ReadFile(base + "/cgroup"); err == nil {
 			info.Unit = unitFromCgroup(string(cg))
+			info.UnitUnknown = false
 		}
 	}
 	return info, nil

@@ -393,3 +393,36 @@ func TestLookupNoCgroups(t *testing.T) {
 		t.Errorf("LookupConn = %+v, want %+v", info, want)
 	}
 }
+
+// TestLookupUnitUnknown: the kernel names the socket's cgroup, but it cannot
+// be mapped to a path (here: an empty stand-in for the cgroup2 tree) and no
+// process is found to read /proc/<pid>/cgroup from: the unit is unknown,
+// and Info says so instead of reporting a peer outside any unit.
+func TestLookupUnitUnknown(t *testing.T) {
+	skipIfUnsupported(t)
+	_, server := pair(t, "tcp4", "127.0.0.1:0")
+	l, rm := server.LocalAddr().(*net.TCPAddr), server.RemoteAddr().(*net.TCPAddr)
+	if d, err := sockDiag(t.Context(), rm, l); err != nil || !d.hasCgroup {
+		t.Skipf("SKIPPED: the kernel sends no INET_DIAG_CGROUP_ID here (%v)", err)
+	}
+	empty := t.TempDir()
+	r := NewResolver(0)
+	r.cgroups = newCgroupMap(func() (string, string, error) { return empty, "/", nil }, time.Hour)
+	r.proc = t.TempDir() // no process to be found
+	info, err := r.LookupConn(t.Context(), server)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !info.UnitUnknown || info.Unit != "" || info.Cgroup != "" || info.UID != os.Getuid() {
+		t.Errorf("LookupConn = %+v, want the uid with UnitUnknown and no unit or cgroup", info)
+	}
+	// With the process found, /proc names the unit: it is known again.
+	r.proc = "/proc"
+	info, err = r.LookupConn(t.Context(), server)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if info.UnitUnknown || info.PID != os.Getpid() {
+		t.Errorf("LookupConn with /proc = %+v, want the pid and UnitUnknown false", info)
+	}
+}

@@ -29,6 +29,11 @@ type Peer struct {
 	Exe    string
 	Unit   string
 	Cgroup string
+	// UnitUnknown: the kernel named the socket's cgroup but its unit could
+	// not be told in time; Unit is "" for that reason, not because the
+	// process runs outside a unit. Such a Peer is not remembered for the
+	// connection: its next request identifies it again.
+	UnitUnknown bool
 }
 
 // AccessControl decides which local processes may read credentials. It is
@@ -158,7 +163,7 @@ func (s *Server) identify(r *http.Request, ac AccessControl) Peer {
 		s.log.Debug("cannot identify the client process", zap.Error(err))
 		who = Peer{}
 	}
-	memo.who, memo.done = who, true
+	memo.who, memo.done = who, !who.UnitUnknown
 	return who
 }
 

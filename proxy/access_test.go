@@ -250,6 +250,38 @@ func TestAccessUnknownPeer(t *testing.T) {
 	})
 }
 
+// TestAccessUnitUnknownNotRemembered: a Peer whose unit could not be told
+// in time is not kept for the connection; its next request identifies the
+// process again, while a complete answer is kept.
+func TestAccessUnitUnknownNotRemembered(t *testing.T) {
+	path := "/latest/meta-data/iam/security-credentials/" + testRole
+	partial := testPeer
+	partial.Unit, partial.UnitUnknown = "", true
+	for _, tc := range []struct {
+		name string
+		who  Peer
+		want int32 // Identify calls for three requests on one connection
+	}{
+		{"unit unknown", partial, 3},
+		{"complete", testPeer, 1},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			fa := &fakeAccess{who: tc.who}
+			fa.setAllow(testPeer.UID)
+			e := newEnv(t, Config{Access: fa})
+			base, client := serveEnv(t, e)
+			for range 3 {
+				if code, _ := get(t, client, base+path); code != 200 {
+					t.Fatalf("got %d, want 200", code)
+				}
+			}
+			if n := fa.identified.Load(); n != tc.want {
+				t.Errorf("Identify called %d times for 3 requests on one connection, want %d", n, tc.want)
+			}
+		})
+	}
+}
+
 // TestAccessAuditLogConfig: Config.AuditLog replaces the default logger.
 func TestAccessAuditLogConfig(t *testing.T) {
 	fa := &fakeAccess{who: testPeer}

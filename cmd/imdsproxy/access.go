@@ -61,7 +61,7 @@ func (a AccessConfig) restricted() bool {
 // accessControl is the proxy's AccessControl for a, or nil when clients
 // need not be identified (no lists, audit off).
 func accessControl(a AccessConfig) proxy.AccessControl {
-	if p := newAccessPolicy(a, nil); p != nil {
+	if p := newAccessPolicy(a, nil, nil); p != nil {
 		return p
 	}
 	return nil
@@ -70,12 +70,15 @@ func accessControl(a AccessConfig) proxy.AccessControl {
 // newAccessPolicy is the policy of a and the workload roles w (nil: none),
 // or nil when clients need not be identified (no lists, audit off, no
 // workloads).
-func newAccessPolicy(a AccessConfig, w *workloadRoles) *accessPolicy {
+func newAccessPolicy(a AccessConfig, w *workloadRoles, res *peer.Resolver) *accessPolicy {
 	if w == nil && !a.restricted() && a.Audit != nil && !*a.Audit {
 		return nil
 	}
-	return &accessPolicy{
-		res:        peer.NewResolver(0),
+	if res == nil {
+		res = peer.NewResolver(0)
+	}
+	p := &accessPolicy{
+		res:        res,
 		restricted: a.restricted(),
 		allowAll:   len(a.AllowUIDs)+len(a.AllowUnits) == 0,
 		allowUIDs:  set(a.AllowUIDs),
@@ -83,6 +86,10 @@ func newAccessPolicy(a AccessConfig, w *workloadRoles) *accessPolicy {
 		allowUnits: set(a.AllowUnits),
 		roles:      w,
 	}
+	if w != nil {
+		p.active = w
+	}
+	return p
 }
 
 func set[T comparable](list []T) map[T]bool {
@@ -104,6 +111,11 @@ type accessPolicy struct {
 	denyUIDs   map[int]bool
 	allowUnits map[string]bool
 	roles      *workloadRoles // nil without workloads
+	// active is the workloads' mapping in force, which Allow admits by
+	// itself: roles, or under a rollout roles gated by its decision (set
+	// by the daemon), so that a workload process is not admitted while the
+	// host serves the instance profile. Nil without workloads.
+	active proxy.RoleMapper
 }
 
 // Identify finds the process behind conn: its uid from the kernel, its pid,
@@ -113,7 +125,7 @@ func (p *accessPolicy) Identify(ctx context.Context, conn net.Conn) (proxy.Peer,
 	if err != nil {
 		return proxy.Peer{}, fmt.Errorf("access: identify %s: %w", conn.RemoteAddr(), err)
 	}
-	return proxy.Peer{Known: true, UID: info.UID, PID: info.PID, Exe: info.Exe, Unit: info.Unit, Cgroup: info.Cgroup}, nil
+	return proxy.Peer{Known: true, UID: info.UID, PID: info.PID, Exe: info.Exe, Unit: info.Unit, Cgroup: info.Cgroup, UnitUnknown: info.UnitUnknown}, nil
 }
 
 // Allow applies the lists: everyone when none is set; else an unidentified
@@ -132,7 +144,10 @@ func (p *accessPolicy) Allow(who proxy.Peer) bool {
 	if p.allowUIDs[who.UID] || (who.Unit != "" && p.allowUnits[who.Unit]) {
 		return true
 	}
-	_, workload := p.RoleFor(who)
+	if p.active == nil {
+		return false
+	}
+	_, workload := p.active.RoleFor(who)
 	return workload
 }
 

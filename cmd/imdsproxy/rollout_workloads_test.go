@@ -102,7 +102,7 @@ func TestRolloutWorkloadMapping(t *testing.T) {
 	d.roleName.Store(&name)
 
 	access := &uidAccess{byKey: map[string]int{}}
-	_, roles := proxyAccess(cfg)
+	_, roles := proxyAccess(cfg, nil)
 	pcfg := func() proxy.Config {
 		return proxy.Config{RoleName: *d.roleName.Load(), Access: access, Roles: d.rolloutMapper(roles),
 			AlsoServe: d.rolloutRoleNames(cfg)}

@@ -28,6 +28,7 @@ import (
 	"github.com/imdsproxy/imdsproxy/creds"
 	"github.com/imdsproxy/imdsproxy/exchange"
 	"github.com/imdsproxy/imdsproxy/intercept"
+	"github.com/imdsproxy/imdsproxy/peer"
 	"github.com/imdsproxy/imdsproxy/proxy"
 )
 
@@ -113,6 +114,9 @@ type daemon struct {
 
 	roleName atomic.Pointer[string] // the cache key and listed role name
 	fetcher  *swapFetcher
+	// peers identifies client processes; one for the daemon's life, so
+	// that its cgroup map survives reloads and rollout switches.
+	peers *peer.Resolver
 	// gen holds the metrics of the components rebuilt on reload (the token
 	// source); /metrics gathers it beside reg.
 	gen   atomic.Pointer[prometheus.Registry]
@@ -145,7 +149,8 @@ func (c *countingWriter) Write(p []byte) (int, error) {
 // newDaemon builds the daemon for cfg. logErrors counts failed log writes
 // (nil: none are counted).
 func newDaemon(ctx context.Context, path string, cfg Config, log *zap.Logger, logErrors *atomic.Int64) (*daemon, error) {
-	d := &daemon{path: path, log: log, cfg: cfg, reg: prometheus.NewRegistry(), fetcher: &swapFetcher{}}
+	d := &daemon{path: path, log: log, cfg: cfg, reg: prometheus.NewRegistry(), fetcher: &swapFetcher{},
+		peers: peer.NewResolver(0)}
 	d.reg.MustRegister(
 		collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
@@ -225,8 +230,14 @@ func cacheConfig(cfg Config) cache.Config {
 // proxyConfig is the IMDS API's part of cfg; the listed role is the one
 // currently served (the rollout may serve the instance profile's).
 func (d *daemon) proxyConfig(cfg Config) proxy.Config {
-	u, _ := url.Parse(cfg.Upstream)   // validated in Config.validate
-	access, roles := proxyAccess(cfg) // workloads.go
+	u, _ := url.Parse(cfg.Upstream)         // validated in Config.validate
+	pol, roles := proxyAccess(cfg, d.peers) // workloads.go
+	roles = d.rolloutMapper(roles)          // rollout_daemon.go
+	var access proxy.AccessControl
+	if pol != nil {
+		pol.active = roles // a workload is admitted only while its mapping is in force
+		access = pol
+	}
 	return proxy.Config{
 		RoleName:        *d.roleName.Load(),
 		TokensRequired:  cfg.IMDS.Tokens == "required",
@@ -235,7 +246,7 @@ func (d *daemon) proxyConfig(cfg Config) proxy.Config {
 		UpstreamTimeout: cfg.UpstreamTimeout.D(),
 		AllowedHosts:    cfg.IMDS.AllowedHosts, // hostcheck.go
 		Access:          access,
-		Roles:           d.rolloutMapper(roles), // rollout_daemon.go
+		Roles:           roles,
 		AuditLog:        d.auditLog(cfg.Access),
 		AlsoServe:       d.rolloutRoleNames(cfg), // rollout_daemon.go
 	}

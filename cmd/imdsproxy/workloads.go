@@ -9,6 +9,7 @@ import (
 
 	"github.com/imdsproxy/imdsproxy/cache"
 	"github.com/imdsproxy/imdsproxy/creds"
+	"github.com/imdsproxy/imdsproxy/peer"
 	"github.com/imdsproxy/imdsproxy/proxy"
 )
 
@@ -132,7 +133,10 @@ func newWorkloadRoles(list []WorkloadCfg) *workloadRoles {
 // RoleFor implements proxy.RoleMapper: an unidentified client matches
 // nothing; a client whose unit is unknown matches by uid only.
 func (w *workloadRoles) RoleFor(p proxy.Peer) (string, bool) {
-	if !p.Known {
+	if !p.Known || p.UnitUnknown && len(w.byUnit) > 0 {
+		// Unidentified, or a unit entry might have matched had the unit
+		// been known: matching by uid alone could hand it another
+		// workload's role. It is served the host's role meanwhile.
 		return "", false
 	}
 	i, ok := w.byUID[p.UID]
@@ -150,8 +154,8 @@ func (w *workloadRoles) RoleFor(p proxy.Peer) (string, bool) {
 // proxyAccess is the proxy's AccessControl and RoleMapper for cfg: both nil
 // when clients need not be identified (no access lists, audit off, no
 // workloads); the RoleMapper nil without workloads.
-func proxyAccess(cfg Config) (proxy.AccessControl, proxy.RoleMapper) {
-	p := newAccessPolicy(cfg.Access, newWorkloadRoles(cfg.Workloads))
+func proxyAccess(cfg Config, res *peer.Resolver) (*accessPolicy, proxy.RoleMapper) {
+	p := newAccessPolicy(cfg.Access, newWorkloadRoles(cfg.Workloads), res)
 	switch {
 	case p == nil:
 		return nil, nil

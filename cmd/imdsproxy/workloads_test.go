@@ -137,12 +137,21 @@ func TestWorkloadMatching(t *testing.T) {
 		{"unit of uid 0", proxy.Peer{Known: true, UID: 0, Unit: "batch.service"}, "batch"},
 		{"unmatched", proxy.Peer{Known: true, UID: 2000, Unit: "other.service"}, ""},
 		{"unidentified", proxy.Peer{}, ""},
+		// The kernel named a cgroup the daemon could not map in time: a
+		// unit entry might match, so no uid entry may (host role).
+		{"unit unknown, uid entry", proxy.Peer{Known: true, UID: 1001, UnitUnknown: true}, ""},
+		{"unit unknown, uid 0", proxy.Peer{Known: true, UID: 0, UnitUnknown: true}, ""},
 		{"unidentified with stale fields", proxy.Peer{UID: 1001, Unit: "billing.service"}, ""},
 	} {
 		got, ok := w.RoleFor(tc.p)
 		if got != tc.want || ok != (tc.want != "") {
 			t.Errorf("%s: RoleFor(%+v) = %q, %v; want %q", tc.name, tc.p, got, ok, tc.want)
 		}
+	}
+	// With uid entries only, an unknown unit changes nothing.
+	onlyUIDs := newWorkloadRoles([]WorkloadCfg{{UID: uid(1001), Role: RoleConfig{Name: "reports"}}})
+	if got, ok := onlyUIDs.RoleFor(proxy.Peer{Known: true, UID: 1001, UnitUnknown: true}); !ok || got != "reports" {
+		t.Errorf("uid entries only, unit unknown: RoleFor = %q, %v; want reports", got, ok)
 	}
 	if newWorkloadRoles(nil) != nil {
 		t.Error("no workloads built a matcher")
@@ -156,13 +165,13 @@ func TestWorkloadAccess(t *testing.T) {
 	off := false
 	uid := func(u int) *int { return &u }
 	wl := []WorkloadCfg{{UID: uid(1001), Role: RoleConfig{Name: "billing"}}, {Unit: "r.service", Role: RoleConfig{Name: "reports"}}}
-	if ac, rm := proxyAccess(Config{Access: AccessConfig{Audit: &off}}); ac != nil || rm != nil {
+	if ac, rm := proxyAccess(Config{Access: AccessConfig{Audit: &off}}, nil); ac != nil || rm != nil {
 		t.Fatal("identification without lists, audit or workloads")
 	}
-	if ac, rm := proxyAccess(Config{Access: AccessConfig{DenyUIDs: []int{1}}}); ac == nil || rm != nil {
+	if ac, rm := proxyAccess(Config{Access: AccessConfig{DenyUIDs: []int{1}}}, nil); ac == nil || rm != nil {
 		t.Fatal("lists without workloads: want an AccessControl and no RoleMapper")
 	}
-	ac, rm := proxyAccess(Config{Access: AccessConfig{Audit: &off}, Workloads: wl})
+	ac, rm := proxyAccess(Config{Access: AccessConfig{Audit: &off}, Workloads: wl}, nil)
 	if ac == nil || rm == nil {
 		t.Fatal("workloads with audit off: clients must still be identified")
 	}
@@ -183,7 +192,7 @@ func TestWorkloadAccess(t *testing.T) {
 		{"host role for 1000 only", AccessConfig{AllowUIDs: []int{1000}}, [5]bool{true, true, true, false, false}},
 		{"deny wins over a workload", AccessConfig{DenyUIDs: []int{1001}}, [5]bool{true, false, true, true, false}},
 	} {
-		ac, _ := proxyAccess(Config{Access: tc.a, Workloads: wl})
+		ac, _ := proxyAccess(Config{Access: tc.a, Workloads: wl}, nil)
 		for i, p := range []proxy.Peer{app, billing, reports, other, {}} {
 			if got := ac.Allow(p); got != tc.want[i] {
 				t.Errorf("%s: Allow(%+v) = %v, want %v", tc.name, p, got, tc.want[i])
@@ -266,7 +275,7 @@ func TestDaemonWorkloadReload(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	mapper := func() proxy.RoleMapper { _, rm := proxyAccess(td.d.config()); return rm }
+	mapper := func() proxy.RoleMapper { _, rm := proxyAccess(td.d.config(), nil); return rm }
 	if n, ok := mapper().RoleFor(proxy.Peer{Known: true, UID: 1001}); !ok || n != "billing" {
 		t.Fatalf("before reload: %q %v", n, ok)
 	}
@@ -334,5 +343,36 @@ func TestAuditOff(t *testing.T) {
 		if got := pc.AuditLog.Core().Enabled(zapcore.InfoLevel); got != tc.audit {
 			t.Errorf("%q: audit lines logged = %v, want %v", tc.extra, got, tc.audit)
 		}
+	}
+}
+
+// noRoles is a RoleMapper that maps nobody: the workloads' mapping while a
+// rollout serves the instance profile.
+type noRoles struct{}
+
+func (noRoles) RoleFor(proxy.Peer) (string, bool) { return "", false }
+
+// TestWorkloadAllowFollowsActiveMapping: a workload entry admits its
+// processes past the allow lists only while the mapping is in force; under
+// a rollout serving the instance profile (the mapping gated off) only the
+// allow lists decide, so a workload process does not get the instance
+// profile's credentials it would be refused without workloads:.
+func TestWorkloadAllowFollowsActiveMapping(t *testing.T) {
+	uid := 2000
+	cfg := Config{
+		Access:    AccessConfig{AllowUIDs: []int{1000}},
+		Workloads: []WorkloadCfg{{UID: &uid, Role: RoleConfig{Name: "billing"}}},
+	}
+	p, _ := proxyAccess(cfg, nil)
+	workload := proxy.Peer{Known: true, UID: 2000}
+	if !p.Allow(workload) {
+		t.Fatal("a workload process refused while its mapping is in force")
+	}
+	p.active = noRoles{}
+	if p.Allow(workload) {
+		t.Error("a workload process admitted past access.allow_uids while the mapping is not in force")
+	}
+	if !p.Allow(proxy.Peer{Known: true, UID: 1000}) {
+		t.Error("an allowed uid refused")
 	}
 }
