@@ -176,6 +176,24 @@ func (m rolloutRoles) RoleFor(p proxy.Peer) (string, bool) {
 	return m.roles.RoleFor(p)
 }
 
+// storeRolloutRoles makes list the workloads the rollout's selector maps
+// clients by, and returns the previous mapping for restoreRolloutRoles. It
+// does nothing without a rollout. A reload calls it before the proxy's
+// Update, so that the selector never lags the listing.
+func (d *daemon) storeRolloutRoles(list []WorkloadCfg) *workloadRoles {
+	if d.rollout == nil {
+		return nil
+	}
+	return d.rollout.roles.Swap(newWorkloadRoles(list))
+}
+
+// restoreRolloutRoles puts back the mapping storeRolloutRoles replaced.
+func (d *daemon) restoreRolloutRoles(prev *workloadRoles) {
+	if d.rollout != nil {
+		d.rollout.roles.Store(prev)
+	}
+}
+
 // rolloutMapper wraps the workloads' RoleMapper for a rollout (nil stays
 // nil; without a rollout it is returned as is).
 func (d *daemon) rolloutMapper(roles proxy.RoleMapper) proxy.RoleMapper {

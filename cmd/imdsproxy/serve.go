@@ -399,22 +399,31 @@ func (d *daemon) reload(ctx context.Context) error {
 			name := next.Role.Name
 			d.roleName.Store(&name)
 		}
-		if err := d.proxy.Update(d.proxyConfig(next)); err != nil {
-			d.roleName.Store(&prevName)
-			return err
-		}
-		d.sessionName = session
+		// The new exchanges and an empty cache first, then the new mapping:
+		// no request may match a new role and be fetched by old exchanges.
+		prevFetcher, prevGen := d.fetcher.get(), d.gen.Load()
 		d.fetcher.set(f)
 		d.gen.Store(gen)
 		d.cache.Purge()
+		prevRoles := d.storeRolloutRoles(next.Workloads)
+		if err := d.proxy.Update(d.proxyConfig(next)); err != nil {
+			d.roleName.Store(&prevName)
+			d.fetcher.set(prevFetcher)
+			d.gen.Store(prevGen)
+			d.cache.Purge()
+			d.restoreRolloutRoles(prevRoles)
+			return err
+		}
+		d.sessionName = session
 		go d.startServing(ctx)
-	} else if err := d.proxy.Update(d.proxyConfig(next)); err != nil {
-		return err
+	} else {
+		prevRoles := d.storeRolloutRoles(next.Workloads)
+		if err := d.proxy.Update(d.proxyConfig(next)); err != nil {
+			d.restoreRolloutRoles(prevRoles)
+			return err
+		}
 	}
 	d.cfg = next
-	if d.rollout != nil {
-		d.rollout.roles.Store(newWorkloadRoles(next.Workloads)) // rollout_daemon.go
-	}
 	d.reloadRolloutPolicy(ctx)
 	d.log.Info("configuration reloaded", zap.String("config", d.path), zap.Bool("identity_changed", identityChanged))
 	return nil
@@ -424,6 +433,14 @@ func (d *daemon) reload(ctx context.Context) error {
 type swapFetcher struct{ p atomic.Pointer[cache.Fetcher] }
 
 func (s *swapFetcher) set(f cache.Fetcher) { s.p.Store(&f) }
+
+// get returns the current fetcher (nil before the first set).
+func (s *swapFetcher) get() cache.Fetcher {
+	if p := s.p.Load(); p != nil {
+		return *p
+	}
+	return nil
+}
 
 func (s *swapFetcher) Fetch(ctx context.Context, key string) (creds.Credentials, error) {
 	f := s.p.Load()

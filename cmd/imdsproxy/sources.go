@@ -263,8 +263,14 @@ func (d *daemon) buildFetcher(ctx context.Context, cfg Config, sessionName strin
 		return nil, nil, fmt.Errorf("source %q is not supported", cfg.Source)
 	}
 	host, err := perRole(cfg.Role)
-	if err != nil || len(cfg.Workloads) == 0 {
-		return host, gen, err
+	if err != nil {
+		return nil, nil, err
+	}
+	if len(cfg.Workloads) == 0 {
+		// Keyed even for one role: the exchange ignores the key, and a
+		// request for a name this config does not serve (racing a reload
+		// that adds a workload) must fail, not get the host's credentials.
+		return roleFetcher{cfg.Role.Name: host}, gen, nil
 	}
 	rf := roleFetcher{cfg.Role.Name: host}
 	for i, w := range cfg.Workloads {
