@@ -3,7 +3,9 @@ package peer
 import (
 	"bufio"
 	"context"
+	"errors"
 	"io"
+	"io/fs"
 	"math/bits"
 	"os"
 	"path"
@@ -140,6 +142,11 @@ func (m *cgroupMap) lookup(ctx context.Context, id uint64) (e cgroupEntry, ok bo
 		return cgroupEntry{}, false
 	}
 	if wait := time.Until(m.walkedAt.Add(max(m.interval, walkDutyCycle*m.walkTook))); wait > 0 {
+		if dl, ok := ctx.Deadline(); ok && wait > time.Until(dl)/2 {
+			// Waiting would use up most of the lookup's budget, which
+			// the /proc fallback needs: a miss now.
+			return cgroupEntry{}, false
+		}
 		t := time.NewTimer(wait)
 		select {
 		case <-t.C:
@@ -150,7 +157,7 @@ func (m *cgroupMap) lookup(ctx context.Context, id uint64) (e cgroupEntry, ok bo
 	}
 	m.walkedAt = time.Now()
 	m.walks++
-	paths, complete := walkCgroups(m.mount, m.limit)
+	paths, complete := walkCgroups(ctx, m.mount, m.limit)
 	m.walkTook, m.complete = time.Since(m.walkedAt), complete
 	m.mu.Lock()
 	if !complete {
@@ -230,13 +237,17 @@ func (m *cgroupMap) procs(rel string) []int {
 
 // walkCgroups maps the inode number of the directories under mount to
 // their paths relative to mount ("/" for mount itself), breadth first, at
-// most limit of them; complete is false when it stopped at the limit.
-// Directories that vanish during the walk are skipped.
-func walkCgroups(mount string, limit int) (paths map[uint64]string, complete bool) {
+// most limit of them. complete is true only when the walk saw every
+// directory: it is false when it stopped at the limit or because ctx ended,
+// dropped a directory, or could not read one (EMFILE, a directory it may
+// not read). Directories that vanish during the walk are skipped and do not
+// make it incomplete.
+func walkCgroups(ctx context.Context, mount string, limit int) (paths map[uint64]string, complete bool) {
 	paths = make(map[uint64]string)
 	queue := []string{"/"}
+	complete = true
 	for len(queue) > 0 {
-		if len(paths) >= limit {
+		if len(paths) >= limit || len(paths)%256 == 255 && ctx.Err() != nil {
 			return paths, false
 		}
 		rel := queue[0]
@@ -244,22 +255,35 @@ func walkCgroups(mount string, limit int) (paths map[uint64]string, complete boo
 		dir := mount + rel
 		ino, err := inodeOf(dir)
 		if err != nil {
+			complete = complete && errors.Is(err, fs.ErrNotExist)
 			continue
 		}
 		paths[ino] = rel
 		d, err := os.Open(dir)
 		if err != nil {
+			complete = complete && errors.Is(err, fs.ErrNotExist)
 			continue
 		}
-		ents, _ := d.ReadDir(-1)
+		ents, err := d.ReadDir(limit) // a directory of more than limit entries: the rest is not walked
 		d.Close()
+		if err != nil && !errors.Is(err, io.EOF) {
+			complete = complete && errors.Is(err, fs.ErrNotExist)
+		}
+		if len(ents) == limit {
+			complete = false
+		}
 		for _, e := range ents {
-			if e.IsDir() && len(queue) < limit {
-				queue = append(queue, path.Join(rel, e.Name()))
+			if !e.IsDir() {
+				continue
 			}
+			if len(queue) >= limit {
+				complete = false
+				break
+			}
+			queue = append(queue, path.Join(rel, e.Name()))
 		}
 	}
-	return paths, true
+	return paths, complete
 }
 
 // parseCgroup2Mount returns the mount point and root of the first cgroup2

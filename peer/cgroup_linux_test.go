@@ -2,6 +2,7 @@ package peer
 
 import (
 	"context"
+	"fmt"
 	"os"
 	"path/filepath"
 	"slices"
@@ -205,7 +206,7 @@ func TestCgroupProcs(t *testing.T) {
 func TestWalkCgroupsLimit(t *testing.T) {
 	root, ids := fakeCgroupfs(t, "/system.slice/a.service", "/system.slice/b.service",
 		"/user.slice/user-1000.slice/user@1000.service/deep.slice/x.scope")
-	all, complete := walkCgroups(root, 100)
+	all, complete := walkCgroups(context.Background(), root, 100)
 	if !complete || len(all) != 9 { // 4 made + 5 parents made on the way
 		t.Errorf("full walk: %d cgroups, complete %v: %v", len(all), complete, all)
 	}
@@ -214,7 +215,7 @@ func TestWalkCgroupsLimit(t *testing.T) {
 			t.Errorf("full walk: %d -> %q, want %q", id, all[id], p)
 		}
 	}
-	part, complete := walkCgroups(root, 5)
+	part, complete := walkCgroups(context.Background(), root, 5)
 	if complete || len(part) != 5 {
 		t.Fatalf("walk limited to 5: %d cgroups, complete %v", len(part), complete)
 	}
@@ -249,5 +250,60 @@ func TestWalkCgroupsLimit(t *testing.T) {
 	}
 	if m.dead[1<<40] {
 		t.Error("an id missed by a walk cut short was taken as gone")
+	}
+}
+
+// TestWalkCgroupsIncomplete: a walk that could not read a directory, or was
+// cut short by its context, is not complete, so that an id it missed is not
+// taken for a removed cgroup.
+func TestWalkCgroupsIncomplete(t *testing.T) {
+	if os.Geteuid() == 0 {
+		// root reads a directory of mode 0 anyway; the unreadable case
+		// needs another uid (run the peer tests as a user to cover it).
+		t.Log("running as root: the unreadable-directory case is skipped")
+	} else {
+		root, _ := fakeCgroupfs(t, "/system.slice/a.service")
+		locked := filepath.Join(root, "system.slice")
+		if err := os.Chmod(locked, 0); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { os.Chmod(locked, 0o755) })
+		if _, complete := walkCgroups(context.Background(), root, 100); complete {
+			t.Error("a walk that could not read a directory reported complete")
+		}
+	}
+	var dirs []string
+	for i := range 600 {
+		dirs = append(dirs, fmt.Sprintf("/system.slice/s%d.scope", i))
+	}
+	root, _ := fakeCgroupfs(t, dirs...)
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	paths, complete := walkCgroups(ctx, root, 10000)
+	if complete || len(paths) >= 602 {
+		t.Errorf("a walk with its context ended: %d cgroups, complete %v; want it cut short", len(paths), complete)
+	}
+}
+
+// TestCgroupLookupKeepsBudget: a miss that would have to wait for the next
+// walk longer than half the lookup's remaining time returns at once, so
+// that the /proc fallback keeps its share of the budget.
+func TestCgroupLookupKeepsBudget(t *testing.T) {
+	root, _ := fakeCgroupfs(t, "/system.slice/a.scope")
+	m := newCgroupMap(func() (string, string, error) { return root, "/", nil }, time.Hour)
+	if _, ok := m.lookup(context.Background(), 1); ok { // walks now; id 1 is not a directory inode here
+		t.Fatal("found a cgroup that does not exist")
+	}
+	m.mu.Lock()
+	delete(m.dead, 1)
+	m.mu.Unlock()
+	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+	defer cancel()
+	start := time.Now()
+	if _, ok := m.lookup(ctx, 2); ok {
+		t.Fatal("found a cgroup that does not exist")
+	}
+	if took := time.Since(start); took > 40*time.Millisecond {
+		t.Errorf("a miss waited %v for a walk an hour away; want an immediate miss", took)
 	}
 }

@@ -48,12 +48,20 @@ func (r *Resolver) lookup(ctx context.Context, local, remote *net.TCPAddr) (Info
 	// comes from there whenever the id can be mapped to a path.
 	var cg cgroupEntry
 	fromKernel := false
-	if d.hasCgroup && r.cgroups != nil {
+	if d.hasCgroup && r.cgroups != nil && r.cgroups.available() {
 		cg, fromKernel = r.cgroups.lookup(ctx, d.cgroupID)
-		if fromKernel {
+		switch {
+		case fromKernel && cg.rel == "/":
+			// The root cgroup tells nothing: a socket made before its
+			// process was moved into a unit, or a kernel (5.7-5.14 with
+			// net_cls/net_prio in use) that reports the root for every
+			// socket. The unit comes from /proc below.
+			info.Cgroup = cg.path
+			fromKernel = false
+		case fromKernel:
 			info.Cgroup = cg.path
 			info.Unit = unitFromPath(cg.path)
-		} else {
+		default:
 			info.UnitUnknown = true // unless /proc names it below
 		}
 	}

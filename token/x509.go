@@ -335,6 +335,7 @@ func (x *X509) load(ctx context.Context, cached *x509Identity) (id *x509Identity
 		p := x.readFiles()
 		recent := x.stale.young(p.fp[:]...)
 		if cached != nil && p.readErr == nil && p.changed == "" && p.digest == cached.digest {
+			clear(p.content[keyFile]) // the private key, not needed again
 			_, young := settling(p.mtime)
 			young = recent || young
 			same := *cached
@@ -342,7 +343,7 @@ func (x *X509) load(ctx context.Context, cached *x509Identity) (id *x509Identity
 			return &same, false, nil
 		}
 		id, err := x.validate(&p)
-		clear(p.content[1]) // the private key
+		clear(p.content[keyFile]) // the private key
 		if err != nil && err == p.readErr {
 			return nil, false, err // definitive: missing, unreadable, too large
 		}
