@@ -76,14 +76,6 @@ func activationFiles() ([]*os.File, []string, error) {
 	return files, labels, nil
 }
 
-// openListeners opens the IMDS listener(s) and the admin listener, before
-// anything announces readiness.
-//
-// Sockets passed by systemd socket activation are used as they are: by name
-// (imds*, admin) when LISTEN_FDNAMES is set, else the first is the IMDS
-// listener, the second the admin listener and any more are IMDS listeners.
-// What was not passed is opened from the config: listen, admin_listen, and
-// intercept.listen_ipv6 when interception of IPv6 is enabled.
 // exposedListenerWarning is logged (and printed by check-config) for an IMDS
 // listener on a wildcard address: it hands this host's credentials to anyone
 // who can reach the port from any interface, and the Host check does not
@@ -115,6 +107,14 @@ func (c Config) imdsListenAddrs() []string {
 	return addrs
 }
 
+// openListeners opens the IMDS listener(s) and the admin listener, before
+// anything announces readiness.
+//
+// Sockets passed by systemd socket activation are used as they are: by name
+// (imds*, admin) when LISTEN_FDNAMES is set, else the first is the IMDS
+// listener, the second the admin listener and any more are IMDS listeners.
+// What was not passed is opened from the config: listen, admin_listen, and
+// intercept.listen_ipv6 when interception of IPv6 is enabled.
 func openListeners(ctx context.Context, cfg Config) (imds []net.Listener, admin net.Listener, err error) {
 	defer func() {
 		if err != nil {

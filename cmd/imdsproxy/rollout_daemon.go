@@ -176,6 +176,18 @@ func (m rolloutRoles) RoleFor(p proxy.Peer) (string, bool) {
 	return m.roles.RoleFor(p)
 }
 
+// forget drops key from c, unless the decision in force is no longer dec:
+// a newer apply (a reload and a policy change racing) may need it, and its
+// own pass decides. It runs under r.mu, as applyRollout's switch does.
+func (r *rolloutState) forget(dec rollout.Decision, c *cache.Cache, key string) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if cur := r.selector.Decision(); cur.Serve != dec.Serve || cur.Stage != dec.Stage || cur.Shadow != dec.Shadow {
+		return false
+	}
+	return c.Forget(key)
+}
+
 // storeRolloutRoles makes list the workloads the rollout's selector maps
 // clients by, and returns the previous mapping for restoreRolloutRoles. It
 // does nothing without a rollout. A reload calls it before the proxy's
@@ -258,7 +270,12 @@ func (d *daemon) applyRollout(ctx context.Context) bool {
 	if *d.roleName.Load() != name {
 		old := d.roleName.Load()
 		d.roleName.Store(&name)
-		if err := d.proxy.Update(d.proxyConfig(d.config())); err != nil {
+		// Under d.mu, like a reload's Update: a config read before a
+		// reload must not be applied after it (lock order: r.mu, d.mu).
+		d.mu.Lock()
+		err := d.proxy.Update(d.proxyConfig(d.cfg))
+		d.mu.Unlock()
+		if err != nil {
 			d.roleName.Store(old)
 			d.log.Error("rollout: cannot switch the listed role", zap.String("role_name", name), zap.Error(err))
 		}
@@ -294,7 +311,7 @@ func (d *daemon) applyRollout(ctx context.Context) bool {
 		case key == served:
 		case need:
 			go warm(key)
-		case d.cache.Forget(key):
+		case r.forget(dec, d.cache, key):
 			// No longer served, verified or kept for a fallback: stop
 			// refreshing it (no STS or IMDS calls for nothing).
 			d.log.Info("rollout: credentials no longer needed; not refreshed any more", zap.String("key", key))

@@ -231,7 +231,7 @@ func (d *daemon) buildFetcher(ctx context.Context, cfg Config, sessionName strin
 				TrustAnchorARN: cfg.RolesAnywhere.TrustAnchorARN,
 				ProfileARN:     cfg.RolesAnywhere.ProfileARN,
 				RoleARN:        r.ARN,
-				SessionName:    r.SessionName, // sent only when set: the profile must accept it
+				SessionName:    cmp.Or(r.SessionName, cfg.Role.SessionName), // sent only when set: the profile must accept it
 				Duration:       r.Duration.D(),
 			}, x, log))
 		}
