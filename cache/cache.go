@@ -31,9 +31,10 @@
 // within MaxSleep, once per key; nothing else changes, so there is no storm.
 // After a backward step cached credentials look longer-lived, but every
 // pending refresh or retry still comes when it would have without the step,
-// so a key in backoff is not locked out for the size of the step, and no
-// credentials are kept longer than planned should the new clock be the wrong
-// one.
+// so a key in backoff is not locked out for the size of the step. What is
+// servable is still judged by the (stepped) wall clock: should refreshes
+// fail after a backward step, the last good credentials are served until
+// they look expired by the new clock.
 //
 // The package knows nothing of AWS: keys are opaque strings (imdsproxy uses
 // the configured role name) and errors are classified only through the
@@ -100,9 +101,8 @@ const (
 	// MaxSleep caps one sleep of Run: a forward step of the wall clock is
 	// acted on within MaxSleep. 5 s is far inside the default ExpiryMargin
 	// (1 m), so a refresh a step made overdue happens while credentials that
-	// were servable at the step still are, and it is short next to the ~2 s
-	// minimum between fetches of a key (BackoffInitial), so the cap adds no
-	// upstream traffic. It is cheap: a wake locks the cache and scans at most
+	// were servable at the step still are. It adds no upstream traffic: a
+	// wake fetches only keys that are already due. It is cheap: a wake locks the cache and scans at most
 	// Config.Size keys (BenchmarkStartDue: about a microsecond for 16).
 	// (When a step leaves nothing servable, the first Get starts the fetch
 	// itself; it does not wait for Run.)
