@@ -1,7 +1,6 @@
 package bench
 
 import (
-	"cmp"
 	"flag"
 	"fmt"
 	"io"
@@ -234,17 +233,11 @@ func BenchmarkIMDSPaced(b *testing.B) {
 					if !done && err == nil {
 						time.Sleep(250 * time.Millisecond) // let the previous run's connections close
 						var r pacedResult
-						before, herr := srv.histogram()
-						r, err = runPaced(srv.ep(), srv.tok, srv.pid, pacedConns, float64(rate), *pacedDuration, sc.reqsPerOp, sc.op)
 						var side *serverSide
-						if srv.admin != "" {
-							after, herr2 := srv.histogram()
-							if herr = cmp.Or(herr, herr2); herr != nil {
-								side = &serverSide{Err: herr}
-							} else {
-								side = newServerSide(before, after)
-							}
-						}
+						side, err = srv.measured(func() (err error) {
+							r, err = runPaced(srv.ep(), srv.tok, srv.pid, pacedConns, float64(rate), *pacedDuration, sc.reqsPerOp, sc.op)
+							return err
+						})
 						pacedMu.Lock()
 						if err != nil {
 							pacedErr[key] = err
@@ -280,9 +273,7 @@ func BenchmarkIMDSPaced(b *testing.B) {
 					pacedMu.Lock()
 					side := pacedSide[key]
 					pacedMu.Unlock()
-					if side != nil && side.Err == nil && side.Count > 0 {
-						b.ReportMetric(us(side.P99Bound), "daemon_side_p99_le_us")
-					}
+					reportSide(b, side)
 				})
 			}
 		}

@@ -2,6 +2,7 @@ package bench
 
 import (
 	"bufio"
+	"cmp"
 	"fmt"
 	"io"
 	"math"
@@ -9,6 +10,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"testing"
 	"time"
 )
 
@@ -193,4 +195,27 @@ func (s *server) histogram() (histogram, error) {
 	tr := &http.Transport{Proxy: nil, DisableKeepAlives: true, DialContext: s.dial}
 	defer tr.CloseIdleConnections()
 	return scrapeHistogram(&http.Client{Timeout: 5 * time.Second, Transport: tr}, s.admin, credsRoute)
+}
+
+// measured runs run and, for a server with an admin listener (the daemon),
+// also returns what its own histogram says of that run; nil for the others.
+func (s *server) measured(run func() error) (*serverSide, error) {
+	before, herr := s.histogram()
+	err := run()
+	if s.admin == "" {
+		return nil, err
+	}
+	after, herr2 := s.histogram()
+	if herr = cmp.Or(herr, herr2); herr != nil {
+		return &serverSide{Err: herr}, err
+	}
+	return newServerSide(before, after), err
+}
+
+// reportSide reports side's p99 bound as daemon_side_p99_le_us, when there
+// is one.
+func reportSide(b *testing.B, side *serverSide) {
+	if side != nil && side.Err == nil && side.Count > 0 {
+		b.ReportMetric(us(side.P99Bound), "daemon_side_p99_le_us")
+	}
 }

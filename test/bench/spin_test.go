@@ -2,7 +2,6 @@ package bench
 
 import (
 	"bytes"
-	"cmp"
 	"errors"
 	"flag"
 	"fmt"
@@ -637,18 +636,12 @@ func benchSpin(b *testing.B, env *benchEnv, sc scenario, rate int, target string
 	pacedMu.Unlock()
 	if !done && err == nil {
 		time.Sleep(250 * time.Millisecond) // let the previous run's connections close
-		before, herr := srv.histogram()
 		var r spinResult
-		r, err = runSpin(srv.ep(), srv.tok, srv.pid, pacedConns, float64(rate), *pacedDuration, plan)
 		var side *serverSide
-		if srv.admin != "" {
-			after, herr2 := srv.histogram()
-			if herr = cmp.Or(herr, herr2); herr != nil {
-				side = &serverSide{Err: herr}
-			} else {
-				side = newServerSide(before, after)
-			}
-		}
+		side, err = srv.measured(func() (err error) {
+			r, err = runSpin(srv.ep(), srv.tok, srv.pid, pacedConns, float64(rate), *pacedDuration, plan)
+			return err
+		})
 		pacedMu.Lock()
 		if err != nil {
 			spinErr[key] = err
@@ -684,9 +677,7 @@ func benchSpin(b *testing.B, env *benchEnv, sc scenario, rate int, target string
 	pacedMu.Lock()
 	side := spinSide[key]
 	pacedMu.Unlock()
-	if side != nil && side.Err == nil && side.Count > 0 {
-		b.ReportMetric(us(side.P99Bound), "daemon_side_p99_le_us")
-	}
+	reportSide(b, side)
 }
 
 // printSpin writes the spin generator's table and the daemon-side table of
