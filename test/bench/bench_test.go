@@ -172,15 +172,14 @@ var (
 
 const pacedConns = 50
 
-// paced holds every open-loop run, by "scenario/conns/rate/target". A paced
-// run is timed, not b.N-driven: it runs once per process and later calls of
-// the same sub-benchmark report the same numbers (like the token flood).
+// sleepingRuns holds every open-loop run of the sleeping generator, by
+// "scenario/conns/rate/target", with the daemon's own histogram of its runs.
+// A paced run is timed, not b.N-driven: it runs once per process and later
+// calls of the same sub-benchmark report the same numbers (like the token
+// flood). pacedMu guards it, spinRuns and interceptPaced.
 var (
-	pacedMu sync.Mutex
-	paced   = map[string]*pacedResult{}
-	// pacedSide is the daemon's own histogram of its paced runs, by key.
-	pacedSide = map[string]*serverSide{}
-	pacedErr  = map[string]error{}
+	pacedMu      sync.Mutex
+	sleepingRuns = newPacedRuns[pacedResult]()
 )
 
 func pacedKey(sc string, conns, rate int, target string) string {
@@ -226,30 +225,9 @@ func BenchmarkIMDSPaced(b *testing.B) {
 					}
 					srv := env.target(b, target)
 					key := pacedKey(sc.name, pacedConns, rate, target)
-					pacedMu.Lock()
-					res, done := paced[key]
-					err := pacedErr[key]
-					pacedMu.Unlock()
-					if !done && err == nil {
-						time.Sleep(250 * time.Millisecond) // let the previous run's connections close
-						var r pacedResult
-						var side *serverSide
-						side, err = srv.measured(func() (err error) {
-							r, err = runPaced(srv.ep(), srv.tok, srv.pid, pacedConns, float64(rate), *pacedDuration, sc.reqsPerOp, sc.op)
-							return err
-						})
-						pacedMu.Lock()
-						if err != nil {
-							pacedErr[key] = err
-						} else {
-							res = &r
-							paced[key] = res
-							if side != nil {
-								pacedSide[key] = side
-							}
-						}
-						pacedMu.Unlock()
-					}
+					res, side, err := sleepingRuns.once(key, srv, func() (pacedResult, error) {
+						return runPaced(srv.ep(), srv.tok, srv.pid, pacedConns, float64(rate), *pacedDuration, sc.reqsPerOp, sc.op)
+					})
 					env.checkAEMMCrash(b, srv, key)
 					if err != nil {
 						b.Fatalf("%s: %v; end of server output:\n%s", target, err, tail(srv.out.String(), 4000))
@@ -270,9 +248,6 @@ func BenchmarkIMDSPaced(b *testing.B) {
 					b.ReportMetric(mb(res.RSSMaxKB), "rss_MB")
 					b.ReportMetric(float64(res.Late), "late_ops")
 					b.ReportMetric(us(res.WakeP99), "wake_p99_us")
-					pacedMu.Lock()
-					side := pacedSide[key]
-					pacedMu.Unlock()
 					reportSide(b, side)
 				})
 			}
@@ -582,7 +557,7 @@ func printReport(w io.Writer) {
 	resultsMu.Lock()
 	defer resultsMu.Unlock()
 	pacedMu.Lock()
-	npaced := len(paced) + len(interceptPaced) + len(spinPaced)
+	npaced := len(sleepingRuns.res) + len(interceptPaced) + len(spinRuns.res)
 	pacedMu.Unlock()
 	if len(results) == 0 && len(intercepted) == 0 && len(newConns) == 0 && npaced == 0 && flood == nil && len(coldStarts) == 0 {
 		return
@@ -716,7 +691,7 @@ func printInterceptPaced(w io.Writer) {
 func printPaced(w io.Writer) {
 	pacedMu.Lock()
 	defer pacedMu.Unlock()
-	if len(paced) == 0 {
+	if len(sleepingRuns.res) == 0 {
 		return
 	}
 	rates, err := parseRates(*pacedRates)
@@ -729,7 +704,7 @@ func printPaced(w io.Writer) {
 	for _, sc := range scenarios {
 		for _, rate := range rates {
 			for _, target := range targets {
-				r, ok := paced[pacedKey(sc.name, pacedConns, rate, target)]
+				r, ok := sleepingRuns.res[pacedKey(sc.name, pacedConns, rate, target)]
 				crash, crashed := aemmCrashes[pacedKey(sc.name, pacedConns, rate, target)] // the caller holds resultsMu
 				if crashed && target == "aemm" {
 					fmt.Fprintf(w, "| %s | %d | %s | crashed: %s | | | | | | | | | |\n", sc.name, rate, target, crash)
@@ -748,7 +723,7 @@ func printPaced(w io.Writer) {
 	var sides []string
 	for _, sc := range scenarios {
 		for _, rate := range rates {
-			if side := pacedSide[pacedKey(sc.name, pacedConns, rate, "daemon")]; side != nil {
+			if side := sleepingRuns.side[pacedKey(sc.name, pacedConns, rate, "daemon")]; side != nil {
 				sides = append(sides, fmt.Sprintf("| %s | %d | %.0f | %s |", sc.name, rate, side.Count, fmtServerSide(side)))
 			}
 		}

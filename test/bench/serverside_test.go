@@ -219,3 +219,49 @@ func reportSide(b *testing.B, side *serverSide) {
 		b.ReportMetric(us(side.P99Bound), "daemon_side_p99_le_us")
 	}
 }
+
+// pacedRuns holds the timed runs of one generator by pacedKey: each runs once
+// per process, and later calls of the same sub-benchmark report the same
+// numbers. Guarded by pacedMu.
+type pacedRuns[R any] struct {
+	res  map[string]*R
+	side map[string]*serverSide // the daemon's own view of its runs
+	err  map[string]error
+}
+
+func newPacedRuns[R any]() *pacedRuns[R] {
+	return &pacedRuns[R]{res: map[string]*R{}, side: map[string]*serverSide{}, err: map[string]error{}}
+}
+
+// once returns key's result, running run against srv (and measuring the
+// daemon side) the first time; later calls return the first call's result
+// or error.
+func (p *pacedRuns[R]) once(key string, srv *server, run func() (R, error)) (*R, *serverSide, error) {
+	pacedMu.Lock()
+	res, done := p.res[key]
+	err := p.err[key]
+	pacedMu.Unlock()
+	if !done && err == nil {
+		time.Sleep(250 * time.Millisecond) // let the previous run's connections close
+		var r R
+		side, rerr := srv.measured(func() (err error) {
+			r, err = run()
+			return err
+		})
+		pacedMu.Lock()
+		if rerr != nil {
+			p.err[key] = rerr
+		} else {
+			res = &r
+			p.res[key] = res
+			if side != nil {
+				p.side[key] = side
+			}
+		}
+		pacedMu.Unlock()
+		err = rerr
+	}
+	pacedMu.Lock()
+	defer pacedMu.Unlock()
+	return res, p.side[key], err
+}

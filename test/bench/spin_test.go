@@ -613,14 +613,10 @@ func (r *spinRun) index(c *spinConn) int {
 	return c.id*r.perConn + c.k
 }
 
-// spinPaced holds every spin run by pacedKey, and spinSide the daemon's
-// histogram of its spin runs, under pacedMu. Like the paced runs, each runs
-// once per process.
-var (
-	spinPaced = map[string]*spinResult{}
-	spinSide  = map[string]*serverSide{}
-	spinErr   = map[string]error{}
-)
+// spinRuns holds every spin run by pacedKey, with the daemon's histogram of
+// its spin runs, under pacedMu. Like the paced runs, each runs once per
+// process.
+var spinRuns = newPacedRuns[spinResult]()
 
 // benchSpin is one sub-benchmark of BenchmarkIMDSPaced with -paced.spin.
 func benchSpin(b *testing.B, env *benchEnv, sc scenario, rate int, target string) {
@@ -630,30 +626,9 @@ func benchSpin(b *testing.B, env *benchEnv, sc scenario, rate int, target string
 		b.Fatalf("spin: no plan for scenario %q", sc.name)
 	}
 	key := pacedKey(sc.name, pacedConns, rate, target)
-	pacedMu.Lock()
-	res, done := spinPaced[key]
-	err := spinErr[key]
-	pacedMu.Unlock()
-	if !done && err == nil {
-		time.Sleep(250 * time.Millisecond) // let the previous run's connections close
-		var r spinResult
-		var side *serverSide
-		side, err = srv.measured(func() (err error) {
-			r, err = runSpin(srv.ep(), srv.tok, srv.pid, pacedConns, float64(rate), *pacedDuration, plan)
-			return err
-		})
-		pacedMu.Lock()
-		if err != nil {
-			spinErr[key] = err
-		} else {
-			res = &r
-			spinPaced[key] = res
-			if side != nil {
-				spinSide[key] = side
-			}
-		}
-		pacedMu.Unlock()
-	}
+	res, side, err := spinRuns.once(key, srv, func() (spinResult, error) {
+		return runSpin(srv.ep(), srv.tok, srv.pid, pacedConns, float64(rate), *pacedDuration, plan)
+	})
 	env.checkAEMMCrash(b, srv, key)
 	if err != nil {
 		b.Fatalf("%s: %v; end of server output:\n%s", target, err, tail(srv.out.String(), 4000))
@@ -674,9 +649,6 @@ func benchSpin(b *testing.B, env *benchEnv, sc scenario, rate int, target string
 	b.ReportMetric(float64(res.Late), "late_ops")
 	b.ReportMetric(us(res.SendP50), "send_lag_p50_us")
 	b.ReportMetric(us(res.SendP99), "send_lag_p99_us")
-	pacedMu.Lock()
-	side := spinSide[key]
-	pacedMu.Unlock()
 	reportSide(b, side)
 }
 
@@ -685,7 +657,7 @@ func benchSpin(b *testing.B, env *benchEnv, sc scenario, rate int, target string
 func printSpin(w io.Writer) {
 	pacedMu.Lock()
 	defer pacedMu.Unlock()
-	if len(spinPaced) == 0 {
+	if len(spinRuns.res) == 0 {
 		return
 	}
 	rates, err := parseRates(*pacedRates)
@@ -703,7 +675,7 @@ func printSpin(w io.Writer) {
 		for _, rate := range rates {
 			for _, target := range targets {
 				key := pacedKey(sc.name, pacedConns, rate, target)
-				r, ok := spinPaced[key]
+				r, ok := spinRuns.res[key]
 				if crash, crashed := aemmCrashes[key]; crashed && target == "aemm" {
 					fmt.Fprintf(w, "| %s | %d | %s | crashed: %s | | | | | | | | | |\n", sc.name, rate, target, crash)
 					continue
@@ -721,7 +693,7 @@ func printSpin(w io.Writer) {
 	var sides []string
 	for _, sc := range scenarios {
 		for _, rate := range rates {
-			if side := spinSide[pacedKey(sc.name, pacedConns, rate, "daemon")]; side != nil {
+			if side := spinRuns.side[pacedKey(sc.name, pacedConns, rate, "daemon")]; side != nil {
 				sides = append(sides, fmt.Sprintf("| %s | %d | %.0f | %s |", sc.name, rate, side.Count, fmtServerSide(side)))
 			}
 		}
