@@ -168,7 +168,13 @@ const (
 // length (an RSA key of an odd size) is used (logged at Info). A torn token
 // gets through only when its writer stopped for longer than SettleTime, or
 // for longer than the pauses exactly where the signature has a length its
-// algorithm also produces (a 4096-bit RSA signature cut at 256 or 384 bytes).
+// algorithm also produces (a 4096-bit RSA signature cut at 256 or 384 bytes),
+// or when a writer overwrites the file in place without truncating it and
+// stops for longer than the pauses inside the signature of a token of the
+// same length (the old and new halves splice into a well-formed token). STS
+// refuses such a token and the exchange retries once with a fresh read; a
+// size change under an unchanged mtime also counts as a write (see
+// staleMtimes).
 type File struct {
 	path    string
 	maxSize int64
