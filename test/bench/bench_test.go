@@ -228,25 +228,8 @@ func BenchmarkIMDSPaced(b *testing.B) {
 					res, side, err := sleepingRuns.once(key, srv, func() (pacedResult, error) {
 						return runPaced(srv.ep(), srv.tok, srv.pid, pacedConns, float64(rate), *pacedDuration, sc.reqsPerOp, sc.op)
 					})
-					env.checkAEMMCrash(b, srv, key)
-					if err != nil {
-						b.Fatalf("%s: %v; end of server output:\n%s", target, err, tail(srv.out.String(), 4000))
-					}
-					if srv.exited() {
-						b.Fatalf("%s exited during the run (%s); end of output:\n%s", target, srv.cmd.ProcessState, tail(srv.out.String(), 4000))
-					}
-					if res.Errors > 0 {
-						b.Errorf("%s: %d of %d operations failed; first: %v", target, res.Errors, res.Ops, res.FirstErr)
-					}
-					b.ReportMetric(0, "ns/op")
-					b.ReportMetric(us(res.P50), "p50_us")
-					b.ReportMetric(us(res.P99), "p99_us")
-					b.ReportMetric(us(res.P999), "p999_us")
-					b.ReportMetric(us(res.Max), "max_us")
-					b.ReportMetric(res.ReqPerSec, "req/s")
-					b.ReportMetric(res.CPUPer1k(), "cpu_ms/1k")
+					checkPaced(b, env, srv, target, key, res, err)
 					b.ReportMetric(mb(res.RSSMaxKB), "rss_MB")
-					b.ReportMetric(float64(res.Late), "late_ops")
 					b.ReportMetric(us(res.WakeP99), "wake_p99_us")
 					reportSide(b, side)
 				})

@@ -265,3 +265,28 @@ func (p *pacedRuns[R]) once(key string, srv *server, run func() (R, error)) (*R,
 	defer pacedMu.Unlock()
 	return res, p.side[key], err
 }
+
+// checkPaced fails b when the paced run of target on srv (key) failed, its
+// server crashed or exited, or operations failed, and reports the latency,
+// throughput and CPU metrics both generators share.
+func checkPaced(b *testing.B, env *benchEnv, srv *server, target, key string, res *pacedResult, err error) {
+	b.Helper()
+	env.checkAEMMCrash(b, srv, key)
+	if err != nil {
+		b.Fatalf("%s: %v; end of server output:\n%s", target, err, tail(srv.out.String(), 4000))
+	}
+	if srv.exited() {
+		b.Fatalf("%s exited during the run (%s); end of output:\n%s", target, srv.cmd.ProcessState, tail(srv.out.String(), 4000))
+	}
+	if res.Errors > 0 {
+		b.Errorf("%s: %d of %d operations failed; first: %v", target, res.Errors, res.Ops, res.FirstErr)
+	}
+	b.ReportMetric(0, "ns/op")
+	b.ReportMetric(us(res.P50), "p50_us")
+	b.ReportMetric(us(res.P99), "p99_us")
+	b.ReportMetric(us(res.P999), "p999_us")
+	b.ReportMetric(us(res.Max), "max_us")
+	b.ReportMetric(res.ReqPerSec, "req/s")
+	b.ReportMetric(res.CPUPer1k(), "cpu_ms/1k")
+	b.ReportMetric(float64(res.Late), "late_ops")
+}

@@ -629,24 +629,11 @@ func benchSpin(b *testing.B, env *benchEnv, sc scenario, rate int, target string
 	res, side, err := spinRuns.once(key, srv, func() (spinResult, error) {
 		return runSpin(srv.ep(), srv.tok, srv.pid, pacedConns, float64(rate), *pacedDuration, plan)
 	})
-	env.checkAEMMCrash(b, srv, key)
-	if err != nil {
-		b.Fatalf("%s: %v; end of server output:\n%s", target, err, tail(srv.out.String(), 4000))
+	var common *pacedResult
+	if res != nil {
+		common = &res.pacedResult
 	}
-	if srv.exited() {
-		b.Fatalf("%s exited during the run (%s); end of output:\n%s", target, srv.cmd.ProcessState, tail(srv.out.String(), 4000))
-	}
-	if res.Errors > 0 {
-		b.Errorf("%s: %d of %d operations failed; first: %v", target, res.Errors, res.Ops, res.FirstErr)
-	}
-	b.ReportMetric(0, "ns/op")
-	b.ReportMetric(us(res.P50), "p50_us")
-	b.ReportMetric(us(res.P99), "p99_us")
-	b.ReportMetric(us(res.P999), "p999_us")
-	b.ReportMetric(us(res.Max), "max_us")
-	b.ReportMetric(res.ReqPerSec, "req/s")
-	b.ReportMetric(res.CPUPer1k(), "cpu_ms/1k")
-	b.ReportMetric(float64(res.Late), "late_ops")
+	checkPaced(b, env, srv, target, key, common, err)
 	b.ReportMetric(us(res.SendP50), "send_lag_p50_us")
 	b.ReportMetric(us(res.SendP99), "send_lag_p99_us")
 	reportSide(b, side)
