@@ -39,6 +39,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/imdsproxy/imdsproxy/test/fakes/ledger"
 	"github.com/imdsproxy/imdsproxy/test/fakes/oidc"
 )
 
@@ -95,6 +96,9 @@ type Issued struct {
 	ClientCertSubject string
 }
 
+// KeyID is the access key id (ledger.Credential).
+func (i Issued) KeyID() string { return i.AccessKeyID }
+
 // Call is one request, successful or not.
 type Call struct {
 	At         time.Time
@@ -111,7 +115,7 @@ type Server struct {
 	mode          Mode
 	sessionLength time.Duration
 	calls         []Call
-	issued        []Issued
+	issued        ledger.Ledger[Issued]
 
 	closeOnce sync.Once
 	closed    chan struct{}
@@ -190,33 +194,13 @@ func (s *Server) CallLog() []Call {
 }
 
 // Issued returns every credential issued so far, oldest first.
-func (s *Server) Issued() []Issued {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return append([]Issued(nil), s.issued...)
-}
+func (s *Server) Issued() []Issued { return s.issued.All() }
 
 // Last returns the most recently issued credential, and false if none was.
-func (s *Server) Last() (Issued, bool) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if len(s.issued) == 0 {
-		return Issued{}, false
-	}
-	return s.issued[len(s.issued)-1], true
-}
+func (s *Server) Last() (Issued, bool) { return s.issued.Last() }
 
 // Find returns the issued credential with the access key id, if any.
-func (s *Server) Find(accessKeyID string) (Issued, bool) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	for _, is := range s.issued {
-		if is.AccessKeyID == accessKeyID {
-			return is, true
-		}
-	}
-	return Issued{}, false
-}
+func (s *Server) Find(accessKeyID string) (Issued, bool) { return s.issued.Find(accessKeyID) }
 
 // Handler serves GET /v1/credentials.
 func (s *Server) Handler() http.Handler {
@@ -301,7 +285,7 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request) {
 		ClientCertSubject: clientCert,
 	}
 	s.mu.Lock()
-	s.issued = append(s.issued, is)
+	s.issued.Add(is)
 	s.mu.Unlock()
 	record(200, "")
 	w.Header().Set("Content-Type", "application/json")

@@ -33,6 +33,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/imdsproxy/imdsproxy/test/fakes/ledger"
 	"io"
 	"math/big"
 	"net/http"
@@ -128,6 +129,9 @@ type Issued struct {
 	Algorithm string
 }
 
+// KeyID is the access key id (ledger.Credential).
+func (i Issued) KeyID() string { return i.AccessKeyID }
+
 // Call is one CreateSession request, successful or not.
 type Call struct {
 	At     time.Time
@@ -148,7 +152,7 @@ type Server struct {
 	delay         time.Duration
 	sessionLength time.Duration
 	calls         []Call
-	issued        []Issued
+	issued        ledger.Ledger[Issued]
 
 	closeOnce sync.Once
 	closed    chan struct{}
@@ -215,33 +219,13 @@ func (s *Server) CallLog() []Call {
 }
 
 // Issued returns every credential issued so far, oldest first.
-func (s *Server) Issued() []Issued {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return append([]Issued(nil), s.issued...)
-}
+func (s *Server) Issued() []Issued { return s.issued.All() }
 
 // Last returns the most recently issued credential, and false if none was.
-func (s *Server) Last() (Issued, bool) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if len(s.issued) == 0 {
-		return Issued{}, false
-	}
-	return s.issued[len(s.issued)-1], true
-}
+func (s *Server) Last() (Issued, bool) { return s.issued.Last() }
 
 // Find returns the issued credential with the access key id, if any.
-func (s *Server) Find(accessKeyID string) (Issued, bool) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	for _, is := range s.issued {
-		if is.AccessKeyID == accessKeyID {
-			return is, true
-		}
-	}
-	return Issued{}, false
-}
+func (s *Server) Find(accessKeyID string) (Issued, bool) { return s.issued.Find(accessKeyID) }
 
 // Reset returns to ModeOK with no delay and normal sessions and forgets all
 // calls and issued credentials.
@@ -249,7 +233,8 @@ func (s *Server) Reset() {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.mode, s.delay, s.sessionLength = ModeOK, 0, 0
-	s.calls, s.issued = nil, nil
+	s.calls = nil
+	s.issued.Reset()
 }
 
 // Handler returns the HTTP handler (POST /sessions).
@@ -699,7 +684,7 @@ func (s *Server) issue(v *verified, sessionLength time.Duration) Issued {
 		Algorithm:       v.algorithm,
 	}
 	s.mu.Lock()
-	s.issued = append(s.issued, is)
+	s.issued.Add(is)
 	s.mu.Unlock()
 	return is
 }

@@ -57,11 +57,9 @@ func (s *Server) lookupBase(id string) (baseCredential, bool) {
 	if b, ok := s.bases[id]; ok {
 		return b, true
 	}
-	for _, is := range s.issued {
-		if is.AccessKeyID == id {
-			return baseCredential{accessKeyID: id, secret: is.SecretAccessKey, sessionToken: is.SessionToken,
-				expires: is.Expiration, issued: true}, true
-		}
+	if is, ok := s.issued.Find(id); ok {
+		return baseCredential{accessKeyID: id, secret: is.SecretAccessKey, sessionToken: is.SessionToken,
+			expires: is.Expiration, issued: true}, true
 	}
 	return baseCredential{}, false
 }
@@ -270,9 +268,7 @@ func (s *Server) assumeRole(form map[string][]string, sessionLength time.Duratio
 		SourceIdentity:  sourceIdentity,
 		Tags:            tags,
 	}
-	s.mu.Lock()
-	s.issued = append(s.issued, is)
-	s.mu.Unlock()
+	s.issued.Add(is)
 	return &result{issued: is}, nil
 }
 

@@ -39,6 +39,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/imdsproxy/imdsproxy/test/fakes/ledger"
 	"github.com/imdsproxy/imdsproxy/test/fakes/oidc"
 
 	"github.com/imdsproxy/imdsproxy/test/fakes/sigv4"
@@ -162,6 +163,9 @@ type Issued struct {
 	Tags           map[string]string
 }
 
+// KeyID is the access key id (ledger.Credential).
+func (i Issued) KeyID() string { return i.AccessKeyID }
+
 // Call is one request, successful or not.
 type Call struct {
 	At              time.Time
@@ -196,7 +200,7 @@ type Server struct {
 	delay         time.Duration
 	sessionLength time.Duration
 	calls         []Call
-	issued        []Issued
+	issued        ledger.Ledger[Issued]
 	webTokens     []string // WebIdentityToken of every AssumeRoleWithWebIdentity call
 	inflight      int
 	bases         map[string]baseCredential
@@ -298,11 +302,7 @@ func (s *Server) CallLog() []Call {
 func (s *Server) InFlight() int { s.mu.Lock(); defer s.mu.Unlock(); return s.inflight }
 
 // Issued returns every credential issued so far, oldest first.
-func (s *Server) Issued() []Issued {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return append([]Issued(nil), s.issued...)
-}
+func (s *Server) Issued() []Issued { return s.issued.All() }
 
 // WebIdentityTokens returns the WebIdentityToken parameter of every
 // AssumeRoleWithWebIdentity request so far, in arrival order, whatever the
@@ -315,26 +315,10 @@ func (s *Server) WebIdentityTokens() []string {
 }
 
 // Last returns the most recently issued credential, and false if none was.
-func (s *Server) Last() (Issued, bool) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if len(s.issued) == 0 {
-		return Issued{}, false
-	}
-	return s.issued[len(s.issued)-1], true
-}
+func (s *Server) Last() (Issued, bool) { return s.issued.Last() }
 
 // Find returns the issued credential with the access key id, if any.
-func (s *Server) Find(accessKeyID string) (Issued, bool) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	for _, is := range s.issued {
-		if is.AccessKeyID == accessKeyID {
-			return is, true
-		}
-	}
-	return Issued{}, false
-}
+func (s *Server) Find(accessKeyID string) (Issued, bool) { return s.issued.Find(accessKeyID) }
 
 // Reset returns to ModeOK with no delay and normal sessions and forgets all
 // calls and issued credentials. Allowed base credentials and the required
@@ -343,7 +327,8 @@ func (s *Server) Reset() {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.mode, s.delay, s.sessionLength = ModeOK, 0, 0
-	s.calls, s.issued, s.webTokens = nil, nil, nil
+	s.calls, s.webTokens = nil, nil
+	s.issued.Reset()
 }
 
 // Handler returns the STS HTTP handler (POST / or GET / with the Query
@@ -593,7 +578,7 @@ func (s *Server) assume(ctx context.Context, form map[string][]string, sessionLe
 		Action:           ActionAssumeRoleWithWebIdentity,
 	}
 	s.mu.Lock()
-	s.issued = append(s.issued, is)
+	s.issued.Add(is)
 	s.mu.Unlock()
 	return &result{issued: is, provider: claims.provider, audience: s.cfg.Audience}, nil
 }
