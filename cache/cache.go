@@ -36,9 +36,14 @@
 // fail after a backward step, the last good credentials are served until
 // they look expired by the new clock.
 //
-// The package knows nothing of AWS: keys are opaque strings (imdsproxy uses
-// the configured role name) and errors are classified only through the
-// optional methods ErrorClass() string and Permanent() bool.
+// Which keys are kept fresh is the caller's decision: Keep declares the set
+// (imdsproxy declares the keys its current configuration and rollout stage
+// may serve); every other key is dropped, and a key outside the set that a
+// request still asks for is fetched and served but not refreshed.
+//
+// The package knows nothing of AWS: keys are any comparable type (imdsproxy
+// uses creds.Key, named by its String method) and errors are classified only
+// through the optional methods ErrorClass() string and Permanent() bool.
 package cache
 
 import (
@@ -46,6 +51,7 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"slices"
 	"sort"
 	"sync"
 	"time"
@@ -64,9 +70,15 @@ import (
 // implement ErrorClass() string (a bounded, snake_case class used as a metric
 // label) and Permanent() bool; they are found with errors.As. Error strings
 // are logged and shown in Snapshot, so they must never contain secrets.
-type Fetcher interface {
-	Fetch(ctx context.Context, key string) (creds.Credentials, error)
+type Fetcher[K comparable] interface {
+	Fetch(ctx context.Context, key K) (creds.Credentials, error)
 }
+
+// FetcherFunc adapts a function to Fetcher.
+type FetcherFunc[K comparable] func(ctx context.Context, key K) (creds.Credentials, error)
+
+// Fetch implements Fetcher.
+func (f FetcherFunc[K]) Fetch(ctx context.Context, key K) (creds.Credentials, error) { return f(ctx, key) }
 
 // Config tunes a Cache. The zero value of every field selects its default.
 type Config struct {
@@ -131,9 +143,15 @@ const (
 
 // Entry is a redacted view of one cached key, as returned by Snapshot. It
 // holds no secret and is safe to print or serve on an admin endpoint.
-type Entry struct {
-	// Key is the cache key (the role name in imdsproxy).
-	Key string
+type Entry[K comparable] struct {
+	// Key is the cache key.
+	Key K
+	// Name is the key as printed (fmt.Sprint: its String method when it
+	// has one); it labels the metrics and log lines of the key.
+	Name string
+	// Kept reports whether the key is in the set declared by Keep (every
+	// key before the first Keep): it is refreshed ahead of expiry.
+	Kept bool
 	// AccessKeyID is the key id of the last good credentials, "" if none.
 	AccessKeyID string
 	// Expires is when the last good credentials expire; zero if none.
@@ -164,8 +182,8 @@ type Entry struct {
 
 // Cache is a bounded refresh-ahead credential cache. Create it with New; the
 // zero value is not usable. All methods are safe for concurrent use.
-type Cache struct {
-	fetcher Fetcher
+type Cache[K comparable] struct {
+	fetcher Fetcher[K]
 	cfg     Config
 	ownNow  bool // cfg.Now is time.Now: clock reads it once for both clocks
 	log     *zap.Logger
@@ -174,13 +192,17 @@ type Cache struct {
 	// wake tells Run to recompute its timer (capacity 1, never blocks).
 	wake chan struct{}
 
-	mu  sync.Mutex // guards lru, every *entry in it, and calls of cfg.Rand
-	lru *simplelru.LRU[string, *entry]
+	mu  sync.Mutex // guards lru, kept, every *entry in lru, and calls of cfg.Rand
+	lru *simplelru.LRU[K, *entry[K]]
+	// kept is the set declared by Keep; nil until the first Keep, when
+	// every key fetched successfully is refreshed.
+	kept map[K]struct{}
 }
 
 // entry is the state of one key. All fields are guarded by Cache.mu.
-type entry struct {
-	key         string
+type entry[K comparable] struct {
+	key         K
+	name        string // fmt.Sprint(key), computed once
 	creds       creds.Credentials // last good credentials; zero if none
 	lastUpdated time.Time
 	lastRefresh time.Time
@@ -190,7 +212,7 @@ type entry struct {
 	class       string
 	permanent   bool
 	failures    int
-	background  bool    // refreshed by Run (set by Prefetch or a success)
+	background  bool    // refreshed by Run (set by Prefetch, Keep, or a success of a kept key)
 	flight      *flight // the upstream call in progress, nil if none
 }
 
@@ -206,7 +228,7 @@ type flight struct {
 // (nil: no metrics are registered) and logs to log (nil: no logging). It
 // fails when cfg holds negative values, BackoffMax < BackoffInitial, or the
 // metrics cannot be registered.
-func New(f Fetcher, cfg Config, log *zap.Logger, reg prometheus.Registerer) (*Cache, error) {
+func New[K comparable](f Fetcher[K], cfg Config, log *zap.Logger, reg prometheus.Registerer) (*Cache[K], error) {
 	if f == nil {
 		return nil, errors.New("cache: nil fetcher")
 	}
@@ -231,14 +253,14 @@ func New(f Fetcher, cfg Config, log *zap.Logger, reg prometheus.Registerer) (*Ca
 	if log == nil {
 		log = zap.NewNop()
 	}
-	c := &Cache{
+	c := &Cache[K]{
 		fetcher: f,
 		cfg:     cfg,
 		ownNow:  ownNow,
 		log:     log,
 		wake:    make(chan struct{}, 1),
 	}
-	l, err := simplelru.NewLRU(cfg.Size, func(string, *entry) { c.wakeRun() })
+	l, err := simplelru.NewLRU(cfg.Size, func(K, *entry[K]) { c.wakeRun() })
 	if err != nil {
 		return nil, fmt.Errorf("cache: %w", err)
 	}
@@ -258,6 +280,30 @@ func setDefault[T comparable](p *T, def T) {
 	}
 }
 
+// Tune replaces the retry and freshness tuning (FetchTimeout,
+// BackoffInitial, BackoffMax, ExpiryMargin; zero fields get their defaults)
+// for every schedule computed and every fetch started from now on; Size,
+// Now and Rand are kept. It fails, changing nothing, on values New would
+// refuse.
+func (c *Cache[K]) Tune(t Config) error {
+	if t.FetchTimeout < 0 || t.BackoffInitial < 0 || t.BackoffMax < 0 || t.ExpiryMargin < 0 {
+		return errors.New("cache: negative value in config")
+	}
+	setDefault(&t.FetchTimeout, DefaultFetchTimeout)
+	setDefault(&t.BackoffInitial, DefaultBackoffInitial)
+	setDefault(&t.BackoffMax, DefaultBackoffMax)
+	setDefault(&t.ExpiryMargin, DefaultExpiryMargin)
+	if t.BackoffMax < t.BackoffInitial {
+		return fmt.Errorf("cache: backoff max %s is less than backoff initial %s", t.BackoffMax, t.BackoffInitial)
+	}
+	c.mu.Lock()
+	c.cfg.FetchTimeout, c.cfg.BackoffInitial, c.cfg.BackoffMax, c.cfg.ExpiryMargin =
+		t.FetchTimeout, t.BackoffInitial, t.BackoffMax, t.ExpiryMargin
+	c.mu.Unlock()
+	c.wakeRun()
+	return nil
+}
+
 // Get returns servable credentials for key.
 //
 // When the cache holds credentials with more than ExpiryMargin left, Get
@@ -269,7 +315,7 @@ func setDefault[T comparable](p *T, def T) {
 // returns ctx.Err() as soon as ctx ends. A key not yet cached is added (and
 // may evict the least recently used key), so its state shows in Snapshot
 // even when the fetch fails.
-func (c *Cache) Get(ctx context.Context, key string) (creds.Credentials, error) {
+func (c *Cache[K]) Get(ctx context.Context, key K) (creds.Credentials, error) {
 	c.mu.Lock()
 	now, mono := c.clock()
 	e := c.entryLocked(key)
@@ -284,7 +330,7 @@ func (c *Cache) Get(ctx context.Context, key string) (creds.Credentials, error) 
 		return cr, nil
 	}
 	if next := e.next(now, mono); e.failures > 0 && now.Before(next) {
-		err := fmt.Errorf("cache: no valid credentials for %s, next attempt in %s: %w", key, next.Sub(now).Round(time.Millisecond), e.err)
+		err := fmt.Errorf("cache: no valid credentials for %s, next attempt in %s: %w", e.name, next.Sub(now).Round(time.Millisecond), e.err)
 		c.mu.Unlock()
 		c.m.errors.Inc()
 		return creds.Credentials{}, err
@@ -292,7 +338,7 @@ func (c *Cache) Get(ctx context.Context, key string) (creds.Credentials, error) 
 	f := c.startLocked(ctx, e)
 	c.mu.Unlock()
 
-	cr, err := wait(ctx, key, f)
+	cr, err := wait(ctx, e.name, f)
 	if err != nil {
 		c.m.errors.Inc()
 	} else {
@@ -301,24 +347,69 @@ func (c *Cache) Get(ctx context.Context, key string) (creds.Credentials, error) 
 	return cr, err
 }
 
-// Credentials is Get under the name proxy.CredentialSource asks for.
-func (c *Cache) Credentials(ctx context.Context, key string) (creds.Credentials, error) {
-	return c.Get(ctx, key)
-}
-
 // Prefetch fetches credentials for key now, whatever the cache holds and even
 // in backoff (it is meant for start-up and reload, not the request path),
 // sharing the upstream call with concurrent waiters, and registers key for
 // background refresh by Run even when the fetch fails. It returns the fetch's
 // error, or ctx.Err() if ctx ends first (the fetch itself carries on).
-func (c *Cache) Prefetch(ctx context.Context, key string) error {
+func (c *Cache[K]) Prefetch(ctx context.Context, key K) error {
 	c.mu.Lock()
 	e := c.entryLocked(key)
 	e.background = true
 	f := c.startLocked(ctx, e)
 	c.mu.Unlock()
-	_, err := wait(ctx, key, f)
+	_, err := wait(ctx, e.name, f)
 	return err
+}
+
+// Keep declares the keys to keep fresh: every cached key not in keys is
+// dropped with its credentials and schedule (a fetch in flight finishes for
+// its callers, but nothing it returns is stored), and the cached keys in keys
+// are refreshed ahead by Run from now on. From the first Keep on, a key that
+// Get fetches and that is not in the latest set is served but never
+// refreshed: a request that decided on a key just before the set changed
+// cannot make the cache refresh it for ever. Keep fetches nothing itself
+// (Prefetch does). It returns the names of the keys it dropped.
+func (c *Cache[K]) Keep(keys []K) []string {
+	kept := make(map[K]struct{}, len(keys))
+	for _, k := range keys {
+		kept[k] = struct{}{}
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.kept = kept
+	var dropped []string
+	for _, e := range c.lru.Values() {
+		if _, ok := kept[e.key]; ok {
+			e.background = true
+			continue
+		}
+		c.lru.Remove(e.key)
+		dropped = append(dropped, e.name)
+	}
+	slices.Sort(dropped)
+	return dropped
+}
+
+// keptLocked reports whether key is to be refreshed. c.mu must be held.
+func (c *Cache[K]) keptLocked(key K) bool {
+	if c.kept == nil {
+		return true
+	}
+	_, ok := c.kept[key]
+	return ok
+}
+
+// Lookup returns the redacted view of key, and whether it is cached.
+func (c *Cache[K]) Lookup(key K) (Entry[K], bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	e, ok := c.lru.Peek(key)
+	if !ok {
+		return Entry[K]{}, false
+	}
+	now, mono := c.clock()
+	return c.entryView(e, now, mono), true
 }
 
 // Run refreshes keys in the background, each at its NextRefresh, until ctx
@@ -330,7 +421,7 @@ func (c *Cache) Prefetch(ctx context.Context, key string) error {
 // flight when ctx ends finish on their own (bounded by FetchTimeout). Run
 // sleeps at most MaxSleep at a time and reports steps of the wall clock (see
 // the package doc). Call Run once per Cache.
-func (c *Cache) Run(ctx context.Context) error {
+func (c *Cache[K]) Run(ctx context.Context) error {
 	timer := time.NewTimer(MaxSleep)
 	defer timer.Stop()
 	lastWall, lastMono := c.clock()
@@ -358,7 +449,7 @@ func (c *Cache) Run(ctx context.Context) error {
 
 // reportStep logs and counts a step of the wall clock by d (positive:
 // forward), after which started refreshes were due at once.
-func (c *Cache) reportStep(d time.Duration, started int) {
+func (c *Cache[K]) reportStep(d time.Duration, started int) {
 	dir := "forward"
 	if d < 0 {
 		dir = "backward"
@@ -374,7 +465,7 @@ func (c *Cache) reportStep(d time.Duration, started int) {
 // startDue starts a refresh for every registered key that is due and returns
 // how long Run may sleep: until the earliest schedule still ahead, at most
 // MaxSleep. started counts the refreshes it started.
-func (c *Cache) startDue(ctx context.Context) (sleep time.Duration, started int) {
+func (c *Cache[K]) startDue(ctx context.Context) (sleep time.Duration, started int) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	now, mono := c.clock()
@@ -395,37 +486,44 @@ func (c *Cache) startDue(ctx context.Context) (sleep time.Duration, started int)
 }
 
 // Snapshot returns a redacted view of every cached key, sorted by key.
-func (c *Cache) Snapshot() []Entry {
+func (c *Cache[K]) Snapshot() []Entry[K] {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	now, mono := c.clock()
-	out := make([]Entry, 0, c.lru.Len())
+	out := make([]Entry[K], 0, c.lru.Len())
 	for _, e := range c.lru.Values() {
-		s := Entry{
-			Key:                 e.key,
-			AccessKeyID:         e.creds.AccessKeyID,
-			Expires:             e.creds.Expires,
-			LastUpdated:         e.lastUpdated,
-			LastRefresh:         e.lastRefresh,
-			NextRefresh:         e.next(now, mono),
-			ErrorClass:          e.class,
-			Permanent:           e.permanent,
-			ConsecutiveFailures: e.failures,
-			Valid:               c.servable(e.creds, now),
-		}
-		if e.err != nil {
-			s.LastError = e.err.Error()
-		}
-		out = append(out, s)
+		out = append(out, c.entryView(e, now, mono))
 	}
-	sort.Slice(out, func(i, j int) bool { return out[i].Key < out[j].Key })
+	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
 	return out
+}
+
+// entryView is the redacted view of e. c.mu must be held.
+func (c *Cache[K]) entryView(e *entry[K], now, mono time.Time) Entry[K] {
+	s := Entry[K]{
+		Key:                 e.key,
+		Name:                e.name,
+		Kept:                c.keptLocked(e.key),
+		AccessKeyID:         e.creds.AccessKeyID,
+		Expires:             e.creds.Expires,
+		LastUpdated:         e.lastUpdated,
+		LastRefresh:         e.lastRefresh,
+		NextRefresh:         e.next(now, mono),
+		ErrorClass:          e.class,
+		Permanent:           e.permanent,
+		ConsecutiveFailures: e.failures,
+		Valid:               c.servable(e.creds, now),
+	}
+	if e.err != nil {
+		s.LastError = e.err.Error()
+	}
+	return s
 }
 
 // Purge drops every key, its credentials and its refresh schedule (used when
 // the configured role or source changes). Fetches in flight finish, and their
 // callers get their result, but nothing they return is stored.
-func (c *Cache) Purge() {
+func (c *Cache[K]) Purge() {
 	c.mu.Lock()
 	c.lru.Purge()
 	c.mu.Unlock()
@@ -436,7 +534,7 @@ func (c *Cache) Purge() {
 // more. A fetch in flight finishes and its callers get its result, but
 // nothing it returns is stored. A later Get or Prefetch of key starts
 // afresh. It reports whether key was cached.
-func (c *Cache) Forget(key string) bool {
+func (c *Cache[K]) Forget(key K) bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	return c.lru.Remove(key)
@@ -444,10 +542,10 @@ func (c *Cache) Forget(key string) bool {
 
 // entryLocked returns the entry of key, marked most recently used, adding an
 // empty one if there is none. c.mu must be held.
-func (c *Cache) entryLocked(key string) *entry {
+func (c *Cache[K]) entryLocked(key K) *entry[K] {
 	e, ok := c.lru.Get(key)
 	if !ok {
-		e = &entry{key: key}
+		e = &entry[K]{key: key, name: fmt.Sprint(key)}
 		c.lru.Add(key, e)
 	}
 	return e
@@ -456,7 +554,7 @@ func (c *Cache) entryLocked(key string) *entry {
 // clock returns the wall-clock time (Config.Now, monotonic reading dropped)
 // and the monotonic time (time.Now). With the default Now both come from one
 // reading, so they agree exactly until the wall clock steps.
-func (c *Cache) clock() (wall, mono time.Time) {
+func (c *Cache[K]) clock() (wall, mono time.Time) {
 	mono = time.Now()
 	if c.ownNow {
 		return mono.Round(0), mono
@@ -465,13 +563,13 @@ func (c *Cache) clock() (wall, mono time.Time) {
 }
 
 // now returns the wall-clock time, without a monotonic reading.
-func (c *Cache) now() time.Time {
+func (c *Cache[K]) now() time.Time {
 	return c.cfg.Now().Round(0)
 }
 
 // schedule sets e's next fetch to next, a wall-clock time, read at (now,
 // mono) from clock. c.mu must be held.
-func (e *entry) schedule(next, now, mono time.Time) {
+func (e *entry[K]) schedule(next, now, mono time.Time) {
 	e.nextRefresh = next
 	e.dueMono = mono.Add(next.Sub(now))
 }
@@ -480,7 +578,7 @@ func (e *entry) schedule(next, now, mono time.Time) {
 // (now, mono) from clock: the earlier of its wall-clock schedule and the same
 // delay on the monotonic clock, which differ only after a step of the wall
 // clock. Zero if none is scheduled. c.mu must be held.
-func (e *entry) next(now, mono time.Time) time.Time {
+func (e *entry[K]) next(now, mono time.Time) time.Time {
 	if e.nextRefresh.IsZero() {
 		return time.Time{}
 	}
@@ -491,12 +589,12 @@ func (e *entry) next(now, mono time.Time) time.Time {
 }
 
 // servable reports whether cr may be served at now.
-func (c *Cache) servable(cr creds.Credentials, now time.Time) bool {
+func (c *Cache[K]) servable(cr creds.Credentials, now time.Time) bool {
 	return cr.Complete() && cr.Remaining(now) > c.cfg.ExpiryMargin
 }
 
 // wakeRun asks Run to recompute its timer.
-func (c *Cache) wakeRun() {
+func (c *Cache[K]) wakeRun() {
 	select {
 	case c.wake <- struct{}{}:
 	default:
@@ -506,22 +604,22 @@ func (c *Cache) wakeRun() {
 // startLocked returns e's upstream call in flight, starting one if there is
 // none. The call runs detached from ctx's cancellation, bounded by
 // FetchTimeout. c.mu must be held.
-func (c *Cache) startLocked(ctx context.Context, e *entry) *flight {
+func (c *Cache[K]) startLocked(ctx context.Context, e *entry[K]) *flight {
 	if e.flight == nil {
 		f := &flight{done: make(chan struct{})}
 		e.flight = f
 		c.m.inFlight.Inc()
-		go c.fetch(context.WithoutCancel(ctx), e, f)
+		go c.fetch(context.WithoutCancel(ctx), e, f, c.cfg.FetchTimeout)
 	}
 	return e.flight
 }
 
 // wait waits for f or for ctx to end.
-func wait(ctx context.Context, key string, f *flight) (creds.Credentials, error) {
+func wait(ctx context.Context, name string, f *flight) (creds.Credentials, error) {
 	select {
 	case <-f.done:
 		if f.err != nil {
-			return creds.Credentials{}, fmt.Errorf("cache: fetch credentials for %s: %w", key, f.err)
+			return creds.Credentials{}, fmt.Errorf("cache: fetch credentials for %s: %w", name, f.err)
 		}
 		return f.creds, nil
 	case <-ctx.Done():
@@ -531,8 +629,8 @@ func wait(ctx context.Context, key string, f *flight) (creds.Credentials, error)
 
 // fetch performs the upstream call of f for e, records the outcome in e and
 // releases f's waiters.
-func (c *Cache) fetch(ctx context.Context, e *entry, f *flight) {
-	ctx, cancel := context.WithTimeout(ctx, c.cfg.FetchTimeout)
+func (c *Cache[K]) fetch(ctx context.Context, e *entry[K], f *flight, timeout time.Duration) {
+	ctx, cancel := context.WithTimeout(ctx, timeout)
 	_, began := c.clock()
 	cr, err := c.fetcher.Fetch(ctx, e.key)
 	timedOut := ctx.Err() != nil
@@ -552,7 +650,7 @@ func (c *Cache) fetch(ctx context.Context, e *entry, f *flight) {
 		e.creds = cr
 		e.lastUpdated = now
 		e.err, e.class, e.permanent, e.failures = nil, "", false, 0
-		e.background = true
+		e.background = e.background || c.keptLocked(e.key)
 		e.schedule(c.refreshAt(now, cr.Expires), now, mono)
 	} else {
 		class, permanent = classify(err, timedOut)
@@ -583,13 +681,13 @@ func (c *Cache) fetch(ctx context.Context, e *entry, f *flight) {
 
 	if err == nil {
 		c.log.Info("credentials refreshed",
-			zap.String(logKey, e.key),
+			zap.String(logKey, e.name),
 			zap.Object(logCredentials, cr),
 			zap.Time(logNextRefresh, next))
 		return
 	}
 	c.log.Warn("credential refresh failed",
-		zap.String(logKey, e.key),
+		zap.String(logKey, e.name),
 		zap.Error(err),
 		zap.String(logClass, class),
 		zap.Bool(logPermanent, permanent),
@@ -632,7 +730,7 @@ func (e *classError) Permanent() bool    { return false }
 
 // check rejects credentials that may not be stored: incomplete, or already
 // within ExpiryMargin of expiry. The message names no secret.
-func (c *Cache) check(cr creds.Credentials, now time.Time) error {
+func (c *Cache[K]) check(cr creds.Credentials, now time.Time) error {
 	if !cr.Complete() {
 		return &classError{classInvalidResponse, fmt.Sprintf("cache: upstream returned incomplete credentials (access key id %q)", cr.AccessKeyID)}
 	}
@@ -646,17 +744,9 @@ func (c *Cache) check(cr creds.Credentials, now time.Time) error {
 // classify returns err's class and permanence. An error without a class is
 // "timeout" when the cache's own FetchTimeout expired, else "other".
 func classify(err error, timedOut bool) (class string, permanent bool) {
-	var ce interface{ ErrorClass() string }
-	if errors.As(err, &ce) && ce.ErrorClass() != "" {
-		class = ce.ErrorClass()
-	} else if timedOut && errors.Is(err, context.DeadlineExceeded) {
+	class, permanent = creds.Classify(err)
+	if class == classOther && timedOut && errors.Is(err, context.DeadlineExceeded) {
 		class = classTimeout
-	} else {
-		class = classOther
-	}
-	var pe interface{ Permanent() bool }
-	if errors.As(err, &pe) {
-		permanent = pe.Permanent()
 	}
 	return class, permanent
 }

@@ -12,7 +12,7 @@ import (
 // BenchmarkGetHit measures the request path: a parallel Get of a key with
 // valid cached credentials.
 func BenchmarkGetHit(b *testing.B) {
-	c, err := New(newFake(succeed(time.Hour)), Config{}, zap.NewNop(), prometheus.NewRegistry())
+	c, err := New[string](newFake(succeed(time.Hour)), Config{}, zap.NewNop(), prometheus.NewRegistry())
 	if err != nil {
 		b.Fatal(err)
 	}

@@ -17,7 +17,7 @@ import (
 
 func TestNewConfig(t *testing.T) {
 	f := newFake(succeed(time.Hour))
-	c, err := New(f, Config{}, nil, nil)
+	c, err := New[string](f, Config{}, nil, nil)
 	if err != nil {
 		t.Fatalf("New with zero config: %v", err)
 	}
@@ -35,15 +35,15 @@ func TestNewConfig(t *testing.T) {
 		"max below initial":     {BackoffInitial: time.Minute, BackoffMax: time.Second},
 		"max below default ini": {BackoffMax: time.Second},
 	} {
-		if _, err := New(f, cfg, nil, nil); err == nil {
+		if _, err := New[string](f, cfg, nil, nil); err == nil {
 			t.Errorf("%s: New succeeded, want an error", name)
 		}
 	}
-	if _, err := New(nil, Config{}, nil, nil); err == nil {
-		t.Error("New(nil fetcher) succeeded, want an error")
+	if _, err := New[string](nil, Config{}, nil, nil); err == nil {
+		t.Error("New[string](nil fetcher) succeeded, want an error")
 	}
 	h := newHarness(t, f, Config{})
-	if _, err := New(f, Config{}, nil, h.reg); err == nil {
+	if _, err := New[string](f, Config{}, nil, h.reg); err == nil {
 		t.Error("registering a second cache on the same registry succeeded, want an error")
 	}
 }
@@ -157,7 +157,7 @@ func TestRefreshJitterWindow(t *testing.T) {
 				var lo, hi time.Duration = lifetime, 0
 				for _, r := range rs {
 					f := newFake(succeed(lifetime))
-					c, err := New(f, Config{Rand: fixedRand(r)}, nil, nil)
+					c, err := New[string](f, Config{Rand: fixedRand(r)}, nil, nil)
 					if err != nil {
 						t.Fatal(err)
 					}
@@ -700,8 +700,10 @@ func TestSnapshot(t *testing.T) {
 			}
 		}
 		s := h.Snapshot()
-		want := Entry{
+		want := Entry[string]{
 			Key:         "alpha",
+			Name:        "alpha",
+			Kept:        true,
 			AccessKeyID: keyID(2),
 			Expires:     now.Add(time.Hour),
 			LastUpdated: now,
@@ -806,24 +808,50 @@ func TestConcurrentUse(t *testing.T) {
 	})
 }
 
-// Cache satisfies proxy.CredentialSource (declared in proxy; not imported here).
-var _ interface {
-	Credentials(ctx context.Context, role string) (creds.Credentials, error)
-} = (*Cache)(nil)
-
-func TestCredentialsIsGet(t *testing.T) {
+// Keep drops every key not declared, refreshes the declared ones, and a
+// key fetched after Keep without being declared (a request that decided on
+// it just before the set changed) is served but never refreshed.
+func TestKeep(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		f := newFake(succeed(time.Hour))
-		h := newHarness(t, f, Config{})
-		a, err := h.Credentials(t.Context(), "app")
-		if err != nil {
-			t.Fatal(err)
+		h := newHarness(t, f, Config{Rand: fixedRand(0.5)})
+		defer run(t, h.Cache)()
+		for _, k := range []string{"app", "old"} {
+			if err := h.Prefetch(t.Context(), k); err != nil {
+				t.Fatal(err)
+			}
 		}
-		if b := mustGet(t, h.Cache, "app"); a.AccessKeyID != b.AccessKeyID || f.calls() != 1 {
-			t.Fatalf("Credentials %s, Get %s, %d calls", a.AccessKeyID, b.AccessKeyID, f.calls())
+		if dropped := h.Keep([]string{"app", "new"}); len(dropped) != 1 || dropped[0] != "old" {
+			t.Fatalf("Keep dropped %v, want [old]", dropped)
 		}
-		if a.LastUpdated.IsZero() {
-			t.Error("LastUpdated not filled in")
+		if _, ok := h.Lookup("old"); ok {
+			t.Fatal("a key outside the kept set is still cached")
+		}
+		e, ok := h.Lookup("app")
+		if !ok || !e.Kept || !e.Valid || e.Name != "app" {
+			t.Fatalf("Lookup(app) = %+v, %v; want a kept, valid entry", e, ok)
+		}
+		// A late request for the dropped key: served, not refreshed.
+		if cr := mustGet(t, h.Cache, "old"); cr.AccessKeyID == "" {
+			t.Fatal("no credentials for a late request")
+		}
+		if e, _ := h.Lookup("old"); e.Kept {
+			t.Error("a key fetched outside the kept set reports Kept")
+		}
+		before := f.callsFor("old")
+		appBefore := f.callsFor("app")
+		time.Sleep(2 * time.Hour)
+		synctest.Wait()
+		if n := f.callsFor("old"); n != before {
+			t.Errorf("the unkept key was refreshed %d times, want 0", n-before)
+		}
+		if n := f.callsFor("app"); n <= appBefore {
+			t.Errorf("the kept key was not refreshed (%d calls)", n)
+		}
+		// Declaring it again makes it refreshed.
+		h.Keep([]string{"old"})
+		if e, ok := h.Lookup("old"); ok && !e.Kept {
+			t.Error("a re-declared key is not kept")
 		}
 	})
 }

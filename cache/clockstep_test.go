@@ -344,7 +344,7 @@ func TestRunSleepIsCapped(t *testing.T) {
 // keys) and nothing due: what the MaxSleep cap adds every 5 s.
 func BenchmarkStartDue(b *testing.B) {
 	f := newFake(succeed(time.Hour))
-	c, err := New(f, Config{}, nil, nil)
+	c, err := New[string](f, Config{}, nil, nil)
 	if err != nil {
 		b.Fatal(err)
 	}

@@ -149,7 +149,7 @@ func fixedRand(r float64) func() float64 { return func() float64 { return r } }
 
 // harness is a Cache with its registry and a JSON log buffer.
 type harness struct {
-	*Cache
+	*Cache[string]
 	reg  *prometheus.Registry
 	logs *syncBuffer
 }
@@ -171,12 +171,12 @@ func (s *syncBuffer) String() string {
 	return s.b.String()
 }
 
-func newHarness(t *testing.T, f Fetcher, cfg Config) *harness {
+func newHarness(t *testing.T, f Fetcher[string], cfg Config) *harness {
 	t.Helper()
 	buf := &syncBuffer{}
 	log := zap.New(zapcore.NewCore(zapcore.NewJSONEncoder(zap.NewProductionEncoderConfig()), zapcore.AddSync(buf), zap.DebugLevel))
 	reg := prometheus.NewPedanticRegistry()
-	c, err := New(f, cfg, log.Named("cache"), reg)
+	c, err := New[string](f, cfg, log.Named("cache"), reg)
 	if err != nil {
 		t.Fatalf("New: %v", err)
 	}
@@ -185,7 +185,7 @@ func newHarness(t *testing.T, f Fetcher, cfg Config) *harness {
 
 // run starts c.Run and returns a function that stops it and checks that it
 // returned nil.
-func run(t *testing.T, c *Cache) (stop func()) {
+func run(t *testing.T, c *Cache[string]) (stop func()) {
 	t.Helper()
 	ctx, cancel := context.WithCancel(t.Context())
 	done := make(chan error, 1)
@@ -199,7 +199,7 @@ func run(t *testing.T, c *Cache) (stop func()) {
 }
 
 // snapshotOf returns the Snapshot entry of key.
-func snapshotOf(t *testing.T, c *Cache, key string) Entry {
+func snapshotOf(t *testing.T, c *Cache[string], key string) Entry[string] {
 	t.Helper()
 	for _, e := range c.Snapshot() {
 		if e.Key == key {
@@ -207,10 +207,10 @@ func snapshotOf(t *testing.T, c *Cache, key string) Entry {
 		}
 	}
 	t.Fatalf("no snapshot entry for %q in %+v", key, c.Snapshot())
-	return Entry{}
+	return Entry[string]{}
 }
 
-func mustGet(t *testing.T, c *Cache, key string) creds.Credentials {
+func mustGet(t *testing.T, c *Cache[string], key string) creds.Credentials {
 	t.Helper()
 	cr, err := c.Get(t.Context(), key)
 	if err != nil {
@@ -225,7 +225,7 @@ type result struct {
 }
 
 // get is Get for goroutines that must not call t.Fatal.
-func get(c *Cache, key string) result {
+func get(c *Cache[string], key string) result {
 	cr, err := c.Get(context.Background(), key)
 	return result{cr, err}
 }

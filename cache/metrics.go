@@ -15,7 +15,7 @@ type metrics struct {
 	clockSteps               *prometheus.CounterVec
 }
 
-func newMetrics(c *Cache, reg prometheus.Registerer) (*metrics, error) {
+func newMetrics[K comparable](c *Cache[K], reg prometheus.Registerer) (*metrics, error) {
 	requests := prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "imdsproxy_cache_requests_total",
 		Help: "Credential requests answered by the cache, by result: hit (served from cache), stale (served last good credentials while refreshes fail), miss (waited for an upstream fetch), error (no credentials returned).",
@@ -62,14 +62,14 @@ func newMetrics(c *Cache, reg prometheus.Registerer) (*metrics, error) {
 }
 
 // entryCollector exports the per-key state of Snapshot at scrape time.
-type entryCollector struct {
-	c                                *Cache
+type entryCollector[K comparable] struct {
+	c                                *Cache[K]
 	remaining, nextRefresh, failures *prometheus.Desc
 	entries                          *prometheus.Desc
 }
 
-func newEntryCollector(c *Cache) *entryCollector {
-	return &entryCollector{
+func newEntryCollector[K comparable](c *Cache[K]) *entryCollector[K] {
+	return &entryCollector[K]{
 		c: c,
 		remaining: prometheus.NewDesc("imdsproxy_cache_credentials_remaining_seconds",
 			"Seconds until the cached credentials of key expire (0 once expired; absent when none).", []string{"key"}, nil),
@@ -83,7 +83,7 @@ func newEntryCollector(c *Cache) *entryCollector {
 }
 
 // Describe implements prometheus.Collector.
-func (k *entryCollector) Describe(ch chan<- *prometheus.Desc) {
+func (k *entryCollector[K]) Describe(ch chan<- *prometheus.Desc) {
 	ch <- k.remaining
 	ch <- k.nextRefresh
 	ch <- k.failures
@@ -91,17 +91,17 @@ func (k *entryCollector) Describe(ch chan<- *prometheus.Desc) {
 }
 
 // Collect implements prometheus.Collector.
-func (k *entryCollector) Collect(ch chan<- prometheus.Metric) {
+func (k *entryCollector[K]) Collect(ch chan<- prometheus.Metric) {
 	now := k.c.now()
 	snap := k.c.Snapshot()
 	for _, e := range snap {
 		if !e.Expires.IsZero() {
-			ch <- prometheus.MustNewConstMetric(k.remaining, prometheus.GaugeValue, max(e.Expires.Sub(now).Seconds(), 0), e.Key)
+			ch <- prometheus.MustNewConstMetric(k.remaining, prometheus.GaugeValue, max(e.Expires.Sub(now).Seconds(), 0), e.Name)
 		}
 		if !e.NextRefresh.IsZero() {
-			ch <- prometheus.MustNewConstMetric(k.nextRefresh, prometheus.GaugeValue, float64(e.NextRefresh.UnixNano())/1e9, e.Key)
+			ch <- prometheus.MustNewConstMetric(k.nextRefresh, prometheus.GaugeValue, float64(e.NextRefresh.UnixNano())/1e9, e.Name)
 		}
-		ch <- prometheus.MustNewConstMetric(k.failures, prometheus.GaugeValue, float64(e.ConsecutiveFailures), e.Key)
+		ch <- prometheus.MustNewConstMetric(k.failures, prometheus.GaugeValue, float64(e.ConsecutiveFailures), e.Name)
 	}
 	ch <- prometheus.MustNewConstMetric(k.entries, prometheus.GaugeValue, float64(len(snap)))
 }

@@ -16,13 +16,13 @@ const (
 
 // refreshAt schedules the refresh of credentials obtained at now that expire
 // at expires (see RefreshAt). c.mu must be held (cfg.Rand).
-func (c *Cache) refreshAt(now, expires time.Time) time.Time {
+func (c *Cache[K]) refreshAt(now, expires time.Time) time.Time {
 	return RefreshAt(now, expires, c.cfg.ExpiryMargin, c.cfg.BackoffInitial, c.rand())
 }
 
 // retryAt schedules the next attempt after e's latest failure (e.failures ≥ 1)
 // at now (see RetryAt). c.mu must be held.
-func (c *Cache) retryAt(now time.Time, e *entry) time.Time {
+func (c *Cache[K]) retryAt(now time.Time, e *entry[K]) time.Time {
 	var until time.Time
 	if c.servable(e.creds, now) {
 		until = e.creds.Expires.Add(-c.cfg.ExpiryMargin)
@@ -89,6 +89,6 @@ func RetryDelay(n int, initial, maxDelay time.Duration, rnd float64) time.Durati
 }
 
 // rand returns cfg.Rand clamped to [0, 1]. c.mu must be held.
-func (c *Cache) rand() float64 {
+func (c *Cache[K]) rand() float64 {
 	return min(max(c.cfg.Rand(), 0), 1)
 }

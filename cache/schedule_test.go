@@ -10,10 +10,9 @@ import (
 func TestBackoff(t *testing.T) {
 	const initial, max = 2 * time.Second, 5 * time.Minute
 	for _, tc := range []struct {
-		n         int
-		r         float64
-		want      time.Duration
-		wantUpper time.Duration
+		n    int
+		r    float64
+		want time.Duration
 	}{
 		{n: 1, r: 0, want: time.Second},
 		{n: 1, r: 1, want: 2 * time.Second},
@@ -23,10 +22,34 @@ func TestBackoff(t *testing.T) {
 		{n: 9, r: 1, want: max}, // 512s capped
 		{n: 9, r: 0, want: max / 2},
 		{n: 1000, r: 1, want: max}, // no overflow
+		{n: 3, r: -5, want: 4 * time.Second}, // rnd clamped to 0
+		{n: 3, r: 7, want: 8 * time.Second},  // rnd clamped to 1
 	} {
 		if got := RetryDelay(tc.n, initial, max, tc.r); got != tc.want {
 			t.Errorf("RetryDelay(%d, r=%v) = %s, want %s", tc.n, tc.r, got, tc.want)
 		}
+	}
+	// Over the whole jitter range the delay stays within [base/2, base] of
+	// the capped base, and never shrinks as failures grow.
+	prevLow := time.Duration(0)
+	for n := 1; n <= 20; n++ {
+		base := initial << (n - 1)
+		if base > max || base <= 0 {
+			base = max
+		}
+		low, high := RetryDelay(n, initial, max, 0), RetryDelay(n, initial, max, 1)
+		if low != base/2 || high != base {
+			t.Errorf("n=%d: jitter range [%s, %s], want [%s, %s]", n, low, high, base/2, base)
+		}
+		for r := 0.0; r <= 1; r += 0.125 {
+			if d := RetryDelay(n, initial, max, r); d < low || d > high {
+				t.Errorf("n=%d r=%v: %s outside [%s, %s]", n, r, d, low, high)
+			}
+		}
+		if low < prevLow {
+			t.Errorf("n=%d: the lower bound %s shrank from %s", n, low, prevLow)
+		}
+		prevLow = low
 	}
 }
 
@@ -34,7 +57,7 @@ func TestBackoff(t *testing.T) {
 // BackoffInitial; without servable credentials it is plain backoff.
 func TestRetryAt(t *testing.T) {
 	now := time.Date(2030, 1, 1, 0, 0, 0, 0, time.UTC)
-	c, err := New(newFake(nil), Config{BackoffInitial: 10 * time.Second, BackoffMax: time.Hour, Rand: fixedRand(1)}, nil, nil)
+	c, err := New[string](newFake(nil), Config{BackoffInitial: 10 * time.Second, BackoffMax: time.Hour, Rand: fixedRand(1)}, nil, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -53,7 +76,7 @@ func TestRetryAt(t *testing.T) {
 		{"pulled forward, floor", valid(time.Minute + 5*time.Second), 6, 10 * time.Second},
 		{"not servable", valid(time.Minute), 6, 320 * time.Second},
 	} {
-		e := &entry{creds: tc.cr, failures: tc.failures}
+		e := &entry[string]{creds: tc.cr, failures: tc.failures}
 		c.mu.Lock()
 		got := c.retryAt(now, e).Sub(now)
 		c.mu.Unlock()
@@ -66,7 +89,7 @@ func TestRetryAt(t *testing.T) {
 // refreshAt stays within servability and never sooner than BackoffInitial.
 func TestRefreshAtBounds(t *testing.T) {
 	now := time.Date(2030, 1, 1, 0, 0, 0, 0, time.UTC)
-	c, err := New(newFake(nil), Config{ExpiryMargin: 10 * time.Minute, Rand: fixedRand(1)}, nil, nil)
+	c, err := New[string](newFake(nil), Config{ExpiryMargin: 10 * time.Minute, Rand: fixedRand(1)}, nil, nil)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -5,8 +5,9 @@
 // "workloads[2].uid") and the line it is on.
 //
 // Each package that owns a config section declares its struct with yaml
-// tags and validates it itself; this package only decodes. It is a leaf: it
-// imports nothing of the project.
+// tags and validates it itself; this package decodes, and holds the few
+// shapes several sections share (Duration, Role, URL and path checks). It
+// imports only the leaf package creds.
 package config
 
 import (
@@ -14,13 +15,18 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
+	"net/url"
 	"os"
 	"reflect"
+	"regexp"
 	"strconv"
 	"strings"
 	"time"
 
 	"go.yaml.in/yaml/v3"
+
+	"github.com/imdsproxy/imdsproxy/creds"
 )
 
 // MaxSize bounds a config file, in bytes; a real one is a few kilobytes.
@@ -271,4 +277,106 @@ func Keys(v any) []string {
 	}
 	walk(reflect.TypeOf(v), "")
 	return out
+}
+
+// Role is a role section of a config file: the top-level `role:` and each
+// workload's. Validate checks it and derives Name from ARN.
+type Role struct {
+	ARN         string   `yaml:"arn"`
+	Name        string   `yaml:"name"`
+	SessionName string   `yaml:"session_name"`
+	Duration    Duration `yaml:"duration"`
+}
+
+var (
+	roleARNRe     = regexp.MustCompile(`^arn:aws[a-z-]*:iam::[0-9]{12}:role/(?:[\x21-\x7e]+/)*([\w+=,.@-]{1,64})$`)
+	sessionNameRe = regexp.MustCompile(`^[\w+=,.@-]{2,64}$`)
+)
+
+// Validate checks the role at path (for example "role" or
+// "workloads[2].role"): an IAM role ARN (required unless arnOptional and
+// empty), a valid name (default: the last part of the ARN), a valid session
+// name when set, and a duration within the STS limits of 15m..12h (0 is
+// replaced by def). Every error names the key.
+func (r *Role) Validate(path string, arnOptional bool, def time.Duration) error {
+	m := roleARNRe.FindStringSubmatch(r.ARN)
+	switch {
+	case m != nil:
+		if r.Name == "" {
+			r.Name = m[1]
+		}
+	case arnOptional && r.ARN == "":
+	default:
+		return fmt.Errorf("config: %s.arn: %q is not an IAM role ARN such as arn:aws:iam::222222222222:role/app", path, r.ARN)
+	}
+	if r.Name != "" && !creds.ValidRoleName(r.Name) {
+		return fmt.Errorf("config: %s.name: %q may hold only letters, digits and _+=,.@- (1 to 64)", path, r.Name)
+	}
+	if r.SessionName != "" && !sessionNameRe.MatchString(r.SessionName) {
+		return fmt.Errorf("config: %s.session_name: %q may hold only letters, digits and _+=,.@- (2 to 64)", path, r.SessionName)
+	}
+	if r.Duration == 0 {
+		r.Duration = Duration(def)
+	}
+	if d := r.Duration.D(); d < 15*time.Minute || d > 12*time.Hour {
+		return fmt.Errorf("config: %s.duration: %s is outside 15m..12h (the STS limits)", path, d)
+	}
+	return nil
+}
+
+// Creds is the role as the exchanges take it, with session as the session
+// name when none is configured ("" leaves the choice to the source).
+func (r Role) Creds(session string) creds.Role {
+	if r.SessionName != "" {
+		session = r.SessionName
+	}
+	return creds.Role{Name: r.Name, ARN: r.ARN, SessionName: session, Duration: r.Duration.D()}
+}
+
+// CheckURL accepts an absolute https URL without user info; plain http only
+// to a loopback host and only when insecureHTTP is set (a local user who
+// grabs the port while the real service is down would otherwise receive
+// what is sent there, or answer in its place).
+func CheckURL(raw string, insecureHTTP bool) error {
+	u, err := url.Parse(raw)
+	if err != nil || u.Host == "" || u.User != nil || u.Opaque != "" {
+		return fmt.Errorf("%q is not an absolute URL without user info", redactURL(raw))
+	}
+	switch u.Scheme {
+	case "https":
+		return nil
+	case "http":
+		ip := net.ParseIP(u.Hostname())
+		loopback := ip != nil && ip.IsLoopback() || strings.EqualFold(u.Hostname(), "localhost")
+		switch {
+		case !loopback:
+			return fmt.Errorf("%q: use https (plain http is allowed only to a loopback address, with insecure_http: true)", redactURL(raw))
+		case !insecureHTTP:
+			return fmt.Errorf("%q: plain http needs insecure_http: true beside it (any local user who binds that port while the service is down gets what is sent there)", redactURL(raw))
+		}
+		return nil
+	}
+	return fmt.Errorf("%q: the scheme must be https", redactURL(raw))
+}
+
+// redactURL drops user info, query and fragment (a presigned URL carries its
+// signature in the query).
+func redactURL(s string) string {
+	u, err := url.Parse(s)
+	if err != nil {
+		if i := strings.IndexAny(s, "?#@"); i >= 0 {
+			return s[:i] + "…"
+		}
+		return s
+	}
+	u.User, u.RawQuery, u.ForceQuery, u.Fragment, u.RawFragment = nil, "", false, "", ""
+	return u.String()
+}
+
+// AbsPath checks that p (at key path) is empty or an absolute path.
+func AbsPath(path, p string) error {
+	if p != "" && !strings.HasPrefix(p, "/") {
+		return fmt.Errorf("config: %s: %q must be an absolute path", path, p)
+	}
+	return nil
 }

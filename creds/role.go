@@ -1,0 +1,103 @@
+package creds
+
+import (
+	"context"
+	"errors"
+	"regexp"
+	"time"
+)
+
+// Kind is a kind of credentials a host can serve.
+type Kind string
+
+// The kinds of credentials.
+const (
+	// KindWorkload is a workload role's credentials, exchanged from the
+	// host's identity (web identity, federation, Roles Anywhere, assume-role).
+	KindWorkload Kind = "workload"
+	// KindInstanceProfile is the instance profile's credentials, as the real
+	// IMDS hands them out.
+	KindInstanceProfile Kind = "instance-profile"
+)
+
+// Role is everything an exchange needs to know of the role it fetches
+// credentials for. It is comparable, so it can be part of a cache key: two
+// Roles that differ in any field are different credentials.
+type Role struct {
+	// Name is the name listed under security-credentials/ (an IAM role
+	// name, 1..64 of [A-Za-z0-9+=,.@_-]).
+	Name string
+	// ARN is the role's ARN; "" for the instance profile's role, which the
+	// real IMDS names.
+	ARN string
+	// SessionName is the RoleSessionName; "" where the source chooses.
+	SessionName string
+	// Duration is the session duration asked for; 0 lets the service
+	// choose.
+	Duration time.Duration
+}
+
+var roleNameRe = regexp.MustCompile(`^[\w+=,.@-]{1,64}$`)
+
+// ValidRoleName reports whether s is a valid IAM role name: 1..64 of
+// [A-Za-z0-9+=,.@_-]. Such a name is safe in a URL path and a header.
+func ValidRoleName(s string) bool { return roleNameRe.MatchString(s) }
+
+// Fetcher obtains fresh credentials for a role from upstream: an exchange
+// source (STS web identity, Roles Anywhere, the instance profile, …). It must
+// honour ctx, be safe for concurrent use, use the role it is handed (never a
+// role of its own choosing) and never put a secret into its error. Errors may
+// carry ErrorClass and Permanent (see Classify).
+type Fetcher interface {
+	Fetch(ctx context.Context, role Role) (Credentials, error)
+}
+
+// Key names one set of credentials the daemon keeps: its kind, its role, and
+// the source that fetches it. Keys are comparable values; two keys with
+// different sources are different entries, so a reload that changes the
+// host's identity never mixes credentials of the old and the new source.
+// Via must be a pointer (or another comparable value): Keys are map keys.
+type Key struct {
+	Kind Kind
+	Role Role
+	Via  Fetcher
+}
+
+// String names the key for logs, metrics and /debug/cache: the role name
+// for the workload kind, instance-profile/<name> for the instance profile.
+// A role name cannot hold '/', so the two never collide.
+func (k Key) String() string {
+	if k.Kind == KindInstanceProfile {
+		return string(k.Kind) + "/" + k.Role.Name
+	}
+	return k.Role.Name
+}
+
+// IsZero reports whether k names nothing.
+func (k Key) IsZero() bool { return k == Key{} }
+
+// Fetch fetches k's credentials through its source. It is the one fetcher
+// of every Key: the decision that chose the key chose the source too.
+func (k Key) Fetch(ctx context.Context) (Credentials, error) {
+	if k.Via == nil {
+		return Credentials{}, errors.New("creds: key " + k.String() + " has no source")
+	}
+	return k.Via.Fetch(ctx, k.Role)
+}
+
+// Classify returns the class and permanence of an error that crossed a
+// package boundary (docs/architecture.md, "Error classification"): its
+// ErrorClass() when it has one (found with errors.As), else "other"; its
+// Permanent() when it has one, else false (retryable).
+func Classify(err error) (class string, permanent bool) {
+	class = "other"
+	var ce interface{ ErrorClass() string }
+	if errors.As(err, &ce) && ce.ErrorClass() != "" {
+		class = ce.ErrorClass()
+	}
+	var pe interface{ Permanent() bool }
+	if errors.As(err, &pe) {
+		permanent = pe.Permanent()
+	}
+	return class, permanent
+}
