@@ -12,10 +12,6 @@ import (
 	"unicode/utf8"
 
 	"github.com/aws/aws-sdk-go-v2/aws"
-	"github.com/aws/aws-sdk-go-v2/aws/ratelimit"
-	"github.com/aws/aws-sdk-go-v2/aws/retry"
-	"github.com/aws/aws-sdk-go-v2/config"
-	"github.com/aws/aws-sdk-go-v2/feature/ec2/imds"
 	"github.com/aws/aws-sdk-go-v2/service/sts"
 	"github.com/aws/aws-sdk-go-v2/service/sts/types"
 	"go.uber.org/zap"
@@ -70,19 +66,10 @@ var arBaseRefused = map[string]bool{
 	"RequestExpired":              true,
 }
 
-// AssumeRoleConfig configures NewAssumeRole.
+// AssumeRoleConfig configures NewAssumeRole: what every AssumeRole call of
+// the source sends. The role, session name and duration are handed to each
+// Fetch.
 type AssumeRoleConfig struct {
-	// RoleARN is the workload role to assume. Required.
-	RoleARN string
-	// SessionName is the RoleSessionName, already resolved by the caller
-	// (see SessionName). It is passed through SanitizeSessionName. Required.
-	SessionName string
-	// Duration is DurationSeconds (whole seconds, 15 min to 12 h); 0 lets
-	// STS choose (1 h). Role chaining (base credentials that are themselves
-	// a role session, such as instance-profile credentials) is limited to
-	// 1 h by STS: a longer duration is refused once, then 1 h is asked for
-	// until the AssumeRole is rebuilt.
-	Duration time.Duration
 	// ExternalID is sent as ExternalId when not empty (2..1224 characters
 	// of [\w+=,.@:/-]).
 	ExternalID string
@@ -116,18 +103,17 @@ type AssumeRoleConfig struct {
 }
 
 // AssumeRole fetches credentials with STS AssumeRole, signed (SigV4) with
-// base credentials. It is safe for concurrent use; apart from the base
-// credentials it has no cache of its own.
+// base credentials, for whichever role it is handed. It is safe for
+// concurrent use; apart from the base credentials it has no cache of its
+// own.
 type AssumeRole struct {
 	client         *sts.Client
 	base           *aws.CredentialsCache
 	inner          *aws.CredentialsCache // the SDK chain's own cache, nil otherwise
-	roleARN        string
-	sessionName    string
 	externalID     string
 	sourceIdentity string
 	tags           []types.Tag
-	duration       *sessionDuration
+	durations      durationTable
 	timeout        time.Duration
 	log            *zap.Logger
 	now            func() time.Time
@@ -138,15 +124,6 @@ type AssumeRole struct {
 // shared config, HTTP(S)_PROXY), never letting the SDK ask IMDS for
 // anything. ctx bounds configuration loading only. log may be nil.
 func NewAssumeRole(ctx context.Context, cfg AssumeRoleConfig, log *zap.Logger) (*AssumeRole, error) {
-	if !strings.HasPrefix(cfg.RoleARN, "arn:") || strings.Count(cfg.RoleARN, ":") < 5 {
-		return nil, fmt.Errorf("exchange: invalid role ARN %q", cfg.RoleARN)
-	}
-	if strings.TrimSpace(cfg.SessionName) == "" {
-		return nil, errors.New("exchange: empty session name")
-	}
-	if cfg.Duration != 0 && (cfg.Duration < MinDuration || cfg.Duration > MaxDuration) {
-		return nil, fmt.Errorf("exchange: duration %s outside %s..%s", cfg.Duration, MinDuration, MaxDuration)
-	}
 	if cfg.MaxAttempts < 0 || cfg.Timeout < 0 {
 		return nil, errors.New("exchange: negative MaxAttempts or Timeout")
 	}
@@ -160,44 +137,22 @@ func NewAssumeRole(ctx context.Context, cfg AssumeRoleConfig, log *zap.Logger) (
 	if err != nil {
 		return nil, err
 	}
-	if cfg.MaxAttempts == 0 {
-		cfg.MaxAttempts = DefaultMaxAttempts
-	}
 	if cfg.Timeout == 0 {
 		cfg.Timeout = DefaultTimeout
 	}
 	if log == nil {
 		log = zap.NewNop()
 	}
-
-	maxAttempts := cfg.MaxAttempts
-	opts := []func(*config.LoadOptions) error{
-		// Never let the SDK talk to IMDS on its own (region, defaults mode,
-		// the credential chain's last step): IMDS may be ourselves.
-		config.WithEC2IMDSClientEnableState(imds.ClientDisabled),
-		config.WithRetryer(func() aws.Retryer {
-			return retry.NewStandard(func(o *retry.StandardOptions) {
-				o.MaxAttempts = maxAttempts
-				o.RateLimiter = ratelimit.None // the cache owns long-term backoff
-			})
-		}),
-	}
+	o := awsOptions{Region: cfg.Region, HTTPClient: cfg.HTTPClient, MaxAttempts: cfg.MaxAttempts}
 	if cfg.Base != nil {
 		// Keep LoadDefaultConfig from building (and logging about) a chain.
-		opts = append(opts, config.WithCredentialsProvider(aws.AnonymousCredentials{}))
+		o.Credentials = aws.AnonymousCredentials{}
+	} else {
+		o.Chain = true
 	}
-	if cfg.Region != "" {
-		opts = append(opts, config.WithRegion(cfg.Region))
-	}
-	if cfg.HTTPClient != nil {
-		opts = append(opts, config.WithHTTPClient(cfg.HTTPClient))
-	}
-	awsCfg, err := config.LoadDefaultConfig(ctx, opts...)
+	awsCfg, err := loadAWSConfig(ctx, o)
 	if err != nil {
-		return nil, fmt.Errorf("exchange: load AWS config: %w", err)
-	}
-	if awsCfg.Region == "" {
-		return nil, errors.New("exchange: no region: set AWS_REGION")
+		return nil, err
 	}
 	base := cfg.Base
 	var inner *aws.CredentialsCache
@@ -219,12 +174,9 @@ func NewAssumeRole(ctx context.Context, cfg AssumeRoleConfig, log *zap.Logger) (
 		client:         client,
 		base:           cache,
 		inner:          inner,
-		roleARN:        cfg.RoleARN,
-		sessionName:    SanitizeSessionName(cfg.SessionName),
 		externalID:     cfg.ExternalID,
 		sourceIdentity: cfg.SourceIdentity,
 		tags:           tags,
-		duration:       &sessionDuration{want: cfg.Duration.Truncate(time.Second)},
 		timeout:        cfg.Timeout,
 		log:            log,
 		now:            time.Now,
@@ -289,15 +241,11 @@ func sessionTags(m map[string]string) ([]types.Tag, error) {
 	return tags, nil
 }
 
-// RoleARN returns the role this AssumeRole assumes.
-func (a *AssumeRole) RoleARN() string { return a.roleARN }
-
-// SessionName returns the RoleSessionName in use.
-func (a *AssumeRole) SessionName() string { return a.sessionName }
-
-// Fetch calls STS AssumeRole for the configured role, signed with the base
-// credentials. key is ignored (one role per AssumeRole); it exists so that
-// AssumeRole fits the cache's Fetcher shape.
+// Fetch calls STS AssumeRole for role (its ARN, session name — required —
+// and duration), signed with the base credentials. Role chaining (base
+// credentials that are themselves a role session, such as instance-profile
+// credentials) is limited to 1 h by STS: a longer duration is refused once,
+// then 1 h is asked for this role until the AssumeRole is rebuilt.
 //
 // When STS refuses the base credentials (InvalidClientTokenId,
 // SignatureDoesNotMatch, ExpiredToken, ...) the cached base credentials are
@@ -306,30 +254,37 @@ func (a *AssumeRole) SessionName() string { return a.sessionName }
 // base credentials, or their refusal, is class base_credentials. On success
 // the credentials are Complete and valid now, Source "assume-role", RoleARN
 // the assumed-role ARN and AccountID its account.
-func (a *AssumeRole) Fetch(ctx context.Context, key string) (creds.Credentials, error) {
+func (a *AssumeRole) Fetch(ctx context.Context, role creds.Role) (creds.Credentials, error) {
+	if err := checkRole(opAssumeRole, role, true); err != nil {
+		return creds.Credentials{}, err
+	}
 	ctx, cancel := context.WithTimeout(ctx, a.timeout)
 	defer cancel()
+	dur := a.durations.of(role)
 
-	out, err := a.assume(ctx)
+	out, err := a.assume(ctx, role, dur)
 	var be *arBaseError
-	if err != nil && !errors.As(err, &be) && a.duration.refused(err, a.log) {
-		out, err = a.assume(ctx)
+	if err != nil && !errors.As(err, &be) && dur.refused(err, a.log) {
+		out, err = a.assume(ctx, role, dur)
 	}
 	if err != nil && a.baseRefused(err) && ctx.Err() == nil {
 		e := Classify(err)
 		a.log.Info("STS refused the base credentials; retrying once with freshly retrieved ones",
 			zap.String("code", e.Code), zap.String("request_id", e.RequestID))
 		a.invalidateBase()
-		out, err = a.assume(ctx)
+		out, err = a.assume(ctx, role, dur)
 	}
 	if err != nil {
-		e := a.classify(err)
+		e := a.classify(err, role)
 		if e.Class == ClassBaseCredentials {
 			a.invalidateBase()
 		}
 		return creds.Credentials{}, e
 	}
-	c, err := a.convert(out)
+	if out == nil {
+		return creds.Credentials{}, &Error{Op: opAssumeRole, Role: role.ARN, Class: ClassInvalidResponse, Message: "empty response"}
+	}
+	c, err := stsCredentials(opAssumeRole, SourceAssumeRole, role.ARN, out.Credentials, out.AssumedRoleUser, a.now(), a.log)
 	if err != nil {
 		return creds.Credentials{}, err
 	}
@@ -344,12 +299,12 @@ func (a *AssumeRole) invalidateBase() {
 	}
 }
 
-func (a *AssumeRole) assume(ctx context.Context) (*sts.AssumeRoleOutput, error) {
+func (a *AssumeRole) assume(ctx context.Context, role creds.Role, dur *sessionDuration) (*sts.AssumeRoleOutput, error) {
 	in := &sts.AssumeRoleInput{
-		RoleArn:         aws.String(a.roleARN),
-		RoleSessionName: aws.String(a.sessionName),
+		RoleArn:         aws.String(role.ARN),
+		RoleSessionName: aws.String(SanitizeSessionName(role.SessionName)),
 	}
-	if d := a.duration.get(); d > 0 {
+	if d := dur.get(); d > 0 {
 		in.DurationSeconds = aws.Int32(int32(d / time.Second))
 	}
 	if a.externalID != "" {
@@ -374,13 +329,13 @@ func (a *AssumeRole) baseRefused(err error) bool {
 
 // classify names the operation and role; base credential failures and
 // refusals become class base_credentials.
-func (a *AssumeRole) classify(err error) *Error {
+func (a *AssumeRole) classify(err error, role creds.Role) *Error {
 	var be *arBaseError
 	if errors.As(err, &be) {
 		var p interface{ Permanent() bool }
 		e := &Error{
 			Op:        opAssumeRole + " base credentials",
-			Role:      a.roleARN,
+			Role:      role.ARN,
 			Class:     ClassBaseCredentials,
 			Message:   sanitize(be.err.Error(), maxMessage, false),
 			Err:       err,
@@ -393,24 +348,13 @@ func (a *AssumeRole) classify(err error) *Error {
 	if e.Op == "" {
 		e.Op = opAssumeRole
 	}
-	e.Role = a.roleARN
+	e.Role = role.ARN
 	if arBaseRefused[e.Code] {
 		e.Class, e.permanent = ClassBaseCredentials, false
 	}
 	a.log.Debug("AssumeRole failed", zap.String("class", e.Class), zap.String("code", e.Code),
 		zap.Int("http_status", e.HTTPStatus), zap.String("request_id", e.RequestID))
 	return e
-}
-
-func (a *AssumeRole) invalid(msg string) *Error {
-	return &Error{Op: opAssumeRole, Role: a.roleARN, Class: ClassInvalidResponse, Message: msg}
-}
-
-func (a *AssumeRole) convert(out *sts.AssumeRoleOutput) (creds.Credentials, error) {
-	if out == nil {
-		return creds.Credentials{}, a.invalid("empty response")
-	}
-	return stsCredentials(opAssumeRole, SourceAssumeRole, a.roleARN, out.Credentials, out.AssumedRoleUser, a.now(), a.log)
 }
 
 // arMarkedProvider marks the errors of the base provider, so that Fetch can

@@ -67,12 +67,6 @@ func (e *arEnv) rawForms() []url.Values {
 
 func (e *arEnv) newAssumeRole(t *testing.T, cfg AssumeRoleConfig, log *zap.Logger) *AssumeRole {
 	t.Helper()
-	if cfg.RoleARN == "" {
-		cfg.RoleARN = testRoleARN
-	}
-	if cfg.SessionName == "" {
-		cfg.SessionName = "i-0123456789abcdef0"
-	}
 	if cfg.Base == nil {
 		cfg.Base = e.ip.Provider()
 	}
@@ -98,13 +92,13 @@ func TestAssumeRoleFromInstanceProfile(t *testing.T) {
 	e := newAREnv(t, fakests.Config{ExternalID: "ext-123"})
 	core, logs := observer.New(zapcore.DebugLevel)
 	a := e.newAssumeRole(t, AssumeRoleConfig{
-		Duration:       time.Hour,
 		ExternalID:     "ext-123",
 		SourceIdentity: "host-1",
 		Tags:           map[string]string{"team": "payments", "env": "prod", "Cost Center": "42"},
 	}, zap.New(core))
 
-	c, err := a.Fetch(context.Background(), "ignored")
+	role := withDuration(time.Hour)
+	c, err := a.Fetch(context.Background(), role)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -135,7 +129,7 @@ func TestAssumeRoleFromInstanceProfile(t *testing.T) {
 	}
 
 	// The base credentials are cached: a second Fetch reads IMDS no more.
-	if _, err := a.Fetch(context.Background(), ""); err != nil {
+	if _, err := a.Fetch(context.Background(), role); err != nil {
 		t.Fatal(err)
 	}
 	if n := e.up.count("iam/security-credentials/" + ipTestRole); n != 1 {
@@ -152,7 +146,7 @@ func TestAssumeRoleErrors(t *testing.T) {
 		e := newAREnv(t, fakests.Config{})
 		e.sts.SetMode(fakests.ModeAccessDenied)
 		a := e.newAssumeRole(t, AssumeRoleConfig{}, nil)
-		_, err := a.Fetch(context.Background(), "")
+		_, err := a.Fetch(context.Background(), testRole)
 		ee := ipClass(t, err)
 		if ee.Class != ClassAccessDenied || !ee.Permanent() || ee.Code != "AccessDenied" || ee.Role != testRoleARN {
 			t.Fatalf("class %s permanent %v: %v", ee.Class, ee.Permanent(), err)
@@ -161,7 +155,7 @@ func TestAssumeRoleErrors(t *testing.T) {
 	t.Run("wrong external id", func(t *testing.T) {
 		e := newAREnv(t, fakests.Config{ExternalID: "ext-123"})
 		a := e.newAssumeRole(t, AssumeRoleConfig{ExternalID: "ext-999"}, nil)
-		_, err := a.Fetch(context.Background(), "")
+		_, err := a.Fetch(context.Background(), testRole)
 		if ee := ipClass(t, err); ee.Class != ClassAccessDenied || !ee.Permanent() {
 			t.Fatalf("class %s: %v", ee.Class, err)
 		}
@@ -173,7 +167,7 @@ func TestAssumeRoleErrors(t *testing.T) {
 		e := newAREnv(t, fakests.Config{})
 		e.sts.SetMode(fakests.ModeThrottle)
 		a := e.newAssumeRole(t, AssumeRoleConfig{MaxAttempts: 2}, nil)
-		_, err := a.Fetch(context.Background(), "")
+		_, err := a.Fetch(context.Background(), testRole)
 		if ee := ipClass(t, err); ee.Class != ClassThrottling || ee.Permanent() {
 			t.Fatalf("class %s: %v", ee.Class, err)
 		}
@@ -185,7 +179,7 @@ func TestAssumeRoleErrors(t *testing.T) {
 		e := newAREnv(t, fakests.Config{})
 		e.up.set(func(s *ipStandIn) { s.doc = func() (int, string) { return 500, ipTestSecret } })
 		a := e.newAssumeRole(t, AssumeRoleConfig{}, nil)
-		_, err := a.Fetch(context.Background(), "")
+		_, err := a.Fetch(context.Background(), testRole)
 		ee := ipClass(t, err)
 		if ee.Class != ClassBaseCredentials || ee.Permanent() {
 			t.Fatalf("class %s: %v", ee.Class, err)
@@ -204,14 +198,14 @@ func TestAssumeRoleErrors(t *testing.T) {
 				return 200, ipCredDoc(ipTestKey, ipTestSecret, ipTestToken, time.Now().Add(time.Hour))
 			}
 		})
-		if _, err := a.Fetch(context.Background(), ""); err != nil {
+		if _, err := a.Fetch(context.Background(), testRole); err != nil {
 			t.Fatal(err)
 		}
 	})
 	t.Run("base credentials refused", func(t *testing.T) {
 		e := newAREnv(t, fakests.Config{})
 		a := e.newAssumeRole(t, AssumeRoleConfig{}, nil)
-		if _, err := a.Fetch(context.Background(), ""); err != nil {
+		if _, err := a.Fetch(context.Background(), testRole); err != nil {
 			t.Fatal(err)
 		}
 		// The instance profile rotates to a key STS does not know.
@@ -222,7 +216,7 @@ func TestAssumeRoleErrors(t *testing.T) {
 		})
 		e.sts.AllowBaseSession(ipTestKey, "rotated"+ipTestSecret, ipTestToken) // the cached key is refused now
 		before := e.sts.Calls()
-		_, err := a.Fetch(context.Background(), "")
+		_, err := a.Fetch(context.Background(), testRole)
 		ee := ipClass(t, err)
 		if ee.Class != ClassBaseCredentials || ee.Permanent() || ee.Code != "InvalidClientTokenId" {
 			t.Fatalf("class %s code %s: %v", ee.Class, ee.Code, err)
@@ -233,16 +227,16 @@ func TestAssumeRoleErrors(t *testing.T) {
 		}
 		// STS learns the new key: the next Fetch re-reads the base and works.
 		e.sts.AllowBaseSession("ASIAUNKNOWNBASEKEY00", ipTestSecret, ipTestToken)
-		if _, err := a.Fetch(context.Background(), ""); err != nil {
+		if _, err := a.Fetch(context.Background(), testRole); err != nil {
 			t.Fatal(err)
 		}
 	})
 	t.Run("role chaining limit", func(t *testing.T) {
 		e := newAREnv(t, fakests.Config{})
 		core, logs := observer.New(zapcore.WarnLevel)
-		a := e.newAssumeRole(t, AssumeRoleConfig{Duration: 4 * time.Hour}, zap.New(core))
+		a := e.newAssumeRole(t, AssumeRoleConfig{}, zap.New(core))
 		for i := 0; i < 2; i++ {
-			c, err := a.Fetch(context.Background(), "")
+			c, err := a.Fetch(context.Background(), withDuration(4*time.Hour))
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -267,7 +261,7 @@ func TestAssumeRoleGenericEndpoint(t *testing.T) {
 	unsetenv(t, "AWS_ENDPOINT_URL_STS")
 	t.Setenv("AWS_ENDPOINT_URL", e.srv.URL)
 	a := e.newAssumeRole(t, AssumeRoleConfig{}, nil)
-	if _, err := a.Fetch(context.Background(), ""); err != nil {
+	if _, err := a.Fetch(context.Background(), testRole); err != nil {
 		t.Fatal(err)
 	}
 	if e.sts.Calls() != 1 {
@@ -279,8 +273,9 @@ func TestAssumeRoleGenericEndpoint(t *testing.T) {
 // IMDS.
 func TestAssumeRoleSDKChain(t *testing.T) {
 	e := newAREnv(t, fakests.Config{})
+	role := creds.Role{Name: "app", ARN: testRoleARN, SessionName: "host-1"}
 	a := func() *AssumeRole {
-		a, err := NewAssumeRole(context.Background(), AssumeRoleConfig{RoleARN: testRoleARN, SessionName: "host-1"}, nil)
+		a, err := NewAssumeRole(context.Background(), AssumeRoleConfig{}, nil)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -288,7 +283,7 @@ func TestAssumeRoleSDKChain(t *testing.T) {
 	}
 	t.Run("no credentials", func(t *testing.T) {
 		t.Setenv("AWS_EC2_METADATA_SERVICE_ENDPOINT", e.up.srv.URL) // must not be asked
-		_, err := a().Fetch(context.Background(), "")
+		_, err := a().Fetch(context.Background(), role)
 		if ee := ipClass(t, err); ee.Class != ClassBaseCredentials {
 			t.Fatalf("class %s: %v", ee.Class, err)
 		}
@@ -300,11 +295,11 @@ func TestAssumeRoleSDKChain(t *testing.T) {
 		e.sts.AllowBase("AKIAENVIRONMENTKEY00", "envSecretAccessKeyEXAMPLE")
 		t.Setenv("AWS_ACCESS_KEY_ID", "AKIAENVIRONMENTKEY00")
 		t.Setenv("AWS_SECRET_ACCESS_KEY", "envSecretAccessKeyEXAMPLE")
-		if _, err := a().Fetch(context.Background(), ""); err != nil {
+		if _, err := a().Fetch(context.Background(), role); err != nil {
 			t.Fatal(err)
 		}
-		if is, _ := e.sts.Last(); is.BaseAccessKeyID != "AKIAENVIRONMENTKEY00" {
-			t.Fatalf("signed by %q", is.BaseAccessKeyID)
+		if is, _ := e.sts.Last(); is.BaseAccessKeyID != "AKIAENVIRONMENTKEY00" || is.RoleSessionName != "host-1" {
+			t.Fatalf("signed by %q, session %q", is.BaseAccessKeyID, is.RoleSessionName)
 		}
 	})
 }
@@ -315,11 +310,8 @@ func TestNewAssumeRoleValidation(t *testing.T) {
 	for i := 0; i < 51; i++ {
 		manyTags[fmt.Sprintf("k%d", i)] = "v"
 	}
-	ok := AssumeRoleConfig{RoleARN: testRoleARN, SessionName: "host-1", Base: (&InstanceProfile{}).Provider()}
+	ok := AssumeRoleConfig{Base: (&InstanceProfile{}).Provider()}
 	tests := map[string]func(c *AssumeRoleConfig){
-		"no role":                func(c *AssumeRoleConfig) { c.RoleARN = "" },
-		"no session":             func(c *AssumeRoleConfig) { c.SessionName = " " },
-		"short duration":         func(c *AssumeRoleConfig) { c.Duration = time.Minute },
 		"51 tags":                func(c *AssumeRoleConfig) { c.Tags = manyTags },
 		"long tag key":           func(c *AssumeRoleConfig) { c.Tags = map[string]string{strings.Repeat("k", 129): "v"} },
 		"empty tag key":          func(c *AssumeRoleConfig) { c.Tags = map[string]string{"": "v"} },
@@ -347,7 +339,7 @@ func TestNewAssumeRoleValidation(t *testing.T) {
 	}
 	t.Run("no region", func(t *testing.T) {
 		unsetenv(t, "AWS_REGION")
-		if _, err := NewAssumeRole(context.Background(), ok, nil); err == nil || !strings.Contains(err.Error(), "region") {
+		if _, err := NewAssumeRole(context.Background(), ok, nil); !errors.Is(err, ErrNoRegion) {
 			t.Fatalf("no region: %v", err)
 		}
 		cfg := ok
@@ -363,11 +355,40 @@ func TestNewAssumeRoleValidation(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if a.RoleARN() != testRoleARN || a.SessionName() != "host-1" || len(a.tags) != 3 {
-		t.Fatalf("%v %v %v", a.RoleARN(), a.SessionName(), a.tags)
+	if len(a.tags) != 3 || a.externalID != cfg.ExternalID || a.sourceIdentity != cfg.SourceIdentity {
+		t.Fatalf("%v %q %q", a.tags, a.externalID, a.sourceIdentity)
 	}
 }
 
-var _ interface {
-	Fetch(context.Context, string) (creds.Credentials, error)
-} = (*AssumeRole)(nil)
+// TestAssumeRoleFetchRefusesBadRole: a role STS cannot be asked for is a
+// permanent validation error of Fetch; neither the base credentials nor STS
+// are asked.
+func TestAssumeRoleFetchRefusesBadRole(t *testing.T) {
+	e := newAREnv(t, fakests.Config{})
+	a := e.newAssumeRole(t, AssumeRoleConfig{}, nil)
+	for _, tc := range badRoles(true) {
+		t.Run(tc.name, func(t *testing.T) {
+			c, err := a.Fetch(context.Background(), tc.role)
+			assertBadRole(t, err, c, "AssumeRole", tc)
+		})
+	}
+	if n := e.sts.Calls(); n != 0 {
+		t.Errorf("STS called %d times for invalid roles", n)
+	}
+	if n := e.up.count("iam/security-credentials/" + ipTestRole); n != 0 {
+		t.Errorf("base credentials read %d times for invalid roles", n)
+	}
+	// A valid role still works with the same AssumeRole.
+	if _, err := a.Fetch(context.Background(), testRole); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// Every source fits the cache's Fetcher shape.
+var (
+	_ creds.Fetcher = (*AssumeRole)(nil)
+	_ creds.Fetcher = (*WebIdentity)(nil)
+	_ creds.Fetcher = (*RolesAnywhere)(nil)
+	_ creds.Fetcher = (*Federation)(nil)
+	_ creds.Fetcher = (*InstanceProfile)(nil)
+)

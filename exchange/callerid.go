@@ -2,15 +2,9 @@ package exchange
 
 import (
 	"context"
-	"errors"
-	"fmt"
 	"time"
 
 	"github.com/aws/aws-sdk-go-v2/aws"
-	"github.com/aws/aws-sdk-go-v2/aws/ratelimit"
-	"github.com/aws/aws-sdk-go-v2/aws/retry"
-	"github.com/aws/aws-sdk-go-v2/config"
-	"github.com/aws/aws-sdk-go-v2/feature/ec2/imds"
 	"github.com/aws/aws-sdk-go-v2/service/sts"
 
 	"github.com/imdsproxy/imdsproxy/creds"
@@ -30,25 +24,9 @@ type CallerIdentity struct {
 // honoured, no IMDS lookups by the SDK itself). timeout bounds one Verify
 // (0: 10s).
 func NewCallerIdentity(ctx context.Context, region string, timeout time.Duration) (*CallerIdentity, error) {
-	opts := []func(*config.LoadOptions) error{
-		config.WithCredentialsProvider(aws.AnonymousCredentials{}),
-		config.WithEC2IMDSClientEnableState(imds.ClientDisabled),
-		config.WithRetryer(func() aws.Retryer {
-			return retry.NewStandard(func(o *retry.StandardOptions) {
-				o.MaxAttempts = DefaultMaxAttempts
-				o.RateLimiter = ratelimit.None
-			})
-		}),
-	}
-	if region != "" {
-		opts = append(opts, config.WithRegion(region))
-	}
-	awsCfg, err := config.LoadDefaultConfig(ctx, opts...)
+	awsCfg, err := loadAWSConfig(ctx, awsOptions{Region: region})
 	if err != nil {
-		return nil, fmt.Errorf("exchange: load AWS config: %w", err)
-	}
-	if awsCfg.Region == "" {
-		return nil, errors.New("exchange: no region: set AWS_REGION")
+		return nil, err
 	}
 	if timeout <= 0 {
 		timeout = 10 * time.Second

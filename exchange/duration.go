@@ -2,11 +2,39 @@ package exchange
 
 import (
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
 	"go.uber.org/zap"
+
+	"github.com/imdsproxy/imdsproxy/creds"
 )
+
+// durationTable remembers, per role, the duration to ask for: a role whose
+// configured duration STS refused is asked for fallbackDuration from then on,
+// until the exchange is rebuilt (restart, or a reload that changes the
+// identity). The zero value is ready; safe for concurrent use. It holds one
+// entry per role ever fetched (the roles of one configuration).
+type durationTable struct {
+	mu sync.Mutex
+	m  map[creds.Role]*sessionDuration
+}
+
+// of returns role's sessionDuration.
+func (t *durationTable) of(role creds.Role) *sessionDuration {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if d, ok := t.m[role]; ok {
+		return d
+	}
+	if t.m == nil {
+		t.m = map[creds.Role]*sessionDuration{}
+	}
+	d := &sessionDuration{want: role.Duration.Truncate(time.Second), arn: role.ARN}
+	t.m[role] = d
+	return d
+}
 
 // fallbackDuration is asked for when the configured duration is longer than
 // the role allows: every role's MaxSessionDuration is at least one hour, and
@@ -18,6 +46,7 @@ const fallbackDuration = time.Hour
 // refused the configured one as longer than the role allows. Safe for
 // concurrent use.
 type sessionDuration struct {
+	arn    string // the role, for the log line
 	want   time.Duration
 	capped atomic.Bool
 }
@@ -45,7 +74,7 @@ func (d *sessionDuration) refused(err error, log *zap.Logger) bool {
 	}
 	if d.capped.CompareAndSwap(false, true) {
 		log.Warn("role.duration is longer than STS allows for this role (its MaxSessionDuration, or 1h for role chaining); asking for 1h instead until restart or reload (raise MaxSessionDuration or lower role.duration)",
-			zap.Duration("configured", d.want), zap.Duration("using", fallbackDuration))
+			zap.String("role", d.arn), zap.Duration("configured", d.want), zap.Duration("using", fallbackDuration))
 	}
 	return true
 }

@@ -25,10 +25,6 @@ import (
 	"time"
 
 	"github.com/aws/aws-sdk-go-v2/aws"
-	"github.com/aws/aws-sdk-go-v2/aws/ratelimit"
-	"github.com/aws/aws-sdk-go-v2/aws/retry"
-	"github.com/aws/aws-sdk-go-v2/config"
-	"github.com/aws/aws-sdk-go-v2/feature/ec2/imds"
 	"github.com/aws/aws-sdk-go-v2/service/sts"
 	"go.uber.org/zap"
 
@@ -72,16 +68,10 @@ type tokenForgetter interface {
 	Forget(tok string)
 }
 
-// WebIdentityConfig configures NewWebIdentity.
+// WebIdentityConfig configures NewWebIdentity. The role, session name and
+// duration are not configuration of the exchange: every Fetch is handed the
+// role it must fetch.
 type WebIdentityConfig struct {
-	// RoleARN is the workload role to assume. Required.
-	RoleARN string
-	// SessionName is the RoleSessionName, already resolved by the caller
-	// (see SessionName). It is passed through SanitizeSessionName. Required.
-	SessionName string
-	// Duration is the session duration (DurationSeconds, whole seconds,
-	// 15 min to 12 h). 0 lets STS choose its default (1 h).
-	Duration time.Duration
 	// Region is the STS region. "" means the SDK's default configuration
 	// (AWS_REGION, the shared config file); it is an error if none is found.
 	// IMDS is never asked for the region.
@@ -98,18 +88,17 @@ type WebIdentityConfig struct {
 	Timeout time.Duration
 }
 
-// WebIdentity fetches credentials with STS AssumeRoleWithWebIdentity. It is
-// safe for concurrent use; it has no cache of its own.
+// WebIdentity fetches credentials with STS AssumeRoleWithWebIdentity, for
+// whichever role it is handed, with the identity token of its TokenSource.
+// It is safe for concurrent use; it has no cache of its own.
 type WebIdentity struct {
-	client      *sts.Client
-	roleARN     string
-	sessionName string
-	duration    *sessionDuration
-	timeout     time.Duration
-	tokens      TokenSource
-	log         *zap.Logger
-	now         func() time.Time
-	retryDelay  time.Duration
+	client     *sts.Client
+	durations  durationTable
+	timeout    time.Duration
+	tokens     TokenSource
+	log        *zap.Logger
+	now        func() time.Time
+	retryDelay time.Duration
 }
 
 // NewWebIdentity builds the STS client from the SDK's default configuration
@@ -121,20 +110,8 @@ func NewWebIdentity(ctx context.Context, cfg WebIdentityConfig, tokens TokenSour
 	if tokens == nil {
 		return nil, errors.New("exchange: nil token source")
 	}
-	if !strings.HasPrefix(cfg.RoleARN, "arn:") || strings.Count(cfg.RoleARN, ":") < 5 {
-		return nil, fmt.Errorf("exchange: invalid role ARN %q", cfg.RoleARN)
-	}
-	if strings.TrimSpace(cfg.SessionName) == "" {
-		return nil, errors.New("exchange: empty session name")
-	}
-	if cfg.Duration != 0 && (cfg.Duration < MinDuration || cfg.Duration > MaxDuration) {
-		return nil, fmt.Errorf("exchange: duration %s outside %s..%s", cfg.Duration, MinDuration, MaxDuration)
-	}
 	if cfg.MaxAttempts < 0 || cfg.Timeout < 0 {
 		return nil, errors.New("exchange: negative MaxAttempts or Timeout")
-	}
-	if cfg.MaxAttempts == 0 {
-		cfg.MaxAttempts = DefaultMaxAttempts
 	}
 	if cfg.Timeout == 0 {
 		cfg.Timeout = DefaultTimeout
@@ -142,63 +119,29 @@ func NewWebIdentity(ctx context.Context, cfg WebIdentityConfig, tokens TokenSour
 	if log == nil {
 		log = zap.NewNop()
 	}
-
-	maxAttempts := cfg.MaxAttempts
-	opts := []func(*config.LoadOptions) error{
-		config.WithCredentialsProvider(aws.AnonymousCredentials{}),
-		// Never let the SDK talk to IMDS on its own (region, defaults mode):
-		// on the hosts we run on, IMDS may be ourselves.
-		config.WithEC2IMDSClientEnableState(imds.ClientDisabled),
-		config.WithRetryer(func() aws.Retryer {
-			return retry.NewStandard(func(o *retry.StandardOptions) {
-				o.MaxAttempts = maxAttempts
-				// The cache owns long-term backoff; no client-side retry quota
-				// that could starve a long-lived daemon.
-				o.RateLimiter = ratelimit.None
-				o.Retryables = append(o.Retryables, retry.RetryableErrorCode{
-					Codes: map[string]struct{}{"IDPCommunicationError": {}},
-				})
-			})
-		}),
-	}
-	if cfg.Region != "" {
-		opts = append(opts, config.WithRegion(cfg.Region))
-	}
-	if cfg.HTTPClient != nil {
-		opts = append(opts, config.WithHTTPClient(cfg.HTTPClient))
-	}
-	awsCfg, err := config.LoadDefaultConfig(ctx, opts...)
+	awsCfg, err := loadAWSConfig(ctx, awsOptions{
+		Region: cfg.Region, HTTPClient: cfg.HTTPClient, MaxAttempts: cfg.MaxAttempts,
+		RetryCodes: []string{"IDPCommunicationError"},
+	})
 	if err != nil {
-		return nil, fmt.Errorf("exchange: load AWS config: %w", err)
-	}
-	if awsCfg.Region == "" {
-		return nil, errors.New("exchange: no region: set AWS_REGION")
+		return nil, err
 	}
 	client := sts.NewFromConfig(awsCfg, func(o *sts.Options) {
 		o.Credentials = aws.AnonymousCredentials{}
 	})
 	return &WebIdentity{
-		client:      client,
-		roleARN:     cfg.RoleARN,
-		sessionName: SanitizeSessionName(cfg.SessionName),
-		duration:    &sessionDuration{want: cfg.Duration.Truncate(time.Second)},
-		timeout:     cfg.Timeout,
-		tokens:      tokens,
-		log:         log,
-		now:         time.Now,
-		retryDelay:  invalidTokenRetryDelay,
+		client:     client,
+		timeout:    cfg.Timeout,
+		tokens:     tokens,
+		log:        log,
+		now:        time.Now,
+		retryDelay: invalidTokenRetryDelay,
 	}, nil
 }
 
-// RoleARN returns the role this WebIdentity assumes.
-func (w *WebIdentity) RoleARN() string { return w.roleARN }
-
-// SessionName returns the RoleSessionName in use.
-func (w *WebIdentity) SessionName() string { return w.sessionName }
-
-// Fetch reads the identity token and exchanges it for credentials of the
-// configured role. key is ignored (one role per WebIdentity); it exists so
-// that WebIdentity fits the cache's Fetcher shape.
+// Fetch reads the identity token and exchanges it for credentials of role:
+// its ARN, its session name (SanitizeSessionName; required) and its duration
+// (0: STS's default).
 //
 // On InvalidIdentityToken the token is re-read and the call retried once
 // after a short pause; on ExpiredTokenException it is retried once only if
@@ -207,20 +150,24 @@ func (w *WebIdentity) SessionName() string { return w.sessionName }
 // new token. Errors are *Error, or the token source's error
 // wrapped with %w (its ErrorClass/Permanent stay reachable with errors.As).
 // On success the credentials are Complete and valid now.
-func (w *WebIdentity) Fetch(ctx context.Context, key string) (creds.Credentials, error) {
+func (w *WebIdentity) Fetch(ctx context.Context, role creds.Role) (creds.Credentials, error) {
+	if err := checkRole(opAssumeRoleWithWebIdentity, role, true); err != nil {
+		return creds.Credentials{}, err
+	}
 	ctx, cancel := context.WithTimeout(ctx, w.timeout)
 	defer cancel()
+	dur := w.durations.of(role)
 
 	tok, err := w.token(ctx)
 	if err != nil {
 		return creds.Credentials{}, err
 	}
-	out, err := w.assume(ctx, tok)
-	if err != nil && w.duration.refused(err, w.log) {
-		out, err = w.assume(ctx, tok)
+	out, err := w.assume(ctx, role, dur, tok)
+	if err != nil && dur.refused(err, w.log) {
+		out, err = w.assume(ctx, role, dur, tok)
 	}
 	if err != nil {
-		e := w.classify(err, tok)
+		e := w.classify(err, role, tok)
 		if e.Class != ClassInvalidToken && e.Class != ClassExpiredToken {
 			return creds.Credentials{}, e
 		}
@@ -246,11 +193,14 @@ func (w *WebIdentity) Fetch(ctx context.Context, key string) (creds.Credentials,
 		w.log.Info("identity token refused by STS, retrying once with a re-read token",
 			zap.String("class", e.Class), zap.String("code", e.Code), zap.String("request_id", e.RequestID))
 		tok = fresh
-		if out, err = w.assume(ctx, tok); err != nil {
-			return creds.Credentials{}, w.classify(err, tok)
+		if out, err = w.assume(ctx, role, dur, tok); err != nil {
+			return creds.Credentials{}, w.classify(err, role, tok)
 		}
 	}
-	c, err := w.convert(out)
+	if out == nil {
+		return creds.Credentials{}, &Error{Op: opAssumeRoleWithWebIdentity, Role: role.ARN, Class: ClassInvalidResponse, Message: "empty response"}
+	}
+	c, err := stsCredentials(opAssumeRoleWithWebIdentity, SourceWebIdentity, role.ARN, out.Credentials, out.AssumedRoleUser, w.now(), w.log)
 	if err != nil {
 		return creds.Credentials{}, err
 	}
@@ -278,13 +228,13 @@ func (w *WebIdentity) token(ctx context.Context) (string, error) {
 	return tok, nil
 }
 
-func (w *WebIdentity) assume(ctx context.Context, tok string) (*sts.AssumeRoleWithWebIdentityOutput, error) {
+func (w *WebIdentity) assume(ctx context.Context, role creds.Role, dur *sessionDuration, tok string) (*sts.AssumeRoleWithWebIdentityOutput, error) {
 	in := &sts.AssumeRoleWithWebIdentityInput{
-		RoleArn:          aws.String(w.roleARN),
-		RoleSessionName:  aws.String(w.sessionName),
+		RoleArn:          aws.String(role.ARN),
+		RoleSessionName:  aws.String(SanitizeSessionName(role.SessionName)),
 		WebIdentityToken: aws.String(tok),
 	}
-	if d := w.duration.get(); d > 0 {
+	if d := dur.get(); d > 0 {
 		in.DurationSeconds = aws.Int32(int32(d / time.Second))
 	}
 	return w.client.AssumeRoleWithWebIdentity(ctx, in)
@@ -292,12 +242,12 @@ func (w *WebIdentity) assume(ctx context.Context, tok string) (*sts.AssumeRoleWi
 
 // classify wraps Classify, names the operation and role and makes sure the
 // token cannot appear in the message.
-func (w *WebIdentity) classify(err error, tok string) *Error {
+func (w *WebIdentity) classify(err error, role creds.Role, tok string) *Error {
 	e := Classify(err)
 	if e.Op == "" {
 		e.Op = opAssumeRoleWithWebIdentity
 	}
-	e.Role = w.roleARN
+	e.Role = role.ARN
 	if tok != "" {
 		e.Message = strings.ReplaceAll(e.Message, tok, "<redacted>")
 	}
@@ -306,13 +256,19 @@ func (w *WebIdentity) classify(err error, tok string) *Error {
 	return e
 }
 
-func (w *WebIdentity) invalid(msg string) *Error {
-	return &Error{Op: opAssumeRoleWithWebIdentity, Role: w.roleARN, Class: ClassInvalidResponse, Message: msg}
-}
-
-func (w *WebIdentity) convert(out *sts.AssumeRoleWithWebIdentityOutput) (creds.Credentials, error) {
-	if out == nil {
-		return creds.Credentials{}, w.invalid("empty response")
+// checkRole refuses a role an STS call cannot be made for (a bug in the
+// caller, never a transient state): class validation, permanent.
+func checkRole(op string, r creds.Role, needSession bool) *Error {
+	var msg string
+	switch {
+	case !strings.HasPrefix(r.ARN, "arn:") || strings.Count(r.ARN, ":") < 5 || !strings.Contains(r.ARN, ":role/"):
+		msg = fmt.Sprintf("invalid role ARN %q", r.ARN)
+	case needSession && strings.TrimSpace(r.SessionName) == "":
+		msg = "empty session name"
+	case r.Duration != 0 && (r.Duration < MinDuration || r.Duration > MaxDuration):
+		msg = fmt.Sprintf("duration %s outside %s..%s", r.Duration, MinDuration, MaxDuration)
+	default:
+		return nil
 	}
-	return stsCredentials(opAssumeRoleWithWebIdentity, SourceWebIdentity, w.roleARN, out.Credentials, out.AssumedRoleUser, w.now(), w.log)
+	return &Error{Op: op, Role: r.ARN, Class: ClassValidation, Message: msg, permanent: true}
 }

@@ -6,7 +6,9 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -21,12 +23,6 @@ func newTestWebIdentity(t testing.TB, endpoint string, cfg WebIdentityConfig, to
 	t.Helper()
 	isolateAWSEnv(t)
 	t.Setenv("AWS_ENDPOINT_URL_STS", endpoint)
-	if cfg.RoleARN == "" {
-		cfg.RoleARN = testRoleARN
-	}
-	if cfg.SessionName == "" {
-		cfg.SessionName = "i-0123456789abcdef0"
-	}
 	w, err := NewWebIdentity(context.Background(), cfg, tokens, log)
 	if err != nil {
 		t.Fatal(err)
@@ -39,10 +35,10 @@ func TestFetchSuccess(t *testing.T) {
 	exp := time.Now().Add(time.Hour).Truncate(time.Second).UTC()
 	fake := newFakeSTS(t, response{status: 200, body: successXML(exp)})
 	tokens := &tokenSource{tokens: []string{testJWT}}
-	w := newTestWebIdentity(t, fake.srv.URL, WebIdentityConfig{Duration: 2 * time.Hour}, tokens, nil)
+	w := newTestWebIdentity(t, fake.srv.URL, WebIdentityConfig{}, tokens, nil)
 
 	before := time.Now()
-	c, err := w.Fetch(context.Background(), "ignored")
+	c, err := w.Fetch(context.Background(), withDuration(2*time.Hour))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -98,7 +94,7 @@ func TestFetchSuccess(t *testing.T) {
 func TestFetchDefaultDurationOmitted(t *testing.T) {
 	fake := newFakeSTS(t, response{status: 200, body: successXML(time.Now().Add(time.Hour))})
 	w := newTestWebIdentity(t, fake.srv.URL, WebIdentityConfig{}, &tokenSource{tokens: []string{testJWT}}, nil)
-	if _, err := w.Fetch(context.Background(), ""); err != nil {
+	if _, err := w.Fetch(context.Background(), testRole); err != nil {
 		t.Fatal(err)
 	}
 	if f := fake.calls()[0].form; f.Has("DurationSeconds") {
@@ -127,12 +123,11 @@ func TestEndpointFromEnv(t *testing.T) {
 			default:
 				t.Setenv("AWS_ENDPOINT_URL", good.srv.URL)
 			}
-			w, err := NewWebIdentity(context.Background(), WebIdentityConfig{RoleARN: testRoleARN, SessionName: "s1"},
-				&tokenSource{tokens: []string{testJWT}}, nil)
+			w, err := NewWebIdentity(context.Background(), WebIdentityConfig{}, &tokenSource{tokens: []string{testJWT}}, nil)
 			if err != nil {
 				t.Fatal(err)
 			}
-			if _, err := w.Fetch(context.Background(), ""); err != nil {
+			if _, err := w.Fetch(context.Background(), creds.Role{Name: "app", ARN: testRoleARN, SessionName: "s1"}); err != nil {
 				t.Fatal(err)
 			}
 			if len(good.calls()) != 1 || len(bad.calls()) != 0 {
@@ -142,20 +137,43 @@ func TestEndpointFromEnv(t *testing.T) {
 	}
 }
 
+// newIMDS is a minimal IMDSv2 on loopback that serves instance-id and counts
+// requests.
+func newIMDS(t *testing.T, instanceID string, calls *atomic.Int32) *httptest.Server {
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		calls.Add(1)
+		switch {
+		case r.Method == http.MethodPut && r.URL.Path == "/latest/api/token":
+			w.Header().Set("X-Aws-Ec2-Metadata-Token-Ttl-Seconds", r.Header.Get("X-Aws-Ec2-Metadata-Token-Ttl-Seconds"))
+			_, _ = w.Write([]byte("tok"))
+		case r.Method == http.MethodGet && r.URL.Path == "/latest/meta-data/instance-id":
+			if r.Header.Get("X-Aws-Ec2-Metadata-Token") != "tok" {
+				w.WriteHeader(http.StatusUnauthorized)
+				return
+			}
+			_, _ = w.Write([]byte(instanceID))
+		default:
+			http.NotFound(w, r)
+		}
+	}))
+	t.Cleanup(srv.Close)
+	return srv
+}
+
 func TestNewWebIdentityRegion(t *testing.T) {
 	isolateAWSEnv(t)
 	unsetenv(t, "AWS_REGION")
 	// An IMDS that would answer if asked: it must not be asked.
-	imdsCalls := 0
+	var imdsCalls atomic.Int32
 	srv := newIMDS(t, "i-0abc", &imdsCalls)
 	t.Setenv("AWS_EC2_METADATA_SERVICE_ENDPOINT", srv.URL)
-	cfg := WebIdentityConfig{RoleARN: testRoleARN, SessionName: "s1"}
+	cfg := WebIdentityConfig{}
 	_, err := NewWebIdentity(context.Background(), cfg, &tokenSource{tokens: []string{testJWT}}, nil)
-	if err == nil || err.Error() != "exchange: no region: set AWS_REGION" {
-		t.Fatalf("err = %v, want the no-region error", err)
+	if !errors.Is(err, ErrNoRegion) {
+		t.Fatalf("err = %v, want ErrNoRegion", err)
 	}
-	if imdsCalls != 0 {
-		t.Errorf("IMDS was asked %d times while loading the config", imdsCalls)
+	if n := imdsCalls.Load(); n != 0 {
+		t.Errorf("IMDS was asked %d times while loading the config", n)
 	}
 	cfg.Region = "us-west-2"
 	if _, err := NewWebIdentity(context.Background(), cfg, &tokenSource{tokens: []string{testJWT}}, nil); err != nil {
@@ -181,31 +199,99 @@ func TestNewWebIdentityRegion(t *testing.T) {
 
 func TestNewWebIdentityValidation(t *testing.T) {
 	isolateAWSEnv(t)
-	good := WebIdentityConfig{RoleARN: testRoleARN, SessionName: "s1"}
 	tokens := &tokenSource{tokens: []string{testJWT}}
-	for name, mut := range map[string]func(*WebIdentityConfig){
-		"no role":        func(c *WebIdentityConfig) { c.RoleARN = "" },
-		"bad role":       func(c *WebIdentityConfig) { c.RoleARN = "role/app" },
-		"no session":     func(c *WebIdentityConfig) { c.SessionName = " " },
-		"short duration": func(c *WebIdentityConfig) { c.Duration = time.Minute },
-		"long duration":  func(c *WebIdentityConfig) { c.Duration = 13 * time.Hour },
-		"neg attempts":   func(c *WebIdentityConfig) { c.MaxAttempts = -1 },
+	for name, cfg := range map[string]WebIdentityConfig{
+		"neg attempts": {MaxAttempts: -1},
+		"neg timeout":  {Timeout: -1},
 	} {
-		cfg := good
-		mut(&cfg)
 		if _, err := NewWebIdentity(context.Background(), cfg, tokens, nil); err == nil {
 			t.Errorf("%s: accepted", name)
 		}
 	}
-	if _, err := NewWebIdentity(context.Background(), good, nil, nil); err == nil {
+	if _, err := NewWebIdentity(context.Background(), WebIdentityConfig{}, nil, nil); err == nil {
 		t.Error("nil token source accepted")
 	}
-	w, err := NewWebIdentity(context.Background(), WebIdentityConfig{RoleARN: testRoleARN, SessionName: "bad name!"}, tokens, nil)
-	if err != nil {
+}
+
+// TestWebIdentityFetchRefusesBadRole: a role STS cannot be asked for (what
+// the constructor refused before roles were handed to Fetch) is a permanent
+// validation error of Fetch, before the token is read or STS is called. A
+// session name that is merely unusual is sanitized and sent.
+func TestWebIdentityFetchRefusesBadRole(t *testing.T) {
+	fake := newFakeSTS(t, response{status: 200, body: successXML(time.Now().Add(time.Hour))})
+	tokens := &tokenSource{tokens: []string{testJWT}}
+	w := newTestWebIdentity(t, fake.srv.URL, WebIdentityConfig{}, tokens, nil)
+	for _, tc := range badRoles(true) {
+		t.Run(tc.name, func(t *testing.T) {
+			c, err := w.Fetch(context.Background(), tc.role)
+			assertBadRole(t, err, c, "AssumeRoleWithWebIdentity", tc)
+		})
+	}
+	if n := len(fake.calls()); n != 0 {
+		t.Errorf("STS called %d times for invalid roles", n)
+	}
+	if n := tokens.count(); n != 0 {
+		t.Errorf("token read %d times for invalid roles", n)
+	}
+
+	role := testRole
+	role.SessionName = "bad name!"
+	if _, err := w.Fetch(context.Background(), role); err != nil {
 		t.Fatal(err)
 	}
-	if w.SessionName() != "bad-name-" {
-		t.Errorf("SessionName() = %q, want sanitized", w.SessionName())
+	if got := fake.calls()[0].form.Get("RoleSessionName"); got != "bad-name-" {
+		t.Errorf("RoleSessionName = %q, want sanitized", got)
+	}
+}
+
+// badRole is a role no STS call can be made for.
+type badRole struct {
+	name string
+	role creds.Role
+	want string // in the message
+}
+
+// badRoles lists roles checkRole refuses; needSession adds blank session
+// names (required by STS AssumeRole*, optional for Roles Anywhere).
+func badRoles(needSession bool) []badRole {
+	with := func(mut func(r *creds.Role)) creds.Role {
+		r := testRole
+		mut(&r)
+		return r
+	}
+	roles := []badRole{
+		{"no role", with(func(r *creds.Role) { r.ARN = "" }), "invalid role ARN"},
+		{"bad role", with(func(r *creds.Role) { r.ARN = "role/app" }), "invalid role ARN"},
+		{"not a role", with(func(r *creds.Role) { r.ARN = "arn:aws:iam::222222222222:user/app" }), "invalid role ARN"},
+		{"short duration", with(func(r *creds.Role) { r.Duration = time.Minute }), "duration"},
+		{"just too short", with(func(r *creds.Role) { r.Duration = MinDuration - time.Second }), "duration"},
+		{"long duration", with(func(r *creds.Role) { r.Duration = 13 * time.Hour }), "duration"},
+		{"just too long", with(func(r *creds.Role) { r.Duration = MaxDuration + time.Second }), "duration"},
+		{"negative duration", with(func(r *creds.Role) { r.Duration = -time.Hour }), "duration"},
+	}
+	if needSession {
+		roles = append(roles,
+			badRole{"no session", with(func(r *creds.Role) { r.SessionName = "" }), "session name"},
+			badRole{"blank session", with(func(r *creds.Role) { r.SessionName = " \t" }), "session name"})
+	}
+	return roles
+}
+
+// assertBadRole checks the error of a Fetch for an invalid role: a
+// permanent validation *Error of op naming the role, and no credentials.
+func assertBadRole(t *testing.T, err error, c creds.Credentials, op string, tc badRole) {
+	t.Helper()
+	var e *Error
+	if !errors.As(err, &e) {
+		t.Fatalf("Fetch(%+v) = %v, %v; want a validation *Error", tc.role, c, err)
+	}
+	if !c.IsZero() || e.Class != ClassValidation || !e.Permanent() || e.Op != op || e.Role != tc.role.ARN ||
+		!strings.Contains(e.Message, tc.want) {
+		t.Errorf("Fetch(%+v): class %q permanent %v op %q role %q: %v; want permanent validation of %s mentioning %q",
+			tc.role, e.Class, e.Permanent(), e.Op, e.Role, err, op, tc.want)
+	}
+	if class, permanent := creds.Classify(err); class != ClassValidation || !permanent {
+		t.Errorf("creds.Classify = %q, %v", class, permanent)
 	}
 }
 
@@ -244,7 +330,7 @@ func TestClassification(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			fake := newFakeSTS(t, response{status: tc.status, body: tc.body})
 			w := newTestWebIdentity(t, fake.srv.URL, WebIdentityConfig{MaxAttempts: 1}, &tokenSource{tokens: []string{testJWT}}, nil)
-			c, err := w.Fetch(context.Background(), "")
+			c, err := w.Fetch(context.Background(), testRole)
 			if err == nil {
 				t.Fatalf("no error; credentials %v", c)
 			}
@@ -294,7 +380,7 @@ func TestRetryableRetriedBySDK(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			fake := newFakeSTS(t, tc.first, ok)
 			w := newTestWebIdentity(t, fake.srv.URL, WebIdentityConfig{}, &tokenSource{tokens: []string{testJWT}}, nil)
-			_, err := w.Fetch(context.Background(), "")
+			_, err := w.Fetch(context.Background(), testRole)
 			if (err != nil) != tc.fail || len(fake.calls()) != tc.calls {
 				t.Errorf("err = %v, STS calls = %d; want fail=%v calls=%d", err, len(fake.calls()), tc.fail, tc.calls)
 			}
@@ -309,7 +395,7 @@ func TestInvalidIdentityTokenRereadsToken(t *testing.T) {
 		response{status: 200, body: successXML(exp)})
 	tokens := &tokenSource{tokens: []string{testJWT, testJWT2}}
 	w := newTestWebIdentity(t, fake.srv.URL, WebIdentityConfig{}, tokens, nil)
-	c, err := w.Fetch(context.Background(), "")
+	c, err := w.Fetch(context.Background(), testRole)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -333,7 +419,7 @@ func TestExpiredTokenRetriedOnlyWithNewToken(t *testing.T) {
 	fake := newFakeSTS(t, expired, ok)
 	tokens := &tokenSource{tokens: []string{testJWT}}
 	w := newTestWebIdentity(t, fake.srv.URL, WebIdentityConfig{}, tokens, nil)
-	_, err := w.Fetch(context.Background(), "")
+	_, err := w.Fetch(context.Background(), testRole)
 	var e *Error
 	if !errors.As(err, &e) || e.Class != ClassExpiredToken || !e.Permanent() {
 		t.Fatalf("err = %v, want expired_token", err)
@@ -346,7 +432,7 @@ func TestExpiredTokenRetriedOnlyWithNewToken(t *testing.T) {
 	fake = newFakeSTS(t, expired, ok)
 	tokens = &tokenSource{tokens: []string{testJWT, testJWT2}}
 	w = newTestWebIdentity(t, fake.srv.URL, WebIdentityConfig{}, tokens, nil)
-	if _, err := w.Fetch(context.Background(), ""); err != nil {
+	if _, err := w.Fetch(context.Background(), testRole); err != nil {
 		t.Fatal(err)
 	}
 	if len(fake.calls()) != 2 {
@@ -387,7 +473,7 @@ func TestRefusedTokenForgotten(t *testing.T) {
 		fake := newFakeSTS(t, refusal, response{status: 200, body: successXML(time.Now().Add(time.Hour))})
 		tokens := &rememberingSource{tokenSource: tokenSource{tokens: []string{testJWT, testJWT2}}}
 		w := newTestWebIdentity(t, fake.srv.URL, WebIdentityConfig{}, tokens, nil)
-		if _, err := w.Fetch(context.Background(), ""); err != nil {
+		if _, err := w.Fetch(context.Background(), testRole); err != nil {
 			t.Fatal(err)
 		}
 		calls := fake.calls()
@@ -409,7 +495,7 @@ func TestTokenErrorKeepsClass(t *testing.T) {
 	fake := newFakeSTS(t)
 	inner := &classedErr{permanent: true}
 	w := newTestWebIdentity(t, fake.srv.URL, WebIdentityConfig{}, &tokenSource{err: inner}, nil)
-	_, err := w.Fetch(context.Background(), "")
+	_, err := w.Fetch(context.Background(), testRole)
 	var got *classedErr
 	if !errors.As(err, &got) || got != inner {
 		t.Fatalf("err = %v; the token error must stay reachable", err)
@@ -427,7 +513,7 @@ func TestTokenErrorKeepsClass(t *testing.T) {
 
 	// A token source error without a class becomes class identity.
 	w = newTestWebIdentity(t, fake.srv.URL, WebIdentityConfig{}, &tokenSource{err: errors.New("boom")}, nil)
-	_, err = w.Fetch(context.Background(), "")
+	_, err = w.Fetch(context.Background(), testRole)
 	var e *Error
 	if !errors.As(err, &e) || e.Class != ClassIdentity || e.Permanent() {
 		t.Errorf("err = %v, want class identity, not permanent", err)
@@ -438,7 +524,7 @@ func TestTimeout(t *testing.T) {
 	fake := newFakeSTS(t, response{status: 200, body: successXML(time.Now().Add(time.Hour)), delay: 10 * time.Second})
 	w := newTestWebIdentity(t, fake.srv.URL, WebIdentityConfig{Timeout: 200 * time.Millisecond}, &tokenSource{tokens: []string{testJWT}}, nil)
 	start := time.Now()
-	_, err := w.Fetch(context.Background(), "")
+	_, err := w.Fetch(context.Background(), testRole)
 	var e *Error
 	if !errors.As(err, &e) || e.Class != ClassTimeout || e.Permanent() {
 		t.Fatalf("err = %v, want class timeout", err)
@@ -456,7 +542,7 @@ func TestConnectionRefused(t *testing.T) {
 	addr := l.Addr().String()
 	l.Close()
 	w := newTestWebIdentity(t, "http://"+addr, WebIdentityConfig{MaxAttempts: 1}, &tokenSource{tokens: []string{testJWT}}, nil)
-	_, err = w.Fetch(context.Background(), "")
+	_, err = w.Fetch(context.Background(), testRole)
 	var e *Error
 	if !errors.As(err, &e) || e.Class != ClassNetwork || e.HTTPStatus != 0 {
 		t.Fatalf("err = %v, want class network", err)
@@ -507,7 +593,7 @@ func TestErrorMessageSanitized(t *testing.T) {
 	long := "line1\n\tline2\u0085\u007f" + strings.Repeat("é", 300)
 	fake := newFakeSTS(t, response{status: 403, body: errorXML("Sender", "AccessDenied", long)})
 	w := newTestWebIdentity(t, fake.srv.URL, WebIdentityConfig{MaxAttempts: 1}, &tokenSource{tokens: []string{testJWT}}, nil)
-	_, err := w.Fetch(context.Background(), "")
+	_, err := w.Fetch(context.Background(), testRole)
 	var e *Error
 	if !errors.As(err, &e) {
 		t.Fatal(err)
@@ -541,7 +627,7 @@ func TestNoSecretsInLogsOrErrors(t *testing.T) {
 	for _, script := range scripts {
 		fake := newFakeSTS(t, script...)
 		w := newTestWebIdentity(t, fake.srv.URL, WebIdentityConfig{MaxAttempts: 1}, &tokenSource{tokens: []string{testJWT}}, log)
-		c, err := w.Fetch(context.Background(), "")
+		c, err := w.Fetch(context.Background(), testRole)
 		if err != nil {
 			errs = append(errs, err.Error(), fmt.Sprintf("%v %+v", err, err))
 		} else {
@@ -576,10 +662,10 @@ func TestDurationAboveRoleMaximumFallsBack(t *testing.T) {
 	tooLong := errorXML("Sender", "ValidationError", "The requested DurationSeconds exceeds the MaxSessionDuration set for this role.")
 	fake := newFakeSTS(t, response{status: 400, body: tooLong}, response{status: 200, body: successXML(exp)})
 	core, logs := observer.New(zapcore.WarnLevel)
-	w := newTestWebIdentity(t, fake.srv.URL, WebIdentityConfig{Duration: 6 * time.Hour}, &tokenSource{tokens: []string{testJWT}}, zap.New(core))
+	w := newTestWebIdentity(t, fake.srv.URL, WebIdentityConfig{}, &tokenSource{tokens: []string{testJWT}}, zap.New(core))
 
 	for i := 0; i < 2; i++ {
-		if _, err := w.Fetch(context.Background(), ""); err != nil {
+		if _, err := w.Fetch(context.Background(), withDuration(6*time.Hour)); err != nil {
 			t.Fatalf("fetch %d: %v", i, err)
 		}
 	}
@@ -599,8 +685,8 @@ func TestDurationAboveRoleMaximumFallsBack(t *testing.T) {
 func TestOtherValidationErrorsStayPermanent(t *testing.T) {
 	bad := errorXML("Sender", "ValidationError", "1 validation error detected: Value at 'roleArn' failed to satisfy constraint")
 	fake := newFakeSTS(t, response{status: 400, body: bad})
-	w := newTestWebIdentity(t, fake.srv.URL, WebIdentityConfig{Duration: 6 * time.Hour}, &tokenSource{tokens: []string{testJWT}}, nil)
-	_, err := w.Fetch(context.Background(), "")
+	w := newTestWebIdentity(t, fake.srv.URL, WebIdentityConfig{}, &tokenSource{tokens: []string{testJWT}}, nil)
+	_, err := w.Fetch(context.Background(), withDuration(6*time.Hour))
 	var e *Error
 	if !errors.As(err, &e) || !e.Permanent() || e.Class != ClassValidation {
 		t.Fatalf("err = %v, want a permanent validation error", err)

@@ -8,9 +8,12 @@ import (
 	"net/http/httptest"
 	"net/url"
 	"os"
+	"strings"
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/imdsproxy/imdsproxy/creds"
 )
 
 // Test secrets; no log line or error may contain them.
@@ -23,6 +26,17 @@ const (
 	testRoleARN      = "arn:aws:iam::222222222222:role/app"
 	testAssumedARN   = "arn:aws:sts::222222222222:assumed-role/app/i-0123456789abcdef0"
 )
+
+// testRole is the role most tests fetch: testRoleARN with an instance id as
+// session name and STS's default duration.
+var testRole = creds.Role{Name: "app", ARN: testRoleARN, SessionName: "i-0123456789abcdef0"}
+
+// withDuration returns testRole asking for d.
+func withDuration(d time.Duration) creds.Role {
+	r := testRole
+	r.Duration = d
+	return r
+}
 
 // successXML is a real-shaped STS AssumeRoleWithWebIdentity response.
 func successXML(exp time.Time) string {
@@ -75,14 +89,55 @@ type recorded struct {
 	header http.Header
 }
 
-// fakeSTS serves scripted responses; the last one repeats.
+// stsResultXML is a real-shaped success answer of the STS action (AssumeRole,
+// AssumeRoleWithWebIdentity) for the assumed-role ARN assumed.
+func stsResultXML(action, assumed string, exp time.Time) string {
+	return fmt.Sprintf(`<%[1]sResponse xmlns="https://sts.amazonaws.com/doc/2011-06-15/">
+  <%[1]sResult>
+    <AssumedRoleUser>
+      <Arn>%[2]s</Arn>
+      <AssumedRoleId>AROACLKWSDQRAOEXAMPLE:session</AssumedRoleId>
+    </AssumedRoleUser>
+    <Credentials>
+      <SessionToken>%[3]s</SessionToken>
+      <SecretAccessKey>%[4]s</SecretAccessKey>
+      <Expiration>%[5]s</Expiration>
+      <AccessKeyId>%[6]s</AccessKeyId>
+    </Credentials>
+  </%[1]sResult>
+  <ResponseMetadata>
+    <RequestId>ad4156e9-bce1-11e2-82e6-6b6efEXAMPLE</RequestId>
+  </ResponseMetadata>
+</%[1]sResponse>`, action, assumed, testSessionToken, testSecretKey, exp.UTC().Format(time.RFC3339), testAccessKey)
+}
+
+// assumedARNOf is the assumed-role ARN STS answers for roleARN and session.
+func assumedARNOf(roleARN, session string) string {
+	account := creds.AccountFromARN(roleARN)
+	name := roleARN[strings.LastIndexByte(roleARN, '/')+1:]
+	return "arn:aws:sts::" + account + ":assumed-role/" + name + "/" + session
+}
+
+// fakeSTS serves scripted responses (the last one repeats), or the answers
+// of its answer function.
 type fakeSTS struct {
 	t   *testing.T
 	srv *httptest.Server
+	// answer, when set, decides every response from the request (n counts
+	// from 0); responses are then unused.
+	answer func(n int, r recorded) response
 
 	mu        sync.Mutex
 	responses []response
 	requests  []recorded
+}
+
+// newFakeSTSFunc is a fakeSTS whose answers are decided by answer.
+func newFakeSTSFunc(t *testing.T, answer func(n int, r recorded) response) *fakeSTS {
+	f := &fakeSTS{t: t, answer: answer}
+	f.srv = httptest.NewServer(http.HandlerFunc(f.serve))
+	t.Cleanup(f.srv.Close)
+	return f
 }
 
 func newFakeSTS(t *testing.T, responses ...response) *fakeSTS {
@@ -97,12 +152,16 @@ func (f *fakeSTS) serve(w http.ResponseWriter, r *http.Request) {
 	form, _ := url.ParseQuery(string(body))
 	f.mu.Lock()
 	n := len(f.requests)
-	f.requests = append(f.requests, recorded{method: r.Method, path: r.URL.Path, form: form, header: r.Header.Clone()})
+	rec := recorded{method: r.Method, path: r.URL.Path, form: form, header: r.Header.Clone()}
+	f.requests = append(f.requests, rec)
 	resp := response{status: 500, body: errorXML("Receiver", "InternalFailure", "no scripted response")}
 	if len(f.responses) > 0 {
 		resp = f.responses[min(n, len(f.responses)-1)]
 	}
 	f.mu.Unlock()
+	if f.answer != nil {
+		resp = f.answer(n, rec)
+	}
 	if resp.delay > 0 {
 		select {
 		case <-r.Context().Done():
@@ -163,7 +222,8 @@ func isolateAWSEnv(t testing.TB) {
 		"AWS_ENDPOINT_URL_STS", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
 		"AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_ROLE_ARN", "AWS_ROLE_SESSION_NAME", "AWS_DEFAULTS_MODE",
 		"AWS_IGNORE_CONFIGURED_ENDPOINT_URLS", "AWS_MAX_ATTEMPTS", "AWS_RETRY_MODE",
-		"AWS_EC2_METADATA_SERVICE_ENDPOINT", "HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"} {
+		"AWS_EC2_METADATA_SERVICE_ENDPOINT", "HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy",
+		"AWS_CA_BUNDLE", "AWS_ENDPOINT_URL_ROLESANYWHERE", "AWS_SDK_LOAD_CONFIG"} {
 		unsetenv(t, k)
 	}
 }

@@ -29,8 +29,6 @@ const SourceFederation = "federation"
 // opFederation names the operation in errors.
 const opFederation = "federation GET"
 
-// maxFederationResponse bounds the body read from a federation endpoint.
-const maxFederationResponse = 1 << 20
 
 // FederationConfig configures NewFederation.
 type FederationConfig struct {
@@ -150,9 +148,11 @@ func NewFederation(cfg FederationConfig, tokens TokenSource, log *zap.Logger) (*
 // URL returns the endpoint without user info, query or fragment.
 func (f *Federation) URL() string { return f.redacted }
 
-// Fetch reads the identity token and asks the endpoint for credentials. key
-// is ignored (the endpoint decides the role from the token); it exists so
-// that Federation fits the cache's Fetcher shape.
+// Fetch reads the identity token and asks the endpoint for credentials of
+// role. The endpoint decides the role from the token; Fetch checks that the
+// answer is role's: when both the answer's RoleArn and role.ARN are known,
+// their account and role name must agree, else the answer is refused (class
+// validation, permanent: the endpoint and the configuration disagree).
 //
 // Errors are *Error, or the token source's error wrapped with %w (its
 // ErrorClass/Permanent stay reachable with errors.As). HTTP statuses are
@@ -162,7 +162,7 @@ func (f *Federation) URL() string { return f.redacted }
 // {"code": "...", "message": "..."} fills Code and Message. Neither errors nor
 // log lines contain the token or the credentials. On success the
 // credentials are Complete and valid now.
-func (f *Federation) Fetch(ctx context.Context, key string) (creds.Credentials, error) {
+func (f *Federation) Fetch(ctx context.Context, role creds.Role) (creds.Credentials, error) {
 	ctx, cancel := context.WithTimeout(ctx, f.timeout)
 	defer cancel()
 
@@ -195,12 +195,12 @@ func (f *Federation) Fetch(ctx context.Context, key string) (creds.Credentials, 
 		return creds.Credentials{}, f.transport(err, tok)
 	}
 	defer resp.Body.Close()
-	body, err := io.ReadAll(io.LimitReader(resp.Body, maxFederationResponse+1))
+	body, err := io.ReadAll(io.LimitReader(resp.Body, MaxResponseBody+1))
 	if err != nil {
 		return creds.Credentials{}, f.transport(err, tok)
 	}
-	if len(body) > maxFederationResponse {
-		return creds.Credentials{}, f.fail(ClassInvalidResponse, resp.StatusCode, "", fmt.Sprintf("answer larger than %d bytes", maxFederationResponse), nil)
+	if len(body) > MaxResponseBody {
+		return creds.Credentials{}, f.fail(ClassInvalidResponse, resp.StatusCode, "", fmt.Sprintf("answer larger than %d bytes", MaxResponseBody), nil)
 	}
 	mt, _, _ := mime.ParseMediaType(resp.Header.Get("Content-Type"))
 	if resp.StatusCode < 200 || resp.StatusCode > 299 {
@@ -209,6 +209,14 @@ func (f *Federation) Fetch(ctx context.Context, key string) (creds.Credentials, 
 	c, err := f.convert(mt, body)
 	if err != nil {
 		return creds.Credentials{}, err
+	}
+	if !sameRole(role.ARN, c.RoleARN, c.AccountID) {
+		got := c.RoleARN
+		if got == "" {
+			got = "account " + c.AccountID
+		}
+		return creds.Credentials{}, f.fail(ClassValidation, resp.StatusCode, "",
+			sanitize(fmt.Sprintf("the endpoint answered credentials of %s, not of the configured role %s", got, role.ARN), maxMessage, false), nil)
 	}
 	f.log.Debug("fetched federation credentials", zap.Object("credentials", c))
 	return c, nil
@@ -274,6 +282,47 @@ func (f *Federation) convert(mt string, body []byte) (creds.Credentials, error) 
 		return invalid("incomplete credentials")
 	}
 	return c, nil
+}
+
+// sameRole reports whether an answer with role or assumed-role ARN got and
+// account id acct may be of the role want (a role ARN): when want is
+// unknown, yes; else the account (from got, else acct) must be want's, and
+// when got is known its partition and role name must be want's.
+func sameRole(want, got, acct string) bool {
+	if want == "" {
+		return true
+	}
+	if got == "" {
+		return acct == "" || acct == creds.AccountFromARN(want)
+	}
+	return creds.AccountFromARN(want) == creds.AccountFromARN(got) && partitionOf(want) == partitionOf(got) &&
+		roleNameOf(want) == roleNameOf(got)
+}
+
+// partitionOf is field 2 of an ARN.
+func partitionOf(arn string) string {
+	if parts := strings.SplitN(arn, ":", 3); len(parts) == 3 {
+		return parts[1]
+	}
+	return ""
+}
+
+// roleNameOf is the role name of arn:…:role/[path/]NAME or
+// arn:…:assumed-role/NAME/SESSION; "" for anything else.
+func roleNameOf(arn string) string {
+	parts := strings.SplitN(arn, ":", 6)
+	if len(parts) != 6 {
+		return ""
+	}
+	res := parts[5]
+	switch {
+	case strings.HasPrefix(res, "role/"):
+		return res[strings.LastIndex(res, "/")+1:]
+	case strings.HasPrefix(res, "assumed-role/"):
+		name, _, _ := strings.Cut(strings.TrimPrefix(res, "assumed-role/"), "/")
+		return name
+	}
+	return ""
 }
 
 func isAccountID(s string) bool {

@@ -3,6 +3,7 @@ package exchange
 import (
 	"context"
 	"crypto/tls"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -18,6 +19,7 @@ import (
 	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest/observer"
 
+	"github.com/imdsproxy/imdsproxy/creds"
 	"github.com/imdsproxy/imdsproxy/test/fakes/federation"
 	"github.com/imdsproxy/imdsproxy/test/fakes/oidc"
 )
@@ -86,7 +88,7 @@ func (e *fedEnv) logText() string {
 func TestFederationSuccess(t *testing.T) {
 	e := newFedEnv(t, federation.Config{Audience: oidc.DefaultAudience, RoleARN: "arn:aws:iam::333333333333:role/web"})
 	f := e.federation(t, FederationConfig{})
-	c, err := f.Fetch(context.Background(), "ignored")
+	c, err := f.Fetch(context.Background(), creds.Role{Name: "web", ARN: "arn:aws:iam::333333333333:role/web", SessionName: "host-1"})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -124,7 +126,7 @@ func TestFederationAccountFromRoleArn(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	c, err := f.Fetch(context.Background(), "")
+	c, err := f.Fetch(context.Background(), creds.Role{Name: "app", ARN: "arn:aws:iam::444444444444:role/app"})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -183,7 +185,7 @@ func TestFederationErrorClasses(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			c, err := f.Fetch(context.Background(), "")
+			c, err := f.Fetch(context.Background(), testRole)
 			var e *Error
 			if !c.IsZero() || !errors.As(err, &e) {
 				t.Fatalf("Fetch = %v, %v", c, err)
@@ -221,7 +223,7 @@ func TestFederationFakeModes(t *testing.T) {
 		{federation.ModeHang, ClassTimeout},
 	} {
 		e.srv.SetMode(tc.mode)
-		_, err := f.Fetch(context.Background(), "")
+		_, err := f.Fetch(context.Background(), testRole)
 		var xe *Error
 		if !errors.As(err, &xe) || xe.Class != tc.class {
 			t.Errorf("mode %d: err = %v, want class %s", tc.mode, err, tc.class)
@@ -229,7 +231,7 @@ func TestFederationFakeModes(t *testing.T) {
 	}
 	e.srv.SetMode(federation.ModeOK)
 	e.srv.SetSessionLength(20 * time.Second)
-	c, err := f.Fetch(context.Background(), "")
+	c, err := f.Fetch(context.Background(), testRole)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -247,7 +249,7 @@ func TestFederationBadToken(t *testing.T) {
 	}
 	e.jwt = other.Mint(oidc.Claims{}) // signed by a key the service does not trust
 	f := e.federation(t, FederationConfig{})
-	_, err = f.Fetch(context.Background(), "")
+	_, err = f.Fetch(context.Background(), testRole)
 	var xe *Error
 	if !errors.As(err, &xe) || xe.Class != ClassAccessDenied || xe.HTTPStatus != 401 || !xe.Permanent() {
 		t.Fatalf("err = %v", err)
@@ -260,7 +262,7 @@ func TestFederationTokenSourceError(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	_, err = f.Fetch(context.Background(), "")
+	_, err = f.Fetch(context.Background(), testRole)
 	var classed interface {
 		ErrorClass() string
 		Permanent() bool
@@ -269,13 +271,13 @@ func TestFederationTokenSourceError(t *testing.T) {
 		t.Fatalf("err = %v", err)
 	}
 	f, _ = NewFederation(FederationConfig{URL: "http://127.0.0.1:1/"}, &tokenSource{err: errors.New("plain")}, nil)
-	_, err = f.Fetch(context.Background(), "")
+	_, err = f.Fetch(context.Background(), testRole)
 	var xe *Error
 	if !errors.As(err, &xe) || xe.Class != ClassIdentity {
 		t.Fatalf("err = %v", err)
 	}
 	f, _ = NewFederation(FederationConfig{URL: "http://127.0.0.1:1/"}, &tokenSource{tokens: []string{""}}, nil)
-	if _, err = f.Fetch(context.Background(), ""); !errors.As(err, &xe) || xe.Class != ClassIdentity {
+	if _, err = f.Fetch(context.Background(), testRole); !errors.As(err, &xe) || xe.Class != ClassIdentity {
 		t.Fatalf("err = %v", err)
 	}
 }
@@ -285,7 +287,7 @@ func TestFederationConnectionRefused(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	_, err = f.Fetch(context.Background(), "")
+	_, err = f.Fetch(context.Background(), testRole)
 	var xe *Error
 	if !errors.As(err, &xe) || xe.Class != ClassNetwork || xe.Permanent() {
 		t.Fatalf("err = %v", err)
@@ -311,7 +313,7 @@ func TestFederationTLS(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		_, err = f.Fetch(context.Background(), "")
+		_, err = f.Fetch(context.Background(), testRole)
 		var xe *Error
 		if !errors.As(err, &xe) || xe.Class != ClassNetwork || !strings.Contains(err.Error(), "certificate") {
 			t.Fatalf("err = %v", err)
@@ -319,7 +321,7 @@ func TestFederationTLS(t *testing.T) {
 	})
 	t.Run("mTLS required, none given", func(t *testing.T) {
 		f := e.federation(t, FederationConfig{})
-		if _, err := f.Fetch(context.Background(), ""); err == nil {
+		if _, err := f.Fetch(context.Background(), testRole); err == nil {
 			t.Fatal("Fetch without a client certificate succeeded")
 		} else {
 			t.Logf("without a client certificate: %v", err)
@@ -329,7 +331,7 @@ func TestFederationTLS(t *testing.T) {
 		f := e.federation(t, FederationConfig{ClientCertificate: func(context.Context) (*tls.Certificate, error) {
 			return nil, errors.New("key unreadable")
 		}})
-		if _, err := f.Fetch(context.Background(), ""); err == nil || !strings.Contains(err.Error(), "key unreadable") {
+		if _, err := f.Fetch(context.Background(), testRole); err == nil || !strings.Contains(err.Error(), "key unreadable") {
 			t.Fatalf("err = %v", err)
 		}
 	})
@@ -342,7 +344,7 @@ func TestFederationTLS(t *testing.T) {
 			mu.Unlock()
 			return cert, nil
 		}})
-		c, err := f.Fetch(context.Background(), "")
+		c, err := f.Fetch(context.Background(), testRole)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -433,7 +435,7 @@ func FuzzFederationResponse(f *testing.F) {
 		mu.Lock()
 		defer mu.Unlock()
 		status, ctype, body = st, ct, b
-		c, err := fed.Fetch(context.Background(), "")
+		c, err := fed.Fetch(context.Background(), testRole)
 		switch {
 		case err == nil && !c.ValidAt(time.Now()):
 			t.Fatalf("no error but credentials not Complete/valid: %v", c)
@@ -449,4 +451,81 @@ func FuzzFederationResponse(f *testing.F) {
 			}
 		}
 	})
+}
+
+// TestFederationChecksRole: the endpoint decides the role from the token, so
+// Fetch refuses an answer whose RoleArn names another role or account than
+// the role it was handed (permanent validation: configuration and endpoint
+// disagree). The assumed-role ARN of the same role, a role ARN with a path,
+// an answer without RoleArn, and a Fetch for a role without ARN are fine.
+func TestFederationChecksRole(t *testing.T) {
+	var mu sync.Mutex
+	var answerARN string
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		roleARN := answerARN
+		mu.Unlock()
+		doc := map[string]string{"AccessKeyId": "ASIAFEDERATIONKEY001", "SecretAccessKey": testSecretKey, "Token": testSessionToken,
+			"Expiration": time.Now().Add(time.Hour).UTC().Format(time.RFC3339)}
+		if roleARN != "" {
+			doc["RoleArn"] = roleARN
+		}
+		w.Header().Set("Content-Type", "application/json")
+		_ = json.NewEncoder(w).Encode(doc)
+	}))
+	t.Cleanup(srv.Close)
+	f, err := NewFederation(FederationConfig{URL: srv.URL}, &tokenSource{tokens: []string{testJWT}}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name    string
+		answer  string // RoleArn of the answer, "" for none
+		role    creds.Role
+		refused bool
+	}{
+		{"same role", testRoleARN, testRole, false},
+		{"assumed-role of the role", testAssumedARN, testRole, false},
+		{"assumed-role, other session", "arn:aws:sts::222222222222:assumed-role/app/other-host", testRole, false},
+		{"role with a path", "arn:aws:iam::222222222222:role/team/app", testRole, false},
+		{"no RoleArn in the answer", "", testRole, false},
+		{"role without ARN", "arn:aws:iam::999999999999:role/admin", creds.Role{Name: "app"}, false},
+		{"other role name", "arn:aws:iam::222222222222:role/admin", testRole, true},
+		{"other account", "arn:aws:iam::999999999999:role/app", testRole, true},
+		{"assumed-role of another role", "arn:aws:sts::222222222222:assumed-role/admin/app", testRole, true},
+		{"assumed-role in another account", "arn:aws:sts::999999999999:assumed-role/app/i-0123456789abcdef0", testRole, true},
+		{"name with the role as prefix", "arn:aws:iam::222222222222:role/app-admin", testRole, true},
+		{"a user, not a role", "arn:aws:iam::222222222222:user/app", testRole, true},
+		{"not an ARN", "app", testRole, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			mu.Lock()
+			answerARN = tc.answer
+			mu.Unlock()
+			c, err := f.Fetch(context.Background(), tc.role)
+			if !tc.refused {
+				if err != nil || !c.Complete() || c.RoleARN != tc.answer {
+					t.Fatalf("Fetch = %v (role %q), %v; want the answer's credentials", c, c.RoleARN, err)
+				}
+				return
+			}
+			var e *Error
+			if !errors.As(err, &e) || !c.IsZero() {
+				t.Fatalf("Fetch = %v, %v; want a refusal", c, err)
+			}
+			if e.Class != ClassValidation || !e.Permanent() || e.HTTPStatus != http.StatusOK ||
+				!strings.Contains(e.Message, tc.role.ARN) {
+				t.Fatalf("class %s permanent %v status %d: %v; want permanent validation naming %s",
+					e.Class, e.Permanent(), e.HTTPStatus, err, tc.role.ARN)
+			}
+			if class, permanent := creds.Classify(err); class != ClassValidation || !permanent {
+				t.Fatalf("creds.Classify = %s %v", class, permanent)
+			}
+			for _, secret := range []string{testSecretKey, testSessionToken, testJWT} {
+				if strings.Contains(err.Error(), secret) {
+					t.Fatalf("secret in the error: %v", err)
+				}
+			}
+		})
+	}
 }

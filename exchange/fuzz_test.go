@@ -51,7 +51,7 @@ func FuzzSTSResponse(f *testing.F) {
 		if status >= 300 && status < 400 {
 			status += 100
 		}
-		c, err := w.Fetch(context.Background(), "")
+		c, err := w.Fetch(context.Background(), testRole)
 		if err == nil {
 			if !c.Complete() || !c.Expires.After(time.Now()) {
 				t.Fatalf("status %d: incomplete or expired credentials without an error: %v", status, c)

@@ -183,8 +183,10 @@ func (p *InstanceProfile) roleName(ctx context.Context) (string, error) {
 	return line, nil
 }
 
-// Fetch returns the instance profile's current credentials, exactly as
-// upstream serves them. key is ignored (there is one instance profile). The
+// Fetch returns the credentials of the instance profile's role role.Name
+// (the discovered role when role.Name is ""), exactly as upstream serves
+// them. When upstream no longer has that role (404: the instance profile was
+// replaced) the error says so and names the role upstream now lists. The
 // account id comes from upstream's iam/info (InstanceProfileArn), read until
 // it succeeds once; while it is unknown AccountID and RoleARN are "".
 // RoleARN is arn:<partition>:iam::<account>:role/<name> (the role's path,
@@ -199,24 +201,35 @@ func (p *InstanceProfile) roleName(ctx context.Context) (string, error) {
 // for 429, network); a document that is not usable credentials is
 // invalid_response. On success the credentials are Complete and valid now.
 // Neither errors nor log lines contain the secret key or the session token.
-func (p *InstanceProfile) Fetch(ctx context.Context, key string) (creds.Credentials, error) {
+func (p *InstanceProfile) Fetch(ctx context.Context, want creds.Role) (creds.Credentials, error) {
 	ctx, cancel := context.WithTimeout(ctx, p.timeout)
 	defer cancel()
-	role, err := p.roleName(ctx)
-	if err != nil {
-		return creds.Credentials{}, err
+	role := want.Name
+	if role == "" {
+		var err error
+		if role, err = p.roleName(ctx); err != nil {
+			return creds.Credentials{}, err
+		}
+	}
+	if !ipRoleName.MatchString(role) {
+		return creds.Credentials{}, &Error{Op: ipOp("iam/security-credentials/"), Class: ClassValidation, permanent: true,
+			Message: fmt.Sprintf("invalid instance profile role name %q", sanitize(role, 80, false))}
 	}
 	path := "iam/security-credentials/" + role
 	body, err := p.get(ctx, path)
 	if err != nil {
 		var e *Error
 		if errors.As(err, &e) && e.HTTPStatus == http.StatusNotFound && p.configured == "" {
-			// The instance profile changed: list the role again next time.
+			// The instance profile changed: list the role again, and say
+			// which role upstream has now.
 			p.mu.Lock()
 			if p.role == role {
 				p.role = ""
 			}
 			p.mu.Unlock()
+			if now, lerr := p.roleName(ctx); lerr == nil && now != role {
+				e.Message = sanitize(fmt.Sprintf("%s; the instance profile's role is now %s: reload the daemon (SIGHUP) to serve it", e.Message, now), maxMessage, false)
+			}
 		}
 		return creds.Credentials{}, err
 	}
@@ -244,7 +257,7 @@ func (p *InstanceProfile) Provider() aws.CredentialsProvider { return ipProvider
 type ipProvider struct{ p *InstanceProfile }
 
 func (ip ipProvider) Retrieve(ctx context.Context) (aws.Credentials, error) {
-	c, err := ip.p.Fetch(ctx, "")
+	c, err := ip.p.Fetch(ctx, creds.Role{})
 	if err != nil {
 		return aws.Credentials{}, err
 	}

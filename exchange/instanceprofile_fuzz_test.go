@@ -9,6 +9,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/imdsproxy/imdsproxy/creds"
 )
 
 // FuzzInstanceProfileDocument serves arbitrary credential documents from a
@@ -53,7 +55,7 @@ func FuzzInstanceProfileDocument(f *testing.F) {
 		mu.Lock()
 		defer mu.Unlock()
 		body = doc
-		c, err := p.Fetch(context.Background(), "")
+		c, err := p.Fetch(context.Background(), creds.Role{})
 		if err == nil {
 			if !c.ValidAt(time.Now()) || c.Source != SourceInstanceProfile {
 				t.Fatalf("incomplete or expired credentials without an error: %v", c)

@@ -55,7 +55,8 @@ type ipStandIn struct {
 	listing     string
 	doc         func() (int, string) // credential document
 	docDelay    time.Duration
-	info        func() (int, string) // iam/info
+	info        func() (int, string)            // iam/info
+	extra       map[string]func() (int, string) // documents of roles besides the listed one
 	puts        int
 	gets        map[string]int // path -> count
 	tokenless   int            // GETs without a token
@@ -82,6 +83,17 @@ func newIPStandIn(t testing.TB) *ipStandIn {
 func (s *ipStandIn) set(fn func(s *ipStandIn)) { s.mu.Lock(); fn(s); s.mu.Unlock() }
 
 func (s *ipStandIn) count(path string) int { s.mu.Lock(); defer s.mu.Unlock(); return s.gets[path] }
+
+// total is the number of GETs of any path.
+func (s *ipStandIn) total() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	n := 0
+	for _, c := range s.gets {
+		n += c
+	}
+	return n
+}
 
 func (s *ipStandIn) stats() (puts, tokenless, rejected int) {
 	s.mu.Lock()
@@ -147,6 +159,7 @@ func (s *ipStandIn) serve(w http.ResponseWriter, r *http.Request) {
 		s.rejected401++
 	}
 	listing, doc, docDelay, info := s.listing, s.doc, s.docDelay, s.info
+	extra, isExtra := s.extra[strings.TrimPrefix(path, "iam/security-credentials/")]
 	s.mu.Unlock()
 	if !ok {
 		http.Error(w, "401 - Unauthorized", http.StatusUnauthorized)
@@ -167,6 +180,12 @@ func (s *ipStandIn) serve(w http.ResponseWriter, r *http.Request) {
 	case "instance-id":
 		_, _ = w.Write([]byte("i-0123456789abcdef0"))
 	default:
+		if isExtra && strings.HasPrefix(path, "iam/security-credentials/") {
+			st, body := extra()
+			w.WriteHeader(st)
+			_, _ = w.Write([]byte(body))
+			return
+		}
 		http.NotFound(w, r)
 	}
 }
@@ -215,7 +234,7 @@ func TestInstanceProfileFetch(t *testing.T) {
 		t.Fatalf("RoleName = %q, %v", name, err)
 	}
 	before := time.Now()
-	c, err := p.Fetch(ctx, "ignored")
+	c, err := p.Fetch(ctx, creds.Role{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -225,7 +244,7 @@ func TestInstanceProfileFetch(t *testing.T) {
 		c.Expires.Location() != time.UTC || c.LastUpdated.Before(before.Add(-time.Second)) {
 		t.Fatalf("credentials %v (LastUpdated %v)", c, c.LastUpdated)
 	}
-	if _, err := p.Fetch(ctx, ""); err != nil {
+	if _, err := p.Fetch(ctx, creds.Role{}); err != nil {
 		t.Fatal(err)
 	}
 	// The listing and iam/info are read once; credentials on every Fetch.
@@ -262,7 +281,7 @@ func TestInstanceProfileConfiguredRole(t *testing.T) {
 	// The configured role is used as is, without the listing (the stand-in
 	// serves documents under the first listed name only).
 	p := newTestInstanceProfile(t, up.srv.URL, InstanceProfileConfig{RoleName: "other-role"}, nil)
-	c, err := p.Fetch(context.Background(), "")
+	c, err := p.Fetch(context.Background(), creds.Role{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -328,7 +347,7 @@ func TestInstanceProfileErrorDocument(t *testing.T) {
 			})
 			core, logs := observer.New(zapcore.DebugLevel)
 			p := newTestInstanceProfile(t, up.srv.URL, InstanceProfileConfig{}, zap.New(core))
-			c, err := p.Fetch(context.Background(), "")
+			c, err := p.Fetch(context.Background(), creds.Role{})
 			e := ipClass(t, err)
 			if !c.IsZero() || e.Class != tc.class || e.Code != tc.code || e.Permanent() || !strings.Contains(err.Error(), tc.code) {
 				t.Fatalf("class %s code %s permanent %v: %v", e.Class, e.Code, e.Permanent(), err)
@@ -389,7 +408,7 @@ func TestInstanceProfileBadDocuments(t *testing.T) {
 			up := newIPStandIn(t)
 			up.set(func(s *ipStandIn) { s.doc = func() (int, string) { return 200, body } })
 			p := newTestInstanceProfile(t, up.srv.URL, InstanceProfileConfig{}, nil)
-			c, err := p.Fetch(context.Background(), "")
+			c, err := p.Fetch(context.Background(), creds.Role{})
 			if e := ipClass(t, err); e.Class != ClassInvalidResponse || !c.IsZero() {
 				t.Fatalf("class %s: %v", e.Class, err)
 			}
@@ -400,7 +419,7 @@ func TestInstanceProfileBadDocuments(t *testing.T) {
 		body := doc(map[string]any{"Code": nil, "Expiration": time.Now().Add(time.Hour).UTC().Format("2006-01-02T15:04:05.000000Z")})
 		up.set(func(s *ipStandIn) { s.doc = func() (int, string) { return 200, body } })
 		p := newTestInstanceProfile(t, up.srv.URL, InstanceProfileConfig{}, nil)
-		if c, err := p.Fetch(context.Background(), ""); err != nil || !c.Complete() {
+		if c, err := p.Fetch(context.Background(), creds.Role{}); err != nil || !c.Complete() {
 			t.Fatalf("%v %v", c, err)
 		}
 	})
@@ -414,7 +433,7 @@ func TestInstanceProfileV1Fallback(t *testing.T) {
 			core, logs := observer.New(zapcore.WarnLevel)
 			p := newTestInstanceProfile(t, up.srv.URL, InstanceProfileConfig{}, zap.New(core))
 			for i := 0; i < 3; i++ {
-				c, err := p.Fetch(context.Background(), "")
+				c, err := p.Fetch(context.Background(), creds.Role{})
 				if err != nil {
 					t.Fatalf("fetch %d: %v", i, err)
 				}
@@ -457,7 +476,7 @@ func TestInstanceProfileNoV1Fallback(t *testing.T) {
 			up := newIPStandIn(t)
 			up.set(func(s *ipStandIn) { s.putStatus, s.putDelay, s.allowV1 = tc.putStatus, tc.putDelay, true })
 			p := newTestInstanceProfile(t, up.srv.URL, InstanceProfileConfig{Timeout: 1500 * time.Millisecond}, nil)
-			_, err := p.Fetch(context.Background(), "")
+			_, err := p.Fetch(context.Background(), creds.Role{})
 			if e := ipClass(t, err); e.Class != tc.class || e.Permanent() {
 				t.Fatalf("class %s (want %s) permanent %v: %v", e.Class, tc.class, e.Permanent(), err)
 			}
@@ -475,7 +494,7 @@ func TestInstanceProfileHTTPErrors(t *testing.T) {
 		up.set(func(s *ipStandIn) { s.docDelay = 3 * time.Second })
 		p := newTestInstanceProfile(t, up.srv.URL, InstanceProfileConfig{Timeout: 300 * time.Millisecond}, nil)
 		start := time.Now()
-		_, err := p.Fetch(context.Background(), "")
+		_, err := p.Fetch(context.Background(), creds.Role{})
 		if e := ipClass(t, err); e.Class != ClassTimeout {
 			t.Fatalf("class %s: %v", e.Class, err)
 		}
@@ -487,7 +506,7 @@ func TestInstanceProfileHTTPErrors(t *testing.T) {
 		up := newIPStandIn(t)
 		up.set(func(s *ipStandIn) { s.doc = func() (int, string) { return 500, "oops" } })
 		p := newTestInstanceProfile(t, up.srv.URL, InstanceProfileConfig{}, nil)
-		_, err := p.Fetch(context.Background(), "")
+		_, err := p.Fetch(context.Background(), creds.Role{})
 		if e := ipClass(t, err); e.Class != ClassServer || e.HTTPStatus != 500 {
 			t.Fatalf("class %s status %d: %v", e.Class, e.HTTPStatus, err)
 		}
@@ -496,7 +515,7 @@ func TestInstanceProfileHTTPErrors(t *testing.T) {
 		up := newIPStandIn(t)
 		up.set(func(s *ipStandIn) { s.doc = func() (int, string) { return 429, "" } })
 		p := newTestInstanceProfile(t, up.srv.URL, InstanceProfileConfig{}, nil)
-		_, err := p.Fetch(context.Background(), "")
+		_, err := p.Fetch(context.Background(), creds.Role{})
 		if e := ipClass(t, err); e.Class != ClassThrottling {
 			t.Fatalf("class %s: %v", e.Class, err)
 		}
@@ -504,15 +523,19 @@ func TestInstanceProfileHTTPErrors(t *testing.T) {
 	t.Run("404 forgets the role", func(t *testing.T) {
 		up := newIPStandIn(t)
 		p := newTestInstanceProfile(t, up.srv.URL, InstanceProfileConfig{}, nil)
-		if _, err := p.Fetch(context.Background(), ""); err != nil {
+		if _, err := p.Fetch(context.Background(), creds.Role{}); err != nil {
 			t.Fatal(err)
 		}
 		up.set(func(s *ipStandIn) { s.listing = "new-role" })
-		_, err := p.Fetch(context.Background(), "")
-		if e := ipClass(t, err); e.HTTPStatus != 404 || e.Class != ClassOther {
+		_, err := p.Fetch(context.Background(), creds.Role{})
+		if e := ipClass(t, err); e.HTTPStatus != 404 || e.Class != ClassOther || e.Permanent() {
 			t.Fatalf("class %s status %d: %v", e.Class, e.HTTPStatus, err)
 		}
-		c, err := p.Fetch(context.Background(), "")
+		// The error names the role upstream lists now.
+		if !strings.Contains(err.Error(), "new-role") || !strings.Contains(err.Error(), ipTestRole) {
+			t.Fatalf("404 error does not name the old and the new role: %v", err)
+		}
+		c, err := p.Fetch(context.Background(), creds.Role{})
 		if err != nil || c.RoleARN != "arn:aws:iam::111111111111:role/new-role" {
 			t.Fatalf("after re-listing: %v %v", c, err)
 		}
@@ -521,7 +544,7 @@ func TestInstanceProfileHTTPErrors(t *testing.T) {
 		up := newIPStandIn(t)
 		up.srv.Close()
 		p := newTestInstanceProfile(t, up.srv.URL, InstanceProfileConfig{}, nil)
-		_, err := p.Fetch(context.Background(), "")
+		_, err := p.Fetch(context.Background(), creds.Role{})
 		if e := ipClass(t, err); e.Class != ClassNetwork {
 			t.Fatalf("class %s: %v", e.Class, err)
 		}
@@ -532,7 +555,7 @@ func TestInstanceProfileHTTPErrors(t *testing.T) {
 			s.doc = func() (int, string) { return 200, `{"Token":"` + strings.Repeat("A", 1<<20) + `"}` }
 		})
 		p := newTestInstanceProfile(t, up.srv.URL, InstanceProfileConfig{}, nil)
-		_, err := p.Fetch(context.Background(), "")
+		_, err := p.Fetch(context.Background(), creds.Role{})
 		if e := ipClass(t, err); e.Class != ClassInvalidResponse {
 			t.Fatalf("class %s: %v", e.Class, err)
 		}
@@ -545,11 +568,11 @@ func TestInstanceProfile401(t *testing.T) {
 	t.Parallel()
 	up := newIPStandIn(t)
 	p := newTestInstanceProfile(t, up.srv.URL, InstanceProfileConfig{}, nil)
-	if _, err := p.Fetch(context.Background(), ""); err != nil {
+	if _, err := p.Fetch(context.Background(), creds.Role{}); err != nil {
 		t.Fatal(err)
 	}
 	up.invalidateTokens()
-	if _, err := p.Fetch(context.Background(), ""); err != nil {
+	if _, err := p.Fetch(context.Background(), creds.Role{}); err != nil {
 		t.Fatalf("after the upstream forgot its tokens: %v", err)
 	}
 	if _, _, rejected := up.stats(); rejected == 0 {
@@ -567,7 +590,7 @@ func TestInstanceProfile401(t *testing.T) {
 		http.Error(w, "401 - Unauthorized", http.StatusUnauthorized)
 	})
 	p = newTestInstanceProfile(t, bad.srv.URL, InstanceProfileConfig{}, nil)
-	_, err := p.Fetch(context.Background(), "")
+	_, err := p.Fetch(context.Background(), creds.Role{})
 	if e := ipClass(t, err); e.HTTPStatus != 401 || e.Class != ClassOther || e.Permanent() {
 		t.Fatalf("class %s status %d: %v", e.Class, e.HTTPStatus, err)
 	}
@@ -579,7 +602,7 @@ func TestInstanceProfileNoSecrets(t *testing.T) {
 	up := newIPStandIn(t)
 	p := newTestInstanceProfile(t, up.srv.URL, InstanceProfileConfig{Timeout: 500 * time.Millisecond}, zap.New(core))
 	ctx := context.Background()
-	c, err := p.Fetch(ctx, "")
+	c, err := p.Fetch(ctx, creds.Role{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -592,11 +615,11 @@ func TestInstanceProfileNoSecrets(t *testing.T) {
 		`{"Code":"Success","SecretAccessKey":"` + ipTestSecret + `",`,
 	} {
 		up.set(func(s *ipStandIn) { s.doc = func() (int, string) { return 200, body } })
-		_, err := p.Fetch(ctx, "")
+		_, err := p.Fetch(ctx, creds.Role{})
 		ipClass(t, err)
 	}
 	up.set(func(s *ipStandIn) { s.doc = func() (int, string) { return 500, ipTestSecret } })
-	ipClass(t, func() error { _, err := p.Fetch(ctx, ""); return err }())
+	ipClass(t, func() error { _, err := p.Fetch(ctx, creds.Role{}); return err }())
 	ipAssertLogsClean(t, logs)
 	if logs.Len() == 0 {
 		t.Fatal("nothing logged at debug")
@@ -621,7 +644,75 @@ func TestNewInstanceProfileValidation(t *testing.T) {
 	}
 }
 
-// Compile-time check: InstanceProfile fits the cache's Fetcher shape.
-var _ interface {
-	Fetch(context.Context, string) (creds.Credentials, error)
-} = (*InstanceProfile)(nil)
+// TestInstanceProfileFetchesHandedRole: Fetch reads the document of the role
+// it is handed (also over a configured role name), the discovered role when
+// handed none, refuses a name that is not a role name without a request,
+// and a 404 for the handed role names the role upstream lists.
+func TestInstanceProfileFetchesHandedRole(t *testing.T) {
+	const otherKey = "ASIABATCHROLEEXAMPL1"
+	exp := time.Now().Add(time.Hour)
+	for _, configured := range []string{"", ipTestRole} {
+		t.Run("configured="+configured, func(t *testing.T) {
+			up := newIPStandIn(t)
+			up.set(func(s *ipStandIn) {
+				s.extra = map[string]func() (int, string){
+					"batch-role": func() (int, string) { return 200, ipCredDoc(otherKey, ipTestSecret, ipTestToken, exp) },
+				}
+			})
+			p := newTestInstanceProfile(t, up.srv.URL, InstanceProfileConfig{RoleName: configured}, nil)
+			ctx := context.Background()
+
+			c, err := p.Fetch(ctx, creds.Role{Name: "batch-role"})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if c.AccessKeyID != otherKey || c.RoleARN != "arn:aws:iam::111111111111:role/batch-role" || !c.ValidAt(time.Now()) {
+				t.Fatalf("handed batch-role, got %s of %q", c.AccessKeyID, c.RoleARN)
+			}
+			if up.count("iam/security-credentials/batch-role") != 1 || up.count("iam/security-credentials/"+ipTestRole) != 0 ||
+				up.count("iam/security-credentials/") != 0 {
+				t.Fatalf("reads: batch-role %d, %s %d, listing %d", up.count("iam/security-credentials/batch-role"), ipTestRole,
+					up.count("iam/security-credentials/"+ipTestRole), up.count("iam/security-credentials/"))
+			}
+
+			for _, role := range []creds.Role{{}, {Name: ipTestRole}} {
+				c, err = p.Fetch(ctx, role)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if c.AccessKeyID != ipTestKey || c.RoleARN != "arn:aws:iam::111111111111:role/"+ipTestRole {
+					t.Fatalf("handed %q, got %s of %q", role.Name, c.AccessKeyID, c.RoleARN)
+				}
+			}
+			if n := up.count("iam/security-credentials/" + ipTestRole); n != 2 {
+				t.Fatalf("%s read %d times, want 2", ipTestRole, n)
+			}
+
+			// A name that is not an IAM role name: no request at all.
+			before := up.total()
+			for _, name := range []string{"../info", "a/b", "role with spaces", strings.Repeat("r", 65)} {
+				_, err := p.Fetch(ctx, creds.Role{Name: name})
+				if e := ipClass(t, err); e.Class != ClassValidation || !e.Permanent() {
+					t.Fatalf("%q: class %s permanent %v: %v", name, e.Class, e.Permanent(), err)
+				}
+			}
+			if n := up.total() - before; n != 0 {
+				t.Fatalf("%d requests for invalid role names", n)
+			}
+
+			// A role upstream does not have: 404, naming the listed role.
+			_, err = p.Fetch(ctx, creds.Role{Name: "gone-role"})
+			e := ipClass(t, err)
+			if e.HTTPStatus != 404 || e.Permanent() || up.count("iam/security-credentials/gone-role") != 1 {
+				t.Fatalf("class %s status %d: %v", e.Class, e.HTTPStatus, err)
+			}
+			if configured == "" && !strings.Contains(e.Message, ipTestRole) {
+				t.Errorf("404 error does not name the role upstream lists (%s): %v", ipTestRole, err)
+			}
+			// The discovered role is still served.
+			if c, err := p.Fetch(ctx, creds.Role{}); err != nil || c.AccessKeyID != ipTestKey {
+				t.Fatalf("after the 404: %v %v", c.AccessKeyID, err)
+			}
+		})
+	}
+}

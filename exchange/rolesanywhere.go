@@ -37,8 +37,6 @@ const (
 	RolesAnywhereDefaultDuration = time.Hour
 )
 
-// maxResponseBody bounds how much of a CreateSession answer is read.
-const maxResponseBody = 1 << 20
 
 // Backoff between attempts of one Fetch: full jitter over base·2^n, capped.
 const (
@@ -61,7 +59,11 @@ type X509Source interface {
 	X509(ctx context.Context) (*x509.Certificate, []*x509.Certificate, crypto.Signer, error)
 }
 
-// RolesAnywhereConfig configures NewRolesAnywhere.
+// RolesAnywhereConfig configures NewRolesAnywhere. The role is handed to
+// each Fetch: its ARN; its session name, sent as roleSessionName only when
+// non-empty (the profile must then allow it; SanitizeSessionName applies;
+// empty lets Roles Anywhere name the session after the certificate serial);
+// its duration as durationSeconds (15 min to 12 h; 0 means 1 h).
 type RolesAnywhereConfig struct {
 	// TrustAnchorARN is arn:<partition>:rolesanywhere:<region>:<account>:trust-anchor/<id>.
 	// Its region is the region of every call. Required.
@@ -69,14 +71,6 @@ type RolesAnywhereConfig struct {
 	// ProfileARN is arn:<partition>:rolesanywhere:<region>:<account>:profile/<id>,
 	// in the trust anchor's region. Required.
 	ProfileARN string
-	// RoleARN is the workload role. Required.
-	RoleARN string
-	// SessionName is sent as roleSessionName only when non-empty (the
-	// profile must then allow it); it is passed through SanitizeSessionName.
-	// Empty lets Roles Anywhere name the session after the certificate serial.
-	SessionName string
-	// Duration is durationSeconds (whole seconds, 15 min to 12 h); 0 means 1 h.
-	Duration time.Duration
 	// HTTPClient, when set, sends the requests; nil means aws-sdk-go-v2's
 	// default client (awshttp.NewBuildableClient, which honours HTTP(S)_PROXY).
 	HTTPClient *http.Client
@@ -97,9 +91,8 @@ type RolesAnywhere struct {
 	}
 	endpoint    *url.URL
 	region      string
-	query       string // canonical query string (what is sent is what is signed)
-	body        []byte
-	roleARN     string
+	trustAnchor string
+	profile     string
 	timeout     time.Duration
 	maxAttempts int
 	src         X509Source
@@ -129,15 +122,6 @@ func NewRolesAnywhere(ctx context.Context, cfg RolesAnywhereConfig, src X509Sour
 	if profileRegion != region {
 		return nil, fmt.Errorf("exchange: profile ARN region %s differs from trust anchor region %s", profileRegion, region)
 	}
-	if !strings.HasPrefix(cfg.RoleARN, "arn:") || strings.Count(cfg.RoleARN, ":") < 5 || !strings.Contains(cfg.RoleARN, ":role/") {
-		return nil, fmt.Errorf("exchange: invalid role ARN %q", cfg.RoleARN)
-	}
-	if cfg.Duration == 0 {
-		cfg.Duration = RolesAnywhereDefaultDuration
-	}
-	if cfg.Duration < RolesAnywhereMinDuration || cfg.Duration > RolesAnywhereMaxDuration {
-		return nil, fmt.Errorf("exchange: duration %s outside %s..%s", cfg.Duration, RolesAnywhereMinDuration, RolesAnywhereMaxDuration)
-	}
 	if cfg.MaxAttempts < 0 || cfg.Timeout < 0 {
 		return nil, errors.New("exchange: negative MaxAttempts or Timeout")
 	}
@@ -154,27 +138,11 @@ func NewRolesAnywhere(ctx context.Context, cfg RolesAnywhereConfig, src X509Sour
 	if err != nil {
 		return nil, err
 	}
-	reqBody := struct {
-		DurationSeconds int    `json:"durationSeconds"`
-		RoleSessionName string `json:"roleSessionName,omitempty"`
-	}{DurationSeconds: int(cfg.Duration / time.Second)}
-	if strings.TrimSpace(cfg.SessionName) != "" {
-		reqBody.RoleSessionName = SanitizeSessionName(cfg.SessionName)
-	}
-	body, err := json.Marshal(reqBody)
-	if err != nil {
-		return nil, fmt.Errorf("exchange: encode request: %w", err)
-	}
 	r := &RolesAnywhere{
-		endpoint: endpoint,
-		region:   region,
-		query: encodeQuery(url.Values{
-			"profileArn":     {cfg.ProfileARN},
-			"roleArn":        {cfg.RoleARN},
-			"trustAnchorArn": {cfg.TrustAnchorARN},
-		}),
-		body:        body,
-		roleARN:     cfg.RoleARN,
+		endpoint:    endpoint,
+		region:      region,
+		trustAnchor: cfg.TrustAnchorARN,
+		profile:     cfg.ProfileARN,
 		timeout:     cfg.Timeout,
 		maxAttempts: cfg.MaxAttempts,
 		src:         src,
@@ -232,20 +200,64 @@ func (r *RolesAnywhere) Endpoint() string { return r.sessionsURL() }
 // Region returns the region of the calls (the trust anchor's).
 func (r *RolesAnywhere) Region() string { return r.region }
 
-// RoleARN returns the role this RolesAnywhere assumes.
-func (r *RolesAnywhere) RoleARN() string { return r.roleARN }
+// raCall is one CreateSession for one role: the query and body that are
+// sent (what is sent is what is signed).
+type raCall struct {
+	*RolesAnywhere
+	roleARN string
+	query   string // canonical query string
+	body    []byte
+}
+
+// call prepares the CreateSession of role.
+func (r *RolesAnywhere) call(role creds.Role) (*raCall, *Error) {
+	if e := checkRole(opCreateSession, role, false); e != nil {
+		return nil, e
+	}
+	d := role.Duration
+	if d == 0 {
+		d = RolesAnywhereDefaultDuration
+	}
+	if d < RolesAnywhereMinDuration || d > RolesAnywhereMaxDuration {
+		return nil, &Error{Op: opCreateSession, Role: role.ARN, Class: ClassValidation, permanent: true,
+			Message: fmt.Sprintf("duration %s outside %s..%s", d, RolesAnywhereMinDuration, RolesAnywhereMaxDuration)}
+	}
+	reqBody := struct {
+		DurationSeconds int    `json:"durationSeconds"`
+		RoleSessionName string `json:"roleSessionName,omitempty"`
+	}{DurationSeconds: int(d / time.Second)}
+	if strings.TrimSpace(role.SessionName) != "" {
+		reqBody.RoleSessionName = SanitizeSessionName(role.SessionName)
+	}
+	body, err := json.Marshal(reqBody)
+	if err != nil {
+		return nil, &Error{Op: opCreateSession, Role: role.ARN, Class: ClassOther, Message: "encode request: " + err.Error()}
+	}
+	return &raCall{
+		RolesAnywhere: r,
+		roleARN:       role.ARN,
+		query: encodeQuery(url.Values{
+			"profileArn":     {r.profile},
+			"roleArn":        {role.ARN},
+			"trustAnchorArn": {r.trustAnchor},
+		}),
+		body: body,
+	}, nil
+}
 
 func (r *RolesAnywhere) sessionsURL() string {
 	return strings.TrimSuffix(r.endpoint.String(), "/") + "/sessions"
 }
 
-// Fetch reads the X.509 identity, signs a CreateSession request with it and
-// returns the role's credentials. key is ignored (one role per
-// RolesAnywhere); it exists so that RolesAnywhere fits the cache's Fetcher
-// shape. Errors are *Error, or the X.509 source's error wrapped with %w (its
+// Fetch reads the X.509 identity, signs a CreateSession request for role
+// with it and returns the role's credentials. Errors are *Error, or the X.509 source's error wrapped with %w (its
 // ErrorClass/Permanent stay reachable with errors.As). On success the
 // credentials are Complete and valid now.
-func (r *RolesAnywhere) Fetch(ctx context.Context, key string) (creds.Credentials, error) {
+func (r *RolesAnywhere) Fetch(ctx context.Context, role creds.Role) (creds.Credentials, error) {
+	call, cerr := r.call(role)
+	if cerr != nil {
+		return creds.Credentials{}, cerr
+	}
 	ctx, cancel := context.WithTimeout(ctx, r.timeout)
 	defer cancel()
 	var last *Error
@@ -259,7 +271,7 @@ func (r *RolesAnywhere) Fetch(ctx context.Context, key string) (creds.Credential
 			case <-t.C:
 			}
 		}
-		c, err := r.attempt(ctx)
+		c, err := call.attempt(ctx)
 		if err == nil {
 			r.log.Debug("created Roles Anywhere session", zap.Object("credentials", c), zap.Int("attempt", attempt+1))
 			return c, nil
@@ -295,7 +307,7 @@ func jitteredBackoff(attempt int) time.Duration {
 }
 
 // attempt performs one signed CreateSession call.
-func (r *RolesAnywhere) attempt(ctx context.Context) (creds.Credentials, error) {
+func (r *raCall) attempt(ctx context.Context) (creds.Credentials, error) {
 	leaf, chain, signer, err := r.src.X509(ctx)
 	if err != nil {
 		var classed interface{ ErrorClass() string }
@@ -331,7 +343,7 @@ func (r *RolesAnywhere) attempt(ctx context.Context) (creds.Credentials, error) 
 		return creds.Credentials{}, e
 	}
 	defer resp.Body.Close()
-	b, err := io.ReadAll(io.LimitReader(resp.Body, maxResponseBody+1))
+	b, err := io.ReadAll(io.LimitReader(resp.Body, MaxResponseBody+1))
 	if err != nil {
 		e := Classify(err)
 		e.Op, e.Role, e.HTTPStatus = opCreateSession, r.roleARN, resp.StatusCode
@@ -340,7 +352,7 @@ func (r *RolesAnywhere) attempt(ctx context.Context) (creds.Credentials, error) 
 		}
 		return creds.Credentials{}, e
 	}
-	if len(b) > maxResponseBody {
+	if len(b) > MaxResponseBody {
 		return creds.Credentials{}, r.fail(ClassInvalidResponse, resp.StatusCode, "", "response larger than 1 MiB", nil)
 	}
 	if resp.StatusCode >= 200 && resp.StatusCode <= 299 {
@@ -349,7 +361,7 @@ func (r *RolesAnywhere) attempt(ctx context.Context) (creds.Credentials, error) 
 	return creds.Credentials{}, r.parseError(resp, b)
 }
 
-func (r *RolesAnywhere) fail(class string, status int, code, msg string, err error) *Error {
+func (r *raCall) fail(class string, status int, code, msg string, err error) *Error {
 	e := &Error{Op: opCreateSession, Role: r.roleARN, Class: class, HTTPStatus: status, Code: code,
 		Message: sanitize(msg, maxMessage, false), Err: err}
 	e.permanent = permanentClass[class]
@@ -372,7 +384,7 @@ type createSessionOutput struct {
 	} `json:"credentialSet"`
 }
 
-func (r *RolesAnywhere) parseSuccess(status int, b []byte) (creds.Credentials, error) {
+func (r *raCall) parseSuccess(status int, b []byte) (creds.Credentials, error) {
 	invalid := func(msg string) (creds.Credentials, error) {
 		return creds.Credentials{}, r.fail(ClassInvalidResponse, status, "", msg, nil)
 	}
@@ -431,7 +443,7 @@ func (r *RolesAnywhere) parseSuccess(status int, b []byte) (creds.Credentials, e
 }
 
 // parseError classifies a restJson1 error answer.
-func (r *RolesAnywhere) parseError(resp *http.Response, b []byte) *Error {
+func (r *raCall) parseError(resp *http.Response, b []byte) *Error {
 	status := resp.StatusCode
 	reqID := sanitize(resp.Header.Get("X-Amzn-Requestid"), 128, false)
 	code := sanitizeErrorCode(resp.Header.Get("X-Amzn-Errortype"))

@@ -61,7 +61,7 @@ func FuzzRolesAnywhereResponse(f *testing.F) {
 		if status >= 300 && status < 400 {
 			status += 100
 		}
-		c, err := r.Fetch(context.Background(), "")
+		c, err := r.Fetch(context.Background(), raRole)
 		if err == nil {
 			if !c.Complete() || !c.Expires.After(time.Now()) {
 				t.Fatalf("status %d: incomplete or expired credentials without an error: %v", status, c)

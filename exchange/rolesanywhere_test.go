@@ -19,8 +19,14 @@ import (
 	"go.uber.org/zap/zapcore"
 	"go.uber.org/zap/zaptest/observer"
 
+	"github.com/imdsproxy/imdsproxy/creds"
 	"github.com/imdsproxy/imdsproxy/test/fakes/rolesanywhere"
 )
+
+// raRole is the role most Roles Anywhere tests fetch: no session name (Roles
+// Anywhere names the session after the certificate serial) and the default
+// duration.
+var raRole = creds.Role{Name: "app", ARN: testRoleARN}
 
 const (
 	testTrustAnchor = "arn:aws:rolesanywhere:us-east-1:222222222222:trust-anchor/0b8c3f1e-1111-2222-3333-444455556666"
@@ -85,9 +91,6 @@ func newTestRolesAnywhere(t testing.TB, endpoint string, cfg RolesAnywhereConfig
 	if cfg.ProfileARN == "" {
 		cfg.ProfileARN = testProfile
 	}
-	if cfg.RoleARN == "" {
-		cfg.RoleARN = testRoleARN
-	}
 	r, err := NewRolesAnywhere(context.Background(), cfg, src, log)
 	if err != nil {
 		t.Fatal(err)
@@ -101,8 +104,10 @@ func TestRolesAnywhereFetch(t *testing.T) {
 	for _, kt := range []rolesanywhere.KeyType{rolesanywhere.RSA2048, rolesanywhere.ECP256, rolesanywhere.ECP384} {
 		t.Run(string(kt), func(t *testing.T) {
 			src := issueLeaf(t, rolesanywhere.LeafOptions{Key: kt})
-			r := newTestRolesAnywhere(t, fake.URL, RolesAnywhereConfig{Duration: 2 * time.Hour}, src, nil)
-			c, err := r.Fetch(context.Background(), "ignored")
+			r := newTestRolesAnywhere(t, fake.URL, RolesAnywhereConfig{}, src, nil)
+			role := raRole
+			role.Duration = 2 * time.Hour
+			c, err := r.Fetch(context.Background(), role)
 			if err != nil {
 				t.Fatalf("Fetch: %v\ncalls: %+v", err, fake.CallLog())
 			}
@@ -143,7 +148,7 @@ func TestRolesAnywhereSessionNameAndDefaults(t *testing.T) {
 	src := issueLeaf(t, rolesanywhere.LeafOptions{})
 
 	r := newTestRolesAnywhere(t, srv.URL+"/prefix/", RolesAnywhereConfig{}, src, nil)
-	if _, err := r.Fetch(context.Background(), ""); err != nil {
+	if _, err := r.Fetch(context.Background(), raRole); err != nil {
 		t.Fatal(err)
 	}
 	if len(got.body) != 1 || got.body["durationSeconds"] != float64(3600) {
@@ -157,8 +162,8 @@ func TestRolesAnywhereSessionNameAndDefaults(t *testing.T) {
 		t.Fatalf("query %q\nwant  %q", got.query, wantQuery)
 	}
 
-	r = newTestRolesAnywhere(t, srv.URL, RolesAnywhereConfig{SessionName: "host 1", Duration: 900 * time.Second}, src, nil)
-	if _, err := r.Fetch(context.Background(), ""); err != nil {
+	r = newTestRolesAnywhere(t, srv.URL, RolesAnywhereConfig{}, src, nil)
+	if _, err := r.Fetch(context.Background(), creds.Role{Name: "app", ARN: testRoleARN, SessionName: "host 1", Duration: 900 * time.Second}); err != nil {
 		t.Fatal(err)
 	}
 	if got.body["roleSessionName"] != "host-1" || got.body["durationSeconds"] != float64(900) {
@@ -216,7 +221,7 @@ func TestRolesAnywhereErrors(t *testing.T) {
 			}))
 			defer srv.Close()
 			r := newTestRolesAnywhere(t, srv.URL, RolesAnywhereConfig{}, src, nil)
-			c, err := r.Fetch(context.Background(), "")
+			c, err := r.Fetch(context.Background(), raRole)
 			if err == nil || !c.IsZero() {
 				t.Fatalf("Fetch = %v, %v; want an error and no credentials", c, err)
 			}
@@ -255,7 +260,7 @@ func TestRolesAnywhereFakeModes(t *testing.T) {
 	} {
 		t.Run(tc.mode.String(), func(t *testing.T) {
 			fake.SetMode(tc.mode)
-			_, err := r.Fetch(context.Background(), "")
+			_, err := r.Fetch(context.Background(), raRole)
 			var e *Error
 			if !errors.As(err, &e) || e.Class != tc.class || e.Permanent() != tc.permanent {
 				t.Fatalf("error %v, want class %s permanent %v", err, tc.class, tc.permanent)
@@ -277,7 +282,7 @@ func TestRolesAnywhereRetriesThenSucceeds(t *testing.T) {
 	defer srv.Close()
 	src := issueLeaf(t, rolesanywhere.LeafOptions{})
 	r := newTestRolesAnywhere(t, srv.URL, RolesAnywhereConfig{}, src, nil)
-	c, err := r.Fetch(context.Background(), "")
+	c, err := r.Fetch(context.Background(), raRole)
 	if err != nil || !c.Complete() || calls.Load() != 2 || src.calls.Load() != 2 {
 		t.Fatalf("Fetch = %v, %v after %d calls (%d identity reads)", c, err, calls.Load(), src.calls.Load())
 	}
@@ -295,7 +300,7 @@ func TestRolesAnywhereTimeoutAndNetwork(t *testing.T) {
 	defer srv.Close()
 	defer close(block)
 	r := newTestRolesAnywhere(t, srv.URL, RolesAnywhereConfig{Timeout: 200 * time.Millisecond}, src, nil)
-	_, err := r.Fetch(context.Background(), "")
+	_, err := r.Fetch(context.Background(), raRole)
 	var e *Error
 	if !errors.As(err, &e) || e.Class != ClassTimeout {
 		t.Fatalf("error %v, want timeout", err)
@@ -305,7 +310,7 @@ func TestRolesAnywhereTimeoutAndNetwork(t *testing.T) {
 	url := dead.URL
 	dead.Close()
 	r = newTestRolesAnywhere(t, url, RolesAnywhereConfig{}, src, nil)
-	_, err = r.Fetch(context.Background(), "")
+	_, err = r.Fetch(context.Background(), raRole)
 	if !errors.As(err, &e) || e.Class != ClassNetwork {
 		t.Fatalf("error %v, want network", err)
 	}
@@ -325,7 +330,7 @@ func TestRolesAnywhereIdentityError(t *testing.T) {
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { calls.Add(1) }))
 	defer srv.Close()
 	r := newTestRolesAnywhere(t, srv.URL, RolesAnywhereConfig{}, &staticX509{err: classedIdentityErr{}}, nil)
-	_, err := r.Fetch(context.Background(), "")
+	_, err := r.Fetch(context.Background(), raRole)
 	var classed interface {
 		ErrorClass() string
 		Permanent() bool
@@ -338,7 +343,7 @@ func TestRolesAnywhereIdentityError(t *testing.T) {
 	}
 
 	r = newTestRolesAnywhere(t, srv.URL, RolesAnywhereConfig{}, &staticX509{err: errors.New("disk on fire")}, nil)
-	_, err = r.Fetch(context.Background(), "")
+	_, err = r.Fetch(context.Background(), raRole)
 	var e *Error
 	if !errors.As(err, &e) || e.Class != ClassIdentity {
 		t.Fatalf("error %v, want class identity", err)
@@ -351,7 +356,7 @@ func TestRolesAnywhereIdentityError(t *testing.T) {
 func TestNewRolesAnywhereValidation(t *testing.T) {
 	isolateAWSEnv(t)
 	src := &staticX509{}
-	ok := RolesAnywhereConfig{TrustAnchorARN: testTrustAnchor, ProfileARN: testProfile, RoleARN: testRoleARN}
+	ok := RolesAnywhereConfig{TrustAnchorARN: testTrustAnchor, ProfileARN: testProfile}
 	for _, tc := range []struct {
 		name string
 		mod  func(*RolesAnywhereConfig)
@@ -366,9 +371,6 @@ func TestNewRolesAnywhereValidation(t *testing.T) {
 		{"no region", func(c *RolesAnywhereConfig) {
 			c.TrustAnchorARN = "arn:aws:rolesanywhere::222222222222:trust-anchor/x"
 		}, "trust_anchor_arn"},
-		{"bad role", func(c *RolesAnywhereConfig) { c.RoleARN = "app" }, "role ARN"},
-		{"short duration", func(c *RolesAnywhereConfig) { c.Duration = 899 * time.Second }, "duration"},
-		{"long duration", func(c *RolesAnywhereConfig) { c.Duration = 43201 * time.Second }, "duration"},
 		{"negative attempts", func(c *RolesAnywhereConfig) { c.MaxAttempts = -1 }, "negative"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -405,7 +407,7 @@ func TestRolesAnywhereEndpoint(t *testing.T) {
 				t.Setenv("AWS_ENDPOINT_URL", tc.general)
 			}
 			profile := strings.Replace(tc.trustAnchor, "trust-anchor/", "profile/", 1)
-			r, err := NewRolesAnywhere(context.Background(), RolesAnywhereConfig{TrustAnchorARN: tc.trustAnchor, ProfileARN: profile, RoleARN: testRoleARN}, src, nil)
+			r, err := NewRolesAnywhere(context.Background(), RolesAnywhereConfig{TrustAnchorARN: tc.trustAnchor, ProfileARN: profile}, src, nil)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -416,7 +418,7 @@ func TestRolesAnywhereEndpoint(t *testing.T) {
 	}
 	isolateAWSEnv(t)
 	t.Setenv("AWS_ENDPOINT_URL_ROLESANYWHERE", "ftp://x")
-	if _, err := NewRolesAnywhere(context.Background(), RolesAnywhereConfig{TrustAnchorARN: testTrustAnchor, ProfileARN: testProfile, RoleARN: testRoleARN}, src, nil); err == nil {
+	if _, err := NewRolesAnywhere(context.Background(), RolesAnywhereConfig{TrustAnchorARN: testTrustAnchor, ProfileARN: testProfile}, src, nil); err == nil {
 		t.Fatal("ftp endpoint accepted")
 	}
 }
@@ -430,12 +432,12 @@ func TestRolesAnywhereNoSecretsInLogsOrErrors(t *testing.T) {
 	core, logs := observer.New(zapcore.DebugLevel)
 	src := &staticX509{leaf: l.Cert, chain: l.Chain, signer: l.Key}
 	r := newTestRolesAnywhere(t, fake.URL, RolesAnywhereConfig{}, src, zap.New(core))
-	c, err := r.Fetch(context.Background(), "")
+	c, err := r.Fetch(context.Background(), raRole)
 	if err != nil {
 		t.Fatal(err)
 	}
 	fake.SetMode(rolesanywhere.ModeAccessDenied)
-	_, ferr := r.Fetch(context.Background(), "")
+	_, ferr := r.Fetch(context.Background(), raRole)
 	var all strings.Builder
 	for _, e := range logs.All() {
 		all.WriteString(e.Message)
@@ -480,9 +482,44 @@ func TestRolesAnywhereMessageTruncated(t *testing.T) {
 	}))
 	defer srv.Close()
 	r := newTestRolesAnywhere(t, srv.URL, RolesAnywhereConfig{}, src, nil)
-	_, err := r.Fetch(context.Background(), "")
+	_, err := r.Fetch(context.Background(), raRole)
 	var e *Error
 	if !errors.As(err, &e) || len(e.Message) > maxMessage || strings.ContainsRune(e.Message, 7) {
 		t.Fatalf("message not truncated/sanitized: %d bytes", len(e.Message))
+	}
+}
+
+// TestRolesAnywhereFetchRefusesBadRole: a role CreateSession cannot be made
+// for (what the constructor refused before roles were handed to Fetch) is a
+// permanent validation error of Fetch, before the X.509 identity is read or
+// a request is sent. A role without session name is fine (Roles Anywhere
+// names the session).
+func TestRolesAnywhereFetchRefusesBadRole(t *testing.T) {
+	var calls atomic.Int32
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		calls.Add(1)
+		w.WriteHeader(http.StatusCreated)
+		_, _ = io.WriteString(w, raSuccessJSON(time.Now().Add(time.Hour)))
+	}))
+	defer srv.Close()
+	src := issueLeaf(t, rolesanywhere.LeafOptions{})
+	r := newTestRolesAnywhere(t, srv.URL, RolesAnywhereConfig{}, src, nil)
+	bad := append(badRoles(false),
+		badRole{"app", creds.Role{Name: "app", ARN: "app"}, "invalid role ARN"},
+		badRole{"899s", creds.Role{Name: "app", ARN: testRoleARN, Duration: 899 * time.Second}, "duration"},
+		badRole{"43201s", creds.Role{Name: "app", ARN: testRoleARN, Duration: 43201 * time.Second}, "duration"})
+	for _, tc := range bad {
+		t.Run(tc.name, func(t *testing.T) {
+			c, err := r.Fetch(context.Background(), tc.role)
+			assertBadRole(t, err, c, "CreateSession", tc)
+		})
+	}
+	if calls.Load() != 0 || src.calls.Load() != 0 {
+		t.Fatalf("%d requests, %d identity reads for invalid roles", calls.Load(), src.calls.Load())
+	}
+	for _, role := range []creds.Role{raRole, {Name: "app", ARN: testRoleARN, SessionName: " "}} {
+		if _, err := r.Fetch(context.Background(), role); err != nil {
+			t.Fatalf("Fetch(%+v): %v", role, err)
+		}
 	}
 }

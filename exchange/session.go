@@ -1,16 +1,8 @@
 package exchange
 
 import (
-	"context"
-	"io"
-	"net/http"
 	"os"
 	"strings"
-	"time"
-
-	"github.com/aws/aws-sdk-go-v2/aws"
-	awshttp "github.com/aws/aws-sdk-go-v2/aws/transport/http"
-	"github.com/aws/aws-sdk-go-v2/feature/ec2/imds"
 )
 
 // Session name limits of STS (RoleSessionName).
@@ -22,62 +14,20 @@ const (
 	sessionNamePrefix = "imdsproxy"
 )
 
-// instanceIDTimeout bounds the whole IMDS lookup in SessionName.
-const instanceIDTimeout = time.Second
-
 // SessionName resolves the RoleSessionName: configured when it is not blank;
-// else the instance id read from the EC2 instance metadata service at
-// imdsBase (for example "http://169.254.169.254"; IMDSv2 only, at most about
-// one second, no HTTP proxy; "" skips IMDS); else the host name; else
-// "imdsproxy". The result is always passed through SanitizeSessionName.
-// SessionName never fails.
-func SessionName(ctx context.Context, configured string, imdsBase string) string {
-	if strings.TrimSpace(configured) != "" {
-		return SanitizeSessionName(configured)
-	}
-	if imdsBase != "" {
-		if id := instanceID(ctx, imdsBase); id != "" {
-			return SanitizeSessionName(id)
+// else the instance id (as read from the instance metadata service by the
+// caller, "" when unknown); else the host name; else "imdsproxy". The result
+// is always passed through SanitizeSessionName. SessionName never fails.
+func SessionName(configured, instanceID string) string {
+	for _, s := range []string{configured, instanceID} {
+		if strings.TrimSpace(s) != "" {
+			return SanitizeSessionName(s)
 		}
 	}
 	if h, err := os.Hostname(); err == nil && strings.TrimSpace(h) != "" {
 		return SanitizeSessionName(h)
 	}
 	return sessionNamePrefix
-}
-
-// instanceID asks IMDS for the instance id; "" when that fails or the
-// answer does not look like an EC2 instance id.
-func instanceID(ctx context.Context, base string) string {
-	ctx, cancel := context.WithTimeout(ctx, instanceIDTimeout)
-	defer cancel()
-	client := imds.New(imds.Options{
-		Endpoint:       base,
-		EnableFallback: aws.FalseTernary, // IMDSv2 only
-		Retryer:        aws.NopRetryer{},
-		HTTPClient: awshttp.NewBuildableClient().WithTransportOptions(func(tr *http.Transport) {
-			tr.Proxy = nil // IMDS is link-local: never through an HTTP proxy
-		}),
-	})
-	out, err := client.GetMetadata(ctx, &imds.GetMetadataInput{Path: "instance-id"})
-	if err != nil {
-		return ""
-	}
-	defer out.Content.Close()
-	b, err := io.ReadAll(io.LimitReader(out.Content, maxSessionName+1))
-	if err != nil || len(b) > maxSessionName {
-		return ""
-	}
-	id := strings.TrimSpace(string(b))
-	if !strings.HasPrefix(id, "i-") || len(id) < 3 {
-		return ""
-	}
-	for _, r := range id[2:] {
-		if !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9') {
-			return ""
-		}
-	}
-	return id
 }
 
 // SanitizeSessionName makes s acceptable to STS as a RoleSessionName:
