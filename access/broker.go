@@ -1,0 +1,193 @@
+package access
+
+import (
+	"context"
+	"errors"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"go.uber.org/zap"
+
+	"github.com/imdsproxy/imdsproxy/creds"
+)
+
+// Source supplies credentials by key; the credential cache implements it.
+// It must answer from memory whenever it holds valid credentials and be
+// safe for concurrent use. Errors may carry ErrorClass and Permanent.
+type Source interface {
+	Get(ctx context.Context, key creds.Key) (creds.Credentials, error)
+}
+
+// fallbackWarnEvery rate-limits the Warn line logged when the instance
+// profile's credentials are served in place of a workload role's.
+const fallbackWarnEvery = 30 * time.Second
+
+// Broker hands out the credentials a Decision names, for every front door:
+// it gets them from the Source, serves the fallback when the decision has
+// one and the key has nothing valid, counts what was served by kind, and
+// writes the audit line. Create it with NewBroker; safe for concurrent use.
+type Broker struct {
+	src   Source
+	log   *zap.Logger
+	audit *zap.Logger
+
+	served    *prometheus.CounterVec
+	fallbacks prometheus.Counter
+	refused   *prometheus.CounterVec
+
+	mu          sync.Mutex
+	lastWarn    time.Time
+	nSuppressed int
+}
+
+// NewBroker returns a Broker serving from src, logging to log and writing
+// audit lines to audit (nil: none). It registers its metrics with reg (nil:
+// none).
+func NewBroker(src Source, log, audit *zap.Logger, reg prometheus.Registerer) (*Broker, error) {
+	if src == nil {
+		return nil, errors.New("access: nil credential source")
+	}
+	if log == nil {
+		log = zap.NewNop()
+	}
+	if audit == nil {
+		audit = zap.NewNop()
+	}
+	b := &Broker{
+		src:   src,
+		log:   log,
+		audit: audit,
+		served: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "imdsproxy_rollout_served_total",
+			Help: "Credentials handed out, by kind (workload: the host's or a workload's role; instance-profile).",
+		}, []string{"kind"}),
+		fallbacks: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "imdsproxy_rollout_fallbacks_total",
+			Help: "Requests served the instance profile's credentials because the workload credentials could not be obtained (rollout.fallback: instance-profile).",
+		}),
+		refused: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "imdsproxy_access_refused_total",
+			Help: "Credential requests refused by the access decision, by outcome (deny: 403; retry: the client could not be identified well enough, 503) and reason.",
+		}, []string{"outcome", "reason"}),
+	}
+	for _, k := range []creds.Kind{creds.KindWorkload, creds.KindInstanceProfile} {
+		b.served.WithLabelValues(string(k))
+	}
+	for _, r := range []struct{ o, why string }{
+		{"deny", whyNotLocal}, {"deny", whyDeniedUID}, {"deny", whyNotAllowed}, {"retry", whyUnresolved},
+	} {
+		b.refused.WithLabelValues(r.o, r.why)
+	}
+	if reg != nil {
+		for _, c := range []prometheus.Collector{b.served, b.fallbacks, b.refused} {
+			if err := reg.Register(c); err != nil {
+				return nil, err
+			}
+		}
+	}
+	return b, nil
+}
+
+// Refused counts a Deny or Retry decision (front doors call it when they
+// answer 403 or 503).
+func (b *Broker) Refused(d Decision) {
+	switch d.Outcome {
+	case Deny:
+		b.refused.WithLabelValues("deny", d.Why).Inc()
+	case Retry:
+		b.refused.WithLabelValues("retry", d.Why).Inc()
+	}
+}
+
+// Credentials returns the credentials of d (whose Outcome must be Serve) for
+// c, asked for through door (a front door: "imds", …) and route (what was
+// asked, for the audit): Key's, or Fallback's when Key has nothing valid and
+// the request was not cancelled. It counts the hand-out and, when d.Audit,
+// writes the audit line (requested is the name the client asked for, when
+// it differs from d.Name).
+func (b *Broker) Credentials(ctx context.Context, d Decision, c Client, door, route, requested string) (creds.Credentials, error) {
+	if d.Outcome != Serve {
+		return creds.Credentials{}, errors.New("access: credentials asked for a decision that is not Serve")
+	}
+	start := time.Now()
+	cr, err := b.src.Get(ctx, d.Key)
+	served := d.Key
+	if err != nil && !d.Fallback.IsZero() && ctx.Err() == nil {
+		fc, ferr := b.src.Get(ctx, d.Fallback)
+		if ferr != nil {
+			b.log.Warn("workload credentials unavailable and the instance-profile fallback failed too",
+				zap.Stringer("key", d.Key), zap.Error(err), zap.NamedError("fallback_error", ferr))
+			return creds.Credentials{}, err
+		}
+		b.fallbacks.Inc()
+		b.warnFallback(d.Key, err)
+		cr, err, served = fc, nil, d.Fallback
+	}
+	if err != nil {
+		return creds.Credentials{}, err
+	}
+	b.served.WithLabelValues(string(served.Kind)).Inc()
+	if d.Audit {
+		b.auditLine(c, door, route, requested, d, served, cr, start)
+	}
+	return cr, nil
+}
+
+func (b *Broker) warnFallback(key creds.Key, err error) {
+	now := time.Now()
+	b.mu.Lock()
+	if !b.lastWarn.IsZero() && now.Sub(b.lastWarn) < fallbackWarnEvery {
+		b.nSuppressed++
+		b.mu.Unlock()
+		return
+	}
+	suppressed := b.nSuppressed
+	b.lastWarn, b.nSuppressed = now, 0
+	b.mu.Unlock()
+	b.log.Warn("workload credentials unavailable; serving instance-profile credentials (rollout.fallback: instance-profile)",
+		zap.Stringer("key", key), zap.Error(err), zap.Int("suppressed", suppressed))
+}
+
+// auditLine writes one hand-out. kind is "fetch" when the credentials were
+// obtained from upstream while the request waited (stored at or after
+// start), else "cache".
+func (b *Broker) auditLine(c Client, door, route, requested string, d Decision, served creds.Key, cr creds.Credentials, start time.Time) {
+	ce := b.audit.Check(zap.InfoLevel, "credentials served")
+	if ce == nil {
+		return
+	}
+	kind := "cache"
+	if !cr.LastUpdated.Before(start) {
+		kind = "fetch"
+	}
+	fields := ClientFields(c)
+	if requested != "" && requested != d.Name {
+		fields = append(fields, zap.String("requested_role_name", requested))
+	}
+	if served != d.Key {
+		fields = append(fields, zap.Bool("fallback", true))
+	}
+	ce.Write(append(fields,
+		zap.String("role_name", served.Role.Name),
+		zap.String("role", cr.RoleARN),
+		zap.String("access_key_id", cr.AccessKeyID),
+		zap.String("kind", kind),
+		zap.String("door", door),
+		zap.String("route", route))...)
+}
+
+// ClientFields are the log fields naming c; never a secret.
+func ClientFields(c Client) []zap.Field {
+	if !c.Local {
+		return []zap.Field{zap.Bool("identified", false), zap.Bool("unresolved", c.Unresolved)}
+	}
+	return []zap.Field{
+		zap.Bool("identified", true),
+		zap.Int("uid", c.UID),
+		zap.Int("pid", c.PID),
+		zap.String("exe", c.Exe),
+		zap.String("unit", c.Unit),
+		zap.String("cgroup", c.Cgroup),
+	}
+}

@@ -1,0 +1,134 @@
+package access
+
+import (
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/imdsproxy/imdsproxy/config"
+)
+
+// Section is the `access:` section: which local processes may read
+// credentials, and the audit log. docs/configuration.md, "Access control".
+type Section struct {
+	// AllowUIDs and AllowUnits, when either is set, admit only clients
+	// whose uid is in AllowUIDs or whose systemd unit is in AllowUnits (and
+	// the workloads, which are an allow of their own).
+	AllowUIDs  []int    `yaml:"allow_uids"`
+	AllowUnits []string `yaml:"allow_units"`
+	// DenyUIDs refuses these uids whatever the allow lists say.
+	DenyUIDs []int `yaml:"deny_uids"`
+	// Audit logs the credential hand-outs with the client process. Nil
+	// means true. With no lists, no workloads and audit false, clients
+	// are not identified at all (no lookup cost).
+	Audit *bool `yaml:"audit"`
+}
+
+// MaxUID is the largest valid uid ((uid_t)-1 is "no uid").
+const MaxUID = 1<<32 - 2
+
+// Validate checks the section; every error names the key.
+func (c *Section) Validate() error {
+	for _, l := range []struct {
+		key  string
+		list []int
+	}{{"allow_uids", c.AllowUIDs}, {"deny_uids", c.DenyUIDs}} {
+		for i, u := range l.list {
+			if u < 0 || u > MaxUID {
+				return fmt.Errorf("config: access.%s[%d]: %d is not a uid (0..%d)", l.key, i, u, MaxUID)
+			}
+		}
+	}
+	for i, u := range c.AllowUnits {
+		if !IsUnitName(u) {
+			return fmt.Errorf("config: access.allow_units[%d]: %q is not a systemd unit name such as app.service or run-1.scope", i, u)
+		}
+	}
+	return nil
+}
+
+// Restricted reports whether any list is set.
+func (c Section) Restricted() bool {
+	return len(c.AllowUIDs)+len(c.AllowUnits)+len(c.DenyUIDs) > 0
+}
+
+// AuditOn reports whether hand-outs are audited (Audit unset or true).
+func (c Section) AuditOn() bool { return c.Audit == nil || *c.Audit }
+
+// IsUnitName reports whether u looks like the name of a systemd service or
+// scope unit, as package peer reports it.
+func IsUnitName(u string) bool {
+	return !strings.ContainsAny(u, "/ \t\n\x00") &&
+		(len(u) > len(".service") && strings.HasSuffix(u, ".service") || len(u) > len(".scope") && strings.HasSuffix(u, ".scope"))
+}
+
+// Workload is one entry of the `workloads:` list: the processes of a
+// systemd unit, or of a uid, served a role of their own instead of role:.
+// docs/configuration.md, "Workloads".
+type Workload struct {
+	// Unit matches the processes of this systemd unit (*.service, *.scope).
+	Unit string `yaml:"unit"`
+	// UID matches the processes of this uid. Exactly one of Unit and UID.
+	UID *int `yaml:"uid"`
+	// Role is the workload's role; session_name defaults to the host's
+	// session name, duration to DefaultWorkloadDuration.
+	Role config.Role `yaml:"role"`
+}
+
+// MaxWorkloads bounds the workloads: list (each is a cache key, a metric
+// label value and an upstream exchange per refresh).
+const MaxWorkloads = 64
+
+// DefaultWorkloadDuration is a workload role's duration when not set.
+const DefaultWorkloadDuration = time.Hour
+
+// ValidateWorkloads checks the workloads: list and fills the role defaults.
+// hostRole is role.name (no workload may reuse it); margin is
+// cache.expiry_margin, which must be less than half of every duration.
+// Every error names the key.
+func ValidateWorkloads(list []Workload, hostRole string, margin time.Duration) error {
+	if len(list) > MaxWorkloads {
+		return fmt.Errorf("config: workloads: %d entries, at most %d", len(list), MaxWorkloads)
+	}
+	names := map[string]string{hostRole: "role.name"}
+	units := map[string]int{}
+	uids := map[int]int{}
+	for i := range list {
+		w := &list[i]
+		key := fmt.Sprintf("workloads[%d]", i)
+		switch {
+		case w.Unit != "" && w.UID != nil:
+			return fmt.Errorf("config: %s: set only one of unit and uid", key)
+		case w.Unit == "" && w.UID == nil:
+			return fmt.Errorf("config: %s: set one of unit (a systemd unit such as app.service) or uid", key)
+		case w.Unit != "":
+			if !IsUnitName(w.Unit) {
+				return fmt.Errorf("config: %s.unit: %q is not a systemd unit name such as app.service or run-1.scope", key, w.Unit)
+			}
+			if j, dup := units[w.Unit]; dup {
+				return fmt.Errorf("config: %s.unit: %s is already matched by workloads[%d]", key, w.Unit, j)
+			}
+			units[w.Unit] = i
+		default:
+			u := *w.UID
+			if u < 0 || u > MaxUID {
+				return fmt.Errorf("config: %s.uid: %d is not a uid (0..%d)", key, u, MaxUID)
+			}
+			if j, dup := uids[u]; dup {
+				return fmt.Errorf("config: %s.uid: %d is already matched by workloads[%d]", key, u, j)
+			}
+			uids[u] = i
+		}
+		if err := w.Role.Validate(key+".role", false, DefaultWorkloadDuration); err != nil {
+			return err
+		}
+		if margin >= w.Role.Duration.D()/2 {
+			return fmt.Errorf("config: %s.role.duration: cache.expiry_margin %s must be less than half of it", key, margin)
+		}
+		if other, dup := names[w.Role.Name]; dup {
+			return fmt.Errorf("config: %s.role.name: %q is already used by %s (role names are listed under security-credentials/ and key the cache, so they must be unique; set role.name)", key, w.Role.Name, other)
+		}
+		names[w.Role.Name] = key + ".role.name"
+	}
+	return nil
+}
