@@ -9,7 +9,7 @@ import (
 	"sync"
 	"testing"
 
-	"github.com/aws/aws-sdk-go-v2/aws"
+	"github.com/imdsproxy/imdsproxy/metadata"
 )
 
 // fakeIMDS is an IMDSv2-only stand-in: GETs without a valid token get 401.
@@ -80,9 +80,9 @@ func TestDetectHost(t *testing.T) {
 			"", "cfg-group",
 			Host{InstanceID: "i-0123456789abcdef0", Group: "web-asg", GroupSource: GroupFromTag, IDSource: IDFromIMDS}, false, false},
 		{"custom tag key with a slash is escaped",
-			&fakeIMDS{instanceID: "i-1", tags: map[string]string{"team%2Fgroup": "api-asg"}},
+			&fakeIMDS{instanceID: "i-01", tags: map[string]string{"team%2Fgroup": "api-asg"}},
 			"team/group", "",
-			Host{InstanceID: "i-1", Group: "api-asg", GroupSource: GroupFromTag, IDSource: IDFromIMDS}, false, false},
+			Host{InstanceID: "i-01", Group: "api-asg", GroupSource: GroupFromTag, IDSource: IDFromIMDS}, false, false},
 		{"tag 404 falls back to config",
 			&fakeIMDS{instanceID: "i-2"}, "", "cfg-group",
 			Host{InstanceID: "i-2", Group: "cfg-group", GroupSource: GroupFromConfig, IDSource: IDFromIMDS}, false, false},
@@ -109,7 +109,12 @@ func TestDetectHost(t *testing.T) {
 			} else {
 				defer srv.Close()
 			}
-			h, err := DetectHost(context.Background(), base+"/", tc.tagKey, tc.fallback)
+			md, err := metadata.New(base, 0)
+			if err != nil {
+				t.Fatal(err)
+			}
+			id, _ := md.InstanceID(context.Background())
+			h, err := DetectHost(context.Background(), md, id, tc.tagKey, tc.fallback)
 			if tc.wantErr {
 				if err == nil {
 					t.Fatalf("DetectHost = %+v, want an error", h)
@@ -128,79 +133,5 @@ func TestDetectHost(t *testing.T) {
 				t.Errorf("%d GETs without an IMDSv2 token", f.tokenless)
 			}
 		})
-	}
-}
-
-func TestDetectHostBadBase(t *testing.T) {
-	for _, base := range []string{"", "169.254.169.254", "ftp://x", "http://user:pw@x"} {
-		if _, err := DetectHost(context.Background(), base, "", ""); err == nil {
-			t.Errorf("DetectHost(%q) accepted", base)
-		}
-	}
-}
-
-// TestS3GetterEndpointOverride reads an object through the real SDK from an
-// S3 stand-in named by AWS_ENDPOINT_URL_S3, which needs path-style requests.
-func TestS3GetterEndpointOverride(t *testing.T) {
-	var mu sync.Mutex
-	var gotPath, gotAuth string
-	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		mu.Lock()
-		gotPath, gotAuth = r.URL.Path, r.Header.Get("Authorization")
-		mu.Unlock()
-		switch r.URL.Path {
-		case "/policies/fleet/rollout.yaml":
-			w.Header().Set("ETag", `"abc"`)
-			w.Write([]byte(policyV1))
-		case "/policies/big.yaml":
-			w.Write([]byte(strings.Repeat("#", MaxPolicySize+1)))
-		default:
-			w.Header().Set("Content-Type", "application/xml")
-			w.WriteHeader(http.StatusNotFound)
-			w.Write([]byte(`<?xml version="1.0" encoding="UTF-8"?><Error><Code>NoSuchKey</Code><Message>no</Message></Error>`))
-		}
-	}))
-	defer srv.Close()
-	t.Setenv("AWS_ENDPOINT_URL_S3", srv.URL)
-	t.Setenv("AWS_CONFIG_FILE", os.DevNull)
-	t.Setenv("AWS_SHARED_CREDENTIALS_FILE", os.DevNull)
-	provider := aws.CredentialsProviderFunc(func(context.Context) (aws.Credentials, error) {
-		return aws.Credentials{AccessKeyID: "AKIDEXAMPLE", SecretAccessKey: "secret", SessionToken: "token", Source: "test"}, nil
-	})
-	g, err := NewS3Getter(context.Background(), provider, "us-east-1")
-	if err != nil {
-		t.Fatal(err)
-	}
-	data, etag, err := g.GetObject(context.Background(), "policies", "fleet/rollout.yaml")
-	if err != nil {
-		t.Fatalf("GetObject: %v", err)
-	}
-	if string(data) != policyV1 || etag != `"abc"` {
-		t.Errorf("GetObject = %q, %q", data, etag)
-	}
-	mu.Lock()
-	if gotPath != "/policies/fleet/rollout.yaml" || !strings.Contains(gotAuth, "AKIDEXAMPLE") {
-		t.Errorf("request path %q (want path style), auth %q", gotPath, gotAuth)
-	}
-	mu.Unlock()
-	if _, _, err := g.GetObject(context.Background(), "policies", "big.yaml"); err == nil || !strings.Contains(err.Error(), "larger") {
-		t.Errorf("oversize object: %v", err)
-	}
-	if _, _, err := g.GetObject(context.Background(), "policies", "missing.yaml"); err == nil || !strings.Contains(err.Error(), "NoSuchKey") {
-		t.Errorf("missing object: %v", err)
-	}
-}
-
-func TestS3GetterNeedsRegion(t *testing.T) {
-	t.Setenv("AWS_REGION", "")
-	t.Setenv("AWS_DEFAULT_REGION", "")
-	t.Setenv("AWS_CONFIG_FILE", os.DevNull)
-	t.Setenv("AWS_SHARED_CREDENTIALS_FILE", os.DevNull)
-	provider := aws.AnonymousCredentials{}
-	if _, err := NewS3Getter(context.Background(), provider, ""); err == nil {
-		t.Error("NewS3Getter without a region succeeded")
-	}
-	if _, err := NewS3Getter(context.Background(), nil, "us-east-1"); err == nil {
-		t.Error("NewS3Getter without credentials succeeded")
 	}
 }

@@ -110,7 +110,7 @@ func NewLoader(source string, opts LoaderOptions, log *zap.Logger, reg prometheu
 	l := &Loader{
 		source:   source,
 		interval: opts.Interval,
-		log:      log.Named("rollout"),
+		log:      log,
 		now:      time.Now,
 		rand:     rand.Float64,
 	}

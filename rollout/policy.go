@@ -60,6 +60,8 @@ import (
 	"unicode/utf8"
 
 	"go.yaml.in/yaml/v3"
+
+	"github.com/imdsproxy/imdsproxy/creds"
 )
 
 // MaxPolicySize is the largest policy document accepted, in bytes.
@@ -91,15 +93,15 @@ const (
 // Stages lists every stage, in rollout order.
 var Stages = []Stage{StageOff, StageShadow, StageCanary, StageOn}
 
-// Kind is a kind of credentials a host can serve.
-type Kind string
+// Kind is a kind of credentials a host can serve (creds.Kind).
+type Kind = creds.Kind
 
 // The kinds of credentials.
 const (
 	// KindWorkload is the workload role's credentials.
-	KindWorkload Kind = "workload"
+	KindWorkload = creds.KindWorkload
 	// KindInstanceProfile is the instance profile's credentials.
-	KindInstanceProfile Kind = "instance-profile"
+	KindInstanceProfile = creds.KindInstanceProfile
 )
 
 // Fallback says what a Selector does when the workload credentials cannot
