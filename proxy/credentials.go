@@ -5,7 +5,6 @@ import (
 	"crypto/sha256"
 	"encoding/base32"
 	"encoding/json"
-	"errors"
 	"strings"
 	"time"
 
@@ -135,21 +134,6 @@ var errorMessages = map[string]string{
 	codeNoCredentials: "No valid credentials are available; retry later.",
 	codeInternal:      "Credentials are temporarily unavailable; retry later.",
 	codeNoProfile:     "The instance profile ARN is not known.",
-}
-
-// classify returns the error class and permanence of a credential source error.
-// An error without ErrorClass is class "other"; without Permanent, retryable.
-func classify(err error) (class string, permanent bool) {
-	class = "other"
-	var ce interface{ ErrorClass() string }
-	if errors.As(err, &ce) {
-		class = ce.ErrorClass()
-	}
-	var pe interface{ Permanent() bool }
-	if errors.As(err, &pe) {
-		permanent = pe.Permanent()
-	}
-	return class, permanent
 }
 
 // errorCode maps an error class to the Code of the error document.

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"regexp"
 	"strings"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -24,13 +25,17 @@ func normalizeHosts(hosts []string) ([]string, error) {
 	out := make([]string, 0, len(hosts))
 	for _, h := range hosts {
 		l := strings.ToLower(h)
-		if l == "" || strings.ContainsAny(l, "[]@/\\ \t") || (strings.Contains(l, ":") && net.ParseIP(l) == nil) || !headerSafe(l) {
-			return nil, fmt.Errorf("proxy: allowed host %q: want a host name or IP address without port", h)
+		if net.ParseIP(l) == nil && (len(l) > 253 || !hostNameRe.MatchString(l)) {
+			return nil, fmt.Errorf("proxy: allowed host %q: want a host name or IP address without port or brackets", h)
 		}
 		out = append(out, l)
 	}
 	return out, nil
 }
+
+// hostNameRe is a DNS name: dot-separated labels of letters, digits and
+// hyphens.
+var hostNameRe = regexp.MustCompile(`^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$`)
 
 // hostAllowed reports whether the Host header value host (r.Host, which for
 // an absolute-form request target is the target's host) names this IMDS:

@@ -7,9 +7,10 @@
 //     stateless (HMAC over expiry and nonce with a per-process key), sent with
 //     the configured IP TTL / IPv6 hop limit;
 //   - GET …/meta-data/iam/security-credentials[-extended]/[<role>],
-//     …/meta-data/iam/info and the iam listing: from a CredentialSource
-//     (normally the credential cache), for the configured role, or with a
-//     RoleMapper for the role of the client process (per-workload roles);
+//     …/meta-data/iam/info and the iam listing: decided by the access.Plan
+//     of the configuration in force (who the client process is, which role
+//     it is served) and served by an access.Broker (normally from the
+//     credential cache);
 //   - every other GET/HEAD: forwarded unchanged to the real IMDS (the
 //     upstream) with the daemon's own upstream token.
 //
@@ -32,8 +33,6 @@ import (
 	"net"
 	"net/http"
 	"net/url"
-	"regexp"
-	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -43,6 +42,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
 
+	"github.com/imdsproxy/imdsproxy/access"
 	"github.com/imdsproxy/imdsproxy/creds"
 )
 
@@ -77,30 +77,14 @@ const (
 // X-Forwarded-For, as AWS's own IMDS emulator words it.
 const forwardedRejection = "unable to process requests with X-Forwarded-For header"
 
-// CredentialSource supplies the credentials the Server hands out. The
-// credential cache implements it.
-//
-// Credentials is called once per credential or iam/info request with the
-// request's context (cancelled when the client goes away) and the configured
-// role name. It must answer from memory whenever it holds valid credentials,
-// never blocking on an upstream call in that case. It returns either
-// credentials or an error; the error may implement
-// interface{ ErrorClass() string } and interface{ Permanent() bool }, which
-// choose the Code of the error document served to the client. The error's
-// text is logged, never sent to the client. Implementations must be safe for
-// concurrent use.
-type CredentialSource interface {
-	Credentials(ctx context.Context, role string) (creds.Credentials, error)
-}
-
 // Config is the part of the daemon's configuration the IMDS API uses. New and
 // Update validate it; a Config is copied, so the caller may reuse it.
 type Config struct {
-	// RoleName is the host's role: listed under security-credentials/ and
-	// security-credentials-extended/, and the only <role> served there, to
-	// every client that Roles does not map to a role of its own. It must be
-	// a valid IAM role name (1..64 of [A-Za-z0-9+=,.@_-]). Required.
-	RoleName string
+	// Plan decides, per client process, whether it may read credentials
+	// and which role it is listed and served (access.Plan). Required. A
+	// Plan is built whole per configuration generation and replaced with
+	// Update; a request uses the Plan it loaded first.
+	Plan *access.Plan
 	// TokensRequired selects IMDSv2-only (true: a request without a session
 	// token gets 401) or optional mode (false: a request without a token is
 	// served as IMDSv1). An invalid or expired token gets 401 in both modes.
@@ -117,37 +101,15 @@ type Config struct {
 	// DefaultUpstreamTimeout; at most MaxUpstreamTimeout. Connecting is
 	// further bounded by 1s.
 	UpstreamTimeout time.Duration
-	// InstanceProfileARN is served by iam/info. Empty means derived from the
-	// served credentials: arn:<partition>:iam::<account>:instance-profile/<RoleName>.
+	// InstanceProfileARN is served by iam/info to the clients served the
+	// host's own role. Empty means derived from the served credentials:
+	// arn:<partition>:iam::<account>:instance-profile/<role name>.
 	InstanceProfileARN string
-	// AlsoServe lists more role names whose credential paths are answered,
-	// though never listed, to every client with the credentials of the role
-	// that client is served (RoleName, or the one Roles maps it to): the
-	// CredentialSource is asked for the served role, never for an
-	// AlsoServe name. A rollout switching the listed role sets the other
-	// names here, so a client that read the listing just before a switch
-	// and asks for the old name gets the credentials now served, not a 404.
-	// Each must be a valid IAM role name.
-	AlsoServe []string
 	// TokenKey is the HMAC key of IMDSv2 session tokens, TokenKeySize bytes:
 	// processes given the same key accept each other's tokens, so tokens
 	// survive a restart. Nil: a random key per Server. Read by New only;
 	// Update ignores it. Keep it secret: it mints tokens.
 	TokenKey []byte
-	// Access, when set, decides which local processes may read credentials
-	// and enables the audit log (see AccessControl in access.go). Nil: every
-	// client may, and nothing is audited.
-	Access AccessControl
-	// Roles, when set, maps client processes to roles of their own (see
-	// RoleMapper in access.go): a mapped client is listed and served only
-	// its role, every other client only RoleName (AlsoServe names are
-	// aliases of the served role for both). It needs
-	// Access, which identifies the client. Nil: every client is served
-	// RoleName.
-	Roles RoleMapper
-	// AuditLog receives one Info line per credential hand-out when Access
-	// is set. Nil: the Server's logger named "audit".
-	AuditLog *zap.Logger
 	// AllowedHosts are Host header values (host names or IP addresses, no
 	// port) accepted besides 169.254.169.254, fd00:ec2::254, localhost,
 	// 127.0.0.1, ::1 and the listener's own address; a request with any
@@ -159,8 +121,6 @@ type Config struct {
 	MaxConns int
 }
 
-var roleNameRE = regexp.MustCompile(`^[\w+=,.@-]{1,64}$`)
-
 // normalize validates c and returns a private copy with defaults applied.
 func (c Config) normalize() (Config, error) {
 	c.TokenKey = nil // used once by New; not kept in the running state
@@ -168,17 +128,8 @@ func (c Config) normalize() (Config, error) {
 	if c.AllowedHosts, err = normalizeHosts(c.AllowedHosts); err != nil || c.MaxConns < 0 {
 		return Config{}, cmp.Or(err, fmt.Errorf("proxy: max connections %d is negative", c.MaxConns))
 	}
-	if !roleNameRE.MatchString(c.RoleName) {
-		return Config{}, fmt.Errorf("proxy: invalid role name %q: want 1..64 of [A-Za-z0-9+=,.@_-]", c.RoleName)
-	}
-	for _, n := range c.AlsoServe {
-		if !roleNameRE.MatchString(n) {
-			return Config{}, fmt.Errorf("proxy: invalid role name %q in AlsoServe", n)
-		}
-	}
-	c.AlsoServe = slices.Clone(c.AlsoServe)
-	if c.Roles != nil && c.Access == nil {
-		return Config{}, errors.New("proxy: Roles needs Access to identify the client process")
+	if c.Plan == nil {
+		return Config{}, errors.New("proxy: no access plan")
 	}
 	if c.HopLimit == 0 {
 		c.HopLimit = 1
@@ -232,7 +183,8 @@ func sameUpstream(a, b Config) bool {
 // example an IPv4 and an IPv6 one), all sharing one configuration and one
 // token key.
 type Server struct {
-	src         CredentialSource
+	broker      *access.Broker
+	id          Identifier // nil: clients are never identified
 	log         *zap.Logger
 	m           *metrics
 	minter      *tokenMinter
@@ -249,7 +201,6 @@ type Server struct {
 	hopWarn sync.Once
 	lim     *limitMetrics // hostcheck.go, connlimit.go
 
-	auditLog *zap.Logger // default of Config.AuditLog
 }
 
 // state is what Update swaps atomically.
@@ -258,13 +209,15 @@ type state struct {
 	pt  *passthrough // nil when Config.Upstream is nil
 }
 
-// New validates cfg and returns a Server that gets credentials from src, logs
-// to log (nil: no logging) and registers its metrics with reg (nil: metrics
-// are kept but not registered). It fails on an invalid cfg, a nil src or when
-// reg already holds the metrics of another Server.
-func New(cfg Config, src CredentialSource, log *zap.Logger, reg prometheus.Registerer) (*Server, error) {
-	if src == nil {
-		return nil, errors.New("proxy: nil credential source")
+// New validates cfg and returns a Server that hands out credentials through
+// broker, identifies client processes with id (nil: clients are never
+// identified, and a plan that needs them identified sees the zero Client),
+// logs to log (nil: no logging) and registers its metrics with reg (nil:
+// metrics are kept but not registered). It fails on an invalid cfg, a nil
+// broker or when reg already holds the metrics of another Server.
+func New(cfg Config, broker *access.Broker, id Identifier, log *zap.Logger, reg prometheus.Registerer) (*Server, error) {
+	if broker == nil {
+		return nil, errors.New("proxy: nil credential broker")
 	}
 	n, err := cfg.normalize()
 	if err != nil {
@@ -278,9 +231,9 @@ func New(cfg Config, src CredentialSource, log *zap.Logger, reg prometheus.Regis
 		return nil, err
 	}
 	s := &Server{
-		src:         src,
-		log:         log.Named("proxy"),
-		auditLog:    log.Named("audit"),
+		broker:      broker,
+		id:          id,
+		log:         log,
 		minter:      minter,
 		outstanding: newOutstandingTokens(time.Now()),
 		now:         time.Now,
@@ -310,9 +263,9 @@ func (s *Server) newPassthrough(cfg Config) *passthrough {
 // limit is not applied (that needs Serve's ConnContext).
 func (s *Server) Handler() http.Handler { return s.handler }
 
-// Update validates cfg and, if it is valid, atomically replaces the role
-// name, token mode, hop limit, upstream and instance profile ARN for every
-// request that starts afterwards. A new upstream (URL or timeout) gets a new
+// Update validates cfg and, if it is valid, atomically replaces the access
+// plan, token mode, hop limit, allowed hosts, upstream and instance profile
+// ARN for every request that starts afterwards. A new upstream (URL or timeout) gets a new
 // connection pool and upstream token; in-flight requests finish with the old
 // one. On error the running configuration is unchanged. Issued session tokens
 // stay valid. The http.Server timeouts of a running Serve are not changed.
@@ -333,9 +286,9 @@ func (s *Server) Update(cfg Config) error {
 	}
 	s.state.Store(&state{cfg: n, pt: pt})
 	s.docs.Store(nil)
-	s.log.Info("configuration updated", zap.String("role_name", n.RoleName),
+	s.log.Debug("configuration updated", zap.Uint32("plan", n.Plan.Gen()),
 		zap.Bool("tokens_required", n.TokensRequired), zap.Int("hop_limit", n.HopLimit),
-		zap.Bool("passthrough", n.Upstream != nil), zap.Bool("per_workload_roles", n.Roles != nil))
+		zap.Bool("passthrough", n.Upstream != nil))
 	return nil
 }
 
@@ -523,23 +476,17 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request, st *state, route,
 		s.serveToken(w, r, st)
 		return
 	}
-	if !s.authorize(w, r, st) {
+	pin, ok := s.authorize(w, r, st)
+	if !ok {
 		return
 	}
-	who, ok := s.checkAccess(w, r, st, route) // access.go: 403 on credential routes
-	if !ok {
+	if isCredentialRoute(route) {
+		s.serveDecided(w, r, st, route, role, pin)
 		return
 	}
 	switch route {
 	case routeIAMList:
 		writeText(w, http.StatusOK, "info\nsecurity-credentials/")
-	case routeRoleList:
-		served, _ := roleFor(&st.cfg, who)
-		writeText(w, http.StatusOK, served)
-	case routeCredentials, routeCredentialsExtended:
-		s.serveCredentials(w, r, st, route, role, who)
-	case routeIAMInfo:
-		s.serveIAMInfo(w, r, st, who)
 	case routePassthrough:
 		st.pt.proxy.ServeHTTP(w, r)
 	default:
@@ -561,7 +508,7 @@ func (s *Server) serveToken(w http.ResponseWriter, r *http.Request, st *state) {
 		return
 	}
 	now := s.now()
-	tok, exp, err := s.minter.mint(now, ttl)
+	tok, exp, err := s.minter.mint(now, ttl, st.cfg.Plan.Gen())
 	if err != nil {
 		s.log.Error("cannot mint session token", zap.Error(err))
 		writeText(w, http.StatusInternalServerError, "Internal Server Error")
@@ -613,67 +560,84 @@ func (s *Server) applyHopLimit(r *http.Request, hops int) func() error {
 	return restore
 }
 
-// authorize checks the client's session token. It writes the 401 and
-// returns false when the request must be refused.
-func (s *Server) authorize(w http.ResponseWriter, r *http.Request, st *state) bool {
+// authorize checks the client's session token and returns the plan
+// generation it pins (0: none, IMDSv1). It writes the 401 and returns false
+// when the request must be refused.
+func (s *Server) authorize(w http.ResponseWriter, r *http.Request, st *state) (uint32, bool) {
 	vals := r.Header.Values(headerToken)
 	if len(vals) == 0 || (len(vals) == 1 && vals[0] == "") {
 		if !st.cfg.TokensRequired {
-			return true // IMDSv1
+			return 0, true // IMDSv1
 		}
 		s.m.rejections.WithLabelValues(rejectMissing).Inc()
 		writeText(w, http.StatusUnauthorized, "no token provided")
-		return false
+		return 0, false
 	}
-	status := tokenInvalid
+	status, pin := tokenInvalid, uint32(0)
 	if len(vals) == 1 {
-		status = s.minter.verify(vals[0], s.now())
+		status, pin = s.minter.verify(vals[0], s.now())
 	}
 	switch status {
 	case tokenValid:
-		return true
+		return pin, true
 	case tokenExpired:
 		s.m.rejections.WithLabelValues(rejectExpired).Inc()
 	default:
 		s.m.rejections.WithLabelValues(rejectInvalid).Inc()
 	}
 	writeText(w, http.StatusUnauthorized, "invalid token provided")
-	return false
+	return 0, false
 }
 
-// roleFor is the role served to who: the one cfg.Roles maps it to (host
-// false), else cfg.RoleName (host true).
-func roleFor(cfg *Config, who Peer) (name string, host bool) {
-	if cfg.Roles != nil {
-		if n, ok := cfg.Roles.RoleFor(who); ok {
-			return n, false
+// serveDecided answers the credential routes: the role listing,
+// security-credentials[-extended]/<role> and iam/info. The plan of st
+// decides once, for the client process behind the connection and the
+// generation the session token pins; a refusal is 403 (deny) or 503
+// (retry); a role name the decision does not answer gets the same 404 as an
+// unknown role.
+func (s *Server) serveDecided(w http.ResponseWriter, r *http.Request, st *state, route, role string, pin uint32) {
+	plan := st.cfg.Plan
+	who := s.client(r, plan)
+	now := s.now()
+	var d access.Decision
+	switch route {
+	case routeCredentials, routeCredentialsExtended:
+		var answered bool
+		if d, answered = plan.DecideName(who, pin, role, now); !answered {
+			writeText(w, http.StatusNotFound, "Not Found")
+			return
 		}
+	default:
+		d = plan.Decide(who, pin, now)
 	}
-	return cfg.RoleName, true
-}
-
-// serveCredentials answers security-credentials[-extended]/<role>. Only the
-// role served to who and the AlsoServe names are answered, always with the
-// credentials of the role served to who; any other name gets the same 404
-// as an unknown role.
-func (s *Server) serveCredentials(w http.ResponseWriter, r *http.Request, st *state, route, role string, who Peer) {
-	served, _ := roleFor(&st.cfg, who)
-	if role != served && !slices.Contains(st.cfg.AlsoServe, role) {
-		writeText(w, http.StatusNotFound, "Not Found")
+	if d.Outcome != access.Serve {
+		s.refuse(w, d, who, route) // access.go
 		return
 	}
-	fetchStart := time.Now()
-	c, err := s.src.Credentials(r.Context(), served)
-	now := s.now()
+	if route == routeRoleList {
+		writeText(w, http.StatusOK, d.Name)
+		return
+	}
+	c, err := s.broker.Credentials(r.Context(), d, who, doorIMDS, route, role)
+	now = s.now()
 	if err != nil || !usable(c, now) {
 		s.serveError(w, route, err, now)
 		return
 	}
-	writeBody(w, http.StatusOK, s.credentialBody(served, c, now, route == routeCredentialsExtended))
-	if st.cfg.Access != nil {
-		s.audit(st, who, route, served, role, c, fetchStart) // access.go
+	if route == routeIAMInfo {
+		arn := instanceProfileARN(&st.cfg, d.Name, d.Host, c)
+		if arn == "" {
+			writeBody(w, http.StatusOK, errorDocument(codeNoProfile, errorMessages[codeNoProfile], now))
+			return
+		}
+		writeBody(w, http.StatusOK, iamInfoDocument(arn, c, now))
+		return
 	}
+	writeBody(w, http.StatusOK, s.credentialBody(d.Name, c, now, route == routeCredentialsExtended))
 }
+
+// doorIMDS names this front door in audit lines.
+const doorIMDS = "imds"
 
 // docMemo holds the rendered credential documents of one set of credentials.
 // The byte slices are shared between requests and never modified.
@@ -735,23 +699,6 @@ func (s *Server) storeDoc(role string, m *docMemo) {
 	}
 }
 
-// serveIAMInfo answers iam/info for the role served to who.
-func (s *Server) serveIAMInfo(w http.ResponseWriter, r *http.Request, st *state, who Peer) {
-	role, host := roleFor(&st.cfg, who)
-	c, err := s.src.Credentials(r.Context(), role)
-	now := s.now()
-	if err != nil || !usable(c, now) {
-		s.serveError(w, routeIAMInfo, err, now)
-		return
-	}
-	arn := instanceProfileARN(&st.cfg, role, host, c)
-	if arn == "" {
-		writeBody(w, http.StatusOK, errorDocument(codeNoProfile, errorMessages[codeNoProfile], now))
-		return
-	}
-	writeBody(w, http.StatusOK, iamInfoDocument(arn, c, now))
-}
-
 // credentialWarnEvery bounds credential-error Warn lines; the rest go to Debug.
 const credentialWarnEvery = 10 * time.Second
 
@@ -760,7 +707,7 @@ const credentialWarnEvery = 10 * time.Second
 func (s *Server) serveError(w http.ResponseWriter, route string, err error, now time.Time) {
 	code, class, permanent := codeNoCredentials, "", false
 	if err != nil {
-		class, permanent = classify(err)
+		class, permanent = creds.Classify(err)
 		code = errorCode(class)
 	}
 	lvl := zap.DebugLevel

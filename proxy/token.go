@@ -15,13 +15,20 @@ import (
 // IMDSv2 session tokens are stateless. A token is the unpadded base64url
 // encoding of
 //
-//	version (1 byte) | expiry (8 bytes, big-endian unix seconds) |
-//	nonce (16 random bytes) | HMAC-SHA256(key, the preceding 25 bytes)
+//	version (1 byte, 2) | expiry (8 bytes, big-endian unix seconds) |
+//	epoch (4 bytes) | generation (4 bytes) | nonce (8 random bytes) |
+//	HMAC-SHA256(key, the preceding 25 bytes)
 //
-// where key is 32 random bytes drawn once per process, or Config.TokenKey. That is 57 bytes, 76
-// header-safe characters ([A-Za-z0-9_-], never CR or LF). The full 32-byte MAC
-// is kept (no truncation); the nonce only makes tokens issued in the same
-// second distinct. Nothing is stored per token, so memory does not grow with
+// where key is 32 random bytes drawn once per process, or Config.TokenKey.
+// That is 57 bytes, 76 header-safe characters ([A-Za-z0-9_-], never CR or
+// LF). The full 32-byte MAC is kept (no truncation); the nonce only makes
+// tokens issued in the same second distinct. The generation is the access
+// plan in force when the token was minted, and the epoch a random number
+// drawn once per process: a request carrying a token of this process is
+// answered by that plan while it is retained (access.Plan, "Consistency
+// across a switch"), so the steps of one SDK fetch agree. A token of
+// another process (a shared TokenKey across a restart) or of version 1 is
+// valid but pins nothing. Nothing is stored per token, so memory does not grow with
 // the token request rate. With a random key a restart of the daemon
 // invalidates every token (SDKs answer the resulting 401 with a new PUT); with
 // Config.TokenKey shared by successive processes tokens survive a restart.
@@ -31,9 +38,10 @@ const (
 	minTokenTTL = 1
 	maxTokenTTL = 21600
 
-	tokenVersion   byte = 1
-	tokenNonceLen       = 16
-	tokenSignedLen      = 1 + 8 + tokenNonceLen
+	tokenVersion   byte = 2
+	tokenVersion1  byte = 1 // before generations: 16 nonce bytes
+	tokenNonceLen       = 8
+	tokenSignedLen      = 1 + 8 + 4 + 4 + tokenNonceLen
 	tokenRawLen         = tokenSignedLen + sha256.Size
 )
 
@@ -54,7 +62,8 @@ const (
 // tokenMinter mints and verifies tokens with one per-process key. Its key is
 // immutable after creation; it is safe for concurrent use.
 type tokenMinter struct {
-	key [32]byte
+	key   [32]byte
+	epoch uint32
 	// macs pools keyed HMAC-SHA256 states: building one per request costs
 	// more than the rest of a credential GET's handler.
 	macs sync.Pool
@@ -77,6 +86,11 @@ func newTokenMinter(key []byte) (*tokenMinter, error) {
 	default:
 		return nil, fmt.Errorf("proxy: token key is %d bytes, want %d", len(key), TokenKeySize)
 	}
+	var e [4]byte
+	if _, err := rand.Read(e[:]); err != nil {
+		return nil, fmt.Errorf("proxy: token epoch: %w", err)
+	}
+	m.epoch = binary.BigEndian.Uint32(e[:])
 	m.macs.New = func() any { return hmac.New(sha256.New, m.key[:]) }
 	return m, nil
 }
@@ -102,14 +116,16 @@ func tokenExpiry(now time.Time, ttl int) int64 {
 	return exp
 }
 
-// mint returns a new token valid for ttl seconds from now, and its expiry in
-// unix seconds.
-func (m *tokenMinter) mint(now time.Time, ttl int) (string, int64, error) {
+// mint returns a new token valid for ttl seconds from now that pins plan
+// generation gen, and its expiry in unix seconds.
+func (m *tokenMinter) mint(now time.Time, ttl int, gen uint32) (string, int64, error) {
 	exp := tokenExpiry(now, ttl)
 	var raw [tokenRawLen]byte
 	raw[0] = tokenVersion
 	binary.BigEndian.PutUint64(raw[1:9], uint64(exp))
-	if _, err := rand.Read(raw[9:tokenSignedLen]); err != nil {
+	binary.BigEndian.PutUint32(raw[9:13], m.epoch)
+	binary.BigEndian.PutUint32(raw[13:17], gen)
+	if _, err := rand.Read(raw[17:tokenSignedLen]); err != nil {
 		return "", 0, fmt.Errorf("proxy: token nonce: %w", err)
 	}
 	m.mac(raw[:tokenSignedLen], raw[:tokenSignedLen])
@@ -118,25 +134,29 @@ func (m *tokenMinter) mint(now time.Time, ttl int) (string, int64, error) {
 
 // verify checks a token presented at now: well formed, minted with this
 // process's key (constant-time compare) and not expired (valid while
-// now < expiry).
-func (m *tokenMinter) verify(tok string, now time.Time) tokenStatus {
+// now < expiry). gen is the plan generation the token pins: 0 for a token
+// minted by another process (or before generations), or when not valid.
+func (m *tokenMinter) verify(tok string, now time.Time) (status tokenStatus, gen uint32) {
 	if len(tok) != tokenLen {
-		return tokenInvalid
+		return tokenInvalid, 0
 	}
 	var raw [tokenRawLen]byte
 	n, err := tokenEncoding.Decode(raw[:], []byte(tok))
-	if err != nil || n != tokenRawLen || raw[0] != tokenVersion {
-		return tokenInvalid
+	if err != nil || n != tokenRawLen || (raw[0] != tokenVersion && raw[0] != tokenVersion1) {
+		return tokenInvalid, 0
 	}
 	var sum [sha256.Size]byte
 	if !hmac.Equal(m.mac(sum[:0], raw[:tokenSignedLen]), raw[tokenSignedLen:]) {
-		return tokenInvalid
+		return tokenInvalid, 0
 	}
 	exp := int64(binary.BigEndian.Uint64(raw[1:9]))
 	if now.Unix() >= exp {
-		return tokenExpired
+		return tokenExpired, 0
 	}
-	return tokenValid
+	if raw[0] == tokenVersion && binary.BigEndian.Uint32(raw[9:13]) == m.epoch {
+		gen = binary.BigEndian.Uint32(raw[13:17])
+	}
+	return tokenValid, gen
 }
 
 // parseTTL parses the values of the X-aws-ec2-metadata-token-ttl-seconds
