@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/imdsproxy/imdsproxy/config"
 	"github.com/imdsproxy/imdsproxy/rollout"
 )
 
@@ -135,7 +136,7 @@ func TestLoadConfigFileErrors(t *testing.T) {
 		t.Error("missing file accepted")
 	}
 	big := filepath.Join(t.TempDir(), "big.yaml")
-	if err := os.WriteFile(big, bytes.Repeat([]byte("#"), maxConfigSize+10), 0o600); err != nil {
+	if err := os.WriteFile(big, bytes.Repeat([]byte("#"), config.MaxSize+10), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := loadConfig(big); err == nil || !strings.Contains(err.Error(), "larger") {

@@ -15,8 +15,9 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus/testutil"
-	"go.uber.org/zap"
 
+	"github.com/imdsproxy/imdsproxy/admin"
+	"github.com/imdsproxy/imdsproxy/creds"
 	"github.com/imdsproxy/imdsproxy/test/fakes/oidc"
 	"github.com/imdsproxy/imdsproxy/test/fakes/sts"
 )
@@ -99,13 +100,68 @@ cache: {backoff_initial: 100ms, backoff_max: 1s, expiry_margin: 2s}
 	done := make(chan struct{})
 	go func() { defer close(done); _ = d.cache.Run(ctx) }()
 	t.Cleanup(func() { cancel(); <-done })
-	return &testDaemon{d: d, sts: fake, issuer: issuer, cfgPath: cfgPath, logs: logs, admin: d.adminHandler()}
+	return &testDaemon{d: d, sts: fake, issuer: issuer, cfgPath: cfgPath, logs: logs, admin: admin.Handler(d.gatherer(), d)}
+}
+
+// hostKey is the key of the daemon's own role in force.
+func (td *testDaemon) hostKey() creds.Key { return td.d.snap.Load().gen.hostKey }
+
+// ready waits until the daemon reports ready, at most 10s.
+func (td *testDaemon) ready(t *testing.T) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		st := td.d.Status()
+		if st.Ready {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("not ready: %s", st.ReadyReason)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// imds sends one request through the IMDS handler with a fresh session
+// token; it returns the status and the body.
+func (td *testDaemon) imds(t *testing.T, path string) (int, string) {
+	t.Helper()
+	h := td.d.proxy.Handler()
+	put := httptest.NewRequest(http.MethodPut, "/latest/api/token", nil)
+	put.Header.Set("X-aws-ec2-metadata-token-ttl-seconds", "60")
+	rec := httptest.NewRecorder()
+	h.ServeHTTP(rec, put)
+	get := httptest.NewRequest(http.MethodGet, path, nil)
+	get.Header.Set("X-aws-ec2-metadata-token", rec.Body.String())
+	rec = httptest.NewRecorder()
+	h.ServeHTTP(rec, get)
+	return rec.Code, rec.Body.String()
+}
+
+// rewrite replaces old with new in the config file and reloads; it returns
+// the reload's error.
+func (td *testDaemon) rewrite(t *testing.T, old, new string) error {
+	t.Helper()
+	data, err := os.ReadFile(td.cfgPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(string(data), old) {
+		t.Fatalf("config has no %q:\n%s", old, data)
+	}
+	if err := os.WriteFile(td.cfgPath, []byte(strings.Replace(string(data), old, new, 1)), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	_, err = td.d.tryReload(context.Background())
+	return err
 }
 
 func (td *testDaemon) get(t *testing.T, path string) (int, string) {
 	t.Helper()
 	rec := httptest.NewRecorder()
-	td.admin.ServeHTTP(rec, httptest.NewRequest(http.MethodGet, path, nil))
+	req := httptest.NewRequest(http.MethodGet, path, nil)
+	req.Host = "127.0.0.1:8170"
+	td.admin.ServeHTTP(rec, req)
 	b, _ := io.ReadAll(rec.Result().Body)
 	return rec.Code, string(b)
 }
@@ -115,7 +171,7 @@ func TestDaemonMetricsLintAndAdmin(t *testing.T) {
 	if code, body := td.get(t, "/readyz"); code != http.StatusServiceUnavailable || !strings.Contains(body, "not fetched yet") {
 		t.Fatalf("readyz before prefetch = %d %q", code, body)
 	}
-	if err := td.d.cache.Prefetch(context.Background(), "app"); err != nil {
+	if err := td.d.cache.Prefetch(context.Background(), td.hostKey()); err != nil {
 		t.Fatal(err)
 	}
 	if code, body := td.get(t, "/readyz"); code != http.StatusOK || !strings.Contains(body, "ready: credentials for role app") {
@@ -124,19 +180,19 @@ func TestDaemonMetricsLintAndAdmin(t *testing.T) {
 	if code, _ := td.get(t, "/healthz"); code != http.StatusOK {
 		t.Fatalf("healthz = %d", code)
 	}
-	// One credential request through the IMDS handler, so request metrics exist.
-	h := td.d.proxy.Handler()
-	put := httptest.NewRequest(http.MethodPut, "/latest/api/token", nil)
-	put.Header.Set("X-aws-ec2-metadata-token-ttl-seconds", "60")
+	// DNS rebinding: a request naming another host is refused.
+	rebound := httptest.NewRequest(http.MethodGet, "/debug/status", nil)
+	rebound.Host = "attacker.example:8170"
 	rec := httptest.NewRecorder()
-	h.ServeHTTP(rec, put)
-	get := httptest.NewRequest(http.MethodGet, "/latest/meta-data/iam/security-credentials/app", nil)
-	get.Header.Set("X-aws-ec2-metadata-token", rec.Body.String())
-	rec = httptest.NewRecorder()
-	h.ServeHTTP(rec, get)
+	td.admin.ServeHTTP(rec, rebound)
+	if rec.Code != http.StatusForbidden {
+		t.Fatalf("admin request with Host attacker.example = %d, want 403", rec.Code)
+	}
+	// One credential request through the IMDS handler, so request metrics exist.
+	code, body := td.imds(t, "/latest/meta-data/iam/security-credentials/app")
 	issued, _ := td.sts.Last()
-	if rec.Code != http.StatusOK || !strings.Contains(rec.Body.String(), issued.AccessKeyID) {
-		t.Fatalf("credentials = %d %s", rec.Code, rec.Body.String())
+	if code != http.StatusOK || !strings.Contains(body, issued.AccessKeyID) {
+		t.Fatalf("credentials = %d %s", code, body)
 	}
 
 	problems, err := testutil.GatherAndLint(td.d.gatherer())
@@ -203,72 +259,93 @@ func documentedMetrics(t *testing.T) []string {
 	return names
 }
 
+// TestDaemonReload: a bad file is refused and changes nothing; a good one
+// applies whole (a new role name is listed and its credentials fetched); a
+// file changing a restart-only setting is refused, says so, and applies
+// nothing else.
 func TestDaemonReload(t *testing.T) {
 	td := startDaemon(t, "")
-	ctx := context.Background()
-	if err := td.d.cache.Prefetch(ctx, "app"); err != nil {
-		t.Fatal(err)
-	}
+	td.d.warm(context.Background())
+	td.ready(t)
 	orig, _ := os.ReadFile(td.cfgPath)
 
-	// A bad file is refused and nothing changes.
 	if err := os.WriteFile(td.cfgPath, []byte("imds: {tokens: sometimes}\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	if err := td.d.reload(ctx); err == nil || !strings.Contains(err.Error(), "imds.tokens") {
-		t.Fatalf("bad reload: %v", err)
+	td.d.reloadConfig(context.Background())
+	st := td.d.Status()
+	if st.Config.LastReloadOK || !strings.Contains(st.Config.LastReloadError, "imds.tokens") {
+		t.Fatalf("bad reload not reported: %+v", st.Config)
 	}
-	if td.d.config().IMDS.Tokens != "required" {
+	if v := testutil.ToFloat64(td.d.reload.okGauge); v != 0 {
+		t.Fatalf("imdsproxy_config_last_reload_successful = %v after a refused reload", v)
+	}
+	if td.d.snap.Load().gen.cfg.IMDS.Tokens != "required" {
 		t.Fatal("bad reload changed the config")
 	}
-
-	// A good file with a new role name swaps the listing and refetches.
-	next := strings.Replace(string(orig), "session_name: test-host}", "session_name: test-host, name: renamed}", 1)
-	if err := os.WriteFile(td.cfgPath, []byte(next), 0o600); err != nil {
+	if err := os.WriteFile(td.cfgPath, orig, 0o600); err != nil {
 		t.Fatal(err)
 	}
-	if err := td.d.reload(ctx); err != nil {
+
+	if err := td.rewrite(t, "session_name: test-host}", "session_name: test-host, name: renamed}"); err != nil {
 		t.Fatalf("good reload: %v", err)
 	}
-	if got := *td.d.roleName.Load(); got != "renamed" {
-		t.Fatalf("role name after reload = %q", got)
+	td.d.warm(context.Background())
+	td.ready(t)
+	if _, got := td.imds(t, "/latest/meta-data/iam/security-credentials/"); got != "renamed" {
+		t.Fatalf("listing after reload = %q", got)
 	}
-	deadline := time.Now().Add(5 * time.Second)
-	for {
-		if ok, _ := td.d.readiness(); ok {
-			break
-		}
-		if time.Now().After(deadline) {
-			_, why := td.d.readiness()
-			t.Fatalf("not ready after reload: %s", why)
-		}
-		time.Sleep(20 * time.Millisecond)
+
+	gen := td.d.snap.Load().plan.Gen()
+	err := td.rewrite(t, "listen: 127.0.0.1:0", "listen: 127.0.0.1:2")
+	if err == nil || !strings.Contains(err.Error(), "listen") || !strings.Contains(err.Error(), "restart") {
+		t.Fatalf("reload changing listen = %v, want a refusal naming listen and the restart", err)
 	}
-	rec := httptest.NewRecorder()
-	put := httptest.NewRequest(http.MethodPut, "/latest/api/token", nil)
-	put.Header.Set("X-aws-ec2-metadata-token-ttl-seconds", "60")
-	td.d.proxy.Handler().ServeHTTP(rec, put)
-	list := httptest.NewRequest(http.MethodGet, "/latest/meta-data/iam/security-credentials/", nil)
-	list.Header.Set("X-aws-ec2-metadata-token", rec.Body.String())
-	rec = httptest.NewRecorder()
-	td.d.proxy.Handler().ServeHTTP(rec, list)
-	if rec.Body.String() != "renamed" {
-		t.Fatalf("listing after reload = %q", rec.Body.String())
+	td.d.reload.record(err, []string{"listen"})
+	if g := td.d.snap.Load().plan.Gen(); g != gen {
+		t.Fatalf("a refused reload published generation %d", g)
+	}
+	st = td.d.Status()
+	if len(st.Config.RestartNeeded) != 1 || st.Config.RestartNeeded[0] != "listen" || testutil.ToFloat64(td.d.reload.restartGauge) != 1 {
+		t.Fatalf("restart needed not reported: %+v", st.Config)
+	}
+	var out bytes.Buffer
+	admin.PrintStatus(&out, "x", st, time.Now())
+	if !strings.Contains(out.String(), "restart") || !strings.Contains(out.String(), "NEEDED: listen") {
+		t.Fatalf("imdsproxy status does not say a restart is needed:\n%s", out.String())
+	}
+}
+
+// TestDaemonReloadKeepsCredentials: a reload that does not touch the
+// identity keeps the exchanges, so the cached credentials stay and nothing
+// is fetched anew.
+func TestDaemonReloadKeepsCredentials(t *testing.T) {
+	td := startDaemon(t, "")
+	td.d.warm(context.Background())
+	td.ready(t)
+	calls := td.sts.Calls()
+	if err := td.rewrite(t, "backoff_max: 1s", "backoff_max: 2s"); err != nil {
+		t.Fatal(err)
+	}
+	td.d.warm(context.Background())
+	if n := td.sts.Calls(); n != calls {
+		t.Fatalf("a reload of cache settings called STS %d more times", n-calls)
+	}
+	if e, ok := td.d.cache.Lookup(td.hostKey()); !ok || !e.Valid {
+		t.Fatal("the cached credentials were dropped by the reload")
 	}
 }
 
 func TestReadinessReportsPermanentErrors(t *testing.T) {
 	td := startDaemon(t, "")
 	td.sts.SetMode(sts.ModeAccessDenied)
-	err := td.d.cache.Prefetch(context.Background(), "app")
-	if err == nil {
+	if err := td.d.cache.Prefetch(context.Background(), td.hostKey()); err == nil {
 		t.Fatal("prefetch succeeded against a denying STS")
 	}
-	ok, why := td.d.readiness()
-	if ok || !strings.Contains(why, "access_denied") {
-		t.Fatalf("readiness = %v %q, want not ready naming access_denied", ok, why)
+	st := td.d.Status()
+	if st.Ready || !strings.Contains(st.ReadyReason, "access_denied") {
+		t.Fatalf("readiness = %v %q, want not ready naming access_denied", st.Ready, st.ReadyReason)
 	}
-	_ = zap.NewNop()
 }
 
 // standInIMDS is an IMDSv2 stand-in with an instance id, a group tag and
@@ -301,41 +378,34 @@ func standInIMDS(t *testing.T) http.Handler {
 }
 
 // TestDaemonRollout wires a rollout in process: the policy decides what is
-// listed and served, a rewritten policy re-read on reload switches it, and
-// the rollout metrics are exported and lint-clean.
+// listed and served; a rewritten policy re-read on reload switches it; every
+// rollout setting applies on reload (policy source, fallback), and the
+// rollout can be turned off and on again; the rollout metrics are exported
+// and lint-clean.
 func TestDaemonRollout(t *testing.T) {
-	policy := filepath.Join(t.TempDir(), "rollout.yaml")
+	dir := t.TempDir()
+	policy := filepath.Join(dir, "rollout.yaml")
 	if err := os.WriteFile(policy, []byte("version: v1\ndefault: off\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	td := startDaemonWith(t, fmt.Sprintf("rollout: {policy: %s, poll_interval: 1h}\n", policy), standInIMDS(t))
 	ctx := context.Background()
-	if !td.d.startServing(ctx) {
+	if !td.d.warm(ctx) {
 		t.Fatal("instance-profile credentials not cached for stage off")
 	}
 	list := func() string {
-		put := httptest.NewRequest(http.MethodPut, "/latest/api/token", nil)
-		put.Header.Set("X-aws-ec2-metadata-token-ttl-seconds", "60")
-		rec := httptest.NewRecorder()
-		td.d.proxy.Handler().ServeHTTP(rec, put)
-		get := httptest.NewRequest(http.MethodGet, "/latest/meta-data/iam/security-credentials/", nil)
-		get.Header.Set("X-aws-ec2-metadata-token", rec.Body.String())
-		rec2 := httptest.NewRecorder()
-		td.d.proxy.Handler().ServeHTTP(rec2, get)
-		return rec2.Body.String()
+		_, body := td.imds(t, "/latest/meta-data/iam/security-credentials/")
+		return body
 	}
 	if got := list(); got != "ip-role" {
 		t.Fatalf("stage off lists %q, want the instance profile's role", got)
-	}
-	if ok, why := td.d.readiness(); !ok {
-		t.Fatalf("not ready in stage off: %s", why)
 	}
 
 	if err := os.WriteFile(policy, []byte("version: v2\ndefault: off\ngroups: {api-asg: on}\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	td.d.reloadRolloutPolicy(ctx)
-	if !td.d.applyRollout(ctx) {
+	td.d.reloadConfig(ctx) // SIGHUP re-reads the policy
+	if !td.d.warm(ctx) {
 		t.Fatal("workload credentials not cached for stage on")
 	}
 	if got := list(); got != "app" {
@@ -347,6 +417,42 @@ func TestDaemonRollout(t *testing.T) {
 			t.Errorf("debug/status lacks %s:\n%s", want, status)
 		}
 	}
+
+	// The emergency rollback of docs/rollout.md: point rollout.policy at a
+	// local file with the kill switch, and reload.
+	kill := filepath.Join(dir, "kill.yaml")
+	if err := os.WriteFile(kill, []byte("version: emergency\nkill_switch: true\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := td.rewrite(t, "policy: "+policy, "policy: "+kill); err != nil {
+		t.Fatal(err)
+	}
+	if got := list(); got != "ip-role" {
+		t.Fatalf("after the kill switch the listing is %q, want the instance profile's role", got)
+	}
+	st := td.d.Status()
+	if !st.Rollout.KillSwitch || st.Rollout.Policy.Source != kill || st.ServedKind != "instance-profile" {
+		t.Fatalf("status after the kill switch: %+v", st.Rollout)
+	}
+
+	// rollout.fallback applies on reload.
+	if err := os.WriteFile(kill, []byte("version: v3\ndefault: on\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := td.rewrite(t, "poll_interval: 1h}", "poll_interval: 1h, fallback: instance-profile}"); err != nil {
+		t.Fatal(err)
+	}
+	td.sts.SetMode(sts.ModeFail5xx)
+	td.d.cache.Keep(nil) // forget the workload credentials: the next request must fall back
+	td.d.mu.Lock()
+	_ = td.d.republishLocked()
+	td.d.mu.Unlock()
+	code, body := td.imds(t, "/latest/meta-data/iam/security-credentials/app")
+	if code != http.StatusOK || !strings.Contains(body, "ASIAINSTANCEPROFILE1") {
+		t.Fatalf("with rollout.fallback: instance-profile and STS failing: %d %s", code, body)
+	}
+	td.sts.SetMode(sts.ModeOK)
+
 	problems, err := testutil.GatherAndLint(td.d.gatherer())
 	if err != nil {
 		t.Fatal(err)
@@ -359,6 +465,17 @@ func TestDaemonRollout(t *testing.T) {
 		if strings.HasPrefix(name, "imdsproxy_rollout_") && !strings.Contains(metrics, name) {
 			t.Errorf("documented metric %s is not exported under a rollout", name)
 		}
+	}
+
+	// No rollout any more: the configured role, and the rollout reported off.
+	if err := td.rewrite(t, fmt.Sprintf("rollout: {policy: %s, poll_interval: 1h, fallback: instance-profile}", kill), ""); err != nil {
+		t.Fatal(err)
+	}
+	if got := list(); got != "app" {
+		t.Fatalf("without a rollout the listing is %q", got)
+	}
+	if st := td.d.Status(); st.Rollout.Enabled || st.ServedKind != "workload" {
+		t.Fatalf("status without a rollout: %+v", st.Rollout)
 	}
 	if strings.Contains(td.logs.String(), "ipsecret") || strings.Contains(metrics, "ipsecret") {
 		t.Fatal("the instance profile's secret reached the logs or metrics")

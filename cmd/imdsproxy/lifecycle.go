@@ -2,33 +2,20 @@ package main
 
 import (
 	"context"
-	"crypto/rand"
 	"errors"
 	"fmt"
-	"io"
-	"io/fs"
 	"net"
 	"net/netip"
-	"os"
-	"path/filepath"
-	"strconv"
 	"strings"
-	"syscall"
 
-	"github.com/prometheus/client_golang/prometheus"
+	"github.com/coreos/go-systemd/v22/activation"
+	sddaemon "github.com/coreos/go-systemd/v22/daemon"
 	"go.uber.org/zap"
-
-	"github.com/imdsproxy/imdsproxy/intercept"
-	"github.com/imdsproxy/imdsproxy/proxy"
 )
 
-// The socket activation protocol of systemd (sd_listen_fds(3)) and the
-// readiness protocol (sd_notify(3)) are implemented here with the standard
-// library: they are a few environment variables and one datagram, not worth
-// a dependency.
-
-// listenFDsStart is the first file descriptor passed by socket activation.
-const listenFDsStart = 3
+// Socket activation (sd_listen_fds(3)) and readiness (sd_notify(3)) come
+// from coreos/go-systemd: the protocol details (LISTEN_PID, FD numbering,
+// names, abstract notify sockets) are its job, not ours.
 
 // File descriptor names (FileDescriptorName= in the .socket units) that
 // openListeners understands. Every socket named imds* is an IMDS listener
@@ -37,44 +24,6 @@ const (
 	fdNameAdmin      = "admin"
 	fdNameIMDSPrefix = "imds"
 )
-
-// activationFiles returns the sockets passed by socket activation with their
-// names ("" when LISTEN_FDNAMES is unset), and unsets the variables so that
-// child processes do not see them. It returns nil when there are none.
-func activationFiles() ([]*os.File, []string, error) {
-	pid, fds, names := os.Getenv("LISTEN_PID"), os.Getenv("LISTEN_FDS"), os.Getenv("LISTEN_FDNAMES")
-	if fds == "" {
-		return nil, nil, nil
-	}
-	os.Unsetenv("LISTEN_PID")
-	os.Unsetenv("LISTEN_FDS")
-	os.Unsetenv("LISTEN_FDNAMES")
-	if p, err := strconv.Atoi(pid); err != nil || p != os.Getpid() {
-		return nil, nil, nil // meant for another process
-	}
-	n, err := strconv.Atoi(fds)
-	if err != nil || n < 0 || n > 64 {
-		return nil, nil, fmt.Errorf("socket activation: LISTEN_FDS=%q is not a small number", fds)
-	}
-	var nameList []string
-	if names != "" {
-		nameList = strings.Split(names, ":")
-		if len(nameList) != n {
-			return nil, nil, fmt.Errorf("socket activation: LISTEN_FDNAMES names %d sockets, LISTEN_FDS=%d", len(nameList), n)
-		}
-	}
-	files := make([]*os.File, n)
-	labels := make([]string, n)
-	for i := range n {
-		fd := listenFDsStart + i
-		syscall.CloseOnExec(fd)
-		if nameList != nil {
-			labels[i] = nameList[i]
-		}
-		files[i] = os.NewFile(uintptr(fd), "LISTEN_FD_"+strconv.Itoa(fd))
-	}
-	return files, labels, nil
-}
 
 // exposedListenerWarning is logged (and printed by check-config) for an IMDS
 // listener on a wildcard address: it hands this host's credentials to anyone
@@ -97,16 +46,6 @@ func wildcardAddr(addr string) bool {
 	return err == nil && ip.IsUnspecified()
 }
 
-// imdsListenAddrs are the IMDS listener addresses cfg opens itself (without
-// socket activation).
-func (c Config) imdsListenAddrs() []string {
-	addrs := []string{c.Listen}
-	if ic := c.Intercept; ic.Enabled && ic.IPv6 != nil && *ic.IPv6 {
-		addrs = append(addrs, ic.ListenIPv6)
-	}
-	return addrs
-}
-
 // openListeners opens the IMDS listener(s) and the admin listener, before
 // anything announces readiness.
 //
@@ -127,18 +66,18 @@ func openListeners(ctx context.Context, cfg Config) (imds []net.Listener, admin 
 			imds, admin = nil, nil
 		}
 	}()
-	files, names, err := activationFiles()
-	if err != nil {
-		return nil, nil, err
-	}
-	for i, f := range files {
+	for i, f := range activation.Files(true) {
+		name := f.Name()
+		if strings.HasPrefix(name, "LISTEN_FD_") {
+			name = "" // unnamed: by position
+		}
 		ln, lerr := net.FileListener(f)
 		f.Close() // FileListener dups it
 		if lerr != nil {
-			err = fmt.Errorf("socket activation: fd %d (%q): %w", listenFDsStart+i, names[i], lerr)
+			err = fmt.Errorf("socket activation: socket %d (%q): %w", i, name, lerr)
 			continue // close the remaining files too
 		}
-		switch name := names[i]; {
+		switch {
 		case name == fdNameAdmin, name == "" && i == 1:
 			if admin != nil {
 				ln.Close()
@@ -179,126 +118,17 @@ func openListeners(ctx context.Context, cfg Config) (imds []net.Listener, admin 
 	return imds, admin, nil
 }
 
-// sdNotify sends state to the service manager when NOTIFY_SOCKET is set; it
-// is a no-op otherwise.
-func sdNotify(state string) error {
-	addr := os.Getenv("NOTIFY_SOCKET")
-	if addr == "" {
-		return nil
-	}
-	if addr[0] == '@' {
-		addr = "\x00" + addr[1:] // abstract namespace
-	} else if addr[0] != '/' {
-		return fmt.Errorf("NOTIFY_SOCKET=%q is neither a path nor an abstract socket", addr)
-	}
-	c, err := net.DialUnix("unixgram", nil, &net.UnixAddr{Name: addr, Net: "unixgram"})
-	if err != nil {
-		return fmt.Errorf("sd_notify: %w", err)
-	}
-	defer c.Close()
-	if _, err := c.Write([]byte(state)); err != nil {
-		return fmt.Errorf("sd_notify: %w", err)
-	}
-	return nil
-}
-
 // notifyReady tells a supervisor that the daemon serves credentials: the
 // listeners are open and the first credentials are cached.
 func notifyReady(log *zap.Logger) {
-	if err := sdNotify("READY=1\nSTATUS=serving credentials"); err != nil {
+	if _, err := sddaemon.SdNotify(false, "READY=1\nSTATUS=serving credentials"); err != nil {
 		log.Warn("cannot notify the service manager", zap.Error(err))
 	}
 }
 
 // notifyStopping tells a supervisor that the daemon is shutting down.
 func notifyStopping(log *zap.Logger) {
-	if err := sdNotify("STOPPING=1"); err != nil {
+	if _, err := sddaemon.SdNotify(false, sddaemon.SdNotifyStopping); err != nil {
 		log.Warn("cannot notify the service manager", zap.Error(err))
 	}
-}
-
-// backgroundTasks are extra long-running tasks of the daemon; each runs
-// until its context ends, and an error stops the daemon. With
-// intercept.enabled that is the keeper of the interception rules.
-func (d *daemon) backgroundTasks() []func(context.Context) error {
-	cfg := d.config()
-	if !cfg.Intercept.Enabled {
-		return nil
-	}
-	keeper, err := newInterceptKeeper(cfg, d)
-	if err != nil {
-		return []func(context.Context) error{func(context.Context) error { return err }}
-	}
-	return []func(context.Context) error{keeper.Run}
-}
-
-func newInterceptKeeper(cfg Config, d *daemon) (*intercept.Keeper, error) {
-	rules, err := interceptRules(cfg, true)
-	if err != nil {
-		return nil, fmt.Errorf("intercept: %w", err)
-	}
-	return intercept.NewKeeper(rules, cfg.Intercept.CheckInterval.D(), d.log.Named("intercept"), d.interceptMetrics)
-}
-
-// newInterceptMetrics registers the interception metrics on reg, whether or
-// not interception is enabled (rules_present then stays 0).
-func newInterceptMetrics(reg prometheus.Registerer) *intercept.Metrics {
-	m, err := intercept.NewMetrics(reg)
-	if err != nil {
-		panic(err) // like MustRegister: a fresh registry cannot hold them already
-	}
-	return m
-}
-
-// loadTokenKey returns the IMDSv2 token key kept in path, creating the file
-// (mode 0600, proxy.TokenKeySize random bytes) when it does not exist. An
-// empty path gives nil: a random key per process.
-func loadTokenKey(path string) ([]byte, error) {
-	if path == "" {
-		return nil, nil
-	}
-	key, err := readTokenKey(path)
-	if err == nil || !errors.Is(err, fs.ErrNotExist) {
-		return key, err
-	}
-	key = make([]byte, proxy.TokenKeySize)
-	if _, err := rand.Read(key); err != nil {
-		return nil, fmt.Errorf("imds.token_key_file: %w", err)
-	}
-	f, err := os.CreateTemp(filepath.Dir(path), ".token.key-*")
-	if err != nil {
-		return nil, fmt.Errorf("imds.token_key_file: %w", err)
-	}
-	tmp := f.Name()
-	_, werr := f.Write(key)
-	if cerr := f.Close(); werr == nil {
-		werr = cerr
-	}
-	if werr == nil {
-		// Link, not rename: if another process created the file meanwhile,
-		// both use the first one.
-		werr = os.Link(tmp, path)
-	}
-	os.Remove(tmp)
-	if werr != nil && !errors.Is(werr, fs.ErrExist) {
-		return nil, fmt.Errorf("imds.token_key_file: %w", werr)
-	}
-	return readTokenKey(path)
-}
-
-func readTokenKey(path string) ([]byte, error) {
-	f, err := os.Open(path)
-	if err != nil {
-		return nil, fmt.Errorf("imds.token_key_file: %w", err)
-	}
-	defer f.Close()
-	if st, err := f.Stat(); err == nil && st.Mode().Perm()&0o077 != 0 {
-		return nil, fmt.Errorf("imds.token_key_file: %s is readable by others (mode %v); it must be 0600", path, st.Mode().Perm())
-	}
-	key := make([]byte, proxy.TokenKeySize+1)
-	n, err := io.ReadFull(f, key)
-	if n != proxy.TokenKeySize || !errors.Is(err, io.ErrUnexpectedEOF) {
-		return nil, fmt.Errorf("imds.token_key_file: %s must hold exactly %d bytes", path, proxy.TokenKeySize)
-	}
-	return key[:n], nil
 }

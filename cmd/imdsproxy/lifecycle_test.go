@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bytes"
 	"context"
 	"net"
 	"os"
@@ -31,7 +30,7 @@ func TestInterceptConfig(t *testing.T) {
 		}},
 		{name: "full", yaml: "listen: 127.0.0.1:9000\nintercept: {enabled: true, ipv6: true, bridges: [docker0], check_interval: 1s, exempt_uid: 998}\nimds: {token_key_file: /run/imdsproxy/token.key}\n",
 			check: func(t *testing.T, c Config) {
-				rc, err := c.Intercept.rulesConfig(c.Listen, 5)
+				rc, err := c.Intercept.Rules(c.Listen, 5)
 				if err != nil {
 					t.Fatal(err)
 				}
@@ -43,7 +42,7 @@ func TestInterceptConfig(t *testing.T) {
 				}
 			}},
 		{name: "ipv6 off", yaml: "intercept: {enabled: true, ipv6: false}\n", check: func(t *testing.T, c Config) {
-			rc, _ := c.Intercept.rulesConfig(c.Listen, 5)
+			rc, _ := c.Intercept.Rules(c.Listen, 5)
 			if rc.Port6 != 0 || rc.ExemptUID != 5 {
 				t.Errorf("rules config %+v", rc)
 			}
@@ -76,44 +75,6 @@ func TestInterceptConfig(t *testing.T) {
 	}
 }
 
-func TestLoadTokenKey(t *testing.T) {
-	if k, err := loadTokenKey(""); k != nil || err != nil {
-		t.Fatalf("empty path: %v %v", k, err)
-	}
-	dir := t.TempDir()
-	path := filepath.Join(dir, "token.key")
-	k1, err := loadTokenKey(path)
-	if err != nil || len(k1) != 32 {
-		t.Fatalf("create: %d bytes, %v", len(k1), err)
-	}
-	st, err := os.Stat(path)
-	if err != nil || st.Mode().Perm() != 0o600 {
-		t.Fatalf("mode %v, %v; want 0600", st.Mode().Perm(), err)
-	}
-	k2, err := loadTokenKey(path)
-	if err != nil || !bytes.Equal(k1, k2) {
-		t.Fatalf("second load differs or failed: %v", err)
-	}
-	entries, _ := os.ReadDir(dir)
-	if len(entries) != 1 {
-		t.Errorf("temporary files left behind: %v", entries)
-	}
-	bad := filepath.Join(dir, "short.key")
-	os.WriteFile(bad, []byte("short"), 0o600)
-	if _, err := loadTokenKey(bad); err == nil || !strings.Contains(err.Error(), "32 bytes") {
-		t.Errorf("short key: %v", err)
-	}
-	open := filepath.Join(dir, "open.key")
-	os.WriteFile(open, bytes.Repeat([]byte{1}, 32), 0o644)
-	os.Chmod(open, 0o644)
-	if _, err := loadTokenKey(open); err == nil || !strings.Contains(err.Error(), "0600") {
-		t.Errorf("world-readable key: %v", err)
-	}
-	if _, err := loadTokenKey(filepath.Join(dir, "missing", "token.key")); err == nil {
-		t.Error("a key in a missing directory was accepted")
-	}
-}
-
 func TestSDNotify(t *testing.T) {
 	dir, err := os.MkdirTemp("", "sdn") // short: unix socket paths are limited
 	if err != nil {
@@ -138,9 +99,7 @@ func TestSDNotify(t *testing.T) {
 		}
 	}
 	t.Setenv("NOTIFY_SOCKET", "")
-	if err := sdNotify("READY=1"); err != nil {
-		t.Fatalf("without NOTIFY_SOCKET: %v, want a no-op", err)
-	}
+	notifyReady(zap.NewNop()) // without NOTIFY_SOCKET: a no-op, no panic
 }
 
 // TestOpenListenersFromConfig: without socket activation the listeners come
@@ -168,15 +127,26 @@ func TestOpenListenersFromConfig(t *testing.T) {
 	}
 }
 
-// TestActivationFilesIgnoresOtherPID: sockets meant for another process are
-// not taken, and the variables are cleared either way.
-func TestActivationFilesIgnoresOtherPID(t *testing.T) {
+// TestActivationIgnoresOtherPID: sockets meant for another process are not
+// taken (the listeners come from the config), and the variables are cleared.
+func TestActivationIgnoresOtherPID(t *testing.T) {
 	t.Setenv("LISTEN_PID", "1")
 	t.Setenv("LISTEN_FDS", "2")
 	t.Setenv("LISTEN_FDNAMES", "imds:admin")
-	files, _, err := activationFiles()
-	if files != nil || err != nil {
-		t.Fatalf("got %v, %v", files, err)
+	cfg, err := parseConfig([]byte(baseYAML + "listen: 127.0.0.1:0\nadmin_listen: \"localhost:0\"\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	imds, admin, err := openListeners(context.Background(), cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer admin.Close()
+	for _, ln := range imds {
+		ln.Close()
+	}
+	if len(imds) != 1 || !strings.HasPrefix(imds[0].Addr().String(), "127.0.0.1:") {
+		t.Fatalf("imds listeners %v", imds)
 	}
 	if os.Getenv("LISTEN_FDS") != "" {
 		t.Error("LISTEN_FDS not cleared")

@@ -24,9 +24,10 @@ import (
 // Exit codes, in one place.
 const (
 	exitOK     = 0
-	exitError  = 1 // the daemon failed at run time
+	exitError  = 1 // the daemon failed at run time; status: not ready
 	exitUsage  = 2 // bad command line
 	exitConfig = 3 // the configuration is invalid
+	// 4: status could not reach the daemon (exitStatusUnreachable, status.go)
 )
 
 // version is set at build time with -ldflags "-X main.version=…".
@@ -53,22 +54,28 @@ Usage:
 Commands:
   serve         run the daemon: the IMDS listener (default 127.0.0.1:8169) and
                 the admin listener (default 127.0.0.1:8170: /metrics /healthz
-                /readyz /debug/cache). SIGHUP reloads the config (a bad file is
-                refused and the running config kept); SIGTERM drains and exits 0.
+                /readyz /debug/cache /debug/status). SIGHUP reloads the config
+                and re-reads the rollout policy: every setting applies, except
+                listen, admin_listen, upstream, intercept.* and
+                imds.token_key_file, which need a restart (such a reload is
+                refused and says so; a bad file is refused too and the running
+                config kept); SIGTERM drains and exits 0.
   check-config  validate a config file; on error name the offending key and exit 3.
   intercept     install, remove or check the nftables rules that redirect
                 169.254.169.254:80 and [fd00:ec2::254]:80 to the daemon (needs
                 CAP_NET_ADMIN; see docs/deploy.md).
   status        ask the running daemon (GET /debug/status on the admin listener)
-                and print readiness, rollout stage and why, group, role, expiry
-                and next refresh, last error, policy version; exit 0 ready,
-                1 not ready, 3 admin endpoint unreachable.
+                and print readiness, the role served, the configuration in force
+                (a refused reload, a restart needed), rollout stage and why,
+                group, expiry and next refresh, last error, policy version;
+                exit 0 ready, 1 not ready, 4 admin endpoint unreachable.
   version       print the version.
 
 The daemon's own AWS calls honour AWS_REGION, AWS_ENDPOINT_URL_STS and
 AWS_ENDPOINT_URL. See docs/configuration.md for every config key.
 
-Exit codes: 0 ok, 1 runtime error, 2 usage error, 3 invalid configuration.
+Exit codes: 0 ok, 1 runtime error (status: not ready), 2 usage error,
+3 invalid configuration, 4 daemon unreachable (status).
 `
 
 // run is main without the process: it parses args, runs the sub-command and

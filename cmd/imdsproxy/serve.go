@@ -6,13 +6,12 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"net"
-	"net/http"
 	"net/url"
 	"os"
 	"os/signal"
 	"reflect"
 	"runtime"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -20,20 +19,28 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
+	dto "github.com/prometheus/client_model/go"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
 	"golang.org/x/sync/errgroup"
 
+	"github.com/imdsproxy/imdsproxy/access"
+	"github.com/imdsproxy/imdsproxy/admin"
 	"github.com/imdsproxy/imdsproxy/cache"
 	"github.com/imdsproxy/imdsproxy/creds"
 	"github.com/imdsproxy/imdsproxy/exchange"
 	"github.com/imdsproxy/imdsproxy/intercept"
+	"github.com/imdsproxy/imdsproxy/metadata"
 	"github.com/imdsproxy/imdsproxy/peer"
 	"github.com/imdsproxy/imdsproxy/proxy"
+	"github.com/imdsproxy/imdsproxy/rollout"
+	"github.com/imdsproxy/imdsproxy/token"
 )
 
 const defaultConfigPath = "/etc/imdsproxy/config.yaml"
 
+// runServe is `imdsproxy serve`: load the config, build the daemon, run it
+// until SIGTERM.
 func runServe(ctx context.Context, args []string, _ io.Writer, stderr io.Writer) int {
 	fs := flag.NewFlagSet("serve", flag.ContinueOnError)
 	fs.SetOutput(stderr)
@@ -100,37 +107,6 @@ func newLogger(format, level string, w io.Writer) (*zap.Logger, error) {
 	return zap.New(core, zap.ErrorOutput(zapcore.Lock(zapcore.AddSync(w)))), nil
 }
 
-// daemon holds the running components and the state a reload changes.
-type daemon struct {
-	path string
-	log  *zap.Logger
-	reg  *prometheus.Registry
-
-	mu  sync.Mutex // guards cfg and sessionName during reloads
-	cfg Config
-	// sessionName is the resolved STS session name, kept across reloads that
-	// do not change role.session_name.
-	sessionName string
-
-	roleName atomic.Pointer[string] // the cache key and listed role name
-	fetcher  *swapFetcher
-	// peers identifies client processes; one for the daemon's life, so
-	// that its cgroup map survives reloads and rollout switches.
-	peers *peer.Resolver
-	// gen holds the metrics of the components rebuilt on reload (the token
-	// source); /metrics gathers it beside reg.
-	gen   atomic.Pointer[prometheus.Registry]
-	cache *cache.Cache
-	proxy *proxy.Server
-
-	reloadOK   prometheus.Gauge
-	reloadTime prometheus.Gauge
-
-	interceptMetrics *intercept.Metrics // lifecycle.go
-
-	rollout *rolloutState // nil unless rollout.policy is set (rollout_wire.go)
-}
-
 // countingWriter counts the log writes that failed (a full disk, a closed
 // pipe), so that losing the logs shows in the metrics.
 type countingWriter struct {
@@ -146,132 +122,130 @@ func (c *countingWriter) Write(p []byte) (int, error) {
 	return n, err
 }
 
-// newDaemon builds the daemon for cfg. logErrors counts failed log writes
-// (nil: none are counted).
+// daemon is the running imdsproxy: the components that live as long as the
+// process, and the snapshot in force. Every request loads the snapshot's
+// plan once (through the proxy); a reload or a rollout change builds a new
+// snapshot whole and publishes it (publish), under mu.
+type daemon struct {
+	path       string
+	log        *zap.Logger
+	reg        *prometheus.Registry
+	md         *metadata.Client
+	instanceID string // read once at start; "" when unknown
+	cache      *cache.Cache[creds.Key]
+	broker     *access.Broker
+	rollout    *rollout.Controller
+	proxy      *proxy.Server
+	peers      *peer.Resolver
+
+	mu   sync.Mutex // serialises reload and publish
+	snap atomic.Pointer[snapshot]
+	trim *time.Timer // the next Keep after a grace period ends; guarded by mu
+
+	reload           reloadState
+	interceptMetrics *intercept.Metrics
+}
+
+// snapshot is one published state: a configuration generation, the rollout
+// decision it was combined with, and the access plan built from both.
+type snapshot struct {
+	gen      *generation
+	decision rollout.Decision
+	rollout  bool // a rollout policy decides
+	plan     *access.Plan
+}
+
+// reloadState is what /debug/status and the metrics say about the last
+// configuration load.
+type reloadState struct {
+	mu            sync.Mutex
+	at            time.Time
+	ok            bool
+	err           string
+	restartNeeded []string
+
+	okGauge, timeGauge, restartGauge prometheus.Gauge
+}
+
+// newDaemon builds the daemon for cfg and publishes its first snapshot.
+// logErrors counts failed log writes (nil: none are counted).
 func newDaemon(ctx context.Context, path string, cfg Config, log *zap.Logger, logErrors *atomic.Int64) (*daemon, error) {
-	d := &daemon{path: path, log: log, cfg: cfg, reg: prometheus.NewRegistry(), fetcher: &swapFetcher{},
-		peers: peer.NewResolver(0)}
-	d.reg.MustRegister(
-		collectors.NewGoCollector(),
-		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
-	)
-	buildInfo := prometheus.NewGaugeVec(prometheus.GaugeOpts{
-		Name: "imdsproxy_build_info",
-		Help: "Always 1; the labels name the running build.",
-	}, []string{"version", "goversion"})
-	buildInfo.WithLabelValues(buildVersion(), runtime.Version()).Set(1)
-	d.reloadOK = prometheus.NewGauge(prometheus.GaugeOpts{
-		Name: "imdsproxy_config_last_reload_successful",
-		Help: "1 if the last configuration load (start or SIGHUP) succeeded, else 0.",
-	})
-	d.reloadTime = prometheus.NewGauge(prometheus.GaugeOpts{
-		Name: "imdsproxy_config_last_reload_success_timestamp_seconds",
-		Help: "Unix time of the last successful configuration load.",
-	})
-	if logErrors == nil {
-		logErrors = new(atomic.Int64)
-	}
-	logWriteErrors := prometheus.NewCounterFunc(prometheus.CounterOpts{
-		Name: "imdsproxy_log_write_errors_total",
-		Help: "Log lines that could not be written (for example a full disk); the daemon keeps serving.",
-	}, func() float64 { return float64(logErrors.Load()) })
-	d.reg.MustRegister(buildInfo, d.reloadOK, d.reloadTime, logWriteErrors)
-	d.interceptMetrics = newInterceptMetrics(d.reg) // lifecycle.go
-
-	if err := resolveRoleName(ctx, &cfg, log); err != nil {
+	d := &daemon{path: path, log: log, reg: prometheus.NewRegistry(), peers: peer.NewResolver(0)}
+	if err := d.registerMetrics(logErrors); err != nil {
 		return nil, err
 	}
-	d.cfg = cfg
-	d.sessionName = resolveSessionName(ctx, cfg)
-	f, gen, err := d.buildFetcher(ctx, cfg, d.sessionName)
+	var err error
+	if d.md, err = metadata.New(cfg.Upstream, 2*time.Second); err != nil {
+		return nil, err
+	}
+	d.instanceID = readInstanceID(ctx, d.md, log)
+	c := cfg.Cache.Tuning()
+	c.Size = cacheSize
+	if d.cache, err = cache.New(cache.FetcherFunc[creds.Key](fetchKey), c, log.Named("cache"), d.reg); err != nil {
+		return nil, err
+	}
+	if d.broker, err = access.NewBroker(d.cache, log.Named("access"), log.Named("audit"), d.reg); err != nil {
+		return nil, err
+	}
+	if d.rollout, err = rollout.NewController(d.md, d.instanceID, log.Named("rollout"), d.reg); err != nil {
+		return nil, err
+	}
+	g, err := d.build(ctx, cfg, nil)
 	if err != nil {
 		return nil, err
 	}
-	d.fetcher.set(f)
-	d.gen.Store(gen)
-	name := cfg.Role.Name
-	d.roleName.Store(&name)
-
-	fetcher, err := d.setupRollout(ctx, cfg, d.fetcher)
+	if _, _, err := d.rollout.Configure(ctx, g.rolloutSettings()); err != nil {
+		return nil, err
+	}
+	key, err := proxy.LoadTokenKey(cfg.IMDS.TokenKeyFile)
 	if err != nil {
 		return nil, err
 	}
-	d.cache, err = cache.New(fetcher, cacheConfig(cfg), log.Named("cache"), d.reg)
-	if err != nil {
-		return nil, fmt.Errorf("cache: %w", err)
-	}
-	src, err := d.credentialSource(ctx, cfg)
+	plan, dec, on, err := d.plan(g, nil)
 	if err != nil {
 		return nil, err
 	}
-	pcfg := d.proxyConfig(cfg)
-	if pcfg.TokenKey, err = loadTokenKey(cfg.IMDS.TokenKeyFile); err != nil { // lifecycle.go
+	pc := g.proxyConfig(plan)
+	pc.TokenKey = key
+	if d.proxy, err = proxy.New(pc, d.broker, d.peers, log.Named("proxy"), d.reg); err != nil {
 		return nil, err
 	}
-	d.proxy, err = proxy.New(pcfg, src, log.Named("proxy"), d.reg)
-	if err != nil {
-		return nil, fmt.Errorf("proxy: %w", err)
+	d.mu.Lock()
+	d.publishLocked(&snapshot{gen: g, decision: dec, rollout: on, plan: plan})
+	d.mu.Unlock()
+	select {
+	case <-d.rollout.Changed(): // the first decision, published above
+	default:
 	}
-	d.reloadOK.Set(1)
-	d.reloadTime.SetToCurrentTime()
+	d.reload.record(nil, nil)
 	return d, nil
 }
 
-func cacheConfig(cfg Config) cache.Config {
-	return cache.Config{
-		Size:           cache.DefaultSize + maxWorkloads, // cache settings apply at restart: room for any reload
-		FetchTimeout:   cfg.Cache.FetchTimeout.D(),
-		BackoffInitial: cfg.Cache.BackoffInitial.D(),
-		BackoffMax:     cfg.Cache.BackoffMax.D(),
-		ExpiryMargin:   cfg.Cache.ExpiryMargin.D(),
-	}
-}
+// fetchKey fetches a key through the source it names: the decision that
+// chose the key chose the source.
+func fetchKey(ctx context.Context, k creds.Key) (creds.Credentials, error) { return k.Fetch(ctx) }
 
-// proxyConfig is the IMDS API's part of cfg; the listed role is the one
-// currently served (the rollout may serve the instance profile's).
-func (d *daemon) proxyConfig(cfg Config) proxy.Config {
-	u, _ := url.Parse(cfg.Upstream)         // validated in Config.validate
-	pol, roles := proxyAccess(cfg, d.peers) // workloads.go
-	roles = d.rolloutMapper(roles)          // rollout_daemon.go
-	var access proxy.AccessControl
-	if pol != nil {
-		pol.active = roles // a workload is admitted only while its mapping is in force
-		access = pol
-	}
-	return proxy.Config{
-		RoleName:        *d.roleName.Load(),
-		TokensRequired:  cfg.IMDS.Tokens == "required",
-		HopLimit:        cfg.IMDS.HopLimit,
-		Upstream:        u,
-		UpstreamTimeout: cfg.UpstreamTimeout.D(),
-		AllowedHosts:    cfg.IMDS.AllowedHosts, // hostcheck.go
-		Access:          access,
-		Roles:           roles,
-		AuditLog:        d.auditLog(cfg.Access),
-		AlsoServe:       d.rolloutRoleNames(cfg), // rollout_daemon.go
-	}
-}
+// cacheSize bounds the keys cached: each role of a generation, for each
+// kind, and the generations retained for a switch's grace period.
+const cacheSize = 4 * (access.MaxWorkloads + 2)
 
-// auditLog is the logger of the audit lines: none with access.audit false
-// (clients may still be identified, for access lists or workloads).
-func (d *daemon) auditLog(a AccessConfig) *zap.Logger {
-	if a.Audit != nil && !*a.Audit {
-		return zap.NewNop()
-	}
-	return d.log.Named("audit")
-}
-
-// resolveSessionName picks the STS session name: the configured one, else the
-// instance id from upstream, else the host name.
-func resolveSessionName(ctx context.Context, cfg Config) string {
+// readInstanceID reads the instance id once (the session name and the
+// rollout bucket derive from it); "" when the real IMDS does not answer.
+func readInstanceID(ctx context.Context, md *metadata.Client, log *zap.Logger) string {
 	ctx, cancel := context.WithTimeout(ctx, 3*time.Second)
 	defer cancel()
-	return exchange.SessionName(ctx, cfg.Role.SessionName, cfg.Upstream)
+	id, err := md.InstanceID(ctx)
+	if err != nil {
+		log.Info("no instance id from the instance metadata service; the host name stands in for it", zap.Error(err))
+		return ""
+	}
+	return id
 }
 
-// run opens both listeners, then runs every task until ctx ends or one fails.
+// run opens the listeners, then runs every task until ctx ends or one fails.
 func (d *daemon) run(ctx context.Context) error {
-	cfg := d.config()
+	g := d.snap.Load().gen
+	cfg := g.cfg
 	imdsLns, adminLn, err := openListeners(ctx, cfg)
 	if err != nil {
 		return err
@@ -283,195 +257,563 @@ func (d *daemon) run(ctx context.Context) error {
 			d.log.Warn(exposedListenerWarning, zap.String("listen", ln.Addr().String()))
 		}
 	}
+	if admin.Exposed(adminLn.Addr().String()) {
+		d.log.Warn(admin.ExposedWarning, zap.String("admin_listen", adminLn.Addr().String()))
+	}
 	d.log.Info("listening",
 		zap.Strings("listen", addrs),
 		zap.String("admin_listen", adminLn.Addr().String()),
 		zap.String("role", cfg.Role.ARN), zap.String("role_name", cfg.Role.Name),
-		zap.String("source", cfg.Source), zap.String("session_name", d.sessionName),
+		zap.String("source", cfg.Source), zap.String("session_name", g.session),
 		zap.Int("workloads", len(cfg.Workloads)),
 		zap.String("version", buildVersion()))
 
-	g, gctx := errgroup.WithContext(ctx)
+	tasks := []func(context.Context) error{
+		d.cache.Run,
+		d.rollout.Run,
+		d.followRollout,
+		d.reloadOnHUP,
+		d.verifyShadow,
+		func(ctx context.Context) error {
+			return admin.Serve(ctx, adminLn, admin.Handler(d.gatherer(), d), d.log.Named("admin"))
+		},
+		func(ctx context.Context) error {
+			if d.warm(ctx) {
+				d.log.Info("credentials cached; ready", zap.Stringer("key", d.snap.Load().servedKey()))
+				notifyReady(d.log)
+			}
+			return nil
+		},
+	}
 	for _, ln := range imdsLns {
-		g.Go(func() error { return d.proxy.Serve(gctx, ln) })
+		tasks = append(tasks, func(ctx context.Context) error { return d.proxy.Serve(ctx, ln) })
 	}
-	g.Go(func() error { return serveAdmin(gctx, adminLn, d.adminHandler(), d.log) })
-	g.Go(func() error { return d.cache.Run(gctx) })
-	g.Go(func() error {
-		if d.startServing(gctx) {
-			notifyReady(d.log)
+	if cfg.Intercept.Enabled {
+		rules, err := cfg.Intercept.NewRules(cfg.Listen, true)
+		if err != nil {
+			return fmt.Errorf("intercept: %w", err)
 		}
-		return nil
-	})
-	g.Go(func() error { d.reloadLoop(gctx); return nil })
-	for _, task := range append(d.backgroundTasks(), d.rolloutTasks()...) {
-		g.Go(func() error { return task(gctx) })
+		keeper, err := intercept.NewKeeper(rules, cfg.Intercept.CheckInterval.D(), d.log.Named("intercept"), d.interceptMetrics)
+		if err != nil {
+			return fmt.Errorf("intercept: %w", err)
+		}
+		tasks = append(tasks, keeper.Run)
 	}
-	err = g.Wait()
+	grp, gctx := errgroup.WithContext(ctx)
+	for _, task := range tasks {
+		grp.Go(func() error { return task(gctx) })
+	}
+	err = grp.Wait()
 	notifyStopping(d.log)
 	return err
 }
 
-// prefetch fills the cache for the served key; readiness waits for it. A
-// failure is already logged and scheduled for retry by the cache. The
-// workload roles are fetched beside it, in the background.
-func (d *daemon) prefetch(ctx context.Context) bool {
-	d.warmWorkloads(ctx, d.config().Workloads) // workloads.go
-	role := d.servedKey()
-	if err := d.cache.Prefetch(ctx, role); err != nil {
-		if ctx.Err() == nil {
-			d.log.Warn("initial credential fetch failed; retrying in the background", zap.String("role_name", role), zap.Error(err))
+// followRollout publishes a new snapshot whenever the rollout decision
+// changes (a new policy, a reload).
+func (d *daemon) followRollout(ctx context.Context) error {
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-d.rollout.Changed():
+			d.mu.Lock()
+			if err := d.republishLocked(); err != nil {
+				d.log.Error("cannot apply the rollout decision; the previous one stays in force", zap.Error(err))
+			}
+			d.mu.Unlock()
+			go d.warm(ctx)
 		}
-		return false
 	}
-	d.log.Info("credentials cached; ready", zap.String("role_name", role))
-	return true
 }
 
-func (d *daemon) config() Config {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	return d.cfg
+// verifyShadow verifies the workload credentials while the rollout is in
+// the shadow stage.
+func (d *daemon) verifyShadow(ctx context.Context) error {
+	return d.rollout.RunShadow(ctx, shadowVerifier{d}, d.cache)
 }
 
-// reloadLoop reloads the config on every SIGHUP until ctx ends.
-func (d *daemon) reloadLoop(ctx context.Context) {
+// shadowVerifier verifies with the current generation's verifier.
+type shadowVerifier struct{ d *daemon }
+
+func (v shadowVerifier) Verify(ctx context.Context, c creds.Credentials) (string, error) {
+	ver := v.d.snap.Load().gen.src.verifier
+	if ver == nil {
+		return "", errors.New("no sts:GetCallerIdentity client (no region?)")
+	}
+	return ver.Verify(ctx, c)
+}
+
+// reloadOnHUP reloads the config on every SIGHUP until ctx ends.
+func (d *daemon) reloadOnHUP(ctx context.Context) error {
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
 	defer signal.Stop(hup)
 	for {
 		select {
 		case <-ctx.Done():
-			return
+			return nil
 		case <-hup:
-			if err := d.reload(ctx); err != nil {
-				d.reloadOK.Set(0)
-				d.log.Error("reload refused; keeping the running configuration", zap.String("config", d.path), zap.Error(err))
-				continue
-			}
-			d.reloadOK.Set(1)
-			d.reloadTime.SetToCurrentTime()
+			d.reloadConfig(ctx)
 		}
 	}
 }
 
-// reload applies the config file anew. Nothing changes unless the whole new
-// config is valid and its identity source can be built.
-func (d *daemon) reload(ctx context.Context) error {
-	next, err := loadConfig(d.path)
+// reloadConfig applies the config file anew. Nothing changes unless the
+// whole new config is valid and its generation can be built; a setting that
+// takes effect only at a restart refuses the whole reload, and says so.
+func (d *daemon) reloadConfig(ctx context.Context) {
+	restart, err := d.tryReload(ctx)
+	d.reload.record(err, restart)
 	if err != nil {
-		return err
+		d.log.Error("reload refused; keeping the running configuration", zap.String("config", d.path),
+			zap.Strings("restart_needed", restart), zap.Error(err))
+		return
 	}
-	if err := resolveRoleName(ctx, &next, d.log); err != nil {
-		return err
+	d.log.Info("configuration reloaded", zap.String("config", d.path), zap.Uint32("generation", d.snap.Load().plan.Gen()))
+	go d.warm(ctx)
+}
+
+func (d *daemon) tryReload(ctx context.Context) ([]string, error) {
+	cfg, err := loadConfig(d.path)
+	if err != nil {
+		return nil, err
 	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	prev := d.cfg
-	if next.Listen != prev.Listen || next.AdminListen != prev.AdminListen {
-		d.log.Warn("listen and admin_listen changes take effect at restart; keeping the current listeners")
-		next.Listen, next.AdminListen = prev.Listen, prev.AdminListen
+	cur := d.snap.Load().gen
+	if keys := cur.cfg.restartOnly(cfg); len(keys) > 0 {
+		return keys, fmt.Errorf("%v changed: these take effect only at a restart (systemctl restart imdsproxy); nothing else was applied", keys)
 	}
-	if next.Cache != prev.Cache {
-		d.log.Warn("cache settings take effect at restart")
-		next.Cache = prev.Cache
+	g, err := d.build(ctx, cfg, cur)
+	if err != nil {
+		return nil, err
 	}
-	if d.rollout != nil || next.rolloutEnabled() {
-		if next.Rollout != prev.Rollout || next.Role.Name != prev.Role.Name {
-			d.log.Warn("rollout settings and role.name take effect at restart under a rollout; the policy itself is re-read now")
-			next.Rollout, next.Role.Name = prev.Rollout, prev.Role.Name
+	if _, _, err := d.rollout.Configure(ctx, g.rolloutSettings()); err != nil {
+		return nil, err
+	}
+	if err := d.cache.Tune(cfg.Cache.Tuning()); err != nil {
+		return nil, err
+	}
+	plan, dec, on, err := d.plan(g, d.snap.Load().plan)
+	if err != nil {
+		return nil, err
+	}
+	if err := d.proxy.Update(g.proxyConfig(plan)); err != nil {
+		return nil, err
+	}
+	d.publishLocked(&snapshot{gen: g, decision: dec, rollout: on, plan: plan})
+	return nil, nil
+}
+
+// republishLocked builds a new plan of the current generation (the rollout
+// decision changed, or a grace period ended) and publishes it. d.mu must be
+// held.
+func (d *daemon) republishLocked() error {
+	cur := d.snap.Load()
+	plan, dec, on, err := d.plan(cur.gen, cur.plan)
+	if err != nil {
+		return err
+	}
+	if err := d.proxy.Update(cur.gen.proxyConfig(plan)); err != nil {
+		return err
+	}
+	d.publishLocked(&snapshot{gen: cur.gen, decision: dec, rollout: on, plan: plan})
+	return nil
+}
+
+// plan builds the access plan of g under the rollout decision in force,
+// replacing prev.
+func (d *daemon) plan(g *generation, prev *access.Plan) (*access.Plan, rollout.Decision, bool, error) {
+	dec, on := d.rollout.Decision()
+	pc := access.PlanConfig{
+		Access:          g.cfg.Access,
+		Workloads:       g.cfg.Workloads,
+		WorkloadKeys:    g.workloadKeys,
+		Host:            g.hostKey,
+		InstanceProfile: g.ipKey,
+		Serve:           creds.KindWorkload,
+	}
+	switch {
+	case g.cfg.Source == exchange.SourceNameInstanceProfile:
+		pc.Serve = creds.KindInstanceProfile
+	case on:
+		pc.Serve = dec.Serve
+		pc.Fallback = g.cfg.Rollout.Fallback == string(rollout.FallbackInstanceProfile)
+	}
+	plan, err := access.NewPlan(pc, prev, time.Now())
+	return plan, dec, on, err
+}
+
+// publishLocked makes s the snapshot in force (the proxy has its plan
+// already), declares the keys it needs to the cache (every other key is
+// dropped: nothing is refreshed for nothing) and arms the next trim for
+// when its oldest retained plan stops being answered. d.mu must be held.
+func (d *daemon) publishLocked(s *snapshot) {
+	prev := d.snap.Swap(s)
+	now := time.Now()
+	if dropped := d.cache.Keep(s.keys(now)); len(dropped) > 0 {
+		d.log.Info("credentials no longer needed; not refreshed any more", zap.Strings("keys", dropped))
+	}
+	if prev == nil || prev.plan.Serving() != s.plan.Serving() || prev.gen != s.gen {
+		d.log.Info("serving", zap.Uint32("generation", s.plan.Gen()), zap.String("kind", string(s.plan.Serving())),
+			zap.Stringer("key", s.servedKey()), zap.Int("workloads", len(s.gen.workloadKeys)))
+	}
+	if d.trim != nil {
+		d.trim.Stop()
+	}
+	if end := s.plan.GraceEnds(); !end.IsZero() {
+		d.trim = time.AfterFunc(time.Until(end)+time.Second, func() {
+			d.mu.Lock()
+			defer d.mu.Unlock()
+			cur := d.snap.Load()
+			d.cache.Keep(cur.keys(time.Now()))
+		})
+	}
+}
+
+// keys are the keys s needs kept fresh at now: what its plan (and the plans
+// it retains) may serve, plus what the rollout keeps warm so a switch does
+// not wait: the instance profile's in canary, shadow or with the fallback,
+// the host's workload role in shadow (it is verified).
+func (s *snapshot) keys(now time.Time) []creds.Key {
+	keys := s.plan.Keys(now)
+	if s.rollout {
+		fb, _ := rollout.ParseFallback(s.gen.cfg.Rollout.Fallback)
+		workload, ip := s.decision.Needs(fb)
+		if workload && !slices.Contains(keys, s.gen.hostKey) {
+			keys = append(keys, s.gen.hostKey)
+		}
+		if ip && !s.gen.ipKey.IsZero() && !slices.Contains(keys, s.gen.ipKey) {
+			keys = append(keys, s.gen.ipKey)
 		}
 	}
-	identityChanged := next.Source != prev.Source || next.Role != prev.Role || next.Region != prev.Region ||
-		!reflect.DeepEqual(next.Identity, prev.Identity) ||
-		workloadRolesChanged(prev.Workloads, next.Workloads) // workloads.go
-	if identityChanged {
-		session := d.sessionName
-		if next.Role.SessionName != prev.Role.SessionName {
-			session = resolveSessionName(ctx, next)
+	return keys
+}
+
+// servedKey is the key served to a client no workload matches.
+func (s *snapshot) servedKey() creds.Key {
+	if s.plan.Serving() == creds.KindInstanceProfile {
+		return s.gen.ipKey
+	}
+	return s.gen.hostKey
+}
+
+// warm fetches what the snapshot in force needs: the served key at once
+// (readiness waits for it), every other needed key in the background so that
+// no client's first request waits and the cache refreshes them ahead from
+// then on. Failures are logged and retried by the cache. It reports whether
+// the served credentials are cached.
+func (d *daemon) warm(ctx context.Context) bool {
+	s := d.snap.Load()
+	served := s.servedKey()
+	for _, k := range s.keys(time.Now()) {
+		if k == served {
+			continue
 		}
-		f, gen, err := d.buildFetcher(ctx, next, session)
-		if err != nil {
-			return err
+		if e, ok := d.cache.Lookup(k); ok && e.Valid {
+			continue
 		}
-		prevName := *d.roleName.Load()
-		if d.rollout == nil {
-			name := next.Role.Name
-			d.roleName.Store(&name)
+		go func() {
+			if err := d.cache.Prefetch(ctx, k); err != nil && ctx.Err() == nil {
+				d.log.Warn("credential fetch failed; retrying in the background", zap.Stringer("key", k), zap.Error(err))
+			}
+		}()
+	}
+	if e, ok := d.cache.Lookup(served); ok && e.Valid {
+		return true
+	}
+	if err := d.cache.Prefetch(ctx, served); err != nil {
+		if ctx.Err() == nil {
+			d.log.Warn("credential fetch failed; retrying in the background", zap.Stringer("key", served), zap.Error(err))
 		}
-		// The new exchanges and an empty cache first, then the new mapping:
-		// no request may match a new role and be fetched by old exchanges.
-		prevFetcher, prevGen := d.fetcher.get(), d.gen.Load()
-		d.fetcher.set(f)
-		d.gen.Store(gen)
-		d.cache.Purge()
-		prevRoles := d.storeRolloutRoles(next.Workloads)
-		if err := d.proxy.Update(d.proxyConfig(next)); err != nil {
-			d.roleName.Store(&prevName)
-			d.fetcher.set(prevFetcher)
-			d.gen.Store(prevGen)
-			d.cache.Purge()
-			d.restoreRolloutRoles(prevRoles)
-			return err
-		}
-		d.sessionName = session
-		go d.startServing(ctx)
+		return false
+	}
+	return true
+}
+
+// generation is everything built from one config file: the exchanges (kept
+// across reloads that do not change them, so their cache keys stay the
+// same) and the keys of every role the config names.
+type generation struct {
+	cfg          Config
+	src          *sources
+	session      string    // the resolved STS session name
+	hostKey      creds.Key // role: (the instance profile's for source instance-profile)
+	workloadKeys []creds.Key
+	ipKey        creds.Key // the instance profile's role; zero when not served
+}
+
+// sources are the exchanges of a config, built from its sourceSpec.
+type sources struct {
+	spec     sourceSpec
+	reg      *prometheus.Registry // metrics of the identity sources
+	workload creds.Fetcher        // nil for source instance-profile
+	ip       *exchange.InstanceProfile
+	ipRole   string // the instance profile's role; "" when not needed
+	s3       rollout.ObjectGetter
+	verifier *exchange.CallerIdentity
+}
+
+// sourceSpec is every setting the sources depend on; equal specs build
+// equal sources.
+type sourceSpec struct {
+	Upstream, Region, Source string
+	Identity                 token.Section
+	Federation               exchange.FederationSection
+	RolesAnywhere            exchange.RolesAnywhereSection
+	AssumeRole               exchange.AssumeRoleSection
+	IPRole                   string // role.name of source instance-profile
+	NeedIP, S3, Rollout      bool
+}
+
+func specOf(cfg Config) sourceSpec {
+	s := sourceSpec{
+		Upstream: cfg.Upstream, Region: cfg.Region, Source: cfg.Source, Identity: cfg.Identity,
+		Rollout: cfg.Rollout.Enabled(), S3: cfg.Rollout.S3(),
+	}
+	switch cfg.Source {
+	case exchange.SourceNameFederation:
+		s.Federation = cfg.Federation
+	case exchange.SourceNameRolesAnywhere:
+		s.RolesAnywhere = cfg.RolesAnywhere
+	case exchange.SourceNameAssumeRole:
+		s.AssumeRole = cfg.AssumeRole
+	case exchange.SourceNameInstanceProfile:
+		s.IPRole = cfg.Role.Name
+	}
+	s.NeedIP = s.Rollout || cfg.Source == exchange.SourceNameInstanceProfile ||
+		(cfg.Source == exchange.SourceNameAssumeRole && cfg.AssumeRole.Base != "sdk-chain")
+	return s
+}
+
+// build builds the generation of cfg, reusing prev's sources when cfg does
+// not change them.
+func (d *daemon) build(ctx context.Context, cfg Config, prev *generation) (*generation, error) {
+	spec := specOf(cfg)
+	var src *sources
+	if prev != nil && reflect.DeepEqual(prev.src.spec, spec) {
+		src = prev.src
 	} else {
-		prevRoles := d.storeRolloutRoles(next.Workloads)
-		if err := d.proxy.Update(d.proxyConfig(next)); err != nil {
-			d.restoreRolloutRoles(prevRoles)
+		var err error
+		if src, err = d.newSources(ctx, spec); err != nil {
+			return nil, err
+		}
+	}
+	g := &generation{cfg: cfg, src: src, session: exchange.SessionName(cfg.Role.SessionName, d.instanceID)}
+	// Roles Anywhere sends a session name only when one is configured (the
+	// profile must accept it).
+	session := g.session
+	if cfg.Source == exchange.SourceNameRolesAnywhere {
+		session = ""
+	}
+	if src.ip != nil {
+		g.ipKey = creds.Key{Kind: creds.KindInstanceProfile, Role: creds.Role{Name: src.ipRole}, Via: src.ip}
+	}
+	if cfg.Source == exchange.SourceNameInstanceProfile {
+		g.hostKey = g.ipKey
+	} else {
+		g.hostKey = creds.Key{Kind: creds.KindWorkload, Role: cfg.Role.Creds(session), Via: src.workload}
+	}
+	for _, w := range cfg.Workloads {
+		g.workloadKeys = append(g.workloadKeys, creds.Key{Kind: creds.KindWorkload, Role: w.Role.Creds(session), Via: src.workload})
+	}
+	return g, nil
+}
+
+// newSources builds the exchanges of spec.
+func (d *daemon) newSources(ctx context.Context, spec sourceSpec) (*sources, error) {
+	s := &sources{spec: spec, reg: prometheus.NewRegistry()}
+	log := d.log.Named("exchange")
+	if spec.NeedIP {
+		ip, err := exchange.NewInstanceProfile(exchange.InstanceProfileConfig{IMDSBase: spec.Upstream, RoleName: spec.IPRole}, log)
+		if err != nil {
+			return nil, err
+		}
+		if s.ipRole, err = discoverRole(ctx, ip, d.log); err != nil {
+			return nil, err
+		}
+		s.ip = ip
+	}
+	var tokens exchange.TokenSource
+	if len(spec.Identity.JWTKeys()) > 0 {
+		jwt, err := spec.Identity.NewJWT(spec.Upstream, d.log.Named("token"), s.reg)
+		if err != nil {
+			return nil, err
+		}
+		tokens = jwt
+	}
+	var x exchange.X509Source
+	if spec.Identity.X509 != nil {
+		xs, err := spec.Identity.NewX509(d.log.Named("token"), s.reg)
+		if err != nil {
+			return nil, err
+		}
+		x = xs
+	}
+	var err error
+	s.workload, err = exchange.NewSource(ctx, exchange.SourceSpec{
+		Source: spec.Source, Region: spec.Region, Federation: spec.Federation,
+		RolesAnywhere: spec.RolesAnywhere, AssumeRole: spec.AssumeRole,
+	}, tokens, x, s.ip, log)
+	if err != nil {
+		return nil, err
+	}
+	if spec.Rollout {
+		if spec.S3 {
+			if s.s3, err = exchange.NewS3Objects(ctx, s.ip.Provider(), spec.Region, rollout.MaxPolicySize); err != nil {
+				return nil, fmt.Errorf("rollout: %w", err)
+			}
+		}
+		if s.verifier, err = exchange.NewCallerIdentity(ctx, spec.Region, 10*time.Second); err != nil {
+			return nil, fmt.Errorf("rollout: %w", err)
+		}
+	}
+	return s, nil
+}
+
+// discoverRole returns the instance profile's role name, retrying for a
+// bounded time (the real IMDS may still be coming up at boot).
+func discoverRole(ctx context.Context, ip *exchange.InstanceProfile, log *zap.Logger) (string, error) {
+	ctx, cancel := context.WithTimeout(ctx, 15*time.Second)
+	defer cancel()
+	for {
+		name, err := ip.RoleName(ctx)
+		if err == nil {
+			log.Info("the instance profile's role", zap.String("role_name", name))
+			return name, nil
+		}
+		select {
+		case <-ctx.Done():
+			return "", fmt.Errorf("the instance profile's role could not be read from the real IMDS: %w", err)
+		case <-time.After(time.Second):
+		}
+	}
+}
+
+// rolloutSettings is the rollout part of g.
+func (g *generation) rolloutSettings() rollout.Settings {
+	return rollout.Settings{Config: g.cfg.Rollout, S3: g.src.s3, ShadowKey: g.hostKey}
+}
+
+// proxyConfig is the IMDS API's part of g, with plan.
+func (g *generation) proxyConfig(plan *access.Plan) proxy.Config {
+	u, _ := url.Parse(g.cfg.Upstream) // validated in Config.validate
+	return proxy.Config{
+		Plan:            plan,
+		TokensRequired:  g.cfg.IMDS.Tokens == "required",
+		HopLimit:        g.cfg.IMDS.HopLimit,
+		Upstream:        u,
+		UpstreamTimeout: g.cfg.UpstreamTimeout.D(),
+		AllowedHosts:    g.cfg.IMDS.AllowedHosts,
+	}
+}
+
+// Status implements admin.Daemon.
+func (d *daemon) Status() admin.Status {
+	s := d.snap.Load()
+	cfg := s.gen.cfg
+	served := s.servedKey()
+	var ready bool
+	var why string
+	if e, ok := d.cache.Lookup(served); ok {
+		ready, why = admin.Readiness(served.Role.Name, &e)
+	} else {
+		ready, why = admin.Readiness(served.Role.Name, nil)
+	}
+	st := admin.Status{
+		Ready: ready, ReadyReason: why, Version: buildVersion(), Source: cfg.Source,
+		RoleARN: cfg.Role.ARN, RoleName: cfg.Role.Name,
+		ServedRoleName: served.Role.Name, ServedKind: string(served.Kind),
+		Config:  d.reload.status(d.path, s.plan.Gen()),
+		Rollout: admin.RolloutStatus{Status: d.rollout.Status()},
+		Cache:   d.Cache(),
+	}
+	st.Rollout.Workloads = admin.WorkloadsStatus{Configured: len(cfg.Workloads),
+		Active: len(cfg.Workloads) > 0 && s.plan.Serving() == creds.KindWorkload}
+	return st
+}
+
+// Cache implements admin.Daemon.
+func (d *daemon) Cache() []admin.CacheEntry {
+	snap := d.cache.Snapshot()
+	out := make([]admin.CacheEntry, 0, len(snap))
+	for _, e := range snap {
+		out = append(out, admin.Entry(e))
+	}
+	return out
+}
+
+// registerMetrics registers the daemon's own metrics.
+func (d *daemon) registerMetrics(logErrors *atomic.Int64) error {
+	if logErrors == nil {
+		logErrors = new(atomic.Int64)
+	}
+	buildInfo := prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		Name: "imdsproxy_build_info",
+		Help: "Always 1; the labels name the running build.",
+	}, []string{"version", "goversion"})
+	buildInfo.WithLabelValues(buildVersion(), runtime.Version()).Set(1)
+	r := &d.reload
+	r.okGauge = prometheus.NewGauge(prometheus.GaugeOpts{
+		Name: "imdsproxy_config_last_reload_successful",
+		Help: "1 if the last configuration load (start or SIGHUP) succeeded, else 0 (the running configuration was kept).",
+	})
+	r.timeGauge = prometheus.NewGauge(prometheus.GaugeOpts{
+		Name: "imdsproxy_config_last_reload_success_timestamp_seconds",
+		Help: "Unix time of the last successful configuration load.",
+	})
+	r.restartGauge = prometheus.NewGauge(prometheus.GaugeOpts{
+		Name: "imdsproxy_config_restart_required",
+		Help: "1 if the config file changes a setting that takes effect only at a restart (listen, admin_listen, upstream, intercept, imds.token_key_file): the reload was refused.",
+	})
+	logWriteErrors := prometheus.NewCounterFunc(prometheus.CounterOpts{
+		Name: "imdsproxy_log_write_errors_total",
+		Help: "Log lines that could not be written (for example a full disk); the daemon keeps serving.",
+	}, func() float64 { return float64(logErrors.Load()) })
+	for _, c := range []prometheus.Collector{
+		collectors.NewGoCollector(),
+		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
+		buildInfo, r.okGauge, r.timeGauge, r.restartGauge, logWriteErrors,
+	} {
+		if err := d.reg.Register(c); err != nil {
 			return err
 		}
 	}
-	d.cfg = next
-	d.reloadRolloutPolicy(ctx)
-	d.log.Info("configuration reloaded", zap.String("config", d.path), zap.Bool("identity_changed", identityChanged))
-	return nil
+	var err error
+	d.interceptMetrics, err = intercept.NewMetrics(d.reg)
+	return err
 }
 
-// swapFetcher is a cache.Fetcher whose implementation a reload can replace.
-type swapFetcher struct{ p atomic.Pointer[cache.Fetcher] }
-
-func (s *swapFetcher) set(f cache.Fetcher) { s.p.Store(&f) }
-
-// get returns the current fetcher (nil before the first set).
-func (s *swapFetcher) get() cache.Fetcher {
-	if p := s.p.Load(); p != nil {
-		return *p
-	}
-	return nil
+// gatherer gathers the daemon's registry and the current generation's
+// (the identity sources' metrics, rebuilt with them on reload).
+func (d *daemon) gatherer() prometheus.Gatherer {
+	return prometheus.GathererFunc(func() ([]*dto.MetricFamily, error) {
+		return prometheus.Gatherers{d.reg, d.snap.Load().gen.src.reg}.Gather()
+	})
 }
 
-func (s *swapFetcher) Fetch(ctx context.Context, key string) (creds.Credentials, error) {
-	f := s.p.Load()
-	if f == nil {
-		return creds.Credentials{}, errors.New("no credential source configured")
+// record notes the outcome of a configuration load.
+func (r *reloadState) record(err error, restart []string) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.at, r.ok, r.err, r.restartNeeded = time.Now(), err == nil, "", restart
+	if err != nil {
+		r.err = err.Error()
+		r.okGauge.Set(0)
+	} else {
+		r.okGauge.Set(1)
+		r.timeGauge.SetToCurrentTime()
 	}
-	return (*f).Fetch(ctx, key)
+	if len(restart) > 0 {
+		r.restartGauge.Set(1)
+	} else if err == nil {
+		r.restartGauge.Set(0)
+	}
 }
 
-// serveAdmin serves the admin handler on ln until ctx ends, then drains.
-func serveAdmin(ctx context.Context, ln net.Listener, h http.Handler, log *zap.Logger) error {
-	srv := &http.Server{
-		Handler:           h,
-		ReadHeaderTimeout: 5 * time.Second,
-		ReadTimeout:       10 * time.Second,
-		WriteTimeout:      30 * time.Second,
-		IdleTimeout:       60 * time.Second,
-		MaxHeaderBytes:    16 << 10,
-		ErrorLog:          zap.NewStdLog(log.Named("admin")),
-	}
-	errc := make(chan error, 1)
-	go func() { errc <- srv.Serve(ln) }()
-	select {
-	case err := <-errc:
-		return fmt.Errorf("admin listener: %w", err)
-	case <-ctx.Done():
-	}
-	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
-	defer cancel()
-	if err := srv.Shutdown(sctx); err != nil {
-		return fmt.Errorf("admin listener: shutdown: %w", err)
-	}
-	return nil
+func (r *reloadState) status(path string, gen uint32) admin.ConfigStatus {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return admin.ConfigStatus{Path: path, Generation: gen, LastReload: r.at.UTC().Format(time.RFC3339),
+		LastReloadOK: r.ok, LastReloadError: r.err, RestartNeeded: slices.Clone(r.restartNeeded)}
 }

@@ -11,7 +11,6 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
-	"time"
 )
 
 const statusReadyCanary = `{"ready": true, "ready_reason": "ready: credentials for role app valid until 2026-11-25T13:00:00Z",
@@ -24,7 +23,8 @@ const statusReadyCanary = `{"ready": true, "ready_reason": "ready: credentials f
              "shadow_status": {"last_check": "2026-11-25T11:58:00Z", "last_result": "success",
                                "last_arn": "arn:aws:sts::222222222222:assumed-role/app/i-0aaaabbbbccccdddd", "last_error": ""},
              "workloads": {"configured": 2, "active": false}},
- "served_role_name": "instance-role",
+ "served_role_name": "instance-role", "served_kind": "instance-profile",
+ "config": {"path": "/etc/imdsproxy/config.yaml", "generation": 7, "last_reload": "2026-11-25T11:00:00Z", "last_reload_ok": true},
  "cache": [ {"key": "app", "access_key_id": "ASIAWORKLOAD", "expires": "2026-11-25T13:00:00Z", "next_refresh": "2026-11-25T12:30:00Z", "last_error": "", "error_class": "", "valid": true},
             {"key": "instance-profile", "access_key_id": "ASIAINSTANCE", "expires": "2026-11-25T18:00:00Z", "next_refresh": "2026-11-25T15:00:00Z", "last_error": "", "error_class": "", "valid": true} ]}
 `
@@ -37,13 +37,15 @@ const statusNotReady = `{"ready": false, "ready_reason": "not ready: no valid cr
                         "last_load": "2026-11-25T12:01:00Z", "last_success": "2026-11-25T12:00:00Z", "last_error": "rollout: policy: line 3: unknown stage \"maybe\""},
              "shadow_status": {"last_check": "2026-11-25T11:59:00Z", "last_result": "failure", "last_arn": "", "last_error": "sts: InvalidClientTokenId"},
              "workloads": {"configured": 1, "active": true}},
- "served_role_name": "app",
+ "served_role_name": "app", "served_kind": "workload",
+ "config": {"path": "/etc/imdsproxy/config.yaml", "generation": 3, "last_reload": "2026-11-25T11:00:00Z", "last_reload_ok": false,
+            "last_reload_error": "[listen] changed: these take effect only at a restart", "restart_needed": ["listen"]},
  "cache": [ {"key": "app", "access_key_id": "", "expires": "", "next_refresh": "2026-11-25T12:00:05Z", "last_error": "InternalFailure: An internal error occurred.", "error_class": "server", "valid": false} ]}
 `
 
 const statusRolloutOff = `{"ready": true, "ready_reason": "ready: credentials for role app valid until 2026-11-25T13:00:00Z",
  "version": "devel", "source": "web-identity", "role_arn": "arn:aws:iam::222222222222:role/app", "role_name": "app",
- "rollout": {"enabled": false}, "served_role_name": "app",
+ "rollout": {"enabled": false}, "served_role_name": "app", "served_kind": "workload",
  "cache": [ {"key": "app", "access_key_id": "ASIAWORKLOAD", "expires": "2026-11-25T13:00:00Z", "next_refresh": "2026-11-25T12:30:00Z", "last_error": "", "error_class": "", "valid": true} ]}
 `
 
@@ -92,7 +94,8 @@ func TestStatusCommand(t *testing.T) {
 		{name: "ready canary", args: []string{"--admin", canary}, code: exitOK, wantOut: []string{
 			"ready:         yes (ready: credentials for role app valid until 2026-11-25T13:00:00Z)",
 			"serving:       role instance-role (instance-profile credentials)",
-			"workload role: app (arn:aws:iam::222222222222:role/app) via web-identity",
+			"role:          app (arn:aws:iam::222222222222:role/app) via web-identity",
+			"config:        /etc/imdsproxy/config.yaml, generation 7, last load 2026-11-25T11:00:00Z (",
 			"stage:         canary 10% — group api-asg is canary 10%; bucket 734 is outside it",
 			"group:         api-asg (from tag)",
 			"bucket:        734 of 0..9999 (canary N% takes buckets below N×100; canary percent 10)",
@@ -117,22 +120,26 @@ func TestStatusCommand(t *testing.T) {
 			"sts: InvalidClientTokenId",
 			"workloads:     1 configured, active: each is served its own role",
 			"cache app:     no valid credentials",
+			"config:        /etc/imdsproxy/config.yaml, generation 3",
+			"REFUSED: [listen] changed",
+			"restart:       NEEDED: listen changed in the file",
 			"last error:  server: InternalFailure: An internal error occurred.",
 		}},
 		{name: "rollout off", args: []string{"--admin", off}, code: exitOK, wantOut: []string{
-			"rollout:       off (no rollout.policy configured",
+			"rollout:       disabled (no rollout.policy",
 			"serving:       role app (workload credentials)",
 		}},
 		{name: "json", args: []string{"--json", "--admin", notReady}, code: exitStatusNotReady, exactOut: statusNotReady},
 		{name: "admin from config", args: []string{"--config", cfgPath}, code: exitOK, wantOut: []string{"canary 10%", "admin " + canary}},
-		{name: "explicit admin beats config", args: []string{"--config", cfgPath, "--admin", off}, code: exitOK, wantOut: []string{"rollout:       off"}},
+		{name: "explicit admin beats config", args: []string{"--config", cfgPath, "--admin", off}, code: exitOK, wantOut: []string{"rollout:       disabled"}},
 		{name: "unreachable", args: []string{"--admin", closed}, code: exitStatusUnreachable, wantErr: "the admin endpoint at " + closed + " is unreachable"},
 		{name: "no status endpoint", args: []string{"--admin", notFound}, code: exitStatusUnreachable, wantErr: "404"},
-		{name: "bad config", args: []string{"--config", "testdata/bad/bad-tokens.yaml"}, code: exitUsage, wantErr: "imds.tokens"},
+		{name: "refused config still names the admin address", args: []string{"--config", "testdata/bad/bad-tokens.yaml", "--json"}, code: exitStatusUnreachable, wantErr: "127.0.0.1:8170"},
+		{name: "unreadable config", args: []string{"--config", "testdata/missing.yaml"}, code: exitConfig, wantErr: "missing.yaml"},
 		{name: "stray argument", args: []string{"extra"}, code: exitUsage, wantErr: "Usage: imdsproxy status"},
 		{name: "bad flag", args: []string{"--bogus"}, code: exitUsage, wantErr: "bogus"},
 		{name: "bad admin", args: []string{"--admin", "localhost"}, code: exitUsage, wantErr: "--admin"},
-		{name: "help", args: []string{"--help"}, code: exitOK, wantErr: "Exit codes: 0 ready, 1 not ready"},
+		{name: "help", args: []string{"--help"}, code: exitOK, wantErr: "4 admin endpoint unreachable"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			var out, errOut bytes.Buffer
@@ -152,43 +159,5 @@ func TestStatusCommand(t *testing.T) {
 				t.Errorf("stderr lacks %q:\n%s", tc.wantErr, errOut.String())
 			}
 		})
-	}
-}
-
-func TestDialableAdmin(t *testing.T) {
-	for in, want := range map[string]string{
-		"127.0.0.1:8170":         "127.0.0.1:8170",
-		":8170":                  "127.0.0.1:8170",
-		"0.0.0.0:8170":           "127.0.0.1:8170",
-		"[::]:8170":              "[::1]:8170",
-		"[::1]:8170":             "[::1]:8170",
-		"http://127.0.0.1:8170/": "127.0.0.1:8170",
-		"admin.internal:8170":    "admin.internal:8170",
-		"127.0.0.1:0":            "",
-		"127.0.0.1":              "",
-	} {
-		got, err := dialableAdmin(in)
-		if got != want || (want == "") != (err != nil) {
-			t.Errorf("dialableAdmin(%q) = %q, %v; want %q", in, got, err, want)
-		}
-	}
-}
-
-func TestStatusTimesRelativeToNow(t *testing.T) {
-	now := time.Date(2026, 11, 25, 12, 0, 0, 0, time.UTC)
-	if got := until("2026-11-25T13:00:00Z", now); got != "2026-11-25T13:00:00Z (1h0m0s left)" {
-		t.Errorf("until = %q", got)
-	}
-	if got := until("2026-11-25T11:00:00Z", now); got != "2026-11-25T11:00:00Z (expired)" {
-		t.Errorf("until past = %q", got)
-	}
-	if got := when("2026-11-25T11:59:30Z", now); got != "2026-11-25T11:59:30Z (30s ago)" {
-		t.Errorf("when past = %q", got)
-	}
-	if got := when("2026-11-25T12:00:05Z", now); got != "2026-11-25T12:00:05Z (in 5s)" {
-		t.Errorf("when future = %q", got)
-	}
-	if got := when("", now); got != "-" {
-		t.Errorf("when empty = %q", got)
 	}
 }
