@@ -341,7 +341,7 @@ func startJWTURLDaemon(t *testing.T, opts envOptions, cfg issuer.Config, mode is
 			fed = federation.Start(e.t, federation.Config{Issuer: e.issuer, RoleARN: roleARN})
 			return fmt.Sprintf(`role: {arn: %q, name: %s, duration: 1h}
 source: federation
-identity: {jwt_url: %s, timeout: 2s}
+identity: {jwt_url: %s, timeout: 2s, insecure_http: true}
 federation: {url: %s, ca_file: %q}
 `, roleARN, roleName, ue.iss.URL, fed.URL, fed.WriteCAFile(e.t, e.dir, "fed-ca.pem"))
 		}
@@ -350,6 +350,7 @@ source: web-identity
 identity:
   jwt_url: %s
   timeout: 2s
+  insecure_http: true
 `, roleARN, roleName, ue.iss.URL)
 	}
 	opts.extraSecrets = func() map[string]string {

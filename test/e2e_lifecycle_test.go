@@ -170,8 +170,12 @@ func TestSIGHUP(t *testing.T) {
 		if st, _, _ := httpGet(e.adminURL + "/readyz"); st != 200 {
 			t.Errorf("/readyz %d after a bad reload", st)
 		}
-		if m := e.metrics(t); regexp.MustCompile(`(?m)^imdsproxy_config_last_reload_successful 0$`).MatchString(m) {
-			t.Log("imdsproxy_config_last_reload_successful is 0, as expected")
+		if m := e.metrics(t); !regexp.MustCompile(`(?m)^imdsproxy_config_last_reload_successful 0$`).MatchString(m) {
+			t.Errorf("imdsproxy_config_last_reload_successful is not 0 after a refused reload")
+		}
+		out, _ := runStatusCommand(t, e)
+		if !strings.Contains(out, "REFUSED") || !strings.Contains(out, "running configuration is kept") {
+			t.Errorf("imdsproxy status does not say the reload was refused:\n%s", out)
 		}
 		e.writeConfig(t, good) // so the next test step and shutdown see a good file
 	})

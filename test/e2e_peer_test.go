@@ -126,7 +126,7 @@ func TestPeerIdentityIntercepted(t *testing.T) {
 	t.Run("another unit is refused credentials, not metadata", func(t *testing.T) {
 		_, _, err := run(t, pdOtherUID, other, "", credPath)
 		forbidden(t, "uid 4343 in "+other.unit, err)
-		l := d.waitLine(t, "access denied", func(l map[string]any) bool { return l["unit"] == other.unit })
+		l := d.waitLine(t, "credential request refused", func(l map[string]any) bool { return l["unit"] == other.unit })
 		pdExpect(t, l, map[string]any{"identified": true, "uid": float64(pdOtherUID)})
 		if _, out, err := run(t, pdOtherUID, other, "", "/latest/meta-data/instance-id"); err != nil || out != icInstanceID {
 			t.Errorf("instance-id: %q, %v; want %q", out, err, icInstanceID)
@@ -137,7 +137,7 @@ func TestPeerIdentityIntercepted(t *testing.T) {
 			_, _, err := run(t, pdOtherUID, nil, "", p)
 			forbidden(t, "uid 4343 "+p, err)
 		}
-		l := d.waitLine(t, "access denied", func(l map[string]any) bool { return l["uid"] == float64(pdOtherUID) && l["unit"] == own })
+		l := d.waitLine(t, "credential request refused", func(l map[string]any) bool { return l["uid"] == float64(pdOtherUID) && l["unit"] == own })
 		pdExpect(t, l, map[string]any{"identified": true, "pid": float64(0)})
 		if _, out, err := run(t, pdOtherUID, nil, "", "/latest/meta-data/instance-id"); err != nil || out != icInstanceID {
 			t.Errorf("instance-id: %q, %v; want %q", out, err, icInstanceID)

@@ -22,7 +22,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/imdsproxy/imdsproxy/rollout"
 	"github.com/imdsproxy/imdsproxy/test/fakes/s3"
 	"github.com/imdsproxy/imdsproxy/test/fakes/sts"
 )
@@ -30,6 +29,12 @@ import (
 // The host of the rollout tests, as the stand-in IMDS describes it.
 const (
 	roInstanceID = "i-0rollout1234567ab"
+	// roBucket is roInstanceID's canary bucket, fixed here rather than
+	// computed with rollout.Bucket, so that a change of the bucket function
+	// (which would move hosts between canary and not) fails the test:
+	// big-endian uint64 of the first 8 bytes of SHA-256("i-0rollout1234567ab"),
+	// mod 10000.
+	roBucket = 6380
 	roGroup      = "api-asg"
 	roGroupTag   = "aws:autoscaling:groupName"
 	roBucketName = "fleet-config"
@@ -401,8 +406,7 @@ func waitMetric(t *testing.T, e *daemonEnv, name, labels string, cond func(float
 // roBucketPercents returns a canary percentage that includes this host's
 // bucket and the largest one that does not.
 func roBucketPercents() (in, out int) {
-	b := rollout.Bucket(roInstanceID)
-	return b/100 + 1, b / 100
+	return roBucket/100 + 1, roBucket / 100
 }
 
 // TestRolloutStages: each stage serves the right credentials to real SDK
@@ -466,8 +470,8 @@ func TestRolloutStages(t *testing.T) {
 			if v, ok := metricValue(m, "imdsproxy_rollout_host_info", `group="`+roGroup+`",group_source="tag"`); !ok || v != 1 {
 				t.Errorf("imdsproxy_rollout_host_info{group=%q,group_source=\"tag\"} = %v, %v", roGroup, v, ok)
 			}
-			if v, _ := metricValue(m, "imdsproxy_rollout_bucket_number", ""); int(v) != rollout.Bucket(roInstanceID) {
-				t.Errorf("imdsproxy_rollout_bucket_number = %v, want %d", v, rollout.Bucket(roInstanceID))
+			if v, _ := metricValue(m, "imdsproxy_rollout_bucket_number", ""); int(v) != roBucket {
+				t.Errorf("imdsproxy_rollout_bucket_number = %v, want %d", v, roBucket)
 			}
 
 			if tc.stage == "shadow" {
@@ -526,7 +530,7 @@ func TestRolloutPolicyFileSIGHUP(t *testing.T) {
 
 	// Off again: the workload credentials are neither served nor verified,
 	// so the cache forgets them and STS is not called to refresh them.
-	roWaitCacheKeys(t, e, []string{"instance-profile/" + ipUpstreamRole}, 5*time.Second)
+	roWaitCacheKeys(t, e, []string{"instance-profile/" + ipUpstreamRole}, switchGrace)
 
 	if e.exited() || e.cmd.Process.Pid != pid {
 		t.Fatal("the daemon restarted")
@@ -572,6 +576,12 @@ func TestRolloutPolicyFileSIGHUP(t *testing.T) {
 }
 
 // roWaitCacheKeys waits until /debug/cache lists exactly the keys want.
+// switchGrace bounds how long keys no longer needed after a switch stay
+// cached: the switch's grace period (access.Grace, 10s) during which the
+// previous plan still answers, plus the trim after it, plus slack for a
+// loaded machine.
+const switchGrace = 25 * time.Second
+
 func roWaitCacheKeys(t *testing.T, e *daemonEnv, want []string, within time.Duration) {
 	t.Helper()
 	deadline := time.Now().Add(within)

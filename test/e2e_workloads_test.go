@@ -170,8 +170,14 @@ func checkProbe(t *testing.T, e *daemonEnv, uid int, r probeResult, want, wantAR
 	}
 	for name, d := range r.Docs {
 		if name != want {
-			if d.Status != 404 {
-				t.Errorf("uid %d: GET security-credentials/%s = %d, want 404 (another role's)", uid, name, d.Status)
+			// Another role's name: 404; or, within the grace period of
+			// a switch, what that name stood for for this client
+			// (access.Grace) — never another role's credentials.
+			if d.Status == 404 {
+				continue
+			}
+			if is, ok := e.sts.Find(d.Key); d.Status != 200 || !ok || !strings.HasSuffix(is.RoleARN, ":role/"+name) {
+				t.Errorf("uid %d: GET security-credentials/%s = %d, key issued for %q: want 404 or that name's own role", uid, name, d.Status, is.RoleARN)
 			}
 			continue
 		}
@@ -296,6 +302,19 @@ workloads:
 	}
 	checkProbe(t, e, billingUID, r, roleName, roleARN)
 	checkProbe(t, e, reportsUID, homes.probe(t, e, reportsUID), "reports", reportsARN)
+	// After the grace period the removed role's name is a 404 for its
+	// former uid, like any role it was never listed.
+	deadline = time.Now().Add(switchGrace)
+	for {
+		r = homes.probe(t, e, billingUID)
+		if d, ok := r.Docs["billing"]; ok && d.Status == 404 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("uid %d: security-credentials/billing still answered %+v after the grace period", billingUID, r.Docs["billing"])
+		}
+		time.Sleep(500 * time.Millisecond)
+	}
 	if arn := homes.callerIdentity(t, e, billingUID); !strings.Contains(arn, ":assumed-role/"+roleName+"/") {
 		t.Errorf("after removal, uid %d: aws sts get-caller-identity = %s, want the host's role", billingUID, arn)
 	}
@@ -366,9 +385,21 @@ workloads:
 		}
 		return "unknown " + key
 	}
-	// consistent checks one probe: the listing and every configured name
-	// answered with the same credentials, iam/info naming the listed role,
-	// an unconfigured name a 404. It returns the listing and the kind.
+	// servedAs reports whether the credentials of key are those of the
+	// role named name.
+	servedAs := func(key, name string) bool {
+		if name == ipUpstreamRole {
+			return key == up.key
+		}
+		is, ok := e.sts.Find(key)
+		return ok && strings.HasSuffix(is.RoleARN, ":role/"+name)
+	}
+	// consistent checks one probe (one SDK fetch: token, listing, iam/info,
+	// documents) against the rule of access.Plan: iam/info names the listed
+	// role, the listed name is answered with that role's credentials, any
+	// other name is a 404 or, within a switch's grace period, that name's
+	// own role's credentials — never another role's; an unconfigured name
+	// is a 404. It returns the listing and the kind.
 	consistent := func(uid int, r probeResult) (string, string, error) {
 		if r.ListingCode != 200 || r.InfoCode != 200 || !strings.HasSuffix(r.Profile, ":instance-profile/"+r.Listing) {
 			return "", "", fmt.Errorf("uid %d: listing %d %q, iam/info %d %q", uid, r.ListingCode, r.Listing, r.InfoCode, r.Profile)
@@ -381,11 +412,17 @@ workloads:
 			switch {
 			case name == "reports" && d.Status != 404:
 				return "", "", fmt.Errorf("uid %d: an unconfigured role answered %d", uid, d.Status)
-			case name != "reports" && (d.Status != 200 || d.Code != "Success"):
-				return "", "", fmt.Errorf("uid %d: GET %s = %d %q (a name listed around a switch)", uid, name, d.Status, d.Code)
-			case name != "reports" && kind(d.Key) != kind(listed.Key):
-				return "", "", fmt.Errorf("uid %d: GET %s served %s, the listed %s %s", uid, name, kind(d.Key), r.Listing, kind(listed.Key))
+			case name == r.Listing || d.Status == 404:
+				// The listed name is checked above; another name is a 404
+				// unless it was listed to this client just before a switch.
+			case d.Status != 200 || d.Code != "Success":
+				return "", "", fmt.Errorf("uid %d: GET %s = %d %q", uid, name, d.Status, d.Code)
+			case !servedAs(d.Key, name):
+				return "", "", fmt.Errorf("uid %d: GET %s served %s credentials of another role", uid, name, kind(d.Key))
 			}
+		}
+		if !servedAs(listed.Key, r.Listing) {
+			return "", "", fmt.Errorf("uid %d: the listed %s was served %s credentials of another role", uid, r.Listing, kind(listed.Key))
 		}
 		return r.Listing, kind(listed.Key), nil
 	}
@@ -475,7 +512,7 @@ workloads:
 	waitKind(t, e, up, "workload", 15*time.Second)
 	expect("on", billingUID, "billing", billingARN)
 	expect("on", unmatchedUID, roleName, roleARN)
-	roWaitCacheKeys(t, e, slices.Sorted(slices.Values([]string{"billing", roleName})), 10*time.Second)
+	roWaitCacheKeys(t, e, slices.Sorted(slices.Values([]string{"billing", roleName})), switchGrace)
 	out, _ = runStatusCommand(t, e)
 	if !strings.Contains(out, "workloads:     1 configured, active") {
 		t.Errorf("imdsproxy status while on:\n%s", out)
@@ -503,6 +540,6 @@ workloads:
 	mu.Unlock()
 
 	// Off again: only the instance profile's credentials are kept.
-	roWaitCacheKeys(t, e, []string{"instance-profile/" + ipUpstreamRole}, 10*time.Second)
+	roWaitCacheKeys(t, e, []string{"instance-profile/" + ipUpstreamRole}, switchGrace)
 	e.assertNoSecrets(t, "daemon log", e.log.String())
 }

@@ -15,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/imdsproxy/imdsproxy/creds"
 	"github.com/imdsproxy/imdsproxy/exchange"
 	"github.com/imdsproxy/imdsproxy/test/fakes/rolesanywhere"
 )
@@ -58,7 +59,7 @@ func newClient(t *testing.T, endpoint string, l *rolesanywhere.Leaf, hc *http.Cl
 	t.Helper()
 	t.Setenv("AWS_ENDPOINT_URL_ROLESANYWHERE", endpoint)
 	r, err := exchange.NewRolesAnywhere(context.Background(), exchange.RolesAnywhereConfig{
-		TrustAnchorARN: trustAnchor, ProfileARN: profile, RoleARN: role, HTTPClient: hc, MaxAttempts: 1,
+		TrustAnchorARN: trustAnchor, ProfileARN: profile, HTTPClient: hc, MaxAttempts: 1,
 	}, leafSource{l}, nil)
 	if err != nil {
 		t.Fatal(err)
@@ -88,7 +89,7 @@ func TestDaemonSignerAccepted(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			cr, err := newClient(t, fake.URL, l, nil).Fetch(context.Background(), "")
+			cr, err := newClient(t, fake.URL, l, nil).Fetch(context.Background(), creds.Role{Name: "app", ARN: role})
 			if err != nil {
 				t.Fatalf("Fetch: %v\ncalls: %+v", err, fake.CallLog())
 			}
@@ -142,7 +143,7 @@ func (c *captureTransport) RoundTrip(r *http.Request) (*http.Response, error) {
 func capture(t *testing.T, l *rolesanywhere.Leaf) captured {
 	t.Helper()
 	ct := &captureTransport{}
-	_, _ = newClient(t, "https://rolesanywhere.us-east-1.amazonaws.com", l, &http.Client{Transport: ct}).Fetch(context.Background(), "")
+	_, _ = newClient(t, "https://rolesanywhere.us-east-1.amazonaws.com", l, &http.Client{Transport: ct}).Fetch(context.Background(), creds.Role{Name: "app", ARN: role})
 	if len(ct.reqs) != 1 {
 		t.Fatalf("%d requests captured", len(ct.reqs))
 	}
@@ -309,18 +310,16 @@ func TestARNsAndDurationChecked(t *testing.T) {
 	for _, tc := range []struct {
 		name string
 		cfg  exchange.RolesAnywhereConfig
+		role string
 		code string
 	}{
-		{"other role", exchange.RolesAnywhereConfig{RoleARN: "arn:aws:iam::222222222222:role/other"}, "AccessDeniedException"},
-		{"other profile", exchange.RolesAnywhereConfig{ProfileARN: strings.Replace(profile, "7c9a", "7c9b", 1)}, "AccessDeniedException"},
-		{"other trust anchor", exchange.RolesAnywhereConfig{TrustAnchorARN: strings.Replace(trustAnchor, "0b8c", "0b8d", 1)}, "AccessDeniedException"},
+		{"other role", exchange.RolesAnywhereConfig{}, "arn:aws:iam::222222222222:role/other", "AccessDeniedException"},
+		{"other profile", exchange.RolesAnywhereConfig{ProfileARN: strings.Replace(profile, "7c9a", "7c9b", 1)}, role, "AccessDeniedException"},
+		{"other trust anchor", exchange.RolesAnywhereConfig{TrustAnchorARN: strings.Replace(trustAnchor, "0b8c", "0b8d", 1)}, role, "AccessDeniedException"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Setenv("AWS_ENDPOINT_URL_ROLESANYWHERE", fake.URL)
 			cfg := tc.cfg
-			if cfg.RoleARN == "" {
-				cfg.RoleARN = role
-			}
 			if cfg.ProfileARN == "" {
 				cfg.ProfileARN = profile
 			}
@@ -332,7 +331,7 @@ func TestARNsAndDurationChecked(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			_, err = r.Fetch(context.Background(), "")
+			_, err = r.Fetch(context.Background(), creds.Role{Name: "app", ARN: tc.role})
 			if err == nil || !strings.Contains(err.Error(), tc.code) {
 				t.Fatalf("error %v, want %s", err, tc.code)
 			}
@@ -387,7 +386,7 @@ func TestModesAndRecording(t *testing.T) {
 		rolesanywhere.ModeFail5xx:      {500, "InternalServerException"},
 	} {
 		fake.SetMode(mode)
-		_, err := r.Fetch(context.Background(), "")
+		_, err := r.Fetch(context.Background(), creds.Role{Name: "app", ARN: role})
 		calls := fake.CallLog()
 		last := calls[len(calls)-1]
 		if err == nil || last.Status != want.status || last.Code != want.code {
@@ -399,7 +398,7 @@ func TestModesAndRecording(t *testing.T) {
 	}
 	fake.SetMode(rolesanywhere.ModeOK)
 	fake.SetSessionLength(20 * time.Second)
-	cr, err := r.Fetch(context.Background(), "")
+	cr, err := r.Fetch(context.Background(), creds.Role{Name: "app", ARN: role})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -10,6 +10,14 @@
 //	                                  round, like the SDKs); prints
 //	                                  {"ok": N, "failed": M, "errors": [...]};
 //	                                  exits 1 if any round failed
+//	imdsclient fetches [-base URL] -n 4 -duration 5s
+//	                                  n goroutines repeating one SDK credential
+//	                                  fetch each on a new connection: PUT a
+//	                                  token, GET the listing, GET iam/info,
+//	                                  GET the listed role's document; prints
+//	                                  {"fetches": {"<listed> <profile ARN>
+//	                                  <access key id>": count, …}, "failed":
+//	                                  M, "errors": [...]}
 //
 // The default base is http://169.254.169.254: no endpoint override, exactly
 // what an unmodified program does.
@@ -44,6 +52,8 @@ func main() {
 		err = get(os.Args[2:])
 	case "load":
 		err = load(os.Args[2:])
+	case "fetches":
+		err = fetches(os.Args[2:])
 	default:
 		err = fmt.Errorf("unknown command %q", os.Args[1])
 	}
@@ -185,4 +195,74 @@ func round(base string) error {
 		return fmt.Errorf("bad credential document (code %q, err %v)", d.Code, err)
 	}
 	return nil
+}
+
+// fetches runs SDK-shaped credential fetches and reports what each saw, so a
+// test can check that the listing, iam/info and the document of one fetch
+// agree whatever switches happen meanwhile.
+func fetches(args []string) error {
+	fs := flag.NewFlagSet("fetches", flag.ContinueOnError)
+	base := fs.String("base", "http://169.254.169.254", "IMDS base URL")
+	n := fs.Int("n", 4, "concurrent clients")
+	dur := fs.Duration("duration", 5*time.Second, "how long to run")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	var (
+		mu     sync.Mutex
+		seen   = map[string]int{}
+		failed int
+		errs   []string
+		wg     sync.WaitGroup
+	)
+	deadline := time.Now().Add(*dur)
+	for range *n {
+		wg.Go(func() {
+			for time.Now().Before(deadline) {
+				// A new connection per fetch, as botocore and the CLI do.
+				c := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{Proxy: nil, DisableKeepAlives: true}}
+				got, err := oneFetch(c, *base)
+				mu.Lock()
+				if err != nil {
+					failed++
+					if len(errs) < 10 {
+						errs = append(errs, err.Error())
+					}
+				} else {
+					seen[got]++
+				}
+				mu.Unlock()
+			}
+		})
+	}
+	wg.Wait()
+	return json.NewEncoder(os.Stdout).Encode(map[string]any{"fetches": seen, "failed": failed, "errors": errs})
+}
+
+func oneFetch(c *http.Client, base string) (string, error) {
+	tok, err := token(c, base)
+	if err != nil {
+		return "", err
+	}
+	listed, err := fetch(c, base+"/latest/meta-data/iam/security-credentials/", tok)
+	if err != nil {
+		return "", err
+	}
+	info, err := fetch(c, base+"/latest/meta-data/iam/info", tok)
+	if err != nil {
+		return "", err
+	}
+	doc, err := fetch(c, base+"/latest/meta-data/iam/security-credentials/"+listed, tok)
+	if err != nil {
+		return "", err
+	}
+	var i struct{ Code, InstanceProfileArn string }
+	var d struct{ Code, AccessKeyId string }
+	if err := json.Unmarshal([]byte(info), &i); err != nil || i.Code != "Success" {
+		return "", fmt.Errorf("iam/info %q: %v", info, err)
+	}
+	if err := json.Unmarshal([]byte(doc), &d); err != nil || d.Code != "Success" {
+		return "", fmt.Errorf("document of %s: %q: %v", listed, doc, err)
+	}
+	return listed + " " + i.InstanceProfileArn + " " + d.AccessKeyId, nil
 }
