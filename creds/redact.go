@@ -16,10 +16,9 @@ const (
 
 var (
 	// A JWT (or a JWS/JWE) whose header starts with `{"`, whole or cut
-	// off anywhere after its first 13 characters: "eyJ", at least 10 more
-	// base64url characters, then any number of further dot-separated
-	// parts.
-	reJWTPrefix = regexp.MustCompile(`eyJ[A-Za-z0-9_-]{10,}=*(?:\.[A-Za-z0-9_=-]+)*`)
+	// off: "eyJ" and the dot-separated base64url parts after it. Matches
+	// shorter than minJWTMatch are kept.
+	reJWTPrefix = regexp.MustCompile(`eyJ[A-Za-z0-9_=-]*(?:\.[A-Za-z0-9_=-]+)*`)
 	// Any other compact JWS: three dot-separated base64url parts of at
 	// least 16 characters each (a header that does not start with `{"`).
 	// Parts of 16 or more keep ordinary host names out of it.
@@ -38,8 +37,9 @@ var (
 	reBase64Run    = regexp.MustCompile(`[A-Za-z0-9/+_=-]+`)
 )
 
-// Sizes of the base64 runs RedactText removes without a name before them.
+// Sizes of what RedactText removes.
 const (
+	minJWTMatch  = 13  // "eyJ" and 10 more characters
 	secretKeyLen = 40  // an AWS secret access key
 	minBlobLen   = 200 // a base64 blob: a session token, a key, a signature
 )
@@ -51,8 +51,8 @@ const (
 // order:
 //
 //   - JWTs: "eyJ" (the base64url of `{"`, how every JWT header starts)
-//     followed by at least 10 base64url characters, with all the
-//     dot-separated parts after it, becomes "<redacted-jwt>". This also
+//     with the base64url characters and dot-separated parts after it,
+//     13 characters or more in all, becomes "<redacted-jwt>". This also
 //     catches a JWT cut off anywhere after its 13th character (one part,
 //     two parts, a partial signature). Any other compact JWS (three
 //     dot-separated base64url parts of at least 16 characters) is replaced
@@ -90,7 +90,12 @@ func RedactText(s string) string {
 	if s == "" {
 		return s
 	}
-	s = reJWTPrefix.ReplaceAllLiteralString(s, RedactedJWT)
+	s = reJWTPrefix.ReplaceAllStringFunc(s, func(m string) string {
+		if len(m) < minJWTMatch {
+			return m
+		}
+		return RedactedJWT
+	})
 	s = reJWS.ReplaceAllLiteralString(s, RedactedJWT)
 	s = reSessionToken.ReplaceAllLiteralString(s, RedactedSessionToken)
 	s = reNamedSecret.ReplaceAllString(s, "${1}${2}"+RedactedSecret)
