@@ -19,6 +19,8 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
+
+	"github.com/imdsproxy/imdsproxy/creds"
 )
 
 // Reasons of URL.Token failures, in addition to the shared ones
@@ -48,6 +50,9 @@ const (
 	// maxIssuerExcerpt is the longest part of an issuer's error body quoted
 	// in an error, after sanitizing.
 	maxIssuerExcerpt = 200
+	// maxQuotedBody bounds how much of an issuer's error body is redacted
+	// before it is cut to maxIssuerExcerpt.
+	maxQuotedBody = 16 << 10
 	// imdsTokenTTL is the TTL of the IMDSv2 session token asked for.
 	imdsTokenTTL = "60"
 )
@@ -329,12 +334,13 @@ func transportError(err error) error {
 }
 
 // excerpt returns at most maxIssuerExcerpt sanitized characters of an error
-// body, with anything shaped like a JWT replaced.
+// body, redacted with creds.RedactText before it is cut (and without the
+// word a first cut to 16 KiB went through).
 func excerpt(b []byte) string {
-	if len(b) > 4*maxIssuerExcerpt {
-		b = b[:4*maxIssuerExcerpt]
+	if len(b) > maxQuotedBody {
+		b = dropCutWord(b[:maxQuotedBody])
 	}
-	return sanitizeText(jwtLike.ReplaceAllString(string(b), "<redacted>"), maxIssuerExcerpt)
+	return sanitizeText(creds.RedactText(string(b)), maxIssuerExcerpt)
 }
 
 func refuseRedirect(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }
