@@ -197,7 +197,9 @@ type File struct {
 }
 
 // NewFile returns a File reading path. The file need not exist yet: it is
-// read only by Token. log may be nil (no logging). reg may be nil (no
+// read only by Token. When it exists, NewFile logs CheckFileMode's warning
+// (a token file readable or writable by group or others, owned by another
+// user, in a directory others may write) once at Warn. log may be nil (no logging). reg may be nil (no
 // metrics); otherwise these metrics are registered on it:
 //
 //	imdsproxy_identity_token_reads_total{result}         counter; result is "ok" or a Reason
@@ -240,6 +242,9 @@ func NewFile(path string, opts FileOptions, log *zap.Logger, reg prometheus.Regi
 		for _, r := range reasons {
 			f.reads.WithLabelValues(r)
 		}
+	}
+	if w, err := CheckFileMode(path); err == nil && w != "" {
+		log.Warn("identity token file permissions", zap.String("path", path), zap.String("warning", w))
 	}
 	return f, nil
 }
