@@ -28,7 +28,8 @@ import (
 //     identity the daemon presents); owned by a uid other than the
 //     daemon's effective uid and root; in a directory that its group or
 //     others may write without the sticky bit (anyone there can replace
-//     the file).
+//     the file; for a symbolic link, the link's directory and the
+//     target's).
 //   - Problems are warnings, not errors: the daemon works, and a token
 //     agent that runs as another user may legitimately share the file
 //     through a group. An operator who wants them fatal treats a non-empty
@@ -61,15 +62,16 @@ func CheckFileMode(path string) (warning string, err error) {
 			fixes = append(fixes, fmt.Sprintf("chown %d %s", os.Geteuid(), path))
 		}
 	}
-	real, err := filepath.EvalSymlinks(path)
-	if err != nil {
-		real = path
+	dirs := []string{filepath.Dir(filepath.Clean(path))}
+	if real, err := filepath.EvalSymlinks(path); err == nil && filepath.Dir(real) != dirs[0] {
+		dirs = append(dirs, filepath.Dir(real)) // the link's and the target's
 	}
-	dir := filepath.Dir(real)
-	if dst, err := os.Stat(dir); err == nil && dst.Mode()&fs.ModeSticky == 0 {
-		if p := whom(dst.Mode().Perm(), 0o020, 0o002); p != "" {
-			problems = append(problems, fmt.Sprintf("its directory %s is writable by %s without the sticky bit: they can replace the file", dir, p))
-			fixes = append(fixes, "chmod go-w "+dir)
+	for _, dir := range dirs {
+		if dst, err := os.Stat(dir); err == nil && dst.Mode()&fs.ModeSticky == 0 {
+			if p := whom(dst.Mode().Perm(), 0o020, 0o002); p != "" {
+				problems = append(problems, fmt.Sprintf("its directory %s is writable by %s without the sticky bit: they can replace the file", dir, p))
+				fixes = append(fixes, "chmod go-w "+dir)
+			}
 		}
 	}
 	if len(problems) == 0 {

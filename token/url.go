@@ -223,6 +223,13 @@ func (u *URL) fetch(ctx context.Context) (string, []zap.Field, error) {
 		return "", nil, u.jwt.fail(ReasonIssuerFailed, transportError(err))
 	}
 	defer resp.Body.Close()
+	if resp.StatusCode == http.StatusOK && resp.ContentLength > MaxTokenSize {
+		// Refused before reading any of it; closing the body drops the
+		// connection rather than reading on.
+		return "", nil, u.jwt.fail(ReasonTooLarge, fmt.Errorf("issuer answer of %d bytes is larger than %d", resp.ContentLength, MaxTokenSize))
+	}
+	// Never more than MaxTokenSize+1 bytes are read, whatever the answer
+	// holds: a bigger one is refused below.
 	b, err := io.ReadAll(io.LimitReader(resp.Body, MaxTokenSize+1))
 	if err != nil {
 		if ctx.Err() != nil {
