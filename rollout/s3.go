@@ -11,6 +11,8 @@ import (
 	"github.com/aws/aws-sdk-go-v2/config"
 	"github.com/aws/aws-sdk-go-v2/feature/ec2/imds"
 	"github.com/aws/aws-sdk-go-v2/service/s3"
+	"github.com/aws/aws-sdk-go-v2/service/s3/types"
+	smithyhttp "github.com/aws/smithy-go/transport/http"
 )
 
 // s3Getter is the aws-sdk-go-v2 ObjectGetter.
@@ -27,7 +29,9 @@ type s3Getter struct {
 // itself). The endpoint overrides AWS_ENDPOINT_URL_S3 and AWS_ENDPOINT_URL
 // are honoured, and with an override the client uses path-style addressing,
 // as S3-compatible stand-ins need. Objects larger than MaxPolicySize are
-// refused. ctx bounds configuration loading only.
+// refused (ErrTooLarge) without reading more than that of them, and a
+// missing object (NoSuchKey, HTTP 404) is ErrObjectNotFound. ctx bounds
+// configuration loading only.
 func NewS3Getter(ctx context.Context, creds aws.CredentialsProvider, region string) (ObjectGetter, error) {
 	if creds == nil {
 		return nil, errors.New("rollout: S3: nil credentials provider")
@@ -60,20 +64,31 @@ func NewS3Getter(ctx context.Context, creds aws.CredentialsProvider, region stri
 
 // GetObject implements ObjectGetter.
 func (g *s3Getter) GetObject(ctx context.Context, bucket, key string) ([]byte, string, error) {
+	return g.getObjectLimit(ctx, bucket, key, MaxPolicySize)
+}
+
+// getObjectLimit reads bucket/key, at most max bytes: a larger object is
+// refused (ErrTooLarge) and read no further.
+func (g *s3Getter) getObjectLimit(ctx context.Context, bucket, key string, max int64) ([]byte, string, error) {
 	out, err := g.client.GetObject(ctx, &s3.GetObjectInput{Bucket: aws.String(bucket), Key: aws.String(key)})
 	if err != nil {
+		var nsk *types.NoSuchKey
+		var re *smithyhttp.ResponseError
+		if errors.As(err, &nsk) || (errors.As(err, &re) && re.HTTPStatusCode() == 404) {
+			return nil, "", fmt.Errorf("S3 GetObject: %w: %w", ErrObjectNotFound, err)
+		}
 		return nil, "", fmt.Errorf("S3 GetObject: %w", err)
 	}
 	defer out.Body.Close()
-	if out.ContentLength != nil && *out.ContentLength > MaxPolicySize {
-		return nil, "", fmt.Errorf("S3 object is larger than %d bytes", MaxPolicySize)
+	if out.ContentLength != nil && *out.ContentLength > max {
+		return nil, "", fmt.Errorf("S3 object of %d bytes is larger than %d bytes: %w", *out.ContentLength, max, ErrTooLarge)
 	}
-	data, err := io.ReadAll(io.LimitReader(out.Body, MaxPolicySize+1))
+	data, err := io.ReadAll(io.LimitReader(out.Body, max+1))
 	if err != nil {
 		return nil, "", fmt.Errorf("S3 GetObject: read body: %w", err)
 	}
-	if len(data) > MaxPolicySize {
-		return nil, "", fmt.Errorf("S3 object is larger than %d bytes", MaxPolicySize)
+	if int64(len(data)) > max {
+		return nil, "", fmt.Errorf("S3 object is larger than %d bytes: %w", max, ErrTooLarge)
 	}
 	return data, aws.ToString(out.ETag), nil
 }
