@@ -37,9 +37,10 @@ import (
 //     before) are killed with SIGKILL and reaped, pass after pass until none
 //     is left (a process forking while it is killed only adds a pass).
 //     Processes whose environment has no run id (a program that cleared it)
-//     are killed by the run that ends while no other run is in flight (when
-//     runs overlap, the last to end); processes of a run that already ended
-//     are killed by the next sweep.
+//     and that started after the run's program are killed by the run that
+//     ends while no other run is in flight (when runs overlap, the last to
+//     end); processes of a run that already ended are killed by the next
+//     sweep.
 //
 // Signals go through a pidfd opened after checking the process's start
 // time, so a pid reused meanwhile is never signalled; only the daemon's own
@@ -203,7 +204,12 @@ func (r *procRun) victims(procs map[int]proc, self, program int) []proc {
 		}
 		owner := runIDOf(c)
 		switch {
-		case owner == r.id, owner != "" && !owners[owner], owner == "" && others == 0:
+		case owner == r.id, owner != "" && !owners[owner]:
+			roots = append(roots, c)
+		case owner == "" && others == 0 && r.programStart != 0 && p.start >= r.programStart:
+			// No run id (a program that cleared its environment, or a
+			// zombie): this run's if no other is in flight and it started
+			// after this run's program did.
 			roots = append(roots, c)
 		}
 	}
