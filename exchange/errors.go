@@ -13,6 +13,8 @@ import (
 	awshttp "github.com/aws/aws-sdk-go-v2/aws/transport/http"
 	"github.com/aws/smithy-go"
 	smithyhttp "github.com/aws/smithy-go/transport/http"
+
+	"github.com/imdsproxy/imdsproxy/creds"
 )
 
 // Error classes (see docs/architecture.md, "Error classification"). They are
@@ -97,7 +99,11 @@ var permanentClass = map[string]bool{
 // Error is a classified failure of an exchange. Its message is built from the
 // fields only (operation, class, STS error code, HTTP status and a sanitized
 // message of at most 256 bytes) and never contains the identity token or
-// credentials. Use errors.As to reach it, or the ErrorClass/Permanent
+// credentials: messages quoted from upstream are redacted with
+// creds.RedactText before they are cut to length (Classify), and Error
+// redacts Code, Message and RequestID once more when it writes them, so
+// that an Error built by hand cannot carry a JWT, a long-term key id or a
+// secret key either. Use errors.As to reach it, or the ErrorClass/Permanent
 // interfaces of docs/architecture.md.
 type Error struct {
 	// Op is the failed operation, for example "AssumeRoleWithWebIdentity".
@@ -108,7 +114,8 @@ type Error struct {
 	// "" when the failure did not come from an STS error document.
 	Code string
 	// Message is STS's error message or a description of the failure,
-	// sanitized (no control characters) and at most 256 bytes.
+	// redacted (creds.RedactText), sanitized (no control characters) and
+	// at most 256 bytes.
 	Message string
 	// RequestID is STS's request id, "" when unknown.
 	RequestID string
@@ -126,7 +133,7 @@ type Error struct {
 func (e *Error) Error() string {
 	var b strings.Builder
 	b.WriteString("exchange: ")
-	b.WriteString(e.Op)
+	b.WriteString(creds.RedactText(e.Op))
 	if e.Role != "" {
 		b.WriteString(" ")
 		b.WriteString(e.Role)
@@ -135,7 +142,7 @@ func (e *Error) Error() string {
 	b.WriteString(e.Class)
 	if e.Code != "" {
 		b.WriteString(" ")
-		b.WriteString(e.Code)
+		b.WriteString(creds.RedactText(e.Code))
 	}
 	if e.HTTPStatus != 0 {
 		b.WriteString(" (HTTP ")
@@ -144,11 +151,11 @@ func (e *Error) Error() string {
 	}
 	if e.Message != "" {
 		b.WriteString(": ")
-		b.WriteString(e.Message)
+		b.WriteString(creds.RedactText(e.Message))
 	}
 	if e.RequestID != "" {
 		b.WriteString(" (request id ")
-		b.WriteString(e.RequestID)
+		b.WriteString(creds.RedactText(e.RequestID))
 		b.WriteString(")")
 	}
 	return b.String()
@@ -191,12 +198,12 @@ func Classify(err error) *Error {
 	}
 	var awsResp *awshttp.ResponseError
 	if errors.As(err, &awsResp) {
-		e.RequestID = sanitize(awsResp.ServiceRequestID(), 128, false)
+		e.RequestID = sanitizeMessage(awsResp.ServiceRequestID(), 128, false)
 	}
 	var api smithy.APIError
 	if errors.As(err, &api) {
-		e.Code = sanitize(api.ErrorCode(), 128, false)
-		e.Message = sanitize(api.ErrorMessage(), maxMessage, false)
+		e.Code = sanitizeMessage(api.ErrorCode(), 128, false)
+		e.Message = sanitizeMessage(api.ErrorMessage(), maxMessage, false)
 	} else {
 		// No STS document: describe the transport failure, keeping the tail
 		// (the SDK prefixes it with long, generic context).
@@ -204,7 +211,7 @@ func Classify(err error) *Error {
 		if op != nil && op.Err != nil {
 			inner = op.Err
 		}
-		e.Message = sanitize(inner.Error(), maxMessage, true)
+		e.Message = sanitizeMessage(inner.Error(), maxMessage, true)
 	}
 	e.Class, e.permanent = classOf(err, e.Code, e.HTTPStatus)
 	return e
@@ -269,15 +276,36 @@ func isNetwork(err error) bool {
 	return false
 }
 
+// sanitizeMessage is sanitize for text quoted from upstream (an error
+// message, an error code, a response body): control characters and invalid
+// UTF-8 become spaces, then everything that looks like a secret is
+// redacted (creds.RedactText), and only then is the text cut to max bytes,
+// so that a cut can never leave the part of a secret no rule recognises any
+// more (a token cut after its header and claims).
+func sanitizeMessage(s string, max int, keepTail bool) string {
+	return cut(creds.RedactText(controlToSpace(s)), max, keepTail)
+}
+
 // sanitize replaces control characters and invalid UTF-8 with spaces and
-// limits s to max bytes, keeping the head (or the tail when keepTail).
+// limits s to max bytes, keeping the head (or the tail when keepTail). It
+// does not redact: use it for values that must stay verbatim (an access key
+// id, an ARN), and sanitizeMessage for text quoted from upstream.
 func sanitize(s string, max int, keepTail bool) string {
-	s = strings.Map(func(r rune) rune {
+	return cut(controlToSpace(s), max, keepTail)
+}
+
+func controlToSpace(s string) string {
+	return strings.Map(func(r rune) rune {
 		if r == utf8.RuneError || r < 0x20 || r == 0x7f || (r >= 0x80 && r < 0xa0) {
 			return ' '
 		}
 		return r
 	}, s)
+}
+
+// cut trims s and limits it to max bytes, keeping the head (or the tail
+// when keepTail) and marking the cut with "…".
+func cut(s string, max int, keepTail bool) string {
 	s = strings.TrimSpace(s)
 	if len(s) <= max {
 		return s

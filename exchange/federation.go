@@ -1,6 +1,7 @@
 package exchange
 
 import (
+	"bytes"
 	"context"
 	"crypto/tls"
 	"crypto/x509"
@@ -13,7 +14,6 @@ import (
 	"net/http"
 	"net/url"
 	"os"
-	"regexp"
 	"strings"
 	"time"
 
@@ -373,7 +373,7 @@ func (f *Federation) statusError(status int, mt string, body []byte, tok string)
 	case mt == "text/html":
 		msg = "answered an HTML page (a proxy or login page?)"
 	case code == "" && msg == "" && len(body) > 0:
-		msg = string(body[:min(len(body), 4*maxMessage)])
+		msg = headWords(body, maxQuotedBody)
 	}
 	return f.fail(class, status, redactSecret(code, tok, 128), redactSecret(msg, tok, maxMessage), nil)
 }
@@ -415,16 +415,33 @@ func (f *Federation) fail(class string, status int, code, msg string, err error)
 	return e
 }
 
-// jwtShape matches anything shaped like a compact JWT.
-var jwtShape = regexp.MustCompile(`[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_=-]*`)
+// maxQuotedBody bounds how much of an error body is redacted and then cut
+// to maxMessage bytes: enough for redaction to have shrunk what comes first.
+const maxQuotedBody = 16 << 10
 
-// redactSecret removes tok and anything shaped like a JWT from s, then
-// sanitizes it to at most max bytes.
+// headWords returns the first max bytes of b, without the word the limit
+// cuts through (a secret cut in two is recognised by no rule).
+func headWords(b []byte, max int) string {
+	if len(b) <= max {
+		return string(b)
+	}
+	b = b[:max]
+	if i := bytes.LastIndexAny(b, " \t\r\n"); i >= 0 {
+		b = b[:i]
+	} else {
+		b = nil
+	}
+	return string(b)
+}
+
+// redactSecret removes tok, then everything creds.RedactText recognises
+// (JWTs whole or cut, long-term key ids, secret keys, session tokens) from
+// s, and only then cuts it to at most max bytes (sanitizeMessage).
 func redactSecret(s, tok string, max int) string {
 	if tok != "" {
 		s = strings.ReplaceAll(s, tok, "<redacted>")
 	}
-	return sanitize(jwtShape.ReplaceAllString(s, "<redacted>"), max, false)
+	return sanitizeMessage(s, max, false)
 }
 
 // checkFederationURL accepts https URLs and http URLs to a loopback host and

@@ -2,6 +2,8 @@ package exchange
 
 import (
 	"context"
+	"errors"
+	"io/fs"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -45,11 +47,11 @@ func TestS3ObjectsEndpointOverride(t *testing.T) {
 	provider := aws.CredentialsProviderFunc(func(context.Context) (aws.Credentials, error) {
 		return aws.Credentials{AccessKeyID: "AKIDEXAMPLE", SecretAccessKey: "secret", SessionToken: "token", Source: "test"}, nil
 	})
-	g, err := NewS3Objects(context.Background(), provider, "us-east-1", testMaxObject)
+	g, err := NewS3Objects(context.Background(), provider, "us-east-1")
 	if err != nil {
 		t.Fatal(err)
 	}
-	data, etag, err := g.GetObject(context.Background(), "policies", "fleet/rollout.yaml")
+	data, etag, err := g.GetObject(context.Background(), "policies", "fleet/rollout.yaml", testMaxObject)
 	if err != nil {
 		t.Fatalf("GetObject: %v", err)
 	}
@@ -61,10 +63,10 @@ func TestS3ObjectsEndpointOverride(t *testing.T) {
 		t.Errorf("request path %q (want path style), auth %q", gotPath, gotAuth)
 	}
 	mu.Unlock()
-	if _, _, err := g.GetObject(context.Background(), "policies", "big.yaml"); err == nil || !strings.Contains(err.Error(), "larger") {
-		t.Errorf("oversize object: %v", err)
+	if data, _, err := g.GetObject(context.Background(), "policies", "big.yaml", testMaxObject); err != nil || len(data) != testMaxObject+1 {
+		t.Errorf("oversize object: %d bytes, %v; want it cut at max+1", len(data), err)
 	}
-	if _, _, err := g.GetObject(context.Background(), "policies", "missing.yaml"); err == nil || !strings.Contains(err.Error(), "NoSuchKey") {
+	if _, _, err := g.GetObject(context.Background(), "policies", "missing.yaml", testMaxObject); err == nil || !strings.Contains(err.Error(), "NoSuchKey") || !errors.Is(err, fs.ErrNotExist) {
 		t.Errorf("missing object: %v", err)
 	}
 }
@@ -75,10 +77,10 @@ func TestS3ObjectsNeedsRegion(t *testing.T) {
 	t.Setenv("AWS_CONFIG_FILE", os.DevNull)
 	t.Setenv("AWS_SHARED_CREDENTIALS_FILE", os.DevNull)
 	provider := aws.AnonymousCredentials{}
-	if _, err := NewS3Objects(context.Background(), provider, "", testMaxObject); err == nil {
+	if _, err := NewS3Objects(context.Background(), provider, ""); err == nil {
 		t.Error("NewS3Objects without a region succeeded")
 	}
-	if _, err := NewS3Objects(context.Background(), nil, "us-east-1", testMaxObject); err == nil {
+	if _, err := NewS3Objects(context.Background(), nil, "us-east-1"); err == nil {
 		t.Error("NewS3Objects without credentials succeeded")
 	}
 }

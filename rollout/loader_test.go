@@ -3,6 +3,7 @@ package rollout
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"log"
 	"net/http"
@@ -64,7 +65,7 @@ func (f *fakeS3) count() int {
 	return f.gets
 }
 
-func (f *fakeS3) GetObject(ctx context.Context, bucket, key string) ([]byte, string, error) {
+func (f *fakeS3) GetObject(ctx context.Context, bucket, key string, max int64) ([]byte, string, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.gets++
@@ -73,7 +74,10 @@ func (f *fakeS3) GetObject(ctx context.Context, bucket, key string) ([]byte, str
 	}
 	d, ok := f.objects[bucket+"/"+key]
 	if !ok {
-		return nil, "", errors.New("NoSuchKey")
+		return nil, "", fmt.Errorf("NoSuchKey: %w", ErrObjectNotFound)
+	}
+	if int64(len(d)) > max+1 {
+		d = d[:max+1]
 	}
 	return []byte(d), `"etag"`, nil
 }

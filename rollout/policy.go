@@ -38,7 +38,10 @@
 //
 // ParsePolicy validates a document; a Loader reads it from a file, an https://
 // URL or an s3://bucket/key object and re-reads it on an interval, keeping the
-// last good policy when a new one is bad. DetectHost finds the instance id
+// last good policy when a new one is bad. With LoaderOptions.PolicyKeys a
+// policy is applied only when its detached Ed25519 signature (the policy's
+// name plus ".sig"; see ParseSignatureFile) verifies with one of them;
+// SignPolicy signs one. DetectHost finds the instance id
 // (for Bucket) and the instance group (from the instance's tags in metadata,
 // or configuration). Decide turns a policy, a group and a bucket into a
 // Decision, and a Selector serves credentials according to the current

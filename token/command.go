@@ -1,9 +1,12 @@
 package token
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
+	"io"
+	"os"
 	"os/exec"
 	"path/filepath"
 	"regexp"
@@ -16,6 +19,8 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
 	"golang.org/x/sync/singleflight"
+
+	"github.com/imdsproxy/imdsproxy/creds"
 )
 
 // Reasons of Command.Token failures, in addition to the shared ones
@@ -26,9 +31,21 @@ const (
 	// a non-zero status (or was killed by a signal).
 	ReasonCommandFailed = "command_failed"
 	// ReasonCommandTimeout: the command did not finish within
-	// CommandOptions.Timeout; its whole process group was killed.
+	// CommandOptions.Timeout; it and every process it started were killed.
 	ReasonCommandTimeout = "command_timeout"
 )
+
+// WorkloadEnv is the environment variable through which a Command made by
+// For tells the program which workload subject to mint a token for. The
+// default subject's runs never have it.
+const WorkloadEnv = "IMDSPROXY_WORKLOAD"
+
+// MaxWorkloadSubject is the longest subject For accepts, in bytes.
+const MaxWorkloadSubject = 128
+
+// workloadSubject is the charset of a subject: it goes into an environment
+// variable and, most likely, a command line or a JWT "sub" claim.
+var workloadSubject = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._:@/+=-]*$`)
 
 // Defaults of CommandOptions and URLOptions.
 const (
@@ -47,15 +64,16 @@ const (
 	jwtReuseFraction  = 10 // percent
 )
 
-// commandWaitDelay bounds how long Wait waits for the output pipes after the
-// command exited or was killed (a grandchild that left the process group may
-// hold them open).
+// commandWaitDelay bounds how long a run waits for the output pipes after
+// the command exited or was killed and everything it started was killed too
+// (only a process the daemon may not signal can still hold them open).
 const commandWaitDelay = time.Second
 
 // CommandOptions tunes a Command. The zero value is usable.
 type CommandOptions struct {
 	// Timeout bounds one run of the command; 0 means DefaultCommandTimeout
-	// (10 s). On timeout the command's whole process group is killed.
+	// (10 s). On timeout the command and every process it started are
+	// killed.
 	Timeout time.Duration
 	// Now returns the current time (expiry checks, caching); nil means
 	// time.Now.
@@ -70,12 +88,33 @@ type CommandOptions struct {
 // standard input connected to /dev/null, in a process group of its own. Its
 // standard output (at most MaxTokenSize bytes, surrounding whitespace
 // trimmed) is the token; it is never logged. Its standard error (the first
-// MaxCommandStderr bytes) is logged at Warn, sanitized, only when the run
+// MaxCommandStderr bytes) is logged at Warn, redacted (creds.RedactText:
+// JWTs, long-term key ids, secret keys) and sanitized, only when the run
 // fails. A token is reused until shortly before its own expiry (see Token),
 // and concurrent callers share one run.
+//
+// Nothing the program starts outlives its run. When the program exits (or
+// is killed on timeout), every process it started is killed with SIGKILL
+// and reaped, including those that left its process group and session
+// (setsid, a double fork): on Linux, NewCommand makes the whole daemon a
+// child subreaper (prctl PR_SET_CHILD_SUBREAPER, no privilege needed), so
+// that such orphans are re-parented to the daemon instead of init, and each
+// run's environment carries IMDSPROXY_RUN_ID=<random id>, inherited by its
+// descendants, which tells overlapping runs' processes apart. A program
+// must therefore not leave a helper running for later runs. The daemon
+// must start no other child processes (it starts none).
+//
+// For returns the Command of one workload subject: the same program, run
+// with IMDSPROXY_WORKLOAD=<subject> in its environment, with a cache of its
+// own.
 type Command struct {
-	argv []string
-	jwt  *jwtSource
+	argv    []string
+	subject string // "" for the default subject
+	jwt     *jwtSource
+
+	// The default subject's Command holds every subject's.
+	mu       sync.Mutex
+	subjects map[string]*Command
 }
 
 // NewCommand returns a Command running argv. argv[0] must be an absolute
@@ -111,7 +150,7 @@ func NewCommand(argv []string, opts CommandOptions, log *zap.Logger, reg prometh
 	if log == nil {
 		log = zap.NewNop()
 	}
-	c := &Command{argv: append([]string(nil), argv...)}
+	c := &Command{argv: append([]string(nil), argv...), subjects: map[string]*Command{}}
 	src, err := newJWTSource(jwtSourceConfig{
 		source:  "command",
 		path:    argv[0],
@@ -126,11 +165,60 @@ func NewCommand(argv []string, opts CommandOptions, log *zap.Logger, reg prometh
 		return nil, err
 	}
 	c.jwt = src
+	if err := becomeSubreaper(); err != nil {
+		log.Warn("processes a token command starts outside its process group cannot be killed when it ends",
+			zap.String("path", argv[0]), zap.Error(err))
+	}
 	return c, nil
 }
 
 // Path returns the program (argv[0]).
 func (c *Command) Path() string { return c.argv[0] }
+
+// Subject returns the workload subject the Command runs for, "" for the
+// default subject.
+func (c *Command) Subject() string { return c.subject }
+
+// For returns the Command minting tokens for the workload subject: the
+// same program and options, run with IMDSPROXY_WORKLOAD=<subject> in its
+// environment (the default subject's runs never have that variable, even
+// when the daemon's environment does). Each subject's token is cached,
+// reused, shared between concurrent callers and forgotten exactly like the
+// default subject's, independently of the others. For("") is c's default
+// subject. Calls with the same subject return the same *Command, so a
+// subject costs one cache for the life of c; subjects come from
+// configuration, not from clients. Its metrics are the default subject's
+// fetch counter (source="command"); the expiry gauge follows the default
+// subject only. Errors of its Token name the subject (Error.Workload).
+//
+// A subject is 1..MaxWorkloadSubject (128) bytes of ASCII letters, digits
+// and "._:@/+=-", starting with a letter or digit; For refuses anything
+// else. Safe for concurrent use; call it on the Command NewCommand
+// returned (on a subject's Command it is that of the default subject).
+func (c *Command) For(subject string) (*Command, error) {
+	root := c
+	if c.subject != "" {
+		return nil, fmt.Errorf("token: command %s: For on the Command of workload %q", c.argv[0], c.subject)
+	}
+	if subject == "" {
+		return root, nil
+	}
+	if len(subject) > MaxWorkloadSubject || !workloadSubject.MatchString(subject) {
+		return nil, fmt.Errorf("token: command %s: workload subject %q: want 1..%d letters, digits or ._:@/+=-, starting with a letter or digit",
+			c.argv[0], sanitizeText(subject, 2*MaxWorkloadSubject), MaxWorkloadSubject)
+	}
+	root.mu.Lock()
+	defer root.mu.Unlock()
+	if sc, ok := root.subjects[subject]; ok {
+		return sc, nil
+	}
+	sc := &Command{argv: root.argv, subject: subject}
+	cfg := root.jwt.jwtSourceConfig
+	cfg.workload, cfg.fetch, cfg.reg = subject, sc.run, nil
+	sc.jwt = &jwtSource{jwtSourceConfig: cfg, fetches: root.jwt.fetches}
+	root.subjects[subject] = sc
+	return sc, nil
+}
 
 // Token returns the cached token while it is far enough from expiry (now <
 // exp − max(60 s, 10 % of its lifetime)), else runs the command, checks the
@@ -141,42 +229,83 @@ func (c *Command) Path() string { return c.argv[0] }
 // command's output.
 func (c *Command) Token(ctx context.Context) (string, error) { return c.jwt.Token(ctx) }
 
-// Forget drops the remembered token if it is tok, so that the next Token
-// runs the command again. The exchange calls it when STS refuses tok
+// Forget drops the remembered token if it is tok (of c's subject), so that
+// the next Token runs the command again. The exchange calls it when STS refuses tok
 // (expired or invalid by STS's clock and keys, whatever the local clock
 // says, as after the host's clock stepped back). Safe for concurrent use.
 func (c *Command) Forget(tok string) { c.jwt.forget(tok) }
 
 // run executes the command once. ctx carries the run's timeout.
 func (c *Command) run(ctx context.Context) (string, []zap.Field, error) {
+	outR, outW, err := os.Pipe()
+	if err != nil {
+		return "", nil, c.jwt.fail(ReasonCommandFailed, err)
+	}
+	defer outR.Close()
+	errR, errW, err := os.Pipe()
+	if err != nil {
+		outW.Close()
+		return "", nil, c.jwt.fail(ReasonCommandFailed, err)
+	}
+	defer errR.Close()
+
+	tree := beginRun()
+	defer tree.end()
 	cmd := exec.CommandContext(ctx, c.argv[0], c.argv[1:]...)
+	cmd.Env = c.env(tree)
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	cmd.Cancel = func() error {
-		// The process is its group's leader: kill the whole group, so that
-		// children of a shell script die too.
-		return syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
+		// The program is its group's leader: kill the whole group, so that
+		// children of a shell script die too, then whatever left it.
+		err := syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
+		_, _ = tree.sweep(cmd.Process.Pid)
+		return err
 	}
 	cmd.WaitDelay = commandWaitDelay
 	cmd.Stdin = nil // /dev/null
+	// The pipes are *os.File: the program writes to them directly, and
+	// Wait returns as soon as it exited, whoever else holds them.
+	cmd.Stdout, cmd.Stderr = outW, errW
+	start := time.Now()
+	err = cmd.Start()
+	outW.Close()
+	errW.Close()
 	stdout := &cappedBuffer{max: MaxTokenSize + 1}
 	stderr := &cappedBuffer{max: MaxCommandStderr}
-	cmd.Stdout, cmd.Stderr = stdout, stderr
-	start := time.Now()
-	err := cmd.Run()
-	if errors.Is(err, exec.ErrWaitDelay) && cmd.Process != nil {
-		// The command exited but something it started kept the output open.
-		_ = syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
+	if err == nil {
+		tree.started(cmd.Process.Pid)
+		var wg sync.WaitGroup
+		wg.Go(func() { _, _ = io.Copy(stdout, outR) })
+		wg.Go(func() { _, _ = io.Copy(stderr, errR) })
+		err = cmd.Wait()
+		if left, serr := tree.sweep(0); serr != nil || left > 0 {
+			c.jwt.log.Warn("processes started by the token command could not all be killed",
+				zap.String("path", c.argv[0]), zap.Int("left", left), zap.Error(serr))
+		}
+		// Everything that held the pipes is dead now: they end at once,
+		// unless a process the daemon may not signal holds them.
+		done := make(chan struct{})
+		go func() { wg.Wait(); close(done) }()
+		t := time.NewTimer(commandWaitDelay)
+		select {
+		case <-done:
+		case <-t.C:
+			outR.Close()
+			errR.Close()
+			<-done
+		}
+		t.Stop()
 	}
 	out := string(stdout.b)
 	var fields []zap.Field
 	if len(stderr.b) > 0 {
-		fields = append(fields, zap.String("stderr", sanitizeStderr(string(stderr.b), out)))
+		fields = append(fields, zap.String("stderr", sanitizeStderr(stderr.b, stderr.over, out)))
 	}
 	fields = append(fields, zap.Duration("duration", time.Since(start)))
 	if errors.Is(ctx.Err(), context.DeadlineExceeded) {
-		return "", fields, c.jwt.fail(ReasonCommandTimeout, fmt.Errorf("no token within %s; killed its process group", c.jwt.timeout))
+		return "", fields, c.jwt.fail(ReasonCommandTimeout, fmt.Errorf("no token within %s; killed it and every process it started", c.jwt.timeout))
 	}
-	if err != nil && !errors.Is(err, exec.ErrWaitDelay) {
+	if err != nil {
 		var ee *exec.ExitError
 		if errors.As(err, &ee) {
 			return "", fields, c.jwt.fail(ReasonCommandFailed, errors.New(ee.ProcessState.String()))
@@ -187,6 +316,24 @@ func (c *Command) run(ctx context.Context) (string, []zap.Field, error) {
 		return "", fields, c.jwt.fail(ReasonTooLarge, fmt.Errorf("output larger than %d bytes", MaxTokenSize))
 	}
 	return out, fields, nil
+}
+
+// env returns the environment of one run: the daemon's, without
+// WorkloadEnv and runIDEnv, plus the run's id and, for a subject's Command,
+// WorkloadEnv.
+func (c *Command) env(tree *procRun) []string {
+	env := os.Environ()
+	kept := env[:0:0]
+	for _, kv := range env {
+		if !strings.HasPrefix(kv, WorkloadEnv+"=") && !strings.HasPrefix(kv, runIDEnv+"=") {
+			kept = append(kept, kv)
+		}
+	}
+	kept = append(kept, tree.env())
+	if c.subject != "" {
+		kept = append(kept, WorkloadEnv+"="+c.subject)
+	}
+	return kept
 }
 
 // cappedBuffer keeps the first max bytes written to it and silently drops
@@ -212,18 +359,29 @@ func (w *cappedBuffer) Write(p []byte) (int, error) {
 	return len(p), nil
 }
 
-// jwtLike matches anything shaped like a compact JWT, to keep tokens out of
-// logged stderr and error excerpts.
-var jwtLike = regexp.MustCompile(`[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_=-]*`)
-
 // sanitizeStderr makes a command's stderr safe to log: the token (tok, when
-// known) and anything shaped like a JWT are replaced by "<redacted>",
-// control characters and invalid UTF-8 become spaces.
-func sanitizeStderr(s, tok string) string {
+// known) becomes "<redacted>", everything creds.RedactText recognises (JWTs
+// whole or cut off, long-term key ids, secret keys, session tokens) is
+// redacted, control characters and invalid UTF-8 become spaces. When the
+// capture was cut (over), the word the cut went through is dropped first:
+// the start of a secret no rule recognises any more.
+func sanitizeStderr(b []byte, over bool, tok string) string {
+	if over {
+		b = dropCutWord(b)
+	}
+	s := string(b)
 	if tok = strings.TrimSpace(tok); len(tok) >= 8 {
 		s = strings.ReplaceAll(s, tok, "<redacted>")
 	}
-	return sanitizeText(jwtLike.ReplaceAllString(s, "<redacted>"), MaxCommandStderr)
+	return sanitizeText(creds.RedactText(s), MaxCommandStderr)
+}
+
+// dropCutWord drops the last word of b, which a cut went through.
+func dropCutWord(b []byte) []byte {
+	if i := bytes.LastIndexAny(b, " \t\r\n"); i >= 0 {
+		return b[:i]
+	}
+	return nil
 }
 
 // sanitizeText replaces control characters and invalid UTF-8 with spaces,
@@ -251,13 +409,14 @@ func sanitizeText(s string, max int) string {
 // metrics.
 
 type jwtSourceConfig struct {
-	source  string // metric label and log field: "command", "url"
-	path    string // Error.Path
-	timeout time.Duration
-	now     func() time.Time
-	log     *zap.Logger
-	reg     prometheus.Registerer
-	reasons []string // source-specific reasons, to pre-create metric series
+	source   string // metric label and log field: "command", "url"
+	path     string // Error.Path
+	workload string // Error.Workload: the subject of a Command made by For
+	timeout  time.Duration
+	now      func() time.Time
+	log      *zap.Logger
+	reg      prometheus.Registerer
+	reasons  []string // source-specific reasons, to pre-create metric series
 	// fetch obtains a raw token once; ctx carries the timeout. The fields
 	// are added to the log line when the fetch (or the token it returned)
 	// is refused. Errors should be *Error.
@@ -304,8 +463,16 @@ func newJWTSource(cfg jwtSourceConfig) (*jwtSource, error) {
 	return s, nil
 }
 
+// workloadField is the log field naming the workload subject, if any.
+func (s *jwtSource) workloadField() []zap.Field {
+	if s.workload == "" {
+		return nil
+	}
+	return []zap.Field{zap.String("workload", s.workload)}
+}
+
 func (s *jwtSource) fail(reason string, err error) *Error {
-	return &Error{Reason: reason, Path: s.path, Err: err}
+	return &Error{Reason: reason, Path: s.path, Workload: s.workload, Err: err}
 }
 
 func (s *jwtSource) cached() (string, bool) {
@@ -369,9 +536,9 @@ func (s *jwtSource) refresh(ctx context.Context) (string, error) {
 			reason = te.Reason
 		}
 		s.count(reason)
-		s.log.Warn("identity token refused", append([]zap.Field{
+		s.log.Warn("identity token refused", append(append([]zap.Field{
 			zap.String("source", s.source), zap.String("reason", reason),
-			zap.String("path", s.path), zap.Error(err)}, fields...)...)
+			zap.String("path", s.path)}, s.workloadField()...), append([]zap.Field{zap.Error(err)}, fields...)...)...)
 		return "", err
 	}
 	lifetime := claims.Expiry.Sub(fetched)
@@ -386,8 +553,8 @@ func (s *jwtSource) refresh(ctx context.Context) (string, error) {
 	if s.expiry != nil {
 		s.expiry.Set(float64(claims.Expiry.UnixNano()) / 1e9)
 	}
-	s.log.Debug("identity token fetched", zap.String("source", s.source), zap.String("path", s.path),
-		zap.Time("expires", claims.Expiry), zap.Time("reuse_until", claims.Expiry.Add(-margin)))
+	s.log.Debug("identity token fetched", append([]zap.Field{zap.String("source", s.source), zap.String("path", s.path),
+		zap.Time("expires", claims.Expiry), zap.Time("reuse_until", claims.Expiry.Add(-margin))}, s.workloadField()...)...)
 	return tok, nil
 }
 

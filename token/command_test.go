@@ -367,7 +367,7 @@ func TestCommandCancelledContext(t *testing.T) {
 
 func TestSanitizeStderr(t *testing.T) {
 	tok := validJWT(t, "x")
-	got := sanitizeStderr("prefix "+tok+" and eyJhbGciOi.eyJzdWIiOiJ4.c2lnbmF0dXJl\x00\tend", tok)
+	got := sanitizeStderr([]byte("prefix "+tok+" and eyJhbGciOi.eyJzdWIiOiJ4.c2lnbmF0dXJl\x00\tend"), false, tok)
 	if strings.Contains(got, tok) || strings.Contains(got, "eyJzdWIiOiJ4") || strings.ContainsAny(got, "\x00\t") {
 		t.Fatalf("sanitizeStderr = %q", got)
 	}

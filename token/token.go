@@ -10,7 +10,8 @@
 // upstream (the signature is verified by STS, not here). X509 loads a
 // certificate, its chain and private key, re-reading them when the files
 // change. Both File and X509 defend against files rewritten in place (see
-// File and X509). It is a leaf package: it imports nothing of the project.
+// File and X509). It imports nothing of the project but creds (for
+// RedactText, which redacts the text it quotes from commands and issuers).
 //
 // Errors are *Error values with a bounded Reason. They carry the error
 // classification methods of the project (ErrorClass, Permanent; see
@@ -74,19 +75,28 @@ const ErrorClassIdentity = "identity"
 type Error struct {
 	// Reason is one of the Reason constants.
 	Reason string
-	// Path is the token file's path.
+	// Path is the token file's path (the program of a Command, the issuer
+	// of a URL).
 	Path string
+	// Workload is the workload subject of a Command made by Command.For,
+	// "" otherwise.
+	Workload string
 	// Err is the underlying cause (an *fs.PathError, an error from
 	// ParseClaims, ...), never one that quotes the token.
 	Err error
 }
 
-// Error returns "token: <path>: <reason>: <detail>".
+// Error returns "token: <path>: <reason>: <detail>", or "token: <path>
+// (workload <subject>): <reason>: <detail>" for a workload's Command.
 func (e *Error) Error() string {
-	if e.Err == nil {
-		return fmt.Sprintf("token: %s: %s", e.Path, e.Reason)
+	path := e.Path
+	if e.Workload != "" {
+		path += " (workload " + e.Workload + ")"
 	}
-	return fmt.Sprintf("token: %s: %s: %v", e.Path, e.Reason, e.Err)
+	if e.Err == nil {
+		return fmt.Sprintf("token: %s: %s", path, e.Reason)
+	}
+	return fmt.Sprintf("token: %s: %s: %v", path, e.Reason, e.Err)
 }
 
 // Unwrap returns the underlying cause.
@@ -187,7 +197,9 @@ type File struct {
 }
 
 // NewFile returns a File reading path. The file need not exist yet: it is
-// read only by Token. log may be nil (no logging). reg may be nil (no
+// read only by Token. When it exists, NewFile logs CheckFileMode's warning
+// (a token file readable or writable by group or others, owned by another
+// user, in a directory others may write) once at Warn. log may be nil (no logging). reg may be nil (no
 // metrics); otherwise these metrics are registered on it:
 //
 //	imdsproxy_identity_token_reads_total{result}         counter; result is "ok" or a Reason
@@ -230,6 +242,9 @@ func NewFile(path string, opts FileOptions, log *zap.Logger, reg prometheus.Regi
 		for _, r := range reasons {
 			f.reads.WithLabelValues(r)
 		}
+	}
+	if w, err := CheckFileMode(path); err == nil && w != "" {
+		log.Warn("identity token file permissions", zap.String("path", path), zap.String("warning", w))
 	}
 	return f, nil
 }

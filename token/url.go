@@ -19,6 +19,8 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
+
+	"github.com/imdsproxy/imdsproxy/creds"
 )
 
 // Reasons of URL.Token failures, in addition to the shared ones
@@ -48,6 +50,9 @@ const (
 	// maxIssuerExcerpt is the longest part of an issuer's error body quoted
 	// in an error, after sanitizing.
 	maxIssuerExcerpt = 200
+	// maxQuotedBody bounds how much of an issuer's error body is redacted
+	// before it is cut to maxIssuerExcerpt.
+	maxQuotedBody = 16 << 10
 	// imdsTokenTTL is the TTL of the IMDSv2 session token asked for.
 	imdsTokenTTL = "60"
 )
@@ -218,6 +223,13 @@ func (u *URL) fetch(ctx context.Context) (string, []zap.Field, error) {
 		return "", nil, u.jwt.fail(ReasonIssuerFailed, transportError(err))
 	}
 	defer resp.Body.Close()
+	if resp.StatusCode == http.StatusOK && resp.ContentLength > MaxTokenSize {
+		// Refused before reading any of it; closing the body drops the
+		// connection rather than reading on.
+		return "", nil, u.jwt.fail(ReasonTooLarge, fmt.Errorf("issuer answer of %d bytes is larger than %d", resp.ContentLength, MaxTokenSize))
+	}
+	// Never more than MaxTokenSize+1 bytes are read, whatever the answer
+	// holds: a bigger one is refused below.
 	b, err := io.ReadAll(io.LimitReader(resp.Body, MaxTokenSize+1))
 	if err != nil {
 		if ctx.Err() != nil {
@@ -329,12 +341,13 @@ func transportError(err error) error {
 }
 
 // excerpt returns at most maxIssuerExcerpt sanitized characters of an error
-// body, with anything shaped like a JWT replaced.
+// body, redacted with creds.RedactText before it is cut (and without the
+// word a first cut to 16 KiB went through).
 func excerpt(b []byte) string {
-	if len(b) > 4*maxIssuerExcerpt {
-		b = b[:4*maxIssuerExcerpt]
+	if len(b) > maxQuotedBody {
+		b = dropCutWord(b[:maxQuotedBody])
 	}
-	return sanitizeText(jwtLike.ReplaceAllString(string(b), "<redacted>"), maxIssuerExcerpt)
+	return sanitizeText(creds.RedactText(string(b)), maxIssuerExcerpt)
 }
 
 func refuseRedirect(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }

@@ -175,7 +175,7 @@ func TestURLFailures(t *testing.T) {
 		{name: "long error body with a token", handler: func(w http.ResponseWriter, r *http.Request) {
 			w.WriteHeader(403)
 			_, _ = io.WriteString(w, "denied for eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJpLTEifQ.c2lnbmF0dXJlLXNlY3JldA "+strings.Repeat("y", 5000))
-		}, reason: ReasonIssuerFailed, want: "issuer answered HTTP 403: denied for <redacted>"},
+		}, reason: ReasonIssuerFailed, want: "issuer answered HTTP 403: denied for <redacted-jwt>"},
 		{name: "json without token", handler: func(w http.ResponseWriter, r *http.Request) {
 			w.Header().Set("Content-Type", "application/json")
 			_, _ = io.WriteString(w, `{"jwt":"x"}`)

@@ -660,7 +660,7 @@ func (d *daemon) newSources(ctx context.Context, spec sourceSpec) (*sources, err
 	}
 	if spec.Rollout {
 		if spec.S3 {
-			if s.s3, err = exchange.NewS3Objects(ctx, s.ip.Provider(), spec.Region, rollout.MaxPolicySize); err != nil {
+			if s.s3, err = exchange.NewS3Objects(ctx, s.ip.Provider(), spec.Region); err != nil {
 				return nil, fmt.Errorf("rollout: %w", err)
 			}
 		}
