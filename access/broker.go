@@ -134,6 +134,22 @@ func (b *Broker) Credentials(ctx context.Context, d Decision, c Client, door, ro
 	return cr, nil
 }
 
+// Info returns the credentials of d like Credentials, fallback included,
+// without counting or auditing a hand-out: for answers derived from the
+// credentials that do not hand them out (iam/info).
+func (b *Broker) Info(ctx context.Context, d Decision) (creds.Credentials, error) {
+	if d.Outcome != Serve {
+		return creds.Credentials{}, errors.New("access: credentials asked for a decision that is not Serve")
+	}
+	cr, err := b.src.Get(ctx, d.Key)
+	if err != nil && !d.Fallback.IsZero() && ctx.Err() == nil {
+		if fc, ferr := b.src.Get(ctx, d.Fallback); ferr == nil {
+			return fc, nil
+		}
+	}
+	return cr, err
+}
+
 func (b *Broker) warnFallback(key creds.Key, err error) {
 	now := time.Now()
 	b.mu.Lock()

@@ -224,6 +224,11 @@ func NewPlan(cfg PlanConfig, prev *Plan, now time.Time) (*Plan, error) {
 	} else {
 		p.gen = 1
 	}
+	// A retained plan that tells clients apart must see them as they are
+	// for as long as it answers.
+	for _, r := range p.retired {
+		p.identify = p.identify || r.plan.identify
+	}
 	return p, nil
 }
 
@@ -240,7 +245,8 @@ func set[T comparable](list []T) map[T]bool {
 func (p *Plan) Gen() uint32 { return p.gen }
 
 // Identify reports whether clients must be identified for this plan (access
-// lists, the audit or workloads); without, the zero Client is passed.
+// lists, the audit or workloads, its own or a retained plan's); without, the
+// zero Client is passed.
 func (p *Plan) Identify() bool { return p.identify }
 
 // Serving returns the kind the host serves.

@@ -104,6 +104,5 @@ func (s *Server) refuse(w http.ResponseWriter, d access.Decision, who access.Cli
 		writeText(w, http.StatusServiceUnavailable, retryBody)
 		return
 	}
-	s.m.accessDenied.Inc()
 	writeText(w, http.StatusForbidden, accessDeniedBody)
 }

@@ -1,90 +1,31 @@
 package proxy
 
 import (
-	"context"
+	"bytes"
+	"encoding/json"
 	"errors"
 	"io"
-	"net"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"testing"
 
-	"github.com/prometheus/client_golang/prometheus/testutil"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
 	"go.uber.org/zap/zaptest/observer"
+
+	"github.com/imdsproxy/imdsproxy/access"
+	"github.com/imdsproxy/imdsproxy/peer"
 )
 
-// fakeAccess is a hand-written AccessControl: Identify answers who (or err),
-// Allow admits the uids in allow.
-type fakeAccess struct {
-	who Peer
-	err error
+// testPeer is the identified client of the access tests.
+var testPeer = peer.Info{UID: 1234, PID: 42, Exe: "/usr/bin/app", Unit: "app.service", Cgroup: "/system.slice/app.service"}
 
-	identified atomic.Int32
-	mu         sync.Mutex
-	allow      map[int]bool
-	seen       []Peer // every Peer passed to Allow
-}
-
-func (f *fakeAccess) Identify(ctx context.Context, conn net.Conn) (Peer, error) {
-	f.identified.Add(1)
-	if conn == nil || ctx.Err() != nil {
-		return Peer{}, errors.New("no connection or done context")
-	}
-	if _, ok := ctx.Deadline(); !ok {
-		return Peer{}, errors.New("unbounded context")
-	}
-	return f.who, f.err
-}
-
-func (f *fakeAccess) Allow(p Peer) bool {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	f.seen = append(f.seen, p)
-	return p.Known && f.allow[p.UID]
-}
-
-func (f *fakeAccess) setAllow(uids ...int) {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	f.allow = map[int]bool{}
-	for _, u := range uids {
-		f.allow[u] = true
-	}
-}
-
-var testPeer = Peer{Known: true, UID: 1234, PID: 42, Exe: "/usr/bin/app", Unit: "app.service"}
-
-// serveEnv runs e.s.Serve on a loopback listener and returns its base URL
-// and a keep-alive client.
-func serveEnv(t *testing.T, e *testEnv) (string, *http.Client) {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(t.Context())
-	done := make(chan struct{})
-	go func() { _ = e.s.Serve(ctx, ln); close(done) }()
-	tr := &http.Transport{MaxIdleConnsPerHost: 1}
-	t.Cleanup(func() { tr.CloseIdleConnections(); cancel(); <-done })
-	return "http://" + ln.Addr().String(), &http.Client{Transport: tr}
-}
-
-func get(t *testing.T, c *http.Client, url string) (int, string) {
-	t.Helper()
-	resp, err := c.Get(url)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	b, _ := io.ReadAll(resp.Body)
-	return resp.StatusCode, string(b)
+// allowUIDs is an access: section admitting only uids (audit on).
+func allowUIDs(uids ...int) access.PlanConfig {
+	return access.PlanConfig{Access: access.Section{AllowUIDs: uids}}
 }
 
 func TestAccessDenied(t *testing.T) {
@@ -97,9 +38,9 @@ func TestAccessDenied(t *testing.T) {
 	}))
 	defer upstream.Close()
 	u, _ := url.Parse(upstream.URL)
-	fa := &fakeAccess{who: testPeer}
 	core, logs := observer.New(zapcore.DebugLevel)
-	e := newEnvLog(t, Config{Access: fa, Upstream: u}, zap.New(core))
+	e := newEnvLog(t, Config{Upstream: u, Plan: planOf(t, allowUIDs(9999))}, zap.New(core))
+	e.id.set(testPeer, nil)
 	base, client := serveEnv(t, e)
 
 	for _, tc := range []struct {
@@ -125,34 +66,33 @@ func TestAccessDenied(t *testing.T) {
 			t.Errorf("GET %s leaked credentials: %q", tc.path, body)
 		}
 	}
-	if got := testutil.ToFloat64(e.s.m.accessDenied); got != 5 {
-		t.Errorf("imdsproxy_access_denied_total = %v, want 5", got)
+	if got := metricValue(t, e.reg, "imdsproxy_access_refused_total", map[string]string{"outcome": "deny", "reason": "not_allowed"}); got != 5 {
+		t.Errorf("imdsproxy_access_refused_total{deny,not_allowed} = %v, want 5", got)
 	}
-	if n := fa.identified.Load(); n != 1 {
-		t.Errorf("Identify called %d times on one keep-alive connection, want 1", n)
+	if n := e.id.calls.Load(); n != 1 {
+		t.Errorf("Identifier called %d times on one keep-alive connection, want 1", n)
 	}
 	if n := logs.FilterMessage("credentials served").Len(); n != 0 {
 		t.Errorf("%d audit lines for refused requests", n)
 	}
-	if e.src.calls != 0 {
-		t.Errorf("credential source called %d times for refused requests", e.src.calls)
+	if n := e.src.callCount(); n != 0 {
+		t.Errorf("credential source called %d times for refused requests", n)
 	}
 
-	// A policy change applies to the open connection at once.
-	fa.setAllow(testPeer.UID)
+	// A new plan applies to the open connection at once.
+	e.publish(t, Config{Upstream: u}, allowUIDs(testPeer.UID))
 	if code, body := get(t, client, base+"/latest/meta-data/iam/security-credentials/"+testRole); code != 200 || !strings.Contains(body, testKeyID) {
 		t.Errorf("after allowing: %d %q", code, body)
 	}
-	if n := fa.identified.Load(); n != 1 {
-		t.Errorf("Identify called %d times, want 1", n)
+	if n := e.id.calls.Load(); n != 1 {
+		t.Errorf("Identifier called %d times, want 1", n)
 	}
 }
 
 func TestAccessAllowedAudit(t *testing.T) {
-	fa := &fakeAccess{who: testPeer}
-	fa.setAllow(testPeer.UID)
 	core, logs := observer.New(zapcore.InfoLevel)
-	e := newEnvLog(t, Config{Access: fa}, zap.New(core))
+	e := newEnvLog(t, Config{Plan: planOf(t, allowUIDs(testPeer.UID))}, zap.New(core))
+	e.id.set(testPeer, nil)
 	base, client := serveEnv(t, e)
 
 	for _, p := range []string{"security-credentials/", "security-credentials-extended/"} {
@@ -160,6 +100,10 @@ func TestAccessAllowedAudit(t *testing.T) {
 		if code != 200 || !strings.Contains(body, testSecret) {
 			t.Fatalf("GET %s: %d %q", p, code, body)
 		}
+	}
+	// The listing hands out nothing: no audit line.
+	if code, body := get(t, client, base+"/latest/meta-data/iam/security-credentials/"); code != 200 || body != testRole {
+		t.Fatalf("listing: %d %q", code, body)
 	}
 	audit := logs.FilterMessage("credentials served").All()
 	if len(audit) != 2 {
@@ -173,12 +117,17 @@ func TestAccessAllowedAudit(t *testing.T) {
 		got := l.ContextMap()
 		want := map[string]any{
 			"identified": true, "uid": int64(1234), "pid": int64(42), "exe": "/usr/bin/app", "unit": "app.service",
-			"role_name": testRole, "role": testCreds().RoleARN, "access_key_id": testKeyID,
-			"kind": "cache", "route": route,
+			"cgroup": "/system.slice/app.service", "role_name": testRole, "role": testCreds().RoleARN,
+			"access_key_id": testKeyID, "kind": "cache", "door": doorIMDS, "route": route,
 		}
 		for k, v := range want {
 			if got[k] != v {
 				t.Errorf("audit %s = %v, want %v", k, got[k], v)
+			}
+		}
+		for _, k := range []string{"requested_role_name", "fallback"} {
+			if _, ok := got[k]; ok {
+				t.Errorf("audit has %s = %v for a plain hand-out", k, got[k])
 			}
 		}
 		for k, v := range got {
@@ -187,18 +136,17 @@ func TestAccessAllowedAudit(t *testing.T) {
 			}
 		}
 	}
-	if n := fa.identified.Load(); n != 1 {
-		t.Errorf("Identify called %d times, want 1", n)
+	if n := e.id.calls.Load(); n != 1 {
+		t.Errorf("Identifier called %d times, want 1", n)
 	}
 }
 
 // TestAccessKind checks that credentials stored during the request are
 // audited as a fetch.
 func TestAccessKind(t *testing.T) {
-	fa := &fakeAccess{who: testPeer}
-	fa.setAllow(testPeer.UID)
 	core, logs := observer.New(zapcore.InfoLevel)
-	e := newEnvLog(t, Config{Access: fa}, zap.New(core))
+	e := newEnvLog(t, Config{Plan: planOf(t, allowUIDs(testPeer.UID))}, zap.New(core))
+	e.id.set(testPeer, nil)
 	c := testCreds()
 	c.LastUpdated = t0.AddDate(10, 0, 0) // "after" the request started
 	e.src.set(c, nil)
@@ -211,88 +159,207 @@ func TestAccessKind(t *testing.T) {
 	}
 }
 
-// TestAccessUnknownPeer: outside Serve (no connection) and when Identify
-// fails, Allow gets a Peer that is not Known.
+// TestAccessUnknownPeer: with access lists, a client that is not a process
+// of this host (no connection, peer.ErrNotFound, no Identifier) is denied;
+// one that could not be identified is told to retry, never denied or
+// served.
 func TestAccessUnknownPeer(t *testing.T) {
 	path := "/latest/meta-data/iam/security-credentials/" + testRole
 	t.Run("no connection", func(t *testing.T) {
-		fa := &fakeAccess{who: testPeer}
-		e := newEnv(t, Config{Access: fa})
-		if w := e.do(http.MethodGet, path, nil); w.Code != 403 {
-			t.Errorf("got %d, want 403", w.Code)
+		e := newEnv(t, Config{Plan: planOf(t, allowUIDs(testPeer.UID))})
+		e.id.set(testPeer, nil)
+		if w := e.do(http.MethodGet, path, nil); w.Code != 403 || w.Body.String() != accessDeniedBody {
+			t.Errorf("got %d %q, want 403", w.Code, w.Body.String())
 		}
-		if fa.identified.Load() != 0 || len(fa.seen) != 1 || fa.seen[0].Known {
-			t.Errorf("identified %d, seen %+v", fa.identified.Load(), fa.seen)
+		if n := e.id.calls.Load(); n != 0 {
+			t.Errorf("Identifier called %d times without a connection", n)
+		}
+		if got := metricValue(t, e.reg, "imdsproxy_access_refused_total", map[string]string{"outcome": "deny", "reason": "not_local"}); got != 1 {
+			t.Errorf("refused{deny,not_local} = %v, want 1", got)
+		}
+	})
+	t.Run("not found", func(t *testing.T) {
+		e := newEnv(t, Config{Plan: planOf(t, allowUIDs(testPeer.UID))})
+		e.id.set(peer.Info{}, peer.ErrNotFound)
+		base, client := serveEnv(t, e)
+		if code, body := get(t, client, base+path); code != 403 || body != accessDeniedBody {
+			t.Errorf("got %d %q, want 403", code, body)
 		}
 	})
 	t.Run("identify fails", func(t *testing.T) {
-		fa := &fakeAccess{who: testPeer, err: errors.New("gone")}
-		fa.setAllow(testPeer.UID)
-		e := newEnv(t, Config{Access: fa})
+		e := newEnv(t, Config{Plan: planOf(t, allowUIDs(testPeer.UID))})
+		e.id.set(testPeer, errors.New("gone"))
+		base, client := serveEnv(t, e)
+		r := fetch(t, client, http.MethodGet, base+path, "")
+		if r.code != http.StatusServiceUnavailable || r.hdr.Get("Retry-After") != "1" || r.body != retryBody {
+			t.Errorf("got %d %q (Retry-After %q), want 503 with Retry-After: 1", r.code, r.body, r.hdr.Get("Retry-After"))
+		}
+		if got := metricValue(t, e.reg, "imdsproxy_access_refused_total", map[string]string{"outcome": "deny", "reason": "not_allowed"}); got != 0 {
+			t.Errorf("a retry counted as denied: %v", got)
+		}
+		if n := e.src.callCount(); n != 0 {
+			t.Errorf("credential source called %d times", n)
+		}
+	})
+	t.Run("no identifier", func(t *testing.T) {
+		e := newEnvWith(t, Config{Plan: planOf(t, allowUIDs(testPeer.UID))}, envOpts{noID: true})
 		base, client := serveEnv(t, e)
 		if code, _ := get(t, client, base+path); code != 403 {
 			t.Errorf("got %d, want 403", code)
-		}
-		if len(fa.seen) != 1 || fa.seen[0] != (Peer{}) {
-			t.Errorf("seen %+v, want one unknown peer", fa.seen)
 		}
 	})
 	t.Run("no access control", func(t *testing.T) {
 		core, logs := observer.New(zapcore.InfoLevel)
 		e := newEnvLog(t, Config{}, zap.New(core))
+		e.id.set(testPeer, nil)
 		base, client := serveEnv(t, e)
 		if code, _ := get(t, client, base+path); code != 200 {
 			t.Errorf("got %d, want 200", code)
 		}
 		if n := logs.FilterMessage("credentials served").Len(); n != 0 {
-			t.Errorf("%d audit lines without access control", n)
+			t.Errorf("%d audit lines with audit off", n)
+		}
+		if n := e.id.calls.Load(); n != 0 {
+			t.Errorf("Identifier called %d times for a plan that identifies nobody", n)
 		}
 	})
 }
 
-// TestAccessUnitUnknownNotRemembered: a Peer whose unit could not be told
-// in time is not kept for the connection; its next request identifies the
-// process again, while a complete answer is kept.
+// TestAccessUnitUnknownNotRemembered: a client whose unit could not be told
+// in time, or that could not be identified at all, is not kept for the
+// connection; its next request identifies the process again, while a
+// complete answer is kept.
 func TestAccessUnitUnknownNotRemembered(t *testing.T) {
 	path := "/latest/meta-data/iam/security-credentials/" + testRole
 	partial := testPeer
 	partial.Unit, partial.UnitUnknown = "", true
 	for _, tc := range []struct {
 		name string
-		who  Peer
-		want int32 // Identify calls for three requests on one connection
+		who  peer.Info
+		err  error
+		code int
+		want int32 // Identifier calls for three requests on one connection
 	}{
-		{"unit unknown", partial, 3},
-		{"complete", testPeer, 1},
+		{"unit unknown", partial, nil, 200, 3},
+		{"unresolved", peer.Info{}, errTimeout, 503, 3},
+		{"complete", testPeer, nil, 200, 1},
+		{"not local", peer.Info{}, peer.ErrNotFound, 403, 1},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			fa := &fakeAccess{who: tc.who}
-			fa.setAllow(testPeer.UID)
-			e := newEnv(t, Config{Access: fa})
+			e := newEnv(t, Config{Plan: planOf(t, allowUIDs(testPeer.UID))})
+			e.id.set(tc.who, tc.err)
 			base, client := serveEnv(t, e)
 			for range 3 {
-				if code, _ := get(t, client, base+path); code != 200 {
-					t.Fatalf("got %d, want 200", code)
+				if code, _ := get(t, client, base+path); code != tc.code {
+					t.Fatalf("got %d, want %d", code, tc.code)
 				}
 			}
-			if n := fa.identified.Load(); n != tc.want {
-				t.Errorf("Identify called %d times for 3 requests on one connection, want %d", n, tc.want)
+			if n := e.id.calls.Load(); n != tc.want {
+				t.Errorf("Identifier called %d times for 3 requests on one connection, want %d", n, tc.want)
 			}
 		})
 	}
 }
 
-// TestAccessAuditLogConfig: Config.AuditLog replaces the default logger.
-func TestAccessAuditLogConfig(t *testing.T) {
-	fa := &fakeAccess{who: testPeer}
-	fa.setAllow(testPeer.UID)
-	core, logs := observer.New(zapcore.InfoLevel)
-	e := newEnv(t, Config{Access: fa, AuditLog: zap.New(core).Named("custom")})
+// TestAuditGoesToTheBrokersLogger: the audit line is written to the audit
+// logger given to the broker, never to the Server's own logger.
+func TestAuditGoesToTheBrokersLogger(t *testing.T) {
+	srvCore, srvLogs := observer.New(zapcore.DebugLevel)
+	auditCore, auditLogs := observer.New(zapcore.InfoLevel)
+	e := newEnvWith(t, Config{Plan: planOf(t, allowUIDs(testPeer.UID))},
+		envOpts{log: zap.New(srvCore), audit: zap.New(auditCore).Named("custom")})
+	e.id.set(testPeer, nil)
 	base, client := serveEnv(t, e)
 	if code, _ := get(t, client, base+"/latest/meta-data/iam/security-credentials/"+testRole); code != 200 {
 		t.Fatalf("got %d", code)
 	}
-	if got := logs.All(); len(got) != 1 || got[0].LoggerName != "custom" {
+	if got := auditLogs.All(); len(got) != 1 || got[0].LoggerName != "custom" {
 		t.Errorf("audit lines %v", got)
+	}
+	if n := srvLogs.FilterMessage("credentials served").Len(); n != 0 {
+		t.Errorf("%d audit lines on the Server's logger", n)
+	}
+}
+
+// syncBuffer is a bytes.Buffer safe for concurrent writes.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// TestAuditLineJSON: a hand-out to an identified client writes one JSON
+// line naming the client (uid, unit), the role, the access key id, the
+// door and the route, and never the secret or the session token; a
+// workload's hand-out names the workload's role.
+func TestAuditLineJSON(t *testing.T) {
+	var buf syncBuffer
+	enc := zapcore.NewJSONEncoder(zap.NewProductionEncoderConfig())
+	auditLog := zap.New(zapcore.NewCore(enc, zapcore.AddSync(&buf), zapcore.InfoLevel)).Named("audit")
+	pc := withWorkloads(access.PlanConfig{}, uidWorkload(1001, "billing")) // audit unset: on
+	e := newEnvWith(t, Config{Plan: planOf(t, pc)}, envOpts{audit: auditLog})
+	e.src.setRole("billing", credsFor("billing", "111122223333", "ASIABILLING000000000"), nil)
+	e.id.set(peer.Info{UID: 1001, PID: 7, Exe: "/usr/bin/billing", Unit: "billing.service"}, nil)
+	base, client := serveEnv(t, e)
+
+	if code, body := get(t, client, base+"/latest/meta-data/iam/security-credentials-extended/billing"); code != 200 {
+		t.Fatalf("got %d %q", code, body)
+	}
+	out := buf.String()
+	lines := strings.Split(strings.TrimSuffix(out, "\n"), "\n")
+	if len(lines) != 1 || !strings.HasSuffix(out, "\n") {
+		t.Fatalf("want one JSON line, got %q", out)
+	}
+	var line map[string]any
+	if err := json.Unmarshal([]byte(lines[0]), &line); err != nil {
+		t.Fatalf("not JSON: %v: %s", err, lines[0])
+	}
+	for k, v := range map[string]any{
+		"msg": "credentials served", "logger": "audit", "level": "info",
+		"identified": true, "uid": float64(1001), "pid": float64(7), "unit": "billing.service", "exe": "/usr/bin/billing",
+		"role_name": "billing", "access_key_id": "ASIABILLING000000000",
+		"role": "arn:aws:sts::111122223333:assumed-role/billing/host",
+		"door": "imds", "route": routeCredentialsExtended, "kind": "cache",
+	} {
+		if line[k] != v {
+			t.Errorf("audit %s = %v (%T), want %v", k, line[k], line[k], v)
+		}
+	}
+	for _, secret := range []string{"secret-of-billing", "token-of-billing", testSecret, testToken} {
+		if strings.Contains(out, secret) {
+			t.Errorf("audit line holds a secret %q: %s", secret, out)
+		}
+	}
+}
+
+// TestLoggerNotRenamed: New logs with the logger it is given, as given
+// ("proxy", not "proxy.proxy"); the pass-through's is a child of it.
+func TestLoggerNotRenamed(t *testing.T) {
+	core, logs := observer.New(zapcore.DebugLevel)
+	e := newEnvLog(t, Config{}, zap.New(core).Named("proxy"))
+	e.do(http.MethodGet, "/latest/meta-data/iam/security-credentials/", nil)
+	reqs := logs.FilterMessage("request").All()
+	if len(reqs) != 1 {
+		t.Fatalf("%d request lines, want 1: %v", len(reqs), logs.All())
+	}
+	if reqs[0].LoggerName != "proxy" {
+		t.Errorf("request line from logger %q, want %q", reqs[0].LoggerName, "proxy")
+	}
+	if err := e.s.Update(Config{Plan: e.plan}); err != nil {
+		t.Fatal(err)
+	}
+	if got := logs.FilterMessage("configuration updated").All(); len(got) != 1 || got[0].LoggerName != "proxy" {
+		t.Errorf("update lines %v, want one from %q", got, "proxy")
 	}
 }

@@ -9,15 +9,43 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
-	"go.uber.org/zap"
 
+	"github.com/imdsproxy/imdsproxy/access"
 	"github.com/imdsproxy/imdsproxy/creds"
+	"github.com/imdsproxy/imdsproxy/peer"
 )
 
 // constSource always answers with the same valid credentials.
 type constSource struct{ c creds.Credentials }
 
-func (s constSource) Credentials(context.Context, string) (creds.Credentials, error) { return s.c, nil }
+func (s constSource) Get(context.Context, creds.Key) (creds.Credentials, error) { return s.c, nil }
+
+// benchServer is a Server on the real clock serving c from a constSource
+// through plan pc, identifying every client as who.
+func benchServer(b *testing.B, pc access.PlanConfig, who peer.Info) *Server {
+	b.Helper()
+	reg := prometheus.NewRegistry()
+	broker, err := access.NewBroker(constSource{benchCreds()}, nil, nil, reg)
+	if err != nil {
+		b.Fatal(err)
+	}
+	plan, err := access.NewPlan(planDefaults(pc), nil, time.Now())
+	if err != nil {
+		b.Fatal(err)
+	}
+	id := &fakeID{info: who}
+	s, err := New(Config{Plan: plan, TokensRequired: true}, broker, id, nil, reg)
+	if err != nil {
+		b.Fatal(err)
+	}
+	return s
+}
+
+func benchCreds() creds.Credentials {
+	c := testCreds()
+	c.Expires = time.Now().Add(time.Hour)
+	return c
+}
 
 // benchServe serves h on a loopback listener and returns its base URL.
 func benchServe(b *testing.B, serve func(ctx context.Context, ln net.Listener) error) string {
@@ -65,13 +93,8 @@ func benchGet(b *testing.B, base, path string, hdr http.Header) {
 // from a bare net/http handler in the same run, so the two are read as a
 // ratio (see docs/benchmarks.md for the whole-binary numbers).
 func BenchmarkCredentialGET(b *testing.B) {
-	c := testCreds()
-	c.Expires = time.Now().Add(time.Hour)
-	s, err := New(Config{RoleName: testRole, TokensRequired: true}, constSource{c}, nil, prometheus.NewRegistry())
-	if err != nil {
-		b.Fatal(err)
-	}
-	tok, _, err := s.minter.mint(time.Now(), 21600)
+	s := benchServer(b, defaultPlanConfig(), peer.Info{})
+	tok, _, err := s.minter.mint(time.Now(), 21600, s.state.Load().cfg.Plan.Gen())
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -98,17 +121,11 @@ func BenchmarkCredentialGETCeiling(b *testing.B) {
 }
 
 // BenchmarkCredentialGETWorkload is BenchmarkCredentialGET for a client
-// that a RoleMapper maps to a role of its own (identified once per
-// keep-alive connection).
+// that the plan's workloads: map to a role of its own (identified once per
+// keep-alive connection; audited to a no-op logger).
 func BenchmarkCredentialGETWorkload(b *testing.B) {
-	c := testCreds()
-	c.Expires = time.Now().Add(time.Hour)
-	s, err := New(Config{RoleName: testRole, TokensRequired: true, Access: peerAccess{who: Peer{Known: true, UID: 1001}},
-		Roles: uidRoles{1001: "billing"}, AuditLog: zap.NewNop()}, constSource{c}, nil, prometheus.NewRegistry())
-	if err != nil {
-		b.Fatal(err)
-	}
-	tok, _, err := s.minter.mint(time.Now(), 21600)
+	s := benchServer(b, withWorkloads(access.PlanConfig{}, uidWorkload(1001, "billing")), peer.Info{UID: 1001})
+	tok, _, err := s.minter.mint(time.Now(), 21600, s.state.Load().cfg.Plan.Gen())
 	if err != nil {
 		b.Fatal(err)
 	}

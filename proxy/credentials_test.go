@@ -277,8 +277,14 @@ func TestDocumentsParseAsSDKsDo(t *testing.T) {
 	if !doc.Expiration.Equal(testCreds().Expires.Truncate(time.Second)) || doc.Expiration.After(testCreds().Expires) {
 		t.Errorf("Expiration %v: want the real expiry truncated down", doc.Expiration)
 	}
-	if doc.AccountID != "222222222222" || doc.Code != "Success" {
-		t.Errorf("%+v", doc.AccountID)
+	want := testCreds()
+	if doc.Code != "Success" || doc.Type != "AWS-HMAC" || doc.AccessKeyID != want.AccessKeyID ||
+		doc.SecretAccessKey != want.SecretAccessKey || doc.Token != want.SessionToken || doc.AccountID != want.AccountID {
+		t.Errorf("the document as an SDK reads it: code %q type %q key %q secret ok %v token ok %v account %q",
+			doc.Code, doc.Type, doc.AccessKeyID, doc.SecretAccessKey == want.SecretAccessKey, doc.Token == want.SessionToken, doc.AccountID)
+	}
+	if !doc.LastUpdated.Equal(want.LastUpdated.Truncate(time.Second)) {
+		t.Errorf("LastUpdated %v, want %v truncated to the second", doc.LastUpdated, want.LastUpdated)
 	}
 }
 
@@ -319,28 +325,5 @@ func TestCredentialDocumentFollowsRotation(t *testing.T) {
 	e.src.set(noStamp, nil)
 	if body := get(legacy); !strings.Contains(body, imdsTime(t0)) {
 		t.Fatalf("LastUpdated should be now when the source sets none:\n%s", body)
-	}
-}
-
-// TestAlsoServe: a role name in AlsoServe is answered with the served
-// credentials but never listed; other names stay 404.
-func TestAlsoServe(t *testing.T) {
-	e := newEnv(t, Config{TokensRequired: true, AlsoServe: []string{"old-role"}})
-	tok := e.token(t, "60")
-	hdr := map[string]string{headerToken: tok}
-	if w := e.do(http.MethodGet, "/latest/meta-data/iam/security-credentials/", hdr); w.Body.String() != testRole {
-		t.Fatalf("listing = %q, want only %q", w.Body.String(), testRole)
-	}
-	for _, name := range []string{testRole, "old-role"} {
-		w := e.do(http.MethodGet, "/latest/meta-data/iam/security-credentials/"+name, hdr)
-		if w.Code != http.StatusOK || !strings.Contains(w.Body.String(), testKeyID) {
-			t.Fatalf("%s: %d %s", name, w.Code, w.Body.String())
-		}
-	}
-	if w := e.do(http.MethodGet, "/latest/meta-data/iam/security-credentials/other", hdr); w.Code != http.StatusNotFound {
-		t.Fatalf("unknown role: %d", w.Code)
-	}
-	if _, err := New(Config{RoleName: testRole, AlsoServe: []string{"bad/name"}}, &fakeSource{}, nil, nil); err == nil {
-		t.Fatal("an invalid AlsoServe name was accepted")
 	}
 }

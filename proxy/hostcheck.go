@@ -25,7 +25,9 @@ func normalizeHosts(hosts []string) ([]string, error) {
 	out := make([]string, 0, len(hosts))
 	for _, h := range hosts {
 		l := strings.ToLower(h)
-		if net.ParseIP(l) == nil && (len(l) > 253 || !hostNameRe.MatchString(l)) {
+		if ip := net.ParseIP(l); ip != nil {
+			l = ip.String() // canonical, as hostAllowed compares
+		} else if len(l) > 253 || !hostNameRe.MatchString(l) {
 			return nil, fmt.Errorf("proxy: allowed host %q: want a host name or IP address without port or brackets", h)
 		}
 		out = append(out, l)
@@ -66,6 +68,9 @@ func hostAllowed(host string, local net.Addr, extra []string) bool {
 		return false // IPv6 zones are not used to reach the IMDS
 	}
 	name = strings.ToLower(name)
+	if ip := net.ParseIP(name); ip != nil {
+		name = ip.String() // the lists hold canonical addresses
+	}
 	for _, list := range [][]string{defaultHosts, extra} {
 		for _, h := range list {
 			if name == h {

@@ -63,16 +63,32 @@ func TestHostAllowed(t *testing.T) {
 }
 
 func TestNormalizeHosts(t *testing.T) {
-	got, err := normalizeHosts([]string{"IMDS.internal", "10.0.0.1", "fd00::1"})
-	if err != nil || strings.Join(got, ",") != "imds.internal,10.0.0.1,fd00::1" {
-		t.Errorf("normalizeHosts = %q, %v", got, err)
+	got, err := normalizeHosts([]string{"IMDS.internal", "10.0.0.1", "FD00:0::1", "IMDS-1.example", "a", "::ffff:10.0.0.1"})
+	if err != nil || strings.Join(got, ",") != "imds.internal,10.0.0.1,fd00::1,imds-1.example,a,10.0.0.1" {
+		t.Errorf("normalizeHosts = %q, %v (IP addresses in canonical form)", got, err)
 	}
-	for _, bad := range []string{"", "a:80", "[::1]", "user@h", "a b", "a/b"} {
+	// A non-canonical allowed address matches its canonical Host, and back.
+	if !hostAllowed("[fd00::1]", nil, got) || !hostAllowed("[fd00:0:0::1]:80", nil, got) {
+		t.Error("an allowed IPv6 address written two ways does not match")
+	}
+	if got, err := normalizeHosts(nil); err != nil || len(got) != 0 {
+		t.Errorf("normalizeHosts(nil) = %q, %v", got, err)
+	}
+	label63 := strings.Repeat("a", 63)
+	long := strings.Repeat(label63+".", 4)[:254] // 254 characters of valid labels
+	for _, ok := range []string{label63 + ".example", strings.TrimSuffix(long[:253], ".")} {
+		if _, err := normalizeHosts([]string{ok}); err != nil {
+			t.Errorf("normalizeHosts(%q): %v", ok, err)
+		}
+	}
+	for _, bad := range []string{"", "a:80", "imds.internal:80", "[::1]", "user@h", "user@host", "a b", "a/b", "-bad.example",
+		"bad-.example", "a..b", ".a", "a.", "a_b", "fe80::1%eth0", "ｌocalhost", "imds\x00", "a\r\nb", "*.example",
+		label63 + "a.example", long, "10.0.0.1/8", "http://imds"} {
 		if _, err := normalizeHosts([]string{bad}); err == nil {
 			t.Errorf("normalizeHosts(%q) accepted", bad)
 		}
 	}
-	if _, err := New(Config{RoleName: "app", AllowedHosts: []string{"a:1"}}, &fakeSource{}, nil, nil); err == nil {
+	if _, err := New(Config{Plan: planOf(t, defaultPlanConfig()), AllowedHosts: []string{"a:1"}}, newTestBroker(t, nil), nil, nil, nil); err == nil {
 		t.Error("New accepted an allowed host with a port")
 	}
 }
@@ -262,9 +278,9 @@ func TestSmuggling(t *testing.T) {
 	}
 }
 
-// TestConnectionFlood: 2,000 idle connections do not delay a normal
-// request beyond 100 ms, and once they close the goroutines and the open
-// connection gauge return to their baseline.
+// TestConnectionFlood: 2,000 idle connections do not hold up a normal
+// request (it is answered well within a second), and once they close the
+// goroutines and the open connection gauge return to their baseline.
 func TestConnectionFlood(t *testing.T) {
 	e, addr := rawServer(t, Config{})
 	warm := exchange(t, addr, "GET "+credPath+" HTTP/1.1\r\nHost: 169.254.169.254\r\nConnection: close\r\n\r\n")
@@ -281,12 +297,19 @@ func TestConnectionFlood(t *testing.T) {
 			c.Close()
 		}
 	}()
+	// Each connection sends one request and leaves the answer unread: it
+	// then stays open as an idle keep-alive connection (idleTimeout), not
+	// a silent one cut after readHeaderTimeout, so the flood stands however
+	// long dialling 2,000 connections takes on a loaded machine.
 	for range n {
 		c, err := net.Dial("tcp", addr)
 		if err != nil {
 			t.Fatal(err)
 		}
 		conns = append(conns, c)
+		if _, err := io.WriteString(c, "GET /latest/meta-data/iam HTTP/1.1\r\nHost: 169.254.169.254\r\n\r\n"); err != nil {
+			t.Fatal(err)
+		}
 	}
 	waitFor(t, func() bool { return testutil.ToFloat64(e.s.lim.openConns) == n })
 
@@ -296,8 +319,10 @@ func TestConnectionFlood(t *testing.T) {
 	if len(rs) != 1 || rs[0].StatusCode != 200 {
 		t.Fatalf("normal request during the flood: %v", statuses(rs))
 	}
-	if took > 100*time.Millisecond {
-		t.Errorf("normal request took %s during the flood, want < 100ms", took)
+	// Well under the header timeout the idle connections would hold a
+	// blocked server for; not tighter, so that a loaded machine passes.
+	if took > time.Second {
+		t.Errorf("normal request took %s during the flood, want < 1s", took)
 	}
 
 	for _, c := range conns {
@@ -341,7 +366,7 @@ func TestConnectionLimit(t *testing.T) {
 		t.Errorf("imdsproxy_http_connection_limit_reached_total = %v, want >= 1", v)
 	}
 	idle[0].Close()
-	_ = c.SetReadDeadline(time.Now().Add(time.Second))
+	_ = c.SetReadDeadline(time.Now().Add(10 * time.Second))
 	resp, err := http.ReadResponse(br, nil)
 	if err != nil {
 		t.Fatalf("not served after a slot freed: %v", err)

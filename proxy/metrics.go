@@ -59,7 +59,6 @@ type metrics struct {
 	rejections     *prometheus.CounterVec
 	ptErrors       *prometheus.CounterVec
 	upstreamTokens *prometheus.CounterVec
-	accessDenied   prometheus.Counter // access.go
 
 	// hot caches the children of requests and duration per (route, code),
 	// so a request costs no label hashing or formatting.
@@ -105,10 +104,6 @@ func newMetrics(reg prometheus.Registerer, outstanding func() float64) (*metrics
 			Name: "imdsproxy_passthrough_errors_total",
 			Help: "Pass-through requests to the real IMDS that failed, by reason.",
 		}, []string{"reason"}),
-		accessDenied: prometheus.NewCounter(prometheus.CounterOpts{
-			Name: "imdsproxy_access_denied_total",
-			Help: "Credential requests refused with 403 by the per-process access control.",
-		}),
 		upstreamTokens: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "imdsproxy_upstream_token_fetches_total",
 			Help: "IMDSv2 token requests the daemon sent to the real IMDS, by result.",
@@ -129,7 +124,7 @@ func newMetrics(reg prometheus.Registerer, outstanding func() float64) (*metrics
 	}
 	for _, c := range []prometheus.Collector{
 		m.requests, m.duration, m.tokensIssued, m.outstanding,
-		m.rejections, m.ptErrors, m.upstreamTokens, m.accessDenied,
+		m.rejections, m.ptErrors, m.upstreamTokens,
 	} {
 		if err := reg.Register(c); err != nil {
 			var are prometheus.AlreadyRegisteredError

@@ -3,134 +3,86 @@ package proxy
 import (
 	"context"
 	"errors"
-	"net"
 	"net/http"
+	"net/http/httptest"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
-	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
 	"go.uber.org/zap/zaptest/observer"
 
+	"github.com/imdsproxy/imdsproxy/access"
 	"github.com/imdsproxy/imdsproxy/creds"
+	"github.com/imdsproxy/imdsproxy/peer"
 )
 
-// peerAccess is a hand-written AccessControl that identifies every
-// connection as who (or fails with err) and allows everyone.
-type peerAccess struct {
-	who Peer
-	err error
+// Distinct credentials per role of the plan tests.
+var (
+	hostCreds    = credsFor(testRole, "222222222222", "ASIAHOST0000000000000")
+	billingCreds = credsFor("billing", "111122223333", "ASIABILLING000000000")
+	reportsCreds = credsFor("reports", "444455556666", "ASIAREPORTS000000000")
+	ipCreds      = credsFor(testIPRole, "222222222222", "ASIAINSTANCEPROFILE0")
+)
+
+// setRoleCreds makes e's source answer each role with its own credentials
+// and any other key with an error, as the daemon's cache refuses a key it
+// does not keep.
+func setRoleCreds(e *testEnv) {
+	e.src.set(creds.Credentials{}, errors.New("key not kept"))
+	e.src.setRole(testRole, hostCreds, nil)
+	e.src.setRole("billing", billingCreds, nil)
+	e.src.setRole("reports", reportsCreds, nil)
+	e.src.setRole(testIPRole, ipCreds, nil)
 }
 
-func (p peerAccess) Identify(context.Context, net.Conn) (Peer, error) { return p.who, p.err }
-func (p peerAccess) Allow(Peer) bool                                  { return true }
-
-// uidRoles is a hand-written RoleMapper: known uids to role names.
-type uidRoles map[int]string
-
-func (m uidRoles) RoleFor(p Peer) (string, bool) {
-	if !p.Known {
-		return "", false
-	}
-	n, ok := m[p.UID]
-	return n, ok
+// twoWorkloads maps uid 1001 to billing and uid 1002 to reports; audit is
+// on (the section's default).
+func twoWorkloads() access.PlanConfig {
+	return withWorkloads(access.PlanConfig{}, uidWorkload(1001, "billing"), uidWorkload(1002, "reports"))
 }
 
-// roleCreds is a CredentialSource holding distinct credentials per role; an
-// unknown role is an error, as the daemon's fetcher refuses it.
-type roleCreds struct {
-	mu    sync.Mutex
-	m     map[string]creds.Credentials
-	roles []string // every role asked for
-}
+const hostProfile = "arn:aws:iam::222222222222:instance-profile/host-profile"
 
-func (r *roleCreds) Credentials(_ context.Context, role string) (creds.Credentials, error) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	r.roles = append(r.roles, role)
-	c, ok := r.m[role]
-	if !ok {
-		return creds.Credentials{}, errors.New("role not configured")
-	}
-	return c, nil
-}
-
-func (r *roleCreds) asked() []string {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	return append([]string(nil), r.roles...)
-}
-
-// credsFor returns valid credentials of role in account, with a key id of
-// its own.
-func credsFor(role, account, keyID string) creds.Credentials {
-	c := testCreds()
-	c.AccessKeyID = keyID
-	c.SecretAccessKey = "secret-of-" + role
-	c.SessionToken = "token-of-" + role
-	c.AccountID = account
-	c.RoleARN = "arn:aws:sts::" + account + ":assumed-role/" + role + "/host"
-	c.Expires = time.Now().Add(time.Hour)
-	return c
-}
-
-func newRolesServer(t *testing.T, cfg Config, src CredentialSource, log *zap.Logger) (string, *http.Client) {
-	t.Helper()
-	s, err := New(cfg, src, log, prometheus.NewRegistry())
-	if err != nil {
-		t.Fatal(err)
-	}
-	return serveEnv(t, &testEnv{s: s})
-}
-
-// TestRolesPerPeer: with a RoleMapper each client process is listed and
-// served only its own role; an AlsoServe name is answered to every client
-// with its own role's credentials; every other name is a 404 like an
-// unknown role.
+// TestRolesPerPeer: with a workloads: mapping each client process is
+// listed and served only its own role; an unmatched client, or one that is
+// not a process of this host (a container on a bridge), the host role;
+// every other role name is a 404 like an unknown role. The source is asked
+// for the decided key itself.
 func TestRolesPerPeer(t *testing.T) {
-	src := &roleCreds{m: map[string]creds.Credentials{
-		testRole:  credsFor(testRole, "222222222222", "ASIAHOST0000000000000"),
-		"billing": credsFor("billing", "111122223333", "ASIABILLING000000000"),
-		"reports": credsFor("reports", "444455556666", "ASIAREPORTS000000000"),
-	}}
-	roles := uidRoles{1001: "billing", 1002: "reports"}
-	const old = "previous" // a rollout's AlsoServe name: an alias of the served role
 	for _, tc := range []struct {
 		name    string
-		access  peerAccess
+		who     peer.Info
+		err     error
 		role    string // served role
 		key     string // its access key id
 		profile string // iam/info InstanceProfileArn
 	}{
-		{"workload billing", peerAccess{who: Peer{Known: true, UID: 1001}}, "billing", "ASIABILLING000000000",
+		{"workload billing", peer.Info{UID: 1001}, nil, "billing", "ASIABILLING000000000",
 			"arn:aws:iam::111122223333:instance-profile/billing"},
-		{"workload reports", peerAccess{who: Peer{Known: true, UID: 1002, Unit: "reports.service"}}, "reports", "ASIAREPORTS000000000",
+		{"workload reports", peer.Info{UID: 1002, Unit: "reports.service"}, nil, "reports", "ASIAREPORTS000000000",
 			"arn:aws:iam::444455556666:instance-profile/reports"},
-		{"unmatched", peerAccess{who: Peer{Known: true, UID: 1003}}, testRole, "ASIAHOST0000000000000",
-			"arn:aws:iam::222222222222:instance-profile/host-profile"},
-		{"unidentified", peerAccess{err: errors.New("gone")}, testRole, "ASIAHOST0000000000000",
-			"arn:aws:iam::222222222222:instance-profile/host-profile"},
+		{"unmatched", peer.Info{UID: 1003}, nil, testRole, "ASIAHOST0000000000000", hostProfile},
+		{"not local", peer.Info{}, peer.ErrNotFound, testRole, "ASIAHOST0000000000000", hostProfile},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			core, logs := observer.New(zapcore.InfoLevel)
-			base, client := newRolesServer(t, Config{
-				RoleName: testRole, AlsoServe: []string{old}, Access: tc.access, Roles: roles,
-				InstanceProfileARN: "arn:aws:iam::222222222222:instance-profile/host-profile",
-			}, src, zap.New(core))
+			e := newEnvLog(t, Config{Plan: planOf(t, twoWorkloads()), InstanceProfileARN: hostProfile}, zap.New(core))
+			setRoleCreds(e)
+			e.id.set(tc.who, tc.err)
+			base, client := serveEnv(t, e)
 			iam := base + "/latest/meta-data/iam/"
 			for _, list := range []string{"security-credentials/", "security-credentials-extended/"} {
 				if code, body := get(t, client, iam+list); code != 200 || body != tc.role {
 					t.Errorf("listing %s = %d %q, want %q", list, code, body, tc.role)
 				}
 			}
-			for _, name := range []string{testRole, "billing", "reports", old, "unknown"} {
+			for _, name := range []string{testRole, "billing", "reports", "unknown"} {
 				for _, p := range []string{"security-credentials/", "security-credentials-extended/"} {
 					code, body := get(t, client, iam+p+name)
 					want := http.StatusNotFound
-					if name == tc.role || name == old {
+					if name == tc.role {
 						want = http.StatusOK
 					}
 					if code != want {
@@ -152,71 +104,173 @@ func TestRolesPerPeer(t *testing.T) {
 			if code != 200 || !strings.Contains(body, `"InstanceProfileArn" : "`+tc.profile+`"`) {
 				t.Errorf("iam/info = %d %q, want profile %s", code, body, tc.profile)
 			}
+			var handouts int
 			for _, l := range logs.FilterMessage("credentials served").All() {
-				if got := l.ContextMap()["role_name"]; got != tc.role {
-					t.Errorf("audit role_name = %v, want %s", got, tc.role)
+				m := l.ContextMap()
+				if m["role_name"] != tc.role || m["access_key_id"] != tc.key {
+					t.Errorf("audit role_name %v access_key_id %v, want %s %s", m["role_name"], m["access_key_id"], tc.role, tc.key)
 				}
-				if got, ok := l.ContextMap()["requested_role_name"]; ok && got != old {
-					t.Errorf("audit requested_role_name = %v, want %s (only for an alias)", got, old)
+				if _, ok := m["requested_role_name"]; ok {
+					t.Errorf("audit requested_role_name = %v for the role listed", m["requested_role_name"])
 				}
-				if got := l.ContextMap()["access_key_id"]; got != tc.key {
-					t.Errorf("audit access_key_id = %v, want %s", got, tc.key)
+				if m["route"] == routeCredentials || m["route"] == routeCredentialsExtended {
+					handouts++
 				}
 			}
-			want := 4 // one per served document: legacy and extended, by name and by the AlsoServe alias
-			if n := logs.FilterMessage("credentials served").Len(); n != want {
-				t.Errorf("%d audit lines, want %d", n, want)
+			if handouts != 2 {
+				t.Errorf("%d audit lines of credential documents, want 2 (legacy and extended)", handouts)
+			}
+			want := roleKey(tc.role)
+			for _, k := range e.src.askedKeys() {
+				if k != want {
+					t.Errorf("the source was asked for %+v, want the decided key %+v", k, want)
+				}
+			}
+			if n := e.id.calls.Load(); n != 1 {
+				t.Errorf("Identifier called %d times on one connection, want 1", n)
 			}
 		})
 	}
-	for _, r := range src.asked() {
-		if r == "unknown" || r == old {
-			t.Errorf("the credential source was asked for %q, a role nobody is served", r)
+}
+
+// TestRolesNoIdentifier: without an Identifier a plan with workloads sees
+// the zero Client: every client is served the host role.
+func TestRolesNoIdentifier(t *testing.T) {
+	e := newEnvWith(t, Config{Plan: planOf(t, twoWorkloads())}, envOpts{noID: true})
+	setRoleCreds(e)
+	base, client := serveEnv(t, e)
+	if code, body := get(t, client, base+"/latest/meta-data/iam/security-credentials/"); code != 200 || body != testRole {
+		t.Errorf("listing = %d %q, want %q", code, body, testRole)
+	}
+	if code, _ := get(t, client, base+"/latest/meta-data/iam/security-credentials/billing"); code != 404 {
+		t.Errorf("a workload's role: %d, want 404", code)
+	}
+}
+
+// TestRolesUnresolved: with workloads, a client that could not be
+// identified (an error other than peer.ErrNotFound: a timeout, a failed
+// lookup) is told to retry on every credential route, never given the host
+// role; it is identified again on its next request, and served its role
+// once identified.
+func TestRolesUnresolved(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		err  error
+	}{
+		{"timeout", errTimeout},
+		{"lookup failed", errors.New("sock_diag: interrupted")},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			core, logs := observer.New(zapcore.InfoLevel)
+			e := newEnvLog(t, Config{Plan: planOf(t, twoWorkloads())}, zap.New(core))
+			setRoleCreds(e)
+			e.id.set(peer.Info{UID: 1001}, tc.err)
+			base, client := serveEnv(t, e)
+			iam := base + "/latest/meta-data/iam/"
+			paths := []string{"security-credentials/", "security-credentials-extended/", "security-credentials/billing",
+				"security-credentials/" + testRole, "security-credentials-extended/unknown", "info"}
+			for _, p := range paths {
+				r := fetch(t, client, http.MethodGet, iam+p, "")
+				if r.code != http.StatusServiceUnavailable || r.hdr.Get("Retry-After") != "1" || r.body != retryBody {
+					t.Errorf("GET %s = %d %q (Retry-After %q), want 503 with Retry-After: 1", p, r.code, r.body, r.hdr.Get("Retry-After"))
+				}
+			}
+			if n := e.id.calls.Load(); n != int32(len(paths)) {
+				t.Errorf("Identifier called %d times for %d requests: an unresolved client must not be remembered", n, len(paths))
+			}
+			if got := metricValue(t, e.reg, "imdsproxy_access_refused_total", map[string]string{"outcome": "retry", "reason": "unresolved"}); got != float64(len(paths)) {
+				t.Errorf("refused{retry,unresolved} = %v, want %d", got, len(paths))
+			}
+			if got := metricValue(t, e.reg, "imdsproxy_access_refused_total", map[string]string{"outcome": "deny", "reason": "not_allowed"}); got != 0 {
+				t.Errorf("a retry counted as denied: %v", got)
+			}
+			if n := e.src.callCount(); n != 0 || logs.FilterMessage("credentials served").Len() != 0 {
+				t.Errorf("an unresolved client reached the source (%d calls) or the audit", n)
+			}
+
+			// Identified on the next request of the same connection.
+			e.id.set(peer.Info{UID: 1001}, nil)
+			if code, body := get(t, client, iam+"security-credentials/"); code != 200 || body != "billing" {
+				t.Fatalf("listing once identified: %d %q", code, body)
+			}
+			if code, body := get(t, client, iam+"security-credentials/billing"); code != 200 || !strings.Contains(body, "ASIABILLING") {
+				t.Fatalf("credentials once identified: %d %q", code, body)
+			}
+			if n := e.id.calls.Load(); n != int32(len(paths))+1 {
+				t.Errorf("Identifier called %d times, want %d (an identified client is remembered)", n, len(paths)+1)
+			}
+		})
+	}
+}
+
+// TestRolesUnitUnknown: when the kernel named the client's cgroup but its
+// unit could not be told, a plan with a unit entry cannot decide (the unit
+// entry might match): 503, asked again next time. A plan matching by uid
+// only decides by the uid.
+func TestRolesUnitUnknown(t *testing.T) {
+	unknown := peer.Info{UID: 1001, Cgroup: "/system.slice/billing.service", UnitUnknown: true}
+	t.Run("unit entry", func(t *testing.T) {
+		pc := withWorkloads(access.PlanConfig{}, unitWorkload("billing.service", "billing"))
+		e := newEnv(t, Config{Plan: planOf(t, pc)})
+		setRoleCreds(e)
+		e.id.set(unknown, nil)
+		base, client := serveEnv(t, e)
+		for _, p := range []string{"security-credentials/", "security-credentials/" + testRole, "security-credentials/billing"} {
+			r := fetch(t, client, http.MethodGet, base+"/latest/meta-data/iam/"+p, "")
+			if r.code != http.StatusServiceUnavailable || r.hdr.Get("Retry-After") != "1" {
+				t.Errorf("GET %s = %d %q, want 503 with Retry-After", p, r.code, r.body)
+			}
 		}
-	}
+		known := unknown
+		known.Unit, known.UnitUnknown = "billing.service", false
+		e.id.set(known, nil)
+		if code, body := get(t, client, base+"/latest/meta-data/iam/security-credentials/"); code != 200 || body != "billing" {
+			t.Errorf("listing once the unit is known: %d %q", code, body)
+		}
+		if n := e.id.calls.Load(); n != 4 {
+			t.Errorf("Identifier called %d times, want 4", n)
+		}
+	})
+	t.Run("uid entries only", func(t *testing.T) {
+		e := newEnv(t, Config{Plan: planOf(t, twoWorkloads())})
+		setRoleCreds(e)
+		e.id.set(unknown, nil)
+		base, client := serveEnv(t, e)
+		if code, body := get(t, client, base+"/latest/meta-data/iam/security-credentials/"); code != 200 || body != "billing" {
+			t.Errorf("listing = %d %q, want billing (matched by uid)", code, body)
+		}
+	})
 }
 
-// TestRolesNeedAccess: a RoleMapper without an AccessControl could not tell
-// clients apart; New and Update refuse it.
-func TestRolesNeedAccess(t *testing.T) {
-	cfg := Config{RoleName: testRole, Roles: uidRoles{}}
-	if _, err := New(cfg, &fakeSource{}, nil, nil); err == nil || !strings.Contains(err.Error(), "Roles needs Access") {
-		t.Fatalf("New without Access: %v", err)
-	}
-	e := newEnv(t, Config{})
-	if err := e.s.Update(cfg); err == nil {
-		t.Fatal("Update accepted Roles without Access")
-	}
-}
-
-// TestRolesUpdate: a new mapping applies to the next request of an open
-// connection; a role removed from the mapping is no longer served.
+// TestRolesUpdate: a new plan applies to the next request of an open
+// connection. A role removed from the mapping is no longer listed, its
+// name is still answered (with its credentials) for access.Grace to the
+// client it was listed to, then it is a 404.
 func TestRolesUpdate(t *testing.T) {
-	src := &roleCreds{m: map[string]creds.Credentials{
-		testRole:  credsFor(testRole, "222222222222", "ASIAHOST0000000000000"),
-		"billing": credsFor("billing", "111122223333", "ASIABILLING000000000"),
-	}}
-	access := peerAccess{who: Peer{Known: true, UID: 1001}}
-	s, err := New(Config{RoleName: testRole, Access: access, Roles: uidRoles{1001: "billing"}}, src, nil, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	base, client := serveEnv(t, &testEnv{s: s})
-	creds := base + "/latest/meta-data/iam/security-credentials/"
-	if code, body := get(t, client, creds+"billing"); code != 200 || !strings.Contains(body, "ASIABILLING") {
+	e := newEnv(t, Config{Plan: planOf(t, withWorkloads(access.PlanConfig{}, uidWorkload(1001, "billing")))})
+	setRoleCreds(e)
+	e.id.set(peer.Info{UID: 1001}, nil)
+	base, client := serveEnv(t, e)
+	list := base + "/latest/meta-data/iam/security-credentials/"
+	if code, body := get(t, client, list+"billing"); code != 200 || !strings.Contains(body, "ASIABILLING") {
 		t.Fatalf("before: %d %q", code, body)
 	}
-	if err := s.Update(Config{RoleName: testRole, Access: access}); err != nil {
-		t.Fatal(err)
-	}
-	if code, _ := get(t, client, creds+"billing"); code != 404 {
-		t.Errorf("removed workload role: %d, want 404", code)
-	}
-	if code, body := get(t, client, creds); code != 200 || body != testRole {
+	e.publish(t, Config{}, access.PlanConfig{}) // no workloads; audit on
+	if code, body := get(t, client, list); code != 200 || body != testRole {
 		t.Errorf("listing after removal: %d %q", code, body)
 	}
-	if code, body := get(t, client, creds+testRole); code != 200 || !strings.Contains(body, "ASIAHOST") {
+	if code, body := get(t, client, list+"billing"); code != 200 || !strings.Contains(body, "ASIABILLING") {
+		t.Errorf("removed workload role within Grace: %d %q, want its credentials", code, body)
+	}
+	if code, body := get(t, client, list+testRole); code != 200 || !strings.Contains(body, "ASIAHOST") {
 		t.Errorf("host role after removal: %d %q", code, body)
+	}
+	e.clock.add(access.Grace + time.Second)
+	if code, _ := get(t, client, list+"billing"); code != 404 {
+		t.Errorf("removed workload role after Grace: %d, want 404", code)
+	}
+	if code, body := get(t, client, list); code != 200 || body != testRole {
+		t.Errorf("listing after Grace: %d %q", code, body)
 	}
 }
 
@@ -226,7 +280,7 @@ func TestCredentialBodyPerRole(t *testing.T) {
 	e := newEnv(t, Config{})
 	a := credsFor("a", "111122223333", "ASIAAAAAAAAAAAAAAAAA")
 	b := credsFor("b", "444455556666", "ASIABBBBBBBBBBBBBBBB")
-	now := time.Now()
+	now := t0
 	da := e.s.credentialBody("a", a, now, false)
 	db := e.s.credentialBody("b", b, now, true)
 	if !strings.Contains(string(da), "ASIAAAAA") || strings.Contains(string(da), "ASIABBBB") {
@@ -248,7 +302,7 @@ func TestCredentialBodyPerRole(t *testing.T) {
 		t.Errorf("credentials of b under name a got %s", d)
 	}
 	// Update drops every memo (names may no longer be served).
-	if err := e.s.Update(Config{RoleName: testRole}); err != nil {
+	if err := e.s.Update(Config{Plan: e.plan}); err != nil {
 		t.Fatal(err)
 	}
 	if e.s.docs.Load() != nil {
@@ -256,52 +310,88 @@ func TestCredentialBodyPerRole(t *testing.T) {
 	}
 }
 
-// peerSource is a CredentialSource recording the Peer PeerFromContext finds
-// in each request's context.
-type peerSource struct {
-	mu    sync.Mutex
-	peers []Peer
-	found []bool
+// fallbackPlan serves the host role, with the instance profile's
+// credentials when the host role's are unavailable.
+func fallbackPlan() access.PlanConfig {
+	return access.PlanConfig{Fallback: true, InstanceProfile: ipKey()}
 }
 
-func (p *peerSource) Credentials(ctx context.Context, _ string) (creds.Credentials, error) {
-	who, ok := PeerFromContext(ctx)
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	p.peers, p.found = append(p.peers, who), append(p.found, ok)
-	return credsFor(testRole, "222222222222", "ASIAHOST0000000000000"), nil
-}
+// TestFallback: with rollout.fallback: instance-profile, a workload key
+// with nothing valid is served the instance profile's credentials under
+// the name listed, counted and audited as a fallback; a key that works is
+// served as is.
+func TestFallback(t *testing.T) {
+	core, logs := observer.New(zapcore.InfoLevel)
+	e := newEnvLog(t, Config{Plan: planOf(t, fallbackPlan())}, zap.New(core)) // audit on
+	setRoleCreds(e)
+	fallbacks := func() float64 { return metricValue(t, e.reg, "imdsproxy_rollout_fallbacks_total", nil) }
+	path := "/latest/meta-data/iam/security-credentials/" + testRole
 
-// TestPeerFromContext: the CredentialSource finds the identified client in
-// the request's context; an unidentified one or no AccessControl gives
-// false.
-func TestPeerFromContext(t *testing.T) {
-	for _, tc := range []struct {
-		name   string
-		access AccessControl
-		want   bool
-	}{
-		{"identified", peerAccess{who: Peer{Known: true, UID: 1001, Unit: "billing.service"}}, true},
-		{"unidentified", peerAccess{err: errors.New("gone")}, false},
-		{"no access control", nil, false},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			src := &peerSource{}
-			base, client := newRolesServer(t, Config{RoleName: testRole, Access: tc.access}, src, nil)
-			if code, _ := get(t, client, base+"/latest/meta-data/iam/security-credentials/"+testRole); code != 200 {
-				t.Fatalf("GET = %d", code)
-			}
-			src.mu.Lock()
-			defer src.mu.Unlock()
-			if len(src.found) != 1 || src.found[0] != tc.want {
-				t.Fatalf("PeerFromContext found %v, want [%v]", src.found, tc.want)
-			}
-			if tc.want && (src.peers[0].UID != 1001 || src.peers[0].Unit != "billing.service") {
-				t.Errorf("PeerFromContext = %+v", src.peers[0])
-			}
-		})
+	if w := e.do(http.MethodGet, path, nil); w.Code != 200 || !strings.Contains(w.Body.String(), "ASIAHOST") {
+		t.Fatalf("working key: %d %q", w.Code, w.Body.String())
 	}
-	if _, ok := PeerFromContext(context.Background()); ok {
-		t.Error("a context without a connection has a peer")
+	if got := fallbacks(); got != 0 {
+		t.Fatalf("fallbacks = %v with a working key", got)
+	}
+	if got := e.src.asked(); len(got) != 1 || got[0] != testRole {
+		t.Fatalf("source asked %v, want only %s", got, testRole)
+	}
+
+	e.src.setRole(testRole, creds.Credentials{}, &classErr{"server", false, "sts: 503"})
+	if w := e.do(http.MethodGet, "/latest/meta-data/iam/security-credentials/", nil); w.Body.String() != testRole {
+		t.Errorf("listing = %q, want the workload role's name", w.Body.String())
+	}
+	w := e.do(http.MethodGet, path, nil)
+	if w.Code != 200 || !strings.Contains(w.Body.String(), `"AccessKeyId" : "ASIAINSTANCEPROFILE0"`) {
+		t.Fatalf("failing key: %d %q, want the instance profile's credentials", w.Code, w.Body.String())
+	}
+	if got := fallbacks(); got != 1 {
+		t.Errorf("imdsproxy_rollout_fallbacks_total = %v, want 1", got)
+	}
+	if got := metricValue(t, e.reg, "imdsproxy_rollout_served_total", map[string]string{"kind": string(creds.KindInstanceProfile)}); got != 1 {
+		t.Errorf("served{instance-profile} = %v, want 1", got)
+	}
+	keys := e.src.askedKeys()
+	if len(keys) != 3 || keys[1] != roleKey(testRole) || keys[2] != ipKey() {
+		t.Errorf("source asked %v, want the workload key then the instance profile's", keys)
+	}
+	lines := logs.FilterMessage("credentials served").All()
+	if len(lines) != 2 {
+		t.Fatalf("%d audit lines, want 2", len(lines))
+	}
+	if m := lines[1].ContextMap(); m["fallback"] != true || m["role_name"] != testIPRole || m["access_key_id"] != "ASIAINSTANCEPROFILE0" {
+		t.Errorf("audit of the fallback: %v", m)
+	}
+
+	// The fallback failing too: the workload key's error is served.
+	e.src.setRole(testIPRole, creds.Credentials{}, errors.New("imds unreachable"))
+	w = e.do(http.MethodGet, path, nil)
+	if w.Code != 200 || !strings.Contains(w.Body.String(), `"Code" : "ServiceUnavailable"`) {
+		t.Errorf("both failing: %d %q, want the workload error's document", w.Code, w.Body.String())
+	}
+	if got := fallbacks(); got != 1 {
+		t.Errorf("a failed fallback was counted: %v", got)
+	}
+}
+
+// TestFallbackNotOnCancel: a request cancelled by its client never falls
+// back (its error is the client's going away, not the key's).
+func TestFallbackNotOnCancel(t *testing.T) {
+	e := newEnv(t, Config{Plan: planOf(t, access.PlanConfig{Access: noAudit(), Fallback: true, InstanceProfile: ipKey()})})
+	setRoleCreds(e)
+	e.src.setRole(testRole, creds.Credentials{}, context.Canceled)
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	r := httptest.NewRequest(http.MethodGet, "/latest/meta-data/iam/security-credentials/"+testRole, nil).WithContext(ctx)
+	w := httptest.NewRecorder()
+	e.s.Handler().ServeHTTP(w, r)
+	if strings.Contains(w.Body.String(), "ASIAINSTANCEPROFILE0") {
+		t.Errorf("a cancelled request was served the fallback: %q", w.Body.String())
+	}
+	if got := e.src.asked(); len(got) != 1 || got[0] != testRole {
+		t.Errorf("source asked %v, want only %s", got, testRole)
+	}
+	if got := metricValue(t, e.reg, "imdsproxy_rollout_fallbacks_total", nil); got != 0 {
+		t.Errorf("fallbacks = %v for a cancelled request", got)
 	}
 }

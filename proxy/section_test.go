@@ -46,7 +46,6 @@ func TestLoadTokenKey(t *testing.T) {
 	}
 }
 
-
 func TestIMDSSectionValidate(t *testing.T) {
 	def := DefaultIMDSSection()
 	if err := def.Validate(); err != nil || def.Tokens != "required" || def.HopLimit != 1 {
@@ -60,7 +59,9 @@ func TestIMDSSectionValidate(t *testing.T) {
 		{"optional tokens", func(s *IMDSSection) { s.Tokens = "optional" }, ""},
 		{"hop limit 64", func(s *IMDSSection) { s.HopLimit = 64 }, ""},
 		{"absolute key file", func(s *IMDSSection) { s.TokenKeyFile = "/var/lib/imdsproxy/token.key" }, ""},
-		{"allowed hosts", func(s *IMDSSection) { s.AllowedHosts = []string{"imds.internal", "10.0.0.5", "fd00::1", "IMDS-1.example"} }, ""},
+		{"allowed hosts", func(s *IMDSSection) {
+			s.AllowedHosts = []string{"imds.internal", "10.0.0.5", "fd00::1", "IMDS-1.example"}
+		}, ""},
 		{"tokens value", func(s *IMDSSection) { s.Tokens = "sometimes" }, "imds.tokens"},
 		{"tokens empty", func(s *IMDSSection) { s.Tokens = "" }, "imds.tokens"},
 		{"hop limit 0", func(s *IMDSSection) { s.HopLimit = 0 }, "imds.hop_limit"},

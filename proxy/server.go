@@ -618,7 +618,13 @@ func (s *Server) serveDecided(w http.ResponseWriter, r *http.Request, st *state,
 		writeText(w, http.StatusOK, d.Name)
 		return
 	}
-	c, err := s.broker.Credentials(r.Context(), d, who, doorIMDS, route, role)
+	var c creds.Credentials
+	var err error
+	if route == routeIAMInfo {
+		c, err = s.broker.Info(r.Context(), d) // no credentials handed out: not audited
+	} else {
+		c, err = s.broker.Credentials(r.Context(), d, who, doorIMDS, route, role)
+	}
 	now = s.now()
 	if err != nil || !usable(c, now) {
 		s.serveError(w, route, err, now)

@@ -21,64 +21,79 @@ import (
 	"go.uber.org/zap/zapcore"
 	"go.uber.org/zap/zaptest/observer"
 
+	"github.com/imdsproxy/imdsproxy/access"
 	"github.com/imdsproxy/imdsproxy/creds"
 )
 
 func TestConfigValidation(t *testing.T) {
 	up, _ := url.Parse("http://169.254.169.254")
 	mk := func(s string) *url.URL { u, _ := url.Parse(s); return u }
+	p := planOf(t, defaultPlanConfig())
 	tests := []struct {
 		name string
 		cfg  Config
 		ok   bool
 	}{
-		{"minimal", Config{RoleName: "app"}, true},
-		{"full", Config{RoleName: "my-role.v2@x+y=z,w_1", TokensRequired: true, HopLimit: 64, Upstream: up,
-			UpstreamTimeout: time.Second, InstanceProfileARN: "arn:aws:iam::123456789012:instance-profile/p"}, true},
-		{"https upstream with path", Config{RoleName: "app", Upstream: mk("https://imds.internal/base/")}, true},
-		{"empty role", Config{}, false},
-		{"role with slash", Config{RoleName: "a/b"}, false},
-		{"role with newline", Config{RoleName: "app\n"}, false},
-		{"role with space", Config{RoleName: "my app"}, false},
-		{"role too long", Config{RoleName: strings.Repeat("a", 65)}, false},
-		{"role 64", Config{RoleName: strings.Repeat("a", 64)}, true},
-		{"hop 65", Config{RoleName: "app", HopLimit: 65}, false},
-		{"hop negative", Config{RoleName: "app", HopLimit: -1}, false},
-		{"timeout negative", Config{RoleName: "app", UpstreamTimeout: -time.Second}, false},
-		{"timeout huge", Config{RoleName: "app", UpstreamTimeout: time.Hour}, false},
-		{"upstream ftp", Config{RoleName: "app", Upstream: mk("ftp://x")}, false},
-		{"upstream no host", Config{RoleName: "app", Upstream: mk("http://")}, false},
-		{"upstream relative", Config{RoleName: "app", Upstream: mk("/x")}, false},
-		{"upstream query", Config{RoleName: "app", Upstream: mk("http://x/?a=b")}, false},
-		{"upstream userinfo", Config{RoleName: "app", Upstream: mk("http://u:p@x/")}, false},
-		{"bad profile ARN", Config{RoleName: "app", InstanceProfileARN: "arn:aws:iam::1:instance-profile/p"}, false},
-		{"role ARN as profile ARN", Config{RoleName: "app", InstanceProfileARN: "arn:aws:iam::123456789012:role/p"}, false},
+		{"minimal", Config{Plan: p}, true},
+		{"full", Config{Plan: p, TokensRequired: true, HopLimit: 64, Upstream: up, UpstreamTimeout: time.Second,
+			InstanceProfileARN: "arn:aws:iam::123456789012:instance-profile/p", AllowedHosts: []string{"imds.internal"}, MaxConns: 10}, true},
+		{"https upstream with path", Config{Plan: p, Upstream: mk("https://imds.internal/base/")}, true},
+		{"no plan", Config{}, false},
+		{"no plan, otherwise full", Config{TokensRequired: true, HopLimit: 2, Upstream: up}, false},
+		{"hop 65", Config{Plan: p, HopLimit: 65}, false},
+		{"hop negative", Config{Plan: p, HopLimit: -1}, false},
+		{"timeout negative", Config{Plan: p, UpstreamTimeout: -time.Second}, false},
+		{"timeout huge", Config{Plan: p, UpstreamTimeout: time.Hour}, false},
+		{"upstream ftp", Config{Plan: p, Upstream: mk("ftp://x")}, false},
+		{"upstream no host", Config{Plan: p, Upstream: mk("http://")}, false},
+		{"upstream relative", Config{Plan: p, Upstream: mk("/x")}, false},
+		{"upstream query", Config{Plan: p, Upstream: mk("http://x/?a=b")}, false},
+		{"upstream userinfo", Config{Plan: p, Upstream: mk("http://u:p@x/")}, false},
+		{"bad profile ARN", Config{Plan: p, InstanceProfileARN: "arn:aws:iam::1:instance-profile/p"}, false},
+		{"role ARN as profile ARN", Config{Plan: p, InstanceProfileARN: "arn:aws:iam::123456789012:role/p"}, false},
+		{"negative max conns", Config{Plan: p, MaxConns: -1}, false},
+		{"allowed host with port", Config{Plan: p, AllowedHosts: []string{"imds.internal:80"}}, false},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			_, err := New(tt.cfg, &fakeSource{}, nil, prometheus.NewRegistry())
+			_, err := New(tt.cfg, newTestBroker(t, nil), nil, nil, prometheus.NewRegistry())
 			if (err == nil) != tt.ok {
 				t.Errorf("New: err %v, want ok=%v", err, tt.ok)
 			}
 			if err != nil && strings.Contains(err.Error(), "u:p") {
 				t.Errorf("error leaks URL password: %v", err)
 			}
+			e := newEnv(t, Config{})
+			if err := e.s.Update(tt.cfg); (err == nil) != tt.ok {
+				t.Errorf("Update: err %v, want ok=%v", err, tt.ok)
+			}
 		})
 	}
-	if _, err := New(Config{RoleName: "app"}, nil, nil, nil); err == nil {
-		t.Error("nil source accepted")
+	if _, err := New(Config{Plan: p}, nil, nil, nil, nil); err == nil {
+		t.Error("nil broker accepted")
 	}
-	n, _ := Config{RoleName: "app"}.normalize()
+	n, _ := Config{Plan: p}.normalize()
 	if n.HopLimit != 1 || n.UpstreamTimeout != DefaultUpstreamTimeout {
 		t.Errorf("defaults: %+v", n)
 	}
 	reg := prometheus.NewRegistry()
-	if _, err := New(Config{RoleName: "app"}, &fakeSource{}, nil, reg); err != nil {
+	if _, err := New(Config{Plan: p}, newTestBroker(t, reg), nil, nil, reg); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := New(Config{RoleName: "app"}, &fakeSource{}, nil, reg); err == nil {
+	if _, err := New(Config{Plan: p}, newTestBroker(t, nil), nil, nil, reg); err == nil {
 		t.Error("second Server on the same registry accepted")
 	}
+}
+
+// newTestBroker is a broker over a fake source holding testCreds,
+// registered with reg (nil: not registered).
+func newTestBroker(t testing.TB, reg prometheus.Registerer) *access.Broker {
+	t.Helper()
+	b, err := access.NewBroker(&fakeSource{c: testCreds()}, nil, nil, reg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
 }
 
 func TestTokenPUT(t *testing.T) {
@@ -148,8 +163,8 @@ func TestTokenPUT(t *testing.T) {
 				if w.Header().Get("Content-Length") != strconv.Itoa(len(tok)) {
 					t.Errorf("Content-Length %q", w.Header().Get("Content-Length"))
 				}
-				if e.s.minter.verify(tok, e.clock.now()) != tokenValid {
-					t.Error("issued token does not verify")
+				if st, gen := e.s.minter.verify(tok, e.clock.now()); st != tokenValid || gen != e.plan.Gen() {
+					t.Errorf("issued token: status %d pin %d, want valid pinning generation %d", st, gen, e.plan.Gen())
 				}
 				if got := testutil.ToFloat64(e.s.m.tokensIssued); got != 1 {
 					t.Errorf("issued = %v", got)
@@ -225,7 +240,7 @@ func TestAuth(t *testing.T) {
 					r.Header.Set(headerToken, "AQAEAgarbage")
 				case forged:
 					other, _ := newTokenMinter(nil)
-					tok, _, _ := other.mint(t0, 300)
+					tok, _, _ := other.mint(t0, 300, 1)
 					r.Header.Set(headerToken, tok)
 				case twoHeaders:
 					tok := e.token(t, "300")
@@ -392,9 +407,9 @@ func TestLimits(t *testing.T) {
 
 func TestUpdate(t *testing.T) {
 	e := newEnv(t, Config{})
-	if err := e.s.Update(Config{RoleName: "new-role", TokensRequired: true, HopLimit: 2}); err != nil {
-		t.Fatal(err)
-	}
+	e.src.setRole("new-role", credsFor("new-role", "111122223333", "ASIANEWROLE000000000"), nil)
+	newRole := access.PlanConfig{Host: roleKey("new-role"), Access: noAudit()}
+	e.publish(t, Config{TokensRequired: true, HopLimit: 2}, newRole)
 	if w := e.do("GET", "/latest/meta-data/iam/security-credentials/", nil); w.Code != 401 {
 		t.Errorf("tokens required after update: %d", w.Code)
 	}
@@ -403,14 +418,24 @@ func TestUpdate(t *testing.T) {
 	if w := e.do("GET", "/latest/meta-data/iam/security-credentials/", hdr); w.Body.String() != "new-role" {
 		t.Errorf("listing %q", w.Body.String())
 	}
-	if w := e.do("GET", "/latest/meta-data/iam/security-credentials/app", hdr); w.Code != 404 {
-		t.Errorf("old role: %d", w.Code)
-	}
-	if w := e.do("GET", "/latest/meta-data/iam/security-credentials/new-role", hdr); w.Code != 200 || e.src.roles[0] != "new-role" {
+	if w := e.do("GET", "/latest/meta-data/iam/security-credentials/new-role", hdr); w.Code != 200 || e.src.roles[0] != "new-role" ||
+		!strings.Contains(w.Body.String(), "ASIANEWROLE") {
 		t.Errorf("new role: %d %v", w.Code, e.src.roles)
 	}
+	// The old role is answered while the replaced plan is retained, then
+	// it is an unknown role.
+	if w := e.do("GET", "/latest/meta-data/iam/security-credentials/app", hdr); w.Code != 200 || !strings.Contains(w.Body.String(), testKeyID) {
+		t.Errorf("old role within Grace: %d", w.Code)
+	}
+	e.clock.add(access.Grace + time.Second)
+	if w := e.do("GET", "/latest/meta-data/iam/security-credentials/app", hdr); w.Code != 404 {
+		t.Errorf("old role after Grace: %d", w.Code)
+	}
 	// A bad config is refused and the old one stays.
-	if err := e.s.Update(Config{RoleName: "bad/role"}); err == nil {
+	if err := e.s.Update(Config{TokensRequired: true}); err == nil {
+		t.Fatal("config without a plan accepted")
+	}
+	if err := e.s.Update(Config{Plan: planOf(t, defaultPlanConfig()), HopLimit: 99}); err == nil {
 		t.Fatal("bad config accepted")
 	}
 	if w := e.do("GET", "/latest/meta-data/iam/security-credentials/", hdr); w.Body.String() != "new-role" {
@@ -432,20 +457,20 @@ func TestUpdate(t *testing.T) {
 		t.Errorf("no upstream: %d", w.Code)
 	}
 	u, _ := url.Parse(up.URL)
-	if err := e.s.Update(Config{RoleName: "new-role", Upstream: u}); err != nil {
-		t.Fatal(err)
-	}
+	e.publish(t, Config{Upstream: u}, newRole)
 	pt := e.s.state.Load().pt
 	if w := e.do("GET", "/latest/meta-data/instance-id", nil); w.Code != 200 || w.Body.String() != "i-0abc" {
 		t.Errorf("with upstream: %d %q", w.Code, w.Body.String())
 	}
-	if err := e.s.Update(Config{RoleName: "other", Upstream: u}); err != nil {
-		t.Fatal(err)
-	}
+	e.publish(t, Config{Upstream: u}, access.PlanConfig{Host: roleKey("other"), Access: noAudit()})
 	if e.s.state.Load().pt != pt {
 		t.Error("same upstream: pass-through (and its token) should be kept")
 	}
 	// Concurrent updates and requests (run with -race).
+	var plans []*access.Plan
+	for j := range 50 {
+		plans = append(plans, planOf(t, access.PlanConfig{Host: roleKey(fmt.Sprintf("r%d", j)), Access: noAudit()}))
+	}
 	var wg sync.WaitGroup
 	for i := range 8 {
 		wg.Add(1)
@@ -453,7 +478,7 @@ func TestUpdate(t *testing.T) {
 			defer wg.Done()
 			for j := range 50 {
 				if i%2 == 0 {
-					_ = e.s.Update(Config{RoleName: fmt.Sprintf("r%d", j), TokensRequired: j%2 == 0})
+					_ = e.s.Update(Config{Plan: plans[j], TokensRequired: j%2 == 0})
 				} else {
 					e.do("GET", "/latest/meta-data/iam/security-credentials/", nil)
 				}
@@ -469,10 +494,15 @@ func TestServe(t *testing.T) {
 	e.s.now = time.Now
 	c := testCreds()
 	c.Expires = time.Now().Add(time.Hour)
+	e.src.set(c, nil)
 	block := make(chan struct{})
 	entered := make(chan struct{}, 1)
-	src := &blockingSource{c: c, block: block, entered: entered}
-	e.s.src = src
+	ctxErr := make(chan error, 1)
+	e.src.setHook(func(ctx context.Context, _ creds.Key) {
+		entered <- struct{}{}
+		<-block
+		ctxErr <- ctx.Err()
+	})
 
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -521,8 +551,8 @@ func TestServe(t *testing.T) {
 	if r.err != nil || r.code != 200 || !strings.Contains(r.body, `"Code" : "Success"`) {
 		t.Errorf("in-flight request: %+v", r)
 	}
-	if src.ctxErr != nil {
-		t.Errorf("source context cancelled by shutdown: %v", src.ctxErr)
+	if err := <-ctxErr; err != nil {
+		t.Errorf("source context cancelled by shutdown: %v", err)
 	}
 	select {
 	case err := <-done:
@@ -535,20 +565,6 @@ func TestServe(t *testing.T) {
 	if _, err := net.Dial("tcp", ln.Addr().String()); err == nil {
 		t.Error("listener still open")
 	}
-}
-
-type blockingSource struct {
-	c       creds.Credentials
-	block   chan struct{}
-	entered chan struct{}
-	ctxErr  error
-}
-
-func (b *blockingSource) Credentials(ctx context.Context, role string) (creds.Credentials, error) {
-	b.entered <- struct{}{}
-	<-b.block
-	b.ctxErr = ctx.Err()
-	return b.c, nil
 }
 
 // TestKeepAliveSequence replays what every SDK does on one connection.
@@ -612,7 +628,11 @@ func TestMetricsLint(t *testing.T) {
 		"imdsproxy_http_requests_total", "imdsproxy_http_request_duration_seconds",
 		"imdsproxy_imds_tokens_issued_total", "imdsproxy_imds_tokens_outstanding",
 		"imdsproxy_imds_token_rejections_total", "imdsproxy_passthrough_errors_total",
-		"imdsproxy_upstream_token_fetches_total",
+		"imdsproxy_upstream_token_fetches_total", "imdsproxy_access_refused_total",
+		"imdsproxy_http_host_rejections_total", "imdsproxy_http_open_connections",
+		"imdsproxy_http_connection_limit_reached_total",
+		// the broker's, on the same registry
+		"imdsproxy_rollout_served_total", "imdsproxy_rollout_fallbacks_total", "imdsproxy_access_refused_total",
 	}
 	mfs, err := e.reg.Gather()
 	if err != nil {
@@ -624,7 +644,7 @@ func TestMetricsLint(t *testing.T) {
 		for _, m := range mf.GetMetric() {
 			for _, l := range m.GetLabel() {
 				switch l.GetName() {
-				case "route", "code", "reason", "result":
+				case "route", "code", "reason", "result", "kind", "outcome":
 				default:
 					t.Errorf("%s: unexpected label %s", mf.GetName(), l.GetName())
 				}
@@ -644,6 +664,9 @@ func TestMetricsLint(t *testing.T) {
 	}
 	if got := testutil.ToFloat64(e.s.m.requests.WithLabelValues(routeCredentials, "200")); got != 1 {
 		t.Errorf("credentials 200 = %v", got)
+	}
+	if got := metricValue(t, e.reg, "imdsproxy_rollout_served_total", map[string]string{"kind": "workload"}); got != 1 {
+		t.Errorf("served{workload} = %v", got)
 	}
 }
 
@@ -739,7 +762,7 @@ func TestSlowClientsCannotPin(t *testing.T) {
 	// Every slow client is cut off within the header timeout (plus slack).
 	start := time.Now()
 	for _, conn := range slow {
-		_ = conn.SetReadDeadline(start.Add(readHeaderTimeout + 1500*time.Millisecond))
+		_ = conn.SetReadDeadline(start.Add(readHeaderTimeout + 5*time.Second))
 		buf := make([]byte, 512)
 		for {
 			_, err := conn.Read(buf)

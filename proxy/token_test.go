@@ -1,11 +1,18 @@
 package proxy
 
 import (
+	"bytes"
+	"crypto/hmac"
+	"crypto/sha256"
 	"encoding/base64"
+	"encoding/binary"
+	"net/http"
 	"strconv"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/imdsproxy/imdsproxy/access"
 )
 
 func TestParseTTL(t *testing.T) {
@@ -49,7 +56,7 @@ func TestTokenFormat(t *testing.T) {
 	}
 	seen := map[string]bool{}
 	for i := 0; i < 100; i++ {
-		tok, _, err := m.mint(t0, 21600)
+		tok, _, err := m.mint(t0, 21600, uint32(i))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -72,7 +79,7 @@ func TestTokenVerify(t *testing.T) {
 	m, _ := newTokenMinter(nil)
 	other, _ := newTokenMinter(nil)
 	issued := t0 // 12:00:00.5
-	tok, exp, err := m.mint(issued, 300)
+	tok, exp, err := m.mint(issued, 300, 7)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -85,7 +92,7 @@ func TestTokenVerify(t *testing.T) {
 		b[i] ^= 1
 		return tokenEncoding.EncodeToString(b)
 	}
-	otherTok, _, _ := other.mint(issued, 300)
+	otherTok, _, _ := other.mint(issued, 300, 7)
 	tests := []struct {
 		name string
 		tok  string
@@ -100,7 +107,9 @@ func TestTokenVerify(t *testing.T) {
 		{"other key", otherTok, issued, tokenInvalid},
 		{"version flipped", flip(0), issued, tokenInvalid},
 		{"expiry flipped", flip(8), issued, tokenInvalid},
-		{"nonce flipped", flip(12), issued, tokenInvalid},
+		{"epoch flipped", flip(12), issued, tokenInvalid},
+		{"generation flipped", flip(16), issued, tokenInvalid},
+		{"nonce flipped", flip(20), issued, tokenInvalid},
 		{"mac flipped", flip(tokenRawLen - 1), issued, tokenInvalid},
 		{"truncated", tok[:len(tok)-1], issued, tokenInvalid},
 		{"extended", tok + "A", issued, tokenInvalid},
@@ -112,8 +121,12 @@ func TestTokenVerify(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			if got := m.verify(tt.tok, tt.at); got != tt.want {
+			got, gen := m.verify(tt.tok, tt.at)
+			if got != tt.want {
 				t.Errorf("verify = %d, want %d", got, tt.want)
+			}
+			if wantGen := map[bool]uint32{true: 7}[got == tokenValid]; gen != wantGen {
+				t.Errorf("verify pins %d, want %d", gen, wantGen)
 			}
 		})
 	}
@@ -126,12 +139,12 @@ func TestTokenNeverExpiresEarly(t *testing.T) {
 	for _, frac := range []time.Duration{0, 1, 500 * time.Millisecond, time.Second - 1} {
 		issued := time.Unix(1_800_000_000, 0).Add(frac)
 		for _, ttl := range []int{1, 2, 300, 21599, 21600} {
-			tok, _, _ := m.mint(issued, ttl)
+			tok, _, _ := m.mint(issued, ttl, 1)
 			end := issued.Add(time.Duration(ttl) * time.Second)
-			if got := m.verify(tok, end.Add(-time.Nanosecond)); got != tokenValid {
+			if got, _ := m.verify(tok, end.Add(-time.Nanosecond)); got != tokenValid {
 				t.Errorf("frac %v ttl %d: rejected before issued+TTL", frac, ttl)
 			}
-			if got := m.verify(tok, end.Add(time.Second)); got != tokenExpired {
+			if got, _ := m.verify(tok, end.Add(time.Second)); got != tokenExpired {
 				t.Errorf("frac %v ttl %d: still valid a second after issued+TTL", frac, ttl)
 			}
 		}
@@ -234,18 +247,142 @@ func FuzzTokenVerify(f *testing.F) {
 	if err != nil {
 		f.Fatal(err)
 	}
-	minted, _, _ := m.mint(t0, 300)
-	for _, s := range []string{minted, "", "AQAEA", strings.Repeat("A", tokenLen), minted[:40], minted + "=", "\x00\r\n"} {
+	minted, _, _ := m.mint(t0, 300, 3)
+	v1 := mintV1(m, t0, 300)
+	for _, s := range []string{minted, v1, "", "AQAEA", strings.Repeat("A", tokenLen), minted[:40], minted + "=", "\x00\r\n"} {
 		f.Add(s)
 	}
-	// Any token the fuzzer finds that verifies must be the one minted above.
+	// Any token the fuzzer finds that verifies must be one minted above,
+	// and pins what it was minted with.
 	f.Fuzz(func(t *testing.T, tok string) {
-		got := m.verify(tok, t0)
-		if got == tokenValid && tok != minted {
+		got, gen := m.verify(tok, t0)
+		if got == tokenValid && tok != minted && tok != v1 {
 			t.Fatalf("forged token verified: %q", tok)
+		}
+		if got == tokenValid && gen != map[bool]uint32{true: 3}[tok == minted] {
+			t.Fatalf("token %q pins %d", tok, gen)
+		}
+		if got != tokenValid && gen != 0 {
+			t.Fatalf("a token that does not verify pins %d", gen)
 		}
 		if strings.ContainsAny(tok, "\r\n") && got != tokenInvalid {
 			t.Fatalf("token with CR/LF accepted")
 		}
 	})
+}
+
+// mintV1 builds by hand a token of version 1 (before generations) with m's
+// key: version 1 | expiry | 16 nonce bytes | HMAC-SHA256 of those 25 bytes.
+func mintV1(m *tokenMinter, now time.Time, ttl int) string {
+	var raw [1 + 8 + 16 + sha256.Size]byte
+	raw[0] = 1
+	binary.BigEndian.PutUint64(raw[1:9], uint64(tokenExpiry(now, ttl)))
+	copy(raw[9:25], "0123456789abcdef")
+	mac := hmac.New(sha256.New, m.key[:])
+	mac.Write(raw[:25])
+	copy(raw[25:], mac.Sum(nil))
+	return base64.RawURLEncoding.EncodeToString(raw[:])
+}
+
+// TestTokenLayout checks the version-2 layout byte by byte: 57 bytes of
+// version 2, expiry, epoch, generation, an 8-byte nonce and the full
+// HMAC-SHA256 of the 25 bytes before it.
+func TestTokenLayout(t *testing.T) {
+	m, err := newTokenMinter(bytes.Repeat([]byte{5}, TokenKeySize))
+	if err != nil {
+		t.Fatal(err)
+	}
+	nonces := map[string]bool{}
+	for i := range 20 {
+		gen := uint32(0xfedc_ba98) + uint32(i)
+		tok, exp, err := m.mint(t0, 300, gen)
+		if err != nil {
+			t.Fatal(err)
+		}
+		raw, err := base64.RawURLEncoding.Strict().DecodeString(tok)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(raw) != 57 || tokenRawLen != 57 || tokenSignedLen != 25 {
+			t.Fatalf("token of %d bytes (raw %d, signed %d), want 57 and 25", len(raw), tokenRawLen, tokenSignedLen)
+		}
+		if raw[0] != 2 {
+			t.Errorf("version %d, want 2", raw[0])
+		}
+		if got := int64(binary.BigEndian.Uint64(raw[1:9])); got != exp || exp != t0.Unix()+301 {
+			t.Errorf("expiry %d, mint says %d, want %d", got, exp, t0.Unix()+301)
+		}
+		if got := binary.BigEndian.Uint32(raw[9:13]); got != m.epoch {
+			t.Errorf("epoch %#x, want the minter's %#x", got, m.epoch)
+		}
+		if got := binary.BigEndian.Uint32(raw[13:17]); got != gen {
+			t.Errorf("generation %#x, want %#x", got, gen)
+		}
+		nonces[string(raw[17:25])] = true
+		mac := hmac.New(sha256.New, bytes.Repeat([]byte{5}, TokenKeySize))
+		mac.Write(raw[:25])
+		if !hmac.Equal(mac.Sum(nil), raw[25:]) {
+			t.Errorf("the MAC is not HMAC-SHA256(key, first 25 bytes)")
+		}
+		if st, pin := m.verify(tok, t0); st != tokenValid || pin != gen {
+			t.Errorf("verify = %d pin %#x, want valid pin %#x", st, pin, gen)
+		}
+	}
+	if len(nonces) != 20 {
+		t.Errorf("%d distinct nonces in 20 tokens", len(nonces))
+	}
+	// A version byte other than 1 and 2, correctly signed, is refused.
+	tok, _, _ := m.mint(t0, 300, 1)
+	raw, _ := base64.RawURLEncoding.DecodeString(tok)
+	raw[0] = 3
+	mac := hmac.New(sha256.New, m.key[:])
+	mac.Write(raw[:25])
+	copy(raw[25:], mac.Sum(nil))
+	if st, _ := m.verify(base64.RawURLEncoding.EncodeToString(raw), t0); st != tokenInvalid {
+		t.Errorf("a signed version-3 token: %d, want invalid", st)
+	}
+}
+
+// TestTokenVersion1: a version-1 token minted with the same key (before an
+// upgrade) still verifies, expires as before, and pins no generation.
+func TestTokenVersion1(t *testing.T) {
+	m, _ := newTokenMinter(bytes.Repeat([]byte{5}, TokenKeySize))
+	tok := mintV1(m, t0, 300)
+	if len(tok) != tokenLen {
+		t.Fatalf("v1 token of %d characters, want %d", len(tok), tokenLen)
+	}
+	if st, gen := m.verify(tok, t0); st != tokenValid || gen != 0 {
+		t.Errorf("v1 token: %d pin %d, want valid and no pin", st, gen)
+	}
+	if st, gen := m.verify(tok, t0.Add(301*time.Second)); st != tokenExpired || gen != 0 {
+		t.Errorf("v1 token past expiry: %d pin %d", st, gen)
+	}
+	other, _ := newTokenMinter(bytes.Repeat([]byte{6}, TokenKeySize))
+	if st, _ := m.verify(mintV1(other, t0, 300), t0); st != tokenInvalid {
+		t.Errorf("v1 token of another key: %d, want invalid", st)
+	}
+
+	// Through the API: served by the current plan.
+	e := newEnv(t, Config{TokensRequired: true, TokenKey: bytes.Repeat([]byte{5}, TokenKeySize)})
+	e.publish(t, Config{TokensRequired: true}, access.PlanConfig{Host: roleKey("new-role"), Access: noAudit()})
+	w := e.do(http.MethodGet, "/latest/meta-data/iam/security-credentials/", map[string]string{headerToken: mintV1(e.s.minter, t0, 300)})
+	if w.Code != 200 || w.Body.String() != "new-role" {
+		t.Errorf("v1 token: listing %d %q, want new-role", w.Code, w.Body.String())
+	}
+}
+
+// TestTokenOtherEpoch: a token of another process with the same key (a
+// restart sharing imds.token_key_file) verifies and pins nothing.
+func TestTokenOtherEpoch(t *testing.T) {
+	key := bytes.Repeat([]byte{5}, TokenKeySize)
+	m, _ := newTokenMinter(key)
+	prev, _ := newTokenMinter(key)
+	prev.epoch = m.epoch + 1 // never the same epoch, whatever was drawn
+	tok, _, _ := prev.mint(t0, 300, 4)
+	if st, gen := m.verify(tok, t0); st != tokenValid || gen != 0 {
+		t.Errorf("other epoch: %d pin %d, want valid and no pin", st, gen)
+	}
+	if st, gen := prev.verify(tok, t0); st != tokenValid || gen != 4 {
+		t.Errorf("own epoch: %d pin %d, want valid pin 4", st, gen)
+	}
 }

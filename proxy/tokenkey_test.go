@@ -5,8 +5,6 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"testing"
-
-	"github.com/prometheus/client_golang/prometheus"
 )
 
 // TestTokenKeySharedAcrossServers: two Servers (two daemon processes across a
@@ -17,11 +15,7 @@ func TestTokenKeySharedAcrossServers(t *testing.T) {
 	other := bytes.Repeat([]byte{8}, TokenKeySize)
 	newServer := func(k []byte) *Server {
 		t.Helper()
-		s, err := New(Config{RoleName: testRole, TokensRequired: true, TokenKey: k}, &fakeSource{c: testCreds()}, nil, prometheus.NewRegistry())
-		if err != nil {
-			t.Fatal(err)
-		}
-		return s
+		return newEnv(t, Config{TokensRequired: true, TokenKey: k}).s
 	}
 	old := newServer(key)
 	put := httptest.NewRequest(http.MethodPut, "/latest/api/token", nil)
@@ -57,7 +51,7 @@ func TestTokenKeySharedAcrossServers(t *testing.T) {
 
 func TestTokenKeyLength(t *testing.T) {
 	for _, n := range []int{0, 16, 31, 33, 64} {
-		if _, err := New(Config{RoleName: testRole, TokenKey: make([]byte, n)}, &fakeSource{}, nil, nil); err == nil {
+		if _, err := New(Config{Plan: planOf(t, defaultPlanConfig()), TokenKey: make([]byte, n)}, newTestBroker(t, nil), nil, nil, nil); err == nil {
 			t.Errorf("New accepted a %d-byte token key", n)
 		}
 	}

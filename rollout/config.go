@@ -1,6 +1,7 @@
 package rollout
 
 import (
+	"crypto/ed25519"
 	"errors"
 	"fmt"
 	"net/url"
@@ -31,6 +32,11 @@ type Section struct {
 	Fallback string `yaml:"fallback"`
 	// ShadowInterval is the time between shadow verifications.
 	ShadowInterval config.Duration `yaml:"shadow_interval"`
+	// PolicyKeys are the Ed25519 public keys a policy's detached signature
+	// (<policy>.sig) must verify with (ParsePublicKey: base64 raw or SPKI,
+	// PEM, or an absolute file path); several for rotation. None: policies
+	// are not signed.
+	PolicyKeys []string `yaml:"policy_keys"`
 }
 
 // Defaults of the rollout: section.
@@ -72,7 +78,18 @@ func (c *Section) Validate() error {
 	if err := checkText(c.Group, maxGroupLen); c.Group != "" && err != nil {
 		return fmt.Errorf("config: rollout.group: %v", err)
 	}
+	for i, k := range c.PolicyKeys {
+		if strings.HasPrefix(k, "/") {
+			continue // a key file: read when the rollout is configured
+		}
+		if _, err := ParsePublicKey(k); err != nil {
+			return fmt.Errorf("config: rollout.policy_keys[%d]: %w", i, err)
+		}
+	}
 	if c.Policy == "" {
+		if len(c.PolicyKeys) > 0 {
+			return errors.New("config: rollout.policy_keys: needs rollout.policy")
+		}
 		if c.Fallback != string(FallbackNone) {
 			return errors.New("config: rollout.fallback: needs rollout.policy")
 		}
@@ -97,6 +114,15 @@ func (c *Section) Validate() error {
 		return errors.New("config: rollout.insecure_http: only for an http:// rollout.policy")
 	}
 	return nil
+}
+
+// Keys returns the parsed policy_keys, reading the key files.
+func (c Section) Keys() ([]ed25519.PublicKey, error) {
+	keys, err := ParsePublicKeys(c.PolicyKeys)
+	if err != nil {
+		return nil, fmt.Errorf("rollout.policy_keys: %w", err)
+	}
+	return keys, nil
 }
 
 // S3 reports whether the policy is read from S3 (the daemon then builds an

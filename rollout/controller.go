@@ -2,8 +2,10 @@ package rollout
 
 import (
 	"context"
+	"crypto/ed25519"
 	"errors"
 	"fmt"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -49,6 +51,9 @@ type Settings struct {
 	// ShadowKey is the key of the host's workload role, which the shadow
 	// stage verifies.
 	ShadowKey creds.Key
+	// PolicyKeys verify the policy's signature (rollout.policy_keys); none:
+	// policies are not signed.
+	PolicyKeys []ed25519.PublicKey
 }
 
 // ShadowStatus is the outcome of the latest shadow verification. It holds no
@@ -100,6 +105,7 @@ type Controller struct {
 	shadowWake chan struct{} // closed and replaced on every decision change; guarded by shadowMu
 
 	loads         *prometheus.CounterVec
+	refused       *prometheus.CounterVec
 	stageChanges  prometheus.Counter
 	verifications *prometheus.CounterVec
 }
@@ -117,10 +123,6 @@ func NewController(md TagReader, instanceID string, log *zap.Logger, reg prometh
 		swap:       make(chan struct{}),
 		changed:    make(chan struct{}, 1),
 		shadowWake: make(chan struct{}),
-		loads: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "imdsproxy_rollout_policy_loads_total",
-			Help: "Rollout policy loads, by result (success, failure). A failed load keeps the last good policy.",
-		}, []string{"result"}),
 		stageChanges: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "imdsproxy_rollout_stage_changes_total",
 			Help: "Changes of this host's rollout decision (stage, canary percentage or kind served).",
@@ -130,13 +132,12 @@ func NewController(md TagReader, instanceID string, log *zap.Logger, reg prometh
 			Help: "Shadow verifications of the workload credentials (sts:GetCallerIdentity), by result (success, failure).",
 		}, []string{"result"}),
 	}
-	c.loads.WithLabelValues("success")
-	c.loads.WithLabelValues("failure")
+	c.loads, c.refused = loadCounters()
 	c.verifications.WithLabelValues("success")
 	c.verifications.WithLabelValues("failure")
 	c.cur.Store(&state{bucket: -1})
 	if reg != nil {
-		for _, col := range []prometheus.Collector{c.loads, c.stageChanges, c.verifications, collector{c}} {
+		for _, col := range []prometheus.Collector{c.loads, c.refused, c.stageChanges, c.verifications, collector{c}} {
 			if err := reg.Register(col); err != nil {
 				return nil, fmt.Errorf("rollout: register metrics: %w", err)
 			}
@@ -175,12 +176,13 @@ func (c *Controller) Configure(ctx context.Context, s Settings) (Decision, bool,
 			c.log.Warn("the instance id could not be read; the canary bucket is derived from the host name")
 		}
 	}
-	if next.loader == nil || oc.Policy != nc.Policy || oc.PollInterval != nc.PollInterval || (nc.S3() && s.S3 != old.settings.S3) {
-		l, err := NewLoader(nc.Policy, LoaderOptions{S3: s.S3, Interval: nc.PollInterval.D()}, c.log, nil)
+	if next.loader == nil || oc.Policy != nc.Policy || oc.PollInterval != nc.PollInterval || (nc.S3() && s.S3 != old.settings.S3) ||
+		!slices.EqualFunc(s.PolicyKeys, old.settings.PolicyKeys, func(a, b ed25519.PublicKey) bool { return a.Equal(b) }) {
+		l, err := NewLoader(nc.Policy, LoaderOptions{S3: s.S3, Interval: nc.PollInterval.D(), PolicyKeys: s.PolicyKeys}, c.log, nil)
 		if err != nil {
 			return old.decision, old.enabled, err
 		}
-		l.loads = c.loads
+		l.loads, l.refused = c.loads, c.refused
 		next.loader = l
 	}
 	lctx, cancel := context.WithTimeout(ctx, loadTimeout)

@@ -100,7 +100,8 @@ var ErrObjectNotFound = fs.ErrNotExist
 
 // ObjectGetter reads one object from S3; exchange.S3Objects is the one built
 // on aws-sdk-go-v2, tests use fakes. GetObject must honour ctx, read at most
-// max+1 bytes (a longer object is returned cut there, and the caller refuses
+// max+1 bytes (a longer object is returned cut there, or refused with an
+// error that has a method TooLarge() bool returning true; the caller refuses
 // it), wrap ErrObjectNotFound when the object does not exist, and be safe for
 // concurrent use. Its errors must not contain secrets.
 type ObjectGetter interface {
@@ -240,19 +241,7 @@ func NewLoader(source string, opts LoaderOptions, log *zap.Logger, reg prometheu
 		return nil, fmt.Errorf("rollout: policy source %q: want an absolute path, https:// URL or s3://bucket/key", source)
 	}
 	l.status.Source = l.redacted
-	l.loads = prometheus.NewCounterVec(prometheus.CounterOpts{
-		Name: "imdsproxy_rollout_policy_loads_total",
-		Help: "Rollout policy loads, by result (success, failure). A failed load keeps the last good policy.",
-	}, []string{"result"})
-	l.loads.WithLabelValues("success")
-	l.loads.WithLabelValues("failure")
-	l.refused = prometheus.NewCounterVec(prometheus.CounterOpts{
-		Name: "imdsproxy_rollout_policy_refused_total",
-		Help: "Rollout policies read but refused, by reason (too_large, invalid, unsigned, bad_signature, unknown_key, unsafe_file). Each is also a loads_total failure; the last good policy stays.",
-	}, []string{"reason"})
-	for _, r := range refusalReasons {
-		l.refused.WithLabelValues(r)
-	}
+	l.loads, l.refused = loadCounters()
 	if reg != nil {
 		for _, c := range []prometheus.Collector{l.loads, l.refused, loaderCollector{l}} {
 			if err := reg.Register(c); err != nil {
@@ -261,6 +250,25 @@ func NewLoader(source string, opts LoaderOptions, log *zap.Logger, reg prometheu
 		}
 	}
 	return l, nil
+}
+
+// loadCounters are a loader's load and refusal counters; a Controller
+// shares one pair across the loaders of its successive policy sources.
+func loadCounters() (loads, refused *prometheus.CounterVec) {
+	loads = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "imdsproxy_rollout_policy_loads_total",
+		Help: "Rollout policy loads, by result (success, failure). A failed load keeps the last good policy.",
+	}, []string{"result"})
+	loads.WithLabelValues("success")
+	loads.WithLabelValues("failure")
+	refused = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "imdsproxy_rollout_policy_refused_total",
+		Help: "Rollout policies read but refused, by reason (too_large, invalid, unsigned, bad_signature, unknown_key, unsafe_file). Each is also a loads_total failure; the last good policy stays.",
+	}, []string{"reason"})
+	for _, r := range refusalReasons {
+		refused.WithLabelValues(r)
+	}
+	return loads, refused
 }
 
 func isLoopback(host string) bool {
@@ -450,9 +458,12 @@ func (l *Loader) fetch(ctx context.Context, suffix string, max int64) ([]byte, e
 		data, err = l.fetchHTTP(ctx, src, max)
 	case "s3":
 		data, _, err = l.s3.GetObject(ctx, l.bucket, l.key+suffix, max)
+		var tl interface{ TooLarge() bool }
 		switch {
 		case errors.Is(err, ErrObjectNotFound):
 			err = fmt.Errorf("%w: %w", errNotFound, err)
+		case errors.As(err, &tl) && tl.TooLarge():
+			err = &LoadError{Reason: ReasonTooLarge, Err: err}
 		case err == nil && int64(len(data)) > max:
 			err = &LoadError{Reason: ReasonTooLarge, Err: fmt.Errorf("object is larger than %d bytes", max)}
 		}

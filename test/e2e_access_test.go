@@ -50,8 +50,8 @@ func TestAccessDenyUID(t *testing.T) {
 			t.Errorf("GET %s = %d %q, want %d", tc.path, code, body, tc.want)
 		}
 	}
-	if m := e.metrics(t); !strings.Contains(m, "\nimdsproxy_access_denied_total 4\n") {
-		t.Errorf("metrics lack imdsproxy_access_denied_total 4:\n%s", grepLines(m, "access_denied"))
+	if m := e.metrics(t); !strings.Contains(m, "\nimdsproxy_access_refused_total{outcome=\"deny\",reason=\"not_allowed\"} 4\n") {
+		t.Errorf("metrics lack imdsproxy_access_refused_total{outcome=\"deny\",reason=\"not_allowed\"} 4:\n%s", grepLines(m, "access_refused"))
 	}
 	for _, l := range e.logLines() {
 		if l["logger"] == "audit" {

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"crypto/ed25519"
 	"errors"
 	"flag"
 	"fmt"
@@ -541,6 +542,7 @@ type generation struct {
 	hostKey      creds.Key // role: (the instance profile's for source instance-profile)
 	workloadKeys []creds.Key
 	ipKey        creds.Key // the instance profile's role; zero when not served
+	policyKeys   []ed25519.PublicKey
 }
 
 // sources are the exchanges of a config, built from its sourceSpec.
@@ -600,6 +602,10 @@ func (d *daemon) build(ctx context.Context, cfg Config, prev *generation) (*gene
 		}
 	}
 	g := &generation{cfg: cfg, src: src, session: exchange.SessionName(cfg.Role.SessionName, d.instanceID)}
+	var err error
+	if g.policyKeys, err = cfg.Rollout.Keys(); err != nil {
+		return nil, err
+	}
 	// Roles Anywhere sends a session name only when one is configured (the
 	// profile must accept it).
 	session := g.session
@@ -692,7 +698,7 @@ func discoverRole(ctx context.Context, ip *exchange.InstanceProfile, log *zap.Lo
 
 // rolloutSettings is the rollout part of g.
 func (g *generation) rolloutSettings() rollout.Settings {
-	return rollout.Settings{Config: g.cfg.Rollout, S3: g.src.s3, ShadowKey: g.hostKey}
+	return rollout.Settings{Config: g.cfg.Rollout, S3: g.src.s3, ShadowKey: g.hostKey, PolicyKeys: g.policyKeys}
 }
 
 // proxyConfig is the IMDS API's part of g, with plan.
