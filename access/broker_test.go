@@ -101,7 +101,7 @@ func TestBrokerServesAndAudits(t *testing.T) {
 func TestBrokerFallback(t *testing.T) {
 	src := &fakeSource{bad: map[creds.Key]bool{wkey("billing"): true}}
 	b, buf, _ := newBroker(t, src)
-	d := Decision{Outcome: Serve, Name: "billing", Key: wkey("billing"), Fallback: ip, Audit: true}
+	d := Decision{Outcome: Serve, Name: "billing", Key: wkey("billing"), Fallback: profile, Audit: true}
 	cr, err := b.Credentials(t.Context(), d, Client{}, "imds", "credentials", "billing")
 	if err != nil || cr.AccessKeyID != "ASIAINSTANCE-ROLE" {
 		t.Fatalf("fallback = %v, %v", cr, err)

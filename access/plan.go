@@ -147,7 +147,7 @@ type Plan struct {
 
 	serve    creds.Kind
 	host     creds.Key
-	ip       creds.Key
+	profile  creds.Key
 	fallback bool
 
 	retired []retired // newest first
@@ -193,7 +193,7 @@ func NewPlan(cfg PlanConfig, prev *Plan, now time.Time) (*Plan, error) {
 		wlKeys:     slices.Clone(cfg.WorkloadKeys),
 		serve:      cfg.Serve,
 		host:       cfg.Host,
-		ip:         cfg.InstanceProfile,
+		profile:    cfg.InstanceProfile,
 		fallback:   cfg.Fallback,
 	}
 	for i, w := range cfg.Workloads {
@@ -268,7 +268,7 @@ func (p *Plan) Keys(now time.Time) []creds.Key {
 	}
 	for _, q := range p.chain(now) {
 		if q.serve == creds.KindInstanceProfile {
-			add(q.ip)
+			add(q.profile)
 			continue
 		}
 		add(q.host)
@@ -276,7 +276,7 @@ func (p *Plan) Keys(now time.Time) []creds.Key {
 			add(k)
 		}
 		if q.fallback {
-			add(q.ip)
+			add(q.profile)
 		}
 	}
 	return out
@@ -358,7 +358,7 @@ func (p *Plan) decide(c Client) Decision {
 	}
 	switch {
 	case p.serve == creds.KindInstanceProfile:
-		d.Name, d.Key, d.Host = p.ip.Role.Name, p.ip, true
+		d.Name, d.Key, d.Host = p.profile.Role.Name, p.profile, true
 		return d
 	case unsure:
 		// A workload entry might match it: never the host's role.
@@ -371,7 +371,7 @@ func (p *Plan) decide(c Client) Decision {
 	}
 	d.Name = d.Key.Role.Name
 	if p.fallback {
-		d.Fallback = p.ip
+		d.Fallback = p.profile
 	}
 	return d
 }

@@ -21,10 +21,10 @@ func (v *via) Fetch(context.Context, creds.Role) (creds.Credentials, error) {
 
 var (
 	src  = &via{"workload"}
-	ipv  = &via{"ip"}
+	profv  = &via{"ip"}
 	t0   = time.Date(2026, 12, 7, 12, 0, 0, 0, time.UTC)
 	host = creds.Key{Kind: creds.KindWorkload, Role: creds.Role{Name: "app", ARN: "arn:aws:iam::222222222222:role/app"}, Via: src}
-	ip   = creds.Key{Kind: creds.KindInstanceProfile, Role: creds.Role{Name: "instance-role"}, Via: ipv}
+	profile   = creds.Key{Kind: creds.KindInstanceProfile, Role: creds.Role{Name: "instance-role"}, Via: profv}
 )
 
 func wkey(name string) creds.Key {
@@ -58,13 +58,13 @@ func mustPlan(t *testing.T, pc PlanConfig, prev *Plan, now time.Time) *Plan {
 
 func TestDecide(t *testing.T) {
 	off := false
-	base := PlanConfig{Host: host, InstanceProfile: ip, Serve: creds.KindWorkload, Access: Section{Audit: &off}}
+	base := PlanConfig{Host: host, InstanceProfile: profile, Serve: creds.KindWorkload, Access: Section{Audit: &off}}
 	withWL := base
 	withWL.Workloads, withWL.WorkloadKeys = workloads, wkeys()
 	lists := withWL
 	lists.Access = Section{AllowUIDs: []int{0, 1002}, AllowUnits: []string{"web.service"}, DenyUIDs: []int{1004}}
-	ipServe := withWL
-	ipServe.Serve = creds.KindInstanceProfile
+	profileServe := withWL
+	profileServe.Serve = creds.KindInstanceProfile
 	fallback := withWL
 	fallback.Fallback = true
 
@@ -99,10 +99,10 @@ func TestDecide(t *testing.T) {
 		{"lists: unresolved", lists, Client{Unresolved: true}, Retry, creds.Key{}, creds.Key{}, "unresolved"},
 		{"lists: unknown unit that might be allowed", lists, Client{Local: true, Info: peer.Info{UID: 1500, UnitUnknown: true}},
 			Retry, creds.Key{}, creds.Key{}, "unresolved"},
-		{"instance profile served: to workloads too", ipServe, local(1001, ""), Serve, ip, creds.Key{}, ""},
-		{"instance profile served: unresolved is fine", ipServe, Client{Unresolved: true}, Serve, ip, creds.Key{}, ""},
-		{"fallback on the host role", fallback, local(1500, ""), Serve, host, ip, ""},
-		{"fallback on a workload role", fallback, local(1001, ""), Serve, wkey("billing"), ip, ""},
+		{"instance profile served: to workloads too", profileServe, local(1001, ""), Serve, profile, creds.Key{}, ""},
+		{"instance profile served: unresolved is fine", profileServe, Client{Unresolved: true}, Serve, profile, creds.Key{}, ""},
+		{"fallback on the host role", fallback, local(1500, ""), Serve, host, profile, ""},
+		{"fallback on a workload role", fallback, local(1001, ""), Serve, wkey("billing"), profile, ""},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			p := mustPlan(t, tc.pc, nil, t0)
@@ -110,7 +110,7 @@ func TestDecide(t *testing.T) {
 			if d.Outcome != tc.outcome || d.Key != tc.key || d.Fallback != tc.fallback || d.Why != tc.why {
 				t.Fatalf("Decide = %+v\nwant outcome %v key %v fallback %v why %q", d, tc.outcome, tc.key, tc.fallback, tc.why)
 			}
-			if d.Outcome == Serve && (d.Name != tc.key.Role.Name || d.Host != (tc.key == host || tc.key == ip)) {
+			if d.Outcome == Serve && (d.Name != tc.key.Role.Name || d.Host != (tc.key == host || tc.key == profile)) {
 				t.Fatalf("Decide = %+v: name or host flag wrong", d)
 			}
 			if d.Gen != 1 {
@@ -125,7 +125,7 @@ func TestDecide(t *testing.T) {
 // what it stood for during Grace; access is always the current plan's.
 func TestSwitchConsistency(t *testing.T) {
 	off := false
-	g1cfg := PlanConfig{Host: host, InstanceProfile: ip, Serve: creds.KindWorkload, Access: Section{Audit: &off},
+	g1cfg := PlanConfig{Host: host, InstanceProfile: profile, Serve: creds.KindWorkload, Access: Section{Audit: &off},
 		Workloads: workloads, WorkloadKeys: wkeys()}
 	g1 := mustPlan(t, g1cfg, nil, t0)
 	g2cfg := g1cfg
@@ -142,7 +142,7 @@ func TestSwitchConsistency(t *testing.T) {
 		t.Fatalf("pinned to G1: %+v", d)
 	}
 	// Not pinned: G2's answer.
-	if d := g2.Decide(c, 0, now); d.Name != "instance-role" || d.Key != ip {
+	if d := g2.Decide(c, 0, now); d.Name != "instance-role" || d.Key != profile {
 		t.Fatalf("not pinned: %+v", d)
 	}
 	// A named old role within Grace: what it stood for.
@@ -158,14 +158,14 @@ func TestSwitchConsistency(t *testing.T) {
 	if _, ok := g2.DecideName(c, 0, "billing", late); ok {
 		t.Fatal("an old name answered after Grace")
 	}
-	if d := g2.Decide(c, g1.Gen(), late); d.Key != ip {
+	if d := g2.Decide(c, g1.Gen(), late); d.Key != profile {
 		t.Fatalf("pinned after Grace: %+v", d)
 	}
 	// Keys: G1's workload keys kept until Grace ends, then only G2's.
-	if k := g2.Keys(now); !slices.Contains(k, wkey("billing")) || !slices.Contains(k, ip) {
+	if k := g2.Keys(now); !slices.Contains(k, wkey("billing")) || !slices.Contains(k, profile) {
 		t.Fatalf("keys within Grace: %v", k)
 	}
-	if k := g2.Keys(late); len(k) != 1 || k[0] != ip {
+	if k := g2.Keys(late); len(k) != 1 || k[0] != profile {
 		t.Fatalf("keys after Grace: %v", k)
 	}
 	if !g2.GraceEnds().Equal(t0.Add(time.Second + Grace)) {

@@ -27,7 +27,7 @@ import (
 type arEnv struct {
 	sts *fakests.Server
 	srv *httptest.Server
-	up  *ipStandIn
+	up  *profileStandIn
 	ip  *InstanceProfile
 
 	mu    sync.Mutex
@@ -52,7 +52,7 @@ func newAREnv(t *testing.T, cfg fakests.Config) *arEnv {
 		h.ServeHTTP(w, r)
 	}))
 	t.Cleanup(func() { e.sts.Close(); e.srv.Close() })
-	e.sts.AllowBaseSession(ipTestKey, ipTestSecret, ipTestToken)
+	e.sts.AllowBaseSession(profileTestKey, profileTestSecret, profileTestToken)
 	e.up = newIPStandIn(t)
 	e.ip = newTestInstanceProfile(t, e.up.srv.URL, InstanceProfileConfig{}, nil)
 	t.Setenv("AWS_ENDPOINT_URL_STS", e.srv.URL)
@@ -80,7 +80,7 @@ func (e *arEnv) newAssumeRole(t *testing.T, cfg AssumeRoleConfig, log *zap.Logge
 // arAssertClean fails when text holds a base or issued secret.
 func (e *arEnv) assertClean(t *testing.T, where, text string) {
 	t.Helper()
-	ipAssertClean(t, where, text)
+	profileAssertClean(t, where, text)
 	for _, is := range e.sts.Issued() {
 		if strings.Contains(text, is.SecretAccessKey) || strings.Contains(text, is.SessionToken) {
 			t.Errorf("%s contains an issued secret", where)
@@ -113,13 +113,13 @@ func TestAssumeRoleFromInstanceProfile(t *testing.T) {
 	if got != want {
 		t.Fatalf("credentials %v, want %v", got, want)
 	}
-	if is.BaseAccessKeyID != ipTestKey || is.ExternalID != "ext-123" || is.SourceIdentity != "host-1" ||
+	if is.BaseAccessKeyID != profileTestKey || is.ExternalID != "ext-123" || is.SourceIdentity != "host-1" ||
 		len(is.Tags) != 3 || is.Tags["team"] != "payments" || is.Tags["Cost Center"] != "42" ||
 		is.DurationSeconds != 3600 || is.RoleSessionName != "i-0123456789abcdef0" {
 		t.Fatalf("STS saw %+v", is)
 	}
 	call := e.sts.CallLog()[0]
-	if !call.SignatureValid || call.AccessKeyID != ipTestKey || call.Action != fakests.ActionAssumeRole {
+	if !call.SignatureValid || call.AccessKeyID != profileTestKey || call.Action != fakests.ActionAssumeRole {
 		t.Fatalf("call %+v", call)
 	}
 	// Tags are sent sorted by key.
@@ -132,7 +132,7 @@ func TestAssumeRoleFromInstanceProfile(t *testing.T) {
 	if _, err := a.Fetch(context.Background(), role); err != nil {
 		t.Fatal(err)
 	}
-	if n := e.up.count("iam/security-credentials/" + ipTestRole); n != 1 {
+	if n := e.up.count("iam/security-credentials/" + profileTestRole); n != 1 {
 		t.Errorf("instance-profile credentials read %d times, want 1", n)
 	}
 	for _, entry := range logs.All() {
@@ -147,7 +147,7 @@ func TestAssumeRoleErrors(t *testing.T) {
 		e.sts.SetMode(fakests.ModeAccessDenied)
 		a := e.newAssumeRole(t, AssumeRoleConfig{}, nil)
 		_, err := a.Fetch(context.Background(), testRole)
-		ee := ipClass(t, err)
+		ee := profileClass(t, err)
 		if ee.Class != ClassAccessDenied || !ee.Permanent() || ee.Code != "AccessDenied" || ee.Role != testRoleARN {
 			t.Fatalf("class %s permanent %v: %v", ee.Class, ee.Permanent(), err)
 		}
@@ -156,7 +156,7 @@ func TestAssumeRoleErrors(t *testing.T) {
 		e := newAREnv(t, fakests.Config{ExternalID: "ext-123"})
 		a := e.newAssumeRole(t, AssumeRoleConfig{ExternalID: "ext-999"}, nil)
 		_, err := a.Fetch(context.Background(), testRole)
-		if ee := ipClass(t, err); ee.Class != ClassAccessDenied || !ee.Permanent() {
+		if ee := profileClass(t, err); ee.Class != ClassAccessDenied || !ee.Permanent() {
 			t.Fatalf("class %s: %v", ee.Class, err)
 		}
 		if got := e.sts.CallLog()[0].ExternalID; got != "ext-999" {
@@ -168,7 +168,7 @@ func TestAssumeRoleErrors(t *testing.T) {
 		e.sts.SetMode(fakests.ModeThrottle)
 		a := e.newAssumeRole(t, AssumeRoleConfig{MaxAttempts: 2}, nil)
 		_, err := a.Fetch(context.Background(), testRole)
-		if ee := ipClass(t, err); ee.Class != ClassThrottling || ee.Permanent() {
+		if ee := profileClass(t, err); ee.Class != ClassThrottling || ee.Permanent() {
 			t.Fatalf("class %s: %v", ee.Class, err)
 		}
 		if n := e.sts.Calls(); n != 2 {
@@ -177,10 +177,10 @@ func TestAssumeRoleErrors(t *testing.T) {
 	})
 	t.Run("base credentials unavailable", func(t *testing.T) {
 		e := newAREnv(t, fakests.Config{})
-		e.up.set(func(s *ipStandIn) { s.doc = func() (int, string) { return 500, ipTestSecret } })
+		e.up.set(func(s *profileStandIn) { s.doc = func() (int, string) { return 500, profileTestSecret } })
 		a := e.newAssumeRole(t, AssumeRoleConfig{}, nil)
 		_, err := a.Fetch(context.Background(), testRole)
-		ee := ipClass(t, err)
+		ee := profileClass(t, err)
 		if ee.Class != ClassBaseCredentials || ee.Permanent() {
 			t.Fatalf("class %s: %v", ee.Class, err)
 		}
@@ -193,9 +193,9 @@ func TestAssumeRoleErrors(t *testing.T) {
 			t.Fatalf("%d STS calls without base credentials", n)
 		}
 		// Upstream recovers: the next Fetch works.
-		e.up.set(func(s *ipStandIn) {
+		e.up.set(func(s *profileStandIn) {
 			s.doc = func() (int, string) {
-				return 200, ipCredDoc(ipTestKey, ipTestSecret, ipTestToken, time.Now().Add(time.Hour))
+				return 200, profileCredDoc(profileTestKey, profileTestSecret, profileTestToken, time.Now().Add(time.Hour))
 			}
 		})
 		if _, err := a.Fetch(context.Background(), testRole); err != nil {
@@ -209,15 +209,15 @@ func TestAssumeRoleErrors(t *testing.T) {
 			t.Fatal(err)
 		}
 		// The instance profile rotates to a key STS does not know.
-		e.up.set(func(s *ipStandIn) {
+		e.up.set(func(s *profileStandIn) {
 			s.doc = func() (int, string) {
-				return 200, ipCredDoc("ASIAUNKNOWNBASEKEY00", ipTestSecret, ipTestToken, time.Now().Add(time.Hour))
+				return 200, profileCredDoc("ASIAUNKNOWNBASEKEY00", profileTestSecret, profileTestToken, time.Now().Add(time.Hour))
 			}
 		})
-		e.sts.AllowBaseSession(ipTestKey, "rotated"+ipTestSecret, ipTestToken) // the cached key is refused now
+		e.sts.AllowBaseSession(profileTestKey, "rotated"+profileTestSecret, profileTestToken) // the cached key is refused now
 		before := e.sts.Calls()
 		_, err := a.Fetch(context.Background(), testRole)
-		ee := ipClass(t, err)
+		ee := profileClass(t, err)
 		if ee.Class != ClassBaseCredentials || ee.Permanent() || ee.Code != "InvalidClientTokenId" {
 			t.Fatalf("class %s code %s: %v", ee.Class, ee.Code, err)
 		}
@@ -226,7 +226,7 @@ func TestAssumeRoleErrors(t *testing.T) {
 			t.Fatalf("calls after rotation %+v (want a retry with re-read base credentials)", log)
 		}
 		// STS learns the new key: the next Fetch re-reads the base and works.
-		e.sts.AllowBaseSession("ASIAUNKNOWNBASEKEY00", ipTestSecret, ipTestToken)
+		e.sts.AllowBaseSession("ASIAUNKNOWNBASEKEY00", profileTestSecret, profileTestToken)
 		if _, err := a.Fetch(context.Background(), testRole); err != nil {
 			t.Fatal(err)
 		}
@@ -284,7 +284,7 @@ func TestAssumeRoleSDKChain(t *testing.T) {
 	t.Run("no credentials", func(t *testing.T) {
 		t.Setenv("AWS_EC2_METADATA_SERVICE_ENDPOINT", e.up.srv.URL) // must not be asked
 		_, err := a().Fetch(context.Background(), role)
-		if ee := ipClass(t, err); ee.Class != ClassBaseCredentials {
+		if ee := profileClass(t, err); ee.Class != ClassBaseCredentials {
 			t.Fatalf("class %s: %v", ee.Class, err)
 		}
 		if puts, _, _ := e.up.stats(); puts != 0 || e.up.count("iam/security-credentials/") != 0 {
@@ -375,7 +375,7 @@ func TestAssumeRoleFetchRefusesBadRole(t *testing.T) {
 	if n := e.sts.Calls(); n != 0 {
 		t.Errorf("STS called %d times for invalid roles", n)
 	}
-	if n := e.up.count("iam/security-credentials/" + ipTestRole); n != 0 {
+	if n := e.up.count("iam/security-credentials/" + profileTestRole); n != 0 {
 		t.Errorf("base credentials read %d times for invalid roles", n)
 	}
 	// A valid role still works with the same AssumeRole.

@@ -135,7 +135,7 @@ func (limitBody) HandleDeserialize(ctx context.Context, in middleware.Deserializ
 // invalid_response (not the protocol; retried with backoff). A new value
 // each time: callers fill in Op and Role.
 func tooLarge() *Error {
-	return &Error{Op: "read response", Class: ClassInvalidResponse,
+	return &Error{Op: "read response", Class: ClassInvalidResponse, tooLarge: true,
 		Message: fmt.Sprintf("the answer is larger than %d bytes", MaxResponseBody)}
 }
 

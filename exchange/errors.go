@@ -127,6 +127,7 @@ type Error struct {
 	Err error
 
 	permanent bool
+	tooLarge  bool // the answer was larger than MaxResponseBody
 }
 
 // Error returns "exchange: <op> <role>: <class>[ <code>][ (HTTP <status>)]: <message>".
@@ -168,6 +169,10 @@ func (e *Error) ErrorClass() string { return e.Class }
 // true for access_denied, expired_token, validation and region_disabled (and
 // for a wrapped error that says so itself).
 func (e *Error) Permanent() bool { return e.permanent }
+
+// TooLarge reports whether the failure is an answer larger than
+// MaxResponseBody (the error the readers of objects recognise).
+func (e *Error) TooLarge() bool { return e.tooLarge }
 
 // Unwrap returns the underlying error.
 func (e *Error) Unwrap() error { return e.Err }

@@ -29,7 +29,6 @@ const SourceFederation = "federation"
 // opFederation names the operation in errors.
 const opFederation = "federation GET"
 
-
 // FederationConfig configures NewFederation.
 type FederationConfig struct {
 	// URL is the credential endpoint (federation.url). It must be https, or

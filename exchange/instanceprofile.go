@@ -34,20 +34,20 @@ const DefaultInstanceProfileTimeout = 5 * time.Second
 
 // Limits of the upstream IMDS calls of InstanceProfile.
 const (
-	// ipMaxBody is the largest IMDS response body read, in bytes. A real
+	// profileMaxBody is the largest IMDS response body read, in bytes. A real
 	// credential document is about 1.5 KiB.
-	ipMaxBody = 64 << 10
-	// ipDialTimeout and ipResponseHeaderTimeout bound one HTTP attempt, so
+	profileMaxBody = 64 << 10
+	// profileDialTimeout and profileResponseHeaderTimeout bound one HTTP attempt, so
 	// that a retry fits in the Fetch timeout. IMDS is link-local and fast.
-	ipDialTimeout           = time.Second
-	ipResponseHeaderTimeout = 2 * time.Second
-	// ipMaxAttempts is the SDK attempts per IMDS request (the SDK's own
+	profileDialTimeout           = time.Second
+	profileResponseHeaderTimeout = 2 * time.Second
+	// profileMaxAttempts is the SDK attempts per IMDS request (the SDK's own
 	// default); a 401 (expired session token) is retried with a new token.
-	ipMaxAttempts = 3
+	profileMaxAttempts = 3
 )
 
-// ipRoleName is what IAM allows in a role name.
-var ipRoleName = regexp.MustCompile(`^[\w+=,.@-]{1,64}$`)
+// profileRoleName is what IAM allows in a role name.
+var profileRoleName = regexp.MustCompile(`^[\w+=,.@-]{1,64}$`)
 
 // InstanceProfileConfig configures NewInstanceProfile.
 type InstanceProfileConfig struct {
@@ -99,7 +99,7 @@ func NewInstanceProfile(cfg InstanceProfileConfig, log *zap.Logger) (*InstancePr
 		(u.Path != "" && u.Path != "/") || u.RawQuery != "" || u.User != nil {
 		return nil, fmt.Errorf("exchange: invalid IMDS base URL %q (want http://host[:port])", cfg.IMDSBase)
 	}
-	if cfg.RoleName != "" && !ipRoleName.MatchString(cfg.RoleName) {
+	if cfg.RoleName != "" && !profileRoleName.MatchString(cfg.RoleName) {
 		return nil, fmt.Errorf("exchange: invalid instance profile role name %q", cfg.RoleName)
 	}
 	if cfg.Timeout < 0 {
@@ -114,18 +114,18 @@ func NewInstanceProfile(cfg InstanceProfileConfig, log *zap.Logger) (*InstancePr
 	base := strings.TrimSuffix(cfg.IMDSBase, "/")
 	tr := &http.Transport{
 		Proxy:                 nil, // IMDS is link-local: never through an HTTP proxy
-		DialContext:           (&net.Dialer{Timeout: ipDialTimeout, KeepAlive: 30 * time.Second}).DialContext,
-		ResponseHeaderTimeout: ipResponseHeaderTimeout,
+		DialContext:           (&net.Dialer{Timeout: profileDialTimeout, KeepAlive: 30 * time.Second}).DialContext,
+		ResponseHeaderTimeout: profileResponseHeaderTimeout,
 		MaxIdleConnsPerHost:   2,
 		IdleConnTimeout:       90 * time.Second,
 	}
-	hc := &http.Client{Transport: &ipTracingTransport{base: tr}}
+	hc := &http.Client{Transport: &profileTracingTransport{base: tr}}
 	opts := imds.Options{
 		Endpoint:          base,
 		ClientEnableState: imds.ClientEnabled,
 		HTTPClient:        hc,
 		Retryer: retry.NewStandard(func(o *retry.StandardOptions) {
-			o.MaxAttempts = ipMaxAttempts
+			o.MaxAttempts = profileMaxAttempts
 			o.RateLimiter = ratelimit.None // the cache owns long-term backoff
 		}),
 	}
@@ -174,7 +174,7 @@ func (p *InstanceProfile) roleName(ctx context.Context) (string, error) {
 	switch {
 	case line == "":
 		return "", p.invalid(path, "empty role listing (does the instance have an instance profile?)")
-	case !ipRoleName.MatchString(line):
+	case !profileRoleName.MatchString(line):
 		return "", p.invalid(path, fmt.Sprintf("listing %q is not a role name", sanitize(line, 80, false)))
 	}
 	p.mu.Lock()
@@ -211,8 +211,8 @@ func (p *InstanceProfile) Fetch(ctx context.Context, want creds.Role) (creds.Cre
 			return creds.Credentials{}, err
 		}
 	}
-	if !ipRoleName.MatchString(role) {
-		return creds.Credentials{}, &Error{Op: ipOp("iam/security-credentials/"), Class: ClassValidation, permanent: true,
+	if !profileRoleName.MatchString(role) {
+		return creds.Credentials{}, &Error{Op: profileOp("iam/security-credentials/"), Class: ClassValidation, permanent: true,
 			Message: fmt.Sprintf("invalid instance profile role name %q", sanitize(role, 80, false))}
 	}
 	path := "iam/security-credentials/" + role
@@ -236,7 +236,7 @@ func (p *InstanceProfile) Fetch(ctx context.Context, want creds.Role) (creds.Cre
 	now := p.now()
 	c, perr := parseInstanceProfileDocument(body, now)
 	if perr != nil {
-		perr.Op = ipOp(path)
+		perr.Op = profileOp(path)
 		return creds.Credentials{}, perr
 	}
 	acct, partition := p.accountID(ctx)
@@ -252,11 +252,11 @@ func (p *InstanceProfile) Fetch(ctx context.Context, want creds.Role) (creds.Cre
 // provider (CanExpire, Source "instance-profile"), for example as the base
 // credentials of AssumeRole. It does not cache: wrap it in
 // aws.NewCredentialsCache.
-func (p *InstanceProfile) Provider() aws.CredentialsProvider { return ipProvider{p} }
+func (p *InstanceProfile) Provider() aws.CredentialsProvider { return profileProvider{p} }
 
-type ipProvider struct{ p *InstanceProfile }
+type profileProvider struct{ p *InstanceProfile }
 
-func (ip ipProvider) Retrieve(ctx context.Context) (aws.Credentials, error) {
+func (ip profileProvider) Retrieve(ctx context.Context) (aws.Credentials, error) {
 	c, err := ip.p.Fetch(ctx, creds.Role{})
 	if err != nil {
 		return aws.Credentials{}, err
@@ -318,11 +318,11 @@ func (p *InstanceProfile) get(ctx context.Context, path string) ([]byte, error) 
 			return err
 		}
 		defer out.Content.Close()
-		b, err := io.ReadAll(io.LimitReader(out.Content, ipMaxBody+1))
+		b, err := io.ReadAll(io.LimitReader(out.Content, profileMaxBody+1))
 		if err != nil {
 			return err
 		}
-		if len(b) > ipMaxBody {
+		if len(b) > profileMaxBody {
 			return errIPTooLarge
 		}
 		body = b
@@ -337,8 +337,8 @@ var errIPTooLarge = errors.New("response larger than 64 KiB")
 // client failed because upstream refused the token request with 403, 404 or
 // 405, it switches to the SDK's fallback client for good and tries once more.
 func (p *InstanceProfile) do(ctx context.Context, path string, fn func(context.Context, *imds.Client) error) error {
-	tr := &ipTrace{}
-	tctx := context.WithValue(ctx, ipTraceKey{}, tr)
+	tr := &profileTrace{}
+	tctx := context.WithValue(ctx, profileTraceKey{}, tr)
 	if p.useV1.Load() {
 		if err := fn(tctx, p.v1); err != nil {
 			return p.classify(ctx, path, err, tr)
@@ -354,8 +354,8 @@ func (p *InstanceProfile) do(ctx context.Context, path string, fn func(context.C
 			p.log.Warn("upstream IMDS refuses session tokens; using IMDSv1 for the instance profile from now on",
 				zap.String("upstream", p.base), zap.Int("http_status", st))
 		}
-		tr = &ipTrace{}
-		tctx = context.WithValue(ctx, ipTraceKey{}, tr)
+		tr = &profileTrace{}
+		tctx = context.WithValue(ctx, profileTraceKey{}, tr)
 		if err = fn(tctx, p.v1); err == nil {
 			return nil
 		}
@@ -363,19 +363,19 @@ func (p *InstanceProfile) do(ctx context.Context, path string, fn func(context.C
 	return p.classify(ctx, path, err, tr)
 }
 
-func ipOp(path string) string { return "IMDS GET " + path }
+func profileOp(path string) string { return "IMDS GET " + path }
 
 func (p *InstanceProfile) invalid(path, msg string) *Error {
-	return &Error{Op: ipOp(path), Class: ClassInvalidResponse, Message: msg}
+	return &Error{Op: profileOp(path), Class: ClassInvalidResponse, Message: msg}
 }
 
 // classify turns an IMDS client error into an *Error. The SDK hides the
 // status and transport error of some failures (a 401 after all retries, a
 // failed token request) behind errors without Unwrap, so the last outcome
 // seen by the transport decides when the error chain does not.
-func (p *InstanceProfile) classify(ctx context.Context, path string, err error, tr *ipTrace) *Error {
+func (p *InstanceProfile) classify(ctx context.Context, path string, err error, tr *profileTrace) *Error {
 	e := Classify(err)
-	e.Op = ipOp(path)
+	e.Op = profileOp(path)
 	status, lastErr := tr.last()
 	if e.HTTPStatus == 0 {
 		e.HTTPStatus = status
@@ -409,8 +409,8 @@ func (p *InstanceProfile) classify(ctx context.Context, path string, err error, 
 	return e
 }
 
-// ipDocument is the IMDS credential document (WIRE.md §2.2).
-type ipDocument struct {
+// profileDocument is the IMDS credential document (WIRE.md §2.2).
+type profileDocument struct {
 	Code            string
 	Message         string
 	LastUpdated     string
@@ -421,8 +421,8 @@ type ipDocument struct {
 	Expiration      string
 }
 
-// ipTransientCode reports whether an upstream Code looks transient.
-func ipTransientCode(code string) bool {
+// profileTransientCode reports whether an upstream Code looks transient.
+func profileTransientCode(code string) bool {
 	c := strings.ToLower(code)
 	for _, s := range []string{"throttl", "internal", "unavailable", "timeout", "toomany", "limitexceeded", "retry"} {
 		if strings.Contains(c, s) {
@@ -441,7 +441,7 @@ func parseInstanceProfileDocument(body []byte, now time.Time) (creds.Credentials
 	invalid := func(msg string) (creds.Credentials, *Error) {
 		return creds.Credentials{}, &Error{Class: ClassInvalidResponse, Message: msg}
 	}
-	var d ipDocument
+	var d profileDocument
 	if err := json.Unmarshal(body, &d); err != nil {
 		var te *json.UnmarshalTypeError
 		if errors.As(err, &te) {
@@ -458,7 +458,7 @@ func parseInstanceProfileDocument(body []byte, now time.Time) (creds.Credentials
 			}
 		}
 		class := ClassOther
-		if ipTransientCode(code) {
+		if profileTransientCode(code) {
 			class = ClassServer
 		}
 		return creds.Credentials{}, &Error{Class: class, Code: code,
@@ -473,11 +473,11 @@ func parseInstanceProfileDocument(body []byte, now time.Time) (creds.Credentials
 		return invalid("credential document lacks Token")
 	case d.Expiration == "":
 		return invalid("credential document lacks Expiration")
-	case !ipHeaderSafe(d.AccessKeyID, 128):
+	case !profileHeaderSafe(d.AccessKeyID, 128):
 		return invalid("credential document has a malformed AccessKeyId")
-	case !ipHeaderSafe(d.SecretAccessKey, 1024):
+	case !profileHeaderSafe(d.SecretAccessKey, 1024):
 		return invalid("credential document has a malformed SecretAccessKey")
-	case !ipHeaderSafe(d.Token, 16384):
+	case !profileHeaderSafe(d.Token, 16384):
 		return invalid("credential document has a malformed Token")
 	}
 	exp, err := time.Parse(time.RFC3339, d.Expiration)
@@ -501,9 +501,9 @@ func parseInstanceProfileDocument(body []byte, now time.Time) (creds.Credentials
 	return c, nil
 }
 
-// ipHeaderSafe reports whether s is 1..max bytes of printable ASCII without
+// profileHeaderSafe reports whether s is 1..max bytes of printable ASCII without
 // spaces: what can go into a JSON document and an HTTP header unchanged.
-func ipHeaderSafe(s string, max int) bool {
+func profileHeaderSafe(s string, max int) bool {
 	if len(s) == 0 || len(s) > max {
 		return false
 	}
@@ -515,17 +515,17 @@ func ipHeaderSafe(s string, max int) bool {
 	return true
 }
 
-// ipTrace records what the transport saw during one operation.
-type ipTrace struct {
+// profileTrace records what the transport saw during one operation.
+type profileTrace struct {
 	mu           sync.Mutex
 	lastStatus   int   // status of the last answer, 0 if the last attempt got none
 	lastErr      error // transport error of the last attempt, nil if it got an answer
 	tokenRefused int   // 403, 404 or 405 when a token PUT got that answer
 }
 
-type ipTraceKey struct{}
+type profileTraceKey struct{}
 
-func (t *ipTrace) record(req *http.Request, resp *http.Response, err error) {
+func (t *profileTrace) record(req *http.Request, resp *http.Response, err error) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	if err != nil {
@@ -543,40 +543,40 @@ func (t *ipTrace) record(req *http.Request, resp *http.Response, err error) {
 
 // tokenRefusal returns the status (403, 404 or 405) with which upstream
 // refused a token request, 0 if it did not.
-func (t *ipTrace) tokenRefusal() int {
+func (t *profileTrace) tokenRefusal() int {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	return t.tokenRefused
 }
 
-func (t *ipTrace) last() (int, error) {
+func (t *profileTrace) last() (int, error) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	return t.lastStatus, t.lastErr
 }
 
-// ipTracingTransport reports every round trip to the ipTrace in the
+// profileTracingTransport reports every round trip to the profileTrace in the
 // request's context and caps response bodies.
-type ipTracingTransport struct{ base http.RoundTripper }
+type profileTracingTransport struct{ base http.RoundTripper }
 
-func (t *ipTracingTransport) RoundTrip(req *http.Request) (*http.Response, error) {
+func (t *profileTracingTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 	resp, err := t.base.RoundTrip(req)
-	if tr, ok := req.Context().Value(ipTraceKey{}).(*ipTrace); ok {
+	if tr, ok := req.Context().Value(profileTraceKey{}).(*profileTrace); ok {
 		tr.record(req, resp, err)
 	}
 	if err == nil {
-		resp.Body = &ipLimitedBody{rc: resp.Body, left: ipMaxBody + 1}
+		resp.Body = &profileLimitedBody{rc: resp.Body, left: profileMaxBody + 1}
 	}
 	return resp, err
 }
 
-// ipLimitedBody fails a body longer than ipMaxBody instead of reading it all.
-type ipLimitedBody struct {
+// profileLimitedBody fails a body longer than profileMaxBody instead of reading it all.
+type profileLimitedBody struct {
 	rc   io.ReadCloser
 	left int64
 }
 
-func (b *ipLimitedBody) Read(p []byte) (int, error) {
+func (b *profileLimitedBody) Read(p []byte) (int, error) {
 	if b.left <= 0 {
 		return 0, errIPTooLarge
 	}
@@ -588,4 +588,4 @@ func (b *ipLimitedBody) Read(p []byte) (int, error) {
 	return n, err
 }
 
-func (b *ipLimitedBody) Close() error { return b.rc.Close() }
+func (b *profileLimitedBody) Close() error { return b.rc.Close() }

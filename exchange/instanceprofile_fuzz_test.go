@@ -19,7 +19,7 @@ import (
 // never neither.
 func FuzzInstanceProfileDocument(f *testing.F) {
 	exp := time.Now().Add(24 * time.Hour)
-	good := ipCredDoc(ipTestKey, ipTestSecret, ipTestToken, exp)
+	good := profileCredDoc(profileTestKey, profileTestSecret, profileTestToken, exp)
 	f.Add(good)
 	f.Add(strings.Replace(good, `"Success"`, `"Failure"`, 1))
 	f.Add(strings.Replace(good, `"Code" : "Success",`, "", 1))
@@ -39,14 +39,14 @@ func FuzzInstanceProfileDocument(f *testing.F) {
 		case r.Method == http.MethodPut && r.URL.Path == "/latest/api/token":
 			w.Header().Set("X-aws-ec2-metadata-token-ttl-seconds", "300")
 			_, _ = w.Write([]byte("token"))
-		case r.URL.Path == "/latest/meta-data/iam/security-credentials/"+ipTestRole:
+		case r.URL.Path == "/latest/meta-data/iam/security-credentials/"+profileTestRole:
 			_, _ = w.Write([]byte(body))
 		default:
 			http.NotFound(w, r)
 		}
 	}))
 	f.Cleanup(srv.Close)
-	p, err := NewInstanceProfile(InstanceProfileConfig{IMDSBase: srv.URL, RoleName: ipTestRole, Timeout: 5 * time.Second}, nil)
+	p, err := NewInstanceProfile(InstanceProfileConfig{IMDSBase: srv.URL, RoleName: profileTestRole, Timeout: 5 * time.Second}, nil)
 	if err != nil {
 		f.Fatal(err)
 	}

@@ -22,15 +22,15 @@ import (
 // Instance-profile test values; the secret and token must never appear in
 // errors or logs.
 const (
-	ipTestRole    = "instance-role"
-	ipTestKey     = "ASIAINSTANCEPROFILE1"
-	ipTestSecret  = "ipSecretAccessKeyEXAMPLEipSecretAccessKe"
-	ipTestToken   = "IQoJb3JpZ2luX2VjEInstanceProfileSessionTokenEXAMPLE=="
-	ipTestProfile = "arn:aws:iam::111111111111:instance-profile/web"
+	profileTestRole    = "instance-role"
+	profileTestKey     = "ASIAINSTANCEPROFILE1"
+	profileTestSecret  = "ipSecretAccessKeyEXAMPLEipSecretAccessKe"
+	profileTestToken   = "IQoJb3JpZ2luX2VjEInstanceProfileSessionTokenEXAMPLE=="
+	profileTestProfile = "arn:aws:iam::111111111111:instance-profile/web"
 )
 
-// ipCredDoc renders a credential document the way EC2 does.
-func ipCredDoc(key, secret, token string, exp time.Time) string {
+// profileCredDoc renders a credential document the way EC2 does.
+func profileCredDoc(key, secret, token string, exp time.Time) string {
 	return fmt.Sprintf(`{
   "Code" : "Success",
   "LastUpdated" : "%s",
@@ -42,9 +42,9 @@ func ipCredDoc(key, secret, token string, exp time.Time) string {
 }`, time.Now().UTC().Format(time.RFC3339), key, secret, token, exp.UTC().Format(time.RFC3339))
 }
 
-// ipStandIn is an httptest stand-in for the real IMDS. By default it is
-// IMDSv2-only, lists ipTestRole and serves valid credentials and iam/info.
-type ipStandIn struct {
+// profileStandIn is an httptest stand-in for the real IMDS. By default it is
+// IMDSv2-only, lists profileTestRole and serves valid credentials and iam/info.
+type profileStandIn struct {
 	srv *httptest.Server
 
 	mu          sync.Mutex
@@ -63,15 +63,17 @@ type ipStandIn struct {
 	rejected401 int
 }
 
-func newIPStandIn(t testing.TB) *ipStandIn {
-	s := &ipStandIn{tokens: map[string]bool{}, gets: map[string]int{}, listing: ipTestRole}
+func newIPStandIn(t testing.TB) *profileStandIn {
+	s := &profileStandIn{tokens: map[string]bool{}, gets: map[string]int{}, listing: profileTestRole}
 	exp := time.Now().Add(6 * time.Hour)
-	s.doc = func() (int, string) { return 200, ipCredDoc(ipTestKey, ipTestSecret, ipTestToken, exp) }
+	s.doc = func() (int, string) {
+		return 200, profileCredDoc(profileTestKey, profileTestSecret, profileTestToken, exp)
+	}
 	s.info = func() (int, string) {
 		return 200, `{
   "Code" : "Success",
   "LastUpdated" : "2026-01-01T00:00:00Z",
-  "InstanceProfileArn" : "` + ipTestProfile + `",
+  "InstanceProfileArn" : "` + profileTestProfile + `",
   "InstanceProfileId" : "AIPAEXAMPLEEXAMPLE"
 }`
 	}
@@ -80,12 +82,16 @@ func newIPStandIn(t testing.TB) *ipStandIn {
 	return s
 }
 
-func (s *ipStandIn) set(fn func(s *ipStandIn)) { s.mu.Lock(); fn(s); s.mu.Unlock() }
+func (s *profileStandIn) set(fn func(s *profileStandIn)) { s.mu.Lock(); fn(s); s.mu.Unlock() }
 
-func (s *ipStandIn) count(path string) int { s.mu.Lock(); defer s.mu.Unlock(); return s.gets[path] }
+func (s *profileStandIn) count(path string) int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.gets[path]
+}
 
 // total is the number of GETs of any path.
-func (s *ipStandIn) total() int {
+func (s *profileStandIn) total() int {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	n := 0
@@ -95,16 +101,18 @@ func (s *ipStandIn) total() int {
 	return n
 }
 
-func (s *ipStandIn) stats() (puts, tokenless, rejected int) {
+func (s *profileStandIn) stats() (puts, tokenless, rejected int) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.puts, s.tokenless, s.rejected401
 }
 
 // invalidateTokens forgets every issued token (as after an IMDS restart).
-func (s *ipStandIn) invalidateTokens() { s.set(func(s *ipStandIn) { s.tokens = map[string]bool{} }) }
+func (s *profileStandIn) invalidateTokens() {
+	s.set(func(s *profileStandIn) { s.tokens = map[string]bool{} })
+}
 
-func (s *ipStandIn) wait(ctx context.Context, d time.Duration) {
+func (s *profileStandIn) wait(ctx context.Context, d time.Duration) {
 	if d <= 0 {
 		return
 	}
@@ -114,7 +122,7 @@ func (s *ipStandIn) wait(ctx context.Context, d time.Duration) {
 	}
 }
 
-func (s *ipStandIn) serve(w http.ResponseWriter, r *http.Request) {
+func (s *profileStandIn) serve(w http.ResponseWriter, r *http.Request) {
 	const prefix = "/latest/meta-data/"
 	if r.URL.Path == "/latest/api/token" {
 		if r.Method != http.MethodPut {
@@ -200,17 +208,17 @@ func newTestInstanceProfile(t testing.TB, base string, cfg InstanceProfileConfig
 	return p
 }
 
-// ipAssertClean fails when text holds the stand-in's secret or token.
-func ipAssertClean(t *testing.T, where, text string) {
+// profileAssertClean fails when text holds the stand-in's secret or token.
+func profileAssertClean(t *testing.T, where, text string) {
 	t.Helper()
-	for _, s := range []string{ipTestSecret, ipTestToken} {
+	for _, s := range []string{profileTestSecret, profileTestToken} {
 		if strings.Contains(text, s) {
 			t.Errorf("%s contains a secret: %s", where, text)
 		}
 	}
 }
 
-func ipClass(t *testing.T, err error) *Error {
+func profileClass(t *testing.T, err error) *Error {
 	t.Helper()
 	if err == nil {
 		t.Fatal("no error")
@@ -219,7 +227,7 @@ func ipClass(t *testing.T, err error) *Error {
 	if !errors.As(err, &e) {
 		t.Fatalf("error %T is not *Error: %v", err, err)
 	}
-	ipAssertClean(t, "error", err.Error())
+	profileAssertClean(t, "error", err.Error())
 	return e
 }
 
@@ -230,7 +238,7 @@ func TestInstanceProfileFetch(t *testing.T) {
 	ctx := context.Background()
 
 	name, err := p.RoleName(ctx)
-	if err != nil || name != ipTestRole {
+	if err != nil || name != profileTestRole {
 		t.Fatalf("RoleName = %q, %v", name, err)
 	}
 	before := time.Now()
@@ -238,9 +246,9 @@ func TestInstanceProfileFetch(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if c.AccessKeyID != ipTestKey || c.SecretAccessKey != ipTestSecret || c.SessionToken != ipTestToken ||
+	if c.AccessKeyID != profileTestKey || c.SecretAccessKey != profileTestSecret || c.SessionToken != profileTestToken ||
 		c.Source != SourceInstanceProfile || c.AccountID != "111111111111" ||
-		c.RoleARN != "arn:aws:iam::111111111111:role/"+ipTestRole || !c.ValidAt(time.Now()) ||
+		c.RoleARN != "arn:aws:iam::111111111111:role/"+profileTestRole || !c.ValidAt(time.Now()) ||
 		c.Expires.Location() != time.UTC || c.LastUpdated.Before(before.Add(-time.Second)) {
 		t.Fatalf("credentials %v (LastUpdated %v)", c, c.LastUpdated)
 	}
@@ -254,7 +262,7 @@ func TestInstanceProfileFetch(t *testing.T) {
 	if n := up.count("iam/info"); n != 1 {
 		t.Errorf("iam/info read %d times, want 1", n)
 	}
-	if n := up.count("iam/security-credentials/" + ipTestRole); n != 2 {
+	if n := up.count("iam/security-credentials/" + profileTestRole); n != 2 {
 		t.Errorf("credentials read %d times, want 2", n)
 	}
 	if _, tokenless, _ := up.stats(); tokenless != 0 {
@@ -266,7 +274,7 @@ func TestInstanceProfileFetch(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if ac.AccessKeyID != ipTestKey || ac.SecretAccessKey != ipTestSecret || ac.SessionToken != ipTestToken ||
+	if ac.AccessKeyID != profileTestKey || ac.SecretAccessKey != profileTestSecret || ac.SessionToken != profileTestToken ||
 		!ac.CanExpire || !ac.Expires.Equal(c.Expires) || ac.Source != SourceInstanceProfile || ac.AccountID != "111111111111" {
 		t.Fatalf("provider credentials %+v", ac.AccessKeyID)
 	}
@@ -274,7 +282,7 @@ func TestInstanceProfileFetch(t *testing.T) {
 
 func TestInstanceProfileConfiguredRole(t *testing.T) {
 	up := newIPStandIn(t)
-	up.set(func(s *ipStandIn) {
+	up.set(func(s *profileStandIn) {
 		s.listing = "other-role\nsecond"
 		s.info = func() (int, string) { return 404, "" }
 	})
@@ -309,11 +317,11 @@ func TestInstanceProfileListing(t *testing.T) {
 	} {
 		t.Run(fmt.Sprintf("%q", tc.listing), func(t *testing.T) {
 			up := newIPStandIn(t)
-			up.set(func(s *ipStandIn) { s.listing = tc.listing })
+			up.set(func(s *profileStandIn) { s.listing = tc.listing })
 			p := newTestInstanceProfile(t, up.srv.URL, InstanceProfileConfig{}, nil)
 			got, err := p.RoleName(context.Background())
 			if tc.want == "" {
-				if e := ipClass(t, err); e.Class != ClassInvalidResponse || e.Permanent() {
+				if e := profileClass(t, err); e.Class != ClassInvalidResponse || e.Permanent() {
 					t.Fatalf("class %s permanent %v: %v", e.Class, e.Permanent(), err)
 				}
 				return
@@ -338,40 +346,40 @@ func TestInstanceProfileErrorDocument(t *testing.T) {
 	} {
 		t.Run(tc.code, func(t *testing.T) {
 			up := newIPStandIn(t)
-			up.set(func(s *ipStandIn) {
+			up.set(func(s *profileStandIn) {
 				s.doc = func() (int, string) {
 					// An error document that (wrongly) also carries the secret.
-					return 200, `{"Code":"` + tc.code + `","Message":"EC2 cannot assume the role; ` + ipTestSecret + `",` +
-						`"LastUpdated":"2026-01-01T00:00:00Z","SecretAccessKey":"` + ipTestSecret + `"}`
+					return 200, `{"Code":"` + tc.code + `","Message":"EC2 cannot assume the role; ` + profileTestSecret + `",` +
+						`"LastUpdated":"2026-01-01T00:00:00Z","SecretAccessKey":"` + profileTestSecret + `"}`
 				}
 			})
 			core, logs := observer.New(zapcore.DebugLevel)
 			p := newTestInstanceProfile(t, up.srv.URL, InstanceProfileConfig{}, zap.New(core))
 			c, err := p.Fetch(context.Background(), creds.Role{})
-			e := ipClass(t, err)
+			e := profileClass(t, err)
 			if !c.IsZero() || e.Class != tc.class || e.Code != tc.code || e.Permanent() || !strings.Contains(err.Error(), tc.code) {
 				t.Fatalf("class %s code %s permanent %v: %v", e.Class, e.Code, e.Permanent(), err)
 			}
-			ipAssertLogsClean(t, logs)
+			profileAssertLogsClean(t, logs)
 		})
 	}
 }
 
-func ipAssertLogsClean(t *testing.T, logs *observer.ObservedLogs) {
+func profileAssertLogsClean(t *testing.T, logs *observer.ObservedLogs) {
 	t.Helper()
 	for _, entry := range logs.All() {
 		line := entry.Message
 		for k, v := range entry.ContextMap() {
 			line += fmt.Sprintf(" %s=%v", k, v)
 		}
-		ipAssertClean(t, "log line", line)
+		profileAssertClean(t, "log line", line)
 	}
 }
 
 func TestInstanceProfileBadDocuments(t *testing.T) {
 	future := time.Now().Add(time.Hour).UTC().Format(time.RFC3339)
-	ok := map[string]any{"Code": "Success", "AccessKeyId": ipTestKey, "SecretAccessKey": ipTestSecret,
-		"Token": ipTestToken, "Expiration": future}
+	ok := map[string]any{"Code": "Success", "AccessKeyId": profileTestKey, "SecretAccessKey": profileTestSecret,
+		"Token": profileTestToken, "Expiration": future}
 	doc := func(change map[string]any) string {
 		var parts []string
 		for k, v := range ok {
@@ -401,15 +409,15 @@ func TestInstanceProfileBadDocuments(t *testing.T) {
 		"expired":              doc(map[string]any{"Expiration": time.Now().Add(-time.Minute).UTC().Format(time.RFC3339)}),
 		"bad time":             doc(map[string]any{"Expiration": "tomorrow"}),
 		"number token":         doc(map[string]any{"Token": 12345}),
-		"token with a newline": doc(map[string]any{"Token": ipTestToken + "\nX-Injected: 1"}),
+		"token with a newline": doc(map[string]any{"Token": profileTestToken + "\nX-Injected: 1"}),
 	}
 	for name, body := range tests {
 		t.Run(name, func(t *testing.T) {
 			up := newIPStandIn(t)
-			up.set(func(s *ipStandIn) { s.doc = func() (int, string) { return 200, body } })
+			up.set(func(s *profileStandIn) { s.doc = func() (int, string) { return 200, body } })
 			p := newTestInstanceProfile(t, up.srv.URL, InstanceProfileConfig{}, nil)
 			c, err := p.Fetch(context.Background(), creds.Role{})
-			if e := ipClass(t, err); e.Class != ClassInvalidResponse || !c.IsZero() {
+			if e := profileClass(t, err); e.Class != ClassInvalidResponse || !c.IsZero() {
 				t.Fatalf("class %s: %v", e.Class, err)
 			}
 		})
@@ -417,7 +425,7 @@ func TestInstanceProfileBadDocuments(t *testing.T) {
 	t.Run("fractional seconds and no Code are fine", func(t *testing.T) {
 		up := newIPStandIn(t)
 		body := doc(map[string]any{"Code": nil, "Expiration": time.Now().Add(time.Hour).UTC().Format("2006-01-02T15:04:05.000000Z")})
-		up.set(func(s *ipStandIn) { s.doc = func() (int, string) { return 200, body } })
+		up.set(func(s *profileStandIn) { s.doc = func() (int, string) { return 200, body } })
 		p := newTestInstanceProfile(t, up.srv.URL, InstanceProfileConfig{}, nil)
 		if c, err := p.Fetch(context.Background(), creds.Role{}); err != nil || !c.Complete() {
 			t.Fatalf("%v %v", c, err)
@@ -429,7 +437,7 @@ func TestInstanceProfileV1Fallback(t *testing.T) {
 	for _, st := range []int{403, 404, 405} {
 		t.Run(strconv.Itoa(st), func(t *testing.T) {
 			up := newIPStandIn(t)
-			up.set(func(s *ipStandIn) { s.putStatus, s.allowV1 = st, true })
+			up.set(func(s *profileStandIn) { s.putStatus, s.allowV1 = st, true })
 			core, logs := observer.New(zapcore.WarnLevel)
 			p := newTestInstanceProfile(t, up.srv.URL, InstanceProfileConfig{}, zap.New(core))
 			for i := 0; i < 3; i++ {
@@ -437,7 +445,7 @@ func TestInstanceProfileV1Fallback(t *testing.T) {
 				if err != nil {
 					t.Fatalf("fetch %d: %v", i, err)
 				}
-				if c.AccessKeyID != ipTestKey || c.AccountID != "111111111111" {
+				if c.AccessKeyID != profileTestKey || c.AccountID != "111111111111" {
 					t.Fatalf("credentials %v", c)
 				}
 			}
@@ -474,10 +482,10 @@ func TestInstanceProfileNoV1Fallback(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
 			up := newIPStandIn(t)
-			up.set(func(s *ipStandIn) { s.putStatus, s.putDelay, s.allowV1 = tc.putStatus, tc.putDelay, true })
+			up.set(func(s *profileStandIn) { s.putStatus, s.putDelay, s.allowV1 = tc.putStatus, tc.putDelay, true })
 			p := newTestInstanceProfile(t, up.srv.URL, InstanceProfileConfig{Timeout: 1500 * time.Millisecond}, nil)
 			_, err := p.Fetch(context.Background(), creds.Role{})
-			if e := ipClass(t, err); e.Class != tc.class || e.Permanent() {
+			if e := profileClass(t, err); e.Class != tc.class || e.Permanent() {
 				t.Fatalf("class %s (want %s) permanent %v: %v", e.Class, tc.class, e.Permanent(), err)
 			}
 			if _, tokenless, _ := up.stats(); tokenless != 0 {
@@ -491,11 +499,11 @@ func TestInstanceProfileHTTPErrors(t *testing.T) {
 	t.Parallel()
 	t.Run("slow credentials", func(t *testing.T) {
 		up := newIPStandIn(t)
-		up.set(func(s *ipStandIn) { s.docDelay = 3 * time.Second })
+		up.set(func(s *profileStandIn) { s.docDelay = 3 * time.Second })
 		p := newTestInstanceProfile(t, up.srv.URL, InstanceProfileConfig{Timeout: 300 * time.Millisecond}, nil)
 		start := time.Now()
 		_, err := p.Fetch(context.Background(), creds.Role{})
-		if e := ipClass(t, err); e.Class != ClassTimeout {
+		if e := profileClass(t, err); e.Class != ClassTimeout {
 			t.Fatalf("class %s: %v", e.Class, err)
 		}
 		if d := time.Since(start); d > 2*time.Second {
@@ -504,19 +512,19 @@ func TestInstanceProfileHTTPErrors(t *testing.T) {
 	})
 	t.Run("5xx", func(t *testing.T) {
 		up := newIPStandIn(t)
-		up.set(func(s *ipStandIn) { s.doc = func() (int, string) { return 500, "oops" } })
+		up.set(func(s *profileStandIn) { s.doc = func() (int, string) { return 500, "oops" } })
 		p := newTestInstanceProfile(t, up.srv.URL, InstanceProfileConfig{}, nil)
 		_, err := p.Fetch(context.Background(), creds.Role{})
-		if e := ipClass(t, err); e.Class != ClassServer || e.HTTPStatus != 500 {
+		if e := profileClass(t, err); e.Class != ClassServer || e.HTTPStatus != 500 {
 			t.Fatalf("class %s status %d: %v", e.Class, e.HTTPStatus, err)
 		}
 	})
 	t.Run("429", func(t *testing.T) {
 		up := newIPStandIn(t)
-		up.set(func(s *ipStandIn) { s.doc = func() (int, string) { return 429, "" } })
+		up.set(func(s *profileStandIn) { s.doc = func() (int, string) { return 429, "" } })
 		p := newTestInstanceProfile(t, up.srv.URL, InstanceProfileConfig{}, nil)
 		_, err := p.Fetch(context.Background(), creds.Role{})
-		if e := ipClass(t, err); e.Class != ClassThrottling {
+		if e := profileClass(t, err); e.Class != ClassThrottling {
 			t.Fatalf("class %s: %v", e.Class, err)
 		}
 	})
@@ -526,13 +534,13 @@ func TestInstanceProfileHTTPErrors(t *testing.T) {
 		if _, err := p.Fetch(context.Background(), creds.Role{}); err != nil {
 			t.Fatal(err)
 		}
-		up.set(func(s *ipStandIn) { s.listing = "new-role" })
+		up.set(func(s *profileStandIn) { s.listing = "new-role" })
 		_, err := p.Fetch(context.Background(), creds.Role{})
-		if e := ipClass(t, err); e.HTTPStatus != 404 || e.Class != ClassOther || e.Permanent() {
+		if e := profileClass(t, err); e.HTTPStatus != 404 || e.Class != ClassOther || e.Permanent() {
 			t.Fatalf("class %s status %d: %v", e.Class, e.HTTPStatus, err)
 		}
 		// The error names the role upstream lists now.
-		if !strings.Contains(err.Error(), "new-role") || !strings.Contains(err.Error(), ipTestRole) {
+		if !strings.Contains(err.Error(), "new-role") || !strings.Contains(err.Error(), profileTestRole) {
 			t.Fatalf("404 error does not name the old and the new role: %v", err)
 		}
 		c, err := p.Fetch(context.Background(), creds.Role{})
@@ -545,18 +553,18 @@ func TestInstanceProfileHTTPErrors(t *testing.T) {
 		up.srv.Close()
 		p := newTestInstanceProfile(t, up.srv.URL, InstanceProfileConfig{}, nil)
 		_, err := p.Fetch(context.Background(), creds.Role{})
-		if e := ipClass(t, err); e.Class != ClassNetwork {
+		if e := profileClass(t, err); e.Class != ClassNetwork {
 			t.Fatalf("class %s: %v", e.Class, err)
 		}
 	})
 	t.Run("huge body", func(t *testing.T) {
 		up := newIPStandIn(t)
-		up.set(func(s *ipStandIn) {
+		up.set(func(s *profileStandIn) {
 			s.doc = func() (int, string) { return 200, `{"Token":"` + strings.Repeat("A", 1<<20) + `"}` }
 		})
 		p := newTestInstanceProfile(t, up.srv.URL, InstanceProfileConfig{}, nil)
 		_, err := p.Fetch(context.Background(), creds.Role{})
-		if e := ipClass(t, err); e.Class != ClassInvalidResponse {
+		if e := profileClass(t, err); e.Class != ClassInvalidResponse {
 			t.Fatalf("class %s: %v", e.Class, err)
 		}
 	})
@@ -591,7 +599,7 @@ func TestInstanceProfile401(t *testing.T) {
 	})
 	p = newTestInstanceProfile(t, bad.srv.URL, InstanceProfileConfig{}, nil)
 	_, err := p.Fetch(context.Background(), creds.Role{})
-	if e := ipClass(t, err); e.HTTPStatus != 401 || e.Class != ClassOther || e.Permanent() {
+	if e := profileClass(t, err); e.HTTPStatus != 401 || e.Class != ClassOther || e.Permanent() {
 		t.Fatalf("class %s status %d: %v", e.Class, e.HTTPStatus, err)
 	}
 }
@@ -606,21 +614,21 @@ func TestInstanceProfileNoSecrets(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ipAssertClean(t, "credentials formatted", fmt.Sprintf("%v %+v %#v %s %q", c, c, c, c, c))
+	profileAssertClean(t, "credentials formatted", fmt.Sprintf("%v %+v %#v %s %q", c, c, c, c, c))
 	for _, body := range []string{
-		`{"Code":"Success","AccessKeyId":"` + ipTestKey + `","SecretAccessKey":"` + ipTestSecret + `","Token":"` + ipTestToken + `","Expiration":"bad"}`,
-		`{"Code":"Success","AccessKeyId":"` + ipTestKey + `","SecretAccessKey":"` + ipTestSecret + `","Token":"` + ipTestToken + `"}`,
-		`{"Code":"Success","AccessKeyId":"` + ipTestKey + `","SecretAccessKey":"` + ipTestSecret + `","Token":"` + ipTestToken + `\n","Expiration":"2099-01-01T00:00:00Z"}`,
-		`{"Code":"Nope","Message":"` + ipTestToken + `","Token":"` + ipTestToken + `"}`,
-		`{"Code":"Success","SecretAccessKey":"` + ipTestSecret + `",`,
+		`{"Code":"Success","AccessKeyId":"` + profileTestKey + `","SecretAccessKey":"` + profileTestSecret + `","Token":"` + profileTestToken + `","Expiration":"bad"}`,
+		`{"Code":"Success","AccessKeyId":"` + profileTestKey + `","SecretAccessKey":"` + profileTestSecret + `","Token":"` + profileTestToken + `"}`,
+		`{"Code":"Success","AccessKeyId":"` + profileTestKey + `","SecretAccessKey":"` + profileTestSecret + `","Token":"` + profileTestToken + `\n","Expiration":"2099-01-01T00:00:00Z"}`,
+		`{"Code":"Nope","Message":"` + profileTestToken + `","Token":"` + profileTestToken + `"}`,
+		`{"Code":"Success","SecretAccessKey":"` + profileTestSecret + `",`,
 	} {
-		up.set(func(s *ipStandIn) { s.doc = func() (int, string) { return 200, body } })
+		up.set(func(s *profileStandIn) { s.doc = func() (int, string) { return 200, body } })
 		_, err := p.Fetch(ctx, creds.Role{})
-		ipClass(t, err)
+		profileClass(t, err)
 	}
-	up.set(func(s *ipStandIn) { s.doc = func() (int, string) { return 500, ipTestSecret } })
-	ipClass(t, func() error { _, err := p.Fetch(ctx, creds.Role{}); return err }())
-	ipAssertLogsClean(t, logs)
+	up.set(func(s *profileStandIn) { s.doc = func() (int, string) { return 500, profileTestSecret } })
+	profileClass(t, func() error { _, err := p.Fetch(ctx, creds.Role{}); return err }())
+	profileAssertLogsClean(t, logs)
 	if logs.Len() == 0 {
 		t.Fatal("nothing logged at debug")
 	}
@@ -651,12 +659,12 @@ func TestNewInstanceProfileValidation(t *testing.T) {
 func TestInstanceProfileFetchesHandedRole(t *testing.T) {
 	const otherKey = "ASIABATCHROLEEXAMPL1"
 	exp := time.Now().Add(time.Hour)
-	for _, configured := range []string{"", ipTestRole} {
+	for _, configured := range []string{"", profileTestRole} {
 		t.Run("configured="+configured, func(t *testing.T) {
 			up := newIPStandIn(t)
-			up.set(func(s *ipStandIn) {
+			up.set(func(s *profileStandIn) {
 				s.extra = map[string]func() (int, string){
-					"batch-role": func() (int, string) { return 200, ipCredDoc(otherKey, ipTestSecret, ipTestToken, exp) },
+					"batch-role": func() (int, string) { return 200, profileCredDoc(otherKey, profileTestSecret, profileTestToken, exp) },
 				}
 			})
 			p := newTestInstanceProfile(t, up.srv.URL, InstanceProfileConfig{RoleName: configured}, nil)
@@ -669,30 +677,30 @@ func TestInstanceProfileFetchesHandedRole(t *testing.T) {
 			if c.AccessKeyID != otherKey || c.RoleARN != "arn:aws:iam::111111111111:role/batch-role" || !c.ValidAt(time.Now()) {
 				t.Fatalf("handed batch-role, got %s of %q", c.AccessKeyID, c.RoleARN)
 			}
-			if up.count("iam/security-credentials/batch-role") != 1 || up.count("iam/security-credentials/"+ipTestRole) != 0 ||
+			if up.count("iam/security-credentials/batch-role") != 1 || up.count("iam/security-credentials/"+profileTestRole) != 0 ||
 				up.count("iam/security-credentials/") != 0 {
-				t.Fatalf("reads: batch-role %d, %s %d, listing %d", up.count("iam/security-credentials/batch-role"), ipTestRole,
-					up.count("iam/security-credentials/"+ipTestRole), up.count("iam/security-credentials/"))
+				t.Fatalf("reads: batch-role %d, %s %d, listing %d", up.count("iam/security-credentials/batch-role"), profileTestRole,
+					up.count("iam/security-credentials/"+profileTestRole), up.count("iam/security-credentials/"))
 			}
 
-			for _, role := range []creds.Role{{}, {Name: ipTestRole}} {
+			for _, role := range []creds.Role{{}, {Name: profileTestRole}} {
 				c, err = p.Fetch(ctx, role)
 				if err != nil {
 					t.Fatal(err)
 				}
-				if c.AccessKeyID != ipTestKey || c.RoleARN != "arn:aws:iam::111111111111:role/"+ipTestRole {
+				if c.AccessKeyID != profileTestKey || c.RoleARN != "arn:aws:iam::111111111111:role/"+profileTestRole {
 					t.Fatalf("handed %q, got %s of %q", role.Name, c.AccessKeyID, c.RoleARN)
 				}
 			}
-			if n := up.count("iam/security-credentials/" + ipTestRole); n != 2 {
-				t.Fatalf("%s read %d times, want 2", ipTestRole, n)
+			if n := up.count("iam/security-credentials/" + profileTestRole); n != 2 {
+				t.Fatalf("%s read %d times, want 2", profileTestRole, n)
 			}
 
 			// A name that is not an IAM role name: no request at all.
 			before := up.total()
 			for _, name := range []string{"../info", "a/b", "role with spaces", strings.Repeat("r", 65)} {
 				_, err := p.Fetch(ctx, creds.Role{Name: name})
-				if e := ipClass(t, err); e.Class != ClassValidation || !e.Permanent() {
+				if e := profileClass(t, err); e.Class != ClassValidation || !e.Permanent() {
 					t.Fatalf("%q: class %s permanent %v: %v", name, e.Class, e.Permanent(), err)
 				}
 			}
@@ -702,15 +710,15 @@ func TestInstanceProfileFetchesHandedRole(t *testing.T) {
 
 			// A role upstream does not have: 404, naming the listed role.
 			_, err = p.Fetch(ctx, creds.Role{Name: "gone-role"})
-			e := ipClass(t, err)
+			e := profileClass(t, err)
 			if e.HTTPStatus != 404 || e.Permanent() || up.count("iam/security-credentials/gone-role") != 1 {
 				t.Fatalf("class %s status %d: %v", e.Class, e.HTTPStatus, err)
 			}
-			if configured == "" && !strings.Contains(e.Message, ipTestRole) {
-				t.Errorf("404 error does not name the role upstream lists (%s): %v", ipTestRole, err)
+			if configured == "" && !strings.Contains(e.Message, profileTestRole) {
+				t.Errorf("404 error does not name the role upstream lists (%s): %v", profileTestRole, err)
 			}
 			// The discovered role is still served.
-			if c, err := p.Fetch(ctx, creds.Role{}); err != nil || c.AccessKeyID != ipTestKey {
+			if c, err := p.Fetch(ctx, creds.Role{}); err != nil || c.AccessKeyID != profileTestKey {
 				t.Fatalf("after the 404: %v %v", c.AccessKeyID, err)
 			}
 		})

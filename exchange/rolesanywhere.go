@@ -37,7 +37,6 @@ const (
 	RolesAnywhereDefaultDuration = time.Hour
 )
 
-
 // Backoff between attempts of one Fetch: full jitter over base·2^n, capped.
 const (
 	raBackoffBase = 100 * time.Millisecond

@@ -431,7 +431,7 @@ func (d *daemon) plan(g *generation, prev *access.Plan) (*access.Plan, rollout.D
 		Workloads:       g.cfg.Workloads,
 		WorkloadKeys:    g.workloadKeys,
 		Host:            g.hostKey,
-		InstanceProfile: g.ipKey,
+		InstanceProfile: g.profileKey,
 		Serve:           creds.KindWorkload,
 	}
 	switch {
@@ -480,12 +480,12 @@ func (s *snapshot) keys(now time.Time) []creds.Key {
 	keys := s.plan.Keys(now)
 	if s.rollout {
 		fb, _ := rollout.ParseFallback(s.gen.cfg.Rollout.Fallback)
-		workload, ip := s.decision.Needs(fb)
+		workload, profile := s.decision.Needs(fb)
 		if workload && !slices.Contains(keys, s.gen.hostKey) {
 			keys = append(keys, s.gen.hostKey)
 		}
-		if ip && !s.gen.ipKey.IsZero() && !slices.Contains(keys, s.gen.ipKey) {
-			keys = append(keys, s.gen.ipKey)
+		if profile && !s.gen.profileKey.IsZero() && !slices.Contains(keys, s.gen.profileKey) {
+			keys = append(keys, s.gen.profileKey)
 		}
 	}
 	return keys
@@ -494,7 +494,7 @@ func (s *snapshot) keys(now time.Time) []creds.Key {
 // servedKey is the key served to a client no workload matches.
 func (s *snapshot) servedKey() creds.Key {
 	if s.plan.Serving() == creds.KindInstanceProfile {
-		return s.gen.ipKey
+		return s.gen.profileKey
 	}
 	return s.gen.hostKey
 }
@@ -541,19 +541,19 @@ type generation struct {
 	session      string    // the resolved STS session name
 	hostKey      creds.Key // role: (the instance profile's for source instance-profile)
 	workloadKeys []creds.Key
-	ipKey        creds.Key // the instance profile's role; zero when not served
+	profileKey   creds.Key // the instance profile's role; zero when not served
 	policyKeys   []ed25519.PublicKey
 }
 
 // sources are the exchanges of a config, built from its sourceSpec.
 type sources struct {
-	spec     sourceSpec
-	reg      *prometheus.Registry // metrics of the identity sources
-	workload creds.Fetcher        // nil for source instance-profile
-	ip       *exchange.InstanceProfile
-	ipRole   string // the instance profile's role; "" when not needed
-	s3       rollout.ObjectGetter
-	verifier *exchange.CallerIdentity
+	spec        sourceSpec
+	reg         *prometheus.Registry // metrics of the identity sources
+	workload    creds.Fetcher        // nil for source instance-profile
+	profile     *exchange.InstanceProfile
+	profileRole string // the instance profile's role; "" when not needed
+	s3          rollout.ObjectGetter
+	verifier    *exchange.CallerIdentity
 }
 
 // sourceSpec is every setting the sources depend on; equal specs build
@@ -564,7 +564,7 @@ type sourceSpec struct {
 	Federation               exchange.FederationSection
 	RolesAnywhere            exchange.RolesAnywhereSection
 	AssumeRole               exchange.AssumeRoleSection
-	IPRole                   string // role.name of source instance-profile
+	ProfileRole              string // role.name of source instance-profile
 	NeedIP, S3, Rollout      bool
 }
 
@@ -581,7 +581,7 @@ func specOf(cfg Config) sourceSpec {
 	case exchange.SourceNameAssumeRole:
 		s.AssumeRole = cfg.AssumeRole
 	case exchange.SourceNameInstanceProfile:
-		s.IPRole = cfg.Role.Name
+		s.ProfileRole = cfg.Role.Name
 	}
 	s.NeedIP = s.Rollout || cfg.Source == exchange.SourceNameInstanceProfile ||
 		(cfg.Source == exchange.SourceNameAssumeRole && cfg.AssumeRole.Base != "sdk-chain")
@@ -612,11 +612,11 @@ func (d *daemon) build(ctx context.Context, cfg Config, prev *generation) (*gene
 	if cfg.Source == exchange.SourceNameRolesAnywhere {
 		session = ""
 	}
-	if src.ip != nil {
-		g.ipKey = creds.Key{Kind: creds.KindInstanceProfile, Role: creds.Role{Name: src.ipRole}, Via: src.ip}
+	if src.profile != nil {
+		g.profileKey = creds.Key{Kind: creds.KindInstanceProfile, Role: creds.Role{Name: src.profileRole}, Via: src.profile}
 	}
 	if cfg.Source == exchange.SourceNameInstanceProfile {
-		g.hostKey = g.ipKey
+		g.hostKey = g.profileKey
 	} else {
 		g.hostKey = creds.Key{Kind: creds.KindWorkload, Role: cfg.Role.Creds(session), Via: src.workload}
 	}
@@ -631,14 +631,14 @@ func (d *daemon) newSources(ctx context.Context, spec sourceSpec) (*sources, err
 	s := &sources{spec: spec, reg: prometheus.NewRegistry()}
 	log := d.log.Named("exchange")
 	if spec.NeedIP {
-		ip, err := exchange.NewInstanceProfile(exchange.InstanceProfileConfig{IMDSBase: spec.Upstream, RoleName: spec.IPRole}, log)
+		prof, err := exchange.NewInstanceProfile(exchange.InstanceProfileConfig{IMDSBase: spec.Upstream, RoleName: spec.ProfileRole}, log)
 		if err != nil {
 			return nil, err
 		}
-		if s.ipRole, err = discoverRole(ctx, ip, d.log); err != nil {
+		if s.profileRole, err = discoverRole(ctx, prof, d.log); err != nil {
 			return nil, err
 		}
-		s.ip = ip
+		s.profile = prof
 	}
 	var tokens exchange.TokenSource
 	if len(spec.Identity.JWTKeys()) > 0 {
@@ -660,13 +660,13 @@ func (d *daemon) newSources(ctx context.Context, spec sourceSpec) (*sources, err
 	s.workload, err = exchange.NewSource(ctx, exchange.SourceSpec{
 		Source: spec.Source, Region: spec.Region, Federation: spec.Federation,
 		RolesAnywhere: spec.RolesAnywhere, AssumeRole: spec.AssumeRole,
-	}, tokens, x, s.ip, log)
+	}, tokens, x, s.profile, log)
 	if err != nil {
 		return nil, err
 	}
 	if spec.Rollout {
 		if spec.S3 {
-			if s.s3, err = exchange.NewS3Objects(ctx, s.ip.Provider(), spec.Region); err != nil {
+			if s.s3, err = exchange.NewS3Objects(ctx, s.profile.Provider(), spec.Region); err != nil {
 				return nil, fmt.Errorf("rollout: %w", err)
 			}
 		}
@@ -679,11 +679,11 @@ func (d *daemon) newSources(ctx context.Context, spec sourceSpec) (*sources, err
 
 // discoverRole returns the instance profile's role name, retrying for a
 // bounded time (the real IMDS may still be coming up at boot).
-func discoverRole(ctx context.Context, ip *exchange.InstanceProfile, log *zap.Logger) (string, error) {
+func discoverRole(ctx context.Context, prof *exchange.InstanceProfile, log *zap.Logger) (string, error) {
 	ctx, cancel := context.WithTimeout(ctx, 15*time.Second)
 	defer cancel()
 	for {
-		name, err := ip.RoleName(ctx)
+		name, err := prof.RoleName(ctx)
 		if err == nil {
 			log.Info("the instance profile's role", zap.String("role_name", name))
 			return name, nil
