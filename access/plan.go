@@ -126,6 +126,8 @@ type PlanConfig struct {
 	// Fallback serves InstanceProfile when a workload-kind key has nothing
 	// valid (rollout.fallback: instance-profile).
 	Fallback bool
+	// Passthrough is what is refused on the pass-through to the real IMDS.
+	Passthrough Protection
 }
 
 // Plan is one generation's decision state. It is immutable; build it with
@@ -149,6 +151,8 @@ type Plan struct {
 	host     creds.Key
 	profile  creds.Key
 	fallback bool
+
+	passthrough Protection
 
 	retired []retired // newest first
 }
@@ -195,6 +199,8 @@ func NewPlan(cfg PlanConfig, prev *Plan, now time.Time) (*Plan, error) {
 		host:       cfg.Host,
 		profile:    cfg.InstanceProfile,
 		fallback:   cfg.Fallback,
+
+		passthrough: cfg.Passthrough,
 	}
 	for i, w := range cfg.Workloads {
 		if k := cfg.WorkloadKeys[i]; k.IsZero() || !creds.ValidRoleName(k.Role.Name) {
@@ -207,7 +213,7 @@ func NewPlan(cfg PlanConfig, prev *Plan, now time.Time) (*Plan, error) {
 			p.unitsOn = true
 		}
 	}
-	p.identify = p.restricted || p.audit || len(p.wlKeys) > 0
+	p.identify = p.restricted || p.audit || len(p.wlKeys) > 0 || len(p.passthrough.Prefixes) > 0
 	if prev != nil {
 		p.gen = prev.gen + 1
 		if p.gen == 0 {
@@ -248,6 +254,10 @@ func (p *Plan) Gen() uint32 { return p.gen }
 // lists, the audit or workloads, its own or a retained plan's); without, the
 // zero Client is passed.
 func (p *Plan) Identify() bool { return p.identify }
+
+// Passthrough is what the plan refuses on the pass-through (the current
+// plan's always: a path refused now is refused at once).
+func (p *Plan) Passthrough() Protection { return p.passthrough }
 
 // Serving returns the kind the host serves.
 func (p *Plan) Serving() creds.Kind { return p.serve }

@@ -99,6 +99,15 @@ func loadAWSConfig(ctx context.Context, o awsOptions) (aws.Config, error) {
 	return cfg, nil
 }
 
+// CheckRegion reports whether a region is known for the daemon's AWS calls
+// (region, else the SDK's default configuration: AWS_REGION,
+// AWS_DEFAULT_REGION, the shared config file), without any network call:
+// ErrNoRegion when none is. check-config runs it.
+func CheckRegion(ctx context.Context, region string) error {
+	_, err := loadAWSConfig(ctx, awsOptions{Region: region})
+	return err
+}
+
 // ErrNoRegion is returned when neither the config's region nor the SDK's
 // default configuration names a region.
 var ErrNoRegion = errors.New("exchange: no AWS region: set region: in the config file, or AWS_REGION in the daemon's environment")

@@ -92,6 +92,22 @@ func (s *Server) client(r *http.Request, plan *access.Plan) access.Client {
 	return who
 }
 
+// pathDeniedBody is the body of a pass-through path refused by
+// imds.passthrough.
+const pathDeniedBody = "this metadata path is not available to this process (imds.passthrough)"
+
+// refusePath answers a pass-through request refused by imds.passthrough:
+// 403 (deny), 503 (retry: the client could not be identified).
+func (s *Server) refusePath(w http.ResponseWriter, d access.Decision) {
+	s.m.passthroughRefused.WithLabelValues(map[access.Outcome]string{access.Deny: "deny", access.Retry: "retry"}[d.Outcome]).Inc()
+	if d.Outcome == access.Retry {
+		w.Header().Set("Retry-After", "1")
+		writeText(w, http.StatusServiceUnavailable, retryBody)
+		return
+	}
+	writeText(w, http.StatusForbidden, pathDeniedBody)
+}
+
 // refuse answers a credential request the decision d does not serve: 403
 // for Deny, 503 for Retry.
 func (s *Server) refuse(w http.ResponseWriter, d access.Decision, who access.Client, route string) {

@@ -52,13 +52,14 @@ var durationBuckets = []float64{
 
 // metrics are the collectors of one Server. All labels are bounded.
 type metrics struct {
-	requests       *prometheus.CounterVec
-	duration       *prometheus.HistogramVec
-	tokensIssued   prometheus.Counter
-	outstanding    prometheus.GaugeFunc
-	rejections     *prometheus.CounterVec
-	ptErrors       *prometheus.CounterVec
-	upstreamTokens *prometheus.CounterVec
+	requests           *prometheus.CounterVec
+	duration           *prometheus.HistogramVec
+	tokensIssued       prometheus.Counter
+	outstanding        prometheus.GaugeFunc
+	rejections         *prometheus.CounterVec
+	ptErrors           *prometheus.CounterVec
+	passthroughRefused *prometheus.CounterVec // imds.passthrough
+	upstreamTokens     *prometheus.CounterVec
 
 	// hot caches the children of requests and duration per (route, code),
 	// so a request costs no label hashing or formatting.
@@ -100,6 +101,10 @@ func newMetrics(reg prometheus.Registerer, outstanding func() float64) (*metrics
 			Name: "imdsproxy_imds_token_rejections_total",
 			Help: "IMDS requests refused because of the session token or the token request, by reason.",
 		}, []string{"reason"}),
+		passthroughRefused: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "imdsproxy_passthrough_refused_total",
+			Help: "Pass-through requests refused by imds.passthrough (identity material, denied paths), by outcome (deny: 403; retry: the client could not be identified, 503).",
+		}, []string{"outcome"}),
 		ptErrors: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "imdsproxy_passthrough_errors_total",
 			Help: "Pass-through requests to the real IMDS that failed, by reason.",
@@ -116,6 +121,8 @@ func newMetrics(reg prometheus.Registerer, outstanding func() float64) (*metrics
 	for _, r := range []string{ptErrUnreachable, ptErrTimeout} {
 		m.ptErrors.WithLabelValues(r)
 	}
+	m.passthroughRefused.WithLabelValues("deny")
+	m.passthroughRefused.WithLabelValues("retry")
 	for _, r := range []string{fetchSuccess, fetchV1Only, fetchError} {
 		m.upstreamTokens.WithLabelValues(r)
 	}
@@ -124,7 +131,7 @@ func newMetrics(reg prometheus.Registerer, outstanding func() float64) (*metrics
 	}
 	for _, c := range []prometheus.Collector{
 		m.requests, m.duration, m.tokensIssued, m.outstanding,
-		m.rejections, m.ptErrors, m.upstreamTokens,
+		m.rejections, m.ptErrors, m.upstreamTokens, m.passthroughRefused,
 	} {
 		if err := reg.Register(c); err != nil {
 			var are prometheus.AlreadyRegisteredError

@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"strings"
 
+	"github.com/imdsproxy/imdsproxy/access"
 	"github.com/imdsproxy/imdsproxy/config"
 )
 
@@ -25,6 +26,8 @@ type IMDSSection struct {
 	// AllowedHosts are Host header values accepted besides the defaults
 	// (Config.AllowedHosts).
 	AllowedHosts []string `yaml:"allowed_hosts"`
+	// Passthrough is what the pass-through refuses to which clients.
+	Passthrough access.PassthroughSection `yaml:"passthrough"`
 }
 
 // DefaultIMDSSection is the section's defaults.
@@ -44,7 +47,7 @@ func (s *IMDSSection) Validate() error {
 	if _, err := normalizeHosts(s.AllowedHosts); err != nil {
 		return fmt.Errorf("config: imds.allowed_hosts: %s", strings.TrimPrefix(err.Error(), "proxy: "))
 	}
-	return nil
+	return s.Passthrough.Validate()
 }
 
 // LoadTokenKey returns the IMDSv2 token key kept in path, creating the file

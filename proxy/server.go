@@ -77,6 +77,10 @@ const (
 // X-Forwarded-For, as AWS's own IMDS emulator words it.
 const forwardedRejection = "unable to process requests with X-Forwarded-For header"
 
+// forwardedRFC7239Rejection is the body of a token PUT refused for carrying
+// Forwarded (RFC 7239), the standard form of X-Forwarded-For.
+const forwardedRFC7239Rejection = "unable to process requests with Forwarded header"
+
 // Config is the part of the daemon's configuration the IMDS API uses. New and
 // Update validate it; a Config is copied, so the caller may reuse it.
 type Config struct {
@@ -366,11 +370,17 @@ func routeOf(path string) (route, role string) {
 	return routeNotFound, ""
 }
 
-// badPath reports whether the decoded path must be refused: not absolute, a
-// ".." segment (also after percent-decoding, e.g. %2e%2e or %2F..), or a
-// control character such as NUL. Such a path is never forwarded.
-func badPath(p string) bool {
-	if p == "" || p[0] != '/' {
+// badPath reports whether the request's path is not in canonical form and
+// must be refused (400) rather than routed or forwarded: not absolute, a "."
+// or ".." segment (also after percent-decoding: %2e), a percent-encoded
+// slash, dot or backslash (a segment boundary the router and the real IMDS
+// might draw differently), a backslash, or a control character such as NUL.
+// Routing and the pass-through then see the same segments as any server
+// would: no dot segment can take a request around the iam block or the
+// pass-through policy.
+func badPath(u *url.URL) bool {
+	p := u.Path
+	if p == "" || p[0] != '/' || strings.ContainsRune(p, '\\') {
 		return true
 	}
 	for i := 0; i < len(p); i++ {
@@ -379,8 +389,15 @@ func badPath(p string) bool {
 		}
 	}
 	for seg := range strings.SplitSeq(p, "/") {
-		if seg == ".." {
+		if seg == "." || seg == ".." {
 			return true
+		}
+	}
+	if raw := strings.ToLower(u.RawPath); raw != "" {
+		for _, esc := range []string{"%2f", "%2e", "%5c"} {
+			if strings.Contains(raw, esc) {
+				return true
+			}
 		}
 	}
 	return false
@@ -443,7 +460,7 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request, st *state, route,
 	if !s.checkRequest(w, r, st) { // hostcheck.go: framing (smuggling) and Host (DNS rebinding)
 		return
 	}
-	if badPath(r.URL.Path) {
+	if badPath(r.URL) {
 		writeText(w, http.StatusBadRequest, "Bad Request")
 		return
 	}
@@ -488,6 +505,12 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request, st *state, route,
 	case routeIAMList:
 		writeText(w, http.StatusOK, "info\nsecurity-credentials/")
 	case routePassthrough:
+		if prot := st.cfg.Plan.Passthrough(); prot.Protected(r.URL.Path) {
+			if d := prot.AllowPath(s.client(r, st.cfg.Plan)); d.Outcome != access.Serve {
+				s.refusePath(w, d)
+				return
+			}
+		}
 		st.pt.proxy.ServeHTTP(w, r)
 	default:
 		writeText(w, http.StatusNotFound, "Not Found")
@@ -499,6 +522,11 @@ func (s *Server) serveToken(w http.ResponseWriter, r *http.Request, st *state) {
 	if _, ok := r.Header["X-Forwarded-For"]; ok {
 		s.m.rejections.WithLabelValues(rejectForwarded).Inc()
 		writeText(w, http.StatusBadRequest, forwardedRejection)
+		return
+	}
+	if _, ok := r.Header["Forwarded"]; ok { // RFC 7239: a proxy relayed it, as with X-Forwarded-For
+		s.m.rejections.WithLabelValues(rejectForwarded).Inc()
+		writeText(w, http.StatusBadRequest, forwardedRFC7239Rejection)
 		return
 	}
 	ttl, ok := parseTTL(r.Header.Values(headerTokenTTL))

@@ -382,7 +382,13 @@ func TestLimits(t *testing.T) {
 		{"token body chunked", "/latest/api/token", "PUT", strings.Repeat("b", 2000), true, 413},
 		{"passthrough body", "/latest/meta-data/ami-id", "GET", strings.Repeat("b", 5000), true, 413},
 		{"small body ok", "/latest/meta-data/iam/info", "GET", strings.Repeat("b", 1024), true, 200},
-		{"dots allowed", "/latest/meta-data/iam/security-credentials/app/.", "GET", "", false, 404},
+		{"dot segment refused", "/latest/meta-data/iam/security-credentials/app/.", "GET", "", false, 400},
+		{"dot before iam refused", "/latest/meta-data/./iam/security-credentials/app", "GET", "", false, 400},
+		{"dot after latest refused", "/latest/./meta-data/iam/info", "GET", "", false, 400},
+		{"encoded dot refused", "/latest/meta-data/%2e/iam/security-credentials/app", "GET", "", false, 400},
+		{"encoded slash refused", "/latest/meta-data%2Fiam/info", "GET", "", false, 400},
+		{"backslash refused", "/latest/meta-data\\iam/info", "GET", "", false, 400},
+		{"dots in a name are fine", "/latest/meta-data/iam/security-credentials/my.role", "GET", "", false, 404},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

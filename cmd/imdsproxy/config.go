@@ -1,8 +1,10 @@
 package main
 
 import (
+	"context"
 	"errors"
 	"fmt"
+	"io/fs"
 	"net"
 	"net/url"
 	"reflect"
@@ -12,6 +14,7 @@ import (
 	"time"
 
 	"github.com/imdsproxy/imdsproxy/access"
+	"github.com/imdsproxy/imdsproxy/admin"
 	"github.com/imdsproxy/imdsproxy/cache"
 	"github.com/imdsproxy/imdsproxy/config"
 	"github.com/imdsproxy/imdsproxy/exchange"
@@ -184,6 +187,41 @@ func (c *Config) validateSource() error {
 		}
 	}
 	return nil
+}
+
+// preflight runs the checks serve runs at start that need no network: the
+// AWS region where a source or the rollout calls AWS (the SDK's resolution:
+// region:, AWS_REGION, the shared config), the rollout's policy keys. It
+// returns what is worth a warning: listeners reachable from the network, a
+// token file others may read.
+func (c Config) preflight(ctx context.Context) (warnings []string, err error) {
+	if c.Source == exchange.SourceNameWebIdentity || c.Source == exchange.SourceNameAssumeRole || c.Rollout.Enabled() {
+		if err := exchange.CheckRegion(ctx, c.Region); err != nil {
+			return nil, err
+		}
+	}
+	if _, err := c.Rollout.Keys(); err != nil {
+		return nil, fmt.Errorf("config: %w", err)
+	}
+	for _, addr := range c.imdsListenAddrs() {
+		if wildcardAddr(addr) {
+			warnings = append(warnings, addr+": "+exposedListenerWarning)
+		}
+	}
+	if admin.Exposed(c.AdminListen) {
+		warnings = append(warnings, "admin_listen "+c.AdminListen+": "+admin.ExposedWarning)
+	}
+	if f := c.Identity.JWTFile; f != "" {
+		switch w, err := token.CheckFileMode(f); {
+		case errors.Is(err, fs.ErrNotExist):
+			warnings = append(warnings, "identity.jwt_file "+f+" does not exist yet: the daemon waits for it (not ready until it is written)")
+		case err != nil:
+			warnings = append(warnings, "identity.jwt_file: "+err.Error())
+		case w != "":
+			warnings = append(warnings, "identity.jwt_file: "+w)
+		}
+	}
+	return warnings, nil
 }
 
 // imdsListenAddrs are the IMDS listener addresses cfg opens itself (without

@@ -128,16 +128,19 @@ func runCheckConfig(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "imdsproxy: %v\n", err)
 		return exitConfig
 	}
+	warnings, err := cfg.preflight(context.Background())
+	if err != nil {
+		fmt.Fprintf(stderr, "imdsproxy: %s: %v\n", *path, err)
+		return exitConfig
+	}
 	role := fmt.Sprintf("role %s listed as %q", cfg.Role.ARN, cfg.Role.Name)
 	if cfg.Role.Name == "" {
 		role = "the instance profile's role, its name read from upstream at start"
 	}
 	fmt.Fprintf(stdout, "%s: ok (source %s, %s, listen %s, admin %s)\n",
 		*path, cfg.Source, role, cfg.Listen, cfg.AdminListen)
-	for _, addr := range cfg.imdsListenAddrs() {
-		if wildcardAddr(addr) {
-			fmt.Fprintf(stderr, "imdsproxy: warning: %s: %s\n", addr, exposedListenerWarning)
-		}
+	for _, w := range warnings {
+		fmt.Fprintf(stderr, "imdsproxy: warning: %s\n", w)
 	}
 	return exitOK
 }

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"os"
 	"strings"
 	"testing"
 )
@@ -16,15 +17,21 @@ func TestRunCommands(t *testing.T) {
 		wantOut    string
 		wantErr    string
 		notWantErr string
+		region     string // AWS_REGION of the run; none set otherwise
 	}{
 		{name: "no args", args: nil, code: exitUsage, wantErr: "Usage:"},
 		{name: "unknown", args: []string{"frobnicate"}, code: exitUsage, wantErr: `unknown command "frobnicate"`},
 		{name: "help", args: []string{"help"}, code: exitOK, wantOut: "check-config"},
 		{name: "version", args: []string{"version"}, code: exitOK, wantOut: "imdsproxy "},
 		{name: "check good", args: []string{"check-config", "testdata/good/full.yaml"}, code: exitOK, wantOut: "ok (source web-identity"},
-		{name: "check good flag", args: []string{"check-config", "--config", "testdata/good/minimal.yaml"}, code: exitOK, wantOut: "app-prod", notWantErr: "warning"},
+		{name: "check good flag", args: []string{"check-config", "--config", "testdata/good/minimal.yaml"}, code: exitOK, wantOut: "app-prod",
+			notWantErr: "every interface", region: "eu-west-1"},
+		{name: "check no region", args: []string{"check-config", "testdata/good/minimal.yaml"}, code: exitConfig,
+			wantErr: "set region: in the config file, or AWS_REGION in the daemon's environment"},
+		{name: "check token file missing", args: []string{"check-config", "testdata/good/minimal.yaml"}, code: exitOK,
+			wantErr: "warning: identity.jwt_file /run/imdsproxy/token.jwt does not exist yet", region: "eu-west-1"},
 		{name: "check wildcard listen", args: []string{"check-config", "testdata/good/wildcard-listen.yaml"}, code: exitOK, wantOut: "listen 0.0.0.0:8169",
-			wantErr: "warning: 0.0.0.0:8169: the IMDS listener accepts connections on every interface"},
+			wantErr: "warning: 0.0.0.0:8169: the IMDS listener accepts connections on every interface", region: "eu-west-1"},
 		{name: "check unknown key", args: []string{"check-config", "testdata/bad/unknown-key.yaml"}, code: exitConfig, wantErr: "role.nmae"},
 		{name: "check bad tokens", args: []string{"check-config", "testdata/bad/bad-tokens.yaml"}, code: exitConfig, wantErr: "imds.tokens"},
 		{name: "check bad duration", args: []string{"check-config", "testdata/bad/bad-duration.yaml"}, code: exitConfig, wantErr: "role.duration"},
@@ -40,8 +47,13 @@ func TestRunCommands(t *testing.T) {
 		{name: "serve bad config", args: []string{"serve", "--config", "testdata/bad/bad-tokens.yaml"}, code: exitConfig, wantErr: "imds.tokens"},
 		{name: "serve missing config", args: []string{"serve", "--config", "testdata/none.yaml"}, code: exitConfig, wantErr: "no such file"},
 	}
+	t.Setenv("AWS_DEFAULT_REGION", "")
+	t.Setenv("AWS_CONFIG_FILE", os.DevNull)
+	t.Setenv("AWS_SHARED_CREDENTIALS_FILE", os.DevNull)
+	t.Setenv("AWS_PROFILE", "")
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
+			t.Setenv("AWS_REGION", tc.region)
 			var out, errOut bytes.Buffer
 			code := run(context.Background(), tc.args, &out, &errOut)
 			if code != tc.code {

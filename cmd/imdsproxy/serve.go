@@ -433,6 +433,10 @@ func (d *daemon) plan(g *generation, prev *access.Plan) (*access.Plan, rollout.D
 		Host:            g.hostKey,
 		InstanceProfile: g.profileKey,
 		Serve:           creds.KindWorkload,
+		// The daemon proves the host's identity with the signed document
+		// when it reads its token from an issuer (identity.jwt_url).
+		Passthrough: g.cfg.IMDS.Passthrough.Resolve(g.cfg.Identity.JWTURL != "",
+			g.cfg.Access.Restricted() || len(g.cfg.Workloads) > 0),
 	}
 	switch {
 	case g.cfg.Source == exchange.SourceNameInstanceProfile:
