@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promauto"
 	"go.uber.org/zap"
 
 	"github.com/imdsproxy/imdsproxy/creds"
@@ -54,19 +55,20 @@ func NewBroker(src Source, log, audit *zap.Logger, reg prometheus.Registerer) (*
 	if audit == nil {
 		audit = zap.NewNop()
 	}
+	factory := promauto.With(reg)
 	b := &Broker{
 		src:   src,
 		log:   log,
 		audit: audit,
-		served: prometheus.NewCounterVec(prometheus.CounterOpts{
+		served: factory.NewCounterVec(prometheus.CounterOpts{
 			Name: "imdsproxy_rollout_served_total",
 			Help: "Credentials handed out, by kind (workload: the host's or a workload's role; instance-profile).",
 		}, []string{"kind"}),
-		fallbacks: prometheus.NewCounter(prometheus.CounterOpts{
+		fallbacks: factory.NewCounter(prometheus.CounterOpts{
 			Name: "imdsproxy_rollout_fallbacks_total",
 			Help: "Requests served the instance profile's credentials because the workload credentials could not be obtained (rollout.fallback: instance-profile).",
 		}),
-		refused: prometheus.NewCounterVec(prometheus.CounterOpts{
+		refused: factory.NewCounterVec(prometheus.CounterOpts{
 			Name: "imdsproxy_access_refused_total",
 			Help: "Credential requests refused by the access decision, by outcome (deny: 403; retry: the client could not be identified well enough, 503) and reason.",
 		}, []string{"outcome", "reason"}),
@@ -79,13 +81,7 @@ func NewBroker(src Source, log, audit *zap.Logger, reg prometheus.Registerer) (*
 	} {
 		b.refused.WithLabelValues(r.o, r.why)
 	}
-	if reg != nil {
-		for _, c := range []prometheus.Collector{b.served, b.fallbacks, b.refused} {
-			if err := reg.Register(c); err != nil {
-				return nil, err
-			}
-		}
-	}
+
 	return b, nil
 }
 

@@ -20,11 +20,11 @@ func (v *via) Fetch(context.Context, creds.Role) (creds.Credentials, error) {
 }
 
 var (
-	src  = &via{"workload"}
-	profv  = &via{"ip"}
-	t0   = time.Date(2026, 12, 7, 12, 0, 0, 0, time.UTC)
-	host = creds.Key{Kind: creds.KindWorkload, Role: creds.Role{Name: "app", ARN: "arn:aws:iam::222222222222:role/app"}, Via: src}
-	profile   = creds.Key{Kind: creds.KindInstanceProfile, Role: creds.Role{Name: "instance-role"}, Via: profv}
+	src     = &via{"workload"}
+	profv   = &via{"ip"}
+	t0      = time.Date(2026, 12, 7, 12, 0, 0, 0, time.UTC)
+	host    = creds.Key{Kind: creds.KindWorkload, Role: creds.Role{Name: "app", ARN: "arn:aws:iam::222222222222:role/app"}, Via: src}
+	profile = creds.Key{Kind: creds.KindInstanceProfile, Role: creds.Role{Name: "instance-role"}, Via: profv}
 )
 
 func wkey(name string) creds.Key {

@@ -78,7 +78,9 @@ type Fetcher[K comparable] interface {
 type FetcherFunc[K comparable] func(ctx context.Context, key K) (creds.Credentials, error)
 
 // Fetch implements Fetcher.
-func (f FetcherFunc[K]) Fetch(ctx context.Context, key K) (creds.Credentials, error) { return f(ctx, key) }
+func (f FetcherFunc[K]) Fetch(ctx context.Context, key K) (creds.Credentials, error) {
+	return f(ctx, key)
+}
 
 // Config tunes a Cache. The zero value of every field selects its default.
 type Config struct {
@@ -202,7 +204,7 @@ type Cache[K comparable] struct {
 // entry is the state of one key. All fields are guarded by Cache.mu.
 type entry[K comparable] struct {
 	key         K
-	name        string // fmt.Sprint(key), computed once
+	name        string            // fmt.Sprint(key), computed once
 	creds       creds.Credentials // last good credentials; zero if none
 	lastUpdated time.Time
 	lastRefresh time.Time
@@ -226,8 +228,8 @@ type flight struct {
 
 // New returns a Cache in front of f. It registers the cache's metrics with reg
 // (nil: no metrics are registered) and logs to log (nil: no logging). It
-// fails when cfg holds negative values, BackoffMax < BackoffInitial, or the
-// metrics cannot be registered.
+// fails when cfg holds negative values or BackoffMax < BackoffInitial; it
+// panics when reg already holds the metrics of another Cache.
 func New[K comparable](f Fetcher[K], cfg Config, log *zap.Logger, reg prometheus.Registerer) (*Cache[K], error) {
 	if f == nil {
 		return nil, errors.New("cache: nil fetcher")

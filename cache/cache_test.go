@@ -43,10 +43,19 @@ func TestNewConfig(t *testing.T) {
 		t.Error("New[string](nil fetcher) succeeded, want an error")
 	}
 	h := newHarness(t, f, Config{})
-	if _, err := New[string](f, Config{}, nil, h.reg); err == nil {
-		t.Error("registering a second cache on the same registry succeeded, want an error")
+	if !panics(func() { _, _ = New[string](f, Config{}, nil, h.reg) }) {
+		t.Error("registering a second cache on the same registry succeeded, want a panic")
 	}
 }
+
+// panics reports whether f panicked: registering a component's metrics
+// twice on one registry is a programming error (promauto's MustRegister).
+func panics(f func()) (did bool) {
+	defer func() { did = recover() != nil }()
+	f()
+	return false
+}
+
 
 // A hit never calls or waits on the fetcher, even while a refresh is in
 // flight (blocked) or failing.

@@ -2,6 +2,7 @@ package cache
 
 import (
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promauto"
 )
 
 // metrics holds the cache's instruments. Per-key gauges are not instruments
@@ -16,24 +17,25 @@ type metrics struct {
 }
 
 func newMetrics[K comparable](c *Cache[K], reg prometheus.Registerer) (*metrics, error) {
-	requests := prometheus.NewCounterVec(prometheus.CounterOpts{
+	factory := promauto.With(reg)
+	requests := factory.NewCounterVec(prometheus.CounterOpts{
 		Name: "imdsproxy_cache_requests_total",
 		Help: "Credential requests answered by the cache, by result: hit (served from cache), stale (served last good credentials while refreshes fail), miss (waited for an upstream fetch), error (no credentials returned).",
 	}, []string{"result"})
-	refreshes := prometheus.NewCounterVec(prometheus.CounterOpts{
+	refreshes := factory.NewCounterVec(prometheus.CounterOpts{
 		Name: "imdsproxy_cache_refreshes_total",
 		Help: "Upstream credential fetches finished, by result (success, failure) and error class (none on success).",
 	}, []string{"result", "class"})
-	duration := prometheus.NewHistogramVec(prometheus.HistogramOpts{
+	duration := factory.NewHistogramVec(prometheus.HistogramOpts{
 		Name:    "imdsproxy_cache_fetch_duration_seconds",
 		Help:    "Latency of upstream credential fetches, by result (success, failure).",
 		Buckets: []float64{0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30},
 	}, []string{"result"})
-	inFlight := prometheus.NewGauge(prometheus.GaugeOpts{
+	inFlight := factory.NewGauge(prometheus.GaugeOpts{
 		Name: "imdsproxy_cache_fetches_in_flight",
 		Help: "Upstream credential fetches in progress.",
 	})
-	clockSteps := prometheus.NewCounterVec(prometheus.CounterOpts{
+	clockSteps := factory.NewCounterVec(prometheus.CounterOpts{
 		Name: "imdsproxy_cache_clock_steps_total",
 		Help: "Steps of the wall clock seen by the cache's refresh loop (wall-clock and monotonic time elapsed between two wakes differing by more than 2s), by direction (forward, backward). A host resumed from suspend counts as a forward step.",
 	}, []string{"direction"})
@@ -50,13 +52,8 @@ func newMetrics[K comparable](c *Cache[K], reg prometheus.Registerer) (*metrics,
 		inFlight:   inFlight,
 		clockSteps: clockSteps,
 	}
-	if reg == nil {
-		return m, nil
-	}
-	for _, col := range []prometheus.Collector{requests, refreshes, duration, inFlight, clockSteps, newEntryCollector(c)} {
-		if err := reg.Register(col); err != nil {
-			return nil, err
-		}
+	if reg != nil {
+		reg.MustRegister(newEntryCollector(c)) // read at scrape time: not a factory metric
 	}
 	return m, nil
 }

@@ -21,7 +21,7 @@ func TestBackoff(t *testing.T) {
 		{n: 8, r: 1, want: 256 * time.Second},
 		{n: 9, r: 1, want: max}, // 512s capped
 		{n: 9, r: 0, want: max / 2},
-		{n: 1000, r: 1, want: max}, // no overflow
+		{n: 1000, r: 1, want: max},           // no overflow
 		{n: 3, r: -5, want: 4 * time.Second}, // rnd clamped to 0
 		{n: 3, r: 7, want: 8 * time.Second},  // rnd clamped to 1
 	} {

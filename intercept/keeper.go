@@ -6,6 +6,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promauto"
 	"go.uber.org/zap"
 )
 
@@ -22,27 +23,22 @@ type Metrics struct {
 // finds or puts the rules in place, so 0 when interception is off),
 // imdsproxy_intercept_repairs_total and imdsproxy_intercept_check_errors_total.
 func NewMetrics(reg prometheus.Registerer) (*Metrics, error) {
+	factory := promauto.With(reg)
 	m := &Metrics{
-		present: prometheus.NewGauge(prometheus.GaugeOpts{
+		present: factory.NewGauge(prometheus.GaugeOpts{
 			Name: "imdsproxy_intercept_rules_present",
 			Help: "1 if the last check found the interception rules present and correct (or repaired them), else 0.",
 		}),
-		repairs: prometheus.NewCounter(prometheus.CounterOpts{
+		repairs: factory.NewCounter(prometheus.CounterOpts{
 			Name: "imdsproxy_intercept_repairs_total",
 			Help: "Times the interception rules were found missing or altered and reinstalled.",
 		}),
-		errs: prometheus.NewCounter(prometheus.CounterOpts{
+		errs: factory.NewCounter(prometheus.CounterOpts{
 			Name: "imdsproxy_intercept_check_errors_total",
 			Help: "Checks or repairs of the interception rules that failed (for example without CAP_NET_ADMIN).",
 		}),
 	}
-	if reg != nil {
-		for _, c := range []prometheus.Collector{m.present, m.repairs, m.errs} {
-			if err := reg.Register(c); err != nil {
-				return nil, err
-			}
-		}
-	}
+
 	return m, nil
 }
 

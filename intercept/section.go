@@ -153,4 +153,3 @@ func exemptUID(forDaemon bool) (uint32, error) {
 	}
 	return uint32(uid), nil
 }
-

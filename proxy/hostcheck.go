@@ -8,6 +8,7 @@ import (
 	"strings"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promauto"
 )
 
 // defaultHosts are the Host header values (without port) every Server
@@ -142,27 +143,21 @@ type limitMetrics struct {
 // newLimitMetrics builds the collectors and registers them with reg (nil:
 // not registered).
 func newLimitMetrics(reg prometheus.Registerer) (*limitMetrics, error) {
+	factory := promauto.With(reg)
 	m := &limitMetrics{
-		hostRejections: prometheus.NewCounter(prometheus.CounterOpts{
+		hostRejections: factory.NewCounter(prometheus.CounterOpts{
 			Name: "imdsproxy_http_host_rejections_total",
 			Help: "IMDS requests refused with 403 because their Host header does not name the IMDS (DNS rebinding defence).",
 		}),
-		openConns: prometheus.NewGauge(prometheus.GaugeOpts{
+		openConns: factory.NewGauge(prometheus.GaugeOpts{
 			Name: "imdsproxy_http_open_connections",
 			Help: "Client connections to the IMDS listeners currently open.",
 		}),
-		limitReached: prometheus.NewCounter(prometheus.CounterOpts{
+		limitReached: factory.NewCounter(prometheus.CounterOpts{
 			Name: "imdsproxy_http_connection_limit_reached_total",
 			Help: "Times a new IMDS connection had to wait because max connections were open.",
 		}),
 	}
-	if reg == nil {
-		return m, nil
-	}
-	for _, c := range []prometheus.Collector{m.hostRejections, m.openConns, m.limitReached} {
-		if err := reg.Register(c); err != nil {
-			return nil, fmt.Errorf("proxy: register metrics: %w", err)
-		}
-	}
+
 	return m, nil
 }

@@ -1,12 +1,12 @@
 package proxy
 
 import (
-	"errors"
 	"strconv"
 	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promauto"
 )
 
 // Route labels. The set is closed: a route label never carries a path.
@@ -77,39 +77,41 @@ type routeMetrics struct {
 }
 
 // newMetrics builds the collectors and registers them with reg (nil: not
-// registered anywhere). outstanding is called on every scrape.
+// registered anywhere; registering them twice on one registry panics).
+// outstanding is called on every scrape.
 func newMetrics(reg prometheus.Registerer, outstanding func() float64) (*metrics, error) {
+	factory := promauto.With(reg)
 	m := &metrics{
-		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
+		requests: factory.NewCounterVec(prometheus.CounterOpts{
 			Name: "imdsproxy_http_requests_total",
 			Help: "IMDS HTTP requests answered, by route and HTTP status code.",
 		}, []string{"route", "code"}),
-		duration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+		duration: factory.NewHistogramVec(prometheus.HistogramOpts{
 			Name:    "imdsproxy_http_request_duration_seconds",
 			Help:    "Time to answer an IMDS HTTP request, by route.",
 			Buckets: durationBuckets,
 		}, []string{"route"}),
-		tokensIssued: prometheus.NewCounter(prometheus.CounterOpts{
+		tokensIssued: factory.NewCounter(prometheus.CounterOpts{
 			Name: "imdsproxy_imds_tokens_issued_total",
 			Help: "IMDSv2 session tokens issued.",
 		}),
-		outstanding: prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		outstanding: factory.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "imdsproxy_imds_tokens_outstanding",
 			Help: "IMDSv2 session tokens issued by this process and not yet expired.",
 		}, outstanding),
-		rejections: prometheus.NewCounterVec(prometheus.CounterOpts{
+		rejections: factory.NewCounterVec(prometheus.CounterOpts{
 			Name: "imdsproxy_imds_token_rejections_total",
 			Help: "IMDS requests refused because of the session token or the token request, by reason.",
 		}, []string{"reason"}),
-		passthroughRefused: prometheus.NewCounterVec(prometheus.CounterOpts{
+		passthroughRefused: factory.NewCounterVec(prometheus.CounterOpts{
 			Name: "imdsproxy_passthrough_refused_total",
 			Help: "Pass-through requests refused by imds.passthrough (identity material, denied paths), by outcome (deny: 403; retry: the client could not be identified, 503).",
 		}, []string{"outcome"}),
-		ptErrors: prometheus.NewCounterVec(prometheus.CounterOpts{
+		ptErrors: factory.NewCounterVec(prometheus.CounterOpts{
 			Name: "imdsproxy_passthrough_errors_total",
 			Help: "Pass-through requests to the real IMDS that failed, by reason.",
 		}, []string{"reason"}),
-		upstreamTokens: prometheus.NewCounterVec(prometheus.CounterOpts{
+		upstreamTokens: factory.NewCounterVec(prometheus.CounterOpts{
 			Name: "imdsproxy_upstream_token_fetches_total",
 			Help: "IMDSv2 token requests the daemon sent to the real IMDS, by result.",
 		}, []string{"result"}),
@@ -125,21 +127,6 @@ func newMetrics(reg prometheus.Registerer, outstanding func() float64) (*metrics
 	m.passthroughRefused.WithLabelValues("retry")
 	for _, r := range []string{fetchSuccess, fetchV1Only, fetchError} {
 		m.upstreamTokens.WithLabelValues(r)
-	}
-	if reg == nil {
-		return m, nil
-	}
-	for _, c := range []prometheus.Collector{
-		m.requests, m.duration, m.tokensIssued, m.outstanding,
-		m.rejections, m.ptErrors, m.upstreamTokens, m.passthroughRefused,
-	} {
-		if err := reg.Register(c); err != nil {
-			var are prometheus.AlreadyRegisteredError
-			if errors.As(err, &are) {
-				return nil, errors.New("proxy: metrics already registered (one Server per registry)")
-			}
-			return nil, err
-		}
 	}
 	return m, nil
 }

@@ -217,8 +217,8 @@ type state struct {
 // broker, identifies client processes with id (nil: clients are never
 // identified, and a plan that needs them identified sees the zero Client),
 // logs to log (nil: no logging) and registers its metrics with reg (nil:
-// metrics are kept but not registered). It fails on an invalid cfg, a nil
-// broker or when reg already holds the metrics of another Server.
+// metrics are kept but not registered). It fails on an invalid cfg or a nil
+// broker, and panics when reg already holds the metrics of another Server.
 func New(cfg Config, broker *access.Broker, id Identifier, log *zap.Logger, reg prometheus.Registerer) (*Server, error) {
 	if broker == nil {
 		return nil, errors.New("proxy: nil credential broker")

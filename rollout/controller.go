@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promauto"
 	"go.uber.org/zap"
 
 	"github.com/imdsproxy/imdsproxy/creds"
@@ -118,16 +119,17 @@ func NewController(md TagReader, instanceID string, log *zap.Logger, reg prometh
 	if log == nil {
 		log = zap.NewNop()
 	}
+	factory := promauto.With(reg)
 	c := &Controller{
 		md: md, instanceID: instanceID, log: log,
 		swap:       make(chan struct{}),
 		changed:    make(chan struct{}, 1),
 		shadowWake: make(chan struct{}),
-		stageChanges: prometheus.NewCounter(prometheus.CounterOpts{
+		stageChanges: factory.NewCounter(prometheus.CounterOpts{
 			Name: "imdsproxy_rollout_stage_changes_total",
 			Help: "Changes of this host's rollout decision (stage, canary percentage or kind served).",
 		}),
-		verifications: prometheus.NewCounterVec(prometheus.CounterOpts{
+		verifications: factory.NewCounterVec(prometheus.CounterOpts{
 			Name: "imdsproxy_rollout_shadow_verifications_total",
 			Help: "Shadow verifications of the workload credentials (sts:GetCallerIdentity), by result (success, failure).",
 		}, []string{"result"}),
@@ -137,11 +139,7 @@ func NewController(md TagReader, instanceID string, log *zap.Logger, reg prometh
 	c.verifications.WithLabelValues("failure")
 	c.cur.Store(&state{bucket: -1})
 	if reg != nil {
-		for _, col := range []prometheus.Collector{c.loads, c.refused, c.stageChanges, c.verifications, collector{c}} {
-			if err := reg.Register(col); err != nil {
-				return nil, fmt.Errorf("rollout: register metrics: %w", err)
-			}
-		}
+		reg.MustRegister(c.loads, c.refused, collector{c})
 	}
 	return c, nil
 }

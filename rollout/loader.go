@@ -243,11 +243,7 @@ func NewLoader(source string, opts LoaderOptions, log *zap.Logger, reg prometheu
 	l.status.Source = l.redacted
 	l.loads, l.refused = loadCounters()
 	if reg != nil {
-		for _, c := range []prometheus.Collector{l.loads, l.refused, loaderCollector{l}} {
-			if err := reg.Register(c); err != nil {
-				return nil, fmt.Errorf("rollout: register metrics: %w", err)
-			}
-		}
+		reg.MustRegister(l.loads, l.refused, loaderCollector{l})
 	}
 	return l, nil
 }

@@ -17,6 +17,7 @@ import (
 	"unicode/utf8"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promauto"
 	"go.uber.org/zap"
 	"golang.org/x/sync/singleflight"
 
@@ -127,8 +128,8 @@ type Command struct {
 //	imdsproxy_identity_token_expiry_timestamp_seconds                gauge; exp of the last good token, Unix seconds
 //
 // The gauge has the same name as File's: register only one token source per
-// registerer. NewCommand fails on a bad argv, a negative Timeout or when the
-// metrics cannot be registered.
+// registerer (a second one panics). NewCommand fails on a bad argv or a
+// negative Timeout.
 func NewCommand(argv []string, opts CommandOptions, log *zap.Logger, reg prometheus.Registerer) (*Command, error) {
 	if len(argv) == 0 || argv[0] == "" {
 		return nil, errors.New("token: command: empty argv")
@@ -443,19 +444,15 @@ func newJWTSource(cfg jwtSourceConfig) (*jwtSource, error) {
 	}
 	s := &jwtSource{jwtSourceConfig: cfg}
 	if cfg.reg != nil {
-		s.fetches = prometheus.NewCounterVec(prometheus.CounterOpts{
+		factory := promauto.With(cfg.reg)
+		s.fetches = factory.NewCounterVec(prometheus.CounterOpts{
 			Name: "imdsproxy_identity_token_fetches_total",
 			Help: "Runs of the identity token command or requests to the token issuer URL, by source and result (ok or the reason the token was refused).",
 		}, []string{"source", "result"})
-		s.expiry = prometheus.NewGauge(prometheus.GaugeOpts{
+		s.expiry = factory.NewGauge(prometheus.GaugeOpts{
 			Name: "imdsproxy_identity_token_expiry_timestamp_seconds",
 			Help: "Expiry (exp claim) of the last identity token read successfully, in Unix seconds.",
 		})
-		for _, c := range []prometheus.Collector{s.fetches, s.expiry} {
-			if err := cfg.reg.Register(c); err != nil {
-				return nil, fmt.Errorf("token: register metrics: %w", err)
-			}
-		}
 		for _, r := range append([]string{"ok", ReasonEmpty, ReasonTooLarge, ReasonMalformed, ReasonExpired}, cfg.reasons...) {
 			s.fetches.WithLabelValues(cfg.source, r)
 		}

@@ -351,7 +351,7 @@ func TestNewCommandErrors(t *testing.T) {
 	if _, err := NewCommand([]string{"/bin/true"}, CommandOptions{}, nil, reg); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := NewCommand([]string{"/bin/true"}, CommandOptions{}, nil, reg); err == nil {
+	if !panics(func() { _, _ = NewCommand([]string{"/bin/true"}, CommandOptions{}, nil, reg) }) {
 		t.Error("registering twice on one registry succeeded")
 	}
 }

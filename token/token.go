@@ -32,6 +32,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promauto"
 	"go.uber.org/zap"
 )
 
@@ -205,8 +206,8 @@ type File struct {
 //	imdsproxy_identity_token_reads_total{result}         counter; result is "ok" or a Reason
 //	imdsproxy_identity_token_expiry_timestamp_seconds   gauge; exp of the last good token, Unix seconds
 //
-// NewFile fails when path is empty, MaxSize is negative or the metrics cannot
-// be registered (for example twice on the same registerer).
+// NewFile fails when path is empty or MaxSize is negative; it panics when
+// reg already holds these metrics (two token sources on one registerer).
 func NewFile(path string, opts FileOptions, log *zap.Logger, reg prometheus.Registerer) (*File, error) {
 	if path == "" {
 		return nil, errors.New("token: empty file path")
@@ -225,19 +226,15 @@ func NewFile(path string, opts FileOptions, log *zap.Logger, reg prometheus.Regi
 	}
 	f := &File{path: path, maxSize: opts.MaxSize, now: opts.Now, log: log}
 	if reg != nil {
-		f.reads = prometheus.NewCounterVec(prometheus.CounterOpts{
+		factory := promauto.With(reg)
+		f.reads = factory.NewCounterVec(prometheus.CounterOpts{
 			Name: "imdsproxy_identity_token_reads_total",
 			Help: "Reads of the identity token file, by result (ok or the reason it was refused).",
 		}, []string{"result"})
-		f.expiry = prometheus.NewGauge(prometheus.GaugeOpts{
+		f.expiry = factory.NewGauge(prometheus.GaugeOpts{
 			Name: "imdsproxy_identity_token_expiry_timestamp_seconds",
 			Help: "Expiry (exp claim) of the last identity token read successfully, in Unix seconds.",
 		})
-		for _, c := range []prometheus.Collector{f.reads, f.expiry} {
-			if err := reg.Register(c); err != nil {
-				return nil, fmt.Errorf("token: register metrics: %w", err)
-			}
-		}
 		f.reads.WithLabelValues("ok")
 		for _, r := range reasons {
 			f.reads.WithLabelValues(r)

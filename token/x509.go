@@ -23,6 +23,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promauto"
 	"go.uber.org/zap"
 )
 
@@ -190,19 +191,15 @@ func NewX509(certPath, keyPath, chainPath string, opts X509Options, log *zap.Log
 	}
 	x := &X509{certPath: certPath, keyPath: keyPath, chainPath: chainPath, now: opts.Now, log: log}
 	if reg != nil {
-		x.loads = prometheus.NewCounterVec(prometheus.CounterOpts{
+		factory := promauto.With(reg)
+		x.loads = factory.NewCounterVec(prometheus.CounterOpts{
 			Name: "imdsproxy_identity_certificate_loads_total",
 			Help: "Loads of the X.509 identity files (on start and after every change), by result (ok or the reason they were refused).",
 		}, []string{"result"})
-		x.expiry = prometheus.NewGauge(prometheus.GaugeOpts{
+		x.expiry = factory.NewGauge(prometheus.GaugeOpts{
 			Name: "imdsproxy_identity_certificate_expiry_timestamp_seconds",
 			Help: "NotAfter of the X.509 identity certificate loaded last, in Unix seconds.",
 		})
-		for _, c := range []prometheus.Collector{x.loads, x.expiry} {
-			if err := reg.Register(c); err != nil {
-				return nil, fmt.Errorf("token: register metrics: %w", err)
-			}
-		}
 		x.loads.WithLabelValues("ok")
 		for _, r := range x509Reasons {
 			x.loads.WithLabelValues(r)

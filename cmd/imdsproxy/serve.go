@@ -20,6 +20,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promauto"
 	dto "github.com/prometheus/client_model/go"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
@@ -758,37 +759,29 @@ func (d *daemon) registerMetrics(logErrors *atomic.Int64) error {
 	if logErrors == nil {
 		logErrors = new(atomic.Int64)
 	}
-	buildInfo := prometheus.NewGaugeVec(prometheus.GaugeOpts{
+	d.reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	factory := promauto.With(d.reg)
+	factory.NewGaugeVec(prometheus.GaugeOpts{
 		Name: "imdsproxy_build_info",
 		Help: "Always 1; the labels name the running build.",
-	}, []string{"version", "goversion"})
-	buildInfo.WithLabelValues(buildVersion(), runtime.Version()).Set(1)
+	}, []string{"version", "goversion"}).WithLabelValues(buildVersion(), runtime.Version()).Set(1)
 	r := &d.reload
-	r.okGauge = prometheus.NewGauge(prometheus.GaugeOpts{
+	r.okGauge = factory.NewGauge(prometheus.GaugeOpts{
 		Name: "imdsproxy_config_last_reload_successful",
 		Help: "1 if the last configuration load (start or SIGHUP) succeeded, else 0 (the running configuration was kept).",
 	})
-	r.timeGauge = prometheus.NewGauge(prometheus.GaugeOpts{
+	r.timeGauge = factory.NewGauge(prometheus.GaugeOpts{
 		Name: "imdsproxy_config_last_reload_success_timestamp_seconds",
 		Help: "Unix time of the last successful configuration load.",
 	})
-	r.restartGauge = prometheus.NewGauge(prometheus.GaugeOpts{
+	r.restartGauge = factory.NewGauge(prometheus.GaugeOpts{
 		Name: "imdsproxy_config_restart_required",
 		Help: "1 if the config file changes a setting that takes effect only at a restart (listen, admin_listen, upstream, intercept, imds.token_key_file): the reload was refused.",
 	})
-	logWriteErrors := prometheus.NewCounterFunc(prometheus.CounterOpts{
+	factory.NewCounterFunc(prometheus.CounterOpts{
 		Name: "imdsproxy_log_write_errors_total",
 		Help: "Log lines that could not be written (for example a full disk); the daemon keeps serving.",
 	}, func() float64 { return float64(logErrors.Load()) })
-	for _, c := range []prometheus.Collector{
-		collectors.NewGoCollector(),
-		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
-		buildInfo, r.okGauge, r.timeGauge, r.restartGauge, logWriteErrors,
-	} {
-		if err := d.reg.Register(c); err != nil {
-			return err
-		}
-	}
 	var err error
 	d.interceptMetrics, err = intercept.NewMetrics(d.reg)
 	return err
