@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"regexp"
 	"strings"
+	"time"
 
 	"github.com/aws/aws-sdk-go-v2/aws"
 	"go.uber.org/zap"
@@ -171,5 +172,90 @@ func ClientCertificate(x X509Source) func(context.Context) (*tls.Certificate, er
 			c.Certificate = append(c.Certificate, ic.Raw)
 		}
 		return c, nil
+	}
+}
+
+// Sources are the exchanges of one configuration: the workload-kind
+// exchange of its source, the instance profile, and what a rollout needs.
+type Sources struct {
+	// Workload fetches the workload-kind roles; nil for source
+	// instance-profile.
+	Workload creds.Fetcher
+	// Profile reads the instance profile's credentials; nil when nothing
+	// needs them. ProfileRole is its role name.
+	Profile     *InstanceProfile
+	ProfileRole string
+	// S3 reads an s3:// rollout policy; nil otherwise.
+	S3 *S3Objects
+	// Verifier verifies workload credentials in the rollout's shadow
+	// stage; nil without a rollout.
+	Verifier *CallerIdentity
+}
+
+// SourcesSpec is what Sources are built from.
+type SourcesSpec struct {
+	SourceSpec
+	// Upstream is the real IMDS.
+	Upstream string
+	// ProfileRole names the instance profile's role (role.name of source
+	// instance-profile); "" discovers it from the real IMDS.
+	ProfileRole string
+	// NeedProfile, S3 and Verify say what to build besides the workload
+	// exchange: the instance profile (a rollout, source instance-profile,
+	// assume-role on the instance profile's credentials), the S3 reader of
+	// the policy, the shadow verifier.
+	NeedProfile, S3, Verify bool
+}
+
+// profileDiscovery bounds reading the instance profile's role at start: the
+// real IMDS may still be coming up at boot.
+const profileDiscovery = 15 * time.Second
+
+// NewSources builds the exchanges of spec with the identity sources given
+// (nil when the source uses none).
+func NewSources(ctx context.Context, spec SourcesSpec, tokens TokenSource, x X509Source, log *zap.Logger) (*Sources, error) {
+	s := &Sources{}
+	if spec.NeedProfile || spec.S3 {
+		p, err := NewInstanceProfile(InstanceProfileConfig{IMDSBase: spec.Upstream, RoleName: spec.ProfileRole}, log)
+		if err != nil {
+			return nil, err
+		}
+		if s.ProfileRole, err = p.waitRoleName(ctx, profileDiscovery); err != nil {
+			return nil, err
+		}
+		log.Info("the instance profile's role", zap.String("role_name", s.ProfileRole))
+		s.Profile = p
+	}
+	var err error
+	if s.Workload, err = NewSource(ctx, spec.SourceSpec, tokens, x, s.Profile, log); err != nil {
+		return nil, err
+	}
+	if spec.S3 {
+		if s.S3, err = NewS3Objects(ctx, s.Profile.Provider(), spec.Region); err != nil {
+			return nil, fmt.Errorf("rollout: %w", err)
+		}
+	}
+	if spec.Verify {
+		if s.Verifier, err = NewCallerIdentity(ctx, spec.Region, 10*time.Second); err != nil {
+			return nil, fmt.Errorf("rollout: %w", err)
+		}
+	}
+	return s, nil
+}
+
+// waitRoleName is RoleName, retried every second for at most within.
+func (p *InstanceProfile) waitRoleName(ctx context.Context, within time.Duration) (string, error) {
+	ctx, cancel := context.WithTimeout(ctx, within)
+	defer cancel()
+	for {
+		name, err := p.RoleName(ctx)
+		if err == nil {
+			return name, nil
+		}
+		select {
+		case <-ctx.Done():
+			return "", fmt.Errorf("the instance profile's role could not be read from the real IMDS: %w", err)
+		case <-time.After(time.Second):
+		}
 	}
 }

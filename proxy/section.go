@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
+	"net"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
@@ -103,4 +105,25 @@ func readTokenKey(path string) ([]byte, error) {
 		return nil, fmt.Errorf("imds.token_key_file: %s must hold exactly %d bytes", path, TokenKeySize)
 	}
 	return key[:n], nil
+}
+
+// ExposedWarning is logged (and printed by check-config) for an IMDS
+// listener on a wildcard address: it hands this host's credentials to anyone
+// who can reach the port from any interface, and the Host check does not
+// stop a request sent straight to it.
+const ExposedWarning = "the IMDS listener accepts connections on every interface: anyone who can reach this port from the network gets this host's credentials; " +
+	"listen on 127.0.0.1 (and [::1]), and for containers on the bridges' own addresses (docs/deploy.md, Containers on a bridge)"
+
+// Exposed reports whether the listen address addr (host:port) has an
+// unspecified IP (0.0.0.0, ::) or no host at all.
+func Exposed(addr string) bool {
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		return false
+	}
+	if host == "" {
+		return true
+	}
+	ip, err := netip.ParseAddr(host)
+	return err == nil && ip.IsUnspecified()
 }

@@ -93,7 +93,6 @@ func panics(f func()) (did bool) {
 	return false
 }
 
-
 // newTestBroker is a broker over a fake source holding testCreds,
 // registered with reg (nil: not registered).
 func newTestBroker(t testing.TB, reg prometheus.Registerer) *access.Broker {

@@ -204,8 +204,8 @@ func (c Config) preflight(ctx context.Context) (warnings []string, err error) {
 		return nil, fmt.Errorf("config: %w", err)
 	}
 	for _, addr := range c.imdsListenAddrs() {
-		if wildcardAddr(addr) {
-			warnings = append(warnings, addr+": "+exposedListenerWarning)
+		if proxy.Exposed(addr) {
+			warnings = append(warnings, addr+": "+proxy.ExposedWarning)
 		}
 	}
 	if admin.Exposed(c.AdminListen) {

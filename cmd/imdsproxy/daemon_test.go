@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
 	"github.com/imdsproxy/imdsproxy/admin"
@@ -277,7 +278,7 @@ func TestDaemonReload(t *testing.T) {
 	if st.Config.LastReloadOK || !strings.Contains(st.Config.LastReloadError, "imds.tokens") {
 		t.Fatalf("bad reload not reported: %+v", st.Config)
 	}
-	if v := testutil.ToFloat64(td.d.reload.okGauge); v != 0 {
+	if v := metricValue(t, td.d.reg, "imdsproxy_config_last_reload_successful"); v != 0 {
 		t.Fatalf("imdsproxy_config_last_reload_successful = %v after a refused reload", v)
 	}
 	if td.d.snap.Load().gen.cfg.IMDS.Tokens != "required" {
@@ -301,12 +302,12 @@ func TestDaemonReload(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), "listen") || !strings.Contains(err.Error(), "restart") {
 		t.Fatalf("reload changing listen = %v, want a refusal naming listen and the restart", err)
 	}
-	td.d.reload.record(err, []string{"listen"})
+	td.d.reload.Record(err, []string{"listen"})
 	if g := td.d.snap.Load().plan.Gen(); g != gen {
 		t.Fatalf("a refused reload published generation %d", g)
 	}
 	st = td.d.Status()
-	if len(st.Config.RestartNeeded) != 1 || st.Config.RestartNeeded[0] != "listen" || testutil.ToFloat64(td.d.reload.restartGauge) != 1 {
+	if len(st.Config.RestartNeeded) != 1 || st.Config.RestartNeeded[0] != "listen" || metricValue(t, td.d.reg, "imdsproxy_config_restart_required") != 1 {
 		t.Fatalf("restart needed not reported: %+v", st.Config)
 	}
 	var out bytes.Buffer
@@ -480,4 +481,20 @@ func TestDaemonRollout(t *testing.T) {
 	if strings.Contains(td.logs.String(), "ipsecret") || strings.Contains(metrics, "ipsecret") {
 		t.Fatal("the instance profile's secret reached the logs or metrics")
 	}
+}
+
+// metricValue is the value of an unlabelled gauge of reg.
+func metricValue(t *testing.T, reg prometheus.Gatherer, name string) float64 {
+	t.Helper()
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() == name && len(mf.GetMetric()) == 1 {
+			return mf.GetMetric()[0].GetGauge().GetValue()
+		}
+	}
+	t.Fatalf("no metric %s", name)
+	return 0
 }

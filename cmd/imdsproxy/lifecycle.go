@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"net"
-	"net/netip"
 	"strings"
 
 	"github.com/coreos/go-systemd/v22/activation"
@@ -24,27 +23,6 @@ const (
 	fdNameAdmin      = "admin"
 	fdNameIMDSPrefix = "imds"
 )
-
-// exposedListenerWarning is logged (and printed by check-config) for an IMDS
-// listener on a wildcard address: it hands this host's credentials to anyone
-// who can reach the port from any interface, and the Host check does not
-// stop a request sent straight to it.
-const exposedListenerWarning = "the IMDS listener accepts connections on every interface: anyone who can reach this port from the network gets this host's credentials; " +
-	"listen on 127.0.0.1 (and [::1]), and for containers on the bridges' own addresses (docs/deploy.md, Containers on a bridge)"
-
-// wildcardAddr reports whether the host:port addr has an unspecified IP
-// (0.0.0.0, ::) or no host at all.
-func wildcardAddr(addr string) bool {
-	host, _, err := net.SplitHostPort(addr)
-	if err != nil {
-		return false
-	}
-	if host == "" {
-		return true
-	}
-	ip, err := netip.ParseAddr(host)
-	return err == nil && ip.IsUnspecified()
-}
 
 // openListeners opens the IMDS listener(s) and the admin listener, before
 // anything announces readiness.

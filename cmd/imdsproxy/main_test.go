@@ -7,6 +7,8 @@ import (
 	"os"
 	"strings"
 	"testing"
+
+	"github.com/imdsproxy/imdsproxy/proxy"
 )
 
 func TestRunCommands(t *testing.T) {
@@ -106,8 +108,8 @@ func TestWildcardAddr(t *testing.T) {
 		"127.0.0.1:8169": false, "[::1]:8169": false, "172.17.0.1:8169": false,
 		"localhost:8169": false, "garbage": false,
 	} {
-		if got := wildcardAddr(addr); got != want {
-			t.Errorf("wildcardAddr(%q) = %v, want %v", addr, got, want)
+		if got := proxy.Exposed(addr); got != want {
+			t.Errorf("proxy.Exposed(%q) = %v, want %v", addr, got, want)
 		}
 	}
 }

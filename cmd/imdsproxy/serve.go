@@ -144,7 +144,7 @@ type daemon struct {
 	snap atomic.Pointer[snapshot]
 	trim *time.Timer // the next Keep after a grace period ends; guarded by mu
 
-	reload           reloadState
+	reload           *admin.Reloads
 	interceptMetrics *intercept.Metrics
 }
 
@@ -155,18 +155,6 @@ type snapshot struct {
 	decision rollout.Decision
 	rollout  bool // a rollout policy decides
 	plan     *access.Plan
-}
-
-// reloadState is what /debug/status and the metrics say about the last
-// configuration load.
-type reloadState struct {
-	mu            sync.Mutex
-	at            time.Time
-	ok            bool
-	err           string
-	restartNeeded []string
-
-	okGauge, timeGauge, restartGauge prometheus.Gauge
 }
 
 // newDaemon builds the daemon for cfg and publishes its first snapshot.
@@ -219,7 +207,7 @@ func newDaemon(ctx context.Context, path string, cfg Config, log *zap.Logger, lo
 	case <-d.rollout.Changed(): // the first decision, published above
 	default:
 	}
-	d.reload.record(nil, nil)
+	d.reload.Record(nil, nil)
 	return d, nil
 }
 
@@ -255,8 +243,8 @@ func (d *daemon) run(ctx context.Context) error {
 	addrs := make([]string, 0, len(imdsLns))
 	for _, ln := range imdsLns {
 		addrs = append(addrs, ln.Addr().String())
-		if wildcardAddr(ln.Addr().String()) {
-			d.log.Warn(exposedListenerWarning, zap.String("listen", ln.Addr().String()))
+		if proxy.Exposed(ln.Addr().String()) {
+			d.log.Warn(proxy.ExposedWarning, zap.String("listen", ln.Addr().String()))
 		}
 	}
 	if admin.Exposed(adminLn.Addr().String()) {
@@ -338,7 +326,7 @@ func (d *daemon) verifyShadow(ctx context.Context) error {
 type shadowVerifier struct{ d *daemon }
 
 func (v shadowVerifier) Verify(ctx context.Context, c creds.Credentials) (string, error) {
-	ver := v.d.snap.Load().gen.src.verifier
+	ver := v.d.snap.Load().gen.src.Verifier
 	if ver == nil {
 		return "", errors.New("no sts:GetCallerIdentity client (no region?)")
 	}
@@ -365,7 +353,7 @@ func (d *daemon) reloadOnHUP(ctx context.Context) error {
 // takes effect only at a restart refuses the whole reload, and says so.
 func (d *daemon) reloadConfig(ctx context.Context) {
 	restart, err := d.tryReload(ctx)
-	d.reload.record(err, restart)
+	d.reload.Record(err, restart)
 	if err != nil {
 		d.log.Error("reload refused; keeping the running configuration", zap.String("config", d.path),
 			zap.Strings("restart_needed", restart), zap.Error(err))
@@ -550,34 +538,26 @@ type generation struct {
 	policyKeys   []ed25519.PublicKey
 }
 
-// sources are the exchanges of a config, built from its sourceSpec.
+// sources are the exchanges of a config, built from its sourceSpec, and the
+// registry of their identity sources' metrics.
 type sources struct {
-	spec        sourceSpec
-	reg         *prometheus.Registry // metrics of the identity sources
-	workload    creds.Fetcher        // nil for source instance-profile
-	profile     *exchange.InstanceProfile
-	profileRole string // the instance profile's role; "" when not needed
-	s3          rollout.ObjectGetter
-	verifier    *exchange.CallerIdentity
+	*exchange.Sources
+	spec sourceSpec
+	reg  *prometheus.Registry
 }
 
 // sourceSpec is every setting the sources depend on; equal specs build
 // equal sources.
 type sourceSpec struct {
-	Upstream, Region, Source string
-	Identity                 token.Section
-	Federation               exchange.FederationSection
-	RolesAnywhere            exchange.RolesAnywhereSection
-	AssumeRole               exchange.AssumeRoleSection
-	ProfileRole              string // role.name of source instance-profile
-	NeedIP, S3, Rollout      bool
+	exchange.SourcesSpec
+	Identity token.Section
 }
 
 func specOf(cfg Config) sourceSpec {
-	s := sourceSpec{
-		Upstream: cfg.Upstream, Region: cfg.Region, Source: cfg.Source, Identity: cfg.Identity,
-		Rollout: cfg.Rollout.Enabled(), S3: cfg.Rollout.S3(),
-	}
+	s := sourceSpec{Identity: cfg.Identity, SourcesSpec: exchange.SourcesSpec{
+		SourceSpec: exchange.SourceSpec{Source: cfg.Source, Region: cfg.Region},
+		Upstream:   cfg.Upstream, S3: cfg.Rollout.S3(), Verify: cfg.Rollout.Enabled(),
+	}}
 	switch cfg.Source {
 	case exchange.SourceNameFederation:
 		s.Federation = cfg.Federation
@@ -588,7 +568,7 @@ func specOf(cfg Config) sourceSpec {
 	case exchange.SourceNameInstanceProfile:
 		s.ProfileRole = cfg.Role.Name
 	}
-	s.NeedIP = s.Rollout || cfg.Source == exchange.SourceNameInstanceProfile ||
+	s.NeedProfile = cfg.Rollout.Enabled() || cfg.Source == exchange.SourceNameInstanceProfile ||
 		(cfg.Source == exchange.SourceNameAssumeRole && cfg.AssumeRole.Base != "sdk-chain")
 	return s
 }
@@ -617,34 +597,24 @@ func (d *daemon) build(ctx context.Context, cfg Config, prev *generation) (*gene
 	if cfg.Source == exchange.SourceNameRolesAnywhere {
 		session = ""
 	}
-	if src.profile != nil {
-		g.profileKey = creds.Key{Kind: creds.KindInstanceProfile, Role: creds.Role{Name: src.profileRole}, Via: src.profile}
+	if src.Profile != nil {
+		g.profileKey = creds.Key{Kind: creds.KindInstanceProfile, Role: creds.Role{Name: src.ProfileRole}, Via: src.Profile}
 	}
 	if cfg.Source == exchange.SourceNameInstanceProfile {
 		g.hostKey = g.profileKey
 	} else {
-		g.hostKey = creds.Key{Kind: creds.KindWorkload, Role: cfg.Role.Creds(session), Via: src.workload}
+		g.hostKey = creds.Key{Kind: creds.KindWorkload, Role: cfg.Role.Creds(session), Via: src.Workload}
 	}
 	for _, w := range cfg.Workloads {
-		g.workloadKeys = append(g.workloadKeys, creds.Key{Kind: creds.KindWorkload, Role: w.Role.Creds(session), Via: src.workload})
+		g.workloadKeys = append(g.workloadKeys, creds.Key{Kind: creds.KindWorkload, Role: w.Role.Creds(session), Via: src.Workload})
 	}
 	return g, nil
 }
 
-// newSources builds the exchanges of spec.
+// newSources builds the exchanges of spec, on the identity sources of its
+// identity: section.
 func (d *daemon) newSources(ctx context.Context, spec sourceSpec) (*sources, error) {
 	s := &sources{spec: spec, reg: prometheus.NewRegistry()}
-	log := d.log.Named("exchange")
-	if spec.NeedIP {
-		prof, err := exchange.NewInstanceProfile(exchange.InstanceProfileConfig{IMDSBase: spec.Upstream, RoleName: spec.ProfileRole}, log)
-		if err != nil {
-			return nil, err
-		}
-		if s.profileRole, err = discoverRole(ctx, prof, d.log); err != nil {
-			return nil, err
-		}
-		s.profile = prof
-	}
 	var tokens exchange.TokenSource
 	if len(spec.Identity.JWTKeys()) > 0 {
 		jwt, err := spec.Identity.NewJWT(spec.Upstream, d.log.Named("token"), s.reg)
@@ -662,48 +632,17 @@ func (d *daemon) newSources(ctx context.Context, spec sourceSpec) (*sources, err
 		x = xs
 	}
 	var err error
-	s.workload, err = exchange.NewSource(ctx, exchange.SourceSpec{
-		Source: spec.Source, Region: spec.Region, Federation: spec.Federation,
-		RolesAnywhere: spec.RolesAnywhere, AssumeRole: spec.AssumeRole,
-	}, tokens, x, s.profile, log)
-	if err != nil {
-		return nil, err
-	}
-	if spec.Rollout {
-		if spec.S3 {
-			if s.s3, err = exchange.NewS3Objects(ctx, s.profile.Provider(), spec.Region); err != nil {
-				return nil, fmt.Errorf("rollout: %w", err)
-			}
-		}
-		if s.verifier, err = exchange.NewCallerIdentity(ctx, spec.Region, 10*time.Second); err != nil {
-			return nil, fmt.Errorf("rollout: %w", err)
-		}
-	}
-	return s, nil
-}
-
-// discoverRole returns the instance profile's role name, retrying for a
-// bounded time (the real IMDS may still be coming up at boot).
-func discoverRole(ctx context.Context, prof *exchange.InstanceProfile, log *zap.Logger) (string, error) {
-	ctx, cancel := context.WithTimeout(ctx, 15*time.Second)
-	defer cancel()
-	for {
-		name, err := prof.RoleName(ctx)
-		if err == nil {
-			log.Info("the instance profile's role", zap.String("role_name", name))
-			return name, nil
-		}
-		select {
-		case <-ctx.Done():
-			return "", fmt.Errorf("the instance profile's role could not be read from the real IMDS: %w", err)
-		case <-time.After(time.Second):
-		}
-	}
+	s.Sources, err = exchange.NewSources(ctx, spec.SourcesSpec, tokens, x, d.log.Named("exchange"))
+	return s, err
 }
 
 // rolloutSettings is the rollout part of g.
 func (g *generation) rolloutSettings() rollout.Settings {
-	return rollout.Settings{Config: g.cfg.Rollout, S3: g.src.s3, ShadowKey: g.hostKey, PolicyKeys: g.policyKeys}
+	s := rollout.Settings{Config: g.cfg.Rollout, ShadowKey: g.hostKey, PolicyKeys: g.policyKeys}
+	if g.src.S3 != nil {
+		s.S3 = g.src.S3
+	}
+	return s
 }
 
 // proxyConfig is the IMDS API's part of g, with plan.
@@ -735,7 +674,7 @@ func (d *daemon) Status() admin.Status {
 		Ready: ready, ReadyReason: why, Version: buildVersion(), Source: cfg.Source,
 		RoleARN: cfg.Role.ARN, RoleName: cfg.Role.Name,
 		ServedRoleName: served.Role.Name, ServedKind: string(served.Kind),
-		Config:  d.reload.status(d.path, s.plan.Gen()),
+		Config:  d.reload.Status(d.path, s.plan.Gen()),
 		Rollout: admin.RolloutStatus{Status: d.rollout.Status()},
 		Cache:   d.Cache(),
 	}
@@ -765,19 +704,7 @@ func (d *daemon) registerMetrics(logErrors *atomic.Int64) error {
 		Name: "imdsproxy_build_info",
 		Help: "Always 1; the labels name the running build.",
 	}, []string{"version", "goversion"}).WithLabelValues(buildVersion(), runtime.Version()).Set(1)
-	r := &d.reload
-	r.okGauge = factory.NewGauge(prometheus.GaugeOpts{
-		Name: "imdsproxy_config_last_reload_successful",
-		Help: "1 if the last configuration load (start or SIGHUP) succeeded, else 0 (the running configuration was kept).",
-	})
-	r.timeGauge = factory.NewGauge(prometheus.GaugeOpts{
-		Name: "imdsproxy_config_last_reload_success_timestamp_seconds",
-		Help: "Unix time of the last successful configuration load.",
-	})
-	r.restartGauge = factory.NewGauge(prometheus.GaugeOpts{
-		Name: "imdsproxy_config_restart_required",
-		Help: "1 if the config file changes a setting that takes effect only at a restart (listen, admin_listen, upstream, intercept, imds.token_key_file): the reload was refused.",
-	})
+	d.reload = admin.NewReloads(d.reg)
 	factory.NewCounterFunc(prometheus.CounterOpts{
 		Name: "imdsproxy_log_write_errors_total",
 		Help: "Log lines that could not be written (for example a full disk); the daemon keeps serving.",
@@ -793,30 +720,4 @@ func (d *daemon) gatherer() prometheus.Gatherer {
 	return prometheus.GathererFunc(func() ([]*dto.MetricFamily, error) {
 		return prometheus.Gatherers{d.reg, d.snap.Load().gen.src.reg}.Gather()
 	})
-}
-
-// record notes the outcome of a configuration load.
-func (r *reloadState) record(err error, restart []string) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	r.at, r.ok, r.err, r.restartNeeded = time.Now(), err == nil, "", restart
-	if err != nil {
-		r.err = err.Error()
-		r.okGauge.Set(0)
-	} else {
-		r.okGauge.Set(1)
-		r.timeGauge.SetToCurrentTime()
-	}
-	if len(restart) > 0 {
-		r.restartGauge.Set(1)
-	} else if err == nil {
-		r.restartGauge.Set(0)
-	}
-}
-
-func (r *reloadState) status(path string, gen uint32) admin.ConfigStatus {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	return admin.ConfigStatus{Path: path, Generation: gen, LastReload: r.at.UTC().Format(time.RFC3339),
-		LastReloadOK: r.ok, LastReloadError: r.err, RestartNeeded: slices.Clone(r.restartNeeded)}
 }
