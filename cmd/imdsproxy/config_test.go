@@ -4,9 +4,12 @@ import (
 	"bytes"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
+
+	"go.yaml.in/yaml/v3"
 
 	"github.com/imdsproxy/imdsproxy/config"
 	"github.com/imdsproxy/imdsproxy/rollout"
@@ -230,4 +233,79 @@ func yamlBlocks(md string) []string {
 		}
 	}
 	return out
+}
+
+// TestConfigurationReferenceComplete: every key of the config, from the
+// config types themselves, has a row in the Keys table of
+// docs/configuration.md, and the complete example shows every key that is
+// not a list element or a source-specific section: the reference cannot
+// drift from the code.
+func TestConfigurationReferenceComplete(t *testing.T) {
+	data, err := os.ReadFile("../../docs/configuration.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	doc := string(data)
+	start := strings.Index(doc, "## Keys")
+	end := strings.Index(doc, "## Complete examples by source")
+	if start < 0 || end < start {
+		t.Fatal("docs/configuration.md has no Keys section")
+	}
+	table := doc[start:end]
+	example := yamlBlocks(doc[strings.Index(doc, "## Complete example"):start])
+	if len(example) != 1 {
+		t.Fatalf("the complete example is %d YAML blocks, want 1", len(example))
+	}
+	var ex map[string]any
+	if err := yaml.Unmarshal([]byte(example[0]), &ex); err != nil {
+		t.Fatal(err)
+	}
+	bySource := []string{"identity", "federation", "roles_anywhere", "assume_role", "workloads"}
+	keys := config.Keys(Config{})
+	for _, key := range keys {
+		if slices.ContainsFunc(keys, func(k string) bool { return strings.HasPrefix(k, key+".") || strings.HasPrefix(k, key+"[]") }) {
+			continue // a section: its keys are checked
+		}
+		if !documented(table, key) {
+			t.Errorf("docs/configuration.md, Keys: no row for `%s`", key)
+		}
+		if strings.Contains(key, "[]") || slices.ContainsFunc(bySource, func(p string) bool { return strings.HasPrefix(key, p) }) {
+			continue
+		}
+		if !inExample(ex, strings.Split(key, ".")) {
+			t.Errorf("docs/configuration.md, complete example: %s is missing", key)
+		}
+	}
+}
+
+// documented reports whether the Keys table has a row for key: its own, or
+// its section's naming it (`identity.x509` with `{cert, key, chain}`).
+func documented(table, key string) bool {
+	if strings.Contains(table, "`"+key+"`") {
+		return true
+	}
+	i := strings.LastIndexAny(key, ".]")
+	if i < 0 {
+		return false
+	}
+	parent, leaf := strings.TrimSuffix(key[:i+1], "."), key[i+1:]
+	for _, line := range strings.Split(table, "\n") {
+		if strings.HasPrefix(line, "| `"+parent+"`") && strings.Contains(line, leaf) {
+			return true
+		}
+	}
+	return false
+}
+
+// inExample reports whether the path of keys is set in the parsed example.
+func inExample(m map[string]any, path []string) bool {
+	v, ok := m[path[0]]
+	if !ok {
+		return false
+	}
+	if len(path) == 1 {
+		return true
+	}
+	sub, ok := v.(map[string]any)
+	return ok && inExample(sub, path[1:])
 }
