@@ -29,13 +29,15 @@ const fallbackWarnEvery = 30 * time.Second
 // one and the key has nothing valid, counts what was served by kind, and
 // writes the audit line. Create it with NewBroker; safe for concurrent use.
 type Broker struct {
-	src   Source
-	log   *zap.Logger
-	audit *zap.Logger
+	src Source
+	log *zap.Logger
 
 	served    *prometheus.CounterVec
 	fallbacks prometheus.Counter
 	refused   *prometheus.CounterVec
+
+	audits     *auditor
+	auditEvery time.Duration
 
 	mu          sync.Mutex
 	lastWarn    time.Time
@@ -57,9 +59,8 @@ func NewBroker(src Source, log, audit *zap.Logger, reg prometheus.Registerer) (*
 	}
 	factory := promauto.With(reg)
 	b := &Broker{
-		src:   src,
-		log:   log,
-		audit: audit,
+		src: src,
+		log: log,
 		served: factory.NewCounterVec(prometheus.CounterOpts{
 			Name: "imdsproxy_rollout_served_total",
 			Help: "Credentials handed out, by kind (workload: the host's or a workload's role; instance-profile).",
@@ -68,11 +69,16 @@ func NewBroker(src Source, log, audit *zap.Logger, reg prometheus.Registerer) (*
 			Name: "imdsproxy_rollout_fallbacks_total",
 			Help: "Requests served the instance profile's credentials because the workload credentials could not be obtained (rollout.fallback: instance-profile).",
 		}),
+		auditEvery: AuditInterval,
 		refused: factory.NewCounterVec(prometheus.CounterOpts{
 			Name: "imdsproxy_access_refused_total",
 			Help: "Credential requests refused by the access decision, by outcome (deny: 403; retry: the client could not be identified well enough, 503) and reason.",
 		}, []string{"outcome", "reason"}),
 	}
+	b.audits = newAuditor(audit, factory.NewCounterVec(prometheus.CounterOpts{
+		Name: "imdsproxy_audit_handouts_total",
+		Help: "Credential hand-outs audited, by client: its systemd unit, else uid:<n>, or unidentified; after 64 distinct clients, other. Says who hammers the daemon without a log line per request.",
+	}, []string{"client"}))
 	for _, k := range []creds.Kind{creds.KindWorkload, creds.KindInstanceProfile} {
 		b.served.WithLabelValues(string(k))
 	}
@@ -161,32 +167,15 @@ func (b *Broker) warnFallback(key creds.Key, err error) {
 		zap.Stringer("key", key), zap.Error(err), zap.Int("suppressed", suppressed))
 }
 
-// auditLine writes one hand-out. kind is "fetch" when the credentials were
-// obtained from upstream while the request waited (stored at or after
-// start), else "cache".
+// auditLine accounts for one hand-out (audit.go). kind is "fetch" when the
+// credentials were obtained from upstream while the request waited (stored
+// at or after start), else "cache".
 func (b *Broker) auditLine(c Client, door, route, requested string, d Decision, served creds.Key, cr creds.Credentials, start time.Time) {
-	ce := b.audit.Check(zap.InfoLevel, "credentials served")
-	if ce == nil {
-		return
-	}
 	kind := "cache"
 	if !cr.LastUpdated.Before(start) {
 		kind = "fetch"
 	}
-	fields := ClientFields(c)
-	if requested != "" && requested != d.Name {
-		fields = append(fields, zap.String("requested_role_name", requested))
-	}
-	if served != d.Key {
-		fields = append(fields, zap.Bool("fallback", true))
-	}
-	ce.Write(append(fields,
-		zap.String("role_name", served.Role.Name),
-		zap.String("role", cr.RoleARN),
-		zap.String("access_key_id", cr.AccessKeyID),
-		zap.String("kind", kind),
-		zap.String("door", door),
-		zap.String("route", route))...)
+	b.audits.record(c, d, served.Role.Name, cr.AccessKeyID, cr.RoleARN, door, route, requested, kind, served != d.Key)
 }
 
 // ClientFields are the log fields naming c; never a secret.

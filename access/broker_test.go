@@ -3,6 +3,7 @@ package access
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"strings"
 	"sync"
@@ -132,5 +133,119 @@ func TestBrokerFallback(t *testing.T) {
 	defer src.mu.Unlock()
 	if len(src.asks) != 1 {
 		t.Errorf("a cancelled request asked %d keys, want 1 (no fallback)", len(src.asks))
+	}
+}
+
+// auditLines parses the JSON audit lines written so far.
+func auditLines(t *testing.T, buf *syncBuf) []map[string]any {
+	t.Helper()
+	var out []map[string]any
+	for _, l := range strings.Split(strings.TrimSpace(buf.String()), "\n") {
+		if l == "" {
+			continue
+		}
+		var m map[string]any
+		if err := json.Unmarshal([]byte(l), &m); err != nil {
+			t.Fatalf("audit line %q: %v", l, err)
+		}
+		out = append(out, m)
+	}
+	return out
+}
+
+// TestAuditAggregates: a flood of hand-outs to one client is one line at
+// once and one count per interval, and the counts add up to every
+// hand-out; a second client, a new key (rotation) and shutdown each report
+// what they must; nothing is lost and nothing floods.
+func TestAuditAggregates(t *testing.T) {
+	src := &fakeSource{}
+	b, buf, reg := newBroker(t, src)
+	b.auditEvery = time.Hour // flushed by hand below
+	d := Decision{Outcome: Serve, Name: "billing", Key: wkey("billing"), Audit: true}
+	cli := Client{Local: true, Info: peer.Info{UID: 1001, PID: 7, Exe: "/usr/bin/aws", Unit: "billing.service"}}
+	const n = 1000
+	for i := range n {
+		cli.PID = 7 + i // a CLI in a shell loop: a new process each time
+		if _, err := b.Credentials(t.Context(), d, cli, "imds", "credentials", "billing"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if lines := auditLines(t, buf); len(lines) != 1 || lines[0]["msg"] != "credentials served" {
+		t.Fatalf("%d audit lines during the flood, want 1: %v", len(lines), lines)
+	}
+	other := Client{Local: true, Info: peer.Info{UID: 1002}}
+	if _, err := b.Credentials(t.Context(), d, other, "imds", "credentials", "billing"); err != nil {
+		t.Fatal(err)
+	}
+	b.audits.flush()
+	lines := auditLines(t, buf)
+	if len(lines) != 3 || lines[2]["msg"] != "credentials served again" || lines[2]["count"] != float64(n-1) ||
+		lines[2]["uid"] != float64(1001) || lines[2]["access_key_id"] != "ASIABILLING" {
+		t.Fatalf("after the flush: %v", lines)
+	}
+	// A flush with nothing new writes nothing.
+	b.audits.flush()
+	if got := len(auditLines(t, buf)); got != 3 {
+		t.Fatalf("an idle flush wrote %d lines", got-3)
+	}
+	// Rotation: a new key id for the client reports the old one's count.
+	b.Credentials(t.Context(), d, cli, "imds", "credentials", "billing")
+	rotated := Decision{Outcome: Serve, Name: "billing", Key: wkey("billing2"), Audit: true}
+	b.Credentials(t.Context(), rotated, cli, "imds", "credentials", "billing")
+	lines = auditLines(t, buf)
+	if len(lines) != 5 || lines[3]["msg"] != "credentials served again" || lines[3]["count"] != float64(1) ||
+		lines[4]["msg"] != "credentials served" || lines[4]["access_key_id"] != "ASIABILLING2" {
+		t.Fatalf("after a new key: %v", lines[3:])
+	}
+	// Shutdown reports what is pending.
+	b.Credentials(t.Context(), rotated, cli, "imds", "credentials", "billing")
+	ctx, cancel := context.WithCancel(t.Context())
+	cancel()
+	if err := b.Run(ctx); err != nil {
+		t.Fatal(err)
+	}
+	lines = auditLines(t, buf)
+	if last := lines[len(lines)-1]; last["msg"] != "credentials served again" || last["count"] != float64(1) {
+		t.Fatalf("at shutdown: %v", last)
+	}
+	// Every hand-out is in a line: firsts count one each, summaries their count.
+	total := 0.0
+	for _, l := range auditLines(t, buf) {
+		if c, ok := l["count"].(float64); ok {
+			total += c
+		} else {
+			total++
+		}
+	}
+	if total != n+1+3 {
+		t.Errorf("the audit accounts for %v hand-outs, want %d", total, n+1+3)
+	}
+	if v := testutil.ToFloat64(b.audits.handed.WithLabelValues("billing.service")); v != n+3 {
+		t.Errorf("imdsproxy_audit_handouts_total{client=billing.service} = %v", v)
+	}
+	if v := testutil.ToFloat64(b.audits.handed.WithLabelValues("uid:1002")); v != 1 {
+		t.Errorf("imdsproxy_audit_handouts_total{client=uid:1002} = %v", v)
+	}
+	if problems, err := testutil.GatherAndLint(reg); err != nil || len(problems) > 0 {
+		t.Errorf("lint: %v %v", problems, err)
+	}
+	for _, l := range auditLines(t, buf) {
+		for k, v := range l {
+			if s, ok := v.(string); ok && (strings.Contains(s, "SECRET-") || strings.Contains(s, "TOKEN-")) {
+				t.Fatalf("a secret reached the audit (%s)", k)
+			}
+		}
+	}
+}
+
+// TestAuditClientLabelsBounded: the client label stops growing at 64.
+func TestAuditClientLabelsBounded(t *testing.T) {
+	b, _, _ := newBroker(t, &fakeSource{})
+	d := Decision{Outcome: Serve, Name: "app", Key: host, Audit: true}
+	for u := range 200 {
+		b.Credentials(t.Context(), d, Client{Local: true, Info: peer.Info{UID: 2000 + u}}, "imds", "credentials", "app")
+	}
+	if n := testutil.CollectAndCount(b.audits.handed); n != maxClientLabels+1 {
+		t.Errorf("%d client label values, want %d and other", n, maxClientLabels)
 	}
 }

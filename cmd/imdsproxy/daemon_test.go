@@ -10,7 +10,6 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -19,34 +18,17 @@ import (
 
 	"github.com/imdsproxy/imdsproxy/admin"
 	"github.com/imdsproxy/imdsproxy/creds"
+	"github.com/imdsproxy/imdsproxy/test/e2e"
 	"github.com/imdsproxy/imdsproxy/test/fakes/oidc"
 	"github.com/imdsproxy/imdsproxy/test/fakes/sts"
 )
-
-// syncBuffer is a goroutine-safe log sink.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
 
 type testDaemon struct {
 	d       *daemon
 	sts     *sts.Server
 	issuer  *oidc.Issuer
 	cfgPath string
-	logs    *syncBuffer
+	logs    *e2e.LockedBuffer
 	admin   http.Handler
 }
 
@@ -91,7 +73,7 @@ cache: {backoff_initial: 100ms, backoff_max: 1s, expiry_margin: 2s}
 	if err != nil {
 		t.Fatal(err)
 	}
-	logs := &syncBuffer{}
+	logs := &e2e.LockedBuffer{}
 	log, _ := newLogger("json", "debug", logs)
 	d, err := newDaemon(context.Background(), cfgPath, cfg, log, nil)
 	if err != nil {

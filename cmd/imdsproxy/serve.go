@@ -260,6 +260,7 @@ func (d *daemon) run(ctx context.Context) error {
 
 	tasks := []func(context.Context) error{
 		d.cache.Run,
+		d.broker.Run,
 		d.rollout.Run,
 		d.followRollout,
 		d.reloadOnHUP,
