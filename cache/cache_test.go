@@ -56,7 +56,6 @@ func panics(f func()) (did bool) {
 	return false
 }
 
-
 // A hit never calls or waits on the fetcher, even while a refresh is in
 // flight (blocked) or failing.
 func TestGetHitNeverWaits(t *testing.T) {

@@ -237,4 +237,3 @@ func panics(f func()) (did bool) {
 	f()
 	return false
 }
-

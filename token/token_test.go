@@ -373,4 +373,3 @@ func panics(f func()) (did bool) {
 	f()
 	return false
 }
-
