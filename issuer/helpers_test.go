@@ -368,3 +368,5 @@ func mustJSON(v any) []byte {
 	}
 	return b
 }
+
+func newRegistry() *prometheus.Registry { return prometheus.NewPedanticRegistry() }
