@@ -9,8 +9,10 @@ import (
 
 	"github.com/aws/aws-sdk-go-v2/aws"
 	"github.com/aws/aws-sdk-go-v2/credentials"
+	awssts "github.com/aws/aws-sdk-go-v2/service/sts"
 
 	fakes3 "github.com/imdsproxy/imdsproxy/test/fakes/s3"
+	fakests "github.com/imdsproxy/imdsproxy/test/fakes/sts"
 )
 
 func TestPublish(t *testing.T) {
@@ -67,5 +69,56 @@ func TestS3Key(t *testing.T) {
 		if got := S3Key(tc.prefix, PathJWKS); got != tc.want {
 			t.Errorf("S3Key(%q) = %q, want %q", tc.prefix, got, tc.want)
 		}
+	}
+}
+
+// TestSTSTrustsPublishedIssuer is the whole federation: the issuer
+// publishes its discovery document and JWKS to S3 (served publicly, as a
+// CDN would), STS finds them from the token's iss, verifies the token,
+// applies each workload role's trust policy and passes the session tags.
+func TestSTSTrustsPublishedIssuer(t *testing.T) {
+	s3 := fakes3.Start(t)
+	s3.CreateBucket("oidc")
+	s3.SetPublicRead("oidc", true)
+	s3.AllowSigned("AKIAPUBLISHER0000000", "publisher-secret", "")
+	issuerURL := s3.URL + "/oidc/imds"
+	yaml := strings.Replace(baseYAML, "https://oidc.example.com/imds", issuerURL, 1) +
+		"publish: {bucket: oidc, prefix: imds, region: us-east-1, endpoint: \"" + s3.URL + "\", path_style: true}\n"
+	e := newEnv(t, yaml)
+	creds := func(ctx context.Context) (aws.Config, error) {
+		c, _ := testAWSConfig("")(ctx)
+		c.Credentials = credentials.NewStaticCredentialsProvider("AKIAPUBLISHER0000000", "publisher-secret", "")
+		return c, nil
+	}
+	if _, err := PublishDocuments(context.Background(), e.cfg, creds); err != nil {
+		t.Fatal(err)
+	}
+	sts := fakests.Start(t, fakests.Config{IssuerURL: issuerURL})
+	appRole, billingRole := "arn:aws:iam::222222222222:role/app", "arn:aws:iam::222222222222:role/billing"
+	sts.SetTrust(appRole, fakests.Trust{Subjects: []string{"app"}, TagSession: true})
+	sts.SetTrust(billingRole, fakests.Trust{Subjects: []string{"billing"}, TagSession: true})
+	client := awssts.New(awssts.Options{Region: "us-east-1", BaseEndpoint: aws.String(sts.URL)})
+	assume := func(role, workload string) error {
+		status, out := e.post(iidRequest(t, workload))
+		if status != 200 {
+			t.Fatalf("mint %s: %d %v", workload, status, out)
+		}
+		_, err := client.AssumeRoleWithWebIdentity(context.Background(), &awssts.AssumeRoleWithWebIdentityInput{
+			RoleArn: aws.String(role), RoleSessionName: aws.String(testInstance), WebIdentityToken: aws.String(out["token"])})
+		return err
+	}
+	if err := assume(appRole, "app"); err != nil {
+		t.Fatalf("app role with the app token: %v", err)
+	}
+	if err := assume(billingRole, "billing"); err != nil {
+		t.Fatalf("billing role with the billing token: %v", err)
+	}
+	if err := assume(billingRole, "app"); err == nil || !strings.Contains(err.Error(), "AccessDenied") {
+		t.Fatalf("billing role with the app token: %v", err)
+	}
+	last, _ := sts.Last()
+	if last.Subject != "billing" || last.Tags["team"] != "billing" || last.Tags["host"] != testInstance ||
+		last.Tags["workload"] != "billing" || len(last.TransitiveTagKeys) != 1 {
+		t.Fatalf("issued %+v", last)
 	}
 }
