@@ -537,3 +537,11 @@ func sanitize(s string, n int) string {
 	}
 	return s
 }
+
+// RefuseReload records a reload that failed before a config could be built
+// (an unreadable or invalid file): the gauge says 0, the running
+// generation stays.
+func (s *Server) RefuseReload(err error) {
+	s.metrics.reloadOK.Set(0)
+	s.log.Error("configuration refused; keeping the running one", zap.Error(err))
+}
