@@ -181,3 +181,19 @@ func TestSTSEndpointMatching(t *testing.T) {
 		}
 	}
 }
+
+func TestSTSEndpointsFromEnvironment(t *testing.T) {
+	t.Setenv("AWS_ENDPOINT_URL_STS", "http://127.0.0.1:4566")
+	eps, err := stsEndpoints(&IAMConfig{})
+	if err != nil || len(eps) != 1 || eps[0].Host != "127.0.0.1:4566" {
+		t.Fatalf("endpoints %v %v", eps, err)
+	}
+	eps, _ = stsEndpoints(&IAMConfig{STSEndpoints: []string{"https://sts.eu-west-1.amazonaws.com"}})
+	if eps[0].Host != "sts.eu-west-1.amazonaws.com" {
+		t.Fatal("the configured endpoints must win over the environment")
+	}
+	t.Setenv("AWS_ENDPOINT_URL_STS", "")
+	if eps, _ := stsEndpoints(&IAMConfig{}); eps[0].String() != DefaultSTSEndpoint {
+		t.Fatalf("default %v", eps[0])
+	}
+}

@@ -473,3 +473,32 @@ func TestPublishCommand(t *testing.T) {
 		t.Fatalf("without publish: exit %d %s", code, errOut)
 	}
 }
+
+// TestDrain: after SIGTERM /readyz fails at once while tokens are still
+// served for shutdown.drain_delay, then the process exits 0.
+func TestDrain(t *testing.T) {
+	f := newFixture(t)
+	addr := freeAddr(t)
+	d := startServe(t, f.write(t, "issuer.yaml", []byte(f.config(addr, "shutdown: {drain_delay: 3s, timeout: 5s}\n"))), addr)
+	_ = d.cmd.Process.Signal(syscall.SIGTERM)
+	waitFor(t, func() bool {
+		resp, err := http.Get(d.base + "/readyz")
+		if err != nil {
+			return false
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode == http.StatusServiceUnavailable && strings.Contains(string(b), "shutting down")
+	}, "readyz to fail after SIGTERM")
+	if _, c := d.mint(t, f, ""); c["sub"] != "app" {
+		t.Fatal("no token while draining")
+	}
+	select {
+	case err := <-d.done:
+		if err != nil {
+			t.Fatalf("exit: %v", err)
+		}
+	case <-time.After(15 * time.Second):
+		t.Fatal("no exit after the drain")
+	}
+}
