@@ -1,7 +1,6 @@
 package issuer
 
 import (
-	"context"
 	"errors"
 	"strings"
 	"testing"
@@ -143,5 +142,4 @@ func TestCheckFiles(t *testing.T) {
 	if err := CheckFiles(&bad); !errors.As(err, &ce) || ce.Key != "attestation.aws_iid.certificates[0]" {
 		t.Fatalf("err %v", err)
 	}
-	_ = context.Background
 }

@@ -16,7 +16,6 @@ import (
 	"encoding/json"
 	"encoding/pem"
 	"fmt"
-	"io"
 	"math/big"
 	"net/http"
 	"net/http/httptest"
@@ -342,8 +341,6 @@ func signGCI(t testing.TB, endpoint, issuerHdr string, creds aws.Credentials, at
 	}
 	return &STSRequest{Method: http.MethodPost, URL: endpoint, Headers: h, Body: body}
 }
-
-var _ = io.Discard
 
 var (
 	cryptoSHA256 = crypto.SHA256

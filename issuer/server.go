@@ -211,7 +211,7 @@ func (s *Server) build(ctx context.Context, cfg *Config) (*state, error) {
 	if cfg.TLS != nil {
 		c, err := tls.LoadX509KeyPair(cfg.TLS.Cert, cfg.TLS.Key)
 		if err != nil {
-			return nil, fmt.Errorf("issuer: tls: %w", err)
+			return nil, keyErr("tls", "%v", err)
 		}
 		st.cert = &c
 	}
@@ -227,7 +227,7 @@ func (s *Server) build(ctx context.Context, cfg *Config) (*state, error) {
 	if c := cfg.Attestation.AWSIID; c != nil {
 		ts, err := loadTrustStore(c.Certificates)
 		if err != nil {
-			return nil, fmt.Errorf("issuer: attestation.aws_iid.certificates: %w", err)
+			return nil, keyErr("attestation.aws_iid.certificates", "%v", err)
 		}
 		st.iid = &iidVerifier{trust: ts, maxAge: c.MaxInstanceAge.D(), verify: c.VerifyInstance, lookup: lookup, now: s.now}
 	}
@@ -254,7 +254,9 @@ func loadKeys(ctx context.Context, cfg *Config, getAWS func() (aws.Config, error
 		var k *signingKey
 		var err error
 		if kc.File != "" {
-			k, err = loadFileKey(kc.File)
+			if k, err = loadFileKey(kc.File); err != nil {
+				return nil, keyErr(fmt.Sprintf("signing.keys[%d].file", i), "%v", err)
+			}
 		} else {
 			var c aws.Config
 			if c, err = getAWS(); err == nil {
@@ -266,7 +268,7 @@ func loadKeys(ctx context.Context, cfg *Config, getAWS func() (aws.Config, error
 			return nil, fmt.Errorf("issuer: signing.keys[%d]: %w", i, err)
 		}
 		if j, dup := kids[k.kid]; dup {
-			return nil, fmt.Errorf("issuer: signing.keys[%d] is the same key as signing.keys[%d]", i, j)
+			return nil, keyErr(fmt.Sprintf("signing.keys[%d]", i), "the same key as signing.keys[%d]", j)
 		}
 		kids[k.kid] = i
 		if kc.PublishedAt != "" {

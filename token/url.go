@@ -141,6 +141,13 @@ const HeaderIssuer = "X-Imdsproxy-Issuer"
 //
 // Tokens are cached and validated like Command's; concurrent callers share
 // one fetch.
+//
+// For(subject) adds "workload": subject to the request and caches that
+// subject's token apart. With URLOptions.Method URLMethodIAM the body is
+// instead {"method": "aws_iam", "sts_request": {...}, "region": ...}: an
+// sts:GetCallerIdentity signed with the instance profile's credentials
+// (read from the same IMDS) and bound to the issuer by the signed
+// X-Imdsproxy-Issuer header.
 type URL struct {
 	issuer   string // as configured
 	redacted string // without user info, query and fragment: for errors and logs
