@@ -142,8 +142,8 @@ const HeaderIssuer = "X-Imdsproxy-Issuer"
 // Tokens are cached and validated like Command's; concurrent callers share
 // one fetch.
 //
-// For(subject) adds "workload": subject to the request and caches that
-// subject's token apart. With URLOptions.Method URLMethodIAM the body is
+// For(subject) returns the URL of a workload subject: it adds "workload":
+// subject to the request and caches that subject's token apart. With URLOptions.Method URLMethodIAM the body is
 // instead {"method": "aws_iam", "sts_request": {...}, "region": ...}: an
 // sts:GetCallerIdentity signed with the instance profile's credentials
 // (read from the same IMDS) and bound to the issuer by the signed
@@ -154,21 +154,14 @@ type URL struct {
 	imdsBase string
 	client   *http.Client
 	imds     *http.Client
-	jwt      *jwtSource // the default subject's
+	jwt      *jwtSource
 	method   string
 	iam      URLIAMOptions
+	subject  string // "" for the issuer's default subject
 
+	// The default subject's URL holds every subject's.
 	mu       sync.Mutex
-	subjects map[string]*URLSubject
-}
-
-// URLSubject is the token source of one named workload (subject) of a URL:
-// it asks the issuer for that subject ("workload" in the request) and
-// caches its token exactly as URL caches the default one. Get it with
-// URL.For. Safe for concurrent use.
-type URLSubject struct {
-	subject string
-	jwt     *jwtSource
+	subjects map[string]*URL
 }
 
 // NewURL returns a URL asking issuerURL. issuerURL must be https, or http to
@@ -258,7 +251,7 @@ func NewURL(issuerURL string, opts URLOptions, log *zap.Logger, reg prometheus.R
 		log:     log,
 		reg:     reg,
 		reasons: []string{ReasonDocumentUnavailable, ReasonIssuerFailed, ReasonIssuerTimeout},
-		fetch:   func(ctx context.Context) (string, []zap.Field, error) { return u.fetch(ctx, "") },
+		fetch:   u.fetch,
 	})
 	if err != nil {
 		return nil, err
@@ -284,48 +277,56 @@ func (u *URL) Token(ctx context.Context) (string, error) { return u.jwt.Token(ct
 // asks the issuer again (see Command.Forget). Safe for concurrent use.
 func (u *URL) Forget(tok string) { u.jwt.forget(tok) }
 
-// For returns the token source of the named workload: it sends "workload":
-// subject with each request, and caches that subject's token apart from
-// the others, reused until shortly before its exp exactly as Token's.
-// Every call with the same subject returns the same *URLSubject (the
-// subjects are the daemon's configured workloads, a bounded set); "" is
-// the issuer's default subject, the same cache as Token. Fetches and
-// failures count in URL's metrics. Safe for concurrent use.
-func (u *URL) For(subject string) *URLSubject {
+// Subject returns the workload subject the URL asks tokens for, "" for the
+// issuer's default subject.
+func (u *URL) Subject() string { return u.subject }
+
+// For returns the URL minting tokens for the workload subject, as
+// Command.For does for a command: the same issuer, options and attestation,
+// with "workload": subject in every request. Each subject's token is
+// cached, reused until exp − max(60 s, 10 % of its lifetime), shared
+// between concurrent callers and forgotten exactly like the default
+// subject's, independently of the others. For("") is u's default subject.
+// Calls with the same subject return the same *URL, so a subject costs one
+// cache for the life of u; subjects come from configuration, not from
+// clients. Its metrics are the default subject's fetch counter
+// (source="url"); the expiry gauge follows the default subject only.
+// Errors of its Token name the subject (Error.Workload).
+//
+// A subject is 1..MaxWorkloadSubject (128) bytes of ASCII letters, digits
+// and "._:@/+=-", starting with a letter or digit; For refuses anything
+// else. Safe for concurrent use; call it on the URL NewURL returned.
+func (u *URL) For(subject string) (*URL, error) {
+	if u.subject != "" {
+		return nil, fmt.Errorf("token: jwt_url %s: For on the URL of workload %q", u.redacted, u.subject)
+	}
+	if subject == "" {
+		return u, nil
+	}
+	if len(subject) > MaxWorkloadSubject || !workloadSubject.MatchString(subject) {
+		return nil, fmt.Errorf("token: jwt_url %s: workload subject %q: want 1..%d letters, digits or ._:@/+=-, starting with a letter or digit",
+			u.redacted, sanitizeText(subject, 2*MaxWorkloadSubject), MaxWorkloadSubject)
+	}
 	u.mu.Lock()
 	defer u.mu.Unlock()
-	if s := u.subjects[subject]; s != nil {
-		return s
+	if su, ok := u.subjects[subject]; ok {
+		return su, nil
 	}
 	if u.subjects == nil {
-		u.subjects = map[string]*URLSubject{}
+		u.subjects = map[string]*URL{}
 	}
-	s := &URLSubject{subject: subject, jwt: u.jwt}
-	if subject != "" {
-		cfg := u.jwt.jwtSourceConfig
-		cfg.reg = nil // the URL's metrics are shared below
-		cfg.fetch = func(ctx context.Context) (string, []zap.Field, error) { return u.fetch(ctx, subject) }
-		src, _ := newJWTSource(cfg) // cannot fail without a registerer
-		src.fetches, src.expiry = u.jwt.fetches, u.jwt.expiry
-		s.jwt = src
-	}
-	u.subjects[subject] = s
-	return s
+	su := &URL{issuer: u.issuer, redacted: u.redacted, imdsBase: u.imdsBase, client: u.client, imds: u.imds,
+		method: u.method, iam: u.iam, subject: subject}
+	cfg := u.jwt.jwtSourceConfig
+	cfg.workload, cfg.fetch, cfg.reg = subject, su.fetch, nil
+	su.jwt = &jwtSource{jwtSourceConfig: cfg, fetches: u.jwt.fetches}
+	u.subjects[subject] = su
+	return su, nil
 }
 
-// Subject returns the workload this source asks for ("" = the default).
-func (s *URLSubject) Subject() string { return s.subject }
-
-// Token returns the subject's cached token while it is far enough from
-// expiry, else asks the issuer for a new one; see URL.Token.
-func (s *URLSubject) Token(ctx context.Context) (string, error) { return s.jwt.Token(ctx) }
-
-// Forget drops the subject's remembered token if it is tok (see
-// URL.Forget).
-func (s *URLSubject) Forget(tok string) { s.jwt.forget(tok) }
-
-// fetch asks the issuer once for subject's token ("" = the default).
-func (u *URL) fetch(ctx context.Context, subject string) (string, []zap.Field, error) {
+// fetch asks the issuer once for u's subject's token.
+func (u *URL) fetch(ctx context.Context) (string, []zap.Field, error) {
+	subject := u.subject
 	var (
 		payload any
 		err     error

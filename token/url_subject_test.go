@@ -8,6 +8,7 @@ import (
 	"crypto/x509"
 	"encoding/json"
 	"encoding/pem"
+	"errors"
 	"io"
 	"net/http"
 	"net/http/httptest"
@@ -39,17 +40,25 @@ func TestURLForCachesPerSubject(t *testing.T) {
 		t.Fatal(err)
 	}
 	ctx := context.Background()
-	if u.For("app") != u.For("app") || u.For("") == u.For("app") {
-		t.Fatal("For does not return one source per subject")
+	if mustFor(t, u, "app") != mustFor(t, u, "app") || mustFor(t, u, "") != u || mustFor(t, u, "app") == u {
+		t.Fatal("For does not return one URL per subject")
+	}
+	for _, bad := range []string{"-app", "a b", strings.Repeat("a", MaxWorkloadSubject+1), "app\n"} {
+		if _, err := u.For(bad); err == nil {
+			t.Fatalf("For(%q) accepted", bad)
+		}
+	}
+	if _, err := mustFor(t, u, "app").For("billing"); err == nil {
+		t.Fatal("For on a subject's URL accepted")
 	}
 	subOf := func(tok string) string { c, _ := ParseClaims(tok); return c.Subject }
 	var toks []string
 	for i := 0; i < 2; i++ {
-		a, err := u.For("app").Token(ctx)
+		a, err := mustFor(t, u, "app").Token(ctx)
 		if err != nil {
 			t.Fatal(err)
 		}
-		b, err := u.For("billing").Token(ctx)
+		b, err := mustFor(t, u, "billing").Token(ctx)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -69,22 +78,22 @@ func TestURLForCachesPerSubject(t *testing.T) {
 	if reqs[0].Workload != "app" || reqs[1].Workload != "billing" || reqs[2].Workload != "" {
 		t.Fatalf("workloads sent: %q %q %q", reqs[0].Workload, reqs[1].Workload, reqs[2].Workload)
 	}
-	if u.For("").Subject() != "" || u.For("app").Subject() != "app" {
+	if mustFor(t, u, "").Subject() != "" || mustFor(t, u, "app").Subject() != "app" {
 		t.Fatal("Subject()")
 	}
 	// Forget drops only that subject's token.
-	u.For("app").Forget(toks[0])
-	if _, err := u.For("app").Token(ctx); err != nil {
+	mustFor(t, u, "app").Forget(toks[0])
+	if _, err := mustFor(t, u, "app").Token(ctx); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := u.For("billing").Token(ctx); err != nil {
+	if _, err := mustFor(t, u, "billing").Token(ctx); err != nil {
 		t.Fatal(err)
 	}
 	if is.Calls() != 4 {
 		t.Fatalf("issuer calls %d after Forget(app); want 4", is.Calls())
 	}
 	// The default subject is the same cache through For("").
-	u.For("").Forget(toks[2])
+	mustFor(t, u, "").Forget(toks[2])
 	if _, err := u.Token(ctx); err != nil || is.Calls() != 5 {
 		t.Fatalf("default subject after Forget: %v, calls %d", err, is.Calls())
 	}
@@ -94,11 +103,36 @@ func TestURLForCachesPerSubject(t *testing.T) {
 	if problems, err := testutil.GatherAndLint(reg); err != nil || len(problems) > 0 {
 		t.Fatalf("lint: %v %v", problems, err)
 	}
+	// A subject's errors name it.
+	is.SetMode(fakeissuer.ModeFail5xx)
+	mustFor(t, u, "app").Forget(mustToken(t, mustFor(t, u, "app")))
+	var te *Error
+	if _, err := mustFor(t, u, "app").Token(ctx); !errors.As(err, &te) || te.Workload != "app" || !strings.Contains(err.Error(), "(workload app)") {
+		t.Fatalf("error of subject app: %v", err)
+	}
 	for _, tok := range toks {
 		if strings.Contains(logText(logs), tok) {
 			t.Fatal("token logged")
 		}
 	}
+}
+
+func mustToken(t *testing.T, u *URL) string {
+	t.Helper()
+	tok, err := u.Token(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tok
+}
+
+func mustFor(t *testing.T, u *URL, subject string) *URL {
+	t.Helper()
+	su, err := u.For(subject)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return su
 }
 
 func TestURLForRefreshNearExpiry(t *testing.T) {
@@ -111,7 +145,7 @@ func TestURLForRefreshNearExpiry(t *testing.T) {
 	}
 	for _, step := range []time.Duration{0, 50 * time.Minute, 5 * time.Minute} {
 		clock.Add(step)
-		if _, err := u.For("app").Token(context.Background()); err != nil {
+		if _, err := mustFor(t, u, "app").Token(context.Background()); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -232,9 +266,9 @@ policy:
 		t.Fatal(err)
 	}
 	for _, want := range []string{"app", "billing"} {
-		src := u.For(want)
-		if want == "app" {
-			src = u.For("")
+		src := u // the rule's first subject
+		if want != "app" {
+			src = mustFor(t, u, want)
 		}
 		tok, err := src.Token(context.Background())
 		if err != nil {

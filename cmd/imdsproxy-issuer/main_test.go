@@ -364,7 +364,11 @@ func TestServe(t *testing.T) {
 	if c, _ := token.ParseClaims(got); c.Subject != "app" {
 		t.Fatalf("token.URL sub %q", c.Subject)
 	}
-	got, err = u.For("billing").Token(context.Background())
+	billing, err := u.For("billing")
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err = billing.Token(context.Background())
 	if err != nil {
 		t.Fatal(err)
 	}
