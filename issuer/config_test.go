@@ -51,6 +51,7 @@ func TestConfigErrors(t *testing.T) {
 		{"bad region", `accounts: ["111111111111"]`, `regions: [useast1]`, "policy[0].match.regions[0]"},
 		{"no subjects", "subjects: [app]", "subjects: []", "policy[0].subjects"},
 		{"bad subject", "subjects: [app]", "subjects: [\"a b\"]", "policy[0].subjects[0]"},
+		{"subject starting with a dash", "subjects: [app]", "subjects: [\"-app\"]", "policy[0].subjects[0]"},
 		{"duplicate subject", "subjects: [app]", "subjects: [app, app]", "policy[0].subjects[1]"},
 		{"method not enabled", `accounts: ["111111111111"]`, `methods: [aws_iam]`, "policy[0].match.methods[0]"},
 		{"unknown placeholder", "subjects: [app]", "subjects: [app]\n    principal_tags: {a: \"{hostname}\"}", "policy[0].principal_tags.a"},
