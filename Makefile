@@ -4,6 +4,7 @@ GO ?= go
 VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo devel)
 LDFLAGS := -s -w -X main.version=$(VERSION)
 BIN := bin/imdsproxy
+ISSUER_BIN := bin/imdsproxy-issuer
 TOOLS := $(CURDIR)/bin/tools
 AEMM := $(TOOLS)/ec2-metadata-mock
 AEMM_VERSION := v1.13.0
@@ -17,6 +18,7 @@ all: build
 
 build:
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "$(LDFLAGS)" -o $(BIN) ./cmd/imdsproxy
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "$(LDFLAGS)" -o $(ISSUER_BIN) ./cmd/imdsproxy-issuer
 
 $(FAKESTS): $(shell find test/fakes -name '*.go' 2>/dev/null)
 	$(GO) build -o $(FAKESTS) ./test/fakes/cmd/fakests
@@ -68,8 +70,11 @@ fuzz:
 # on CPU 0; needs two CPUs), which measures the p99 without the generator's
 # wake lag.
 # Then the fleet simulation's representative set (docs/scale.md).
+# The issuer: BenchmarkMint / BenchmarkSignES256 and the paced 500 mints/s
+# p99 (docs/scale.md, The token issuer).
 bench: build tools
 	$(GO) test -run '^$$' -bench . -benchmem -count 1 ./proxy/ ./cache/
+	IMDSPROXY_ISSUER_BENCH=1 $(GO) test -run '^TestPacedMintLatency$$' -bench 'BenchmarkMint|BenchmarkSignES256' -benchmem -count 1 -v ./issuer/
 	IMDSPROXY_BIN=$(CURDIR)/$(BIN) AEMM_BIN=$(AEMM) $(GO) test -run '^$$' -bench . -benchtime 5s -count 1 ./test/bench/
 	IMDSPROXY_BIN=$(CURDIR)/$(BIN) AEMM_BIN=$(AEMM) $(GO) test -run '^$$' -bench BenchmarkIMDSPaced -count 1 ./test/bench/ -args -pin 0/1 -paced.spin
 	$(GO) run ./cmd/fleetsim -report
@@ -83,6 +88,7 @@ UNITS := imdsproxy.service imdsproxy.socket imdsproxy-admin.socket
 
 install: build
 	install -D -m 0755 $(BIN) $(DESTDIR)$(PREFIX)/bin/imdsproxy
+	install -D -m 0755 $(ISSUER_BIN) $(DESTDIR)$(PREFIX)/bin/imdsproxy-issuer
 	for u in $(UNITS); do \
 		install -d $(DESTDIR)$(SYSTEMDDIR) && \
 		sed 's|/usr/local/bin/imdsproxy|$(PREFIX)/bin/imdsproxy|g' systemd/$$u > $(DESTDIR)$(SYSTEMDDIR)/$$u && \
@@ -93,7 +99,7 @@ install: build
 	install -D -m 0644 systemd/config.example.yaml $(DESTDIR)/etc/imdsproxy/config.example.yaml
 
 uninstall:
-	rm -f $(DESTDIR)$(PREFIX)/bin/imdsproxy $(DESTDIR)/etc/imdsproxy/config.example.yaml
+	rm -f $(DESTDIR)$(PREFIX)/bin/imdsproxy $(DESTDIR)$(PREFIX)/bin/imdsproxy-issuer $(DESTDIR)/etc/imdsproxy/config.example.yaml
 	rm -f $(addprefix $(DESTDIR)$(SYSTEMDDIR)/,$(UNITS))
 	rm -f $(DESTDIR)$(SYSUSERSDIR)/imdsproxy.conf $(DESTDIR)$(TMPFILESDIR)/imdsproxy.conf
 

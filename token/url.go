@@ -3,8 +3,10 @@ package token
 import (
 	"bytes"
 	"context"
+	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -14,9 +16,13 @@ import (
 	"net/http"
 	"net/url"
 	"os"
+	"regexp"
 	"strings"
+	"sync"
 	"time"
 
+	"github.com/aws/aws-sdk-go-v2/aws"
+	v4 "github.com/aws/aws-sdk-go-v2/aws/signer/v4"
 	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
 
@@ -76,7 +82,43 @@ type URLOptions struct {
 	// Now returns the current time (expiry checks, caching); nil means
 	// time.Now.
 	Now func() time.Time
+	// Method is how the host proves its identity to the issuer: "" or
+	// URLMethodIID (the instance identity document and its PKCS7
+	// signature), or URLMethodIAM (an sts:GetCallerIdentity request signed
+	// with the instance profile's credentials, which the issuer forwards to
+	// STS). See docs/federation.md §2.
+	Method string
+	// IAM configures URLMethodIAM.
+	IAM URLIAMOptions
 }
+
+// Attestation methods of URLOptions.Method.
+const (
+	URLMethodIID = "aws_iid"
+	URLMethodIAM = "aws_iam"
+)
+
+// URLIAMOptions configures the aws_iam attestation of a URL.
+type URLIAMOptions struct {
+	// Issuer is the issuer's identifier (the iss of its tokens, its
+	// `issuer` setting), sent in the signed X-Imdsproxy-Issuer header so
+	// that the request is good for that issuer only. Required.
+	Issuer string
+	// STSEndpoint is the STS endpoint the request is signed for (the issuer
+	// must forward to it); "" means AWS_ENDPOINT_URL_STS, else
+	// DefaultSTSEndpoint.
+	STSEndpoint string
+	// Region is the SigV4 signing region; "" means the region of an
+	// sts.REGION.amazonaws.com endpoint, else us-east-1.
+	Region string
+}
+
+// DefaultSTSEndpoint is the STS endpoint URLMethodIAM signs for by default.
+const DefaultSTSEndpoint = "https://sts.amazonaws.com"
+
+// HeaderIssuer is the signed header binding an aws_iam request to one
+// issuer.
+const HeaderIssuer = "X-Imdsproxy-Issuer"
 
 // URL is a token source that obtains the JWT from an issuer over HTTPS
 // (identity.jwt_url), proving the host's identity with the EC2 instance
@@ -99,6 +141,13 @@ type URLOptions struct {
 //
 // Tokens are cached and validated like Command's; concurrent callers share
 // one fetch.
+//
+// For(subject) returns the URL of a workload subject: it adds "workload":
+// subject to the request and caches that subject's token apart. With URLOptions.Method URLMethodIAM the body is
+// instead {"method": "aws_iam", "sts_request": {...}, "region": ...}: an
+// sts:GetCallerIdentity signed with the instance profile's credentials
+// (read from the same IMDS) and bound to the issuer by the signed
+// X-Imdsproxy-Issuer header.
 type URL struct {
 	issuer   string // as configured
 	redacted string // without user info, query and fragment: for errors and logs
@@ -106,6 +155,13 @@ type URL struct {
 	client   *http.Client
 	imds     *http.Client
 	jwt      *jwtSource
+	method   string
+	iam      URLIAMOptions
+	subject  string // "" for the issuer's default subject
+
+	// The default subject's URL holds every subject's.
+	mu       sync.Mutex
+	subjects map[string]*URL
 }
 
 // NewURL returns a URL asking issuerURL. issuerURL must be https, or http to
@@ -128,6 +184,32 @@ func NewURL(issuerURL string, opts URLOptions, log *zap.Logger, reg prometheus.R
 	}
 	if opts.Timeout < 0 {
 		return nil, fmt.Errorf("token: jwt_url: negative timeout %s", opts.Timeout)
+	}
+	switch opts.Method {
+	case "", URLMethodIID:
+		opts.Method = URLMethodIID
+	case URLMethodIAM:
+		if opts.IAM.Issuer == "" {
+			return nil, errors.New("token: jwt_url: the aws_iam method needs the issuer's identifier (IAM.Issuer)")
+		}
+		if opts.IAM.STSEndpoint == "" {
+			opts.IAM.STSEndpoint = os.Getenv("AWS_ENDPOINT_URL_STS")
+		}
+		if opts.IAM.STSEndpoint == "" {
+			opts.IAM.STSEndpoint = DefaultSTSEndpoint
+		}
+		su, err := url.Parse(opts.IAM.STSEndpoint)
+		if err != nil || (su.Scheme != "https" && su.Scheme != "http") || su.Host == "" {
+			return nil, fmt.Errorf("token: jwt_url: STS endpoint %q is not an http(s) URL", opts.IAM.STSEndpoint)
+		}
+		if opts.IAM.Region == "" {
+			opts.IAM.Region = "us-east-1"
+			if m := stsRegionHost.FindStringSubmatch(su.Hostname()); m != nil {
+				opts.IAM.Region = m[1]
+			}
+		}
+	default:
+		return nil, fmt.Errorf("token: jwt_url: unknown attestation method %q (use aws_iid or aws_iam)", opts.Method)
 	}
 	if opts.Timeout == 0 {
 		opts.Timeout = DefaultURLTimeout
@@ -158,6 +240,8 @@ func NewURL(issuerURL string, opts URLOptions, log *zap.Logger, reg prometheus.R
 			Transport:     &http.Transport{Proxy: nil, DisableKeepAlives: true},
 			CheckRedirect: refuseRedirect,
 		},
+		method: opts.Method,
+		iam:    opts.IAM,
 	}
 	src, err := newJWTSource(jwtSourceConfig{
 		source:  "url",
@@ -193,18 +277,78 @@ func (u *URL) Token(ctx context.Context) (string, error) { return u.jwt.Token(ct
 // asks the issuer again (see Command.Forget). Safe for concurrent use.
 func (u *URL) Forget(tok string) { u.jwt.forget(tok) }
 
+// Subject returns the workload subject the URL asks tokens for, "" for the
+// issuer's default subject.
+func (u *URL) Subject() string { return u.subject }
+
+// For returns the URL minting tokens for the workload subject, as
+// Command.For does for a command: the same issuer, options and attestation,
+// with "workload": subject in every request. Each subject's token is
+// cached, reused until exp − max(60 s, 10 % of its lifetime), shared
+// between concurrent callers and forgotten exactly like the default
+// subject's, independently of the others. For("") is u's default subject.
+// Calls with the same subject return the same *URL, so a subject costs one
+// cache for the life of u; subjects come from configuration, not from
+// clients. Its metrics are the default subject's fetch counter
+// (source="url"); the expiry gauge follows the default subject only.
+// Errors of its Token name the subject (Error.Workload).
+//
+// A subject is 1..MaxWorkloadSubject (128) bytes of ASCII letters, digits
+// and "._:@/+=-", starting with a letter or digit; For refuses anything
+// else. Safe for concurrent use; call it on the URL NewURL returned.
+func (u *URL) For(subject string) (*URL, error) {
+	if u.subject != "" {
+		return nil, fmt.Errorf("token: jwt_url %s: For on the URL of workload %q", u.redacted, u.subject)
+	}
+	if subject == "" {
+		return u, nil
+	}
+	if len(subject) > MaxWorkloadSubject || !workloadSubject.MatchString(subject) {
+		return nil, fmt.Errorf("token: jwt_url %s: workload subject %q: want 1..%d letters, digits or ._:@/+=-, starting with a letter or digit",
+			u.redacted, sanitizeText(subject, 2*MaxWorkloadSubject), MaxWorkloadSubject)
+	}
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if su, ok := u.subjects[subject]; ok {
+		return su, nil
+	}
+	if u.subjects == nil {
+		u.subjects = map[string]*URL{}
+	}
+	su := &URL{issuer: u.issuer, redacted: u.redacted, imdsBase: u.imdsBase, client: u.client, imds: u.imds,
+		method: u.method, iam: u.iam, subject: subject}
+	cfg := u.jwt.jwtSourceConfig
+	cfg.workload, cfg.fetch, cfg.reg = subject, su.fetch, nil
+	su.jwt = &jwtSource{jwtSourceConfig: cfg, fetches: u.jwt.fetches}
+	u.subjects[subject] = su
+	return su, nil
+}
+
+// fetch asks the issuer once for u's subject's token.
 func (u *URL) fetch(ctx context.Context) (string, []zap.Field, error) {
-	doc, sig, err := u.identityDocument(ctx)
+	subject := u.subject
+	var (
+		payload any
+		err     error
+	)
+	if u.method == URLMethodIAM {
+		payload, err = u.iamRequest(ctx, subject)
+	} else {
+		var doc, sig string
+		doc, sig, err = u.identityDocument(ctx)
+		payload = struct {
+			Document string `json:"document"`
+			PKCS7    string `json:"pkcs7"`
+			Workload string `json:"workload,omitempty"`
+		}{doc, sig, subject}
+	}
 	if err != nil {
 		if ctx.Err() != nil {
 			err = fmt.Errorf("no answer within %s: %w", u.jwt.timeout, err)
 		}
 		return "", nil, u.jwt.fail(ReasonDocumentUnavailable, err)
 	}
-	body, err := json.Marshal(struct {
-		Document string `json:"document"`
-		PKCS7    string `json:"pkcs7"`
-	}{doc, sig})
+	body, err := json.Marshal(payload)
 	if err != nil {
 		return "", nil, u.jwt.fail(ReasonIssuerFailed, err)
 	}
@@ -269,20 +413,20 @@ func (u *URL) fetch(ctx context.Context) (string, []zap.Field, error) {
 	}
 }
 
-// identityDocument reads the instance identity document and its PKCS7
-// signature with IMDSv2.
-func (u *URL) identityDocument(ctx context.Context) (doc, sig string, err error) {
+// imdsGetter returns a function reading IMDS paths with one IMDSv2 session
+// token.
+func (u *URL) imdsGetter(ctx context.Context) (func(path string) (string, error), error) {
 	req, err := http.NewRequestWithContext(ctx, http.MethodPut, u.imdsBase+"/latest/api/token", nil)
 	if err != nil {
-		return "", "", err
+		return nil, err
 	}
 	req.Header.Set("X-aws-ec2-metadata-token-ttl-seconds", imdsTokenTTL)
 	tok, err := u.imdsDo(req)
 	if err != nil {
-		return "", "", fmt.Errorf("IMDSv2 token: %w", err)
+		return nil, fmt.Errorf("IMDSv2 token: %w", err)
 	}
 	tok = strings.TrimSpace(tok)
-	get := func(path string) (string, error) {
+	return func(path string) (string, error) {
 		req, err := http.NewRequestWithContext(ctx, http.MethodGet, u.imdsBase+path, nil)
 		if err != nil {
 			return "", err
@@ -293,6 +437,15 @@ func (u *URL) identityDocument(ctx context.Context) (doc, sig string, err error)
 			return "", fmt.Errorf("GET %s: %w", path, err)
 		}
 		return s, nil
+	}, nil
+}
+
+// identityDocument reads the instance identity document and its PKCS7
+// signature with IMDSv2.
+func (u *URL) identityDocument(ctx context.Context) (doc, sig string, err error) {
+	get, err := u.imdsGetter(ctx)
+	if err != nil {
+		return "", "", err
 	}
 	if doc, err = get("/latest/dynamic/instance-identity/document"); err != nil {
 		return "", "", err
@@ -398,4 +551,83 @@ func urlTLSConfig(caFile string) (*tls.Config, error) {
 		}
 	}
 	return &tls.Config{MinVersion: tls.VersionTLS12, RootCAs: pool}, nil
+}
+
+// stsRegionHost extracts REGION from sts.REGION.amazonaws.com (and .cn).
+var stsRegionHost = regexp.MustCompile(`^sts(?:-fips)?\.([a-z]{2}(?:-[a-z]+)+-\d+)\.amazonaws\.com(?:\.cn)?$`)
+
+// getCallerIdentityBody is the only request the aws_iam method signs.
+const getCallerIdentityBody = "Action=GetCallerIdentity&Version=2011-06-15"
+
+// iamSTSRequest is a signed request as the issuer expects it
+// (docs/federation.md §2).
+type iamSTSRequest struct {
+	Method  string              `json:"method"`
+	URL     string              `json:"url"`
+	Headers map[string][]string `json:"headers"`
+	Body    string              `json:"body"`
+}
+
+// iamRequest builds the aws_iam token request for subject: an
+// sts:GetCallerIdentity signed with the instance profile's credentials
+// (read from IMDS), carrying the signed X-Imdsproxy-Issuer header. The
+// credentials are used to sign only; they are never sent, logged or
+// quoted in an error.
+func (u *URL) iamRequest(ctx context.Context, subject string) (any, error) {
+	get, err := u.imdsGetter(ctx)
+	if err != nil {
+		return nil, err
+	}
+	list, err := get("/latest/meta-data/iam/security-credentials/")
+	if err != nil {
+		return nil, fmt.Errorf("instance profile: %w", err)
+	}
+	role := strings.TrimSpace(strings.SplitN(strings.TrimSpace(list), "\n", 2)[0])
+	if role == "" || strings.ContainsAny(role, "/?#") {
+		return nil, errors.New("instance profile: IMDS lists no role")
+	}
+	raw, err := get("/latest/meta-data/iam/security-credentials/" + role)
+	if err != nil {
+		return nil, fmt.Errorf("instance profile credentials: %w", err)
+	}
+	var doc struct {
+		Code            string
+		AccessKeyID     string `json:"AccessKeyId"`
+		SecretAccessKey string
+		Token           string
+		Expiration      time.Time
+	}
+	if err := json.Unmarshal([]byte(raw), &doc); err != nil || doc.AccessKeyID == "" || doc.SecretAccessKey == "" {
+		return nil, errors.New("instance profile credentials: IMDS answered something that is not a credentials document")
+	}
+	if doc.Code != "" && !strings.EqualFold(doc.Code, "Success") {
+		return nil, fmt.Errorf("instance profile credentials: IMDS answered Code %q", sanitizeText(doc.Code, 64))
+	}
+	region := ""
+	if r, err := get("/latest/meta-data/placement/region"); err == nil {
+		region = strings.TrimSpace(r)
+	}
+
+	endpoint := strings.TrimRight(u.iam.STSEndpoint, "/") + "/"
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, endpoint, strings.NewReader(getCallerIdentityBody))
+	if err != nil {
+		return nil, errors.New("cannot build the sts:GetCallerIdentity request")
+	}
+	req.Header.Set("Content-Type", "application/x-www-form-urlencoded; charset=utf-8")
+	req.Header.Set(HeaderIssuer, u.iam.Issuer)
+	sum := sha256.Sum256([]byte(getCallerIdentityBody))
+	creds := aws.Credentials{AccessKeyID: doc.AccessKeyID, SecretAccessKey: doc.SecretAccessKey, SessionToken: doc.Token}
+	if err := v4.NewSigner().SignHTTP(ctx, creds, req, hex.EncodeToString(sum[:]), "sts", u.iam.Region, u.jwt.now()); err != nil {
+		return nil, errors.New("cannot sign the sts:GetCallerIdentity request")
+	}
+	headers := map[string][]string{}
+	for k, v := range req.Header {
+		headers[k] = v
+	}
+	return struct {
+		Method     string        `json:"method"`
+		Workload   string        `json:"workload,omitempty"`
+		Region     string        `json:"region,omitempty"`
+		STSRequest iamSTSRequest `json:"sts_request"`
+	}{URLMethodIAM, subject, region, iamSTSRequest{Method: http.MethodPost, URL: endpoint, Headers: headers, Body: getCallerIdentityBody}}, nil
 }

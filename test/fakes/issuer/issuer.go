@@ -1,7 +1,8 @@
 // Package issuer is a fake host-identity JWT issuer for tests of
 // identity.jwt_url: it accepts the EC2 instance identity document and its
 // PKCS7 signature (POST, JSON) and answers with a JWT minted by an
-// *oidc.Issuer whose sub is the document's instanceId. Any non-empty pkcs7
+// *oidc.Issuer whose sub is the request's "workload" when it names one,
+// else the document's instanceId. Any non-empty pkcs7
 // is accepted (the signature is not verified); the document must be a JSON
 // object with a non-empty string instanceId.
 //
@@ -71,6 +72,8 @@ type Request struct {
 	Status     int
 	InstanceID string
 	PKCS7      string
+	// Workload is the request's "workload" ("" when absent).
+	Workload string
 }
 
 // Server is the fake issuer.
@@ -164,9 +167,11 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request) {
 	idx := len(s.reqs)
 	s.reqs = append(s.reqs, Request{At: time.Now()})
 	s.mu.Unlock()
+	var workload string
 	record := func(status int, id, sig string) {
 		s.mu.Lock()
 		s.reqs[idx].Status, s.reqs[idx].InstanceID, s.reqs[idx].PKCS7 = status, id, sig
+		s.reqs[idx].Workload = workload
 		s.mu.Unlock()
 	}
 	switch mode {
@@ -196,12 +201,14 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request) {
 	var in struct {
 		Document string `json:"document"`
 		PKCS7    string `json:"pkcs7"`
+		Workload string `json:"workload"`
 	}
 	if err := json.NewDecoder(io.LimitReader(r.Body, 1<<20)).Decode(&in); err != nil {
 		record(400, "", "")
 		writeJSONError(w, http.StatusBadRequest, "BadRequest", "body is not a JSON object")
 		return
 	}
+	workload = in.Workload
 	var doc struct {
 		InstanceID string `json:"instanceId"`
 	}
@@ -216,6 +223,10 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 
+	sub := doc.InstanceID
+	if in.Workload != "" {
+		sub = in.Workload
+	}
 	var tok string
 	switch mode {
 	case ModeGarbage:
@@ -225,11 +236,11 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request) {
 		return
 	case ModeExpired:
 		now := time.Now()
-		tok = s.cfg.Issuer.Mint(oidc.Claims{Subject: doc.InstanceID, Audience: s.cfg.Audience,
+		tok = s.cfg.Issuer.Mint(oidc.Claims{Subject: sub, Audience: s.cfg.Audience,
 			IssuedAt: now.Add(-2 * time.Hour), ExpiresAt: now.Add(-time.Hour)})
 	default:
 		now := time.Now()
-		tok = s.cfg.Issuer.Mint(oidc.Claims{Subject: doc.InstanceID, Audience: s.cfg.Audience,
+		tok = s.cfg.Issuer.Mint(oidc.Claims{Subject: sub, Audience: s.cfg.Audience,
 			IssuedAt: now, ExpiresAt: now.Add(lifetime)})
 	}
 	s.mu.Lock()

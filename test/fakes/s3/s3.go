@@ -1,15 +1,22 @@
 // Package s3 is a minimal fake of Amazon S3 for end-to-end tests of
-// imdsproxy: path-style GetObject (GET /<bucket>/<key>) and HeadObject
-// (HEAD /<bucket>/<key>) over objects the test puts in with Put.
+// imdsproxy and imdsproxy-issuer: path-style GetObject (GET /<bucket>/<key>),
+// HeadObject (HEAD) and PutObject (PUT) over objects the test puts in with
+// Put or a client writes.
 //
-// Answers are shaped like S3's: a quoted hex MD5 ETag, Last-Modified,
-// If-None-Match (304), and the S3 XML error document with NoSuchKey,
-// NoSuchBucket and AccessDenied (HEAD answers carry no body, as S3's). Every
-// request must carry an AWS Signature Version 4 Authorization header whose
-// access key id the test allowed: Allow accepts a key id without checking
-// the signature; AllowSigned also recomputes the signature with the secret
-// key (the payload hash is the X-Amz-Content-Sha256 header value, as S3
-// signs it) and requires X-Amz-Security-Token to equal the session token.
+// Answers are shaped like S3's: a quoted hex MD5 ETag, Last-Modified, the
+// stored Content-Type and Cache-Control, If-None-Match (304), and the S3 XML
+// error document with NoSuchKey, NoSuchBucket and AccessDenied (HEAD answers
+// carry no body, as S3's). Every request must carry an AWS Signature
+// Version 4 Authorization header whose access key id the test allowed:
+// Allow accepts a key id for reads without checking the signature;
+// AllowSigned also recomputes the signature with the secret key (the
+// payload hash is the X-Amz-Content-Sha256 header value, as S3 signs it)
+// and requires X-Amz-Security-Token to equal the session token. Only
+// AllowSigned keys may write: a PUT must be signed, and its
+// X-Amz-Content-Sha256 must be the SHA-256 of the body (or
+// UNSIGNED-PAYLOAD; aws-chunked streaming is not implemented). A bucket made
+// public with SetPublicRead answers anonymous GET and HEAD, as a bucket
+// behind a CDN does.
 //
 // All methods are safe for concurrent use.
 package s3
@@ -17,9 +24,11 @@ package s3
 import (
 	"crypto/md5"
 	"crypto/rand"
+	"encoding/base64"
 	"encoding/hex"
 	"encoding/xml"
 	"fmt"
+	"io"
 	"net/http"
 	"net/http/httptest"
 	"strconv"
@@ -47,9 +56,20 @@ type Call struct {
 }
 
 type object struct {
-	body     []byte
-	etag     string // quoted hex MD5
-	modified time.Time
+	body         []byte
+	etag         string // quoted hex MD5
+	modified     time.Time
+	contentType  string
+	cacheControl string
+}
+
+// Object is a stored object, as Object returns it.
+type Object struct {
+	Body         []byte
+	ETag         string
+	ContentType  string
+	CacheControl string
+	LastModified time.Time
 }
 
 type allowed struct {
@@ -64,6 +84,7 @@ type Server struct {
 	mu      sync.Mutex
 	buckets map[string]map[string]object
 	keys    map[string]allowed
+	public  map[string]bool
 	calls   []Call
 
 	// URL is set by Start.
@@ -72,7 +93,7 @@ type Server struct {
 
 // New returns an empty fake with no bucket and no allowed key.
 func New() *Server {
-	return &Server{now: time.Now, buckets: map[string]map[string]object{}, keys: map[string]allowed{}}
+	return &Server{now: time.Now, buckets: map[string]map[string]object{}, keys: map[string]allowed{}, public: map[string]bool{}}
 }
 
 // Start returns a fake S3 served by an httptest server, URL set; it is
@@ -87,11 +108,19 @@ func Start(tb testing.TB) *Server {
 }
 
 // Put stores body under bucket/key (creating the bucket), replacing any
-// object there; its ETag is the quoted hex MD5 of body.
+// object there; its ETag is the quoted hex MD5 of body, its Content-Type
+// application/octet-stream.
 func (s *Server) Put(bucket, key string, body []byte) {
+	s.store(bucket, key, body, "", "")
+}
+
+func (s *Server) store(bucket, key string, body []byte, contentType, cacheControl string) object {
 	sum := md5.Sum(body)
+	if contentType == "" {
+		contentType = "application/octet-stream"
+	}
 	o := object{body: append([]byte(nil), body...), etag: `"` + hex.EncodeToString(sum[:]) + `"`,
-		modified: s.now().UTC().Truncate(time.Second)}
+		modified: s.now().UTC().Truncate(time.Second), contentType: contentType, cacheControl: cacheControl}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	b := s.buckets[bucket]
@@ -100,6 +129,33 @@ func (s *Server) Put(bucket, key string, body []byte) {
 		s.buckets[bucket] = b
 	}
 	b[key] = o
+	return o
+}
+
+// CreateBucket makes an empty bucket (PutObject needs one to exist).
+func (s *Server) CreateBucket(bucket string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.buckets[bucket] == nil {
+		s.buckets[bucket] = map[string]object{}
+	}
+}
+
+// SetPublicRead lets anonymous requests (no Authorization header) GET and
+// HEAD the objects of bucket, as a public bucket or a CDN in front of one.
+func (s *Server) SetPublicRead(bucket string, public bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.public[bucket] = public
+}
+
+// Object returns the object at bucket/key, and false if there is none.
+func (s *Server) Object(bucket, key string) (Object, bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	o, ok := s.buckets[bucket][key]
+	return Object{Body: append([]byte(nil), o.body...), ETag: o.etag, ContentType: o.contentType,
+		CacheControl: o.cacheControl, LastModified: o.modified}, ok
 }
 
 // Delete removes bucket/key; the bucket stays.
@@ -118,16 +174,16 @@ func (s *Server) ETag(bucket, key string) (string, bool) {
 }
 
 // Allow lets requests whose Authorization header names accessKeyID read
-// every object; the signature is not checked.
+// every object; the signature is not checked. Such a key cannot write.
 func (s *Server) Allow(accessKeyID string) {
 	s.mu.Lock()
 	s.keys[accessKeyID] = allowed{}
 	s.mu.Unlock()
 }
 
-// AllowSigned lets accessKeyID read every object when the request's SigV4
-// signature verifies with secret and, when sessionToken is not empty, its
-// X-Amz-Security-Token equals sessionToken.
+// AllowSigned lets accessKeyID read and write every object when the
+// request's SigV4 signature verifies with secret and, when sessionToken is
+// not empty, its X-Amz-Security-Token equals sessionToken.
 func (s *Server) AllowSigned(accessKeyID, secret, sessionToken string) {
 	s.mu.Lock()
 	s.keys[accessKeyID] = allowed{secret: secret, sessionToken: sessionToken}
@@ -176,16 +232,25 @@ func (s *Server) answer(w http.ResponseWriter, r *http.Request, bucket, key stri
 		writeError(w, r, reqID, e, resource)
 		return e.status, e.code
 	}
-	if e := s.authorize(r, call); e != nil {
-		return fail(*e, r.URL.Path)
+	s.mu.Lock()
+	anonymous := r.Header.Get("Authorization") == "" && s.public[bucket] &&
+		(r.Method == http.MethodGet || r.Method == http.MethodHead)
+	s.mu.Unlock()
+	if !anonymous {
+		if e := s.authorize(r, call); e != nil {
+			return fail(*e, r.URL.Path)
+		}
 	}
-	if r.Method != http.MethodGet && r.Method != http.MethodHead {
+	if r.Method != http.MethodGet && r.Method != http.MethodHead && r.Method != http.MethodPut {
 		return fail(s3Error{http.StatusNotImplemented, "NotImplemented",
 			"A header you provided implies functionality that is not implemented"}, r.URL.Path)
 	}
 	if bucket == "" || key == "" {
 		return fail(s3Error{http.StatusNotImplemented, "NotImplemented",
-			"This fake implements only GetObject and HeadObject, path-style"}, r.URL.Path)
+			"This fake implements only GetObject, HeadObject and PutObject, path-style"}, r.URL.Path)
+	}
+	if r.Method == http.MethodPut {
+		return s.putObject(w, r, bucket, key, call, fail)
 	}
 	s.mu.Lock()
 	objs, haveBucket := s.buckets[bucket]
@@ -204,13 +269,54 @@ func (s *Server) answer(w http.ResponseWriter, r *http.Request, bucket, key stri
 		w.WriteHeader(http.StatusNotModified)
 		return http.StatusNotModified, ""
 	}
-	h.Set("Content-Type", "application/octet-stream")
+	h.Set("Content-Type", o.contentType)
+	if o.cacheControl != "" {
+		h.Set("Cache-Control", o.cacheControl)
+	}
 	h.Set("Content-Length", strconv.Itoa(len(o.body)))
 	h.Set("Accept-Ranges", "bytes")
 	w.WriteHeader(http.StatusOK)
 	if r.Method == http.MethodGet {
 		_, _ = w.Write(o.body)
 	}
+	return http.StatusOK, ""
+}
+
+// putObject stores the body of a signed PUT. authorize has checked the
+// signature over the claimed payload hash; here the hash must be the
+// body's, and the key must be allowed to write.
+func (s *Server) putObject(w http.ResponseWriter, r *http.Request, bucket, key string, call *Call,
+	fail func(s3Error, string) (int, string)) (int, string) {
+	if !call.SignatureValid {
+		return fail(s3Error{http.StatusForbidden, "AccessDenied", "Access Denied"}, r.URL.Path)
+	}
+	body, err := io.ReadAll(io.LimitReader(r.Body, 5<<20+1))
+	if err != nil || len(body) > 5<<20 {
+		return fail(s3Error{http.StatusBadRequest, "IncompleteBody", "You did not provide the number of bytes specified by the Content-Length HTTP header"}, key)
+	}
+	switch ph := r.Header.Get("X-Amz-Content-Sha256"); {
+	case ph == "UNSIGNED-PAYLOAD":
+	case strings.HasPrefix(ph, "STREAMING-"):
+		return fail(s3Error{http.StatusNotImplemented, "NotImplemented", "This fake does not implement aws-chunked uploads"}, key)
+	case ph != sigv4.PayloadHash(body):
+		return fail(s3Error{http.StatusBadRequest, "XAmzContentSHA256Mismatch",
+			"The provided 'x-amz-content-sha256' header does not match what was computed."}, key)
+	}
+	if m := r.Header.Get("Content-Md5"); m != "" {
+		sum := md5.Sum(body)
+		if m != base64.StdEncoding.EncodeToString(sum[:]) {
+			return fail(s3Error{http.StatusBadRequest, "BadDigest", "The Content-MD5 you specified did not match what we received."}, key)
+		}
+	}
+	s.mu.Lock()
+	_, haveBucket := s.buckets[bucket]
+	s.mu.Unlock()
+	if !haveBucket {
+		return fail(s3Error{http.StatusNotFound, "NoSuchBucket", "The specified bucket does not exist"}, bucket)
+	}
+	o := s.store(bucket, key, body, r.Header.Get("Content-Type"), r.Header.Get("Cache-Control"))
+	w.Header().Set("ETag", o.etag)
+	w.WriteHeader(http.StatusOK)
 	return http.StatusOK, ""
 }
 

@@ -137,3 +137,80 @@ func TestErrors(t *testing.T) {
 		t.Errorf("anonymous GET = %d %s", resp.StatusCode, b)
 	}
 }
+
+func TestPutObjectWithTheSDK(t *testing.T) {
+	s := Start(t)
+	s.CreateBucket("oidc")
+	s.AllowSigned("ASIAWRITER", "secret-w", "")
+	s.Allow("AKIAREADONLY")
+	ctx := context.Background()
+	body := `{"keys":[]}`
+	put := func(c *awss3.Client, bucket string) error {
+		_, err := c.PutObject(ctx, &awss3.PutObjectInput{Bucket: aws.String(bucket), Key: aws.String("imds/.well-known/jwks.json"),
+			Body: strings.NewReader(body), ContentType: aws.String("application/json"), CacheControl: aws.String("max-age=60")})
+		return err
+	}
+	if err := put(client(s.URL, "ASIAWRITER", "secret-w", ""), "oidc"); err != nil {
+		t.Fatalf("PutObject: %v", err)
+	}
+	o, ok := s.Object("oidc", "imds/.well-known/jwks.json")
+	if !ok || string(o.Body) != body || o.ContentType != "application/json" || o.CacheControl != "max-age=60" {
+		t.Fatalf("stored %+v %v", o, ok)
+	}
+	if last := s.CallLog()[s.Calls()-1]; last.Method != http.MethodPut || !last.SignatureValid || last.Status != 200 {
+		t.Fatalf("call %+v", last)
+	}
+	for _, tc := range []struct {
+		name   string
+		c      *awss3.Client
+		bucket string
+		code   string
+	}{
+		{"read-only key", client(s.URL, "AKIAREADONLY", "whatever", ""), "oidc", "AccessDenied"},
+		{"wrong secret", client(s.URL, "ASIAWRITER", "wrong", ""), "oidc", "SignatureDoesNotMatch"},
+		{"no such bucket", client(s.URL, "ASIAWRITER", "secret-w", ""), "nope", "NoSuchBucket"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if got := apiCode(put(tc.c, tc.bucket)); got != tc.code {
+				t.Fatalf("code %q, want %s", got, tc.code)
+			}
+		})
+	}
+
+	// A signed PUT whose body is not the one signed.
+	req, _ := http.NewRequest(http.MethodPut, s.URL+"/oidc/x", strings.NewReader("tampered"))
+	req.Header.Set("X-Amz-Content-Sha256", strings.Repeat("0", 64))
+	req.Header.Set("Authorization", "AWS4-HMAC-SHA256 Credential=AKIAREADONLY/20260101/us-east-1/s3/aws4_request, SignedHeaders=host, Signature=00")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusForbidden {
+		t.Fatalf("unsigned PUT: %d", resp.StatusCode)
+	}
+
+	// Anonymous reads only from a public bucket.
+	get := func() int {
+		resp, err := http.Get(s.URL + "/oidc/imds/.well-known/jwks.json")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		if resp.StatusCode == 200 && (resp.Header.Get("Content-Type") != "application/json" || resp.Header.Get("Cache-Control") != "max-age=60") {
+			t.Fatalf("headers %v", resp.Header)
+		}
+		return resp.StatusCode
+	}
+	if got := get(); got != http.StatusForbidden {
+		t.Fatalf("anonymous GET of a private bucket: %d", got)
+	}
+	s.SetPublicRead("oidc", true)
+	if got := get(); got != http.StatusOK {
+		t.Fatalf("anonymous GET of a public bucket: %d", got)
+	}
+	req, _ = http.NewRequest(http.MethodPut, s.URL+"/oidc/x", strings.NewReader("x"))
+	if resp, err := http.DefaultClient.Do(req); err != nil || resp.StatusCode != http.StatusForbidden {
+		t.Fatalf("anonymous PUT to a public bucket: %v %v", resp.StatusCode, err)
+	}
+}

@@ -2,8 +2,12 @@
 // AssumeRole the way the real service does on the wire (AWS Query protocol
 // in, XML out), for end-to-end tests of imdsproxy.
 //
-// The fake verifies the web identity token for real: RS256 signature against
-// the JWKS of a configured issuer, kid, iss, aud and exp. AssumeRole requests
+// The fake verifies the web identity token for real: RS256 or ES256
+// signature against the JWKS of a configured issuer (fetched through its
+// discovery document, as STS does with an OIDC provider), kid, alg, iss,
+// aud, exp and nbf; per-role trust policies (SetTrust) condition sub and
+// aud; session tags in the https://aws.amazon.com/tags claim are checked
+// against STS's limits and recorded on what was issued. AssumeRole requests
 // must carry a valid AWS Signature Version 4 made with base credentials the
 // test allowed (AllowBase, AllowBaseSession) or with credentials the fake
 // issued itself (role chaining); the signature is recomputed with the secret
@@ -19,10 +23,7 @@ package sts
 import (
 	"bytes"
 	"context"
-	"crypto"
 	"crypto/rand"
-	"crypto/rsa"
-	"crypto/sha256"
 	"encoding/base64"
 	"encoding/json"
 	"encoding/xml"
@@ -33,6 +34,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -106,7 +108,8 @@ type Config struct {
 	// IssuerURL is the trusted issuer (the iss claim). When Issuer is nil the
 	// fake fetches IssuerURL/.well-known/openid-configuration and then the
 	// jwks_uri on every call, as STS does with an OIDC provider; a fetch
-	// failure is IDPCommunicationError.
+	// failure is IDPCommunicationError. The discovery document's issuer
+	// must be IssuerURL. RSA and EC P-256 keys are read from the JWKS.
 	IssuerURL string
 	// JWKSURL, when set with IssuerURL, skips discovery.
 	JWKSURL string
@@ -157,10 +160,16 @@ type Issued struct {
 	Action string
 	// BaseAccessKeyID is the access key id that signed an AssumeRole.
 	BaseAccessKeyID string
-	// ExternalID, SourceIdentity and Tags are what an AssumeRole carried.
-	ExternalID     string
-	SourceIdentity string
-	Tags           map[string]string
+	// ExternalID, SourceIdentity and Tags are what an AssumeRole carried;
+	// for AssumeRoleWithWebIdentity Tags are the session tags of the
+	// token's https://aws.amazon.com/tags claim (principal_tags), and
+	// TransitiveTagKeys its transitive_tag_keys, sorted.
+	ExternalID        string
+	SourceIdentity    string
+	Tags              map[string]string
+	TransitiveTagKeys []string
+	// Audience is the token's aud that the call was accepted for.
+	Audience string
 }
 
 // KeyID is the access key id (ledger.Credential).
@@ -204,7 +213,8 @@ type Server struct {
 	webTokens     []string // WebIdentityToken of every AssumeRoleWithWebIdentity call
 	inflight      int
 	bases         map[string]baseCredential
-	moreRoles     map[string]bool // AllowRoles
+	moreRoles     map[string]bool  // AllowRoles
+	trust         map[string]Trust // SetTrust
 	externalID    string
 
 	closeOnce sync.Once
@@ -554,38 +564,55 @@ func (s *Server) assume(ctx context.Context, form map[string][]string, sessionLe
 	if serr != nil {
 		return nil, serr
 	}
-	if !s.roleAllowed(roleARN) {
+	if _, trusted := s.trustOf(roleARN); !trusted && !s.roleAllowed(roleARN) {
 		return nil, sender(403, "AccessDenied", "Not authorized to perform sts:AssumeRoleWithWebIdentity")
+	}
+	if serr := s.checkTrust(roleARN, claims); serr != nil {
+		return nil, serr
 	}
 	if s.cfg.Subject != "" && claims.sub != s.cfg.Subject {
 		return nil, sender(403, "AccessDenied", "Not authorized to perform sts:AssumeRoleWithWebIdentity")
 	}
+	claims.aud = s.cfg.Audience
+	if t, trusted := s.trustOf(roleARN); trusted && t.Audience != "" {
+		claims.aud = t.Audience
+	}
+	if !slices.Contains(claims.audiences, claims.aud) {
+		return nil, sender(400, "InvalidIdentityToken", "Incorrect token audience")
+	}
 
 	now := s.cfg.Now().UTC()
 	is := Issued{
-		AccessKeyID:      "ASIA" + randString(16, upperAlnum),
-		SecretAccessKey:  randString(40, secretChars),
-		SessionToken:     newSessionToken(),
-		Expiration:       now.Add(length).Truncate(time.Second),
-		IssuedAt:         now,
-		RoleARN:          roleARN,
-		RoleSessionName:  sessionName,
-		AssumedRoleARN:   fmt.Sprintf("arn:aws:sts::%s:assumed-role/%s/%s", account, roleName, sessionName),
-		AssumedRoleID:    "AROA" + randString(17, upperAlnum) + ":" + sessionName,
-		Subject:          claims.sub,
-		WebIdentityToken: tok,
-		DurationSeconds:  int(length / time.Second),
-		Action:           ActionAssumeRoleWithWebIdentity,
+		AccessKeyID:       "ASIA" + randString(16, upperAlnum),
+		SecretAccessKey:   randString(40, secretChars),
+		SessionToken:      newSessionToken(),
+		Expiration:        now.Add(length).Truncate(time.Second),
+		IssuedAt:          now,
+		RoleARN:           roleARN,
+		RoleSessionName:   sessionName,
+		AssumedRoleARN:    fmt.Sprintf("arn:aws:sts::%s:assumed-role/%s/%s", account, roleName, sessionName),
+		AssumedRoleID:     "AROA" + randString(17, upperAlnum) + ":" + sessionName,
+		Subject:           claims.sub,
+		WebIdentityToken:  tok,
+		DurationSeconds:   int(length / time.Second),
+		Action:            ActionAssumeRoleWithWebIdentity,
+		Tags:              claims.tags,
+		TransitiveTagKeys: claims.transitive,
+		Audience:          claims.aud,
 	}
 	s.mu.Lock()
 	s.issued.Add(is)
 	s.mu.Unlock()
-	return &result{issued: is, provider: claims.provider, audience: s.cfg.Audience}, nil
+	return &result{issued: is, provider: claims.provider, audience: claims.aud}, nil
 }
 
 type verified struct {
-	sub      string
-	provider string
+	sub        string
+	provider   string
+	aud        string   // the accepted audience
+	audiences  []string // every aud value
+	tags       map[string]string
+	transitive []string
 }
 
 func (s *Server) verify(ctx context.Context, tok string) (*verified, *stsError) {
@@ -609,7 +636,7 @@ func (s *Server) verify(ctx context.Context, tok string) (*verified, *stsError) 
 	if err := json.Unmarshal(hb, &header); err != nil {
 		return invalid("The ID Token provided is not a valid JWT. (You may see this error if you sent an Access Token)")
 	}
-	if header.Alg != "RS256" {
+	if header.Alg != "RS256" && header.Alg != "ES256" {
 		return invalid("Unsupported token signing algorithm " + strconv.Quote(header.Alg))
 	}
 	dec := json.NewDecoder(strings.NewReader(string(pb)))
@@ -632,16 +659,16 @@ func (s *Server) verify(ctx context.Context, tok string) (*verified, *stsError) 
 	if err != nil {
 		return nil, sender(400, "IDPCommunicationError", "Couldn't retrieve verification key from your identity provider,  please reference AssumeRoleWithWebIdentity documentation for requirements")
 	}
-	pub, ok := keys[header.Kid]
+	key, ok := keys[header.Kid]
 	if !ok || header.Kid == "" {
 		return invalid("Couldn't retrieve verification key from your identity provider,  please reference AssumeRoleWithWebIdentity documentation for requirements")
 	}
-	sum := sha256.Sum256([]byte(parts[0] + "." + parts[1]))
-	if err := rsa.VerifyPKCS1v15(pub, crypto.SHA256, sum[:], sig); err != nil {
+	if !checkSignature(header.Alg, key, parts[0]+"."+parts[1], sig) {
 		return invalid("The signature of the token could not be verified")
 	}
 
-	if !audContains(claims["aud"], s.cfg.Audience) {
+	audiences := audList(claims["aud"])
+	if len(audiences) == 0 {
 		return invalid("Incorrect token audience")
 	}
 	now := s.cfg.Now()
@@ -662,22 +689,30 @@ func (s *Server) verify(ctx context.Context, tok string) (*verified, *stsError) 
 	if sub == "" {
 		return invalid("The ID Token provided has no sub claim")
 	}
+	tags, transitive, serr := sessionTags(claims[TagsClaim])
+	if serr != nil {
+		return nil, serr
+	}
 	provider := strings.TrimPrefix(strings.TrimPrefix(iss, "https://"), "http://")
-	return &verified{sub: sub, provider: provider}, nil
+	v := &verified{sub: sub, provider: provider, audiences: audiences, tags: tags, transitive: transitive}
+	return v, nil
 }
 
-func audContains(aud any, want string) bool {
+// audList is the aud claim as a list (a string or an array of strings).
+func audList(aud any) []string {
 	switch v := aud.(type) {
 	case string:
-		return v == want
+		return []string{v}
 	case []any:
+		var out []string
 		for _, a := range v {
-			if s, ok := a.(string); ok && s == want {
-				return true
+			if s, ok := a.(string); ok {
+				out = append(out, s)
 			}
 		}
+		return out
 	}
-	return false
+	return nil
 }
 
 // numClaim accepts only integer NumericDate values, as STS does.
@@ -690,9 +725,9 @@ func numClaim(v any) (int64, bool) {
 	return i, err == nil
 }
 
-func (s *Server) keys(ctx context.Context) (map[string]*rsa.PublicKey, error) {
+func (s *Server) keys(ctx context.Context) (map[string]verificationKey, error) {
 	if s.cfg.Issuer != nil {
-		return s.cfg.Issuer.PublicKeys(), nil
+		return inProcessKeys(s.cfg.Issuer), nil
 	}
 	if s.cfg.IssuerURL == "" {
 		return nil, errors.New("no issuer configured")
@@ -704,10 +739,14 @@ func (s *Server) keys(ctx context.Context) (map[string]*rsa.PublicKey, error) {
 			return nil, err
 		}
 		var disc struct {
+			Issuer  string `json:"issuer"`
 			JWKSURI string `json:"jwks_uri"`
 		}
 		if err := json.Unmarshal(body, &disc); err != nil || disc.JWKSURI == "" {
 			return nil, fmt.Errorf("bad discovery document")
+		}
+		if disc.Issuer != s.cfg.IssuerURL {
+			return nil, fmt.Errorf("discovery document of issuer %q, not %q", disc.Issuer, s.cfg.IssuerURL)
 		}
 		jwksURL = disc.JWKSURI
 	}
@@ -715,7 +754,7 @@ func (s *Server) keys(ctx context.Context) (map[string]*rsa.PublicKey, error) {
 	if err != nil {
 		return nil, err
 	}
-	return oidc.ParseJWKS(body)
+	return parseJWKS(body)
 }
 
 func (s *Server) fetch(ctx context.Context, u string) ([]byte, error) {
