@@ -6,6 +6,7 @@ import (
 	"time"
 
 	"github.com/imdsproxy/imdsproxy/config"
+	"github.com/imdsproxy/imdsproxy/creds"
 )
 
 // Section is the `access:` section: which local processes may read
@@ -73,6 +74,20 @@ type Workload struct {
 	// Role is the workload's role; session_name defaults to the host's
 	// session name, duration to DefaultWorkloadDuration.
 	Role config.Role `yaml:"role"`
+	// Subject is the workload's own identity: the role is assumed with a
+	// token minted for this subject (identity.jwt_url asks the issuer for
+	// it, identity.jwt_command gets it in IMDSPROXY_WORKLOAD), so the
+	// role's trust policy can name exactly this workload. "" uses the
+	// host's token.
+	Subject string `yaml:"subject"`
+}
+
+// Key is the cache key of w's credentials, its role fetched through via
+// with session as the session name when the role names none.
+func (w Workload) Key(session string, via creds.Fetcher) creds.Key {
+	r := w.Role.Creds(session)
+	r.Subject = w.Subject
+	return creds.Key{Kind: creds.KindWorkload, Role: r, Via: via}
 }
 
 // MaxWorkloads bounds the workloads: list (each is a cache key, a metric
@@ -93,6 +108,7 @@ func ValidateWorkloads(list []Workload, hostRole string, margin time.Duration) e
 	names := map[string]string{hostRole: "role.name"}
 	units := map[string]int{}
 	uids := map[int]int{}
+	subjects := map[string]int{}
 	for i := range list {
 		w := &list[i]
 		key := fmt.Sprintf("workloads[%d]", i)
@@ -118,6 +134,15 @@ func ValidateWorkloads(list []Workload, hostRole string, margin time.Duration) e
 				return fmt.Errorf("config: %s.uid: %d is already matched by workloads[%d]", key, u, j)
 			}
 			uids[u] = i
+		}
+		if w.Subject != "" {
+			if !creds.ValidSubject(w.Subject) {
+				return fmt.Errorf("config: %s.subject: %q is not a subject: 1..%d letters, digits or ._:@/+=-, starting with a letter or digit", key, w.Subject, creds.MaxSubject)
+			}
+			if j, dup := subjects[w.Subject]; dup {
+				return fmt.Errorf("config: %s.subject: %s is already the subject of workloads[%d] (each workload's role trusts its own subject)", key, w.Subject, j)
+			}
+			subjects[w.Subject] = i
 		}
 		if err := w.Role.Validate(key+".role", false, DefaultWorkloadDuration); err != nil {
 			return err

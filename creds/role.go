@@ -35,7 +35,23 @@ type Role struct {
 	// Duration is the session duration asked for; 0 lets the service
 	// choose.
 	Duration time.Duration
+	// Subject is the workload subject of the identity token the role is
+	// assumed with (workloads[].subject: the "sub" an issuer mints for the
+	// workload, which the role's trust policy names); "" is the host's
+	// default token. Only web identity uses it.
+	Subject string
 }
+
+// MaxSubject is the longest workload subject, in bytes.
+const MaxSubject = 128
+
+var subjectRe = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._:@/+=-]*$`)
+
+// ValidSubject reports whether s is a valid workload subject: 1..MaxSubject
+// ASCII letters, digits and "._:@/+=-", starting with a letter or digit.
+// Such a subject is safe in an environment variable, a command line, a JSON
+// string and a JWT "sub" claim; the daemon and the issuer apply this rule.
+func ValidSubject(s string) bool { return len(s) <= MaxSubject && subjectRe.MatchString(s) }
 
 var roleNameRe = regexp.MustCompile(`^[\w+=,.@-]{1,64}$`)
 

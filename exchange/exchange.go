@@ -54,9 +54,17 @@ const invalidTokenRetryDelay = 300 * time.Millisecond
 // TokenSource returns the current identity token (a JWT). It is called for
 // every exchange, so it must pick up rotation; token.File implements it.
 // Errors should carry the ErrorClass/Permanent methods of
-// docs/architecture.md (token.Error does).
-type TokenSource interface {
+// docs/architecture.md (token.Error does). It is an alias of an interface
+// literal, identical to token.JWTSource.
+type TokenSource = interface {
 	Token(ctx context.Context) (string, error)
+}
+
+// SubjectTokens is a TokenSource that also mints the tokens of workload
+// subjects (token.Command and token.URL): a role with a Subject is assumed
+// with its subject's token, never the host's.
+type SubjectTokens interface {
+	ForSubject(subject string) (TokenSource, error)
 }
 
 // tokenForgetter is implemented by token sources that remember a token
@@ -158,7 +166,11 @@ func (w *WebIdentity) Fetch(ctx context.Context, role creds.Role) (creds.Credent
 	defer cancel()
 	dur := w.durations.of(role)
 
-	tok, err := w.token(ctx)
+	tokens, err := w.tokensOf(role)
+	if err != nil {
+		return creds.Credentials{}, err
+	}
+	tok, err := token(ctx, tokens)
 	if err != nil {
 		return creds.Credentials{}, err
 	}
@@ -180,10 +192,10 @@ func (w *WebIdentity) Fetch(ctx context.Context, role creds.Role) (creds.Credent
 			case <-t.C:
 			}
 		}
-		if f, ok := w.tokens.(tokenForgetter); ok {
+		if f, ok := tokens.(tokenForgetter); ok {
 			f.Forget(tok)
 		}
-		fresh, terr := w.token(ctx)
+		fresh, terr := token(ctx, tokens)
 		if terr != nil {
 			return creds.Credentials{}, terr
 		}
@@ -208,8 +220,26 @@ func (w *WebIdentity) Fetch(ctx context.Context, role creds.Role) (creds.Credent
 	return c, nil
 }
 
-func (w *WebIdentity) token(ctx context.Context) (string, error) {
-	tok, err := w.tokens.Token(ctx)
+// tokensOf is the token source of role: the host's, or its subject's.
+func (w *WebIdentity) tokensOf(role creds.Role) (TokenSource, error) {
+	if role.Subject == "" {
+		return w.tokens, nil
+	}
+	s, ok := w.tokens.(SubjectTokens)
+	if !ok {
+		return nil, &Error{Op: "read identity token", Role: role.ARN, Class: ClassValidation, permanent: true,
+			Message: fmt.Sprintf("workload subject %q: the identity source mints one subject only (use identity.jwt_url or identity.jwt_command)", role.Subject)}
+	}
+	src, err := s.ForSubject(role.Subject)
+	if err != nil {
+		return nil, &Error{Op: "read identity token", Role: role.ARN, Class: ClassValidation, permanent: true, Message: err.Error()}
+	}
+	return src, nil
+}
+
+// token reads a token from tokens, classified.
+func token(ctx context.Context, tokens TokenSource) (string, error) {
+	tok, err := tokens.Token(ctx)
 	if err != nil {
 		var classed interface{ ErrorClass() string }
 		if errors.As(err, &classed) {
@@ -267,8 +297,18 @@ func checkRole(op string, r creds.Role, needSession bool) *Error {
 		msg = "empty session name"
 	case r.Duration != 0 && (r.Duration < MinDuration || r.Duration > MaxDuration):
 		msg = fmt.Sprintf("duration %s outside %s..%s", r.Duration, MinDuration, MaxDuration)
+	case r.Subject != "" && op != opAssumeRoleWithWebIdentity:
+		return subjectRefused(op, r)
 	default:
 		return nil
 	}
 	return &Error{Op: op, Role: r.ARN, Class: ClassValidation, Message: msg, permanent: true}
+}
+
+// subjectRefused is the error of a source that has no per-workload identity
+// handed a role with a workload subject: never the host's identity for a
+// role meant to be assumed with a workload's own token.
+func subjectRefused(op string, r creds.Role) *Error {
+	return &Error{Op: op, Role: r.ARN, Class: ClassValidation, permanent: true,
+		Message: fmt.Sprintf("workload subject %q: only web identity assumes a role with a workload's own token", r.Subject)}
 }

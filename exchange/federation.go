@@ -162,6 +162,9 @@ func (f *Federation) URL() string { return f.redacted }
 // log lines contain the token or the credentials. On success the
 // credentials are Complete and valid now.
 func (f *Federation) Fetch(ctx context.Context, role creds.Role) (creds.Credentials, error) {
+	if role.Subject != "" {
+		return creds.Credentials{}, subjectRefused(opFederation, role)
+	}
 	ctx, cancel := context.WithTimeout(ctx, f.timeout)
 	defer cancel()
 

@@ -202,6 +202,9 @@ func (p *InstanceProfile) roleName(ctx context.Context) (string, error) {
 // invalid_response. On success the credentials are Complete and valid now.
 // Neither errors nor log lines contain the secret key or the session token.
 func (p *InstanceProfile) Fetch(ctx context.Context, want creds.Role) (creds.Credentials, error) {
+	if want.Subject != "" {
+		return creds.Credentials{}, subjectRefused(profileOp("iam/security-credentials/"), want)
+	}
 	ctx, cancel := context.WithTimeout(ctx, p.timeout)
 	defer cancel()
 	role := want.Name

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/imdsproxy/imdsproxy/config"
+	"github.com/imdsproxy/imdsproxy/creds"
 )
 
 // Attestation methods, as named in the token request's "method" and in
@@ -46,7 +47,7 @@ const (
 	MaxSessionTags  = 50
 	MaxTagKeyLen    = 128
 	MaxTagValueLen  = 256
-	MaxSubjectLen   = 128
+	MaxSubjectLen   = creds.MaxSubject
 	maxPlaceholders = 4
 )
 
@@ -281,7 +282,6 @@ func ParseConfig(data []byte) (*Config, error) {
 var (
 	accountRe  = regexp.MustCompile(`^\d{12}$`)
 	regionRe   = regexp.MustCompile(`^[a-z]{2}(-[a-z]+)+-\d{1,2}$`)
-	subjectRe  = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._:@/+=-]*$`)
 	ruleNameRe = regexp.MustCompile(`^[a-z0-9][a-z0-9_.-]{0,62}$`)
 	// tagCharsRe is the character set STS accepts in session tag keys and
 	// values.
@@ -465,7 +465,7 @@ func (r *Rule) validate(i int, att Attestation) error {
 	}
 	longest := 0
 	for j, s := range r.Subjects {
-		if len(s) == 0 || len(s) > MaxSubjectLen || !subjectRe.MatchString(s) {
+		if !creds.ValidSubject(s) {
 			return keyErr(fmt.Sprintf("%s.subjects[%d]", key, j), "%q: 1-%d characters of A-Z a-z 0-9 . _ : / @ + = -, starting with a letter or digit (as the daemon's token.URL.For accepts)", s, MaxSubjectLen)
 		}
 		if slices.Index(r.Subjects, s) != j {

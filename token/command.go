@@ -9,7 +9,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"regexp"
 	"strings"
 	"sync"
 	"syscall"
@@ -41,12 +40,9 @@ const (
 // default subject's runs never have it.
 const WorkloadEnv = "IMDSPROXY_WORKLOAD"
 
-// MaxWorkloadSubject is the longest subject For accepts, in bytes.
-const MaxWorkloadSubject = 128
-
-// workloadSubject is the charset of a subject: it goes into an environment
-// variable and, most likely, a command line or a JWT "sub" claim.
-var workloadSubject = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._:@/+=-]*$`)
+// MaxWorkloadSubject is the longest subject For accepts, in bytes
+// (creds.ValidSubject is the rule).
+const MaxWorkloadSubject = creds.MaxSubject
 
 // Defaults of CommandOptions and URLOptions.
 const (
@@ -204,7 +200,7 @@ func (c *Command) For(subject string) (*Command, error) {
 	if subject == "" {
 		return root, nil
 	}
-	if len(subject) > MaxWorkloadSubject || !workloadSubject.MatchString(subject) {
+	if !creds.ValidSubject(subject) {
 		return nil, fmt.Errorf("token: command %s: workload subject %q: want 1..%d letters, digits or ._:@/+=-, starting with a letter or digit",
 			c.argv[0], sanitizeText(subject, 2*MaxWorkloadSubject), MaxWorkloadSubject)
 	}
@@ -218,6 +214,16 @@ func (c *Command) For(subject string) (*Command, error) {
 	cfg.workload, cfg.fetch, cfg.reg = subject, sc.run, nil
 	sc.jwt = &jwtSource{jwtSourceConfig: cfg, fetches: root.jwt.fetches}
 	root.subjects[subject] = sc
+	return sc, nil
+}
+
+// ForSubject is For as a JWTSource, for the exchange: the tokens of a
+// workload's own subject (workloads[].subject).
+func (c *Command) ForSubject(subject string) (JWTSource, error) {
+	sc, err := c.For(subject)
+	if err != nil {
+		return nil, err
+	}
 	return sc, nil
 }
 

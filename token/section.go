@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net/url"
 	"strings"
 	"time"
 
@@ -18,13 +19,21 @@ import (
 // jwt_url); x509 for Roles Anywhere (and as the client certificate of a
 // federation endpoint).
 type Section struct {
-	JWTFile    string          `yaml:"jwt_file"`
-	JWTCommand []string        `yaml:"jwt_command"`
-	JWTURL     string          `yaml:"jwt_url"`
-	CAFile     string          `yaml:"ca_file"`       // extra CA bundle for jwt_url
-	Timeout    config.Duration `yaml:"timeout"`       // bound on jwt_command / jwt_url
-	X509       *X509Section    `yaml:"x509"`          // cert, key, chain
-	Insecure   bool            `yaml:"insecure_http"` // allow http:// jwt_url to loopback
+	JWTFile    string   `yaml:"jwt_file"`
+	JWTCommand []string `yaml:"jwt_command"`
+	JWTURL     string   `yaml:"jwt_url"`
+	// Attestation is how jwt_url proves the host: aws_iid (the signed
+	// instance identity document, the default) or aws_iam (an
+	// sts:GetCallerIdentity request signed with the instance profile's
+	// credentials, bound to Issuer).
+	Attestation string `yaml:"attestation"`
+	// Issuer is the issuer's identifier (its `issuer`, the iss of its
+	// tokens) that an aws_iam request is bound to.
+	Issuer   string          `yaml:"issuer"`
+	CAFile   string          `yaml:"ca_file"`       // extra CA bundle for jwt_url
+	Timeout  config.Duration `yaml:"timeout"`       // bound on jwt_command / jwt_url
+	X509     *X509Section    `yaml:"x509"`          // cert, key, chain
+	Insecure bool            `yaml:"insecure_http"` // allow http:// jwt_url to loopback
 }
 
 // X509Section names the PEM files of an X.509 identity.
@@ -77,6 +86,9 @@ func (s *Section) Validate() error {
 	} else if s.Insecure {
 		return errors.New("config: identity.insecure_http: only used with an http:// identity.jwt_url")
 	}
+	if err := s.validateAttestation(); err != nil {
+		return err
+	}
 	if keys := s.JWTKeys(); len(keys) > 1 {
 		return fmt.Errorf("config: identity: set only one of jwt_file, jwt_command, jwt_url (got %s)", strings.Join(keys, ", "))
 	}
@@ -107,9 +119,31 @@ func (s *Section) Validate() error {
 	return nil
 }
 
+// validateAttestation checks attestation and issuer.
+func (s *Section) validateAttestation() error {
+	switch {
+	case s.Attestation != "" && s.JWTURL == "":
+		return errors.New("config: identity.attestation: only used with identity.jwt_url")
+	case s.Attestation == "" || s.Attestation == URLMethodIID:
+		if s.Issuer != "" {
+			return errors.New("config: identity.issuer: only used with identity.attestation: aws_iam")
+		}
+		return nil
+	case s.Attestation != URLMethodIAM:
+		return fmt.Errorf("config: identity.attestation: %q is not one of %s, %s", s.Attestation, URLMethodIID, URLMethodIAM)
+	}
+	u, err := url.Parse(s.Issuer)
+	if s.Issuer == "" || err != nil || (u.Scheme != "https" && u.Scheme != "http") || u.Host == "" || u.User != nil {
+		return errors.New("config: identity.issuer: aws_iam needs the issuer's identifier, the https:// URL of its `issuer` setting")
+	}
+	return nil
+}
+
 // JWTSource returns the current identity token; File, Command and URL
-// implement it.
-type JWTSource interface {
+// implement it. It is an alias of an interface literal, so that the
+// exchange's TokenSource (the same literal) is the identical type and
+// ForSubject satisfies the exchange's interface without an import.
+type JWTSource = interface {
 	Token(ctx context.Context) (string, error)
 }
 
@@ -122,7 +156,8 @@ func (s Section) NewJWT(imdsBase string, log *zap.Logger, reg prometheus.Registe
 	case len(s.JWTCommand) > 0:
 		return NewCommand(s.JWTCommand, CommandOptions{Timeout: s.Timeout.D()}, log, reg)
 	case s.JWTURL != "":
-		return NewURL(s.JWTURL, URLOptions{IMDSBase: imdsBase, CAFile: s.CAFile, Timeout: s.Timeout.D()}, log, reg)
+		return NewURL(s.JWTURL, URLOptions{IMDSBase: imdsBase, CAFile: s.CAFile, Timeout: s.Timeout.D(),
+			Method: s.Attestation, IAM: URLIAMOptions{Issuer: s.Issuer}}, log, reg)
 	}
 	return nil, errors.New("token: identity: no JWT source configured")
 }

@@ -303,7 +303,7 @@ func (u *URL) For(subject string) (*URL, error) {
 	if subject == "" {
 		return u, nil
 	}
-	if len(subject) > MaxWorkloadSubject || !workloadSubject.MatchString(subject) {
+	if !creds.ValidSubject(subject) {
 		return nil, fmt.Errorf("token: jwt_url %s: workload subject %q: want 1..%d letters, digits or ._:@/+=-, starting with a letter or digit",
 			u.redacted, sanitizeText(subject, 2*MaxWorkloadSubject), MaxWorkloadSubject)
 	}
@@ -321,6 +321,16 @@ func (u *URL) For(subject string) (*URL, error) {
 	cfg.workload, cfg.fetch, cfg.reg = subject, su.fetch, nil
 	su.jwt = &jwtSource{jwtSourceConfig: cfg, fetches: u.jwt.fetches}
 	u.subjects[subject] = su
+	return su, nil
+}
+
+// ForSubject is For as a JWTSource, for the exchange: the tokens of a
+// workload's own subject (workloads[].subject).
+func (u *URL) ForSubject(subject string) (JWTSource, error) {
+	su, err := u.For(subject)
+	if err != nil {
+		return nil, err
+	}
 	return su, nil
 }
 

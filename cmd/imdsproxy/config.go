@@ -143,6 +143,11 @@ func (c *Config) validate() error {
 		}
 		return fmt.Errorf("config: workloads: not supported with source %s (%s)", c.Source, why)
 	}
+	for i, w := range c.Workloads {
+		if w.Subject != "" && (c.Source != exchange.SourceNameWebIdentity || c.Identity.JWTFile != "") {
+			return fmt.Errorf("config: workloads[%d].subject: needs source web-identity with identity.jwt_url or identity.jwt_command (a jwt_file holds one subject)", i)
+		}
+	}
 	if err := c.Cache.Validate(c.Role.Duration.D()); err != nil {
 		return err
 	}

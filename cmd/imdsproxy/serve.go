@@ -607,7 +607,7 @@ func (d *daemon) build(ctx context.Context, cfg Config, prev *generation) (*gene
 		g.hostKey = creds.Key{Kind: creds.KindWorkload, Role: cfg.Role.Creds(session), Via: src.Workload}
 	}
 	for _, w := range cfg.Workloads {
-		g.workloadKeys = append(g.workloadKeys, creds.Key{Kind: creds.KindWorkload, Role: w.Role.Creds(session), Via: src.Workload})
+		g.workloadKeys = append(g.workloadKeys, w.Key(session, src.Workload))
 	}
 	return g, nil
 }
