@@ -234,7 +234,7 @@ func (r *Resolver) LookupConn(ctx context.Context, c net.Conn) (Info, error) {
 //     for a socket made before the Resolver, or whose creator has
 //     exited, as in ModeCgroupProcs.
 //   - ModeCgroupProcs: a process holding the socket open among the newest
-//     processes of the socket's cgroup (at most 64 of them and 4096 fds
+//     processes of the socket's cgroup (at most 16 of them and 512 fds
 //     read): only for sockets of this process's uid, or of any uid with
 //     CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH; the socket's fds, not the
 //     host's processes, are read.
