@@ -1,0 +1,151 @@
+package peer
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"os"
+	"strconv"
+	"strings"
+	"testing"
+
+	"golang.org/x/sys/unix"
+)
+
+// benchProcs is the numbers of extra idle processes BenchmarkIdentify runs
+// with: PEER_BENCH_PROCS (comma separated), default 0 and 2000.
+func benchProcs(b *testing.B) []int {
+	s := os.Getenv("PEER_BENCH_PROCS")
+	if s == "" {
+		return []int{0, 2000}
+	}
+	var ns []int
+	for f := range strings.SplitSeq(s, ",") {
+		n, err := strconv.Atoi(strings.TrimSpace(f))
+		if err != nil || n < 0 {
+			b.Fatalf("PEER_BENCH_PROCS=%q", s)
+		}
+		ns = append(ns, n)
+	}
+	return ns
+}
+
+// BenchmarkIdentify measures the identification of a connection's client
+// on an idle host and with extra idle processes (sleep, 50 open files
+// each, in this process's cgroup), which must not change it:
+//
+//   - lookup: LookupConn alone — uid, cgroup and unit, what access
+//     decisions need (sock_diag and the cgroup map);
+//   - ebpf: LookupConn and Process in ModeEBPF (pid, exe);
+//   - cgroup_procs: LookupConn and Process in ModeCgroupProcs, allowed to
+//     read every process's fds (root);
+//
+// for a root client in a cgroup of its own, as a systemd service or scope
+// is; and new_conn/*: a new connection from this process each time (dial,
+// accept, identify, close; baseline without identifying), where
+// ModeCgroupProcs searches this process's cgroup, crowded with the extra
+// processes — at most maxSearchProcs of them. It needs root and a cgroup2
+// mount.
+func BenchmarkIdentify(b *testing.B) {
+	skipIfUnsupported(b)
+	ctx := context.Background()
+	for _, procs := range benchProcs(b) {
+		b.Run(fmt.Sprintf("procs=%d", procs), func(b *testing.B) {
+			spawnIdle(b, procs, 50, "")
+			fallback := newTestResolver(b, Options{BPF: BPFOff})
+			var ebpf *Resolver
+			if r, err := newResolver(Options{BPF: BPFRequired}, hostEnv()); err != nil {
+				b.Logf("eBPF not available: %v", err)
+			} else {
+				ebpf = r
+				b.Cleanup(func() { r.Close() })
+			}
+			c := startCgroupClient(b, 0) // after the Resolvers: the eBPF table sees its socket
+			identify := func(name string, r *Resolver, process bool) {
+				b.Run(name, func(b *testing.B) {
+					if r == nil {
+						b.Skip("SKIPPED: eBPF is not available")
+					}
+					for b.Loop() {
+						info, err := r.LookupConn(ctx, c.server)
+						if err != nil {
+							b.Fatal(err)
+						}
+						if process {
+							info = r.Process(ctx, info)
+						}
+						if info.Unit != c.unit || process && info.PID != c.pid {
+							b.Fatalf("%+v, want unit %s pid %d", info, c.unit, c.pid)
+						}
+					}
+				})
+			}
+			identify("lookup", fallback, false)
+			identify("ebpf", ebpf, true)
+			identify("cgroup_procs", fallback, true)
+
+			ln, err := net.Listen("tcp4", "127.0.0.1:0")
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer ln.Close()
+			newConn := func(name string, r *Resolver, process bool) {
+				b.Run("new_conn/"+name, func(b *testing.B) {
+					if name == "ebpf" && r == nil {
+						b.Skip("SKIPPED: eBPF is not available")
+					}
+					for b.Loop() {
+						client, err := net.Dial("tcp4", ln.Addr().String())
+						if err != nil {
+							b.Fatal(err)
+						}
+						server, err := ln.Accept()
+						if err != nil {
+							b.Fatal(err)
+						}
+						if r != nil {
+							info, err := r.LookupConn(ctx, server)
+							if err != nil {
+								b.Fatal(err)
+							}
+							if process {
+								info = r.Process(ctx, info)
+							}
+							if name == "ebpf" && info.PID != os.Getpid() {
+								b.Fatalf("%+v, want pid %d", info, os.Getpid())
+							}
+						}
+						server.Close()
+						client.Close()
+					}
+				})
+			}
+			newConn("baseline", nil, false)
+			newConn("lookup", fallback, false)
+			newConn("ebpf", ebpf, true)
+			newConn("cgroup_procs", fallback, true)
+		})
+	}
+}
+
+// BenchmarkSocketCreate measures what ModeEBPF costs every other process
+// on the host: socket(2) and close(2) of a TCP socket, without and with the
+// programs attached (the create program's map update, the release
+// program's delete).
+func BenchmarkSocketCreate(b *testing.B) {
+	skipIfUnsupported(b)
+	create := func(b *testing.B) {
+		for b.Loop() {
+			fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+			if err != nil {
+				b.Fatal(err)
+			}
+			unix.Close(fd)
+		}
+	}
+	b.Run("without_programs", create)
+	b.Run("with_programs", func(b *testing.B) {
+		ebpfResolver(b)
+		create(b)
+	})
+}
