@@ -572,6 +572,20 @@ func TestParseStartTime(t *testing.T) {
 	}
 }
 
+// FuzzParseStartTime: /proc/<pid>/stat holds the process's name, which
+// the process chooses (any bytes but NUL, parentheses and spaces included).
+func FuzzParseStartTime(f *testing.F) {
+	f.Add([]byte("1 (init) S 0 1 1 0 -1 4194560 1 2 3 4 5 6 7 8 20 0 1 0 42 1000 5"))
+	f.Add([]byte("77 (a) b) R 1 77 77 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 12345 0 0"))
+	f.Fuzz(func(t *testing.T, name []byte) {
+		stat := append(append([]byte("77 ("), name...), ") R 1 77 77 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 31337 99 0"...)
+		if v, ok := parseStartTime(stat); !ok || v != 31337 {
+			t.Errorf("name %q: starttime %d, %v; want 31337", name, v, ok)
+		}
+		parseStartTime(name) // anything at all: no panic
+	})
+}
+
 // recordingFS records every file Process reads.
 type recordingFS struct {
 	fs  fileSystem

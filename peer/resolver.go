@@ -158,9 +158,11 @@ func (p resolverParts) close() error {
 	return errors.Join(errs...)
 }
 
-// Close stops the cgroup watcher and detaches the eBPF programs. Lookups
-// after Close still answer, from a map no longer kept current; Process
-// falls back to ModeCgroupProcs.
+// Close stops the cgroup watcher and detaches the eBPF programs. Call it
+// after the last Process call has returned (a Process racing with Close
+// may read a closed map's descriptor). Lookups after Close still answer,
+// from a map no longer kept current; Process falls back to
+// ModeCgroupProcs.
 func (r *Resolver) Close() error {
 	r.closeOnce.Do(func() {
 		r.cleanup.Stop()
@@ -236,8 +238,8 @@ func (r *Resolver) LookupConn(ctx context.Context, c net.Conn) (Info, error) {
 //   - ModeCgroupProcs: a process holding the socket open among the newest
 //     processes of the socket's cgroup (at most 16 of them and 512 fds
 //     read): only for sockets of this process's uid, or of any uid with
-//     CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH; the socket's fds, not the
-//     host's processes, are read.
+//     CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH. Only these processes' fds are
+//     read, never those of the host's other processes.
 //
 // Exe needs CAP_SYS_PTRACE for another uid's process. When a PID is found
 // and the kernel's record of the socket's cgroup tells nothing (Cgroup ""
