@@ -1,12 +1,15 @@
 package peer
 
 import (
+	"bufio"
 	"context"
 	"fmt"
 	"net"
 	"os"
+	"os/exec"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -50,7 +53,9 @@ func benchProcs(b *testing.B) []int {
 
 // BenchmarkIdentify measures the identification of a connection's client
 // on an idle host and with extra idle processes (sleep, 50 open files
-// each, in this process's cgroup), which must not change it:
+// each, in this process's cgroup, children of a shell: not of this process,
+// whose heap and fd table they would grow, as they do not the daemon's),
+// which must not change it:
 //
 //   - lookup: LookupConn alone — uid, cgroup and unit, what access
 //     decisions need (sock_diag and the cgroup map);
@@ -69,7 +74,7 @@ func BenchmarkIdentify(b *testing.B) {
 	ctx := context.Background()
 	for _, procs := range benchProcs(b) {
 		b.Run(fmt.Sprintf("procs=%d", procs), func(b *testing.B) {
-			spawnIdle(b, procs, 50, "")
+			spawnIdleShell(b, procs, 50)
 			fallback := newTestResolver(b, Options{BPF: BPFOff})
 			var ebpf *Resolver
 			if r, err := newResolver(Options{BPF: BPFRequired}, hostEnv()); err != nil {
@@ -166,4 +171,46 @@ func BenchmarkSocketCreate(b *testing.B) {
 		ebpfResolver(b)
 		create(b)
 	})
+}
+
+// idleShell starts $N sleeps holding $F open files each (0, 1, 2 and 3..F-1
+// on /dev/null), says "ready", and on SIGTERM kills and reaps them.
+const idleShell = `for ((fd = 3; fd < F; fd++)); do eval "exec $fd</dev/null"; done
+trap 'kill $(jobs -p) 2>/dev/null; wait; exit 0' TERM
+for ((i = 0; i < N; i++)); do sleep 600 & done
+echo ready
+wait`
+
+// spawnIdleShell starts n idle processes holding fds open files each, as
+// children of a bash (in a process group of its own) rather than of this
+// process, and at the end of the benchmark has the shell kill and reap
+// them (SIGKILL to the group if it has not within 10 s). They end by
+// themselves after 10 minutes.
+func spawnIdleShell(b *testing.B, n, fds int) {
+	b.Helper()
+	if n == 0 {
+		return
+	}
+	if _, err := exec.LookPath("bash"); err != nil {
+		b.Skip("SKIPPED: bash is not installed")
+	}
+	cmd := exec.Command("bash", "-c", idleShell)
+	cmd.Env = append(os.Environ(), "N="+strconv.Itoa(n), "F="+strconv.Itoa(fds))
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGTERM}
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		b.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() {
+		_ = cmd.Process.Signal(syscall.SIGTERM)
+		t := time.AfterFunc(10*time.Second, func() { _ = syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL) })
+		defer t.Stop()
+		_ = cmd.Wait()
+	})
+	if line, err := bufio.NewReader(out).ReadString('\n'); err != nil || line != "ready\n" {
+		b.Fatalf("idle processes: %q, %v", line, err)
+	}
 }
