@@ -31,9 +31,11 @@ const (
 	// when full (a forgotten id is then a miss, answered after one
 	// catch-up of the watcher).
 	maxDeadIDs = 4096
-	// maxProcsBytes bounds the read of one cgroup.procs file (about 100k
-	// pids).
-	maxProcsBytes = 1 << 20
+	// maxProcsBytes bounds the read of one cgroup.procs file, and so its
+	// time (the kernel lists the cgroup's processes as they are read): about
+	// 9,000 pids. Of a larger cgroup (a host whose processes all sit in the
+	// root) the rest is not searched.
+	maxProcsBytes = 64 << 10
 	mountinfoPath = "/proc/self/mountinfo"
 	// is32bit: a 32-bit kernel's cgroup id carries a generation in its
 	// high 32 bits and the inode number in its low 32 bits (assumed from
