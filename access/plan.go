@@ -255,6 +255,11 @@ func (p *Plan) Gen() uint32 { return p.gen }
 // zero Client is passed.
 func (p *Plan) Identify() bool { return p.identify }
 
+// Audit reports whether hand-outs are audited (access.audit): the audit
+// line names the client's pid and executable, which cost more to find than
+// what decisions need.
+func (p *Plan) Audit() bool { return p.audit }
+
 // Passthrough is what the plan refuses on the pass-through (the current
 // plan's always: a path refused now is refused at once).
 func (p *Plan) Passthrough() Protection { return p.passthrough }

@@ -3,9 +3,7 @@ package peer
 import (
 	"bufio"
 	"context"
-	"errors"
 	"io"
-	"io/fs"
 	"math/bits"
 	"os"
 	"path"
@@ -13,28 +11,31 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
 // Limits of the cgroup id map.
 const (
-	// DefaultCgroupWalkInterval is the least time between two walks of the
-	// cgroup2 tree: a lookup of an unknown id waits (within its context)
-	// for the next walk rather than walking at once, so a flood of
-	// connections from new or removed cgroups costs at most one walk per
-	// interval. The interval grows to walkDutyCycle times the last walk's
-	// duration, so walks of a huge tree take at most a tenth of a CPU.
-	DefaultCgroupWalkInterval = 50 * time.Millisecond
-	walkDutyCycle             = 10
-	// maxCgroups bounds a walk, breadth first (shallow cgroups, where
-	// system units are, first), and half the map.
-	maxCgroups = 1 << 15
-	// maxDeadIDs bounds the set of ids known to be gone; it is emptied
-	// when full.
+	// DefaultMissWait is how long a lookup of a cgroup id the map does not
+	// hold waits, at most, for the watcher to report it (see
+	// Options.MissWait). The wait ends as soon as the watcher has applied
+	// every change made before the lookup began, which takes a wake-up, not
+	// a walk.
+	DefaultMissWait = 20 * time.Millisecond
+	// maxCgroups bounds the map (and the inotify watches): beyond it new
+	// cgroups are not mapped, and the tree is walked again in the
+	// background from time to time.
+	maxCgroups = 1 << 16
+	// maxDeadIDs bounds the set of ids known to be removed; it is emptied
+	// when full (a forgotten id is then a miss, answered after one
+	// catch-up of the watcher).
 	maxDeadIDs = 4096
-	// maxProcsBytes bounds the read of one cgroup.procs file (about 100k
-	// pids).
-	maxProcsBytes = 1 << 20
+	// maxProcsBytes bounds the read of one cgroup.procs file, and so its
+	// time (the kernel lists the cgroup's processes as they are read): about
+	// 9,000 pids. Of a larger cgroup (a host whose processes all sit in the
+	// root) the rest is not searched.
+	maxProcsBytes = 64 << 10
 	mountinfoPath = "/proc/self/mountinfo"
 	// is32bit: a 32-bit kernel's cgroup id carries a generation in its
 	// high 32 bits and the inode number in its low 32 bits (assumed from
@@ -48,44 +49,52 @@ type cgroupEntry struct {
 	path string // the cgroup's path in the hierarchy (as /proc/<pid>/cgroup's 0:: line)
 }
 
-// cgroupMap maps cgroup v2 ids to paths by walking the cgroup2 file
-// system, where a cgroup's id is the inode number of its directory (on
-// 64-bit kernels; the low 32 bits on 32-bit ones). Ids are never reused
-// while the kernel runs, so a mapping, once found, stays true: a complete
-// walk replaces the map only to forget removed cgroups, and one cut short
-// at the limit keeps what earlier walks found. An id that a complete walk,
-// begun after the socket existed, did not find is remembered as gone. It is
-// safe for concurrent use; walks are serialised and rate limited.
-type cgroupMap struct {
-	// locate returns the cgroup2 mount point and the mount's root inside
-	// the hierarchy ("/" unless mounted from a cgroup namespace or a bind
-	// mount); mount "" means there is no cgroup2 file system.
-	locate   func() (mount, root string, err error)
-	interval time.Duration
-	limit    int // most cgroups walked (maxCgroups); the map holds up to twice as many
+// cgroupState is what the map knows of an id.
+type cgroupState int
 
-	once   sync.Once
-	mount  string
-	prefix string
+const (
+	cgroupUnknown cgroupState = iota // not (yet) in the map
+	cgroupFound
+	cgroupGone // seen removed
+)
+
+// cgroupMap maps cgroup v2 ids to their directories under the cgroup2
+// mount. On cgroup2 a cgroup's id is the inode number of its directory (on
+// 64-bit kernels; the low 32 bits on 32-bit ones); ids are never reused
+// while the kernel runs, so an id, once removed, never resolves again. The
+// map is filled and kept current by a watcher (see startCgroupWatcher);
+// lookups only read it, and wait, boundedly, for the watcher to catch up
+// with changes made before they began. It is safe for concurrent use.
+type cgroupMap struct {
+	mount  string // cgroup2 mount point, without a trailing slash
+	prefix string // the mount's root inside the hierarchy, "/" unless a namespace or bind mount
 
 	mu    sync.RWMutex
-	paths map[uint64]string // id -> rel, as of the last walk
-	dead  map[uint64]bool   // ids a walk that began after they were asked for did not find
+	paths map[uint64]string   // id -> rel
+	dead  map[uint64]struct{} // ids of cgroups seen removed
+	// caughtUp: every change of the tree made before it is in paths. Its
+	// monotonic reading is what counts.
+	caughtUp time.Time
+	changed  chan struct{} // closed, and replaced, whenever paths or caughtUp change
 
-	walkTok  chan struct{} // a token held by the walker
-	walkedAt time.Time     // start of the last walk; guarded by walkTok
-	walkTook time.Duration // duration of the last walk; guarded by walkTok
-	complete bool          // the last walk saw every cgroup; guarded by walkTok
-	walks    int           // number of walks; guarded by walkTok
+	// nudge asks the watcher to catch up now; nil without a watcher.
+	nudge func()
+	// walks counts full walks of the tree (the first one included).
+	walks atomic.Int64
 }
 
-// newCgroupMap returns a map that finds the cgroup2 mount with locate on
-// first use and walks it at most once per interval.
-func newCgroupMap(locate func() (string, string, error), interval time.Duration) *cgroupMap {
-	return &cgroupMap{locate: locate, interval: interval, limit: maxCgroups, walkTok: make(chan struct{}, 1)}
+func newCgroupMap(mount, root string) *cgroupMap {
+	return &cgroupMap{
+		mount:   strings.TrimSuffix(mount, "/"),
+		prefix:  path.Clean("/" + root),
+		paths:   make(map[uint64]string),
+		dead:    make(map[uint64]struct{}),
+		changed: make(chan struct{}),
+	}
 }
 
-// locateCgroup2 finds the cgroup2 mount in /proc/self/mountinfo.
+// locateCgroup2 finds the cgroup2 mount in /proc/self/mountinfo: mount ""
+// when there is none.
 func locateCgroup2() (mount, root string, err error) {
 	f, err := os.Open(mountinfoPath)
 	if err != nil {
@@ -96,92 +105,52 @@ func locateCgroup2() (mount, root string, err error) {
 	return mount, root, nil
 }
 
-func (m *cgroupMap) init() {
-	mount, root, err := m.locate()
-	if err != nil || mount == "" {
-		return
-	}
-	m.mount = strings.TrimSuffix(mount, "/")
-	m.prefix = path.Clean("/" + root)
-}
-
-// available reports whether a cgroup2 file system was found.
-func (m *cgroupMap) available() bool {
-	m.once.Do(m.init)
-	return m.mount != ""
-}
-
-// lookup returns where the cgroup with the given id is. On a miss it walks
-// the tree again, or waits within ctx for the next walk allowed by the
-// interval; ok is false when the cgroup is gone (or was created and removed
-// between walks), when ctx ends first, or when there is no cgroup2 mount.
-func (m *cgroupMap) lookup(ctx context.Context, id uint64) (e cgroupEntry, ok bool) {
-	if !m.available() {
-		return cgroupEntry{}, false
+// lookup returns where the cgroup with the given id is, from the map. When
+// the map holds neither it nor its removal, lookup asks the watcher to
+// catch up and waits until the watcher has applied every change made
+// before the lookup began (then the answer is final), for at most wait, or
+// until ctx ends. ok is false when the cgroup is gone, unknown in time, or
+// outside the mount.
+func (m *cgroupMap) lookup(ctx context.Context, id uint64, wait time.Duration) (e cgroupEntry, ok bool) {
+	rel, st, _, _ := m.state(id)
+	if st != cgroupUnknown || wait <= 0 || m.nudge == nil {
+		return m.entry(rel), st == cgroupFound
 	}
 	start := time.Now()
-	if rel, found, dead := m.cached(id); found || dead {
-		return m.entry(rel), found
-	}
-	select {
-	case m.walkTok <- struct{}{}:
-	case <-ctx.Done():
-		return cgroupEntry{}, false
-	}
-	defer func() { <-m.walkTok }()
-	if rel, found, dead := m.cached(id); found || dead {
-		return m.entry(rel), found
-	}
-	if !m.walkedAt.Before(start) {
-		// A walk began after this lookup did, and so after the socket's
-		// cgroup was made, and did not find it: it is gone (if the walk
-		// saw everything).
-		if m.complete {
-			m.markDead(id)
+	t := time.NewTimer(wait)
+	defer t.Stop()
+	m.nudge()
+	for {
+		rel, st, caughtUp, changed := m.state(id)
+		if st != cgroupUnknown || caughtUp.After(start) {
+			return m.entry(rel), st == cgroupFound
 		}
-		return cgroupEntry{}, false
-	}
-	if wait := time.Until(m.walkedAt.Add(max(m.interval, walkDutyCycle*m.walkTook))); wait > 0 {
-		if dl, ok := ctx.Deadline(); ok && wait > time.Until(dl)/2 {
-			// Waiting would use up most of the lookup's budget, which
-			// the /proc fallback needs: a miss now.
-			return cgroupEntry{}, false
-		}
-		t := time.NewTimer(wait)
 		select {
+		case <-changed:
 		case <-t.C:
+			return cgroupEntry{}, false
 		case <-ctx.Done():
-			t.Stop()
 			return cgroupEntry{}, false
 		}
 	}
-	m.walkedAt = time.Now()
-	m.walks++
-	paths, complete := walkCgroups(ctx, m.mount, m.limit)
-	m.walkTook, m.complete = time.Since(m.walkedAt), complete
-	m.mu.Lock()
-	if !complete {
-		// Ids are never reused: what an earlier walk found and this one
-		// did not reach is still true. Keep up to as many again.
-		for id, rel := range m.paths {
-			if len(paths) >= 2*m.limit {
-				break
-			}
-			if _, ok := paths[id]; !ok {
-				paths[id] = rel
-			}
-		}
+}
+
+// state is what the map knows of id, when the watcher last caught up, and
+// the channel closed at its next change.
+func (m *cgroupMap) state(id uint64) (rel string, st cgroupState, caughtUp time.Time, changed <-chan struct{}) {
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	rel, ok := m.paths[id]
+	if !ok && is32bit {
+		rel, ok = m.paths[id&0xffffffff]
 	}
-	m.paths = paths
-	m.mu.Unlock()
-	rel, found, _ := m.cached(id)
-	if !found {
-		if complete {
-			m.markDead(id)
-		}
-		return cgroupEntry{}, false
+	if ok {
+		return rel, cgroupFound, m.caughtUp, m.changed
 	}
-	return m.entry(rel), true
+	if _, dead := m.dead[id]; dead {
+		st = cgroupGone
+	}
+	return "", st, m.caughtUp, m.changed
 }
 
 func (m *cgroupMap) entry(rel string) cgroupEntry {
@@ -191,99 +160,83 @@ func (m *cgroupMap) entry(rel string) cgroupEntry {
 	return cgroupEntry{rel: rel, path: path.Join(m.prefix, rel)}
 }
 
-func (m *cgroupMap) cached(id uint64) (rel string, found, dead bool) {
-	m.mu.RLock()
-	defer m.mu.RUnlock()
-	if rel, ok := m.paths[id]; ok {
-		return rel, true, false
-	}
-	if rel, ok := m.paths[id&0xffffffff]; ok && is32bit {
-		return rel, true, false
-	}
-	return "", false, m.dead[id]
-}
-
-func (m *cgroupMap) markDead(id uint64) {
+// set records that the cgroup id is the directory rel. Callers hold no
+// lock; the change is published by the next publish.
+func (m *cgroupMap) set(id uint64, rel string) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	if m.dead == nil || len(m.dead) >= maxDeadIDs {
-		m.dead = make(map[uint64]bool)
-	}
-	m.dead[id] = true
+	m.paths[id] = rel
+	delete(m.dead, id)
 }
 
-// procs returns the pids in the cgroup whose directory is rel, newest
-// (highest) first, or nil when they cannot be read.
-func (m *cgroupMap) procs(rel string) []int {
-	if !m.available() {
-		return nil
+// remove records that the cgroup id was removed.
+func (m *cgroupMap) remove(id uint64) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	delete(m.paths, id)
+	m.markDeadLocked(id)
+}
+
+func (m *cgroupMap) markDeadLocked(id uint64) {
+	if len(m.dead) >= maxDeadIDs {
+		clear(m.dead)
 	}
-	f, err := os.Open(m.mount + path.Clean("/"+rel) + "/cgroup.procs")
+	m.dead[id] = struct{}{}
+}
+
+// replace swaps in the map of a complete walk: every id it lacks is gone.
+func (m *cgroupMap) replace(paths map[uint64]string) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for id := range m.paths {
+		if _, ok := paths[id]; !ok {
+			m.markDeadLocked(id)
+		}
+	}
+	for id := range paths {
+		delete(m.dead, id)
+	}
+	m.paths = paths
+}
+
+// publish records that every change made before t is applied, and wakes
+// the lookups waiting for it.
+func (m *cgroupMap) publish(t time.Time) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if t.After(m.caughtUp) {
+		m.caughtUp = t
+	}
+	close(m.changed)
+	m.changed = make(chan struct{})
+}
+
+// size is the number of cgroups mapped.
+func (m *cgroupMap) size() int {
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	return len(m.paths)
+}
+
+// procs returns up to limit pids of the cgroup whose directory is rel,
+// newest (highest) first, read through fsys; nil when they cannot be read.
+func (m *cgroupMap) procs(fsys fileSystem, rel string, limit int) []int {
+	data, err := fsys.ReadFile(m.mount+path.Clean("/"+rel)+"/cgroup.procs", maxProcsBytes)
 	if err != nil {
 		return nil
 	}
-	defer f.Close()
 	var pids []int
-	sc := bufio.NewScanner(io.LimitReader(f, maxProcsBytes))
-	for sc.Scan() {
-		if pid, err := strconv.Atoi(sc.Text()); err == nil && pid > 0 {
+	for line := range strings.SplitSeq(string(data), "\n") {
+		if pid, err := strconv.Atoi(line); err == nil && pid > 0 {
 			pids = append(pids, pid)
 		}
 	}
 	slices.Sort(pids)
 	slices.Reverse(pids)
-	return pids
-}
-
-// walkCgroups maps the inode number of the directories under mount to
-// their paths relative to mount ("/" for mount itself), breadth first, at
-// most limit of them. complete is true only when the walk saw every
-// directory: it is false when it stopped at the limit or because ctx ended,
-// dropped a directory, or could not read one (EMFILE, a directory it may
-// not read). Directories that vanish during the walk are skipped and do not
-// make it incomplete.
-func walkCgroups(ctx context.Context, mount string, limit int) (paths map[uint64]string, complete bool) {
-	paths = make(map[uint64]string)
-	queue := []string{"/"}
-	complete = true
-	for len(queue) > 0 {
-		if len(paths) >= limit || len(paths)%256 == 255 && ctx.Err() != nil {
-			return paths, false
-		}
-		rel := queue[0]
-		queue = queue[1:]
-		dir := mount + rel
-		ino, err := inodeOf(dir)
-		if err != nil {
-			complete = complete && errors.Is(err, fs.ErrNotExist)
-			continue
-		}
-		paths[ino] = rel
-		d, err := os.Open(dir)
-		if err != nil {
-			complete = complete && errors.Is(err, fs.ErrNotExist)
-			continue
-		}
-		ents, err := d.ReadDir(limit) // a directory of more than limit entries: the rest is not walked
-		d.Close()
-		if err != nil && !errors.Is(err, io.EOF) {
-			complete = complete && errors.Is(err, fs.ErrNotExist)
-		}
-		if len(ents) == limit {
-			complete = false
-		}
-		for _, e := range ents {
-			if !e.IsDir() {
-				continue
-			}
-			if len(queue) >= limit {
-				complete = false
-				break
-			}
-			queue = append(queue, path.Join(rel, e.Name()))
-		}
+	if len(pids) > limit {
+		pids = pids[:limit]
 	}
-	return paths, complete
+	return pids
 }
 
 // parseCgroup2Mount returns the mount point and root of the first cgroup2
@@ -332,3 +285,34 @@ func unescapeMountinfo(s string) string {
 	}
 	return b.String()
 }
+
+// fileSystem is the file access of Process (the /proc and cgroup.procs
+// reads of the pid search); tests record it.
+type fileSystem interface {
+	// ReadFile reads at most max bytes of the file.
+	ReadFile(name string, max int) ([]byte, error)
+	// ReadDirNames lists at most max names of the directory.
+	ReadDirNames(name string, max int) ([]string, error)
+	// Readlink returns the target of the symbolic link.
+	Readlink(name string) (string, error)
+}
+
+// osFS is the real fileSystem.
+type osFS struct{}
+
+func (osFS) ReadFile(name string, max int) ([]byte, error) { return readFile(name, max) }
+
+func (osFS) ReadDirNames(name string, max int) ([]string, error) {
+	d, err := os.Open(name)
+	if err != nil {
+		return nil, err
+	}
+	defer d.Close()
+	names, err := d.Readdirnames(max)
+	if err == io.EOF {
+		err = nil
+	}
+	return names, err
+}
+
+func (osFS) Readlink(name string) (string, error) { return os.Readlink(name) }

@@ -1,15 +1,16 @@
 package peer
 
 import (
+	"bytes"
 	"context"
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"io/fs"
 	"net"
-	"os"
-	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 	"unsafe"
@@ -20,22 +21,34 @@ import (
 // sock_diag wire format (linux/inet_diag.h). golang.org/x/sys/unix has the
 // constants but not the structures, so they are encoded by hand.
 const (
-	sizeofNlMsghdr     = 16
-	sizeofInetDiagReq  = 56 // struct inet_diag_req_v2
-	sizeofInetDiagMsg  = 72 // struct inet_diag_msg
-	sizeofNlAttr       = 4  // struct nlattr
-	nlaAlignTo         = 4  // NLA_ALIGNTO
-	nlaTypeMask        = 0x3fff
-	inetDiagCgroupID   = 21 // INET_DIAG_CGROUP_ID: u64, Linux >= 5.7
-	inetDiagNoCookie   = ^uint32(0)
-	allTCPStates       = ^uint32(0)
-	netlinkTimeout     = time.Second
-	soOriginalDst      = 80 // SO_ORIGINAL_DST, linux/netfilter_ipv4.h
-	ip6tSoOriginalDst  = 80 // IP6T_SO_ORIGINAL_DST, linux/netfilter_ipv6/ip6_tables.h
-	sizeofSockaddrIn6  = 28
-	maxFDsPerProcess   = 1 << 16 // a process with more open files is skipped
+	sizeofNlMsghdr    = 16
+	sizeofInetDiagReq = 56 // struct inet_diag_req_v2
+	sizeofInetDiagMsg = 72 // struct inet_diag_msg
+	sizeofNlAttr      = 4  // struct nlattr
+	nlaAlignTo        = 4  // NLA_ALIGNTO
+	nlaTypeMask       = 0x3fff
+	inetDiagCgroupID  = 21 // INET_DIAG_CGROUP_ID: u64, Linux >= 5.7
+	inetDiagNoCookie  = ^uint32(0)
+	allTCPStates      = ^uint32(0)
+	netlinkTimeout    = time.Second
+	soOriginalDst     = 80 // SO_ORIGINAL_DST, linux/netfilter_ipv4.h
+	ip6tSoOriginalDst = 80 // IP6T_SO_ORIGINAL_DST, linux/netfilter_ipv6/ip6_tables.h
+	sizeofSockaddrIn6 = 28
+)
+
+// Bounds of Process's search of the socket cgroup's processes (the
+// fallback of ModeEBPF, all of ModeCgroupProcs): the newest processes
+// first, so that its cost does not grow with the cgroup, let alone the
+// host. A readlink of /proc/<pid>/fd/N costs a few µs: about 2 ms at
+// most.
+const (
+	maxSearchProcs     = 16  // processes whose fds are read
+	maxSearchFDs       = 512 // fd links read in all
 	socketLinkPrefix   = "socket:["
-	maxSocketLinkBytes = 32
+	maxProcFileBytes   = 64 << 10 // /proc/<pid>/cgroup, /proc/<pid>/stat
+	userHZ             = 100      // USER_HZ: the unit of /proc/<pid>/stat times
+	nsPerUserHZTick    = uint64(time.Second) / userHZ
+	procStatStartField = 22 // starttime, proc(5)
 )
 
 func (r *Resolver) lookup(ctx context.Context, local, remote *net.TCPAddr) (Info, error) {
@@ -43,66 +56,124 @@ func (r *Resolver) lookup(ctx context.Context, local, remote *net.TCPAddr) (Info
 	if err != nil {
 		return Info{}, err
 	}
-	info := Info{UID: int(d.uid)}
-	// The socket's cgroup, as the kernel recorded it at creation: the unit
-	// comes from there whenever the id can be mapped to a path.
-	var cg cgroupEntry
-	fromKernel := false
-	if d.hasCgroup && r.cgroups != nil && r.cgroups.available() {
-		cg, fromKernel = r.cgroups.lookup(ctx, d.cgroupID)
-		switch {
-		case fromKernel && cg.rel == "/":
-			// The root cgroup tells nothing: a socket made before its
-			// process was moved into a unit, or a kernel (5.7-5.14 with
-			// net_cls/net_prio in use) that reports the root for every
-			// socket. The unit comes from /proc below.
-			info.Cgroup = cg.path
-			fromKernel = false
-		case fromKernel:
-			info.Cgroup = cg.path
-			info.Unit = unitFromPath(cg.path)
-		default:
-			info.UnitUnknown = true // unless /proc names it below
-		}
-	}
-	if d.inode == 0 {
-		return info, nil // a socket without a file (orphaned): no process
-	}
-	if !r.mayScan(info.UID) {
+	info := Info{UID: int(d.uid), sock: sockRef{cookie: d.cookie, inode: d.inode}}
+	if !d.hasCgroup || r.cgroups == nil {
 		return info, nil
 	}
-	var group []int
-	if fromKernel && cg.rel != "/" {
-		group = r.cgroups.procs(cg.rel)
-	}
-	info.PID = r.pidOf(ctx, d.inode, info.UID, group)
-	if info.PID == 0 {
+	// The socket's cgroup, as the kernel recorded it at creation.
+	cg, ok := r.cgroups.lookup(ctx, d.cgroupID, r.missWait)
+	if !ok {
+		info.UnitUnknown = true
 		return info, nil
 	}
-	base := r.proc + "/" + strconv.Itoa(info.PID)
-	if exe, err := os.Readlink(base + "/exe"); err == nil {
-		info.Exe = exe
-	}
-	if !fromKernel {
-		if cg, err := os.ReadFile(base + "/cgroup"); err == nil {
-			info.Unit = unitFromCgroup(string(cg))
-			info.UnitUnknown = false
-		}
+	info.Cgroup, info.sock.cgroupRel = cg.path, cg.rel
+	if cg.rel != "/" {
+		// The root tells nothing (see Info.Cgroup): Unit stays "".
+		info.Unit = unitFromPath(cg.path)
 	}
 	return info, nil
+}
+
+// process is Process on Linux.
+func (r *Resolver) process(ctx context.Context, info Info) Info {
+	s := info.sock
+	pid := 0
+	if r.bpf != nil && s.cookie != 0 {
+		if rec, ok := r.bpf.lookup(s.cookie); ok && r.madeBy(int(rec.TGID), rec.Created) {
+			pid = int(rec.TGID)
+		}
+	}
+	if pid == 0 && s.inode != 0 && s.cgroupRel != "" && (r.allFDs || info.UID == r.euid) {
+		pid = r.searchCgroup(ctx, s.cgroupRel, s.inode)
+	}
+	if pid == 0 {
+		return info
+	}
+	info.PID = pid
+	base := r.proc + "/" + strconv.Itoa(pid)
+	if exe, err := r.fs.Readlink(base + "/exe"); err == nil {
+		info.Exe = exe
+	}
+	if info.Cgroup == "" || info.Cgroup == "/" || info.UnitUnknown {
+		// The kernel's record tells nothing: the process's cgroup now.
+		if cg, err := r.fs.ReadFile(base+"/cgroup", maxProcFileBytes); err == nil {
+			info.Unit, info.UnitUnknown = unitFromCgroup(string(cg)), false
+		}
+	}
+	return info
+}
+
+// madeBy reports whether pid is alive and started no later than created
+// (CLOCK_BOOTTIME, ns): not a later process that reused the pid of a
+// socket's creator. /proc/<pid>/stat is readable by everyone.
+func (r *Resolver) madeBy(pid int, created uint64) bool {
+	data, err := r.fs.ReadFile(r.proc+"/"+strconv.Itoa(pid)+"/stat", maxProcFileBytes)
+	if err != nil {
+		return false
+	}
+	start, ok := parseStartTime(data)
+	// starttime is rounded down to a tick: a process started within the
+	// tick after the socket's creation passes, one started later does not.
+	return ok && start <= created/nsPerUserHZTick
+}
+
+// parseStartTime returns the starttime field (clock ticks after boot) of
+// a /proc/<pid>/stat file.
+func parseStartTime(stat []byte) (uint64, bool) {
+	// The command (field 2) is in parentheses and may hold anything,
+	// parentheses and spaces included: the fields after it follow the
+	// last ')'.
+	i := bytes.LastIndexByte(stat, ')')
+	if i < 0 {
+		return 0, false
+	}
+	f := strings.Fields(string(stat[i+1:]))
+	if len(f) < procStatStartField-2 {
+		return 0, false
+	}
+	v, err := strconv.ParseUint(f[procStatStartField-3], 10, 64)
+	return v, err == nil
+}
+
+// searchCgroup returns a process of the cgroup whose directory is rel
+// that holds the socket inode open, or 0. It reads the fds of at most
+// maxSearchProcs of the cgroup's processes, newest first, and at most
+// maxSearchFDs fd links in all: never the fds of processes outside the
+// cgroup.
+func (r *Resolver) searchCgroup(ctx context.Context, rel string, inode uint64) int {
+	want := socketLinkPrefix + strconv.FormatUint(inode, 10) + "]"
+	budget := maxSearchFDs
+	for _, pid := range r.cgroups.procs(r.fs, rel, maxSearchProcs) {
+		if budget <= 0 || ctx.Err() != nil {
+			return 0
+		}
+		dir := r.proc + "/" + strconv.Itoa(pid) + "/fd"
+		fds, err := r.fs.ReadDirNames(dir, budget)
+		if err != nil {
+			continue // exited, or not ours to read
+		}
+		for _, fd := range fds {
+			budget--
+			if link, err := r.fs.Readlink(dir + "/" + fd); err == nil && link == want {
+				return pid
+			}
+		}
+	}
+	return 0
 }
 
 // diagAnswer is what sock_diag says about one socket.
 type diagAnswer struct {
 	uid       uint32 // socket owner (fsuid of its creator)
 	inode     uint64 // socket inode, 0 for a socket without a file
+	cookie    uint64 // socket cookie (idiag_cookie)
 	cgroupID  uint64 // cgroup v2 id of the creator (INET_DIAG_CGROUP_ID)
 	hasCgroup bool   // the kernel sent INET_DIAG_CGROUP_ID (Linux >= 5.7)
 }
 
 // parseDiagMsg decodes the payload of a SOCK_DIAG_BY_FAMILY answer: a
-// struct inet_diag_msg followed by netlink attributes, of which only
-// INET_DIAG_CGROUP_ID is kept. It reports the answer's source and
+// struct inet_diag_msg (of which uid, inode and cookie are kept) followed
+// by netlink attributes, of which only INET_DIAG_CGROUP_ID is kept. It reports the answer's source and
 // destination ports (host order) for the caller to check.
 func parseDiagMsg(d []byte) (a diagAnswer, sport, dport uint16, err error) {
 	if len(d) < sizeofInetDiagMsg {
@@ -111,6 +182,8 @@ func parseDiagMsg(d []byte) (a diagAnswer, sport, dport uint16, err error) {
 	ne := binary.NativeEndian
 	sport, dport = binary.BigEndian.Uint16(d[4:]), binary.BigEndian.Uint16(d[6:])
 	a.uid, a.inode = ne.Uint32(d[64:]), uint64(ne.Uint32(d[68:]))
+	// idiag_cookie: two u32, the low half first (sock_diag_save_cookie).
+	a.cookie = uint64(ne.Uint32(d[44:])) | uint64(ne.Uint32(d[48:]))<<32
 	for attrs := d[sizeofInetDiagMsg:]; len(attrs) >= sizeofNlAttr; {
 		l := int(ne.Uint16(attrs[0:]))
 		typ := ne.Uint16(attrs[2:]) & nlaTypeMask
@@ -132,7 +205,14 @@ func parseDiagMsg(d []byte) (a diagAnswer, sport, dport uint16, err error) {
 	return a, sport, dport, nil
 }
 
-// sockDiag asks the kernel for the uid, inode and cgroup of the TCP socket
+// diagBufs holds the receive buffers of sockDiag (one answer is an
+// inet_diag_msg and a few attributes, well within diagBufSize) and of
+// readFile.
+const diagBufSize = 8192
+
+var diagBufs = sync.Pool{New: func() any { return new([diagBufSize]byte) }}
+
+// sockDiag asks the kernel for the uid, inode, cookie and cgroup of the TCP socket
 // whose local address is src and remote address is dst (an exact lookup,
 // not a dump).
 func sockDiag(ctx context.Context, src, dst *net.TCPAddr) (diagAnswer, error) {
@@ -184,13 +264,16 @@ func sockDiag(ctx context.Context, src, dst *net.TCPAddr) (diagAnswer, error) {
 	// b[44:48] interface: 0 (any)
 	ne.PutUint32(b[48:], inetDiagNoCookie)
 	ne.PutUint32(b[52:], inetDiagNoCookie)
-	if err := unix.Sendto(fd, req[:], 0, &unix.SockaddrNetlink{Family: unix.AF_NETLINK}); err != nil {
+	// An unconnected netlink socket sends to, and reads from, the kernel.
+	if _, err := unix.Write(fd, req[:]); err != nil {
 		return diagAnswer{}, fmt.Errorf("peer: sock_diag send: %w", err)
 	}
 
-	buf := make([]byte, 4096)
+	bp := diagBufs.Get().(*[diagBufSize]byte)
+	defer diagBufs.Put(bp)
+	buf := bp[:]
 	for {
-		n, _, err := unix.Recvfrom(fd, buf, 0)
+		n, err := unix.Read(fd, buf)
 		if err != nil {
 			if errors.Is(err, unix.EAGAIN) || errors.Is(err, unix.EINTR) && ctx.Err() != nil {
 				return diagAnswer{}, fmt.Errorf("peer: sock_diag: no answer within %s", timeout)
@@ -280,119 +363,59 @@ func originalDst(c syscall.Conn, v4 bool) (*net.TCPAddr, error) {
 	return addr, nil
 }
 
-// scanProc searches proc/*/fd for the socket inode, processes owned by uid
-// first and newest (highest pid) first within each group, recording every
-// socket inode it reads into owners. Processes of other uids are searched
-// only when others is set (reading their fds needs privilege, see
-// canReadAllFDs). It
-// returns the pid found or 0. It stops early when found or when ctx is done.
-func scanProc(ctx context.Context, proc string, inode uint64, uid int, others bool, owners map[uint64]int) int {
-	d, err := os.Open(proc)
-	if err != nil {
-		return 0
-	}
-	names, err := d.Readdirnames(-1)
-	d.Close()
-	if err != nil {
-		return 0
-	}
-	pids := make([]int, 0, len(names))
-	for _, n := range names {
-		if pid, err := strconv.Atoi(n); err == nil && pid > 0 {
-			pids = append(pids, pid)
-		}
-	}
-	// Newest first: a client asking for credentials is often a process
-	// that has just started.
-	slices.Sort(pids)
-	slices.Reverse(pids)
-	var rest []int
-	for _, pid := range pids {
-		var st unix.Stat_t
-		if unix.Stat(proc+"/"+strconv.Itoa(pid), &st) != nil {
-			continue
-		}
-		if int(st.Uid) != uid {
-			if others {
-				rest = append(rest, pid)
-			}
-			continue
-		}
-		if ctx.Err() != nil {
-			return 0
-		}
-		if scanFDs(proc, pid, owners, inode) {
-			return pid
-		}
-	}
-	return scanPIDs(ctx, proc, rest, inode, owners)
-}
-
-// scanPIDs searches the fds of pids, in order, for the socket inode,
-// recording every socket inode it reads into owners. It returns the pid
-// found or 0.
-func scanPIDs(ctx context.Context, proc string, pids []int, inode uint64, owners map[uint64]int) int {
-	for _, pid := range pids {
-		if ctx.Err() != nil {
-			return 0
-		}
-		if scanFDs(proc, pid, owners, inode) {
-			return pid
-		}
-	}
-	return 0
-}
-
 // canReadAllFDs reports whether this process may read every process's
 // /proc/<pid>/fd: listing the directory (mode 0500, owned by the process's
 // uid) needs CAP_DAC_READ_SEARCH or CAP_DAC_OVERRIDE, and reading its links
 // CAP_SYS_PTRACE, all in the effective set (root has them).
 func canReadAllFDs() bool {
-	hdr := unix.CapUserHeader{Version: unix.LINUX_CAPABILITY_VERSION_3}
-	var data [2]unix.CapUserData
-	if err := unix.Capget(&hdr, &data[0]); err != nil {
-		return false
-	}
-	has := func(c int) bool { return data[c/32].Effective&(1<<(c%32)) != 0 }
+	has := effectiveCaps()
 	return has(unix.CAP_SYS_PTRACE) && (has(unix.CAP_DAC_READ_SEARCH) || has(unix.CAP_DAC_OVERRIDE))
 }
 
-// scanFDs records the socket inodes pid has open into owners and reports
-// whether want is among them.
-func scanFDs(proc string, pid int, owners map[uint64]int, want uint64) bool {
-	dir := proc + "/" + strconv.Itoa(pid) + "/fd"
-	d, err := os.Open(dir)
-	if err != nil {
-		return false // exited, or not ours to read
+// effectiveCaps returns a test of this thread's effective capabilities
+// (all of a Go program's threads share them unless it changes them).
+func effectiveCaps() func(c int) bool {
+	hdr := unix.CapUserHeader{Version: unix.LINUX_CAPABILITY_VERSION_3}
+	var data [2]unix.CapUserData
+	if err := unix.Capget(&hdr, &data[0]); err != nil {
+		return func(int) bool { return false }
 	}
-	fds, err := d.Readdirnames(maxFDsPerProcess)
-	d.Close()
-	if err != nil {
-		return false
+	return func(c int) bool { return c >= 0 && c < 64 && data[c/32].Effective&(1<<(c%32)) != 0 }
+}
+
+// readFile reads at most max bytes of the file at name with plain system
+// calls (open, read until the end, close): os.Open of a /proc file costs
+// twice as many. Small files are read through a pooled buffer.
+func readFile(name string, max int) ([]byte, error) {
+	fd, err := unix.Open(name, unix.O_RDONLY|unix.O_CLOEXEC|unix.O_NOCTTY, 0)
+	for errors.Is(err, unix.EINTR) {
+		fd, err = unix.Open(name, unix.O_RDONLY|unix.O_CLOEXEC|unix.O_NOCTTY, 0)
 	}
-	found := false
-	var buf [maxSocketLinkBytes]byte
-	for _, fd := range fds {
-		n, err := unix.Readlink(dir+"/"+fd, buf[:])
-		if err != nil || n <= len(socketLinkPrefix) || n == len(buf) {
+	if err != nil {
+		return nil, &fs.PathError{Op: "open", Path: name, Err: err}
+	}
+	defer unix.Close(fd)
+	bp := diagBufs.Get().(*[diagBufSize]byte)
+	defer diagBufs.Put(bp)
+	buf := bp[:min(max, len(bp))]
+	n := 0
+	for n < max {
+		if n == len(buf) {
+			buf = append(buf, make([]byte, min(len(buf), max-len(buf)))...)
+		}
+		m, err := unix.Read(fd, buf[n:])
+		if errors.Is(err, unix.EINTR) {
 			continue
 		}
-		link := string(buf[:n])
-		if !strings.HasPrefix(link, socketLinkPrefix) || link[n-1] != ']' {
-			continue
-		}
-		ino, err := strconv.ParseUint(link[len(socketLinkPrefix):n-1], 10, 64)
 		if err != nil {
-			continue
+			return nil, &fs.PathError{Op: "read", Path: name, Err: err}
 		}
-		if _, seen := owners[ino]; !seen {
-			owners[ino] = pid
+		if m == 0 {
+			break
 		}
-		if ino == want {
-			found = true
-		}
+		n += m
 	}
-	return found
+	return bytes.Clone(buf[:n]), nil
 }
 
 // inodeOf returns the inode number of the file at path (not following a

@@ -20,7 +20,28 @@ import (
 // close.
 const helperEnv = "PEER_TEST_HELPER_ADDR"
 
+// modeHelperEnv makes the test binary print the Mode of a new Resolver
+// and, on a second line, why BPFRequired fails ("ok" when it does not).
+const modeHelperEnv = "PEER_TEST_MODE_HELPER"
+
 func TestMain(m *testing.M) {
+	if os.Getenv(modeHelperEnv) != "" {
+		r, err := NewResolver(Options{})
+		if err != nil {
+			os.Stdout.WriteString("error: " + err.Error() + "\n")
+			os.Exit(1)
+		}
+		os.Stdout.WriteString(r.Mode() + "\n")
+		r.Close()
+		why := "ok"
+		if r, err := NewResolver(Options{BPF: BPFRequired}); err != nil {
+			why = err.Error()
+		} else {
+			r.Close()
+		}
+		os.Stdout.WriteString(why + "\n")
+		os.Exit(0)
+	}
 	if addr := os.Getenv(helperEnv); addr != "" {
 		c, err := net.Dial("tcp", addr)
 		if err != nil {
@@ -70,6 +91,49 @@ func ownExe(t testing.TB) string {
 	return exe
 }
 
+// newTestResolver makes a Resolver with opts (the host's environment
+// changed by env, when given) and closes it at the end of the test.
+func newTestResolver(t testing.TB, opts Options, env ...func(*resolverEnv)) *Resolver {
+	t.Helper()
+	e := hostEnv()
+	for _, f := range env {
+		f(&e)
+	}
+	r, err := newResolver(opts, e)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { r.Close() })
+	return r
+}
+
+// bothModes runs f with a Resolver in each mode Process can have here:
+// ModeEBPF when this process may load the programs (else that subtest
+// skips), and ModeCgroupProcs.
+func bothModes(t *testing.T, f func(t *testing.T, r *Resolver)) {
+	t.Run("ebpf", func(t *testing.T) { f(t, ebpfResolver(t)) })
+	t.Run("cgroup-procs", func(t *testing.T) {
+		r := newTestResolver(t, Options{BPF: BPFOff})
+		if r.Mode() == ModeNone {
+			t.Skip("SKIPPED: no pid lookup on this platform")
+		}
+		f(t, r)
+	})
+}
+
+// ebpfResolver returns a Resolver in ModeEBPF, or skips the test saying
+// why eBPF cannot be used here.
+func ebpfResolver(t testing.TB) *Resolver {
+	t.Helper()
+	skipIfUnsupported(t)
+	r, err := newResolver(Options{BPF: BPFRequired}, hostEnv())
+	if err != nil {
+		t.Skipf("SKIPPED: eBPF is not permitted or not supported here (run as root on Linux >= 5.9 with a cgroup2 mount): %v", err)
+	}
+	t.Cleanup(func() { r.Close() })
+	return r
+}
+
 func TestLookupSelf(t *testing.T) {
 	skipIfUnsupported(t)
 	for _, tc := range []struct{ name, network, addr string }{
@@ -77,23 +141,37 @@ func TestLookupSelf(t *testing.T) {
 		{"ipv6", "tcp6", "[::1]:0"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			_, server := pair(t, tc.network, tc.addr)
-			r := NewResolver(0)
-			ctx, cancel := context.WithTimeout(t.Context(), 5*time.Second)
-			defer cancel()
-			for _, lookup := range []func() (Info, error){
-				func() (Info, error) { return r.Lookup(ctx, server.LocalAddr(), server.RemoteAddr()) },
-				func() (Info, error) { return r.LookupConn(ctx, server) },
-			} {
-				info, err := lookup()
-				if err != nil {
-					t.Fatal(err)
+			bothModes(t, func(t *testing.T, r *Resolver) {
+				_, server := pair(t, tc.network, tc.addr) // after the Resolver: its table sees the socket made
+				ctx, cancel := context.WithTimeout(t.Context(), 5*time.Second)
+				defer cancel()
+				for _, lookup := range []func() (Info, error){
+					func() (Info, error) { return r.Lookup(ctx, server.LocalAddr(), server.RemoteAddr()) },
+					func() (Info, error) { return r.LookupConn(ctx, server) },
+				} {
+					info, err := lookup()
+					if err != nil {
+						t.Fatal(err)
+					}
+					if info.UID != os.Getuid() || info.PID != 0 || info.Exe != "" {
+						t.Errorf("Lookup = %+v, want uid %d and no pid or exe", info, os.Getuid())
+					}
+					got := r.Process(ctx, info)
+					want := info
+					want.PID, want.Exe = os.Getpid(), ownExe(t)
+					if got.Cgroup == "/" || got.Cgroup == "" {
+						want.Unit = got.Unit // from /proc/<pid>/cgroup
+					}
+					switch {
+					case got == want:
+					case r.Mode() == ModeCgroupProcs && got == info:
+						// Not among the newest processes of a crowded cgroup.
+						t.Logf("ModeCgroupProcs did not find this process in its cgroup (%s)", info.Cgroup)
+					default:
+						t.Errorf("Process = %+v, want %+v", got, want)
+					}
 				}
-				want := Info{UID: os.Getuid(), PID: os.Getpid(), Exe: ownExe(t), Unit: info.Unit, Cgroup: info.Cgroup}
-				if info != want {
-					t.Errorf("Lookup = %+v, want %+v", info, want)
-				}
-			}
+			})
 		})
 	}
 }
@@ -104,7 +182,7 @@ func TestLookupSelf(t *testing.T) {
 func TestLookupNotFound(t *testing.T) {
 	skipIfUnsupported(t)
 	client, server := pair(t, "tcp4", "127.0.0.1:0")
-	r := NewResolver(0)
+	r := newTestResolver(t, Options{BPF: BPFOff})
 	if _, err := r.Lookup(t.Context(), client.LocalAddr(), client.RemoteAddr()); err != nil {
 		t.Errorf("reverse lookup: %v", err)
 	}
@@ -118,19 +196,22 @@ func TestLookupNotFound(t *testing.T) {
 	if _, err := r.Lookup(t.Context(), server.LocalAddr(), &net.TCPAddr{IP: net.IPv6loopback, Port: 1}); !errors.Is(err, ErrUnsupported) {
 		t.Errorf("mixed families: err = %v, want ErrUnsupported", err)
 	}
+	// An Info made by hand has no socket to go by.
+	if got := r.Process(t.Context(), Info{UID: 1}); got != (Info{UID: 1}) {
+		t.Errorf("Process of a hand-made Info = %+v", got)
+	}
 }
 
-// TestLookupChild checks pid and exe of another process: the test binary
-// re-executed as a client.
-func TestLookupChild(t *testing.T) {
-	skipIfUnsupported(t)
+// startHelper starts the test binary as a client of a new listener and
+// returns the process and the server's end of its connection.
+func startHelper(t *testing.T) (*exec.Cmd, io.WriteCloser, net.Conn) {
+	t.Helper()
 	ln, err := net.Listen("tcp4", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer ln.Close()
-	exe := ownExe(t)
-	cmd := exec.Command(exe, "-test.run=^$")
+	cmd := exec.Command(ownExe(t), "-test.run=^$")
 	cmd.Env = append(os.Environ(), helperEnv+"="+ln.Addr().String())
 	stdin, err := cmd.StdinPipe()
 	if err != nil {
@@ -143,7 +224,7 @@ func TestLookupChild(t *testing.T) {
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	defer func() { stdin.Close(); _ = cmd.Wait() }()
+	t.Cleanup(func() { stdin.Close(); _ = cmd.Wait() })
 	if line, err := bufio.NewReader(stdout).ReadString('\n'); err != nil || line != "connected\n" {
 		t.Fatalf("helper: %q, %v", line, err)
 	}
@@ -151,30 +232,37 @@ func TestLookupChild(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer server.Close()
+	t.Cleanup(func() { server.Close() })
+	return cmd, stdin, server
+}
 
-	r := NewResolver(time.Minute)
-	info, err := r.LookupConn(t.Context(), server)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if info.UID != os.Getuid() || info.PID != cmd.Process.Pid || info.Exe != exe {
-		t.Errorf("LookupConn = %+v, want uid %d pid %d exe %s", info, os.Getuid(), cmd.Process.Pid, exe)
-	}
-	// The second lookup is answered from the inode cache.
-	if again, err := r.LookupConn(t.Context(), server); err != nil || again != info {
-		t.Errorf("cached LookupConn = %+v, %v; want %+v", again, err, info)
-	}
+// TestLookupChild checks pid and exe of another process: the test binary
+// re-executed as a client, the newest process of this test's cgroup.
+func TestLookupChild(t *testing.T) {
+	skipIfUnsupported(t)
+	bothModes(t, func(t *testing.T, r *Resolver) {
+		cmd, stdin, server := startHelper(t)
+		info, err := r.LookupConn(t.Context(), server)
+		if err != nil {
+			t.Fatal(err)
+		}
+		info = r.Process(t.Context(), info)
+		if info.UID != os.Getuid() || info.PID != cmd.Process.Pid || info.Exe != ownExe(t) {
+			t.Errorf("LookupConn+Process = %+v, want uid %d pid %d exe %s", info, os.Getuid(), cmd.Process.Pid, ownExe(t))
+		}
 
-	// After the client exits its socket is gone (or orphaned, without a
-	// process): never attributed to a process that does not hold it.
-	stdin.Close()
-	_ = cmd.Wait()
-	time.Sleep(10 * time.Millisecond)
-	info, err = NewResolver(0).LookupConn(t.Context(), server)
-	if err == nil && info.PID != 0 {
-		t.Errorf("after exit: %+v, want no pid", info)
-	}
+		// After the client exits its socket is gone (or orphaned, without a
+		// process): never attributed to a process that does not hold it.
+		stdin.Close()
+		_ = cmd.Wait()
+		time.Sleep(10 * time.Millisecond)
+		info, err = r.LookupConn(t.Context(), server)
+		if err == nil {
+			if info = r.Process(t.Context(), info); info.PID != 0 {
+				t.Errorf("after exit: %+v, want no pid", info)
+			}
+		}
+	})
 }
 
 func TestUnitFromCgroup(t *testing.T) {
@@ -202,7 +290,7 @@ func TestUnitFromCgroup(t *testing.T) {
 func TestUnitOfSelf(t *testing.T) {
 	skipIfUnsupported(t)
 	_, server := pair(t, "tcp4", "127.0.0.1:0")
-	info, err := NewResolver(0).LookupConn(t.Context(), server)
+	info, err := newTestResolver(t, Options{BPF: BPFOff}).LookupConn(t.Context(), server)
 	if err != nil {
 		t.Fatal(err)
 	}

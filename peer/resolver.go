@@ -3,57 +3,192 @@ package peer
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net"
 	"os"
+	"runtime"
 	"sync"
 	"syscall"
 	"time"
+
+	"go.uber.org/zap"
 )
 
-// DefaultInodeTTL is how long a Resolver trusts what a /proc scan found.
-const DefaultInodeTTL = 2 * time.Second
+// BPFPolicy says whether a Resolver may use eBPF to find pids (ModeEBPF).
+type BPFPolicy int
 
-// Resolver looks up the process behind connections, caching what the
-// expensive /proc scan found for a short time and the paths of cgroup ids.
-// Create it with NewResolver. It is safe for concurrent use; /proc scans
-// are serialised, so concurrent lookups of new connections share one scan.
+const (
+	// BPFAuto (the zero value) uses eBPF when the process has the
+	// capabilities for it (CAP_BPF and CAP_NET_ADMIN, or CAP_SYS_ADMIN)
+	// and the kernel supports it, and falls back to ModeCgroupProcs
+	// otherwise. It never fails NewResolver.
+	BPFAuto BPFPolicy = iota
+	// BPFOff never loads a program: ModeCgroupProcs.
+	BPFOff
+	// BPFRequired makes NewResolver fail when eBPF cannot be used.
+	BPFRequired
+)
+
+// Options configure a Resolver. The zero value is the default.
+type Options struct {
+	// BPF says whether pids may be found with eBPF; see BPFPolicy.
+	BPF BPFPolicy
+	// MissWait bounds how long a lookup waits for the cgroup watcher when
+	// the kernel names a cgroup the map does not hold (a cgroup made an
+	// instant ago): the wait ends as soon as the watcher has applied every
+	// change made before the lookup began. Zero means DefaultMissWait; a
+	// negative value, no wait (a miss is UnitUnknown at once).
+	MissWait time.Duration
+	// Log receives what the Resolver has to say of itself (the mode chosen
+	// and why, trouble of the cgroup watcher); nil logs nothing.
+	Log *zap.Logger
+}
+
+// Resolver identifies the processes behind connections. Make it with
+// NewResolver and Close it when done. It is safe for concurrent use.
+//
+// It keeps a map of the cgroup2 tree current in the background (one walk
+// when made, then inotify), and in ModeEBPF a table of socket creators in
+// the kernel; lookups read both and never walk or scan.
 type Resolver struct {
-	ttl     time.Duration
-	proc    string           // mount point of procfs
-	now     func() time.Time // replaced by tests
-	cgroups *cgroupMap       // nil: socket cgroups are not used
-	allFDs  bool             // may read every process's fds (see canReadAllFDs)
-	euid    int              // whose fds are readable without it
+	missWait time.Duration
+	proc     string     // mount point of procfs
+	fs       fileSystem // file access of Process
+	cgroups  *cgroupMap // nil: socket cgroups are not mapped (no cgroup2 mount)
+	watcher  *cgroupWatcher
+	bpf      *bpfSockets // nil: not ModeEBPF
+	allFDs   bool        // may read every process's fds (see canReadAllFDs)
+	euid     int         // whose fds are readable without it
+	mode     string
 
-	mu         sync.Mutex     // serialises scans; guards the fields below
-	ownersAt   time.Time      // when owners was started
-	fullScanAt time.Time      // start of the last scan of every process
-	owners     map[uint64]int // socket inode -> pid, valid until ownersAt+ttl
+	closeOnce sync.Once
+	closeErr  error
+	cleanup   runtime.Cleanup
 }
 
-// NewResolver returns a Resolver whose inode cache entries live for ttl
-// (zero: DefaultInodeTTL). It finds the cgroup2 mount on first use.
-func NewResolver(ttl time.Duration) *Resolver {
-	if ttl <= 0 {
-		ttl = DefaultInodeTTL
-	}
-	return &Resolver{
-		ttl: ttl, proc: "/proc", now: time.Now,
-		cgroups: newCgroupMap(locateCgroup2, DefaultCgroupWalkInterval),
-		allFDs:  canReadAllFDs(), euid: os.Geteuid(),
-	}
+// resolverEnv is what a Resolver takes from its host; tests replace it.
+type resolverEnv struct {
+	proc   string
+	fs     fileSystem
+	locate func() (mount, root string, err error) // the cgroup2 mount; "" when none
+	allFDs bool
+	euid   int
 }
 
-// Lookup returns the process whose TCP socket has local address remote and
-// remote address local — the other end of a connection whose own addresses
-// are local and remote. Both must be *net.TCPAddr of the same family (an
-// IPv4-mapped IPv6 address counts as IPv4).
+func hostEnv() resolverEnv {
+	return resolverEnv{proc: "/proc", fs: osFS{}, locate: locateCgroup2, allFDs: canReadAllFDs(), euid: os.Geteuid()}
+}
+
+// NewResolver makes a Resolver: it finds the cgroup2 mount, maps it (one
+// walk) and starts watching it, and, as opts.BPF allows, loads and
+// attaches the eBPF socket table. It fails only when opts.BPF is
+// BPFRequired and eBPF cannot be used, or when the process is out of file
+// descriptors.
+func NewResolver(opts Options) (*Resolver, error) {
+	return newResolver(opts, hostEnv())
+}
+
+func newResolver(opts Options, env resolverEnv) (*Resolver, error) {
+	log := opts.Log
+	if log == nil {
+		log = zap.NewNop()
+	}
+	log = log.Named("peer")
+	r := &Resolver{missWait: opts.MissWait, proc: env.proc, fs: env.fs, allFDs: env.allFDs, euid: env.euid}
+	if r.missWait == 0 {
+		r.missWait = DefaultMissWait
+	}
+	mount, root, err := env.locate()
+	if err != nil {
+		log.Warn("cannot find the cgroup2 mount; units come from /proc only", zap.Error(err))
+	}
+	if mount != "" {
+		r.cgroups = newCgroupMap(mount, root)
+		if r.watcher, err = startCgroupWatcher(r.cgroups, log, maxCgroups); err != nil {
+			return nil, err
+		}
+	}
+	r.mode = ModeCgroupProcs
+	reason := ""
+	switch {
+	case opts.BPF == BPFOff:
+		reason = "turned off"
+	case mount == "":
+		reason = "no cgroup2 mount"
+	default:
+		if r.bpf, err = loadBPF(mount); err != nil {
+			reason = err.Error()
+		} else {
+			r.mode = ModeEBPF
+		}
+	}
+	if opts.BPF == BPFRequired && r.mode != ModeEBPF {
+		r.Close()
+		return nil, fmt.Errorf("peer: eBPF socket table: %s", reason)
+	}
+	if r.mode == ModeCgroupProcs && runtime.GOOS != "linux" {
+		r.mode = ModeNone
+	}
+	fields := []zap.Field{zap.String("mode", r.mode), zap.String("cgroup2", mount),
+		zap.Bool("read_all_fds", r.allFDs)}
+	if reason != "" {
+		fields = append(fields, zap.String("ebpf", reason))
+	}
+	log.Info("client identification", fields...)
+	// A Resolver dropped without Close still detaches its programs and
+	// stops its watcher, once collected.
+	r.cleanup = runtime.AddCleanup(r, func(c resolverParts) { c.close() }, resolverParts{r.watcher, r.bpf})
+	return r, nil
+}
+
+// resolverParts is what Close releases.
+type resolverParts struct {
+	watcher *cgroupWatcher
+	bpf     *bpfSockets
+}
+
+func (p resolverParts) close() error {
+	var errs []error
+	if p.watcher != nil {
+		errs = append(errs, p.watcher.Close())
+	}
+	if p.bpf != nil {
+		errs = append(errs, p.bpf.Close())
+	}
+	return errors.Join(errs...)
+}
+
+// Close stops the cgroup watcher and detaches the eBPF programs. Call it
+// after the last Process call has returned (a Process racing with Close
+// may read a closed map's descriptor). Lookups after Close still answer,
+// from a map no longer kept current; Process falls back to
+// ModeCgroupProcs.
+func (r *Resolver) Close() error {
+	r.closeOnce.Do(func() {
+		r.cleanup.Stop()
+		r.closeErr = resolverParts{r.watcher, r.bpf}.close()
+	})
+	return r.closeErr
+}
+
+// Mode is how Process finds pids: ModeEBPF, ModeCgroupProcs or ModeNone.
+// It does not change over the Resolver's life (Close aside).
+func (r *Resolver) Mode() string { return r.mode }
+
+// Lookup returns the uid, cgroup and unit of the process whose TCP socket
+// has local address remote and remote address local — the other end of a
+// connection whose own addresses are local and remote. Both must be
+// *net.TCPAddr of the same family (an IPv4-mapped IPv6 address counts as
+// IPv4).
 //
 // Lookup fails with ErrNotFound when no socket in the caller's network
 // namespace has those addresses, and with ErrUnsupported for other address
-// types or platforms. On success Info.UID is set; PID, Exe and Unit are best
-// effort (see the package doc); Unit and Cgroup are authoritative when the
-// kernel reports the socket's cgroup. ctx bounds the whole lookup.
+// types or platforms. On success Info.UID is set, and Cgroup and Unit when
+// the kernel reports the socket's cgroup (else UnitUnknown, see Info);
+// PID and Exe are left zero (see Process). Its cost does not depend on the
+// number of processes or cgroups: one netlink round trip and a map read,
+// plus, for a cgroup made an instant ago, a wait of at most
+// Options.MissWait. ctx bounds the whole lookup.
 func (r *Resolver) Lookup(ctx context.Context, local, remote net.Addr) (Info, error) {
 	l, ok1 := local.(*net.TCPAddr)
 	rm, ok2 := remote.(*net.TCPAddr)
@@ -89,38 +224,30 @@ func (r *Resolver) LookupConn(ctx context.Context, c net.Conn) (Info, error) {
 	return r.lookup(ctx, orig, remote)
 }
 
-// pidOf returns a process holding the socket with the given inode open, or
-// 0. The processes of group (the socket's cgroup) are searched first, then,
-// when the socket is not found there, every process: those owned by uid
-// first, those of other uids only with CAP_SYS_PTRACE and
-// CAP_DAC_READ_SEARCH. Without them a socket of another uid than ours is not
-// searched for at all: its owner's fds cannot be read.
-func (r *Resolver) pidOf(ctx context.Context, inode uint64, uid int, group []int) int {
-	if !r.mayScan(uid) {
-		return 0
+// Process returns info, an Info from Lookup or LookupConn of this
+// Resolver, with PID and Exe of the process behind the socket when it can
+// be found, best effort (info unchanged otherwise; an Info made by hand
+// has nothing to go by). Call it only when they are needed (an audit
+// line): it reads /proc. Its cost does not grow with the number of
+// processes on the host:
+//
+//   - ModeEBPF: the process that created the socket, as recorded at
+//     socket(2), if it is still alive and its pid was not reused since;
+//     for a socket made before the Resolver, or whose creator has
+//     exited, as in ModeCgroupProcs.
+//   - ModeCgroupProcs: a process holding the socket open among the newest
+//     processes of the socket's cgroup (at most 16 of them and 512 fds
+//     read): only for sockets of this process's uid, or of any uid with
+//     CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH. Only these processes' fds are
+//     read, never those of the host's other processes.
+//
+// Exe needs CAP_SYS_PTRACE for another uid's process. When a PID is found
+// and the kernel's record of the socket's cgroup tells nothing (Cgroup ""
+// or "/", or UnitUnknown), Unit is taken from the PID's /proc/<pid>/cgroup
+// and UnitUnknown cleared. ctx bounds the search.
+func (r *Resolver) Process(ctx context.Context, info Info) Info {
+	if info.PID != 0 || info.sock == (sockRef{}) {
+		return info
 	}
-	start := r.now()
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	fresh := start.Sub(r.ownersAt) < r.ttl
-	if pid, ok := r.owners[inode]; ok && fresh {
-		return pid
-	}
-	if !fresh || r.owners == nil {
-		r.owners = make(map[uint64]int)
-		r.ownersAt = start
-	}
-	if pid := scanPIDs(ctx, r.proc, group, inode, r.owners); pid != 0 {
-		return pid
-	}
-	if !r.fullScanAt.Before(start) && !r.fullScanAt.Before(r.ownersAt) {
-		// A full scan began after this lookup did, recorded into owners,
-		// and did not see the socket: another would not either.
-		return 0
-	}
-	r.fullScanAt = r.now()
-	return scanProc(ctx, r.proc, inode, uid, r.allFDs, r.owners)
+	return r.process(ctx, info)
 }
-
-// mayScan reports whether the fds of uid's processes can be read.
-func (r *Resolver) mayScan(uid int) bool { return r.allFDs || uid == r.euid }

@@ -15,15 +15,19 @@ import (
 )
 
 // Identifier finds the local process at the other end of a connection;
-// *peer.Resolver implements it. An error wrapping peer.ErrNotFound means the
-// connection does not come from this host's network namespace; any other
-// error means the client could not be identified (access.Client.Unresolved).
-// It must be safe for concurrent use.
+// *peer.Resolver implements it. LookupConn gives what decisions use (uid,
+// cgroup, unit, as the kernel recorded them); an error wrapping
+// peer.ErrNotFound means the connection does not come from this host's
+// network namespace, any other error that the client could not be
+// identified (access.Client.Unresolved). Process adds the pid and
+// executable, best effort, for the audit line only. It must be safe for
+// concurrent use.
 type Identifier interface {
 	LookupConn(ctx context.Context, conn net.Conn) (peer.Info, error)
+	Process(ctx context.Context, info peer.Info) peer.Info
 }
 
-// identifyTimeout bounds Identifier.LookupConn.
+// identifyTimeout bounds identifying a connection (LookupConn and Process).
 const identifyTimeout = 100 * time.Millisecond
 
 // Bodies of refused credential requests.
@@ -82,6 +86,12 @@ func (s *Server) client(r *http.Request, plan *access.Plan) access.Client {
 	switch {
 	case err == nil:
 		who = access.Client{Local: true, Info: info}
+		if plan.Audit() {
+			// Only the pid and exe: a unit read from /proc is what the
+			// process says now, not what the kernel recorded for its socket.
+			p := s.id.Process(ctx, info)
+			who.PID, who.Exe = p.PID, p.Exe
+		}
 	case errors.Is(err, peer.ErrNotFound):
 		// Another host or network namespace (a container on a bridge).
 	default:

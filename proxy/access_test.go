@@ -353,6 +353,30 @@ func TestAuditLineJSON(t *testing.T) {
 	}
 }
 
+// TestProcessOnlyForTheAudit: the pid and exe (Identifier.Process, the
+// costly part of identification) are looked up only when hand-outs are
+// audited; the decision is the same either way, taken on what LookupConn
+// gave.
+func TestProcessOnlyForTheAudit(t *testing.T) {
+	for _, audit := range []bool{false, true} {
+		pc := withWorkloads(access.PlanConfig{Access: access.Section{Audit: &audit}}, uidWorkload(1001, "billing"))
+		e := newEnvWith(t, Config{Plan: planOf(t, pc)}, envOpts{})
+		e.src.setRole("billing", credsFor("billing", "111122223333", "ASIABILLING000000000"), nil)
+		e.id.set(peer.Info{UID: 1001, PID: 7, Exe: "/usr/bin/billing"}, nil)
+		base, client := serveEnv(t, e)
+		if code, body := get(t, client, base+"/latest/meta-data/iam/security-credentials/billing"); code != 200 || !strings.Contains(body, "ASIABILLING000000000") {
+			t.Fatalf("audit %v: got %d %q, want billing's credentials", audit, code, body)
+		}
+		want := int32(0)
+		if audit {
+			want = 1
+		}
+		if n := e.id.procs.Load(); n != want {
+			t.Errorf("audit %v: %d Process calls, want %d", audit, n, want)
+		}
+	}
+}
+
 // TestLoggerNotRenamed: New logs with the logger it is given, as given
 // ("proxy", not "proxy.proxy"); the pass-through's is a child of it.
 func TestLoggerNotRenamed(t *testing.T) {

@@ -176,7 +176,10 @@ type fakeID struct {
 	mu    sync.Mutex
 	info  peer.Info
 	err   error
+	pid   int
+	exe   string
 	calls atomic.Int32
+	procs atomic.Int32 // Process calls
 }
 
 var _ Identifier = (*fakeID)(nil)
@@ -194,9 +197,21 @@ func (f *fakeID) LookupConn(ctx context.Context, conn net.Conn) (peer.Info, erro
 	return f.info, f.err
 }
 
-// set makes every later lookup answer info, or fail with err.
+// Process adds the pid and exe of the info set, as the resolver does.
+func (f *fakeID) Process(ctx context.Context, info peer.Info) peer.Info {
+	f.procs.Add(1)
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	info.PID, info.Exe = f.pid, f.exe
+	return info
+}
+
+// set makes every later lookup answer info, or fail with err; like the
+// resolver, LookupConn leaves the pid and exe to Process.
 func (f *fakeID) set(info peer.Info, err error) {
 	f.mu.Lock()
+	f.pid, f.exe = info.PID, info.Exe
+	info.PID, info.Exe = 0, ""
 	f.info, f.err = info, err
 	f.mu.Unlock()
 }

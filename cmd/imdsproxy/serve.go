@@ -159,12 +159,19 @@ type snapshot struct {
 
 // newDaemon builds the daemon for cfg and publishes its first snapshot.
 // logErrors counts failed log writes (nil: none are counted).
-func newDaemon(ctx context.Context, path string, cfg Config, log *zap.Logger, logErrors *atomic.Int64) (*daemon, error) {
-	d := &daemon{path: path, log: log, reg: prometheus.NewRegistry(), peers: peer.NewResolver(0)}
+func newDaemon(ctx context.Context, path string, cfg Config, log *zap.Logger, logErrors *atomic.Int64) (_ *daemon, err error) {
+	d := &daemon{path: path, log: log, reg: prometheus.NewRegistry()}
 	if err := d.registerMetrics(logErrors); err != nil {
 		return nil, err
 	}
-	var err error
+	if d.peers, err = peer.NewResolver(peer.Options{Log: log.Named("peer")}); err != nil {
+		return nil, err
+	}
+	defer func() {
+		if err != nil {
+			d.close()
+		}
+	}()
 	if d.md, err = metadata.New(cfg.Upstream, 2*time.Second); err != nil {
 		return nil, err
 	}
@@ -296,7 +303,16 @@ func (d *daemon) run(ctx context.Context) error {
 	}
 	err = grp.Wait()
 	notifyStopping(d.log)
+	d.close()
 	return err
+}
+
+// close releases what newDaemon holds beyond memory: the identification's
+// cgroup watcher and eBPF programs. Call it once nothing serves.
+func (d *daemon) close() {
+	if err := d.peers.Close(); err != nil {
+		d.log.Warn("closing the client identification", zap.Error(err))
+	}
 }
 
 // followRollout publishes a new snapshot whenever the rollout decision
