@@ -17,9 +17,9 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"go.uber.org/zap"
-	"go.uber.org/zap/zapcore"
 
 	"github.com/imdsproxy/imdsproxy/issuer"
+	"github.com/imdsproxy/imdsproxy/logging"
 )
 
 // Timeouts of the listener.
@@ -49,7 +49,7 @@ func runServe(ctx context.Context, args []string, stderr io.Writer) int {
 		fmt.Fprintln(stderr, "Usage: imdsproxy-issuer serve --config FILE [--log-format json|console] [--log-level LEVEL]")
 		return exitUsage
 	}
-	log, err := newLogger(stderr, *format, *level)
+	log, err := logging.New(*format, *level, stderr)
 	if err != nil {
 		fmt.Fprintf(stderr, "imdsproxy-issuer: %v\n", err)
 		return exitUsage
@@ -157,25 +157,6 @@ func shutdown(srv *issuer.Server, hs *http.Server, served chan error, log *zap.L
 	}
 	log.Info("stopped")
 	return exitOK
-}
-
-func newLogger(w io.Writer, format, level string) (*zap.Logger, error) {
-	lvl, err := zapcore.ParseLevel(level)
-	if err != nil {
-		return nil, fmt.Errorf("--log-level: %w", err)
-	}
-	ec := zap.NewProductionEncoderConfig()
-	ec.EncodeTime = zapcore.ISO8601TimeEncoder
-	var enc zapcore.Encoder
-	switch format {
-	case "json":
-		enc = zapcore.NewJSONEncoder(ec)
-	case "console":
-		enc = zapcore.NewConsoleEncoder(ec)
-	default:
-		return nil, fmt.Errorf("--log-format %q: use json or console", format)
-	}
-	return zap.New(zapcore.NewCore(enc, zapcore.Lock(zapcore.AddSync(w)), lvl)), nil
 }
 
 // notify sends state to systemd when NOTIFY_SOCKET is set (sd_notify(3)).

@@ -23,7 +23,6 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promauto"
 	dto "github.com/prometheus/client_model/go"
 	"go.uber.org/zap"
-	"go.uber.org/zap/zapcore"
 	"golang.org/x/sync/errgroup"
 
 	"github.com/imdsproxy/imdsproxy/access"
@@ -32,6 +31,7 @@ import (
 	"github.com/imdsproxy/imdsproxy/creds"
 	"github.com/imdsproxy/imdsproxy/exchange"
 	"github.com/imdsproxy/imdsproxy/intercept"
+	"github.com/imdsproxy/imdsproxy/logging"
 	"github.com/imdsproxy/imdsproxy/metadata"
 	"github.com/imdsproxy/imdsproxy/peer"
 	"github.com/imdsproxy/imdsproxy/proxy"
@@ -60,7 +60,7 @@ func runServe(ctx context.Context, args []string, _ io.Writer, stderr io.Writer)
 		fs.Usage()
 		return exitUsage
 	}
-	logOut := &countingWriter{w: stderr}
+	logOut := &logging.CountingWriter{W: stderr}
 	log, err := newLogger(*format, *level, logOut)
 	if err != nil {
 		fmt.Fprintf(stderr, "imdsproxy: %v\n", err)
@@ -73,7 +73,7 @@ func runServe(ctx context.Context, args []string, _ io.Writer, stderr io.Writer)
 		log.Error("invalid configuration", zap.Error(err))
 		return exitConfig
 	}
-	d, err := newDaemon(ctx, *path, cfg, log, &logOut.errors)
+	d, err := newDaemon(ctx, *path, cfg, log, logOut.Failures)
 	if err != nil {
 		log.Error("cannot start", zap.Error(err))
 		return exitError
@@ -87,42 +87,7 @@ func runServe(ctx context.Context, args []string, _ io.Writer, stderr io.Writer)
 }
 
 // newLogger builds the daemon's logger writing to w.
-func newLogger(format, level string, w io.Writer) (*zap.Logger, error) {
-	lvl, err := zapcore.ParseLevel(level)
-	if err != nil {
-		return nil, fmt.Errorf("--log-level: %q is not one of debug, info, warn, error", level)
-	}
-	encCfg := zap.NewProductionEncoderConfig()
-	encCfg.TimeKey = "ts"
-	encCfg.EncodeTime = zapcore.ISO8601TimeEncoder
-	var enc zapcore.Encoder
-	switch format {
-	case "json":
-		enc = zapcore.NewJSONEncoder(encCfg)
-	case "console":
-		encCfg.EncodeLevel = zapcore.CapitalLevelEncoder
-		enc = zapcore.NewConsoleEncoder(encCfg)
-	default:
-		return nil, fmt.Errorf("--log-format: %q is not json or console", format)
-	}
-	core := zapcore.NewCore(enc, zapcore.Lock(zapcore.AddSync(w)), lvl)
-	return zap.New(core, zap.ErrorOutput(zapcore.Lock(zapcore.AddSync(w)))), nil
-}
-
-// countingWriter counts the log writes that failed (a full disk, a closed
-// pipe), so that losing the logs shows in the metrics.
-type countingWriter struct {
-	w      io.Writer
-	errors atomic.Int64
-}
-
-func (c *countingWriter) Write(p []byte) (int, error) {
-	n, err := c.w.Write(p)
-	if err != nil {
-		c.errors.Add(1)
-	}
-	return n, err
-}
+var newLogger = logging.New
 
 // daemon is the running imdsproxy: the components that live as long as the
 // process, and the snapshot in force. Every request loads the snapshot's
@@ -159,7 +124,7 @@ type snapshot struct {
 
 // newDaemon builds the daemon for cfg and publishes its first snapshot.
 // logErrors counts failed log writes (nil: none are counted).
-func newDaemon(ctx context.Context, path string, cfg Config, log *zap.Logger, logErrors *atomic.Int64) (_ *daemon, err error) {
+func newDaemon(ctx context.Context, path string, cfg Config, log *zap.Logger, logErrors func() int64) (_ *daemon, err error) {
 	d := &daemon{path: path, log: log, reg: prometheus.NewRegistry()}
 	if err := d.registerMetrics(logErrors); err != nil {
 		return nil, err
@@ -711,9 +676,9 @@ func (d *daemon) Cache() []admin.CacheEntry {
 }
 
 // registerMetrics registers the daemon's own metrics.
-func (d *daemon) registerMetrics(logErrors *atomic.Int64) error {
+func (d *daemon) registerMetrics(logErrors func() int64) error {
 	if logErrors == nil {
-		logErrors = new(atomic.Int64)
+		logErrors = func() int64 { return 0 }
 	}
 	d.reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	factory := promauto.With(d.reg)
@@ -725,7 +690,7 @@ func (d *daemon) registerMetrics(logErrors *atomic.Int64) error {
 	factory.NewCounterFunc(prometheus.CounterOpts{
 		Name: "imdsproxy_log_write_errors_total",
 		Help: "Log lines that could not be written (for example a full disk); the daemon keeps serving.",
-	}, func() float64 { return float64(logErrors.Load()) })
+	}, func() float64 { return float64(logErrors()) })
 	var err error
 	d.interceptMetrics, err = intercept.NewMetrics(d.reg)
 	return err
