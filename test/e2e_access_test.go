@@ -8,16 +8,14 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/imdsproxy/imdsproxy/test/e2e"
 )
 
 // accessIdentity is the default identity config plus an access: section.
 func accessIdentity(access string) func(e *daemonEnv) string {
 	return func(e *daemonEnv) string {
-		return fmt.Sprintf(`role: {arn: %q, name: %s, session_name: "", duration: 1h}
-source: web-identity
-identity: {jwt_file: %q}
-access: %s
-`, roleARN, roleName, e.tokenFile, access)
+		return e.defaultIdentity() + "access: " + access + "\n"
 	}
 }
 
@@ -28,7 +26,7 @@ func TestAccessDenyUID(t *testing.T) {
 	e := startDaemon(t, envOptions{identityYAML: accessIdentity(fmt.Sprintf("{deny_uids: [%d]}", uid))})
 	ctx, cancel := context.WithTimeout(t.Context(), 20*time.Second)
 	defer cancel()
-	tok, err := imdsToken(ctx, e.imdsURL, 300)
+	tok, err := e2e.IMDSToken(ctx, e2e.Client, e.imdsURL, 300)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -37,12 +35,12 @@ func TestAccessDenyUID(t *testing.T) {
 		want int
 	}{
 		{credPath, http.StatusForbidden},
-		{"/latest/meta-data/iam/security-credentials-extended/" + roleName, http.StatusForbidden},
+		{"/latest/meta-data/iam/security-credentials-extended/" + e2e.RoleName, http.StatusForbidden},
 		{"/latest/meta-data/iam/security-credentials/", http.StatusForbidden},
 		{"/latest/meta-data/iam/info", http.StatusForbidden},
 		{"/latest/meta-data/instance-id", http.StatusOK},
 	} {
-		code, body, err := imdsGet(ctx, httpClient, e.imdsURL, tc.path, tok)
+		code, body, err := e2e.IMDSGet(ctx, e2e.Client, e.imdsURL, tc.path, tok)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -50,8 +48,9 @@ func TestAccessDenyUID(t *testing.T) {
 			t.Errorf("GET %s = %d %q, want %d", tc.path, code, body, tc.want)
 		}
 	}
-	if m := e.metrics(t); !strings.Contains(m, "\nimdsproxy_access_refused_total{outcome=\"deny\",reason=\"not_allowed\"} 4\n") {
-		t.Errorf("metrics lack imdsproxy_access_refused_total{outcome=\"deny\",reason=\"not_allowed\"} 4:\n%s", grepLines(m, "access_refused"))
+	m := e.scrape(t)
+	if v, ok := m.Value("imdsproxy_access_refused_total", map[string]string{"outcome": "deny", "reason": "not_allowed"}); !ok || v != 4 {
+		t.Errorf("metrics lack imdsproxy_access_refused_total{outcome=\"deny\",reason=\"not_allowed\"} 4:\n%s", m.Select("imdsproxy_access_refused_total", nil))
 	}
 	for _, l := range e.logLines() {
 		if l["logger"] == "audit" {
@@ -92,7 +91,7 @@ func TestAccessAllowUIDAudit(t *testing.T) {
 	want := map[string]any{
 		"msg": "credentials served", "level": "info", "identified": true,
 		"uid": float64(uid), "pid": float64(os.Getpid()),
-		"access_key_id": d.AccessKeyId, "role_name": roleName, "route": "credentials",
+		"access_key_id": d.AccessKeyId, "role_name": e2e.RoleName, "route": "credentials",
 	}
 	for k, v := range want {
 		if a[k] != v {

@@ -18,6 +18,7 @@ import (
 	"github.com/aws/aws-sdk-go-v2/config"
 	"github.com/aws/aws-sdk-go-v2/credentials/ec2rolecreds"
 
+	"github.com/imdsproxy/imdsproxy/test/e2e"
 	"github.com/imdsproxy/imdsproxy/test/fakes/sts"
 )
 
@@ -167,11 +168,11 @@ print(json.dumps({"AccessKeyId": f.access_key, "SecretAccessKey": f.secret_key,
 func (e *daemonEnv) arListing(t *testing.T) string {
 	t.Helper()
 	ctx := context.Background()
-	tok, err := imdsToken(ctx, e.imdsURL, 300)
+	tok, err := e2e.IMDSToken(ctx, e2e.Client, e.imdsURL, 300)
 	if err != nil {
 		t.Fatal(err)
 	}
-	st, body, err := imdsGet(ctx, httpClient, e.imdsURL, "/latest/meta-data/iam/security-credentials/", tok)
+	st, body, err := e2e.IMDSGet(ctx, e2e.Client, e.imdsURL, "/latest/meta-data/iam/security-credentials/", tok)
 	if err != nil || st != http.StatusOK {
 		t.Fatalf("listing: %d %v", st, err)
 	}
@@ -198,7 +199,7 @@ assume_role:
   external_id: "ext-123"
   source_identity: "host-1"
   tags: {team: payments, env: prod}
-`, roleARN, roleName)
+`, e2e.RoleARN, e2e.RoleName)
 		},
 		extraSecrets: up.secrets,
 	})
@@ -211,13 +212,13 @@ assume_role:
 		e.assertExactlyIssued(t, "boto3", arBoto3Creds(t, e))
 	})
 
-	if got := e.arListing(t); got != roleName {
-		t.Errorf("listing %q, want %q", got, roleName)
+	if got := e.arListing(t); got != e2e.RoleName {
+		t.Errorf("listing %q, want %q", got, e2e.RoleName)
 	}
 	last, _ := e.sts.Last()
 	if last.Action != sts.ActionAssumeRole || last.BaseAccessKeyID != up.key || last.ExternalID != "ext-123" ||
 		last.SourceIdentity != "host-1" || len(last.Tags) != 2 || last.Tags["team"] != "payments" || last.Tags["env"] != "prod" ||
-		last.RoleARN != roleARN || last.DurationSeconds != 3600 {
+		last.RoleARN != e2e.RoleARN || last.DurationSeconds != 3600 {
 		t.Errorf("STS issued %+v", arRedactIssued(last))
 	}
 	if last.RoleSessionName != ipUpstreamInstanceID {
@@ -262,21 +263,21 @@ func TestInstanceProfileSource(t *testing.T) {
 		t.Errorf("listing %q, want the upstream's role %q", got, ipUpstreamRole)
 	}
 	ctx := context.Background()
-	tok, err := imdsToken(ctx, e.imdsURL, 300)
+	tok, err := e2e.IMDSToken(ctx, e2e.Client, e.imdsURL, 300)
 	if err != nil {
 		t.Fatal(err)
 	}
-	st, body, err := imdsGet(ctx, httpClient, e.imdsURL, "/latest/meta-data/iam/security-credentials/"+ipUpstreamRole, tok)
+	st, body, err := e2e.IMDSGet(ctx, e2e.Client, e.imdsURL, "/latest/meta-data/iam/security-credentials/"+ipUpstreamRole, tok)
 	if err != nil || st != http.StatusOK {
 		t.Fatalf("credential document: %d %v", st, err)
 	}
-	var d credDoc
+	var d e2e.CredDoc
 	if err := json.Unmarshal([]byte(body), &d); err != nil || d.Code != "Success" || d.AccessKeyId != up.key ||
 		d.Expiration != up.expires.Format(time.RFC3339) || !wireTime.MatchString(d.LastUpdated) {
 		t.Errorf("credential document Code %q key %q Expiration %q (upstream %s) LastUpdated %q: %v",
 			d.Code, d.AccessKeyId, d.Expiration, up.expires.Format(time.RFC3339), d.LastUpdated, err)
 	}
-	st, body, err = imdsGet(ctx, httpClient, e.imdsURL, "/latest/meta-data/iam/security-credentials-extended/"+ipUpstreamRole, tok)
+	st, body, err = e2e.IMDSGet(ctx, e2e.Client, e.imdsURL, "/latest/meta-data/iam/security-credentials-extended/"+ipUpstreamRole, tok)
 	if err == nil && st == http.StatusOK {
 		var ext struct{ AccountId string } //nolint:revive // wire name
 		if json.Unmarshal([]byte(body), &ext) != nil || ext.AccountId != ipUpstreamAccount {

@@ -11,6 +11,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/imdsproxy/imdsproxy/test/e2e"
 )
 
 // The interception of containers on a bridge, end to end. On top of
@@ -86,15 +88,15 @@ func TestInterceptContainerBridge(t *testing.T) {
 	d := b.startDaemon()
 
 	t.Run("the container gets the daemon's answers", func(t *testing.T) {
-		if got := b.nsMust(b.ctr, nil, b.client, "get", "/latest/meta-data/iam/security-credentials/"); got != roleName {
-			t.Errorf("role listing in the container: %q, want the workload role %q", got, roleName)
+		if got := b.nsMust(b.ctr, nil, b.client, "get", "/latest/meta-data/iam/security-credentials/"); got != e2e.RoleName {
+			t.Errorf("role listing in the container: %q, want the workload role %q", got, e2e.RoleName)
 		}
 		b.checkIssued(t, "Go SDK v2 in the container", b.nsMust(b.ctr, b.clientEnv(), b.client, "creds"))
 		if got := b.nsMust(b.ctr, nil, b.client, "get", "/latest/meta-data/instance-id"); got != icInstanceID {
 			t.Errorf("instance-id in the container: %q, want the real IMDS's %q passed through", got, icInstanceID)
 		}
-		if got := b.nsMust(b.ctr, nil, b.client, "get", "-base", "http://[fd00:ec2::254]", "/latest/meta-data/iam/security-credentials/"); got != roleName {
-			t.Errorf("role listing in the container over [fd00:ec2::254]: %q, want %q", got, roleName)
+		if got := b.nsMust(b.ctr, nil, b.client, "get", "-base", "http://[fd00:ec2::254]", "/latest/meta-data/iam/security-credentials/"); got != e2e.RoleName {
+			t.Errorf("role listing in the container over [fd00:ec2::254]: %q, want %q", got, e2e.RoleName)
 		}
 	})
 
@@ -102,7 +104,7 @@ func TestInterceptContainerBridge(t *testing.T) {
 		if got := b.nsMust(b.ctr, nil, "curl", "-sS", "-m", "10", "http://"+brSideAddr+"/marker"); got != brSideBody {
 			t.Errorf("container to http://%s/ (another host, port 80): %q, want that server's %q", brSideAddr, got, brSideBody)
 		}
-		if got := b.nsMust(b.ctr, nil, "curl", "-sS", "-m", "10", "http://169.254.169.254:8080/latest/meta-data/iam/security-credentials/"); got == "" || got == roleName {
+		if got := b.nsMust(b.ctr, nil, "curl", "-sS", "-m", "10", "http://169.254.169.254:8080/latest/meta-data/iam/security-credentials/"); got == "" || got == e2e.RoleName {
 			t.Errorf("container to 169.254.169.254:8080: role listing %q; want the real IMDS's instance profile (port 8080 is not redirected)", got)
 		}
 		// Nothing listens on the bridge's port 80: refused, not redirected.
@@ -110,7 +112,7 @@ func TestInterceptContainerBridge(t *testing.T) {
 		if code != 7 {
 			t.Errorf("container to http://%s/ (the bridge, port 80): curl exit %d (%s), want 7 (connection refused)", brAddr4, code, out)
 		}
-		if got := b.nsMust(b.ctr2, nil, "curl", "-sS", "-m", "10", "http://169.254.169.254/latest/meta-data/iam/security-credentials/"); got == "" || got == roleName {
+		if got := b.nsMust(b.ctr2, nil, "curl", "-sS", "-m", "10", "http://169.254.169.254/latest/meta-data/iam/security-credentials/"); got == "" || got == e2e.RoleName {
 			t.Errorf("container on the unlisted bridge %s: role listing %q; want the real IMDS's (only intercept.bridges are redirected)", b.other, got)
 		}
 	})
@@ -130,11 +132,11 @@ func TestInterceptContainerBridge(t *testing.T) {
 		if n := brCounterPackets(b.nsMust(b.ctr, nil, "nft", "list", "chain", "ip", "ttlprobe", "in")); n == 0 {
 			t.Errorf("the container received no packet with TTL 1 from 169.254.169.254:80: the token response was not sent with the hop limit")
 		}
-		if got := b.nsMust(b.ctr, nil, b.client, "get", "/latest/meta-data/iam/security-credentials/"); got != roleName {
-			t.Errorf("role listing in the container with hop_limit 1: %q, want %q", got, roleName)
+		if got := b.nsMust(b.ctr, nil, b.client, "get", "/latest/meta-data/iam/security-credentials/"); got != e2e.RoleName {
+			t.Errorf("role listing in the container with hop_limit 1: %q, want %q", got, e2e.RoleName)
 		}
-		if got := b.nsMust(b.host, nil, b.client, "get", "/latest/meta-data/iam/security-credentials/"); got != roleName {
-			t.Errorf("role listing on the host with hop_limit 1: %q, want %q", got, roleName)
+		if got := b.nsMust(b.host, nil, b.client, "get", "/latest/meta-data/iam/security-credentials/"); got != e2e.RoleName {
+			t.Errorf("role listing on the host with hop_limit 1: %q, want %q", got, e2e.RoleName)
 		}
 		// Only token responses carry the hop limit: one routed hop further,
 		// a GET without a token reaches the daemon and gets its 401
@@ -199,12 +201,12 @@ sys.stdout.write(buf.decode("latin-1"))
 
 	t.Run("a flushed prerouting chain is repaired", func(t *testing.T) {
 		b.nsMust(b.host, nil, "nft", "flush", "chain", "inet", "imdsproxy", "prerouting")
-		icWaitFor(t, 10*time.Second, "the keeper to reinstall the rules", func() bool {
+		waitFor(t, 10*time.Second, "the keeper to reinstall the rules", func() bool {
 			_, err := b.nsOutput(b.host, nil, b.bin, "intercept", "status", "--config", b.config)
 			return err == nil
 		})
-		if got := b.nsMust(b.ctr, nil, b.client, "get", "/latest/meta-data/iam/security-credentials/"); got != roleName {
-			t.Errorf("role listing in the container after the repair: %q, want %q", got, roleName)
+		if got := b.nsMust(b.ctr, nil, b.client, "get", "/latest/meta-data/iam/security-credentials/"); got != e2e.RoleName {
+			t.Errorf("role listing in the container after the repair: %q, want %q", got, e2e.RoleName)
 		}
 		if !strings.Contains(d.log.String(), "interception rules were missing or altered; reinstalled") {
 			t.Errorf("no repair log line")
@@ -221,12 +223,12 @@ sys.stdout.write(buf.decode("latin-1"))
 		if tok == "" {
 			t.Fatalf("pod one hop behind the container: empty token with hop_limit 2")
 		}
-		if got := b.nsMust(b.pod, nil, b.client, "get", "/latest/meta-data/iam/security-credentials/"); got != roleName {
-			t.Errorf("role listing in the pod with hop_limit 2: %q, want %q", got, roleName)
+		if got := b.nsMust(b.pod, nil, b.client, "get", "/latest/meta-data/iam/security-credentials/"); got != e2e.RoleName {
+			t.Errorf("role listing in the pod with hop_limit 2: %q, want %q", got, e2e.RoleName)
 		}
 		b.checkIssued(t, "Go SDK v2 in the pod", b.nsMust(b.pod, b.clientEnv(), b.client, "creds"))
-		if got := b.nsMust(b.ctr, nil, b.client, "get", "/latest/meta-data/iam/security-credentials/"); got != roleName {
-			t.Errorf("role listing in the container with hop_limit 2: %q, want %q", got, roleName)
+		if got := b.nsMust(b.ctr, nil, b.client, "get", "/latest/meta-data/iam/security-credentials/"); got != e2e.RoleName {
+			t.Errorf("role listing in the container with hop_limit 2: %q, want %q", got, e2e.RoleName)
 		}
 	})
 
@@ -242,7 +244,7 @@ sys.stdout.write(buf.decode("latin-1"))
 			}
 		}
 		// As with Docker and no proxy: forwarded to the real IMDS.
-		if got := b.nsMust(b.ctr, nil, "curl", "-sS", "-m", "10", "http://169.254.169.254/latest/meta-data/iam/security-credentials/"); got == "" || got == roleName {
+		if got := b.nsMust(b.ctr, nil, "curl", "-sS", "-m", "10", "http://169.254.169.254/latest/meta-data/iam/security-credentials/"); got == "" || got == e2e.RoleName {
 			t.Errorf("container after remove: role listing %q; want the real IMDS's", got)
 		}
 	})
@@ -343,7 +345,7 @@ func (b *brEnv) setupContainers(aemm string) {
 	icMust(t, os.WriteFile(filepath.Join(www, "marker"), []byte(brSideBody), 0o644))
 	b.startBackground("http.server "+brSideAddr+":80", b.imds, nil, www, []string{"PATH=/usr/bin:/bin"},
 		"python3", "-m", "http.server", "80", "--bind", brSideAddr, "--directory", www)
-	icWaitFor(t, 15*time.Second, "the other servers from the container", func() bool {
+	waitFor(t, 15*time.Second, "the other servers from the container", func() bool {
 		a, err1 := b.nsOutput(b.ctr, nil, "curl", "-s", "-m", "1", "http://"+brSideAddr+"/marker")
 		c, err2 := b.nsOutput(b.ctr, nil, "curl", "-s", "-m", "1", "http://169.254.169.254:8080/latest/meta-data/instance-id")
 		return err1 == nil && a == brSideBody && err2 == nil && c == icInstanceID
@@ -351,7 +353,7 @@ func (b *brEnv) setupContainers(aemm string) {
 	// Before any rule: the containers reach the real IMDS, as on a Docker
 	// host without the proxy.
 	for _, ns := range []string{b.ctr, b.ctr2, b.pod} {
-		if got := b.nsMust(ns, nil, "curl", "-sS", "-m", "10", "http://169.254.169.254/latest/meta-data/iam/security-credentials/"); got == "" || got == roleName {
+		if got := b.nsMust(ns, nil, "curl", "-sS", "-m", "10", "http://169.254.169.254/latest/meta-data/iam/security-credentials/"); got == "" || got == e2e.RoleName {
 			t.Fatalf("namespace %s without rules: role listing %q; want the real IMDS's", ns, got)
 		}
 	}

@@ -12,6 +12,7 @@ import (
 
 	"github.com/aws/aws-sdk-go-v2/feature/ec2/imds"
 
+	"github.com/imdsproxy/imdsproxy/test/e2e"
 	"github.com/imdsproxy/imdsproxy/test/fakes/sts"
 )
 
@@ -27,7 +28,7 @@ func TestHerd(t *testing.T) {
 		t.Fatalf("cache already warm when the herd started (%d credentials issued): the test needs /healthz to answer before the first STS call completes", n)
 	}
 	ctx := context.Background()
-	tok, err := imdsToken(ctx, e.imdsURL, 21600)
+	tok, err := e2e.IMDSToken(ctx, e2e.Client, e.imdsURL, 21600)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -49,7 +50,7 @@ func TestHerd(t *testing.T) {
 		go func() {
 			defer wg.Done()
 			<-start
-			d, err := getCredDoc(ctx, client, e.imdsURL, tok)
+			d, err := e2e.GetCredDoc(ctx, client, e.imdsURL, e2e.RoleName, tok)
 			if err == nil {
 				err = e.checkServed(d)
 			}
@@ -94,7 +95,7 @@ type poller struct {
 	keys     []string // distinct access key ids, in order seen
 }
 
-func (p *poller) record(d credDoc, err error, received time.Time) {
+func (p *poller) record(d e2e.CredDoc, err error, received time.Time) {
 	if err == nil {
 		err = p.e.checkServed(d)
 	}
@@ -150,8 +151,8 @@ func (p *poller) run(ctx context.Context, every time.Duration) {
 		defer tick.Stop()
 		for {
 			rctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-			var d credDoc
-			out, err := client.GetMetadata(rctx, &imds.GetMetadataInput{Path: "iam/security-credentials/" + roleName})
+			var d e2e.CredDoc
+			out, err := client.GetMetadata(rctx, &imds.GetMetadataInput{Path: "iam/security-credentials/" + e2e.RoleName})
 			if err == nil {
 				err = json.NewDecoder(out.Content).Decode(&d)
 				out.Content.Close()
@@ -233,7 +234,7 @@ func TestOutage(t *testing.T) {
 	var readyFailures atomic.Int32
 	go func() {
 		for ctx.Err() == nil {
-			if st, _, err := httpGet(e.adminURL + "/readyz"); err != nil || st != 200 {
+			if st, _, err := e2e.GetURL(e.adminURL + "/readyz"); err != nil || st != 200 {
 				readyFailures.Add(1)
 			}
 			time.Sleep(500 * time.Millisecond)

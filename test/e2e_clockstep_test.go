@@ -18,6 +18,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/imdsproxy/imdsproxy/test/e2e"
 	"github.com/imdsproxy/imdsproxy/test/fakes/oidc"
 )
 
@@ -103,12 +104,12 @@ func TestClockStepReal(t *testing.T) {
 	if ent := e.clockStepEntry(t); ent.AccessKeyID != first.AccessKeyID || !ent.Valid {
 		t.Fatalf("before the step /debug/cache shows %+v, want %s valid", ent, first.AccessKeyID)
 	}
-	m := e.metrics(t)
+	m := e.scrape(t)
 	if v := clockSteps(m, ""); v != 0 {
 		t.Fatalf("imdsproxy_cache_clock_steps_total = %v before any step", v)
 	}
-	requestsBefore := drillMetric(m, "imdsproxy_cache_requests_total", nil)
-	refreshesBefore := drillMetric(m, "imdsproxy_cache_refreshes_total", nil)
+	requestsBefore := m.Sum("imdsproxy_cache_requests_total", nil)
+	refreshesBefore := m.Sum("imdsproxy_cache_refreshes_total", nil)
 	callsBefore := e.sts.Calls()
 
 	// The step. No client asks the daemon anything until it has refreshed.
@@ -153,8 +154,8 @@ func TestClockStepReal(t *testing.T) {
 		t.Logf("/readyz right after the step (%d samples): %s", seen[s], s)
 	}
 
-	m = e.metrics(t)
-	if n := drillMetric(m, "imdsproxy_cache_requests_total", nil); n != requestsBefore {
+	m = e.scrape(t)
+	if n := m.Sum("imdsproxy_cache_requests_total", nil); n != requestsBefore {
 		t.Errorf("imdsproxy_cache_requests_total went from %v to %v: the refresh was not the daemon's own", requestsBefore, n)
 	}
 	if v := clockSteps(m, "forward"); v != 1 {
@@ -165,7 +166,7 @@ func TestClockStepReal(t *testing.T) {
 	} else if step, _ := l["step"].(float64); l["level"] != "warn" || math.Abs(step-clockStep.Seconds()) > 5 {
 		t.Errorf(`"wall clock stepped" line %v: want level warn and step about %v s`, l, clockStep.Seconds())
 	}
-	fetches := drillMetric(m, "imdsproxy_cache_refreshes_total", nil) - refreshesBefore
+	fetches := m.Sum("imdsproxy_cache_refreshes_total", nil) - refreshesBefore
 	calls := e.sts.Calls() - callsBefore
 	t.Logf("after the step: %v upstream fetches, %d STS calls", fetches, calls)
 	if bound := drillMaxFetches(time.Since(stepAt), 0); fetches < 1 || fetches > float64(bound) {
@@ -174,7 +175,7 @@ func TestClockStepReal(t *testing.T) {
 	if calls < 1 || float64(calls) > 2*fetches {
 		t.Errorf("%d STS calls for %v fetches after the step", calls, fetches)
 	}
-	e.drillWaitReadyz(t, http.StatusOK, 2*time.Second, "ready: credentials for role "+roleName+" valid until")
+	e.drillWaitReadyz(t, http.StatusOK, 2*time.Second, "ready: credentials for role "+e2e.RoleName+" valid until")
 
 	// Clients, by the new clock.
 	s := e.drillServe(t, time.Now().Add(3*time.Second), drillClients{wantAK: fresh.AccessKeyID})
@@ -194,10 +195,10 @@ func TestClockStepReal(t *testing.T) {
 	callsBefore = e.sts.Calls()
 	cs.restore(t)
 	restoredAt := time.Now()
-	for clockSteps(e.metrics(t), "backward") != 1 {
+	for clockSteps(e.scrape(t), "backward") != 1 {
 		if time.Since(restoredAt) > clockStepMaxSleep+3*time.Second {
 			t.Fatalf(`imdsproxy_cache_clock_steps_total{direction="backward"} = %v %v after the restore, want 1`,
-				clockSteps(e.metrics(t), "backward"), time.Since(restoredAt))
+				clockSteps(e.scrape(t), "backward"), time.Since(restoredAt))
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
@@ -206,7 +207,7 @@ func TestClockStepReal(t *testing.T) {
 	}
 	s = e.drillServe(t, time.Now().Add(2*time.Second), drillClients{wantAK: fresh.AccessKeyID})
 	s.check(t, "after the restore")
-	e.drillWaitReadyz(t, http.StatusOK, 2*time.Second, "ready: credentials for role "+roleName+" valid until")
+	e.drillWaitReadyz(t, http.StatusOK, 2*time.Second, "ready: credentials for role "+e2e.RoleName+" valid until")
 	if n := e.sts.Calls() - callsBefore; n != 0 {
 		t.Errorf("%d STS calls after the restore, want none (the credentials are valid and not due)", n)
 	}
@@ -258,7 +259,7 @@ type clockStepper struct {
 	cmd    *exec.Cmd
 	stdin  io.WriteCloser
 	lines  chan string // clockstep's stdout lines; closed at EOF
-	stderr *lockedBuffer
+	stderr *e2e.LockedBuffer
 	done   chan struct{} // closed when it has exited
 	err    error         // its exit, valid after done
 	t0     time.Time     // wall and monotonic reading before the step
@@ -273,7 +274,7 @@ type clockStepper struct {
 // belongs.
 func startClockStep(t *testing.T, bin string, step, hold time.Duration) *clockStepper {
 	t.Helper()
-	c := &clockStepper{lines: make(chan string, 4), stderr: &lockedBuffer{}, done: make(chan struct{})}
+	c := &clockStepper{lines: make(chan string, 4), stderr: &e2e.LockedBuffer{}, done: make(chan struct{})}
 	c.cmd = exec.Command(bin, "-step", step.String(), "-hold", hold.String())
 	// Its own session: a signal to the test's process group (go test's
 	// timeout, Ctrl-C) must not kill it before it restores the clock.
@@ -308,7 +309,7 @@ func startClockStep(t *testing.T, bin string, step, hold time.Duration) *clockSt
 			return c
 		}
 		<-c.done
-		if exitCode(c.err) == 3 { // the clock was not changed
+		if e2e.ExitCode(c.err) == 3 { // the clock was not changed
 			t.Skipf("SKIPPED LOUDLY: clockstep could not step CLOCK_REALTIME: %s; run `make test` as root (CI does)", strings.TrimSpace(c.stderr.String()))
 		}
 		t.Fatalf("clockstep did not step the clock: first line %q, exit %v\n%s", l, c.err, c.stderr.String())
@@ -338,7 +339,7 @@ func (c *clockStepper) restore(t *testing.T) {
 				restored = l
 			}
 		}
-		if !c.stepped && exitCode(c.err) == 3 {
+		if !c.stepped && e2e.ExitCode(c.err) == 3 {
 			return // it could not step: the clock was never changed
 		}
 		if c.err != nil || restored == "" {
@@ -414,22 +415,22 @@ func (e *daemonEnv) clockStepEntry(t *testing.T) clockStepDebugEntry {
 		t.Fatalf("/debug/cache: %v", err)
 	}
 	for _, ent := range doc.Entries {
-		if ent.Key == roleName {
+		if ent.Key == e2e.RoleName {
 			return ent.clockStepDebugEntry
 		}
 	}
-	t.Fatalf("/debug/cache has no entry for %s:\n%s", roleName, body)
+	t.Fatalf("/debug/cache has no entry for %s:\n%s", e2e.RoleName, body)
 	return clockStepDebugEntry{}
 }
 
 // clockSteps is imdsproxy_cache_clock_steps_total for direction ("" for
-// all) in the metrics text m.
-func clockSteps(m, direction string) float64 {
+// all) in the metrics m.
+func clockSteps(m e2e.Metrics, direction string) float64 {
 	var labels map[string]string
 	if direction != "" {
 		labels = map[string]string{"direction": direction}
 	}
-	return drillMetric(m, "imdsproxy_cache_clock_steps_total", labels)
+	return m.Sum("imdsproxy_cache_clock_steps_total", labels)
 }
 
 // stepLogLine returns the daemon's "wall clock stepped" log line with

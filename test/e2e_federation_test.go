@@ -14,6 +14,7 @@ import (
 	"github.com/aws/aws-sdk-go-v2/credentials/ec2rolecreds"
 	"github.com/aws/aws-sdk-go-v2/feature/ec2/imds"
 
+	"github.com/imdsproxy/imdsproxy/test/e2e"
 	"github.com/imdsproxy/imdsproxy/test/fakes/federation"
 	"github.com/imdsproxy/imdsproxy/test/fakes/issuer"
 	"github.com/imdsproxy/imdsproxy/test/fakes/oidc"
@@ -35,7 +36,7 @@ func startFederationDaemon(t *testing.T, opts envOptions, sessionLength time.Dur
 	opts.identityYAML = func(e *daemonEnv) string {
 		fe.fed = federation.Start(e.t, federation.Config{
 			Issuer: e.issuer, Audience: oidc.DefaultAudience, Subject: "host-1",
-			RoleARN: roleARN, SessionLength: sessionLength,
+			RoleARN: e2e.RoleARN, SessionLength: sessionLength,
 		})
 		fe.fed.SetMode(mode)
 		ca := fe.fed.WriteCAFile(e.t, e.dir, "federation-ca.pem")
@@ -46,7 +47,7 @@ identity:
 federation:
   url: %s
   ca_file: %q
-`, roleARN, roleName, e.tokenFile, fe.fed.URL, ca)
+`, e2e.RoleARN, e2e.RoleName, e.tokenFile, fe.fed.URL, ca)
 	}
 	opts.extraSecrets = func() map[string]string {
 		out := map[string]string{}
@@ -100,7 +101,7 @@ func (e *daemonEnv) waitNotReady(t *testing.T, want string, timeout time.Duratio
 	var body string
 	for time.Now().Before(deadline) {
 		var err error
-		st, body, err = httpGet(e.adminURL + "/readyz")
+		st, body, err = e2e.GetURL(e.adminURL + "/readyz")
 		if err == nil && st == 503 && strings.Contains(body, want) {
 			return body
 		}
@@ -254,7 +255,7 @@ source: web-identity
 identity:
   jwt_command: [%q, --aud, sts.amazonaws.com]
   timeout: 1s
-`, roleARN, roleName, cmd)
+`, e2e.RoleARN, e2e.RoleName, cmd)
 	}
 }
 
@@ -272,8 +273,9 @@ func TestJWTCommandWebIdentity(t *testing.T) {
 	if last.Subject != "host-1" {
 		t.Fatalf("STS saw sub %q", last.Subject)
 	}
-	if !strings.Contains(e.metrics(t), `imdsproxy_identity_token_fetches_total{result="ok",source="command"} 1`) {
-		t.Errorf("metrics lack one ok command fetch:\n%s", grepLines(e.metrics(t), "identity_token"))
+	m := e.scrape(t)
+	if v, _ := m.Value("imdsproxy_identity_token_fetches_total", map[string]string{"result": "ok", "source": "command"}); v != 1 {
+		t.Errorf("metrics lack one ok command fetch:\n%s", m.Select("imdsproxy_identity_token_fetches_total", nil))
 	}
 }
 
@@ -313,7 +315,7 @@ func TestJWTCommandFailures(t *testing.T) {
 func requireAEMM(t *testing.T) {
 	t.Helper()
 	up := sharedUpstream(t)
-	if strings.HasPrefix(up.kind, "amazon-ec2-metadata-mock") {
+	if strings.HasPrefix(up.Kind, "amazon-ec2-metadata-mock") {
 		return
 	}
 	msg := "jwt_url needs amazon-ec2-metadata-mock as the upstream IMDS (instance identity pkcs7); `make test` installs it"
@@ -338,12 +340,12 @@ func startJWTURLDaemon(t *testing.T, opts envOptions, cfg issuer.Config, mode is
 		ue.iss = issuer.Start(e.t, cfg)
 		ue.iss.SetMode(mode)
 		if source == "federation" {
-			fed = federation.Start(e.t, federation.Config{Issuer: e.issuer, RoleARN: roleARN})
+			fed = federation.Start(e.t, federation.Config{Issuer: e.issuer, RoleARN: e2e.RoleARN})
 			return fmt.Sprintf(`role: {arn: %q, name: %s, duration: 1h}
 source: federation
 identity: {jwt_url: %s, timeout: 2s, insecure_http: true}
 federation: {url: %s, ca_file: %q}
-`, roleARN, roleName, ue.iss.URL, fed.URL, fed.WriteCAFile(e.t, e.dir, "fed-ca.pem"))
+`, e2e.RoleARN, e2e.RoleName, ue.iss.URL, fed.URL, fed.WriteCAFile(e.t, e.dir, "fed-ca.pem"))
 		}
 		return fmt.Sprintf(`role: {arn: %q, name: %s, duration: 1h}
 source: web-identity
@@ -351,7 +353,7 @@ identity:
   jwt_url: %s
   timeout: 2s
   insecure_http: true
-`, roleARN, roleName, ue.iss.URL)
+`, e2e.RoleARN, e2e.RoleName, ue.iss.URL)
 	}
 	opts.extraSecrets = func() map[string]string {
 		out := map[string]string{}
@@ -474,14 +476,4 @@ func TestJWTURLOutageKeepsCachedCredentials(t *testing.T) {
 	if len(dc.Entries) != 1 || !dc.Entries[0].Valid || !strings.Contains(dc.Entries[0].LastError, "issuer answered HTTP 500") {
 		t.Fatalf("/debug/cache: %+v", dc.Entries)
 	}
-}
-
-func grepLines(text, sub string) string {
-	var out []string
-	for _, l := range strings.Split(text, "\n") {
-		if strings.Contains(l, sub) {
-			out = append(out, l)
-		}
-	}
-	return strings.Join(out, "\n")
 }

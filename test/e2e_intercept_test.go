@@ -17,6 +17,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/imdsproxy/imdsproxy/test/e2e"
 )
 
 // The interception end-to-end test: two network namespaces of its own.
@@ -39,7 +41,7 @@ const (
 	icUID        = 65534 // the daemon's uid (nobody)
 	icIMDSPort   = 8169
 	icAdminPort  = 8170
-	icInstanceID = "i-1234567890abcdef0" // amazon-ec2-metadata-mock's
+	icInstanceID = e2e.AEMMInstanceID
 )
 
 var icSeq atomic.Int64
@@ -52,9 +54,9 @@ type icEnv struct {
 	client     string // imdsclient binary
 	config     string
 	emptyFile  string
-	sts        *lockedBuffer // fakests log
-	files      []*os.File    // the listening sockets handed to daemons
-	fdNames    []string      // their LISTEN_FDNAMES
+	sts        *e2e.LockedBuffer // fakests log
+	files      []*os.File        // the listening sockets handed to daemons
+	fdNames    []string          // their LISTEN_FDNAMES
 	gen        int
 }
 
@@ -81,8 +83,8 @@ func TestInterceptNetns(t *testing.T) {
 
 	t.Run("SDKs get the workload credentials with no setting", func(t *testing.T) { e.checkClients(t) })
 	t.Run("IPv6", func(t *testing.T) {
-		if got := e.nsMust(e.host, nil, e.client, "get", "-base", "http://[fd00:ec2::254]", "/latest/meta-data/iam/security-credentials/"); got != roleName {
-			t.Errorf("role listing over [fd00:ec2::254]: %q, want %q", got, roleName)
+		if got := e.nsMust(e.host, nil, e.client, "get", "-base", "http://[fd00:ec2::254]", "/latest/meta-data/iam/security-credentials/"); got != e2e.RoleName {
+			t.Errorf("role listing over [fd00:ec2::254]: %q, want %q", got, e2e.RoleName)
 		}
 		env := append(e.clientEnv(), "AWS_EC2_METADATA_SERVICE_ENDPOINT_MODE=IPv6")
 		e.checkIssued(t, "boto3 (IPv6 endpoint mode)", e.nsMust(e.host, env, python3Path, "-c", botoScript))
@@ -95,19 +97,22 @@ func TestInterceptNetns(t *testing.T) {
 	t.Run("the daemon's uid reaches the real IMDS", func(t *testing.T) {
 		got := e.nsMust(e.host, nil, "setpriv", "--reuid", fmt.Sprint(icUID), "--regid", fmt.Sprint(icUID), "--clear-groups",
 			e.client, "get", "/latest/meta-data/iam/security-credentials/")
-		if got == "" || got == roleName {
-			t.Errorf("uid %d got role listing %q: want the real IMDS's instance profile, not %q", icUID, got, roleName)
+		if got == "" || got == e2e.RoleName {
+			t.Errorf("uid %d got role listing %q: want the real IMDS's instance profile, not %q", icUID, got, e2e.RoleName)
 		}
 	})
 	t.Run("rules deleted behind the daemon's back are repaired", func(t *testing.T) {
 		e.nsMust(e.host, nil, "nft", "delete", "table", "inet", "imdsproxy")
-		icWaitFor(t, 5*time.Second, "the keeper to reinstall the rules", func() bool {
+		waitFor(t, 5*time.Second, "the keeper to reinstall the rules", func() bool {
 			_, err := e.nsOutput(e.host, nil, e.bin, "intercept", "status", "--config", e.config)
 			return err == nil
 		})
-		metrics := e.nsMust(e.host, nil, "curl", "-s", "-m", "2", fmt.Sprintf("http://127.0.0.1:%d/metrics", icAdminPort))
-		if !strings.Contains(metrics, "imdsproxy_intercept_rules_present 1") || strings.Contains(metrics, "imdsproxy_intercept_repairs_total 0") {
-			t.Errorf("metrics after a repair:\n%s", icGrep(metrics, "imdsproxy_intercept_"))
+		text := e.nsMust(e.host, nil, "curl", "-s", "-m", "2", fmt.Sprintf("http://127.0.0.1:%d/metrics", icAdminPort))
+		m, err := e2e.ParseMetrics(text)
+		present, _ := m.Value("imdsproxy_intercept_rules_present", nil)
+		repairs, _ := m.Value("imdsproxy_intercept_repairs_total", nil)
+		if err != nil || present != 1 || repairs < 1 {
+			t.Errorf("metrics after a repair (%v):\n%s", err, e2e.GrepLines(text, "imdsproxy_intercept_"))
 		}
 		if !strings.Contains(d1.log.String(), "interception rules were missing or altered; reinstalled") {
 			t.Errorf("no repair log line")
@@ -152,7 +157,7 @@ func TestInterceptNetns(t *testing.T) {
 			t.Errorf("ruleset still names imdsproxy:\n%s", rs)
 		}
 		got := e.nsMust(e.host, nil, e.client, "get", "/latest/meta-data/iam/security-credentials/")
-		if got == "" || got == roleName {
+		if got == "" || got == e2e.RoleName {
 			t.Errorf("after remove root got role listing %q: want the real IMDS's", got)
 		}
 	})
@@ -219,10 +224,7 @@ func requireNetnsTest(t *testing.T, what, needs string) (aemm string) {
 	if out, err := exec.Command("ip", "netns", "list").CombinedOutput(); err != nil {
 		t.Skipf("SKIPPED (LOUDLY): `ip netns` is unavailable: %v: %s", err, out)
 	}
-	aemm = os.Getenv("AEMM_BIN")
-	if aemm == "" {
-		aemm = filepath.Join(repoRoot, "bin", "tools", "ec2-metadata-mock")
-	}
+	aemm = e2e.AEMMBinary()
 	requireClient(t, aemm, "amazon-ec2-metadata-mock (the real IMDS inside the namespace)")
 	return aemm
 }
@@ -237,7 +239,7 @@ func newIcEnv(t *testing.T, aemm, access string) *icEnv {
 	if access != "" {
 		accessLine = "access: " + access + "\n"
 	}
-	e := &icEnv{t: t, bin: daemonBinary(t), sts: &lockedBuffer{}}
+	e := &icEnv{t: t, bin: daemonBinary(t), sts: &e2e.LockedBuffer{}}
 	id := fmt.Sprintf("%d-%d", os.Getpid(), icSeq.Add(1))
 	e.host, e.imds = "imdsproxy-e2e-"+id+"-host", "imdsproxy-e2e-"+id+"-imds"
 	var err error
@@ -276,8 +278,8 @@ func newIcEnv(t *testing.T, aemm, access string) *icEnv {
 	e.startBackground("fakests", e.host, e.sts, e.dir, []string{"PATH=/usr/bin:/bin"},
 		"setpriv", "--reuid", fmt.Sprint(icUID), "--regid", fmt.Sprint(icUID), "--clear-groups",
 		fakests, "-sts-listen", "127.0.0.1:8190", "-issuer-listen", "127.0.0.1:8191", "-token-file", tokenFile)
-	icWaitFor(t, 10*time.Second, "the token file", func() bool { _, err := os.Stat(tokenFile); return err == nil })
-	icWaitFor(t, 10*time.Second, "the real IMDS from the host namespace", func() bool {
+	waitFor(t, 10*time.Second, "the token file", func() bool { _, err := os.Stat(tokenFile); return err == nil })
+	waitFor(t, 10*time.Second, "the real IMDS from the host namespace", func() bool {
 		out, err := e.nsOutput(e.host, nil, "curl", "-s", "-m", "1", "http://169.254.169.254/latest/meta-data/instance-id")
 		return err == nil && out == icInstanceID
 	})
@@ -293,7 +295,7 @@ role: {arn: %q, name: %s, duration: 1h}
 source: web-identity
 identity: {jwt_file: %s}
 intercept: {enabled: true, ipv6: true, check_interval: 1s, exempt_uid: %d}
-%s`, icIMDSPort, icAdminPort, filepath.Join(e.dir, "token.key"), roleARN, roleName, tokenFile, icUID, accessLine)), 0o644))
+%s`, icIMDSPort, icAdminPort, filepath.Join(e.dir, "token.key"), e2e.RoleARN, e2e.RoleName, tokenFile, icUID, accessLine)), 0o644))
 	return e
 }
 
@@ -366,28 +368,13 @@ func (e *icEnv) openSocketsAt(socks []icSocket) {
 }
 
 type icDaemon struct {
-	cmd  *exec.Cmd
-	log  *lockedBuffer
-	done chan struct{}
-	err  error
+	proc *e2e.Process
+	log  *e2e.LockedBuffer
 }
 
-func (d *icDaemon) stop() int {
-	select {
-	case <-d.done:
-		return exitCode(d.err)
-	default:
-	}
-	_ = d.cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case <-d.done:
-	case <-time.After(stopTimeout):
-		_ = d.cmd.Process.Kill()
-		<-d.done
-		return -1
-	}
-	return exitCode(d.err)
-}
+// stop sends SIGTERM and waits for the exit; it returns the exit code (-1 if
+// killed after stopTimeout).
+func (d *icDaemon) stop() int { return d.proc.Stop(stopTimeout) }
 
 // startDaemon starts a daemon process in the host namespace as icUID with
 // CAP_NET_ADMIN (for the rule keeper) and the held sockets, and waits for its
@@ -408,33 +395,33 @@ func (e *icEnv) startDaemonWith(caps string, nsenter bool) *icDaemon {
 	defer nc.Close()
 	icMust(t, os.Chmod(sock, 0o666))
 
-	d := &icDaemon{log: &lockedBuffer{}, done: make(chan struct{})}
+	d := &icDaemon{log: &e2e.LockedBuffer{}}
 	enter := []string{"ip", "netns", "exec", e.host}
 	if nsenter {
 		enter = []string{"nsenter", "--net=/run/netns/" + e.host, "--"}
 	}
-	d.cmd = exec.Command(enter[0], append(enter[1:],
+	cmd := exec.Command(enter[0], append(enter[1:],
 		"setpriv", "--reuid", fmt.Sprint(icUID), "--regid", fmt.Sprint(icUID), "--clear-groups",
 		"--inh-caps", caps, "--ambient-caps", caps,
 		"/bin/sh", "-c", `LISTEN_PID=$$; export LISTEN_PID; exec "$0" "$@"`,
 		e.bin, "serve", "--config", e.config, "--log-format", "json", "--log-level", "debug")...)
-	d.cmd.Dir = e.dir
-	d.cmd.Env = []string{
+	cmd.Dir = e.dir
+	cmd.Env = []string{
 		"PATH=/usr/bin:/bin", "HOME=" + e.dir, "NO_PROXY=*",
 		"AWS_REGION=us-east-1", "AWS_ENDPOINT_URL_STS=http://127.0.0.1:8190",
 		"AWS_CONFIG_FILE=" + e.emptyFile, "AWS_SHARED_CREDENTIALS_FILE=" + e.emptyFile,
 		fmt.Sprintf("LISTEN_FDS=%d", len(e.files)), "LISTEN_FDNAMES=" + strings.Join(e.fdNames, ":"),
 		"NOTIFY_SOCKET=" + sock,
 	}
-	d.cmd.ExtraFiles = e.files
-	d.cmd.Stdout, d.cmd.Stderr = d.log, d.log
-	icMust(t, d.cmd.Start())
-	go func() { d.err = d.cmd.Wait(); close(d.done) }()
+	cmd.ExtraFiles = e.files
+	cmd.Stdout, cmd.Stderr = d.log, d.log
+	d.proc, err = e2e.Start(cmd)
+	icMust(t, err)
 	gen := e.gen
 	t.Cleanup(func() {
 		d.stop()
 		if t.Failed() {
-			t.Logf("daemon #%d log:\n%s", gen, icTail(d.log.String(), 40))
+			t.Logf("daemon #%d log:\n%s", gen, e2e.TailLines(d.log.String(), 40))
 		}
 	})
 	ready := make(chan string, 1)
@@ -456,10 +443,10 @@ func (e *icEnv) startDaemonWith(caps string, nsenter bool) *icDaemon {
 	select {
 	case s := <-ready:
 		if !strings.Contains(s, "READY=1") {
-			t.Fatalf("daemon #%d sent no READY=1: %s\n%s", e.gen, s, icTail(d.log.String(), 40))
+			t.Fatalf("daemon #%d sent no READY=1: %s\n%s", e.gen, s, e2e.TailLines(d.log.String(), 40))
 		}
-	case <-d.done:
-		t.Fatalf("daemon #%d exited before READY=1: %v\n%s", e.gen, d.err, icTail(d.log.String(), 40))
+	case <-d.proc.Done():
+		t.Fatalf("daemon #%d exited before READY=1: %v\n%s", e.gen, d.proc.Err(), e2e.TailLines(d.log.String(), 40))
 	}
 	return d
 }
@@ -505,26 +492,19 @@ func (e *icEnv) checkIssued(t *testing.T, who, out string) {
 	}
 }
 
-func (e *icEnv) startBackground(name, ns string, log *lockedBuffer, dir string, env []string, args ...string) {
+func (e *icEnv) startBackground(name, ns string, log *e2e.LockedBuffer, dir string, env []string, args ...string) {
 	t := e.t
 	if log == nil {
-		log = &lockedBuffer{}
+		log = &e2e.LockedBuffer{}
 	}
 	cmd := exec.Command("ip", append([]string{"netns", "exec", ns}, args...)...)
 	cmd.Dir, cmd.Env, cmd.Stdout, cmd.Stderr = dir, env, log, log
-	icMust(t, cmd.Start())
-	done := make(chan struct{})
-	go func() { _ = cmd.Wait(); close(done) }()
+	p, err := e2e.Start(cmd)
+	icMust(t, err)
 	t.Cleanup(func() {
-		_ = cmd.Process.Signal(syscall.SIGTERM)
-		select {
-		case <-done:
-		case <-time.After(5 * time.Second):
-			_ = cmd.Process.Kill()
-			<-done
-		}
+		p.Stop(5 * time.Second)
 		if t.Failed() {
-			t.Logf("%s log:\n%s", name, icTail(log.String(), 20))
+			t.Logf("%s log:\n%s", name, e2e.TailLines(log.String(), 20))
 		}
 	})
 }
@@ -565,33 +545,4 @@ func icMust(t testing.TB, err error) {
 	if err != nil {
 		t.Fatal(err)
 	}
-}
-
-func icWaitFor(t testing.TB, d time.Duration, what string, ok func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(d)
-	for !ok() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %v waiting for %s", d, what)
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
-}
-
-func icTail(s string, n int) string {
-	lines := strings.Split(strings.TrimRight(s, "\n"), "\n")
-	if len(lines) > n {
-		lines = lines[len(lines)-n:]
-	}
-	return strings.Join(lines, "\n")
-}
-
-func icGrep(s, sub string) string {
-	var out []string
-	for _, l := range strings.Split(s, "\n") {
-		if strings.Contains(l, sub) {
-			out = append(out, l)
-		}
-	}
-	return strings.Join(out, "\n")
 }

@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/imdsproxy/imdsproxy/test/e2e"
 	"github.com/imdsproxy/imdsproxy/test/fakes/sts"
 )
 
@@ -22,7 +23,7 @@ func TestAdminEndpoints(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, p := range []string{"/healthz", "/readyz"} {
-		if st, body, err := httpGet(e.adminURL + p); err != nil || st != 200 {
+		if st, body, err := e2e.GetURL(e.adminURL + p); err != nil || st != 200 {
 			t.Errorf("GET %s: %d %q %v", p, st, body, err)
 		}
 	}
@@ -32,7 +33,7 @@ func TestAdminEndpoints(t *testing.T) {
 		t.Fatalf("/debug/cache has %d entries, want 1", len(dc.Entries))
 	}
 	en := dc.Entries[0]
-	if en.Key != roleName || en.AccessKeyID != last.AccessKeyID || !en.Valid || en.Permanent || en.ConsecutiveFailures != 0 || en.LastError != "" {
+	if en.Key != e2e.RoleName || en.AccessKeyID != last.AccessKeyID || !en.Valid || en.Permanent || en.ConsecutiveFailures != 0 || en.LastError != "" {
 		t.Errorf("/debug/cache entry %+v", en)
 	}
 	if exp, err := time.Parse(time.RFC3339, en.Expires); err != nil || exp.Sub(last.Expiration).Abs() > time.Second {
@@ -68,7 +69,7 @@ func TestNotReadyWithoutCredentials(t *testing.T) {
 		time.Sleep(50 * time.Millisecond)
 	}
 	time.Sleep(300 * time.Millisecond)
-	st, body, err := httpGet(e.adminURL + "/readyz")
+	st, body, err := e2e.GetURL(e.adminURL + "/readyz")
 	if err != nil || st != 503 || strings.TrimSpace(body) == "" {
 		t.Errorf("/readyz while STS denies: %d %q %v, want 503 with a reason", st, body, err)
 	}
@@ -102,7 +103,7 @@ func TestSIGTERM(t *testing.T) {
 	}
 	began := time.Now()
 	if code := e.stop(); code != 0 {
-		t.Fatalf("exit code %d on SIGTERM, want 0: %v", code, e.waitErr)
+		t.Fatalf("exit code %d on SIGTERM, want 0: %v", code, e.proc.Err())
 	}
 	t.Logf("exited 0 %v after SIGTERM", time.Since(began).Round(time.Millisecond))
 	if c, err := net.DialTimeout("tcp", fmt.Sprintf("127.0.0.1:%d", e.imdsPort), time.Second); err == nil {
@@ -135,7 +136,7 @@ func TestSIGHUP(t *testing.T) {
 		e.signal(t, syscall.SIGHUP)
 		time.Sleep(time.Second)
 		if e.exited() {
-			t.Fatalf("daemon exited on SIGHUP: %v", e.waitErr)
+			t.Fatalf("daemon exited on SIGHUP: %v", e.proc.Err())
 		}
 		if n := errorLines(); len(n) != before {
 			t.Errorf("error logged on a good reload: %v", n[before:])
@@ -156,7 +157,7 @@ func TestSIGHUP(t *testing.T) {
 			time.Sleep(50 * time.Millisecond)
 		}
 		if e.exited() {
-			t.Fatalf("daemon exited on SIGHUP with a broken config: %v", e.waitErr)
+			t.Fatalf("daemon exited on SIGHUP with a broken config: %v", e.proc.Err())
 		}
 		if got := errorLines(); len(got) == before {
 			t.Errorf("no error logged for a broken config on SIGHUP")
@@ -167,10 +168,10 @@ func TestSIGHUP(t *testing.T) {
 		if err != nil || d.AccessKeyId != d0.AccessKeyId {
 			t.Fatalf("not serving the same credentials after a bad reload: %v %s", err, d.AccessKeyId)
 		}
-		if st, _, _ := httpGet(e.adminURL + "/readyz"); st != 200 {
+		if st, _, _ := e2e.GetURL(e.adminURL + "/readyz"); st != 200 {
 			t.Errorf("/readyz %d after a bad reload", st)
 		}
-		if m := e.metrics(t); !regexp.MustCompile(`(?m)^imdsproxy_config_last_reload_successful 0$`).MatchString(m) {
+		if v, ok := e.scrape(t).Value("imdsproxy_config_last_reload_successful", nil); !ok || v != 0 {
 			t.Errorf("imdsproxy_config_last_reload_successful is not 0 after a refused reload")
 		}
 		out, _ := runStatusCommand(t, e)

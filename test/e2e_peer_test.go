@@ -16,6 +16,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/imdsproxy/imdsproxy/test/e2e"
 )
 
 // The client identification end-to-end test: the daemon, as in production,
@@ -50,7 +52,7 @@ func TestPeerIdentityIntercepted(t *testing.T) {
 
 	e := pdSetup(t, aemm, fmt.Sprintf("{allow_uids: [%d], allow_units: [%s], audit: true}", pdAllowedUID, allowed.unit))
 	d := pdStartDaemon(e, false)
-	logs := []*lockedBuffer{d.log}
+	logs := []*e2e.LockedBuffer{d.log}
 	own := pdOwnUnit(t) // clients run without a cgroup of their own are in the test's
 
 	// run runs imdsclient get PATH in the host namespace as uid, in cg
@@ -82,14 +84,14 @@ func TestPeerIdentityIntercepted(t *testing.T) {
 		}
 		return cmd.Process.Pid, out.String(), err
 	}
-	var served []credDoc // every document handed out, to check the log against
+	var served []e2e.CredDoc // every document handed out, to check the log against
 	credsOK := func(t *testing.T, who, out string, err error) {
 		t.Helper()
 		if err != nil {
 			t.Fatalf("%s: credentials: %v", who, err)
 		}
 		e.checkIssued(t, who, out)
-		var doc credDoc
+		var doc e2e.CredDoc
 		if err := json.Unmarshal([]byte(out), &doc); err != nil || doc.SecretAccessKey == "" || doc.Token == "" {
 			t.Fatalf("%s: not a credential document (%v)", who, err)
 		}
@@ -274,18 +276,7 @@ func pdStartDaemon(e *icEnv, ptrace bool) *pdDaemon {
 }
 
 // lines returns the daemon's JSON log lines, decoded.
-func (d *pdDaemon) lines() []map[string]any {
-	var out []map[string]any
-	sc := bufio.NewScanner(strings.NewReader(d.log.String()))
-	sc.Buffer(make([]byte, 1<<20), 1<<20)
-	for sc.Scan() {
-		var m map[string]any
-		if json.Unmarshal(sc.Bytes(), &m) == nil {
-			out = append(out, m)
-		}
-	}
-	return out
-}
+func (d *pdDaemon) lines() []map[string]any { return e2e.JSONLines(d.log.String()) }
 
 // count is the number of log lines with message msg.
 func (d *pdDaemon) count(msg string) int {
@@ -313,7 +304,7 @@ func (d *pdDaemon) waitLine(t *testing.T, msg string, match func(map[string]any)
 			return found
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("no %q log line as expected; log:\n%s", msg, icTail(d.log.String(), 20))
+			t.Fatalf("no %q log line as expected; log:\n%s", msg, e2e.TailLines(d.log.String(), 20))
 		}
 		time.Sleep(50 * time.Millisecond)
 	}

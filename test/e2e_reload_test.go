@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/imdsproxy/imdsproxy/test/e2e"
 	"github.com/imdsproxy/imdsproxy/test/fakes/s3"
 )
 
@@ -64,7 +65,7 @@ func TestEmergencyRollback(t *testing.T) {
 	// The central policy breaks: hosts keep the last good one (on).
 	fake.Delete(roBucketName, roObjectKey)
 	e.signal(t, syscall.SIGHUP)
-	waitMetric(t, e, "imdsproxy_rollout_policy_last_load_successful", "", func(v float64) bool { return v == 0 }, 15*time.Second)
+	waitMetric(t, e, "imdsproxy_rollout_policy_last_load_successful", nil, func(v float64) bool { return v == 0 }, 15*time.Second)
 	if k := cliCreds(t, e); kindOf(e, up, k) != "workload" {
 		t.Fatalf("a broken central policy changed what is served: %s", kindOf(e, up, k))
 	}
@@ -94,7 +95,7 @@ func TestEmergencyRollback(t *testing.T) {
 	if code != 0 {
 		t.Errorf("imdsproxy status exited %d", code)
 	}
-	if m := e.metrics(t); !strings.Contains(m, "imdsproxy_rollout_kill_switch 1") {
+	if v, _ := e.scrape(t).Value("imdsproxy_rollout_kill_switch", nil); v != 1 {
 		t.Error("imdsproxy_rollout_kill_switch is not 1")
 	}
 
@@ -105,7 +106,7 @@ upstream: %s
 source: instance-profile
 `, e.imdsPort, e.adminPort, up.url)
 	reloadAndWait(t, e, ipOnly, "source instance-profile", func() bool {
-		st, body, err := httpGet(e.adminURL + "/debug/status")
+		st, body, err := e2e.GetURL(e.adminURL + "/debug/status")
 		return err == nil && st == http.StatusOK && strings.Contains(body, `"source": "instance-profile"`)
 	})
 	if k := cliCreds(t, e); kindOf(e, up, k) != "instance-profile" {
@@ -132,7 +133,7 @@ func TestReloadEverySetting(t *testing.T) {
 		t.Skip("identifying the CLI's uid needs the daemon to read sock_diag as root here")
 	}
 	otherARN := "arn:aws:iam::333333333333:role/other-app"
-	extra, role := "", fmt.Sprintf("role: {arn: %q, name: %s, duration: 1h}", roleARN, roleName)
+	extra, role := "", fmt.Sprintf("role: {arn: %q, name: %s, duration: 1h}", e2e.RoleARN, e2e.RoleName)
 	e := startDaemon(t, envOptions{identityYAML: func(e *daemonEnv) string {
 		e.sts.AllowRoles(otherARN)
 		return fmt.Sprintf("%s\nsource: web-identity\nidentity: {jwt_file: %q}\n%s", role, e.tokenFile, extra)
@@ -142,14 +143,14 @@ func TestReloadEverySetting(t *testing.T) {
 		return is.RoleARN
 	}
 	listing := func() string {
-		tok, err := imdsToken(t.Context(), e.imdsURL, 60)
+		tok, err := e2e.IMDSToken(t.Context(), e2e.Client, e.imdsURL, 60)
 		if err != nil {
 			t.Fatal(err)
 		}
-		_, body, _ := imdsGet(t.Context(), httpClient, e.imdsURL, "/latest/meta-data/iam/security-credentials/", tok)
+		_, body, _ := e2e.IMDSGet(t.Context(), e2e.Client, e.imdsURL, "/latest/meta-data/iam/security-credentials/", tok)
 		return body
 	}
-	if got := issuedFor(cliCreds(t, e)); got != roleARN {
+	if got := issuedFor(cliCreds(t, e)); got != e2e.RoleARN {
 		t.Fatalf("start: the CLI got credentials of %q", got)
 	}
 
@@ -163,17 +164,17 @@ func TestReloadEverySetting(t *testing.T) {
 	// access: deny the CLI's uid (root), then allow it again.
 	extra = "access: {deny_uids: [0]}\n"
 	reloadAndWait(t, e, e.config(), "access.deny_uids", func() bool {
-		tok, _ := imdsToken(t.Context(), e.imdsURL, 60)
-		st, _, _ := imdsGet(t.Context(), httpClient, e.imdsURL, "/latest/meta-data/iam/security-credentials/", tok)
+		tok, _ := e2e.IMDSToken(t.Context(), e2e.Client, e.imdsURL, 60)
+		st, _, _ := e2e.IMDSGet(t.Context(), e2e.Client, e.imdsURL, "/latest/meta-data/iam/security-credentials/", tok)
 		return st == http.StatusForbidden
 	})
 	extra = ""
 	reloadAndWait(t, e, e.config(), "access removed", func() bool { return listing() == "renamed" })
 
 	// workloads: root's processes get a role of their own.
-	extra = fmt.Sprintf("workloads:\n- {uid: 0, role: {arn: %q, name: root-app, duration: 1h}}\n", roleARN)
+	extra = fmt.Sprintf("workloads:\n- {uid: 0, role: {arn: %q, name: root-app, duration: 1h}}\n", e2e.RoleARN)
 	reloadAndWait(t, e, e.config(), "workloads", func() bool { return listing() == "root-app" })
-	if got := issuedFor(cliCreds(t, e)); got != roleARN {
+	if got := issuedFor(cliCreds(t, e)); got != e2e.RoleARN {
 		t.Fatalf("as a workload the CLI got credentials of %q", got)
 	}
 
@@ -181,7 +182,7 @@ func TestReloadEverySetting(t *testing.T) {
 	extra = ""
 	v1 := func() int {
 		req, _ := http.NewRequestWithContext(t.Context(), http.MethodGet, e.imdsURL+"/latest/meta-data/iam/security-credentials/", nil)
-		resp, err := httpClient.Do(req)
+		resp, err := e2e.Client.Do(req)
 		if err != nil {
 			return 0
 		}
@@ -199,7 +200,7 @@ func TestReloadEverySetting(t *testing.T) {
 	calls := e.sts.Calls()
 	e.opts.backoffMax = 7 * time.Second
 	reloadAndWait(t, e, e.config(), "cache.backoff_max", func() bool {
-		st, body, err := httpGet(e.adminURL + "/debug/status")
+		st, body, err := e2e.GetURL(e.adminURL + "/debug/status")
 		return err == nil && st == 200 && strings.Contains(body, `"last_reload_ok": true`) && v1() == http.StatusUnauthorized
 	})
 	if n := e.sts.Calls(); n != calls {
@@ -210,7 +211,7 @@ func TestReloadEverySetting(t *testing.T) {
 	bad := strings.Replace(e.config(), fmt.Sprintf("listen: 127.0.0.1:%d", e.imdsPort), "listen: 127.0.0.1:1", 1)
 	e.writeConfig(t, bad)
 	e.signal(t, syscall.SIGHUP)
-	waitMetric(t, e, "imdsproxy_config_restart_required", "", func(v float64) bool { return v == 1 }, 15*time.Second)
+	waitMetric(t, e, "imdsproxy_config_restart_required", nil, func(v float64) bool { return v == 1 }, 15*time.Second)
 	out, _ := runStatusCommand(t, e)
 	if !strings.Contains(out, "restart:       NEEDED: listen") {
 		t.Errorf("imdsproxy status does not say a restart is needed:\n%s", out)

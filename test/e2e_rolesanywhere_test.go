@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -15,6 +14,7 @@ import (
 	"github.com/aws/aws-sdk-go-v2/config"
 	"github.com/aws/aws-sdk-go-v2/credentials/ec2rolecreds"
 
+	"github.com/imdsproxy/imdsproxy/test/e2e"
 	"github.com/imdsproxy/imdsproxy/test/fakes/rolesanywhere"
 )
 
@@ -51,7 +51,7 @@ func startRolesAnywhere(t *testing.T, o raOptions) *raEnv {
 	}
 	r := &raEnv{ca: ca, dir: t.TempDir()}
 	r.fake = rolesanywhere.Start(t, rolesanywhere.Config{
-		Roots: ca.Pool(), TrustAnchorARN: raTrustAnchorARN, ProfileARN: raProfileARN, RoleARN: roleARN,
+		Roots: ca.Pool(), TrustAnchorARN: raTrustAnchorARN, ProfileARN: raProfileARN, RoleARN: e2e.RoleARN,
 	})
 	r.fake.SetSessionLength(o.sessionLength)
 	r.writeIdentity(t, o.key)
@@ -65,7 +65,7 @@ identity:
 roles_anywhere:
   trust_anchor_arn: %s
   profile_arn: %s
-`, roleARN, roleName, r.path("cert.pem"), r.path("key.pem"), r.path("chain.pem"), raTrustAnchorARN, raProfileARN)
+`, e2e.RoleARN, e2e.RoleName, r.path("cert.pem"), r.path("key.pem"), r.path("chain.pem"), raTrustAnchorARN, raProfileARN)
 		},
 		extraEnv:     []string{"AWS_ENDPOINT_URL_ROLESANYWHERE=" + r.fake.URL},
 		extraSecrets: r.secrets,
@@ -131,7 +131,7 @@ func (r *raEnv) assertIssuedByFake(t *testing.T, client string, got clientCreds)
 }
 
 // checkServedByFake is checkServed for credentials issued by the fake.
-func (r *raEnv) checkServedByFake(d credDoc) (rolesanywhere.Issued, error) {
+func (r *raEnv) checkServedByFake(d e2e.CredDoc) (rolesanywhere.Issued, error) {
 	is, ok := r.fake.Find(d.AccessKeyId)
 	if !ok {
 		return is, fmt.Errorf("served access key id %q was never issued by Roles Anywhere", d.AccessKeyId)
@@ -202,14 +202,14 @@ print(json.dumps({"AccessKeyId": f.access_key, "SecretAccessKey": f.secret_key,
 			// One CreateSession served everything; it used this identity.
 			issued := r.fake.Issued()
 			if len(issued) != 1 || issued[0].Serial != r.leaves[0].Cert.SerialNumber.String() ||
-				issued[0].DurationSeconds != 3600 || issued[0].RoleARN != roleARN {
+				issued[0].DurationSeconds != 3600 || issued[0].RoleARN != e2e.RoleARN {
 				t.Errorf("fake issued %+v", issued)
 			}
 			wantAlg := map[rolesanywhere.KeyType]string{rolesanywhere.RSA2048: "AWS4-X509-RSA-SHA256", rolesanywhere.ECP256: "AWS4-X509-ECDSA-SHA256"}[kt]
 			if len(issued) > 0 && issued[0].Algorithm != wantAlg {
 				t.Errorf("algorithm %s, want %s", issued[0].Algorithm, wantAlg)
 			}
-			if m := r.metrics(t); !strings.Contains(m, "imdsproxy_identity_certificate_expiry_timestamp_seconds") {
+			if m := r.scrape(t); len(m.Select("imdsproxy_identity_certificate_expiry_timestamp_seconds", nil)) == 0 {
 				t.Errorf("/metrics lacks imdsproxy_identity_certificate_expiry_timestamp_seconds")
 			}
 		})
@@ -221,7 +221,7 @@ print(json.dumps({"AccessKeyId": f.access_key, "SecretAccessKey": f.secret_key,
 func TestRolesAnywhereRotation(t *testing.T) {
 	t.Parallel()
 	r := startRolesAnywhere(t, raOptions{key: rolesanywhere.RSA2048, sessionLength: 20 * time.Second})
-	pid := r.cmd.Process.Pid
+	pid := r.proc.Pid()
 	ctx := context.Background()
 	d, err := r.fetchCreds(ctx)
 	if err != nil {
@@ -259,7 +259,7 @@ func TestRolesAnywhereRotation(t *testing.T) {
 	if served.Algorithm != "AWS4-X509-ECDSA-SHA256" {
 		t.Errorf("rotated identity signed with %s", served.Algorithm)
 	}
-	if r.exited() || r.cmd.Process.Pid != pid {
+	if r.exited() || r.proc.Pid() != pid {
 		t.Fatal("the daemon restarted")
 	}
 	for _, c := range r.fake.CallLog() {
@@ -267,15 +267,9 @@ func TestRolesAnywhereRotation(t *testing.T) {
 			t.Errorf("a CreateSession failed during rotation: %+v", c)
 		}
 	}
-	m := r.metrics(t)
-	var loads float64
-	for _, l := range strings.Split(m, "\n") {
-		if v, ok := strings.CutPrefix(l, `imdsproxy_identity_certificate_loads_total{result="ok"} `); ok {
-			loads, _ = strconv.ParseFloat(v, 64)
-		}
-	}
-	if loads < 2 {
-		t.Errorf("/metrics does not count two good certificate loads:\n%s", raGrepLines(m, "imdsproxy_identity_certificate"))
+	m := r.scrape(t)
+	if loads, _ := m.Value("imdsproxy_identity_certificate_loads_total", map[string]string{"result": "ok"}); loads < 2 {
+		t.Errorf("/metrics does not count two good certificate loads:\n%s", m.Select("imdsproxy_identity_certificate_loads_total", nil))
 	}
 }
 
@@ -338,7 +332,7 @@ func TestRolesAnywhereBadIdentity(t *testing.T) {
 			var st int
 			var body string
 			for {
-				st, body, err = httpGet(r.adminURL + "/readyz")
+				st, body, err = e2e.GetURL(r.adminURL + "/readyz")
 				if err == nil && st == 503 {
 					break
 				}
@@ -393,7 +387,7 @@ func TestRolesAnywhereAccessDenied(t *testing.T) {
 		t.Fatal(err)
 	}
 	fake := rolesanywhere.Start(t, rolesanywhere.Config{
-		Roots: other.Pool(), TrustAnchorARN: raTrustAnchorARN, ProfileARN: raProfileARN, RoleARN: roleARN,
+		Roots: other.Pool(), TrustAnchorARN: raTrustAnchorARN, ProfileARN: raProfileARN, RoleARN: e2e.RoleARN,
 	})
 	r := &raEnv{ca: ca, dir: t.TempDir(), fake: fake}
 	r.writeIdentity(t, rolesanywhere.RSA2048)
@@ -401,7 +395,7 @@ func TestRolesAnywhereAccessDenied(t *testing.T) {
 		noWaitReady: true,
 		identityYAML: func(e *daemonEnv) string {
 			return fmt.Sprintf("role: {arn: %q, name: %s, duration: 1h}\nsource: roles-anywhere\nidentity:\n  x509: {cert: %q, key: %q, chain: %q}\nroles_anywhere: {trust_anchor_arn: %s, profile_arn: %s}\n",
-				roleARN, roleName, r.path("cert.pem"), r.path("key.pem"), r.path("chain.pem"), raTrustAnchorARN, raProfileARN)
+				e2e.RoleARN, e2e.RoleName, r.path("cert.pem"), r.path("key.pem"), r.path("chain.pem"), raTrustAnchorARN, raProfileARN)
 		},
 		extraEnv:     []string{"AWS_ENDPOINT_URL_ROLESANYWHERE=" + fake.URL},
 		extraSecrets: r.secrets,
@@ -411,7 +405,7 @@ func TestRolesAnywhereAccessDenied(t *testing.T) {
 		time.Sleep(50 * time.Millisecond)
 	}
 	time.Sleep(300 * time.Millisecond)
-	st, body, err := httpGet(r.adminURL + "/readyz")
+	st, body, err := e2e.GetURL(r.adminURL + "/readyz")
 	if err != nil || st != 503 || !strings.Contains(body, "access_denied") {
 		t.Errorf("/readyz %d %q %v, want 503 naming access_denied", st, body, err)
 	}
@@ -429,14 +423,4 @@ func raChmod(t *testing.T, path string, mode os.FileMode) {
 	if err := os.Chmod(path, mode); err != nil {
 		t.Fatal(err)
 	}
-}
-
-func raGrepLines(text, substr string) string {
-	var out []string
-	for _, l := range strings.Split(text, "\n") {
-		if strings.Contains(l, substr) {
-			out = append(out, l)
-		}
-	}
-	return strings.Join(out, "\n")
 }

@@ -12,7 +12,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"regexp"
 	"slices"
 	"strconv"
 	"strings"
@@ -22,6 +21,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/imdsproxy/imdsproxy/test/e2e"
 	"github.com/imdsproxy/imdsproxy/test/fakes/s3"
 	"github.com/imdsproxy/imdsproxy/test/fakes/sts"
 )
@@ -34,7 +34,7 @@ const (
 	// (which would move hosts between canary and not) fails the test:
 	// big-endian uint64 of the first 8 bytes of SHA-256("i-0rollout1234567ab"),
 	// mod 10000.
-	roBucket = 6380
+	roBucket     = 6380
 	roGroup      = "api-asg"
 	roGroupTag   = "aws:autoscaling:groupName"
 	roBucketName = "fleet-config"
@@ -168,17 +168,14 @@ func startRolloutDaemon(t *testing.T, up *roUpstream, o roOptions) *daemonEnv {
 		extraEnv:      o.extraEnv,
 		extraSecrets:  up.secrets,
 		identityYAML: func(e *daemonEnv) string {
-			return fmt.Sprintf(`role: {arn: %q, name: %s, session_name: "", duration: 1h}
-source: web-identity
-identity: {jwt_file: %q}
-rollout:
+			return e.defaultIdentity() + fmt.Sprintf(`rollout:
   policy: %q
   poll_interval: %s
   group_tag: %q
   group: ""
   fallback: %s
   shadow_interval: 1s
-`, roleARN, roleName, e.tokenFile, o.policy, o.pollInterval, roGroupTag, o.fallback)
+`, o.policy, o.pollInterval, roGroupTag, o.fallback)
 		},
 	})
 }
@@ -204,23 +201,23 @@ func writePolicyFile(t *testing.T, path, doc string) {
 // document of the listed role.
 type served struct {
 	listed string
-	doc    credDoc
+	doc    e2e.CredDoc
 }
 
 func (e *daemonEnv) roFetch(ctx context.Context) (served, error) {
-	tok, err := imdsToken(ctx, e.imdsURL, 300)
+	tok, err := e2e.IMDSToken(ctx, e2e.Client, e.imdsURL, 300)
 	if err != nil {
 		return served{}, err
 	}
-	st, name, err := imdsGet(ctx, httpClient, e.imdsURL, "/latest/meta-data/iam/security-credentials/", tok)
+	st, name, err := e2e.IMDSGet(ctx, e2e.Client, e.imdsURL, "/latest/meta-data/iam/security-credentials/", tok)
 	if err != nil || st != http.StatusOK {
 		return served{}, fmt.Errorf("listing: %d %v", st, err)
 	}
-	st, body, err := imdsGet(ctx, httpClient, e.imdsURL, "/latest/meta-data/iam/security-credentials/"+name, tok)
+	st, body, err := e2e.IMDSGet(ctx, e2e.Client, e.imdsURL, "/latest/meta-data/iam/security-credentials/"+name, tok)
 	if err != nil {
 		return served{listed: name}, err
 	}
-	var d credDoc
+	var d e2e.CredDoc
 	if jerr := json.Unmarshal([]byte(body), &d); jerr != nil {
 		return served{listed: name}, fmt.Errorf("document of %s: %d, not JSON: %v", name, st, jerr)
 	}
@@ -254,7 +251,7 @@ func checkServedKind(e *daemonEnv, up *roUpstream, s served) (string, error) {
 // checkServedKindListed is checkServedKind with the one role name the
 // credentials must be listed under ("" for either).
 func checkServedKindListed(e *daemonEnv, up *roUpstream, s served, listed string) (string, error) {
-	if s.listed != ipUpstreamRole && s.listed != roleName || listed != "" && s.listed != listed {
+	if s.listed != ipUpstreamRole && s.listed != e2e.RoleName || listed != "" && s.listed != listed {
 		return kindOf(e, up, s.doc.AccessKeyId), fmt.Errorf("credentials listed as %q", s.listed)
 	}
 	switch kind := kindOf(e, up, s.doc.AccessKeyId); kind {
@@ -274,7 +271,7 @@ func checkServedKindListed(e *daemonEnv, up *roUpstream, s served, listed string
 // on the way must succeed.
 func waitKind(t *testing.T, e *daemonEnv, up *roUpstream, kind string, timeout time.Duration) {
 	t.Helper()
-	wantListed := map[string]string{"instance-profile": ipUpstreamRole, "workload": roleName}[kind]
+	wantListed := map[string]string{"instance-profile": ipUpstreamRole, "workload": e2e.RoleName}[kind]
 	waitKindListed(t, e, up, kind, wantListed, timeout)
 }
 
@@ -364,45 +361,6 @@ func (l *clientLoop) finish(t *testing.T, want ...string) {
 	t.Logf("client loop: %d requests, %v", l.n.Load(), l.kinds)
 }
 
-var metricLineRe = regexp.MustCompile(`^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})? (\S+)$`)
-
-// metricValue returns the value of the series name{labels} (labels as
-// exported, e.g. `result="success"`; "" for none) and whether it exists.
-func metricValue(body, name, labels string) (float64, bool) {
-	for _, line := range strings.Split(body, "\n") {
-		m := metricLineRe.FindStringSubmatch(line)
-		if m == nil || m[1] != name {
-			continue
-		}
-		got := strings.Trim(m[2], "{}")
-		if labels != "" && !strings.Contains(","+got+",", ","+labels+",") {
-			continue
-		}
-		if labels == "" && got != "" {
-			continue
-		}
-		v, err := strconv.ParseFloat(m[3], 64)
-		return v, err == nil
-	}
-	return 0, false
-}
-
-// waitMetric polls /metrics until cond holds for the series' value.
-func waitMetric(t *testing.T, e *daemonEnv, name, labels string, cond func(float64) bool, timeout time.Duration) float64 {
-	t.Helper()
-	deadline := time.Now().Add(timeout)
-	var v float64
-	var ok bool
-	for time.Now().Before(deadline) {
-		if v, ok = metricValue(e.metrics(t), name, labels); ok && cond(v) {
-			return v
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
-	t.Fatalf("metric %s{%s} = %v (present %v) after %v\n%s", name, labels, v, ok, timeout, e.logTail(40))
-	return v
-}
-
 // roBucketPercents returns a canary percentage that includes this host's
 // bucket and the largest one that does not.
 func roBucketPercents() (in, out int) {
@@ -454,30 +412,30 @@ func TestRolloutStages(t *testing.T) {
 				requireClient(t, python3Path, "python3 with boto3 (Debian package python3-boto3)")
 				check("boto3", arBoto3Creds(t, e))
 			}
-			wantListing := map[string]string{"instance-profile": ipUpstreamRole, "workload": roleName}[tc.want]
+			wantListing := map[string]string{"instance-profile": ipUpstreamRole, "workload": e2e.RoleName}[tc.want]
 			if got := e.arListing(t); got != wantListing {
 				t.Errorf("listing %q, want %q", got, wantListing)
 			}
-			m := e.metrics(t)
-			if v, ok := metricValue(m, "imdsproxy_rollout_served_total", `kind="`+tc.want+`"`); !ok || v < 1 {
+			m := e.scrape(t)
+			if v, ok := m.Value("imdsproxy_rollout_served_total", map[string]string{"kind": tc.want}); !ok || v < 1 {
 				t.Errorf("imdsproxy_rollout_served_total{kind=%q} = %v, %v", tc.want, v, ok)
 			}
 			stageLabel := strings.Fields(strings.Trim(tc.stage, "{}:"))[0]
 			stageLabel = strings.TrimSuffix(stageLabel, ":")
-			if v, ok := metricValue(m, "imdsproxy_rollout_stage", `stage="`+stageLabel+`"`); !ok || v != 1 {
+			if v, ok := m.Value("imdsproxy_rollout_stage", map[string]string{"stage": stageLabel}); !ok || v != 1 {
 				t.Errorf("imdsproxy_rollout_stage{stage=%q} = %v, %v", stageLabel, v, ok)
 			}
-			if v, ok := metricValue(m, "imdsproxy_rollout_host_info", `group="`+roGroup+`",group_source="tag"`); !ok || v != 1 {
+			if v, ok := m.Value("imdsproxy_rollout_host_info", map[string]string{"group": roGroup, "group_source": "tag"}); !ok || v != 1 {
 				t.Errorf("imdsproxy_rollout_host_info{group=%q,group_source=\"tag\"} = %v, %v", roGroup, v, ok)
 			}
-			if v, _ := metricValue(m, "imdsproxy_rollout_bucket_number", ""); int(v) != roBucket {
+			if v, _ := m.Value("imdsproxy_rollout_bucket_number", nil); int(v) != roBucket {
 				t.Errorf("imdsproxy_rollout_bucket_number = %v, want %d", v, roBucket)
 			}
 
 			if tc.stage == "shadow" {
 				// The workload credentials are fetched and verified in the
 				// background with sts:GetCallerIdentity, signed with them.
-				waitMetric(t, e, "imdsproxy_rollout_shadow_verifications_total", `result="success"`, func(v float64) bool { return v >= 1 }, 15*time.Second)
+				waitMetric(t, e, "imdsproxy_rollout_shadow_verifications_total", map[string]string{"result": "success"}, func(v float64) bool { return v >= 1 }, 15*time.Second)
 				if e.sts.CallCount(sts.ActionAssumeRoleWithWebIdentity) == 0 {
 					t.Error("shadow: no AssumeRoleWithWebIdentity")
 				}
@@ -513,7 +471,7 @@ func TestRolloutPolicyFileSIGHUP(t *testing.T) {
 	policy := filepath.Join(t.TempDir(), "rollout.yaml")
 	writePolicyFile(t, policy, roPolicy("file-1", "off"))
 	e := startRolloutDaemon(t, up, roOptions{policy: policy})
-	pid := e.cmd.Process.Pid
+	pid := e.proc.Pid()
 	waitKind(t, e, up, "instance-profile", 5*time.Second)
 
 	loop := startClientLoop(e, up)
@@ -532,18 +490,18 @@ func TestRolloutPolicyFileSIGHUP(t *testing.T) {
 	// so the cache forgets them and STS is not called to refresh them.
 	roWaitCacheKeys(t, e, []string{"instance-profile/" + ipUpstreamRole}, switchGrace)
 
-	if e.exited() || e.cmd.Process.Pid != pid {
+	if e.exited() || e.proc.Pid() != pid {
 		t.Fatal("the daemon restarted")
 	}
-	if v := waitMetric(t, e, "imdsproxy_rollout_stage_changes_total", "", func(v float64) bool { return v >= 2 }, 5*time.Second); v < 2 {
+	if v := waitMetric(t, e, "imdsproxy_rollout_stage_changes_total", nil, func(v float64) bool { return v >= 2 }, 5*time.Second); v < 2 {
 		t.Errorf("stage changes %v", v)
 	}
 
 	// A bad policy: refused, the old one (off) stays.
 	writePolicyFile(t, policy, "version: \"file-4\"\ndefault: maybe\ngroups: {"+roGroup+": on}\n")
 	e.signal(t, syscall.SIGHUP)
-	waitMetric(t, e, "imdsproxy_rollout_policy_last_load_successful", "", func(v float64) bool { return v == 0 }, 10*time.Second)
-	if v, _ := metricValue(e.metrics(t), "imdsproxy_rollout_policy_loads_total", `result="failure"`); v < 1 {
+	waitMetric(t, e, "imdsproxy_rollout_policy_last_load_successful", nil, func(v float64) bool { return v == 0 }, 10*time.Second)
+	if v, _ := e.scrape(t).Value("imdsproxy_rollout_policy_loads_total", map[string]string{"result": "failure"}); v < 1 {
 		t.Errorf("policy load failures %v", v)
 	}
 	for range 5 {
@@ -571,7 +529,7 @@ func TestRolloutPolicyFileSIGHUP(t *testing.T) {
 	// Fixing the policy recovers.
 	writePolicyFile(t, policy, roPolicy("file-5", "on"))
 	e.signal(t, syscall.SIGHUP)
-	waitMetric(t, e, "imdsproxy_rollout_policy_last_load_successful", "", func(v float64) bool { return v == 1 }, 10*time.Second)
+	waitMetric(t, e, "imdsproxy_rollout_policy_last_load_successful", nil, func(v float64) bool { return v == 1 }, 10*time.Second)
 	waitKind(t, e, up, "workload", 10*time.Second)
 }
 
@@ -587,7 +545,7 @@ func roWaitCacheKeys(t *testing.T, e *daemonEnv, want []string, within time.Dura
 	deadline := time.Now().Add(within)
 	for {
 		var got []string
-		st, body, err := httpGet(e.adminURL + "/debug/cache")
+		st, body, err := e2e.GetURL(e.adminURL + "/debug/cache")
 		if err == nil && st == http.StatusOK {
 			var dc struct {
 				Entries []struct {
@@ -621,7 +579,7 @@ func runStatusCommand(t *testing.T, e *daemonEnv) (string, int) {
 	b, err := cmd.CombinedOutput()
 	code := 0
 	if err != nil {
-		code = exitCode(err)
+		code = e2e.ExitCode(err)
 	}
 	return string(b), code
 }
@@ -663,7 +621,7 @@ func TestRolloutPolicyHTTPSPolling(t *testing.T) {
 	if gets.Load() < 2 {
 		t.Errorf("the policy was fetched %d times", gets.Load())
 	}
-	if v, _ := metricValue(e.metrics(t), "imdsproxy_rollout_policy_last_load_successful", ""); v != 1 {
+	if v, _ := e.scrape(t).Value("imdsproxy_rollout_policy_last_load_successful", nil); v != 1 {
 		t.Errorf("last load successful = %v", v)
 	}
 }
@@ -717,7 +675,7 @@ func TestRolloutPolicyS3Polling(t *testing.T) {
 
 	// A missing object is a failed load; the last good policy stays.
 	fake.Delete(roBucketName, roObjectKey)
-	waitMetric(t, e, "imdsproxy_rollout_policy_last_load_successful", "", func(v float64) bool { return v == 0 }, 10*time.Second)
+	waitMetric(t, e, "imdsproxy_rollout_policy_last_load_successful", nil, func(v float64) bool { return v == 0 }, 10*time.Second)
 	s, err := e.roFetch(context.Background())
 	if err != nil {
 		t.Fatal(err)
@@ -764,7 +722,7 @@ func TestRolloutSTSDownFallback(t *testing.T) {
 					if err != nil {
 						t.Fatalf("fallback instance-profile: a client request failed: %v", err)
 					}
-					kind, cerr := checkServedKindListed(e, up, s, roleName)
+					kind, cerr := checkServedKindListed(e, up, s, e2e.RoleName)
 					if cerr != nil {
 						t.Fatal(cerr)
 					}
@@ -775,10 +733,10 @@ func TestRolloutSTSDownFallback(t *testing.T) {
 				time.Sleep(200 * time.Millisecond)
 			}
 			if fallback == "instance-profile" {
-				waitMetric(t, e, "imdsproxy_rollout_fallbacks_total", "", func(v float64) bool { return v >= 1 }, 5*time.Second)
+				waitMetric(t, e, "imdsproxy_rollout_fallbacks_total", nil, func(v float64) bool { return v >= 1 }, 5*time.Second)
 				// Once STS is back, the workload role is served again.
 				e.sts.SetMode(sts.ModeOK)
-				waitKindListed(t, e, up, "workload", roleName, 15*time.Second)
+				waitKindListed(t, e, up, "workload", e2e.RoleName, 15*time.Second)
 			}
 		})
 	}

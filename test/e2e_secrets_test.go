@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/imdsproxy/imdsproxy/test/e2e"
 	"github.com/imdsproxy/imdsproxy/test/fakes/sts"
 )
 
@@ -22,9 +23,9 @@ func TestNoSecretsLeak(t *testing.T) {
 			t.Logf("fetch: %v", err)
 		}
 		// the listing and token routes too
-		if tok, err := imdsToken(ctx, e.imdsURL, 300); err == nil {
-			_, _, _ = imdsGet(ctx, httpClient, e.imdsURL, "/latest/meta-data/iam/security-credentials/", tok)
-			_, _, _ = imdsGet(ctx, httpClient, e.imdsURL, "/latest/meta-data/instance-id", tok)
+		if tok, err := e2e.IMDSToken(ctx, e2e.Client, e.imdsURL, 300); err == nil {
+			_, _, _ = e2e.IMDSGet(ctx, e2e.Client, e.imdsURL, "/latest/meta-data/iam/security-credentials/", tok)
+			_, _, _ = e2e.IMDSGet(ctx, e2e.Client, e.imdsURL, "/latest/meta-data/instance-id", tok)
 		}
 	}
 	fetch()

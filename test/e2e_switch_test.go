@@ -11,6 +11,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/imdsproxy/imdsproxy/test/e2e"
 )
 
 // TestSwitchConsistency flips the rollout decision (on, off, on, … every
@@ -33,13 +35,10 @@ func TestSwitchConsistency(t *testing.T) {
 		extraSecrets: up.secrets,
 		identityYAML: func(e *daemonEnv) string {
 			e.sts.AllowRoles(billingARN)
-			return fmt.Sprintf(`role: {arn: %q, name: %s, session_name: "", duration: 1h}
-source: web-identity
-identity: {jwt_file: %q}
-rollout: {policy: %q, poll_interval: 1h, group_tag: %q, group: ""}
+			return e.defaultIdentity() + fmt.Sprintf(`rollout: {policy: %q, poll_interval: 1h, group_tag: %q, group: ""}
 workloads:
 - {uid: %d, role: {arn: %q, name: billing, duration: 1h}}
-`, roleARN, roleName, e.tokenFile, policy, roGroupTag, billingUID, billingARN)
+`, policy, roGroupTag, billingUID, billingARN)
 		},
 	})
 	homes := newUIDHomes(t)
@@ -105,7 +104,7 @@ workloads:
 		is, ok := e.sts.Find(key)
 		return ok && strings.HasSuffix(is.RoleARN, ":role/"+name)
 	}
-	for uid, own := range map[int]string{billingUID: "billing", unmatchedUID: roleName} {
+	for uid, own := range map[int]string{billingUID: "billing", unmatchedUID: e2e.RoleName} {
 		r := results[uid]
 		if r == nil {
 			continue

@@ -8,7 +8,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"net"
 	"net/http"
 	"os"
@@ -25,6 +24,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/imdsproxy/imdsproxy/test/e2e"
 )
 
 // TestSystemdUnits boots Debian's systemd as PID 1 of a systemd-nspawn
@@ -59,15 +60,15 @@ func TestSystemdUnits(t *testing.T) {
 		}
 	}
 	cl := ct.httpClient(10 * time.Second)
-	if code, body, err := imdsGet(ctx, cl, "http://127.0.0.1:8170", "/readyz", ""); err != nil || code != http.StatusOK {
+	if code, body, err := e2e.IMDSGet(ctx, cl, "http://127.0.0.1:8170", "/readyz", ""); err != nil || code != http.StatusOK {
 		t.Fatalf("/readyz via the admin socket: %d %q %v", code, body, err)
 	}
 	mainPID := ct.mainPID(t, ctx)
 	t.Logf("imdsproxy.service active, MainPID %d (pid namespace of the container)", mainPID)
 
 	var secretsMu sync.Mutex
-	var served []credDoc
-	remember := func(d credDoc) {
+	var served []e2e.CredDoc
+	remember := func(d e2e.CredDoc) {
 		secretsMu.Lock()
 		served = append(served, d)
 		secretsMu.Unlock()
@@ -95,8 +96,8 @@ func TestSystemdUnits(t *testing.T) {
 	// --- The daemon's own uid is exempt: it reaches the real IMDS (aemm),
 	// whose role is not the workload role.
 	uid := strings.TrimSpace(ct.must(t, ctx, "id", "-u", "imdsproxy"))
-	if roles := ct.curlRoles(t, ctx, uid, "http://169.254.169.254"); roles == roleName || roles == "" {
-		t.Errorf("uid %s (imdsproxy) at 169.254.169.254 lists roles %q; want the real IMDS's instance profile, not %q", uid, roles, roleName)
+	if roles := ct.curlRoles(t, ctx, uid, "http://169.254.169.254"); roles == e2e.RoleName || roles == "" {
+		t.Errorf("uid %s (imdsproxy) at 169.254.169.254 lists roles %q; want the real IMDS's instance profile, not %q", uid, roles, e2e.RoleName)
 	} else {
 		t.Logf("uid %s (imdsproxy, exempt) reaches the real IMDS: instance profile %q", uid, roles)
 	}
@@ -112,8 +113,8 @@ func TestSystemdUnits(t *testing.T) {
 			t.Fatalf("aws sts get-caller-identity as uid %s: %v\n%s\n%s", who, err, out, ct.journal(ctx, "fakests.service"))
 		}
 		var id struct{ Arn string }
-		if err := json.Unmarshal([]byte(out), &id); err != nil || !strings.Contains(id.Arn, ":assumed-role/"+roleName+"/") {
-			t.Fatalf("aws sts get-caller-identity as uid %s: %q (%v); want the assumed role %s", who, out, err, roleName)
+		if err := json.Unmarshal([]byte(out), &id); err != nil || !strings.Contains(id.Arn, ":assumed-role/"+e2e.RoleName+"/") {
+			t.Fatalf("aws sts get-caller-identity as uid %s: %q (%v); want the assumed role %s", who, out, err, e2e.RoleName)
 		}
 		t.Logf("aws sts get-caller-identity as uid %s: %s", who, id.Arn)
 	}
@@ -139,7 +140,7 @@ func TestSystemdUnits(t *testing.T) {
 
 	// --- systemctl reload: SIGHUP, same process, still serving.
 	ct.must(t, ctx, "systemctl", "reload", "imdsproxy.service")
-	ct.waitFor(t, 15*time.Second, "the daemon to log the reload", func() bool {
+	waitFor(t, 15*time.Second, "the daemon to log the reload", func() bool {
 		return strings.Contains(ct.journal(ctx, "imdsproxy.service"), "configuration reloaded")
 	})
 	if pid := ct.mainPID(t, ctx); pid != mainPID {
@@ -152,7 +153,7 @@ func TestSystemdUnits(t *testing.T) {
 	}
 
 	// --- systemctl restart under load: no request lost, tokens survive.
-	tok, err := ctToken(ctx, cl, "http://169.254.169.254", 21600)
+	tok, err := e2e.IMDSToken(ctx, cl, "http://169.254.169.254", 21600)
 	if err != nil {
 		t.Fatalf("token before restart: %v", err)
 	}
@@ -186,14 +187,14 @@ func TestSystemdUnits(t *testing.T) {
 			}
 		}()
 	}
-	ct.waitFor(t, 10*time.Second, "the client loop to get answers", func() bool { return okN.Load() >= 20 })
+	waitFor(t, 10*time.Second, "the client loop to get answers", func() bool { return okN.Load() >= 20 })
 	before := okN.Load()
 	start := time.Now()
 	ct.must(t, ctx, "systemctl", "restart", "imdsproxy.service")
 	restartTook := time.Since(start)
 	newPID := ct.mainPID(t, ctx)
 	afterRestart := okN.Load()
-	ct.waitFor(t, 10*time.Second, "answers after the restart", func() bool { return okN.Load() >= afterRestart+20 })
+	waitFor(t, 10*time.Second, "answers after the restart", func() bool { return okN.Load() >= afterRestart+20 })
 	stopLoop()
 	wg.Wait()
 	t.Logf("restart: took %v; client loop: %d answers (%d before the restart, %d during it), %d failures",
@@ -233,7 +234,7 @@ func TestSystemdUnits(t *testing.T) {
 
 	// --- The sockets stopped too: refused, never the real IMDS.
 	ct.must(t, ctx, "systemctl", "stop", "imdsproxy.service", "imdsproxy.socket", "imdsproxy-admin.socket")
-	if code, body, err := imdsGet(ctx, ct.httpClient(5*time.Second), "http://169.254.169.254", "/latest/meta-data/iam/security-credentials/", ""); err == nil {
+	if code, body, err := e2e.IMDSGet(ctx, ct.httpClient(5*time.Second), "http://169.254.169.254", "/latest/meta-data/iam/security-credentials/", ""); err == nil {
 		t.Errorf("169.254.169.254 with the service and sockets stopped answered %d %q; want the connection refused", code, body)
 	} else if !errors.Is(err, syscall.ECONNREFUSED) {
 		t.Errorf("169.254.169.254 with the service and sockets stopped: %v; want connection refused", err)
@@ -243,7 +244,7 @@ func TestSystemdUnits(t *testing.T) {
 	if out, _ := ct.run(ctx, "/opt/imdsproxy/bin/imdsproxy", "intercept", "status", "--config", "/etc/imdsproxy/config.yaml"); strings.TrimSpace(out) != "absent" {
 		t.Errorf("intercept status after remove: %q; want absent", strings.TrimSpace(out))
 	}
-	if roles := ct.curlRoles(t, ctx, "65534", "http://169.254.169.254"); roles == roleName || roles == "" {
+	if roles := ct.curlRoles(t, ctx, "65534", "http://169.254.169.254"); roles == e2e.RoleName || roles == "" {
 		t.Errorf("after intercept remove, uid 65534 at 169.254.169.254 lists %q; want the real IMDS's instance profile", roles)
 	}
 
@@ -251,7 +252,7 @@ func TestSystemdUnits(t *testing.T) {
 	jwt := strings.TrimSpace(ct.must(t, ctx, "cat", "/run/fakests/token.jwt"))
 	journal := ct.journal(ctx, "")
 	if !strings.Contains(journal, "configuration reloaded") {
-		t.Fatalf("journal does not hold the daemon's log:\n%s", tail(journal, 40))
+		t.Fatalf("journal does not hold the daemon's log:\n%s", e2e.TailLines(journal, 40))
 	}
 	// systemd accepted every setting of the units: one it does not know or
 	// cannot parse is logged by PID 1 (and skipped) when it loads the units;
@@ -281,7 +282,7 @@ func TestSystemdUnits(t *testing.T) {
 		}
 	}
 	if t.Failed() {
-		t.Logf("journal (tail):\n%s", tail(journal, 80))
+		t.Logf("journal (tail):\n%s", e2e.TailLines(journal, 80))
 	}
 }
 
@@ -293,7 +294,7 @@ type systemdContainer struct {
 	name   string
 	dir    string
 	nspawn *exec.Cmd
-	out    *lockedBuffer
+	out    *e2e.LockedBuffer
 	done   chan struct{}
 	pid1   int
 	netns  *os.File
@@ -321,16 +322,13 @@ func bootSystemdContainer(t *testing.T) *systemdContainer {
 	if _, err := os.Stat("/lib/systemd/systemd"); err != nil {
 		skip("/lib/systemd/systemd not found: apt-get install systemd")
 	}
-	aemm := os.Getenv("AEMM_BIN")
-	if aemm == "" {
-		aemm = filepath.Join(repoRoot, "bin", "tools", "ec2-metadata-mock")
-	}
+	aemm := e2e.AEMMBinary()
 	if _, err := os.Stat(aemm); err != nil {
 		skip(aemm + " not found: `make test` installs amazon-ec2-metadata-mock (or set AEMM_BIN)")
 	}
 	bin := daemonBinary(t)
 
-	c := &systemdContainer{t: t, dir: t.TempDir(), out: &lockedBuffer{}, done: make(chan struct{})}
+	c := &systemdContainer{t: t, dir: t.TempDir(), out: &e2e.LockedBuffer{}, done: make(chan struct{})}
 	fakests := filepath.Join(c.dir, "fakests")
 	build := exec.Command("go", "build", "-o", fakests, "./test/fakes/cmd/fakests")
 	build.Dir = repoRoot
@@ -360,10 +358,10 @@ func bootSystemdContainer(t *testing.T) *systemdContainer {
 	go func() { _ = c.nspawn.Wait(); close(c.done) }()
 	t.Cleanup(c.stop)
 
-	c.waitFor(t, 20*time.Second, "the container's PID 1 (child of systemd-nspawn)", func() bool {
+	waitFor(t, 20*time.Second, "the container's PID 1 (child of systemd-nspawn)", func() bool {
 		select {
 		case <-c.done:
-			t.Fatalf("systemd-nspawn exited: %v\n%s", c.nspawn.ProcessState, tail(c.out.String(), 40))
+			t.Fatalf("systemd-nspawn exited: %v\n%s", c.nspawn.ProcessState, e2e.TailLines(c.out.String(), 40))
 		default:
 		}
 		c.pid1 = childOf(c.nspawn.Process.Pid)
@@ -571,7 +569,7 @@ func (c *systemdContainer) must(t *testing.T, ctx context.Context, args ...strin
 	t.Helper()
 	out, err := c.run(ctx, args...)
 	if err != nil {
-		t.Fatalf("in the container: %v\n%s\n%s", err, out, tail(c.journal(ctx, ""), 60))
+		t.Fatalf("in the container: %v\n%s\n%s", err, out, e2e.TailLines(c.journal(ctx, ""), 60))
 	}
 	return out
 }
@@ -584,7 +582,7 @@ func (c *systemdContainer) journal(ctx context.Context, unit string) string {
 	}
 	out, err := c.run(ctx, args...)
 	if err != nil {
-		return fmt.Sprintf("(journalctl: %v)\n%s\nsystemd-nspawn output:\n%s", err, out, tail(c.out.String(), 40))
+		return fmt.Sprintf("(journalctl: %v)\n%s\nsystemd-nspawn output:\n%s", err, out, e2e.TailLines(c.out.String(), 40))
 	}
 	return out
 }
@@ -612,22 +610,11 @@ func (c *systemdContainer) waitActive(t *testing.T, d time.Duration, unit string
 		case "active":
 			return
 		case "failed":
-			t.Fatalf("%s failed:\n%s", unit, tail(c.journal(ctx, ""), 80))
+			t.Fatalf("%s failed:\n%s", unit, e2e.TailLines(c.journal(ctx, ""), 80))
 		}
 		time.Sleep(200 * time.Millisecond)
 	}
-	t.Fatalf("%s not active within %v (state %q):\n%s", unit, d, last, tail(c.journal(ctx, ""), 80))
-}
-
-func (c *systemdContainer) waitFor(t *testing.T, d time.Duration, what string, ok func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(d)
-	for !ok() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %v waiting for %s", d, what)
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
+	t.Fatalf("%s not active within %v (state %q):\n%s", unit, d, last, e2e.TailLines(c.journal(ctx, ""), 80))
 }
 
 // httpClient returns a client whose connections are made in the container's
@@ -704,17 +691,17 @@ func (c *systemdContainer) curlRoles(t *testing.T, ctx context.Context, uid, bas
 	return strings.TrimSpace(out)
 }
 
-func (c *systemdContainer) curlCreds(t *testing.T, ctx context.Context, uid, base string) credDoc {
+func (c *systemdContainer) curlCreds(t *testing.T, ctx context.Context, uid, base string) e2e.CredDoc {
 	t.Helper()
-	if roles := c.curlRoles(t, ctx, uid, base); roles != roleName {
-		t.Fatalf("uid %s at %s lists roles %q; want %q", uid, base, roles, roleName)
+	if roles := c.curlRoles(t, ctx, uid, base); roles != e2e.RoleName {
+		t.Fatalf("uid %s at %s lists roles %q; want %q", uid, base, roles, e2e.RoleName)
 	}
 	tok := c.curlToken(t, ctx, uid, base)
 	out, err := c.curl(ctx, uid, "-H", "X-aws-ec2-metadata-token: "+tok, base+credPath)
 	if err != nil {
 		t.Fatalf("uid %s: credentials at %s: %v", uid, base, err)
 	}
-	var d credDoc
+	var d e2e.CredDoc
 	if err := json.Unmarshal([]byte(out), &d); err != nil {
 		t.Fatalf("uid %s: credentials at %s: %v", uid, base, err)
 	}
@@ -723,10 +710,10 @@ func (c *systemdContainer) curlCreds(t *testing.T, ctx context.Context, uid, bas
 
 // checkIssuedByFake checks that d is a set of credentials the fake STS issued
 // (its journal logs each issued access key id, never the secret).
-func (c *systemdContainer) checkIssuedByFake(t *testing.T, ctx context.Context, who string, d credDoc) {
+func (c *systemdContainer) checkIssuedByFake(t *testing.T, ctx context.Context, who string, d e2e.CredDoc) {
 	t.Helper()
 	if d.Code != "Success" || d.AccessKeyId == "" || d.SecretAccessKey == "" || d.Token == "" {
-		t.Fatalf("%s: credential document %+v", who, credDoc{Code: d.Code, AccessKeyId: d.AccessKeyId, Expiration: d.Expiration})
+		t.Fatalf("%s: credential document %+v", who, e2e.CredDoc{Code: d.Code, AccessKeyId: d.AccessKeyId, Expiration: d.Expiration})
 	}
 	// The fake logs after it answered, and journald takes it from a pipe.
 	deadline := time.Now().Add(10 * time.Second)
@@ -739,51 +726,32 @@ func (c *systemdContainer) checkIssuedByFake(t *testing.T, ctx context.Context, 
 	}
 }
 
-// ctToken PUTs an IMDSv2 token with client cl.
-func ctToken(ctx context.Context, cl *http.Client, base string, ttl int) (string, error) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodPut, base+"/latest/api/token", nil)
-	if err != nil {
-		return "", err
-	}
-	req.Header.Set("X-aws-ec2-metadata-token-ttl-seconds", strconv.Itoa(ttl))
-	resp, err := cl.Do(req)
-	if err != nil {
-		return "", err
-	}
-	defer resp.Body.Close()
-	b, _ := io.ReadAll(resp.Body)
-	if resp.StatusCode != http.StatusOK {
-		return "", fmt.Errorf("token PUT: %s: %s", resp.Status, b)
-	}
-	return string(b), nil
-}
-
 // ctFetchCreds does what an SDK does: PUT a token (unless tok is given), GET
 // the credential document of the role.
-func ctFetchCreds(ctx context.Context, cl *http.Client, base, tok string) (credDoc, error) {
+func ctFetchCreds(ctx context.Context, cl *http.Client, base, tok string) (e2e.CredDoc, error) {
 	if tok == "" {
 		var err error
-		if tok, err = ctToken(ctx, cl, base, 21600); err != nil {
-			return credDoc{}, err
+		if tok, err = e2e.IMDSToken(ctx, cl, base, 21600); err != nil {
+			return e2e.CredDoc{}, err
 		}
 	}
 	return ctCredsWithToken(ctx, cl, base, tok)
 }
 
-func ctCredsWithToken(ctx context.Context, cl *http.Client, base, tok string) (credDoc, error) {
-	code, body, err := imdsGet(ctx, cl, base, credPath, tok)
+func ctCredsWithToken(ctx context.Context, cl *http.Client, base, tok string) (e2e.CredDoc, error) {
+	code, body, err := e2e.IMDSGet(ctx, cl, base, credPath, tok)
 	if err != nil {
-		return credDoc{}, err
+		return e2e.CredDoc{}, err
 	}
 	if code != http.StatusOK {
-		return credDoc{}, fmt.Errorf("GET %s: %d %s", credPath, code, body)
+		return e2e.CredDoc{}, fmt.Errorf("GET %s: %d %s", credPath, code, body)
 	}
-	var d credDoc
+	var d e2e.CredDoc
 	if err := json.Unmarshal([]byte(body), &d); err != nil {
-		return credDoc{}, fmt.Errorf("GET %s: %w", credPath, err)
+		return e2e.CredDoc{}, fmt.Errorf("GET %s: %w", credPath, err)
 	}
 	if d.Code != "Success" || d.AccessKeyId == "" {
-		return credDoc{}, fmt.Errorf("GET %s: code %q, access key id %q", credPath, d.Code, d.AccessKeyId)
+		return e2e.CredDoc{}, fmt.Errorf("GET %s: code %q, access key id %q", credPath, d.Code, d.AccessKeyId)
 	}
 	return d, nil
 }
@@ -796,12 +764,4 @@ func procField(status, key string) []string {
 		}
 	}
 	return nil
-}
-
-func tail(s string, n int) string {
-	lines := strings.Split(strings.TrimRight(s, "\n"), "\n")
-	if len(lines) > n {
-		lines = lines[len(lines)-n:]
-	}
-	return strings.Join(lines, "\n")
 }

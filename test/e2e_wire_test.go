@@ -6,6 +6,8 @@ import (
 	"net/http"
 	"strings"
 	"testing"
+
+	"github.com/imdsproxy/imdsproxy/test/e2e"
 )
 
 func doReq(t *testing.T, method, url string, hdr map[string]string) (*http.Response, string) {
@@ -17,7 +19,7 @@ func doReq(t *testing.T, method, url string, hdr map[string]string) (*http.Respo
 	for k, v := range hdr {
 		req.Header.Set(k, v)
 	}
-	resp, err := httpClient.Do(req)
+	resp, err := e2e.Client.Do(req)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -78,7 +80,7 @@ func TestWireCredentialRoutes(t *testing.T) {
 	t.Parallel()
 	e := startDaemon(t, envOptions{})
 	ctx := context.Background()
-	tok, err := imdsToken(ctx, e.imdsURL, 300)
+	tok, err := e2e.IMDSToken(ctx, e2e.Client, e.imdsURL, 300)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -99,13 +101,13 @@ func TestWireCredentialRoutes(t *testing.T) {
 	t.Run("listing is exactly the role", func(t *testing.T) {
 		for _, p := range []string{"/latest/meta-data/iam/security-credentials/", "/latest/meta-data/iam/security-credentials"} {
 			resp, body := doReq(t, http.MethodGet, e.imdsURL+p, withTok)
-			if resp.StatusCode != 200 || body != roleName {
-				t.Errorf("GET %s: %d %q, want 200 %q", p, resp.StatusCode, body, roleName)
+			if resp.StatusCode != 200 || body != e2e.RoleName {
+				t.Errorf("GET %s: %d %q, want 200 %q", p, resp.StatusCode, body, e2e.RoleName)
 			}
 		}
 	})
 	t.Run("credential document", func(t *testing.T) {
-		d, err := getCredDoc(ctx, httpClient, e.imdsURL, tok)
+		d, err := e2e.GetCredDoc(ctx, e2e.Client, e.imdsURL, e2e.RoleName, tok)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -141,11 +143,11 @@ func TestWirePassThrough(t *testing.T) {
 	t.Parallel()
 	e := startDaemon(t, envOptions{})
 	ctx := context.Background()
-	upTok, err := imdsToken(ctx, e.upstream.url, 60)
+	upTok, err := e2e.IMDSToken(ctx, e2e.Client, e.upstream.URL, 60)
 	if err != nil {
 		t.Fatal(err)
 	}
-	tok, err := imdsToken(ctx, e.imdsURL, 300)
+	tok, err := e2e.IMDSToken(ctx, e2e.Client, e.imdsURL, 300)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -155,11 +157,11 @@ func TestWirePassThrough(t *testing.T) {
 		"/latest/meta-data/placement/region",
 	} {
 		t.Run(strings.TrimPrefix(p, "/latest/"), func(t *testing.T) {
-			wst, want, err := imdsGet(ctx, httpClient, e.upstream.url, p, upTok)
+			wst, want, err := e2e.IMDSGet(ctx, e2e.Client, e.upstream.URL, p, upTok)
 			if err != nil || wst != 200 {
 				t.Fatalf("upstream %s: %d %v", p, wst, err)
 			}
-			st, got, err := imdsGet(ctx, httpClient, e.imdsURL, p, tok)
+			st, got, err := e2e.IMDSGet(ctx, e2e.Client, e.imdsURL, p, tok)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -170,7 +172,7 @@ func TestWirePassThrough(t *testing.T) {
 	}
 	// The upstream's tokens are not the daemon's: the client's token must not
 	// be forwarded verbatim, nor the upstream's accepted by the daemon.
-	if st, _, _ := imdsGet(ctx, httpClient, e.imdsURL, "/latest/meta-data/instance-id", upTok); st != 401 {
+	if st, _, _ := e2e.IMDSGet(ctx, e2e.Client, e.imdsURL, "/latest/meta-data/instance-id", upTok); st != 401 {
 		t.Errorf("daemon accepted an upstream IMDS token: %d, want 401", st)
 	}
 }

@@ -14,6 +14,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/imdsproxy/imdsproxy/test/e2e"
 )
 
 // Workload roles of the end-to-end test, each trusted by the host's JWT.
@@ -146,7 +148,7 @@ func (h *uidHomes) runAs(t *testing.T, e *daemonEnv, uid int, name string, args 
 
 func (h *uidHomes) probe(t *testing.T, e *daemonEnv, uid int) probeResult {
 	t.Helper()
-	out, err := h.runAs(t, e, uid, python3Path, "-c", probeScript, e.imdsURL, roleName, "billing", "reports")
+	out, err := h.runAs(t, e, uid, python3Path, "-c", probeScript, e.imdsURL, e2e.RoleName, "billing", "reports")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -230,12 +232,9 @@ func TestWorkloadsByUID(t *testing.T) {
 		if withBilling {
 			billing = fmt.Sprintf("- {uid: %d, role: {arn: %q, duration: 1h}}\n", billingUID, billingARN)
 		}
-		return fmt.Sprintf(`role: {arn: %q, name: %s, session_name: "", duration: 1h}
-source: web-identity
-identity: {jwt_file: %q}
-workloads:
+		return e.defaultIdentity() + fmt.Sprintf(`workloads:
 %s- {uid: %d, role: {arn: %q, name: reports}}
-`, roleARN, roleName, e.tokenFile, billing, reportsUID, reportsARN)
+`, billing, reportsUID, reportsARN)
 	}
 	e := startDaemon(t, envOptions{identityYAML: identity})
 	homes := newUIDHomes(t)
@@ -246,7 +245,7 @@ workloads:
 	}{
 		{billingUID, "billing", billingARN},
 		{reportsUID, "reports", reportsARN},
-		{unmatchedUID, roleName, roleARN},
+		{unmatchedUID, e2e.RoleName, e2e.RoleARN},
 	}
 	for _, c := range clients {
 		checkProbe(t, e, c.uid, homes.probe(t, e, c.uid), c.role, c.arn)
@@ -256,7 +255,7 @@ workloads:
 	}
 
 	// Every audit line names the role its uid is served.
-	want := map[float64]string{billingUID: "billing", reportsUID: "reports", unmatchedUID: roleName}
+	want := map[float64]string{billingUID: "billing", reportsUID: "reports", unmatchedUID: e2e.RoleName}
 	seen := map[float64]int{}
 	deadline := time.Now().Add(5 * time.Second)
 	for len(seen) < len(want) && time.Now().Before(deadline) {
@@ -292,7 +291,7 @@ workloads:
 	var r probeResult
 	for {
 		r = homes.probe(t, e, billingUID)
-		if r.Listing == roleName {
+		if r.Listing == e2e.RoleName {
 			break
 		}
 		if time.Now().After(deadline) {
@@ -300,7 +299,7 @@ workloads:
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
-	checkProbe(t, e, billingUID, r, roleName, roleARN)
+	checkProbe(t, e, billingUID, r, e2e.RoleName, e2e.RoleARN)
 	checkProbe(t, e, reportsUID, homes.probe(t, e, reportsUID), "reports", reportsARN)
 	// After the grace period the removed role's name is a 404 for its
 	// former uid, like any role it was never listed.
@@ -315,7 +314,7 @@ workloads:
 		}
 		time.Sleep(500 * time.Millisecond)
 	}
-	if arn := homes.callerIdentity(t, e, billingUID); !strings.Contains(arn, ":assumed-role/"+roleName+"/") {
+	if arn := homes.callerIdentity(t, e, billingUID); !strings.Contains(arn, ":assumed-role/"+e2e.RoleName+"/") {
 		t.Errorf("after removal, uid %d: aws sts get-caller-identity = %s, want the host's role", billingUID, arn)
 	}
 	for _, l := range e.logLines() {
@@ -347,10 +346,7 @@ func TestWorkloadsWithRollout(t *testing.T) {
 		extraSecrets: up.secrets,
 		identityYAML: func(e *daemonEnv) string {
 			e.sts.AllowRoles(billingARN)
-			return fmt.Sprintf(`role: {arn: %q, name: %s, session_name: "", duration: 1h}
-source: web-identity
-identity: {jwt_file: %q}
-rollout:
+			return e.defaultIdentity() + fmt.Sprintf(`rollout:
   policy: %q
   poll_interval: 1h
   group_tag: %q
@@ -359,11 +355,11 @@ rollout:
   shadow_interval: 1s
 workloads:
 - {uid: %d, role: {arn: %q, name: billing, duration: 1h}}
-`, roleARN, roleName, e.tokenFile, policy, roGroupTag, billingUID, billingARN)
+`, policy, roGroupTag, billingUID, billingARN)
 		},
 	})
 	homes := newUIDHomes(t)
-	names := []string{ipUpstreamRole, roleName, "billing", "reports"}
+	names := []string{ipUpstreamRole, e2e.RoleName, "billing", "reports"}
 	probe := func(uid int) (probeResult, error) {
 		out, err := homes.runAs(t, e, uid, python3Path, append([]string{"-c", probeScript, e.imdsURL}, names...)...)
 		if err != nil {
@@ -511,8 +507,8 @@ workloads:
 	e.signal(t, syscall.SIGHUP)
 	waitKind(t, e, up, "workload", 15*time.Second)
 	expect("on", billingUID, "billing", billingARN)
-	expect("on", unmatchedUID, roleName, roleARN)
-	roWaitCacheKeys(t, e, slices.Sorted(slices.Values([]string{"billing", roleName})), switchGrace)
+	expect("on", unmatchedUID, e2e.RoleName, e2e.RoleARN)
+	roWaitCacheKeys(t, e, slices.Sorted(slices.Values([]string{"billing", e2e.RoleName})), switchGrace)
 	out, _ = runStatusCommand(t, e)
 	if !strings.Contains(out, "workloads:     1 configured, active") {
 		t.Errorf("imdsproxy status while on:\n%s", out)

@@ -13,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/imdsproxy/imdsproxy/test/e2e"
 	"github.com/imdsproxy/imdsproxy/test/fakes/rolesanywhere"
 )
 
@@ -23,7 +24,7 @@ func TestX509FilesWrittenLate(t *testing.T) {
 		t.Fatal(err)
 	}
 	fake := rolesanywhere.Start(t, rolesanywhere.Config{
-		Roots: ca.Pool(), TrustAnchorARN: raTrustAnchorARN, ProfileARN: raProfileARN, RoleARN: roleARN,
+		Roots: ca.Pool(), TrustAnchorARN: raTrustAnchorARN, ProfileARN: raProfileARN, RoleARN: e2e.RoleARN,
 	})
 	r := &raEnv{ca: ca, dir: t.TempDir(), fake: fake}
 	// No cert.pem, key.pem or chain.pem yet.
@@ -31,12 +32,12 @@ func TestX509FilesWrittenLate(t *testing.T) {
 		noWaitReady: true,
 		identityYAML: func(e *daemonEnv) string {
 			return fmt.Sprintf("role: {arn: %q, name: %s, duration: 1h}\nsource: roles-anywhere\nidentity:\n  x509: {cert: %q, key: %q, chain: %q}\nroles_anywhere: {trust_anchor_arn: %s, profile_arn: %s}\n",
-				roleARN, roleName, r.path("cert.pem"), r.path("key.pem"), r.path("chain.pem"), raTrustAnchorARN, raProfileARN)
+				e2e.RoleARN, e2e.RoleName, r.path("cert.pem"), r.path("key.pem"), r.path("chain.pem"), raTrustAnchorARN, raProfileARN)
 		},
 		extraEnv:     []string{"AWS_ENDPOINT_URL_ROLESANYWHERE=" + fake.URL},
 		extraSecrets: r.secrets,
 	})
-	pid := r.cmd.Process.Pid
+	pid := r.proc.Pid()
 
 	// Not ready, naming the file it waits for; no credentials; nothing sent
 	// to Roles Anywhere without an identity.
@@ -49,7 +50,7 @@ func TestX509FilesWrittenLate(t *testing.T) {
 	if !r.drillLogged("X.509 identity files not there yet; they are loaded when they appear", map[string]any{"path": r.path("cert.pem")}) {
 		t.Errorf("no start-up log line naming the missing certificate\n%s", r.logTail(30))
 	}
-	if n := drillMetric(r.metrics(t), "imdsproxy_identity_certificate_loads_total", map[string]string{"result": "missing"}); n < 1 {
+	if n := r.scrape(t).Sum("imdsproxy_identity_certificate_loads_total", map[string]string{"result": "missing"}); n < 1 {
 		t.Errorf(`imdsproxy_identity_certificate_loads_total{result="missing"} = %v, want >= 1`, n)
 	}
 
@@ -95,10 +96,10 @@ func TestX509FilesWrittenLate(t *testing.T) {
 	if is.Serial != l.Cert.SerialNumber.String() {
 		t.Errorf("session created with certificate serial %s, want the one written (%s)", is.Serial, l.Cert.SerialNumber)
 	}
-	if r.exited() || r.cmd.Process.Pid != pid {
+	if r.exited() || r.proc.Pid() != pid {
 		t.Errorf("the daemon restarted or exited")
 	}
-	if n := drillMetric(r.metrics(t), "imdsproxy_identity_certificate_loads_total", map[string]string{"result": "ok"}); n != 1 {
+	if n := r.scrape(t).Sum("imdsproxy_identity_certificate_loads_total", map[string]string{"result": "ok"}); n != 1 {
 		t.Errorf(`imdsproxy_identity_certificate_loads_total{result="ok"} = %v, want 1`, n)
 	}
 }

@@ -1,37 +1,29 @@
 package test
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"encoding/json"
-	"errors"
 	"flag"
 	"fmt"
-	"io"
-	"net"
 	"net/http"
-	"net/http/httptest"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"regexp"
-	"strconv"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
+	"github.com/imdsproxy/imdsproxy/test/e2e"
 	"github.com/imdsproxy/imdsproxy/test/fakes/oidc"
 	"github.com/imdsproxy/imdsproxy/test/fakes/sts"
 )
 
-// Role used by every test; the daemon's config names it.
-const (
-	roleARN  = "arn:aws:iam::222222222222:role/app"
-	roleName = "app"
-)
+// The harness of the end-to-end tests: a daemon per test (startDaemon) on
+// the process's shared stand-in IMDS, with its own fake issuer and STS, on
+// the helpers of package e2e.
 
 // Timeouts of the harness.
 const (
@@ -47,17 +39,10 @@ const (
 	nodePath    = "/usr/bin/node"
 )
 
-var (
-	repoRoot string // directory holding go.mod
+// credPath is the credential document of the role the daemon serves.
+const credPath = e2e.CredentialsPath + e2e.RoleName
 
-	binOnce sync.Once
-	binPath string
-	binErr  error
-	binTmp  string // temporary build directory, removed by TestMain
-
-	upOnce   sync.Once
-	upstream *upstreamIMDS
-)
+var repoRoot string // directory holding go.mod
 
 func TestMain(m *testing.M) {
 	flag.Parse()
@@ -65,233 +50,37 @@ func TestMain(m *testing.M) {
 }
 
 func testMain(m *testing.M) int {
-	sanitizeOwnEnv()
+	e2e.SanitizeEnv()
 	var err error
-	repoRoot, err = findRepoRoot()
-	if err != nil {
+	if repoRoot, err = e2e.RepoRoot(); err != nil {
 		fmt.Fprintln(os.Stderr, "e2e:", err)
 		return 1
 	}
-	code := m.Run()
-	if upstream != nil {
-		upstream.stop()
-	}
-	if binTmp != "" {
-		os.RemoveAll(binTmp)
-	}
-	return code
+	defer e2e.Cleanup()
+	return m.Run()
 }
 
-// sanitizeOwnEnv removes from the test process every variable that would make
-// the in-process Go SDK (or anything else) look elsewhere for credentials, a
-// CA bundle or a proxy.
-func sanitizeOwnEnv() {
-	for _, kv := range os.Environ() {
-		k, _, _ := strings.Cut(kv, "=")
-		if dropEnv(k) {
-			os.Unsetenv(k)
-		}
-	}
-	os.Setenv("NO_PROXY", "*")
-	os.Setenv("no_proxy", "*")
-}
-
-func dropEnv(k string) bool {
-	if strings.HasPrefix(k, "AWS_") {
-		return true
-	}
-	switch strings.ToUpper(k) {
-	case "SSL_CERT_FILE", "SSL_CERT_DIR", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY":
-		return true
-	}
-	return false
-}
-
-func findRepoRoot() (string, error) {
-	dir, err := os.Getwd()
-	if err != nil {
-		return "", err
-	}
-	for {
-		if _, err := os.Stat(filepath.Join(dir, "go.mod")); err == nil {
-			return dir, nil
-		}
-		parent := filepath.Dir(dir)
-		if parent == dir {
-			return "", errors.New("go.mod not found above the working directory")
-		}
-		dir = parent
-	}
-}
-
-// daemonBinary returns the imdsproxy binary: IMDSPROXY_BIN, else
-// <repo>/bin/imdsproxy, else one built now into a temporary directory.
+// daemonBinary returns the imdsproxy binary (e2e.DaemonBinary); without one
+// it fails t.
 func daemonBinary(t testing.TB) string {
 	t.Helper()
-	binOnce.Do(func() {
-		if p := os.Getenv("IMDSPROXY_BIN"); p != "" {
-			if _, err := os.Stat(p); err != nil {
-				binErr = fmt.Errorf("IMDSPROXY_BIN=%s: %w", p, err)
-			}
-			binPath = p
-			return
-		}
-		p := filepath.Join(repoRoot, "bin", "imdsproxy")
-		if _, err := os.Stat(p); err == nil {
-			binPath = p
-			return
-		}
-		dir, err := os.MkdirTemp("", "imdsproxy-e2e-bin-")
-		if err != nil {
-			binErr = err
-			return
-		}
-		binTmp = dir
-		p = filepath.Join(dir, "imdsproxy")
-		cmd := exec.Command("go", "build", "-o", p, "./cmd/imdsproxy")
-		cmd.Dir = repoRoot
-		out, err := cmd.CombinedOutput()
-		if err != nil {
-			binErr = fmt.Errorf("bin/imdsproxy is missing and `go build ./cmd/imdsproxy` failed: %v\n%s", err, out)
-			return
-		}
-		binPath = p
-	})
-	if binErr != nil {
-		t.Fatalf("e2e: no daemon binary: %v", binErr)
-	}
-	return binPath
-}
-
-// ---------------------------------------------------------------------------
-// Stand-in for the real IMDS.
-
-type upstreamIMDS struct {
-	url  string
-	kind string // "amazon-ec2-metadata-mock ..." or "httptest stand-in"
-	cmd  *exec.Cmd
-	home string
-	srv  *httptest.Server
-	err  error
-}
-
-func (u *upstreamIMDS) stop() {
-	if u.cmd != nil && u.cmd.Process != nil {
-		_ = u.cmd.Process.Signal(syscall.SIGTERM)
-		done := make(chan struct{})
-		go func() { _ = u.cmd.Wait(); close(done) }()
-		select {
-		case <-done:
-		case <-time.After(5 * time.Second):
-			_ = u.cmd.Process.Kill()
-			<-done
-		}
-	}
-	if u.srv != nil {
-		u.srv.Close()
-	}
-	if u.home != "" {
-		os.RemoveAll(u.home)
-	}
-}
-
-// sharedUpstream returns the stand-in IMDS shared by all tests: the
-// amazon-ec2-metadata-mock binary (AEMM_BIN or bin/tools/ec2-metadata-mock)
-// in IMDSv2-only mode, or an httptest stand-in when it is not installed.
-func sharedUpstream(t testing.TB) *upstreamIMDS {
-	t.Helper()
-	upOnce.Do(func() { upstream = startUpstream() })
-	if upstream.err != nil {
-		t.Fatalf("e2e: upstream IMDS: %v", upstream.err)
-	}
-	t.Logf("upstream IMDS: %s at %s", upstream.kind, upstream.url)
-	return upstream
-}
-
-func startUpstream() *upstreamIMDS {
-	bin := os.Getenv("AEMM_BIN")
-	if bin == "" {
-		bin = filepath.Join(repoRoot, "bin", "tools", "ec2-metadata-mock")
-	}
-	if _, err := os.Stat(bin); err != nil {
-		fmt.Fprintf(os.Stderr, "e2e: WARNING: %s not found; using the httptest IMDS stand-in. `make test` installs amazon-ec2-metadata-mock v1.13.0.\n", bin)
-		srv := httptest.NewServer(standInIMDS())
-		return &upstreamIMDS{url: srv.URL, kind: "httptest stand-in (amazon-ec2-metadata-mock NOT installed)", srv: srv}
-	}
-	u := &upstreamIMDS{kind: "amazon-ec2-metadata-mock (" + bin + ", -I IMDSv2 only)"}
-	port, err := freePort()
+	bin, err := e2e.DaemonBinary()
 	if err != nil {
-		u.err = err
-		return u
+		t.Fatalf("e2e: no daemon binary: %v", err)
 	}
-	u.url = "http://127.0.0.1:" + strconv.Itoa(port)
-	// aemm reads $HOME/aemm-config.json: give it an empty home.
-	u.home, _ = os.MkdirTemp("", "imdsproxy-e2e-aemm-")
-	u.cmd = exec.Command(bin, "-n", "127.0.0.1", "-p", strconv.Itoa(port), "-I")
-	u.cmd.Env = []string{"HOME=" + u.home, "PATH=/usr/bin:/bin", "NO_PROXY=*"}
-	u.cmd.Dir = u.home
-	var out lockedBuffer
-	u.cmd.Stdout, u.cmd.Stderr = &out, &out
-	if err := u.cmd.Start(); err != nil {
-		u.err = fmt.Errorf("start %s: %w", bin, err)
-		return u
-	}
-	deadline := time.Now().Add(10 * time.Second)
-	for time.Now().Before(deadline) {
-		if tok, err := imdsToken(context.Background(), u.url, 60); err == nil && tok != "" {
-			return u
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-	u.err = fmt.Errorf("%s did not answer on %s:\n%s", bin, u.url, out.String())
-	return u
+	return bin
 }
 
-// standInIMDS serves the few paths the tests pass through, with the same
-// values as amazon-ec2-metadata-mock, IMDSv2 only.
-func standInIMDS() http.Handler {
-	const instanceID = "i-1234567890abcdef0"
-	doc := `{
-	"accountId": "0123456789",
-	"availabilityZone": "us-east-1f",
-	"instanceId": "` + instanceID + `",
-	"instanceType": "m4.xlarge",
-	"region": "us-east-1"
-}`
-	var mu sync.Mutex
-	tokens := map[string]time.Time{}
-	mux := http.NewServeMux()
-	mux.HandleFunc("PUT /latest/api/token", func(w http.ResponseWriter, r *http.Request) {
-		ttl, err := strconv.Atoi(r.Header.Get("X-aws-ec2-metadata-token-ttl-seconds"))
-		if err != nil || ttl < 1 || ttl > 21600 {
-			http.Error(w, "bad ttl", http.StatusBadRequest)
-			return
-		}
-		tok := strconv.FormatInt(time.Now().UnixNano(), 36)
-		mu.Lock()
-		tokens[tok] = time.Now().Add(time.Duration(ttl) * time.Second)
-		mu.Unlock()
-		w.Header().Set("X-aws-ec2-metadata-token-ttl-seconds", strconv.Itoa(ttl))
-		_, _ = io.WriteString(w, tok)
-	})
-	serve := func(body string) http.HandlerFunc {
-		return func(w http.ResponseWriter, r *http.Request) {
-			mu.Lock()
-			exp, ok := tokens[r.Header.Get("X-aws-ec2-metadata-token")]
-			mu.Unlock()
-			if !ok || time.Now().After(exp) {
-				http.Error(w, "401 - Unauthorized", http.StatusUnauthorized)
-				return
-			}
-			_, _ = io.WriteString(w, body)
-		}
+// sharedUpstream returns the stand-in IMDS shared by all tests
+// (e2e.SharedUpstream); without one it fails t.
+func sharedUpstream(t testing.TB) *e2e.Upstream {
+	t.Helper()
+	up, err := e2e.SharedUpstream()
+	if err != nil {
+		t.Fatalf("e2e: upstream IMDS: %v", err)
 	}
-	mux.HandleFunc("GET /latest/meta-data/instance-id", serve(instanceID))
-	mux.HandleFunc("GET /latest/meta-data/placement/region", serve("us-east-1"))
-	mux.HandleFunc("GET /latest/meta-data/placement/availability-zone", serve("us-east-1f"))
-	mux.HandleFunc("GET /latest/meta-data/local-hostname", serve("ip-172-16-34-43.ec2.internal"))
-	mux.HandleFunc("GET /latest/dynamic/instance-identity/document", serve(doc))
-	return mux
+	t.Logf("upstream IMDS: %s at %s", up.Kind, up.URL)
+	return up
 }
 
 // ---------------------------------------------------------------------------
@@ -331,7 +120,7 @@ type daemonEnv struct {
 	dir        string
 	issuer     *oidc.Issuer
 	sts        *sts.Server
-	upstream   *upstreamIMDS
+	upstream   *e2e.Upstream
 	tokenFile  string
 	configPath string
 	imdsPort   int
@@ -343,10 +132,8 @@ type daemonEnv struct {
 	mu   sync.Mutex
 	jwts []string // every JWT written to the token file
 
-	cmd     *exec.Cmd
-	log     *lockedBuffer
-	done    chan struct{}
-	waitErr error
+	proc    *e2e.Process
+	log     *e2e.LockedBuffer
 	stopped bool
 }
 
@@ -369,10 +156,10 @@ func startDaemon(t *testing.T, opts envOptions) *daemonEnv {
 	if opts.tokens == "" {
 		opts.tokens = "required"
 	}
-	e := &daemonEnv{t: t, opts: opts, dir: t.TempDir(), log: &lockedBuffer{}, done: make(chan struct{})}
+	e := &daemonEnv{t: t, opts: opts, dir: t.TempDir(), log: &e2e.LockedBuffer{}}
 	e.upstream = sharedUpstream(t)
-	e.issuer = oidc.Start(t)
-	e.sts = sts.Start(t, sts.Config{Issuer: e.issuer, RoleARN: roleARN})
+	fakes := e2e.StartFakes(t, sts.Config{RoleARN: e2e.RoleARN})
+	e.issuer, e.sts = fakes.Issuer, fakes.STS
 	e.sts.SetSessionLength(opts.sessionLength)
 	e.sts.SetDelay(opts.stsDelay)
 	e.sts.SetMode(opts.stsMode)
@@ -384,10 +171,10 @@ func startDaemon(t *testing.T, opts envOptions) *daemonEnv {
 		t.Fatal(err)
 	}
 	var err error
-	if e.imdsPort, err = freePort(); err != nil {
+	if e.imdsPort, err = e2e.FreePort(); err != nil {
 		t.Fatal(err)
 	}
-	if e.adminPort, err = freePort(); err != nil {
+	if e.adminPort, err = e2e.FreePort(); err != nil {
 		t.Fatal(err)
 	}
 	e.imdsURL = fmt.Sprintf("http://127.0.0.1:%d", e.imdsPort)
@@ -395,23 +182,19 @@ func startDaemon(t *testing.T, opts envOptions) *daemonEnv {
 	e.configPath = filepath.Join(e.dir, "config.yaml")
 	e.writeConfig(t, e.config())
 
-	e.cmd = exec.Command(bin, "serve", "--config", e.configPath, "--log-format", "json", "--log-level", "debug")
-	e.cmd.Dir = e.dir
-	e.cmd.Env = e.daemonEnviron()
-	e.cmd.Stdout, e.cmd.Stderr = e.log, e.log
-	if err := e.cmd.Start(); err != nil {
-		t.Fatalf("start %s: %v", bin, err)
+	e.proc, err = e2e.StartDaemon(e2e.DaemonOptions{
+		Bin: bin, Config: e.configPath, Args: []string{"--log-format", "json", "--log-level", "debug"},
+		Dir: e.dir, Env: e.daemonEnviron(), Out: e.log,
+	})
+	if err != nil {
+		t.Fatal(err)
 	}
-	go func() {
-		e.waitErr = e.cmd.Wait()
-		close(e.done)
-	}()
 	t.Cleanup(e.cleanup)
 
-	if err := e.waitHTTP(e.adminURL+"/healthz", readyTimeout); err != nil {
+	if err := e2e.WaitOK(e2e.Client, e.adminURL+"/healthz", readyTimeout, 50*time.Millisecond, e.proc); err != nil {
 		t.Fatalf("daemon not live: %v\n%s", err, e.logTail(60))
 	}
-	if err := waitTCP(fmt.Sprintf("127.0.0.1:%d", e.imdsPort), readyTimeout); err != nil {
+	if err := e2e.WaitTCP(fmt.Sprintf("127.0.0.1:%d", e.imdsPort), readyTimeout); err != nil {
 		t.Fatalf("IMDS listener not accepting: %v\n%s", err, e.logTail(60))
 	}
 	if !opts.noWaitReady {
@@ -425,30 +208,33 @@ func (e *daemonEnv) upstreamBase() string {
 	if e.opts.upstreamURL != "" {
 		return e.opts.upstreamURL
 	}
-	return e.upstream.url
+	return e.upstream.URL
+}
+
+// defaultIdentity is the role:, source: and identity: sections of the
+// config without identityYAML: web identity from the token file.
+func (e *daemonEnv) defaultIdentity() string {
+	return fmt.Sprintf(`role: {arn: %q, name: %s, session_name: "", duration: 1h}
+source: web-identity
+identity: {jwt_file: %q}
+`, e2e.RoleARN, e2e.RoleName, e.tokenFile)
 }
 
 // config renders the daemon's YAML config.
 func (e *daemonEnv) config() string {
-	identity := fmt.Sprintf(`role: {arn: %q, name: %s, session_name: "", duration: 1h}
-source: web-identity
-identity: {jwt_file: %q}
-`, roleARN, roleName, e.tokenFile)
+	identity := e.defaultIdentity()
 	if e.opts.identityYAML != nil {
 		identity = e.opts.identityYAML(e)
 	}
-	fetchTimeout := ""
+	cache := fmt.Sprintf("backoff_initial: %s, backoff_max: %s, expiry_margin: %s", e.opts.backoffInitial, e.opts.backoffMax, e.opts.expiryMargin)
 	if e.opts.fetchTimeout > 0 {
-		fetchTimeout = fmt.Sprintf(", fetch_timeout: %s", e.opts.fetchTimeout)
+		cache += fmt.Sprintf(", fetch_timeout: %s", e.opts.fetchTimeout)
 	}
-	return fmt.Sprintf(`listen: 127.0.0.1:%d
-admin_listen: 127.0.0.1:%d
-upstream: %s
-upstream_timeout: 2s
-imds: {tokens: %s, hop_limit: 1}
-cache: {backoff_initial: %s, backoff_max: %s, expiry_margin: %s%s}
-%s`, e.imdsPort, e.adminPort, e.upstreamBase(), e.opts.tokens,
-		e.opts.backoffInitial, e.opts.backoffMax, e.opts.expiryMargin, fetchTimeout, identity)
+	return e2e.Config{
+		Port: e.imdsPort, AdminPort: e.adminPort,
+		Upstream: e.upstreamBase(), UpstreamTimeout: 2 * time.Second,
+		Tokens: e.opts.tokens, Cache: cache, Identity: identity,
+	}.YAML()
 }
 
 func (e *daemonEnv) writeConfig(t testing.TB, cfg string) {
@@ -476,17 +262,10 @@ func (e *daemonEnv) rotateToken(t testing.TB) string {
 }
 
 // daemonEnviron is the daemon's environment: the test's minus AWS_*, CA
-// bundles and proxies, plus the region and the fake STS endpoint.
+// bundles and proxies (e2e.Environ), plus the region and the fake STS
+// endpoint.
 func (e *daemonEnv) daemonEnviron() []string {
-	var env []string
-	for _, kv := range os.Environ() {
-		k, _, _ := strings.Cut(kv, "=")
-		if dropEnv(k) || k == "HOME" {
-			continue
-		}
-		env = append(env, kv)
-	}
-	return append(append(env,
+	return append(append(e2e.Environ("HOME"),
 		"HOME="+e.dir,
 		"NO_PROXY=*", "no_proxy=*",
 		"AWS_REGION=us-east-1",
@@ -512,35 +291,11 @@ func (e *daemonEnv) clientEnviron() []string {
 	}
 }
 
-func (e *daemonEnv) exited() bool {
-	select {
-	case <-e.done:
-		return true
-	default:
-		return false
-	}
-}
-
-func (e *daemonEnv) waitHTTP(url string, timeout time.Duration) error {
-	deadline := time.Now().Add(timeout)
-	var last string
-	for time.Now().Before(deadline) {
-		if e.exited() {
-			return fmt.Errorf("daemon exited: %v", e.waitErr)
-		}
-		st, body, err := httpGet(url)
-		if err == nil && st == http.StatusOK {
-			return nil
-		}
-		last = fmt.Sprintf("status %d %q err %v", st, body, err)
-		time.Sleep(50 * time.Millisecond)
-	}
-	return fmt.Errorf("GET %s not 200 after %v (last: %s)", url, timeout, last)
-}
+func (e *daemonEnv) exited() bool { return e.proc.Exited() }
 
 func (e *daemonEnv) waitReady(t testing.TB, timeout time.Duration) {
 	t.Helper()
-	if err := e.waitHTTP(e.adminURL+"/readyz", timeout); err != nil {
+	if err := e2e.WaitOK(e2e.Client, e.adminURL+"/readyz", timeout, 50*time.Millisecond, e.proc); err != nil {
 		t.Fatalf("daemon not ready: %v\nSTS calls: %+v\n%s", err, e.sts.CallLog(), e.logTail(60))
 	}
 }
@@ -548,7 +303,7 @@ func (e *daemonEnv) waitReady(t testing.TB, timeout time.Duration) {
 // signal sends sig to the daemon.
 func (e *daemonEnv) signal(t testing.TB, sig os.Signal) {
 	t.Helper()
-	if err := e.cmd.Process.Signal(sig); err != nil {
+	if err := e.proc.Signal(sig); err != nil {
 		t.Fatalf("signal %v: %v", sig, err)
 	}
 }
@@ -556,34 +311,8 @@ func (e *daemonEnv) signal(t testing.TB, sig os.Signal) {
 // stop sends SIGTERM and waits for the exit; it returns the exit code (-1 if
 // killed after stopTimeout).
 func (e *daemonEnv) stop() int {
-	if !e.stopped {
-		e.stopped = true
-		if !e.exited() {
-			_ = e.cmd.Process.Signal(syscall.SIGTERM)
-		}
-	}
-	select {
-	case <-e.done:
-	case <-time.After(stopTimeout):
-		_ = e.cmd.Process.Kill()
-		<-e.done
-		return -1
-	}
-	return exitCode(e.waitErr)
-}
-
-func exitCode(err error) int {
-	if err == nil {
-		return 0
-	}
-	var ee *exec.ExitError
-	if errors.As(err, &ee) {
-		if ws, ok := ee.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
-			return 128 + int(ws.Signal())
-		}
-		return ee.ExitCode()
-	}
-	return -1
+	e.stopped = true
+	return e.proc.Stop(stopTimeout)
 }
 
 func (e *daemonEnv) cleanup() {
@@ -591,7 +320,7 @@ func (e *daemonEnv) cleanup() {
 	alreadyStopped := e.stopped
 	code := e.stop()
 	if !alreadyStopped && code != 0 {
-		t.Errorf("daemon exited %d on SIGTERM (want 0): %v", code, e.waitErr)
+		t.Errorf("daemon exited %d on SIGTERM (want 0): %v", code, e.proc.Err())
 	}
 	e.assertNoSecrets(t, "daemon log", e.log.String())
 	if t.Failed() {
@@ -636,127 +365,22 @@ func (e *daemonEnv) assertNoSecrets(t testing.TB, where, text string) {
 	}
 }
 
-func (e *daemonEnv) logTail(n int) string {
-	lines := strings.Split(strings.TrimRight(e.log.String(), "\n"), "\n")
-	if len(lines) > n {
-		lines = lines[len(lines)-n:]
-	}
-	return strings.Join(lines, "\n")
-}
+func (e *daemonEnv) logTail(n int) string { return e2e.TailLines(e.log.String(), n) }
 
 // logLines returns the daemon's JSON log lines, decoded (non-JSON lines are
 // skipped).
-func (e *daemonEnv) logLines() []map[string]any {
-	var out []map[string]any
-	sc := bufio.NewScanner(strings.NewReader(e.log.String()))
-	sc.Buffer(make([]byte, 1<<20), 1<<20)
-	for sc.Scan() {
-		var m map[string]any
-		if json.Unmarshal(sc.Bytes(), &m) == nil {
-			out = append(out, m)
-		}
-	}
-	return out
-}
+func (e *daemonEnv) logLines() []map[string]any { return e2e.JSONLines(e.log.String()) }
 
 // ---------------------------------------------------------------------------
 // IMDS and admin helpers.
 
-var httpClient = &http.Client{
-	Timeout: 10 * time.Second,
-	Transport: &http.Transport{
-		Proxy:               nil,
-		MaxIdleConnsPerHost: 64,
-		DisableCompression:  true,
-	},
-}
-
-func httpGet(url string) (int, string, error) {
-	resp, err := httpClient.Get(url)
-	if err != nil {
-		return 0, "", err
-	}
-	defer resp.Body.Close()
-	b, err := io.ReadAll(resp.Body)
-	return resp.StatusCode, string(b), err
-}
-
-// imdsToken PUTs /latest/api/token with the TTL header.
-func imdsToken(ctx context.Context, base string, ttl int) (string, error) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodPut, base+"/latest/api/token", nil)
-	if err != nil {
-		return "", err
-	}
-	req.Header.Set("X-aws-ec2-metadata-token-ttl-seconds", strconv.Itoa(ttl))
-	resp, err := httpClient.Do(req)
-	if err != nil {
-		return "", err
-	}
-	defer resp.Body.Close()
-	b, _ := io.ReadAll(resp.Body)
-	if resp.StatusCode != http.StatusOK {
-		return "", fmt.Errorf("token PUT: %s: %s", resp.Status, b)
-	}
-	return string(b), nil
-}
-
-// imdsGet GETs an IMDS path with the session token (none if tok == "").
-func imdsGet(ctx context.Context, client *http.Client, base, path, tok string) (int, string, error) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, base+path, nil)
-	if err != nil {
-		return 0, "", err
-	}
-	if tok != "" {
-		req.Header.Set("X-aws-ec2-metadata-token", tok)
-	}
-	resp, err := client.Do(req)
-	if err != nil {
-		return 0, "", err
-	}
-	defer resp.Body.Close()
-	b, err := io.ReadAll(resp.Body)
-	return resp.StatusCode, string(b), err
-}
-
-// credDoc is the IMDS credential document.
-type credDoc struct {
-	Code            string
-	Message         string
-	LastUpdated     string
-	Type            string
-	AccessKeyId     string //nolint:revive // wire name
-	SecretAccessKey string
-	Token           string
-	Expiration      string
-}
-
-const credPath = "/latest/meta-data/iam/security-credentials/" + roleName
-
 // fetchCreds does what every SDK does: PUT a token, then GET the document.
-func (e *daemonEnv) fetchCreds(ctx context.Context) (credDoc, error) {
-	tok, err := imdsToken(ctx, e.imdsURL, 21600)
+func (e *daemonEnv) fetchCreds(ctx context.Context) (e2e.CredDoc, error) {
+	tok, err := e2e.IMDSToken(ctx, e2e.Client, e.imdsURL, 21600)
 	if err != nil {
-		return credDoc{}, err
+		return e2e.CredDoc{}, err
 	}
-	return getCredDoc(ctx, httpClient, e.imdsURL, tok)
-}
-
-func getCredDoc(ctx context.Context, client *http.Client, base, tok string) (credDoc, error) {
-	st, body, err := imdsGet(ctx, client, base, credPath, tok)
-	if err != nil {
-		return credDoc{}, err
-	}
-	if st != http.StatusOK {
-		return credDoc{}, fmt.Errorf("GET %s: status %d", credPath, st)
-	}
-	var d credDoc
-	if err := json.Unmarshal([]byte(body), &d); err != nil {
-		return credDoc{}, fmt.Errorf("GET %s: bad JSON: %v", credPath, err)
-	}
-	if d.Code != "Success" {
-		return d, fmt.Errorf("GET %s: Code %q Message %q", credPath, d.Code, d.Message)
-	}
-	return d, nil
+	return e2e.GetCredDoc(ctx, e2e.Client, e.imdsURL, e2e.RoleName, tok)
 }
 
 var wireTime = regexp.MustCompile(`^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$`)
@@ -764,7 +388,7 @@ var wireTime = regexp.MustCompile(`^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$`)
 // checkServed checks a served document against what the fake STS issued:
 // the three values must be exactly one issued credential, and the expiry must
 // be whole-second UTC and not later than the real one.
-func (e *daemonEnv) checkServed(d credDoc) error {
+func (e *daemonEnv) checkServed(d e2e.CredDoc) error {
 	is, ok := e.sts.Find(d.AccessKeyId)
 	if !ok {
 		return fmt.Errorf("served access key id %q was never issued by STS", d.AccessKeyId)
@@ -801,7 +425,7 @@ type debugCache struct {
 
 func (e *daemonEnv) debugCache(t testing.TB) (debugCache, string) {
 	t.Helper()
-	st, body, err := httpGet(e.adminURL + "/debug/cache")
+	st, body, err := e2e.GetURL(e.adminURL + "/debug/cache")
 	if err != nil || st != http.StatusOK {
 		t.Fatalf("GET /debug/cache: %d %v\n%s", st, err, body)
 	}
@@ -812,59 +436,57 @@ func (e *daemonEnv) debugCache(t testing.TB) (debugCache, string) {
 	return dc, body
 }
 
+// metrics returns the text of /metrics.
 func (e *daemonEnv) metrics(t testing.TB) string {
 	t.Helper()
-	st, body, err := httpGet(e.adminURL + "/metrics")
+	st, body, err := e2e.GetURL(e.adminURL + "/metrics")
 	if err != nil || st != http.StatusOK {
 		t.Fatalf("GET /metrics: %d %v", st, err)
 	}
 	return body
 }
 
-// ---------------------------------------------------------------------------
-// Small utilities.
-
-func freePort() (int, error) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+// scrape returns /metrics, parsed.
+func (e *daemonEnv) scrape(t testing.TB) e2e.Metrics {
+	t.Helper()
+	m, err := e2e.ParseMetrics(e.metrics(t))
 	if err != nil {
-		return 0, err
+		t.Fatalf("GET /metrics: %v", err)
 	}
-	defer ln.Close()
-	return ln.Addr().(*net.TCPAddr).Port, nil
+	return m
 }
 
-func waitTCP(addr string, timeout time.Duration) error {
+// waitMetric polls /metrics until cond holds for the value of the series
+// name{labels} (e2e.Metrics.Value).
+func waitMetric(t *testing.T, e *daemonEnv, name string, labels map[string]string, cond func(float64) bool, timeout time.Duration) float64 {
+	t.Helper()
 	deadline := time.Now().Add(timeout)
-	for {
-		c, err := net.DialTimeout("tcp", addr, time.Second)
-		if err == nil {
-			c.Close()
-			return nil
+	var v float64
+	var ok bool
+	for time.Now().Before(deadline) {
+		if v, ok = e.scrape(t).Value(name, labels); ok && cond(v) {
+			return v
 		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	t.Fatalf("metric %s%v = %v (present %v) after %v\n%s", name, labels, v, ok, timeout, e.logTail(40))
+	return v
+}
+
+// waitFor polls ok every 100 ms until it holds; it fails t after d.
+func waitFor(t testing.TB, d time.Duration, what string, ok func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	for !ok() {
 		if time.Now().After(deadline) {
-			return err
+			t.Fatalf("timed out after %v waiting for %s", d, what)
 		}
-		time.Sleep(25 * time.Millisecond)
+		time.Sleep(100 * time.Millisecond)
 	}
 }
 
-// lockedBuffer is an io.Writer safe for concurrent use.
-type lockedBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *lockedBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *lockedBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
-}
+// ---------------------------------------------------------------------------
+// Client programs.
 
 // requireClient fails the test when a client program is missing, unless
 // IMDSPROXY_E2E_ALLOW_MISSING=1, in which case it skips.

@@ -56,7 +56,7 @@ func (e *benchEnv) target(b *testing.B, name string) *server {
 			b.Skipf("SKIPPED (LOUDLY): amazon-ec2-metadata-mock: %s", e.aemmSkip)
 		}
 		if e.aemm.exited() {
-			b.Fatalf("amazon-ec2-metadata-mock has exited (%s); the end of its output:\n%s", e.aemm.cmd.ProcessState, tail(e.aemm.out.String(), 4000))
+			b.Fatalf("amazon-ec2-metadata-mock has exited (%s); the end of its output:\n%s", e.aemm.state(), tail(e.aemm.out.String(), 4000))
 		}
 		return e.aemm
 	}
@@ -106,7 +106,7 @@ func (e *benchEnv) checkAEMMCrash(b *testing.B, srv *server, key string) {
 		return
 	}
 	out := srv.out.String()
-	reason := fmt.Sprintf("exited (%s)", srv.cmd.ProcessState)
+	reason := fmt.Sprintf("exited (%s)", srv.state())
 	// AEMM logs each request on stdout, which may interleave with the
 	// runtime's message on stderr: look for the message itself first.
 	lines := strings.Split(out, "\n")
@@ -150,7 +150,7 @@ func measureClosed(b *testing.B, env *benchEnv, srv *server, sc scenario, conns 
 		b.Fatalf("%s: %v; end of server output:\n%s", srv.name, err, tail(srv.out.String(), 4000))
 	}
 	if srv.exited() {
-		b.Fatalf("%s exited during the run (%s); end of output:\n%s", srv.name, srv.cmd.ProcessState, tail(srv.out.String(), 4000))
+		b.Fatalf("%s exited during the run (%s); end of output:\n%s", srv.name, srv.state(), tail(srv.out.String(), 4000))
 	}
 	if res.Errors > 0 {
 		b.Errorf("%s: %d of %d operations failed; first: %v", srv.name, res.Errors, res.Ops, res.FirstErr)

@@ -16,10 +16,10 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
+	"github.com/imdsproxy/imdsproxy/test/e2e"
 	"github.com/imdsproxy/imdsproxy/test/fakes/oidc"
 	"github.com/imdsproxy/imdsproxy/test/fakes/sts"
 )
@@ -29,16 +29,10 @@ import (
 // one long-running ceiling, both subprocesses. It is built by the first
 // benchmark that needs it and torn down by TestMain.
 
-const (
-	binEnv   = "IMDSPROXY_BIN"
-	roleARN  = "arn:aws:iam::222222222222:role/app"
-	roleName = "app"
-)
-
 // server is a subprocess serving IMDS on base.
 type server struct {
 	name string
-	cmd  *exec.Cmd
+	proc *e2e.Process
 	pid  int
 	base string // http://127.0.0.1:PORT
 	// admin is the daemon's admin listener (http://127.0.0.1:PORT), "" for
@@ -48,7 +42,6 @@ type server struct {
 	tok   string // a valid IMDSv2 token, for the GETs
 	dial  dialFunc
 	out   *capBuffer
-	done  chan struct{} // closed when the process has exited
 }
 
 // ep is where the load generator reaches s.
@@ -56,26 +49,15 @@ func (s *server) ep() endpoint { return endpoint{base: s.base, role: s.role, dia
 
 // stop sends SIGTERM and waits up to 10 s, then kills.
 func (s *server) stop() {
-	if s == nil || s.cmd == nil || s.cmd.Process == nil {
-		return
-	}
-	_ = s.cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case <-s.done:
-	case <-time.After(10 * time.Second):
-		_ = s.cmd.Process.Kill()
-		<-s.done
+	if s != nil {
+		s.proc.Stop(10 * time.Second)
 	}
 }
 
-func (s *server) exited() bool {
-	select {
-	case <-s.done:
-		return true
-	default:
-		return false
-	}
-}
+func (s *server) exited() bool { return s.proc.Exited() }
+
+// state is how the process ended, for messages.
+func (s *server) state() *os.ProcessState { return s.proc.State() }
 
 // capBuffer keeps the first 64 KiB a subprocess writes and the last 32 KiB,
 // for error messages (AEMM logs two lines per request, and the reason it
@@ -135,9 +117,8 @@ type wireSample struct {
 type benchEnv struct {
 	bin      string
 	dir      string
-	issuer   *oidc.Issuer
-	fakeSTS  *sts.Server
-	httpSrvs []*httptest.Server
+	fakes    *e2e.Fakes       // the OIDC issuer and STS
+	up       *httptest.Server // the upstream IMDS, answering 404
 	stsURL   string
 	upstream string
 	jwtFile  string
@@ -175,12 +156,12 @@ var (
 // the benchmark when IMDSPROXY_BIN is unset or missing.
 func getEnv(b *testing.B) *benchEnv {
 	b.Helper()
-	bin := os.Getenv(binEnv)
+	bin := os.Getenv(e2e.BinEnv)
 	if bin == "" {
-		b.Skipf("%s is not set: build the daemon (make build) and run with %s=$PWD/bin/imdsproxy (or use make bench)", binEnv, binEnv)
+		b.Skipf("%s is not set: build the daemon (make build) and run with %s=$PWD/bin/imdsproxy (or use make bench)", e2e.BinEnv, e2e.BinEnv)
 	}
 	if st, err := os.Stat(bin); err != nil || st.IsDir() {
-		b.Skipf("%s=%s: no such file (%v): build it with make build", binEnv, bin, err)
+		b.Skipf("%s=%s: no such file (%v): build it with make build", e2e.BinEnv, bin, err)
 	}
 	envOnce.Do(func() { envVal, envErr = newEnv(bin) })
 	if envErr != nil {
@@ -203,11 +184,11 @@ func teardown() {
 	e.ceiling.stop()
 	e.aemm.stop()
 	e.ns.teardown()
-	if e.fakeSTS != nil {
-		e.fakeSTS.Close()
+	if e.fakes != nil {
+		e.fakes.Close()
 	}
-	for _, s := range e.httpSrvs {
-		s.Close()
+	if e.up != nil {
+		e.up.Close()
 	}
 	if e.dir != "" {
 		os.RemoveAll(e.dir)
@@ -235,24 +216,16 @@ func newEnv(bin string) (_ *benchEnv, err error) {
 		return nil, err
 	}
 
-	if e.issuer, err = oidc.New(oidc.Options{}); err != nil {
+	if e.fakes, err = e2e.NewFakes(sts.Config{RoleARN: e2e.RoleARN}); err != nil {
 		return nil, err
 	}
-	issSrv := httptest.NewServer(e.issuer.Handler())
-	e.httpSrvs = append(e.httpSrvs, issSrv)
-	e.issuer.SetURL(issSrv.URL)
+	e.stsURL = e.fakes.STS.URL
 
-	e.fakeSTS = sts.New(sts.Config{Issuer: e.issuer, RoleARN: roleARN})
-	stsSrv := httptest.NewServer(e.fakeSTS.Handler())
-	e.httpSrvs = append(e.httpSrvs, stsSrv)
-	e.stsURL = stsSrv.URL
-
-	up := httptest.NewServer(http.NotFoundHandler())
-	e.httpSrvs = append(e.httpSrvs, up)
-	e.upstream = up.URL
+	e.up = httptest.NewServer(http.NotFoundHandler())
+	e.upstream = e.up.URL
 
 	e.jwtFile = filepath.Join(e.dir, "token.jwt")
-	jwt := e.issuer.Mint(oidc.Claims{ExpiresAt: time.Now().Add(24 * time.Hour)})
+	jwt := e.fakes.Issuer.Mint(oidc.Claims{ExpiresAt: time.Now().Add(24 * time.Hour)})
 	if err := oidc.WriteTokenFile(e.jwtFile, jwt); err != nil {
 		return nil, err
 	}
@@ -269,8 +242,8 @@ func newEnv(bin string) (_ *benchEnv, err error) {
 	if e.ceilingToken, err = e.checkCeiling(); err != nil {
 		return nil, err
 	}
-	e.daemon.role, e.daemon.tok = roleName, e.daemonToken
-	e.ceiling.role, e.ceiling.tok = roleName, e.ceilingToken
+	e.daemon.role, e.daemon.tok = e2e.RoleName, e.daemonToken
+	e.ceiling.role, e.ceiling.tok = e2e.RoleName, e.ceilingToken
 	e.aemm, e.aemmSkip = e.startAEMM()
 	if e.aemmSkip != "" {
 		fmt.Fprintf(os.Stderr, "\n*** SKIPPING amazon-ec2-metadata-mock: %s ***\n\n", e.aemmSkip)
@@ -282,26 +255,10 @@ func newEnv(bin string) (_ *benchEnv, err error) {
 	return e, nil
 }
 
-// freePort returns a loopback TCP port that was free a moment ago.
-func freePort() (int, error) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return 0, err
-	}
-	defer ln.Close()
-	return ln.Addr().(*net.TCPAddr).Port, nil
-}
-
-// daemonEnv is the daemon's environment: ours without any AWS_* variable,
-// plus the region and the fake STS endpoint.
+// daemonEnv is the daemon's environment: ours without AWS_*, CA bundles
+// and proxies (e2e.Environ), plus the region and the fake STS endpoint.
 func (e *benchEnv) daemonEnv(stsURL string) []string {
-	var env []string
-	for _, kv := range os.Environ() {
-		if !strings.HasPrefix(kv, "AWS_") {
-			env = append(env, kv)
-		}
-	}
-	return append(env, "AWS_REGION=us-east-1", "AWS_ENDPOINT_URL_STS="+stsURL)
+	return append(e2e.Environ(), "AWS_REGION=us-east-1", "AWS_ENDPOINT_URL_STS="+stsURL)
 }
 
 // startDaemon writes a config with fresh ports, starts the daemon and waits
@@ -312,8 +269,8 @@ func (e *benchEnv) startDaemon() (*server, time.Duration, error) { return e.star
 // network namespace (ip netns exec, which execs, so the pid is the daemon's)
 // with interception enabled, and talks to the fakes ns serves there.
 func (e *benchEnv) startDaemonIn(ns *nsEnv) (*server, time.Duration, error) {
-	port, err1 := freePort()
-	admin, err2 := freePort()
+	port, err1 := e2e.FreePort()
+	admin, err2 := e2e.FreePort()
 	if err := errors.Join(err1, err2); err != nil {
 		return nil, 0, err
 	}
@@ -327,21 +284,17 @@ func (e *benchEnv) startDaemonIn(ns *nsEnv) (*server, time.Duration, error) {
 	}
 	e.nstarted++
 	cfgPath := filepath.Join(e.dir, fmt.Sprintf("config-%d.yaml", e.nstarted))
-	cfg := fmt.Sprintf(`listen: 127.0.0.1:%d
-admin_listen: 127.0.0.1:%d
-upstream: %s
-imds: {tokens: required, hop_limit: 1}
-role: {arn: %q, name: %s, duration: 1h}
-source: web-identity
-identity: {jwt_file: %q}
-`, port, admin, upstream, roleARN, roleName, e.jwtFile) + extra
-	if err := os.WriteFile(cfgPath, []byte(cfg), 0o600); err != nil {
+	cfg := e2e.Config{
+		Port: port, AdminPort: admin, Upstream: upstream,
+		Identity: e2e.WebIdentityYAML(e2e.RoleARN, e2e.RoleName, e.jwtFile), Extra: extra,
+	}
+	if err := os.WriteFile(cfgPath, []byte(cfg.YAML()), 0o600); err != nil {
 		return nil, 0, err
 	}
-	s := &server{name: "daemon", base: fmt.Sprintf("http://127.0.0.1:%d", port), role: roleName, dial: dial,
+	s := &server{name: "daemon", base: fmt.Sprintf("http://127.0.0.1:%d", port), role: e2e.RoleName, dial: dial,
 		admin: fmt.Sprintf("http://127.0.0.1:%d", admin),
-		out:   &capBuffer{}, done: make(chan struct{})}
-	args := []string{"serve", "--config", cfgPath, "--log-level", "warn"}
+		out:   &capBuffer{}}
+	command := pinnedCommand
 	if ns != nil {
 		// Rules first, as ExecStartPre would.
 		inst := exec.Command("ip", "netns", "exec", ns.name, e.bin, "intercept", "install", "--config", cfgPath)
@@ -350,39 +303,27 @@ identity: {jwt_file: %q}
 			return nil, 0, fmt.Errorf("imdsproxy intercept install in %s: %v: %s", ns.name, err, out)
 		}
 		s.name = "daemon (netns)"
-		s.cmd = exec.Command("ip", append([]string{"netns", "exec", ns.name}, pinned(append([]string{e.bin}, args...)...)...)...)
-	} else {
-		s.cmd = pinnedCommand(e.bin, args...)
+		command = func(name string, args ...string) *exec.Cmd {
+			return exec.Command("ip", append([]string{"netns", "exec", ns.name}, pinned(append([]string{name}, args...)...)...)...)
+		}
 	}
-	s.cmd.Env = e.daemonEnv(stsURL)
-	s.cmd.Stdout, s.cmd.Stderr = s.out, s.out
-	readyURL := fmt.Sprintf("http://127.0.0.1:%d/readyz", admin)
 	poll := &http.Client{Timeout: time.Second, Transport: &http.Transport{Proxy: nil, DisableKeepAlives: true, DialContext: dial}}
 
 	t0 := time.Now()
-	if err := s.cmd.Start(); err != nil {
-		return nil, 0, fmt.Errorf("start %s: %w", e.bin, err)
+	var err error
+	s.proc, err = e2e.StartDaemon(e2e.DaemonOptions{
+		Bin: e.bin, Config: cfgPath, Args: []string{"--log-level", "warn"},
+		Env: e.daemonEnv(stsURL), Command: command, Out: s.out,
+	})
+	if err != nil {
+		return nil, 0, err
 	}
-	s.pid = s.cmd.Process.Pid
-	go func() { _ = s.cmd.Wait(); close(s.done) }()
-	deadline := t0.Add(20 * time.Second)
-	for {
-		resp, err := poll.Get(readyURL)
-		if err == nil {
-			drain(resp)
-			if resp.StatusCode == http.StatusOK {
-				return s, time.Since(t0), nil
-			}
-		}
-		if s.exited() {
-			return nil, 0, fmt.Errorf("daemon exited before ready (%s); output:\n%s", s.cmd.ProcessState, s.out)
-		}
-		if time.Now().After(deadline) {
-			s.stop()
-			return nil, 0, fmt.Errorf("daemon not ready after 20s; output:\n%s", s.out)
-		}
-		time.Sleep(time.Millisecond)
+	s.pid = s.proc.Pid()
+	if err := e2e.WaitOK(poll, s.admin+"/readyz", 20*time.Second, time.Millisecond, s.proc); err != nil {
+		s.stop()
+		return nil, 0, fmt.Errorf("daemon not ready: %v; output:\n%s", err, s.out)
 	}
+	return s, time.Since(t0), nil
 }
 
 // capture records the daemon's answers to the three requests of the IMDSv2
@@ -402,16 +343,16 @@ func (e *benchEnv) capture() error {
 		}
 		return r
 	}
-	w := wireSample{Role: roleName}
-	w.Token = get(http.MethodPut, tokenPath, "")
+	w := wireSample{Role: e2e.RoleName}
+	w.Token = get(http.MethodPut, e2e.TokenPath, "")
 	e.daemonToken = string(w.Token.Body)
-	w.Listing = get(http.MethodGet, listingPath, e.daemonToken)
-	w.Creds = get(http.MethodGet, listingPath+roleName, e.daemonToken)
+	w.Listing = get(http.MethodGet, e2e.CredentialsPath, e.daemonToken)
+	w.Creds = get(http.MethodGet, e2e.CredentialsPath+e2e.RoleName, e.daemonToken)
 	if err != nil {
 		return err
 	}
-	if string(w.Listing.Body) != roleName {
-		return fmt.Errorf("daemon lists %q, want %q", w.Listing.Body, roleName)
+	if string(w.Listing.Body) != e2e.RoleName {
+		return fmt.Errorf("daemon lists %q, want %q", w.Listing.Body, e2e.RoleName)
 	}
 	e.wire = w
 	return nil
@@ -425,10 +366,10 @@ func roundTrip(c *http.Client, method, url, tok string) (wireResponse, error) {
 		return wireResponse{}, err
 	}
 	if method == http.MethodPut {
-		req.Header.Set(ttlHeader, requestedTTL)
+		req.Header.Set(e2e.TTLHeader, requestedTTL)
 	}
 	if tok != "" {
-		req.Header.Set(tokenHeader, tok)
+		req.Header.Set(e2e.TokenHeader, tok)
 	}
 	resp, err := c.Do(req)
 	if err != nil {
@@ -459,18 +400,18 @@ func (e *benchEnv) startCeiling() (*server, error) {
 	if err != nil {
 		return nil, err
 	}
-	s := &server{name: "ceiling", out: &capBuffer{}, done: make(chan struct{})}
-	s.cmd = pinnedCommand(self)
-	s.cmd.Env = append(os.Environ(), ceilingEnv+"="+spec)
-	s.cmd.Stderr = s.out
-	stdout, err := s.cmd.StdoutPipe()
+	s := &server{name: "ceiling", out: &capBuffer{}}
+	cmd := pinnedCommand(self)
+	cmd.Env = append(os.Environ(), ceilingEnv+"="+spec)
+	cmd.Stderr = s.out
+	stdout, err := cmd.StdoutPipe()
 	if err != nil {
 		return nil, err
 	}
-	if err := s.cmd.Start(); err != nil {
+	if s.proc, err = e2e.Start(cmd); err != nil {
 		return nil, err
 	}
-	s.pid = s.cmd.Process.Pid
+	s.pid = s.proc.Pid()
 	lines := make(chan string, 1)
 	go func() {
 		sc := bufio.NewScanner(stdout)
@@ -480,7 +421,6 @@ func (e *benchEnv) startCeiling() (*server, error) {
 		close(lines)
 		_, _ = io.Copy(s.out, stdout)
 	}()
-	go func() { _ = s.cmd.Wait(); close(s.done) }()
 	select {
 	case line, ok := <-lines:
 		addr, found := strings.CutPrefix(line, "listening ")
@@ -505,9 +445,9 @@ func (e *benchEnv) checkCeiling() (string, error) {
 		method, path string
 		w            wireResponse
 	}{
-		{http.MethodPut, tokenPath, e.wire.Token},
-		{http.MethodGet, listingPath, e.wire.Listing},
-		{http.MethodGet, listingPath + roleName, e.wire.Creds},
+		{http.MethodPut, e2e.TokenPath, e.wire.Token},
+		{http.MethodGet, e2e.CredentialsPath, e.wire.Listing},
+		{http.MethodGet, e2e.CredentialsPath + e2e.RoleName, e.wire.Creds},
 	}
 	tok := ""
 	for _, x := range want {
@@ -561,7 +501,7 @@ func runCeiling(specPath string) int {
 	for _, r := range []*wireResponse{&w.Token, &w.Listing, &w.Creds} {
 		r.Header.Del("Content-Length") // net/http sets it from the body
 	}
-	credsPath := listingPath + w.Role
+	credsPath := e2e.CredentialsPath + w.Role
 	reply := func(rw http.ResponseWriter, r *wireResponse) {
 		h := rw.Header()
 		for k, v := range r.Header {
@@ -572,22 +512,22 @@ func runCeiling(specPath string) int {
 	}
 	h := http.HandlerFunc(func(rw http.ResponseWriter, req *http.Request) {
 		switch req.URL.Path {
-		case tokenPath:
+		case e2e.TokenPath:
 			if req.Method != http.MethodPut {
 				http.Error(rw, "method not allowed", http.StatusMethodNotAllowed)
 				return
 			}
-			if req.Header.Get(ttlHeader) == "" {
+			if req.Header.Get(e2e.TTLHeader) == "" {
 				http.Error(rw, "missing ttl", http.StatusBadRequest)
 				return
 			}
 			reply(rw, &w.Token)
-		case listingPath, credsPath:
-			if req.Header.Get(tokenHeader) == "" {
+		case e2e.CredentialsPath, credsPath:
+			if req.Header.Get(e2e.TokenHeader) == "" {
 				http.Error(rw, "unauthorized", http.StatusUnauthorized)
 				return
 			}
-			if req.URL.Path == listingPath {
+			if req.URL.Path == e2e.CredentialsPath {
 				reply(rw, &w.Listing)
 			} else {
 				reply(rw, &w.Creds)

@@ -17,6 +17,8 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
+
+	"github.com/imdsproxy/imdsproxy/test/e2e"
 )
 
 // This file is the load generator and the /proc readers. It has two modes,
@@ -34,14 +36,9 @@ import (
 // Latencies go into one preallocated slice, indexed by the operation number,
 // so recording costs no allocation and no lock.
 
-// Paths and headers of the IMDS API (WIRE.md §1–§2).
-const (
-	tokenPath    = "/latest/api/token"
-	listingPath  = "/latest/meta-data/iam/security-credentials/"
-	ttlHeader    = "X-Aws-Ec2-Metadata-Token-Ttl-Seconds"
-	tokenHeader  = "X-Aws-Ec2-Metadata-Token"
-	requestedTTL = "21600" // what botocore, JS and Java ask for
-)
+// requestedTTL is the session token lifetime every PUT asks for (paths
+// and headers of the IMDS API, WIRE.md §1–§2, are package e2e's).
+const requestedTTL = "21600" // what botocore, JS and Java ask for
 
 // dialFunc opens a connection; nil means an ordinary net.Dialer in this
 // process's network namespace.
@@ -93,14 +90,14 @@ func newWorker(ep endpoint, tok string) (*worker, error) {
 	base, role := ep.base, ep.role
 	w := &worker{c: newClientDial(ep.dial), role: []byte(role)}
 	var err error
-	if w.put, err = http.NewRequest(http.MethodPut, base+tokenPath, nil); err != nil {
+	if w.put, err = http.NewRequest(http.MethodPut, base+e2e.TokenPath, nil); err != nil {
 		return nil, err
 	}
-	w.put.Header.Set(ttlHeader, requestedTTL)
-	if w.listing, err = http.NewRequest(http.MethodGet, base+listingPath, nil); err != nil {
+	w.put.Header.Set(e2e.TTLHeader, requestedTTL)
+	if w.listing, err = http.NewRequest(http.MethodGet, base+e2e.CredentialsPath, nil); err != nil {
 		return nil, err
 	}
-	if w.creds, err = http.NewRequest(http.MethodGet, base+listingPath+role, nil); err != nil {
+	if w.creds, err = http.NewRequest(http.MethodGet, base+e2e.CredentialsPath+role, nil); err != nil {
 		return nil, err
 	}
 	w.setToken(tok)
@@ -108,8 +105,8 @@ func newWorker(ep endpoint, tok string) (*worker, error) {
 }
 
 func (w *worker) setToken(tok string) {
-	w.listing.Header[tokenHeader] = []string{tok}
-	w.creds.Header[tokenHeader] = []string{tok}
+	w.listing.Header[e2e.TokenHeader] = []string{tok}
+	w.creds.Header[e2e.TokenHeader] = []string{tok}
 }
 
 // do sends req, reads the whole body into w.buf and checks for 200.

@@ -16,6 +16,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/imdsproxy/imdsproxy/test/e2e"
 )
 
 // The interception benchmark: a network namespace of this run's own, with
@@ -104,7 +106,7 @@ func (e *benchEnv) setupNetns() (_ *nsEnv, skip string) {
 		go func() { _ = srv.Serve(ln) }()
 		return "http://" + ln.Addr().String(), nil
 	}
-	if n.stsURL, err = serve(e.fakeSTS.Handler()); err != nil {
+	if n.stsURL, err = serve(e.fakes.STS.Handler()); err != nil {
 		return nil, "listen in the namespace: " + err.Error()
 	}
 	if n.upstream, err = serve(http.NotFoundHandler()); err != nil {
@@ -124,10 +126,10 @@ func (e *benchEnv) setupNetns() (_ *nsEnv, skip string) {
 	// One flow each way; the token of the direct one serves both.
 	for _, s := range []*server{d, n.redirect} {
 		c := newClientDial(n.dial)
-		tr, err := roundTrip(c, http.MethodPut, s.base+tokenPath, "")
+		tr, err := roundTrip(c, http.MethodPut, s.base+e2e.TokenPath, "")
 		if err == nil && tr.Status == http.StatusOK {
 			var cr wireResponse
-			cr, err = roundTrip(c, http.MethodGet, s.base+listingPath+roleName, string(tr.Body))
+			cr, err = roundTrip(c, http.MethodGet, s.base+e2e.CredentialsPath+e2e.RoleName, string(tr.Body))
 			if err == nil && cr.Status != http.StatusOK {
 				err = fmt.Errorf("GET credentials: status %d: %.200q", cr.Status, cr.Body)
 			}

@@ -1,7 +1,6 @@
 package bench
 
 import (
-	"bufio"
 	"cmp"
 	"fmt"
 	"io"
@@ -9,9 +8,10 @@ import (
 	"net/http"
 	"slices"
 	"strconv"
-	"strings"
 	"testing"
 	"time"
+
+	"github.com/imdsproxy/imdsproxy/test/e2e"
 )
 
 // The daemon's own view of its latency. The generator's latencies include
@@ -38,66 +38,42 @@ type histogram struct {
 // scrapeHistogram reads route's buckets of durationMetric from the daemon's
 // /metrics at admin (http://host:port) through client.
 func scrapeHistogram(client *http.Client, admin, route string) (histogram, error) {
-	resp, err := client.Get(admin + "/metrics")
+	m, _, err := e2e.ScrapeMetrics(client, admin)
 	if err != nil {
 		return histogram{}, err
 	}
-	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		return histogram{}, fmt.Errorf("GET %s/metrics: %s", admin, resp.Status)
-	}
-	return parseHistogram(resp.Body, durationMetric, route)
+	return histogramOf(m, durationMetric, route)
 }
 
 // parseHistogram reads name's buckets with route="route" from a Prometheus
 // text exposition.
 func parseHistogram(r io.Reader, name, route string) (histogram, error) {
+	text, err := io.ReadAll(r)
+	if err != nil {
+		return histogram{}, err
+	}
+	m, err := e2e.ParseMetrics(string(text))
+	if err != nil {
+		return histogram{}, err
+	}
+	return histogramOf(m, name, route)
+}
+
+// histogramOf is name's buckets with route="route" in m.
+func histogramOf(m e2e.Metrics, name, route string) (histogram, error) {
 	type bucket struct{ le, n float64 }
 	var bs []bucket
-	sc := bufio.NewScanner(r)
-	sc.Buffer(make([]byte, 64<<10), 1<<20)
-	prefix := name + "_bucket{"
-	for sc.Scan() {
-		line := sc.Text()
-		if !strings.HasPrefix(line, prefix) {
-			continue
+	for _, s := range m.Select(name+"_bucket", map[string]string{"route": route}) {
+		le, err := strconv.ParseFloat(s.Labels["le"], 64) // "+Inf" parses
+		if err != nil {
+			return histogram{}, fmt.Errorf("%s: bad bucket bound le=%q", name, s.Labels["le"])
 		}
-		labels, value, ok := strings.Cut(line[len(prefix):], "} ")
-		if !ok || !strings.Contains(","+labels+",", `,route="`+route+`",`) {
-			continue
-		}
-		var le float64 = math.NaN()
-		for l := range strings.SplitSeq(labels, ",") {
-			if v, ok := strings.CutPrefix(l, `le="`); ok {
-				v = strings.TrimSuffix(v, `"`)
-				if v == "+Inf" {
-					le = math.Inf(1)
-				} else if f, err := strconv.ParseFloat(v, 64); err == nil {
-					le = f
-				}
-			}
-		}
-		n, err := strconv.ParseFloat(strings.TrimSpace(value), 64)
-		if math.IsNaN(le) || err != nil {
-			return histogram{}, fmt.Errorf("%s: bad bucket line %q", name, line)
-		}
-		bs = append(bs, bucket{le, n})
-	}
-	if err := sc.Err(); err != nil {
-		return histogram{}, err
+		bs = append(bs, bucket{le, s.Value})
 	}
 	if len(bs) == 0 {
 		return histogram{}, fmt.Errorf("%s: no buckets for route %q", name, route)
 	}
-	slices.SortFunc(bs, func(a, b bucket) int {
-		switch {
-		case a.le < b.le:
-			return -1
-		case a.le > b.le:
-			return 1
-		}
-		return 0
-	})
+	slices.SortFunc(bs, func(a, b bucket) int { return cmp.Compare(a.le, b.le) })
 	var h histogram
 	for _, b := range bs {
 		h.le, h.cum = append(h.le, b.le), append(h.cum, b.n)
@@ -276,7 +252,7 @@ func checkPaced(b *testing.B, env *benchEnv, srv *server, target, key string, re
 		b.Fatalf("%s: %v; end of server output:\n%s", target, err, tail(srv.out.String(), 4000))
 	}
 	if srv.exited() {
-		b.Fatalf("%s exited during the run (%s); end of output:\n%s", target, srv.cmd.ProcessState, tail(srv.out.String(), 4000))
+		b.Fatalf("%s exited during the run (%s); end of output:\n%s", target, srv.state(), tail(srv.out.String(), 4000))
 	}
 	if res.Errors > 0 {
 		b.Errorf("%s: %d of %d operations failed; first: %v", target, res.Errors, res.Ops, res.FirstErr)

@@ -14,6 +14,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/imdsproxy/imdsproxy/test/e2e"
 )
 
 // Tests of the spin generator (spin_test.go): its request bytes, its
@@ -83,11 +85,11 @@ func TestSpinRequestBytes(t *testing.T) {
 		if !bytes.Equal(spin, client) {
 			t.Errorf("%s: spin writes\n%q\nnet/http writes\n%q", c.r, spin, client)
 		}
-		if c.r != spinPut && !bytes.Contains(spin, []byte(tokenHeader+": "+tok+"\r\n")) {
+		if c.r != spinPut && !bytes.Contains(spin, []byte(e2e.TokenHeader+": "+tok+"\r\n")) {
 			t.Errorf("%s: no token header in %q", c.r, spin)
 		}
 	}
-	if put := tpl.appendReq(nil, spinPut, nil); !bytes.Contains(put, []byte(ttlHeader+": "+requestedTTL+"\r\n")) ||
+	if put := tpl.appendReq(nil, spinPut, nil); !bytes.Contains(put, []byte(e2e.TTLHeader+": "+requestedTTL+"\r\n")) ||
 		!bytes.Contains(put, []byte("Host: "+ln.Addr().String()+"\r\n")) {
 		t.Errorf("PUT lacks the TTL or Host header: %q", put)
 	}
@@ -167,13 +169,13 @@ func (f *fakeIMDS) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		time.Sleep(time.Millisecond)
 		_, _ = io.WriteString(w, body[len(body)/2:])
 	}
-	tok := r.Header.Get(tokenHeader)
+	tok := r.Header.Get(e2e.TokenHeader)
 	f.mu.Lock()
 	valid := tok == f.fixedTok || tok == f.last[r.RemoteAddr]
 	f.mu.Unlock()
 	switch {
-	case r.Method == http.MethodPut && r.URL.Path == tokenPath:
-		if r.Header.Get(ttlHeader) != requestedTTL {
+	case r.Method == http.MethodPut && r.URL.Path == e2e.TokenPath:
+		if r.Header.Get(e2e.TTLHeader) != requestedTTL {
 			reply(http.StatusBadRequest, "no TTL")
 			return
 		}
@@ -186,9 +188,9 @@ func (f *fakeIMDS) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		reply(http.StatusMethodNotAllowed, "method")
 	case !valid:
 		reply(http.StatusUnauthorized, "bad token "+tok)
-	case r.URL.Path == listingPath:
+	case r.URL.Path == e2e.CredentialsPath:
 		reply(http.StatusOK, f.role)
-	case r.URL.Path == listingPath+f.role:
+	case r.URL.Path == e2e.CredentialsPath+f.role:
 		time.Sleep(f.credsDelay)
 		status := cmpOr(f.credsStatus, http.StatusOK)
 		if n := f.creds.Add(1); f.credsFailAfter > 0 && n > f.credsFailAfter {

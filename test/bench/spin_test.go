@@ -16,6 +16,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/imdsproxy/imdsproxy/test/e2e"
 )
 
 // The spin generator: the open-loop schedule of runPaced without the
@@ -45,11 +47,11 @@ const (
 func (r spinReq) String() string {
 	switch r {
 	case spinPut:
-		return "PUT " + tokenPath
+		return "PUT " + e2e.TokenPath
 	case spinListing:
-		return "GET " + listingPath
+		return "GET " + e2e.CredentialsPath
 	case spinCreds:
-		return "GET " + listingPath + "ROLE"
+		return "GET " + e2e.CredentialsPath + "ROLE"
 	}
 	return "request " + strconv.Itoa(int(r))
 }
