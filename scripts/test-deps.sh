@@ -2,8 +2,9 @@
 # Installs what the end-to-end tests drive, when it is missing: the AWS CLI and
 # boto3 from Debian (the real clients, at /usr/bin/aws and /usr/bin/python3),
 # nftables and iproute2, systemd-nspawn and curl (the units under systemd as
-# PID 1, test/e2e_systemd_test.go), and the JavaScript SDK v3 from npm (pinned by
-# test/js/package-lock.json). Idempotent; quiet when everything is there.
+# PID 1, test/e2e_systemd_test.go), promtool (Debian's prometheus package; `make
+# lint` tests the Prometheus rules with it) and the JavaScript SDK v3 from npm
+# (pinned by test/js/package-lock.json). Idempotent; quiet when everything is there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,6 +18,7 @@ command -v npm >/dev/null 2>&1 || need+=(npm)
 [ -x /lib/systemd/systemd ] || need+=(systemd)
 command -v systemd-nspawn >/dev/null 2>&1 || need+=(systemd-container)
 command -v curl >/dev/null 2>&1 || need+=(curl)
+command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "test-deps: missing ${need[*]}; run as root (or apt-get install ${need[*]})" >&2
@@ -26,6 +28,16 @@ if [ ${#need[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+  if [[ " ${need[*]} " == *" prometheus "* ]]; then
+    # Only promtool is wanted: the package also enables and starts a Prometheus
+    # server on :9090. Stop it and keep it from starting at boot.
+    if [ -d /run/systemd/system ]; then
+      systemctl disable --now prometheus.service >/dev/null 2>&1 || true
+    else
+      systemctl disable prometheus.service >/dev/null 2>&1 || true
+      invoke-rc.d prometheus stop >/dev/null 2>&1 || true
+    fi
+  fi
 fi
 
 if [ -f test/js/package.json ]; then
@@ -35,4 +47,4 @@ if [ -f test/js/package.json ]; then
     touch test/js/node_modules
   fi
 fi
-echo "test-deps: ok ($(/usr/bin/aws --version 2>&1 | head -1); boto3 $(/usr/bin/python3 -c 'import boto3; print(boto3.__version__)'); node $(node --version))"
+echo "test-deps: ok ($(/usr/bin/aws --version 2>&1 | head -1); boto3 $(/usr/bin/python3 -c 'import boto3; print(boto3.__version__)'); node $(node --version); $(promtool --version 2>&1 | head -1 | cut -d' ' -f1-3))"
