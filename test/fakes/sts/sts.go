@@ -14,7 +14,9 @@
 // key. It validates RoleArn, RoleSessionName, DurationSeconds, ExternalId,
 // SourceIdentity and session tags, issues unique random credentials and
 // records them, so a test can check that what a client got is exactly what
-// STS issued. Failure modes, latency and session length can be changed while
+// STS issued. IssueSession issues credentials without a request, as EC2
+// does for an instance profile; GetCallerIdentity answers for every
+// credential the fake issued. Failure modes, latency and session length can be changed while
 // it runs; they apply to both actions.
 //
 // All methods are safe for concurrent use.
@@ -170,6 +172,9 @@ type Issued struct {
 	TransitiveTagKeys []string
 	// Audience is the token's aud that the call was accepted for.
 	Audience string
+	// TokenKID and TokenAlg are the kid and alg of the accepted token's
+	// header: which key of the issuer's JWKS verified it.
+	TokenKID, TokenAlg string
 }
 
 // KeyID is the access key id (ledger.Credential).
@@ -599,6 +604,8 @@ func (s *Server) assume(ctx context.Context, form map[string][]string, sessionLe
 		Tags:              claims.tags,
 		TransitiveTagKeys: claims.transitive,
 		Audience:          claims.aud,
+		TokenKID:          claims.kid,
+		TokenAlg:          claims.alg,
 	}
 	s.mu.Lock()
 	s.issued.Add(is)
@@ -607,6 +614,7 @@ func (s *Server) assume(ctx context.Context, form map[string][]string, sessionLe
 }
 
 type verified struct {
+	kid, alg   string // the token header's
 	sub        string
 	provider   string
 	aud        string   // the accepted audience
@@ -694,7 +702,7 @@ func (s *Server) verify(ctx context.Context, tok string) (*verified, *stsError) 
 		return nil, serr
 	}
 	provider := strings.TrimPrefix(strings.TrimPrefix(iss, "https://"), "http://")
-	v := &verified{sub: sub, provider: provider, audiences: audiences, tags: tags, transitive: transitive}
+	v := &verified{kid: header.Kid, alg: header.Alg, sub: sub, provider: provider, audiences: audiences, tags: tags, transitive: transitive}
 	return v, nil
 }
 
