@@ -1,14 +1,32 @@
-// Command fakests runs the fake OIDC issuer and the fake STS of
-// test/fakes on loopback, for `make demo` and manual testing of imdsproxy.
+// Command fakests runs the fake STS of test/fakes on loopback, for `make
+// demo` and manual testing of imdsproxy, with either of two token issuers:
 //
-// It writes a fresh JWT to -token-file (if given) and rewrites it every
-// -token-refresh with one hour of validity, logs one line per STS call (never
-// a secret), and stops cleanly on SIGINT or SIGTERM. Point the daemon at it
-// with AWS_ENDPOINT_URL_STS=http://<sts-listen>.
+//   - its own fake OIDC issuer (the default): it writes a fresh JWT to
+//     -token-file (if given) and rewrites it every -token-refresh with one
+//     hour of validity;
+//   - a real one, -issuer-url (imdsproxy-issuer): STS verifies every token
+//     the way AWS STS does, fetching <issuer-url>/.well-known/openid-configuration
+//     and its jwks_uri (or -jwks-url) and checking kid, alg, the signature,
+//     iss, aud, exp and, per role, the sub of -trust.
+//
+// With -instance-dir it also makes a stand-in EC2 instance whose identity
+// can be verified (test/fakes/instance): it writes DIR/aemm-config.json
+// (mode 0600) for an amazon-ec2-metadata-mock whose HOME is DIR, serving
+// the signed instance identity document, its pkcs7 and rsa2048 signatures
+// and the instance profile's credentials, which this fake STS issued (so a
+// GetCallerIdentity signed with them, the issuer's aws_iam method, is
+// answered); DIR/iid-ca.pem, the certificate that signed the document
+// (what imdsproxy-issuer's attestation.aws_iid.certificates must trust);
+// and DIR/instance.json, the instance's public facts.
+//
+// It logs one line per STS call (never a secret) and stops cleanly on
+// SIGINT or SIGTERM. Point the daemon at it with
+// AWS_ENDPOINT_URL_STS=http://<sts-listen>.
 package main
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
@@ -18,9 +36,14 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"path/filepath"
+	"slices"
+	"sort"
+	"strings"
 	"syscall"
 	"time"
 
+	"github.com/imdsproxy/imdsproxy/test/fakes/instance"
 	"github.com/imdsproxy/imdsproxy/test/fakes/oidc"
 	"github.com/imdsproxy/imdsproxy/test/fakes/sts"
 )
@@ -35,6 +58,44 @@ func main() {
 type options struct {
 	stsListen, issuerListen, tokenFile, audience, subject, mode string
 	tokenRefresh, sessionLength, delay                          time.Duration
+
+	issuerURL, jwksURL string
+	trust              trustFlags
+
+	instanceDir, instanceAccount, instanceRegion, instanceRole string
+	instanceCredentials                                        time.Duration
+}
+
+// trustFlags are the -trust ROLE_ARN=SUBJECT[,SUBJECT] flags, in order.
+type trustFlags []trustFlag
+
+type trustFlag struct {
+	role     string
+	subjects []string
+}
+
+func (t *trustFlags) String() string {
+	var parts []string
+	for _, f := range *t {
+		parts = append(parts, f.role+"="+strings.Join(f.subjects, ","))
+	}
+	return strings.Join(parts, " ")
+}
+
+func (t *trustFlags) Set(v string) error {
+	role, subs, ok := strings.Cut(v, "=")
+	if !ok || !strings.HasPrefix(role, "arn:") || subs == "" {
+		return errors.New("want ROLE_ARN=SUBJECT[,SUBJECT...]")
+	}
+	f := trustFlag{role: role}
+	for _, s := range strings.Split(subs, ",") {
+		if s == "" {
+			return errors.New("empty subject")
+		}
+		f.subjects = append(f.subjects, s)
+	}
+	*t = append(*t, f)
+	return nil
 }
 
 func run(ctx context.Context, args []string, stderr io.Writer) error {
@@ -42,74 +103,103 @@ func run(ctx context.Context, args []string, stderr io.Writer) error {
 	fs := flag.NewFlagSet("fakests", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	fs.StringVar(&o.stsListen, "sts-listen", "127.0.0.1:8190", "address of the fake STS")
-	fs.StringVar(&o.issuerListen, "issuer-listen", "127.0.0.1:8191", "address of the fake OIDC issuer")
-	fs.StringVar(&o.tokenFile, "token-file", "", "write a JWT here and keep it fresh (empty: do not)")
+	fs.StringVar(&o.issuerListen, "issuer-listen", "127.0.0.1:8191", "address of the fake OIDC issuer (not with -issuer-url)")
+	fs.StringVar(&o.tokenFile, "token-file", "", "write a JWT of the fake OIDC issuer here and keep it fresh (empty: do not)")
 	fs.DurationVar(&o.tokenRefresh, "token-refresh", 5*time.Minute, "how often the token file is rewritten")
 	fs.StringVar(&o.audience, "audience", oidc.DefaultAudience, "audience of minted tokens and required by STS")
-	fs.StringVar(&o.subject, "subject", "host-1", "sub claim of minted tokens")
+	fs.StringVar(&o.subject, "subject", "host-1", "sub claim of the fake OIDC issuer's tokens")
 	fs.DurationVar(&o.sessionLength, "session-length", time.Hour, "length of issued sessions, whatever DurationSeconds asks (0: honour DurationSeconds)")
 	fs.DurationVar(&o.delay, "delay", 0, "latency added to every STS answer")
 	fs.StringVar(&o.mode, "mode", "ok", "STS mode: ok, fail5xx, unavailable, throttle, hang, idp-error, invalid-token, expired-token, access-denied")
+	fs.StringVar(&o.issuerURL, "issuer-url", "", "trust this OIDC issuer instead of the built-in one: its discovery document and JWKS are fetched on every call, as STS does")
+	fs.StringVar(&o.jwksURL, "jwks-url", "", "with -issuer-url: fetch the JWKS here and skip discovery")
+	fs.Var(&o.trust, "trust", "ROLE_ARN=SUBJECT[,SUBJECT...]: the role's trust policy accepts tokens with these sub values (StringLike: * and ?) and session tags (repeatable); once one is given, roles without one cannot be assumed")
+	fs.StringVar(&o.instanceDir, "instance-dir", "", "make a stand-in EC2 instance: write aemm-config.json, iid-ca.pem and instance.json to this directory")
+	fs.StringVar(&o.instanceAccount, "instance-account", instance.DefaultAccountID, "the stand-in instance's account")
+	fs.StringVar(&o.instanceRegion, "instance-region", instance.DefaultRegion, "the stand-in instance's region")
+	fs.StringVar(&o.instanceRole, "instance-profile-role", instance.DefaultProfileRole, "the stand-in instance profile's role name")
+	fs.DurationVar(&o.instanceCredentials, "instance-credentials-length", 12*time.Hour, "validity of the instance profile's credentials (issued once, at start)")
 	if err := fs.Parse(args); err != nil {
 		return err
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("unexpected arguments %q", fs.Args())
 	}
 	mode, err := sts.ParseMode(o.mode)
 	if err != nil {
 		return err
+	}
+	if o.issuerURL != "" && o.tokenFile != "" {
+		return errors.New("-token-file mints with the built-in issuer; it cannot be used with -issuer-url")
+	}
+	if o.jwksURL != "" && o.issuerURL == "" {
+		return errors.New("-jwks-url needs -issuer-url")
 	}
 	logger := log.New(stderr, "fakests: ", log.LstdFlags|log.LUTC)
 
 	ctx, stop := signal.NotifyContext(ctx, os.Interrupt, syscall.SIGTERM)
 	defer stop()
 
-	issLn, err := net.Listen("tcp", o.issuerListen)
-	if err != nil {
-		return err
-	}
 	stsLn, err := net.Listen("tcp", o.stsListen)
 	if err != nil {
-		issLn.Close()
 		return err
 	}
-	iss, err := oidc.New(oidc.Options{URL: "http://" + issLn.Addr().String()})
-	if err != nil {
-		return err
+	listeners := []net.Listener{stsLn}
+	defer func() {
+		for _, ln := range listeners {
+			ln.Close()
+		}
+	}()
+	cfg := sts.Config{Audience: o.audience, IssuerURL: o.issuerURL, JWKSURL: o.jwksURL}
+	var iss *oidc.Issuer
+	var issHandler http.Handler
+	if o.issuerURL == "" {
+		issLn, err := net.Listen("tcp", o.issuerListen)
+		if err != nil {
+			return err
+		}
+		listeners = append(listeners, issLn)
+		if iss, err = oidc.New(oidc.Options{URL: "http://" + issLn.Addr().String()}); err != nil {
+			return err
+		}
+		cfg.Issuer, issHandler = iss, iss.Handler()
 	}
-	fake := sts.New(sts.Config{Issuer: iss, Audience: o.audience})
+	if len(o.trust) > 0 {
+		cfg.RoleARN = o.trust[0].role
+	}
+	fake := sts.New(cfg)
 	fake.SetMode(mode)
 	fake.SetDelay(o.delay)
 	fake.SetSessionLength(o.sessionLength)
-
-	stsHandler := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		before := fake.Calls()
-		rec := &statusRecorder{ResponseWriter: w, status: 200}
-		fake.Handler().ServeHTTP(rec, r)
-		if fake.Calls() == before {
-			logger.Printf("sts: %s %s -> %d (not AssumeRoleWithWebIdentity)", r.Method, r.URL.Path, rec.status)
-			return
-		}
-		log := fake.CallLog()
-		c := log[len(log)-1]
-		if c.Code == "" {
-			last, _ := fake.Last()
-			logger.Printf("sts: AssumeRoleWithWebIdentity role=%s session=%s duration=%d -> %d access_key_id=%s expires=%s",
-				c.RoleARN, c.RoleSessionName, c.DurationSeconds, rec.status, last.AccessKeyID, last.Expiration.Format(time.RFC3339))
-		} else {
-			logger.Printf("sts: AssumeRoleWithWebIdentity role=%s session=%s duration=%d -> %d %s",
-				c.RoleARN, c.RoleSessionName, c.DurationSeconds, rec.status, c.Code)
-		}
-	})
-
-	servers := []*http.Server{
-		{Handler: iss.Handler(), ReadHeaderTimeout: 5 * time.Second},
-		{Handler: stsHandler, ReadHeaderTimeout: 5 * time.Second},
+	for _, t := range o.trust {
+		fake.SetTrust(t.role, sts.Trust{Subjects: t.subjects, TagSession: true})
 	}
-	errc := make(chan error, 2)
-	for i, ln := range []net.Listener{issLn, stsLn} {
-		go func() { errc <- servers[i].Serve(ln) }()
+
+	if o.instanceDir != "" {
+		if err := makeInstance(fake, o, logger); err != nil {
+			return err
+		}
 	}
-	logger.Printf("issuer %s (jwks %s/jwks); sts http://%s (audience %s, session length %s, mode %s)",
-		iss.URL(), iss.URL(), stsLn.Addr(), o.audience, o.sessionLength, mode)
+
+	handlers := []http.Handler{logCalls(fake, logger)}
+	if issHandler != nil {
+		handlers = append(handlers, issHandler)
+	}
+	var servers []*http.Server
+	errc := make(chan error, len(handlers))
+	for i, h := range handlers {
+		srv := &http.Server{Handler: h, ReadHeaderTimeout: 5 * time.Second}
+		servers = append(servers, srv)
+		ln := listeners[i]
+		go func() { errc <- srv.Serve(ln) }()
+	}
+	if iss != nil {
+		logger.Printf("issuer %s (jwks %s/jwks); sts http://%s (audience %s, session length %s, mode %s)",
+			iss.URL(), iss.URL(), stsLn.Addr(), o.audience, o.sessionLength, mode)
+	} else {
+		logger.Printf("sts http://%s trusting the issuer %s (discovery and JWKS fetched on every call; audience %s, session length %s, mode %s); trust: %s",
+			stsLn.Addr(), o.issuerURL, o.audience, o.sessionLength, mode, &o.trust)
+	}
 
 	writeToken := func() error {
 		if o.tokenFile == "" {
@@ -158,6 +248,116 @@ loop:
 		return runErr
 	}
 	return nil
+}
+
+// instanceFacts is DIR/instance.json: what the instance is, no secret.
+type instanceFacts struct {
+	AccountID          string    `json:"accountId"`
+	InstanceID         string    `json:"instanceId"`
+	Region             string    `json:"region"`
+	PendingTime        time.Time `json:"pendingTime"`
+	InstanceProfileARN string    `json:"instanceProfileArn"`
+	ProfileRoleARN     string    `json:"profileRoleArn"`
+	CredentialsExpire  time.Time `json:"credentialsExpire"`
+}
+
+// makeInstance makes the stand-in instance, has fake issue its instance
+// profile's credentials, and writes the files of -instance-dir.
+func makeInstance(fake *sts.Server, o options, logger *log.Logger) error {
+	in, err := instance.New(instance.Options{AccountID: o.instanceAccount, Region: o.instanceRegion, ProfileRole: o.instanceRole})
+	if err != nil {
+		return err
+	}
+	is, err := fake.IssueSession(in.ProfileRoleARN(), in.InstanceID, o.instanceCredentials)
+	if err != nil {
+		return err
+	}
+	in.Credentials = instance.Credentials{AccessKeyID: is.AccessKeyID, SecretAccessKey: is.SecretAccessKey,
+		SessionToken: is.SessionToken, Expiration: is.Expiration}
+	if err := os.MkdirAll(o.instanceDir, 0o700); err != nil {
+		return err
+	}
+	if err := in.CA.WriteCert(filepath.Join(o.instanceDir, "iid-ca.pem")); err != nil {
+		return err
+	}
+	facts, _ := json.MarshalIndent(instanceFacts{AccountID: in.AccountID, InstanceID: in.InstanceID, Region: in.Region,
+		PendingTime: in.PendingTime, InstanceProfileARN: in.InstanceProfileARN(), ProfileRoleARN: in.ProfileRoleARN(),
+		CredentialsExpire: is.Expiration}, "", "  ")
+	if err := os.WriteFile(filepath.Join(o.instanceDir, "instance.json"), append(facts, '\n'), 0o644); err != nil {
+		return err
+	}
+	// Last: its appearance says the directory is complete.
+	if err := in.WriteAEMMConfig(o.instanceDir); err != nil {
+		return err
+	}
+	logger.Printf("instance: %s in account %s, %s, launched %s; instance profile %s (credentials %s until %s); wrote %s",
+		in.InstanceID, in.AccountID, in.Region, in.PendingTime.Format(time.RFC3339), in.ProfileRoleARN(),
+		is.AccessKeyID, is.Expiration.Format(time.RFC3339), filepath.Join(o.instanceDir, instance.AEMMConfigFile))
+	return nil
+}
+
+// logCalls serves fake and logs one line per call: the action, the role,
+// session and token subject, key id and tags, and the outcome. Never a
+// secret.
+func logCalls(fake *sts.Server, logger *log.Logger) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		before := fake.Calls()
+		rec := &statusRecorder{ResponseWriter: w, status: 200}
+		fake.Handler().ServeHTTP(rec, r)
+		calls := fake.CallLog()
+		if len(calls) == before {
+			logger.Printf("sts: %s %s -> %d (not an action the fake implements)", r.Method, r.URL.Path, rec.status)
+			return
+		}
+		c := calls[len(calls)-1]
+		switch {
+		case c.Action == sts.ActionGetCallerIdentity && c.Code == "":
+			is, _ := fake.Find(c.AccessKeyID)
+			logger.Printf("sts: GetCallerIdentity access_key_id=%s -> %d %s", c.AccessKeyID, rec.status, is.AssumedRoleARN)
+		case c.Action == sts.ActionGetCallerIdentity:
+			logger.Printf("sts: GetCallerIdentity access_key_id=%s -> %d %s", c.AccessKeyID, rec.status, c.Code)
+		case c.Code == "":
+			is, _ := lastFor(fake, c)
+			logger.Printf("sts: %s role=%s session=%s duration=%d sub=%s kid=%s alg=%s tags=%s -> %d access_key_id=%s expires=%s",
+				c.Action, c.RoleARN, c.RoleSessionName, c.DurationSeconds, is.Subject, is.TokenKID, is.TokenAlg, tagList(is),
+				rec.status, is.AccessKeyID, is.Expiration.Format(time.RFC3339))
+		default:
+			logger.Printf("sts: %s role=%s session=%s duration=%d -> %d %s",
+				c.Action, c.RoleARN, c.RoleSessionName, c.DurationSeconds, rec.status, c.Code)
+		}
+	})
+}
+
+// lastFor is the most recent issue of c's role and session.
+func lastFor(fake *sts.Server, c sts.Call) (sts.Issued, bool) {
+	all := fake.Issued()
+	for i := len(all) - 1; i >= 0; i-- {
+		if all[i].RoleARN == c.RoleARN && all[i].RoleSessionName == c.RoleSessionName && all[i].Action == c.Action {
+			return all[i], true
+		}
+	}
+	return sts.Issued{}, false
+}
+
+// tagList is "k=v,k2=v2" of the session tags, transitive ones marked *.
+func tagList(is sts.Issued) string {
+	if len(is.Tags) == 0 {
+		return "none"
+	}
+	keys := make([]string, 0, len(is.Tags))
+	for k := range is.Tags {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	var parts []string
+	for _, k := range keys {
+		mark := ""
+		if slices.Contains(is.TransitiveTagKeys, k) {
+			mark = "*"
+		}
+		parts = append(parts, k+mark+"="+is.Tags[k])
+	}
+	return strings.Join(parts, ",")
 }
 
 type statusRecorder struct {
