@@ -17,6 +17,8 @@ const (
 	BinEnv = "IMDSPROXY_BIN"
 	// AEMMEnv names the amazon-ec2-metadata-mock binary (AEMMBinary).
 	AEMMEnv = "AEMM_BIN"
+	// IssuerBinEnv names the imdsproxy-issuer binary (IssuerBinary).
+	IssuerBinEnv = "IMDSPROXY_ISSUER_BIN"
 )
 
 // RoleARN and RoleName are the role the harnesses' daemons serve by default
@@ -47,54 +49,70 @@ var repoRoot = sync.OnceValues(func() (string, error) {
 // directory up (go test runs a test binary in its package's directory).
 func RepoRoot() (string, error) { return repoRoot() }
 
+// built is one binary found or built once per process.
+type built struct {
+	once sync.Once
+	path string
+	err  error
+	tmp  string // temporary build directory, removed by Cleanup
+}
+
 var (
-	binOnce sync.Once
-	binPath string
-	binErr  error
-	binTmp  string // temporary build directory, removed by Cleanup
+	daemonBin built
+	issuerBin built
 )
+
+// find returns $env (which must exist), else <repo>/bin/name, else a
+// binary built now with `go build ./cmd/name` into a temporary directory
+// that Cleanup removes. It decides once per process.
+func (b *built) find(env, name string) (string, error) {
+	b.once.Do(func() {
+		if p := os.Getenv(env); p != "" {
+			if _, err := os.Stat(p); err != nil {
+				b.err = fmt.Errorf("%s=%s: %w", env, p, err)
+			}
+			b.path = p
+			return
+		}
+		root, err := RepoRoot()
+		if err != nil {
+			b.err = err
+			return
+		}
+		p := filepath.Join(root, "bin", name)
+		if _, err := os.Stat(p); err == nil {
+			b.path = p
+			return
+		}
+		dir, err := os.MkdirTemp("", name+"-e2e-bin-")
+		if err != nil {
+			b.err = err
+			return
+		}
+		b.tmp = dir
+		p = filepath.Join(dir, name)
+		cmd := exec.Command("go", "build", "-o", p, "./cmd/"+name)
+		cmd.Dir = root
+		out, err := cmd.CombinedOutput()
+		if err != nil {
+			b.err = fmt.Errorf("bin/%s is missing and `go build ./cmd/%s` failed: %v\n%s", name, name, err, out)
+			return
+		}
+		b.path = p
+	})
+	return b.path, b.err
+}
 
 // DaemonBinary returns the imdsproxy binary: $IMDSPROXY_BIN (which must
 // exist), else <repo>/bin/imdsproxy, else one built now with `go build
 // ./cmd/imdsproxy` into a temporary directory that Cleanup removes. It
 // decides once per process; safe for concurrent use.
-func DaemonBinary() (string, error) {
-	binOnce.Do(func() {
-		if p := os.Getenv(BinEnv); p != "" {
-			if _, err := os.Stat(p); err != nil {
-				binErr = fmt.Errorf("%s=%s: %w", BinEnv, p, err)
-			}
-			binPath = p
-			return
-		}
-		root, err := RepoRoot()
-		if err != nil {
-			binErr = err
-			return
-		}
-		p := filepath.Join(root, "bin", "imdsproxy")
-		if _, err := os.Stat(p); err == nil {
-			binPath = p
-			return
-		}
-		dir, err := os.MkdirTemp("", "imdsproxy-e2e-bin-")
-		if err != nil {
-			binErr = err
-			return
-		}
-		binTmp = dir
-		p = filepath.Join(dir, "imdsproxy")
-		cmd := exec.Command("go", "build", "-o", p, "./cmd/imdsproxy")
-		cmd.Dir = root
-		out, err := cmd.CombinedOutput()
-		if err != nil {
-			binErr = fmt.Errorf("bin/imdsproxy is missing and `go build ./cmd/imdsproxy` failed: %v\n%s", err, out)
-			return
-		}
-		binPath = p
-	})
-	return binPath, binErr
-}
+func DaemonBinary() (string, error) { return daemonBin.find(BinEnv, "imdsproxy") }
+
+// IssuerBinary returns the imdsproxy-issuer binary the same way:
+// $IMDSPROXY_ISSUER_BIN, else <repo>/bin/imdsproxy-issuer (`make build`
+// builds both), else one built now.
+func IssuerBinary() (string, error) { return issuerBin.find(IssuerBinEnv, "imdsproxy-issuer") }
 
 // AEMMBinary returns $AEMM_BIN, else <repo>/bin/tools/ec2-metadata-mock
 // (where `make tools` installs amazon-ec2-metadata-mock). It does not check
@@ -108,7 +126,8 @@ func AEMMBinary() string {
 }
 
 // Cleanup stops the shared upstream IMDS (SharedUpstream) and removes the
-// daemon binary DaemonBinary built, if any. TestMain calls it after m.Run.
+// binaries DaemonBinary and IssuerBinary built, if any. TestMain calls it
+// after m.Run.
 func Cleanup() {
 	upMu.Lock()
 	up := upstream
@@ -116,8 +135,10 @@ func Cleanup() {
 	if up != nil {
 		up.Stop()
 	}
-	if binTmp != "" {
-		os.RemoveAll(binTmp)
+	for _, b := range []*built{&daemonBin, &issuerBin} {
+		if b.tmp != "" {
+			os.RemoveAll(b.tmp)
+		}
 	}
 }
 
