@@ -95,6 +95,7 @@ type envOptions struct {
 	expiryMargin   time.Duration // default 2s
 	fetchTimeout   time.Duration // cache.fetch_timeout; 0: the daemon's default (30s)
 	tokens         string        // imds.tokens; default "required"
+	imds           string        // more of the imds: flow mapping, e.g. "passthrough: {deny: [user-data]}"
 	noWaitReady    bool          // wait for /healthz only, not /readyz
 
 	// identityYAML, when set, renders the role:, source:, identity: and any
@@ -112,6 +113,10 @@ type envOptions struct {
 	// daemon's log, /debug/cache or /metrics (keys issued by another
 	// source's fake, private keys, …).
 	extraSecrets func() map[string]string
+	// sts, when set, is the fake STS the daemon uses instead of one
+	// trusting the harness's fake issuer (one that verifies a real
+	// imdsproxy-issuer's tokens, say). The options above still apply to it.
+	sts *sts.Server
 }
 
 type daemonEnv struct {
@@ -160,6 +165,9 @@ func startDaemon(t *testing.T, opts envOptions) *daemonEnv {
 	e.upstream = sharedUpstream(t)
 	fakes := e2e.StartFakes(t, sts.Config{RoleARN: e2e.RoleARN})
 	e.issuer, e.sts = fakes.Issuer, fakes.STS
+	if opts.sts != nil {
+		e.sts = opts.sts
+	}
 	e.sts.SetSessionLength(opts.sessionLength)
 	e.sts.SetDelay(opts.stsDelay)
 	e.sts.SetMode(opts.stsMode)
@@ -233,7 +241,7 @@ func (e *daemonEnv) config() string {
 	return e2e.Config{
 		Port: e.imdsPort, AdminPort: e.adminPort,
 		Upstream: e.upstreamBase(), UpstreamTimeout: 2 * time.Second,
-		Tokens: e.opts.tokens, Cache: cache, Identity: identity,
+		Tokens: e.opts.tokens, IMDS: e.opts.imds, Cache: cache, Identity: identity,
 	}.YAML()
 }
 

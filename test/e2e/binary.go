@@ -114,6 +114,50 @@ func DaemonBinary() (string, error) { return daemonBin.find(BinEnv, "imdsproxy")
 // builds both), else one built now.
 func IssuerBinary() (string, error) { return issuerBin.find(IssuerBinEnv, "imdsproxy-issuer") }
 
+var (
+	toolsMu sync.Mutex
+	tools   = map[string]*built{}
+)
+
+// Tool returns a binary of the main package pkg (a path relative to the
+// repository, such as ./test/fakes/cmd/imdsclient), built once per process
+// into a temporary directory that Cleanup removes. The directory and the
+// binary are readable and executable by every uid, so that a test may run
+// it as another user. Safe for concurrent use.
+func Tool(pkg string) (string, error) {
+	toolsMu.Lock()
+	b, ok := tools[pkg]
+	if !ok {
+		b = &built{}
+		tools[pkg] = b
+	}
+	toolsMu.Unlock()
+	b.once.Do(func() {
+		root, err := RepoRoot()
+		if err != nil {
+			b.err = err
+			return
+		}
+		if b.tmp, err = os.MkdirTemp("", "imdsproxy-e2e-tool-"); err != nil {
+			b.err = err
+			return
+		}
+		if err := os.Chmod(b.tmp, 0o755); err != nil {
+			b.err = err
+			return
+		}
+		p := filepath.Join(b.tmp, filepath.Base(pkg))
+		cmd := exec.Command("go", "build", "-o", p, pkg)
+		cmd.Dir = root
+		if out, err := cmd.CombinedOutput(); err != nil {
+			b.err = fmt.Errorf("go build %s: %v\n%s", pkg, err, out)
+			return
+		}
+		b.path = p
+	})
+	return b.path, b.err
+}
+
 // AEMMBinary returns $AEMM_BIN, else <repo>/bin/tools/ec2-metadata-mock
 // (where `make tools` installs amazon-ec2-metadata-mock). It does not check
 // that the file exists.
@@ -126,7 +170,7 @@ func AEMMBinary() string {
 }
 
 // Cleanup stops the shared upstream IMDS (SharedUpstream) and removes the
-// binaries DaemonBinary and IssuerBinary built, if any. TestMain calls it
+// binaries DaemonBinary, IssuerBinary and Tool built, if any. TestMain calls it
 // after m.Run.
 func Cleanup() {
 	upMu.Lock()
@@ -135,7 +179,13 @@ func Cleanup() {
 	if up != nil {
 		up.Stop()
 	}
-	for _, b := range []*built{&daemonBin, &issuerBin} {
+	toolsMu.Lock()
+	all := []*built{&daemonBin, &issuerBin}
+	for _, b := range tools {
+		all = append(all, b)
+	}
+	toolsMu.Unlock()
+	for _, b := range all {
 		if b.tmp != "" {
 			os.RemoveAll(b.tmp)
 		}

@@ -1,7 +1,8 @@
 // Command imdsclient is the IMDS client the interception end-to-end tests
 // run inside network namespaces (where the test process cannot dial).
 //
-//	imdsclient creds                  the Go SDK's default credential chain; prints {"AccessKeyId": …}
+//	imdsclient creds                  the Go SDK's default credential chain; prints {"AccessKeyId": …,
+//	                                  "SecretDigest": hex SHA-256 of secret key, NUL, session token}
 //	imdsclient get  [-base URL] PATH  IMDSv2: PUT a token, GET PATH; prints the body
 //	imdsclient load [-base URL] -n 4 -duration 5s
 //	                                  n goroutines repeating PUT token, GET
@@ -25,6 +26,8 @@ package main
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"flag"
@@ -74,7 +77,11 @@ func creds() error {
 	if err != nil {
 		return err
 	}
-	return json.NewEncoder(os.Stdout).Encode(map[string]string{"AccessKeyId": c.AccessKeyID, "Source": c.Source})
+	// The digest lets a test compare the secret and the session token with
+	// what STS issued without either being printed.
+	sum := sha256.Sum256([]byte(c.SecretAccessKey + "\x00" + c.SessionToken))
+	return json.NewEncoder(os.Stdout).Encode(map[string]string{"AccessKeyId": c.AccessKeyID, "Source": c.Source,
+		"SecretDigest": hex.EncodeToString(sum[:])})
 }
 
 func get(args []string) error {
