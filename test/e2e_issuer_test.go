@@ -289,30 +289,42 @@ func requireAEMMBinary(t *testing.T) {
 }
 
 // issuerToken asks the issuer directly for a token for workload ("": the
-// default subject), attesting with the stand-in's signed document, as a
-// process holding a copy of it could. It returns the status and the token
-// or the error body.
+// default subject), attesting with a signed document, as a process holding
+// a copy of the stand-in's could. It returns the status and the token or
+// the error body.
 func (c *chain) issuerToken(t *testing.T, doc, pkcs7, workload string) (int, string) {
 	t.Helper()
+	st, body, err := postToken(c.iss.url, doc, pkcs7, workload)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return st, body
+}
+
+// postToken is issuerToken for any goroutine: errors are returned.
+func postToken(issuerURL, doc, pkcs7, workload string) (int, string, error) {
 	req := map[string]string{"document": doc, "pkcs7": strings.Join(strings.Fields(pkcs7), "")}
 	if workload != "" {
 		req["workload"] = workload
 	}
 	b, _ := json.Marshal(req)
-	resp, err := e2e.Client.Post(c.iss.url+"/v1/token", "application/json", bytes.NewReader(b))
+	resp, err := e2e.Client.Post(issuerURL+"/v1/token", "application/json", bytes.NewReader(b))
 	if err != nil {
-		t.Fatal(err)
+		return 0, "", err
 	}
 	defer resp.Body.Close()
-	body, _ := io.ReadAll(resp.Body)
+	body, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return 0, "", err
+	}
 	if resp.StatusCode != http.StatusOK {
-		return resp.StatusCode, string(body)
+		return resp.StatusCode, string(body), nil
 	}
 	var out struct{ Token string }
 	if err := json.Unmarshal(body, &out); err != nil || out.Token == "" {
-		t.Fatalf("issuer answered 200 without a token")
+		return 0, "", errors.New("issuer answered 200 without a token")
 	}
-	return resp.StatusCode, out.Token
+	return resp.StatusCode, out.Token, nil
 }
 
 // jwksKids lists the kids of the issuer's JWKS, in order.
