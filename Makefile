@@ -30,10 +30,13 @@ $(AEMM):
 
 tools: $(AEMM) $(FAKESTS)
 
-# demo: the daemon, a fake STS + OIDC issuer and the IMDS stand-in, all on
-# loopback; the AWS CLI gets credentials through it, then it prints what to
-# type. Ctrl-C stops everything. test-deps installs the AWS CLI when missing.
-demo: build tools test-deps
+# demo: the whole chain on loopback: a stand-in EC2 instance, imdsproxy-issuer,
+# the daemon with a workload, a fake STS verifying the issuer's tokens; the
+# AWS CLI gets credentials through it, then it prints what to type. Ctrl-C
+# stops everything and keeps the logs. demo-deps.sh installs only what the
+# demo needs (awscli, curl, openssl), and says so first.
+demo: build tools
+	./scripts/demo-deps.sh
 	./scripts/demo.sh
 
 # test-deps installs the real SDK clients the end-to-end tests drive:

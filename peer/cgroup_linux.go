@@ -350,3 +350,24 @@ func (w *cgroupWatcher) incomplete(msg string, err error, rel string) {
 	}
 	w.complete = false
 }
+
+// current reports whether the cgroup id is still the directory rel, with
+// one stat of it: the watcher learns of a removal a moment after rmdir
+// (when it reads the event), and in that moment the map still holds the
+// id. A cgroup found gone here is recorded as removed at once, so no
+// lookup after rmdir returns returns the removed cgroup's unit.
+func (m *cgroupMap) current(id uint64, rel string) bool {
+	var st unix.Stat_t
+	if err := unix.Stat(m.mount+rel, &st); err != nil {
+		if errors.Is(err, unix.ENOENT) || errors.Is(err, unix.ENOTDIR) {
+			m.remove(id)
+			return false
+		}
+		return true // cannot tell (EACCES, say): the watcher's word stands
+	}
+	if st.Ino == id || is32bit && st.Ino&0xffffffff == id&0xffffffff {
+		return true
+	}
+	m.remove(id) // the path was made again: another cgroup, another id
+	return false
+}

@@ -365,3 +365,48 @@ func TestCgroupIDIsInode(t *testing.T) {
 		}
 	}
 }
+
+// TestCgroupCurrent: a mapped cgroup whose directory is gone, or was made
+// again (another inode, another cgroup), is not current and is recorded as
+// removed at once, before the watcher reads the event.
+func TestCgroupCurrent(t *testing.T) {
+	root := t.TempDir()
+	dir := filepath.Join(root, "a.scope")
+	ino := func() uint64 {
+		var st unix.Stat_t
+		if err := unix.Stat(dir, &st); err != nil {
+			t.Fatal(err)
+		}
+		return st.Ino
+	}
+	if err := os.Mkdir(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	m := newCgroupMap(root, "/")
+	id := ino()
+	m.set(id, "/a.scope")
+	if !m.current(id, "/a.scope") {
+		t.Fatal("an existing cgroup is not current")
+	}
+	if err := os.Remove(dir); err != nil {
+		t.Fatal(err)
+	}
+	if m.current(id, "/a.scope") {
+		t.Error("a removed cgroup is current")
+	}
+	if _, st, _, _ := m.state(id); st != cgroupGone {
+		t.Errorf("state after the check = %v, want gone", st)
+	}
+	// The same path made again: on cgroup2 a new id; on this test's file
+	// system maybe the same inode, which proves nothing, so only checked
+	// when it differs.
+	if err := os.Mkdir(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if again := ino(); again != id {
+		m.set(id, "/a.scope") // as if the watcher had not read the removal
+		if m.current(id, "/a.scope") {
+			t.Error("a cgroup made again at the same path is current under the old id")
+		}
+	}
+}

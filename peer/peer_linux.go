@@ -62,7 +62,7 @@ func (r *Resolver) lookup(ctx context.Context, local, remote *net.TCPAddr) (Info
 	}
 	// The socket's cgroup, as the kernel recorded it at creation.
 	cg, ok := r.cgroups.lookup(ctx, d.cgroupID, r.missWait)
-	if !ok {
+	if !ok || !r.cgroups.current(d.cgroupID, cg.rel) {
 		info.UnitUnknown = true
 		return info, nil
 	}

@@ -18,6 +18,9 @@ type Config struct {
 	UpstreamTimeout time.Duration
 	// Tokens is imds.tokens; "" is required.
 	Tokens string
+	// IMDS is more of the inside of the flow mapping of imds: (such as
+	// "passthrough: {deny: [user-data]}"); "" adds nothing.
+	IMDS string
 	// Cache is the inside of the flow mapping of cache: (such as
 	// "backoff_initial: 1s"); "" leaves out the section.
 	Cache string
@@ -38,7 +41,11 @@ func (c Config) YAML() string {
 	if c.UpstreamTimeout > 0 {
 		s += fmt.Sprintf("upstream_timeout: %s\n", c.UpstreamTimeout)
 	}
-	s += fmt.Sprintf("imds: {tokens: %s, hop_limit: 1}\n", tokens)
+	imds := fmt.Sprintf("tokens: %s, hop_limit: 1", tokens)
+	if c.IMDS != "" {
+		imds += ", " + c.IMDS
+	}
+	s += "imds: {" + imds + "}\n"
 	if c.Cache != "" {
 		s += "cache: {" + c.Cache + "}\n"
 	}
