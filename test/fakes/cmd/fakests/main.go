@@ -25,8 +25,10 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
+	"encoding/xml"
 	"errors"
 	"flag"
 	"fmt"
@@ -298,45 +300,35 @@ func makeInstance(fake *sts.Server, o options, logger *log.Logger) error {
 
 // logCalls serves fake and logs one line per call: the action, the role,
 // session and token subject, key id and tags, and the outcome. Never a
-// secret.
+// secret. What a call did is read from its own request and answer, so that
+// concurrent calls are told apart.
 func logCalls(fake *sts.Server, logger *log.Logger) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		before := fake.Calls()
 		rec := &statusRecorder{ResponseWriter: w, status: 200}
 		fake.Handler().ServeHTTP(rec, r)
-		calls := fake.CallLog()
-		if len(calls) == before {
-			logger.Printf("sts: %s %s -> %d (not an action the fake implements)", r.Method, r.URL.Path, rec.status)
-			return
+		action := r.Form.Get("Action") // the fake parsed the form of r
+		var answer struct {
+			AccessKeyID string `xml:"AssumeRoleWithWebIdentityResult>Credentials>AccessKeyId"`
+			AssumedKey  string `xml:"AssumeRoleResult>Credentials>AccessKeyId"`
+			CallerARN   string `xml:"GetCallerIdentityResult>Arn"`
+			Code        string `xml:"Error>Code"`
 		}
-		c := calls[len(calls)-1]
+		_ = xml.Unmarshal(rec.body.Bytes(), &answer)
+		key := answer.AccessKeyID + answer.AssumedKey
 		switch {
-		case c.Action == sts.ActionGetCallerIdentity && c.Code == "":
-			is, _ := fake.Find(c.AccessKeyID)
-			logger.Printf("sts: GetCallerIdentity access_key_id=%s -> %d %s", c.AccessKeyID, rec.status, is.AssumedRoleARN)
-		case c.Action == sts.ActionGetCallerIdentity:
-			logger.Printf("sts: GetCallerIdentity access_key_id=%s -> %d %s", c.AccessKeyID, rec.status, c.Code)
-		case c.Code == "":
-			is, _ := lastFor(fake, c)
+		case answer.Code != "" || rec.status != http.StatusOK:
+			logger.Printf("sts: %s role=%s session=%s -> %d %s", action, r.Form.Get("RoleArn"), r.Form.Get("RoleSessionName"), rec.status, answer.Code)
+		case action == sts.ActionGetCallerIdentity:
+			logger.Printf("sts: GetCallerIdentity -> %d %s", rec.status, answer.CallerARN)
+		case key != "":
+			is, _ := fake.Find(key)
 			logger.Printf("sts: %s role=%s session=%s duration=%d sub=%s kid=%s alg=%s tags=%s -> %d access_key_id=%s expires=%s",
-				c.Action, c.RoleARN, c.RoleSessionName, c.DurationSeconds, is.Subject, is.TokenKID, is.TokenAlg, tagList(is),
+				action, is.RoleARN, is.RoleSessionName, is.DurationSeconds, is.Subject, is.TokenKID, is.TokenAlg, tagList(is),
 				rec.status, is.AccessKeyID, is.Expiration.Format(time.RFC3339))
 		default:
-			logger.Printf("sts: %s role=%s session=%s duration=%d -> %d %s",
-				c.Action, c.RoleARN, c.RoleSessionName, c.DurationSeconds, rec.status, c.Code)
+			logger.Printf("sts: %s %s -> %d", r.Method, r.URL.Path, rec.status)
 		}
 	})
-}
-
-// lastFor is the most recent issue of c's role and session.
-func lastFor(fake *sts.Server, c sts.Call) (sts.Issued, bool) {
-	all := fake.Issued()
-	for i := len(all) - 1; i >= 0; i-- {
-		if all[i].RoleARN == c.RoleARN && all[i].RoleSessionName == c.RoleSessionName && all[i].Action == c.Action {
-			return all[i], true
-		}
-	}
-	return sts.Issued{}, false
 }
 
 // tagList is "k=v,k2=v2" of the session tags, transitive ones marked *.
@@ -360,12 +352,22 @@ func tagList(is sts.Issued) string {
 	return strings.Join(parts, ",")
 }
 
+// statusRecorder keeps the status and at most 64 KiB of the body of an
+// answer it passes on.
 type statusRecorder struct {
 	http.ResponseWriter
 	status int
+	body   bytes.Buffer
 }
 
 func (r *statusRecorder) WriteHeader(code int) {
 	r.status = code
 	r.ResponseWriter.WriteHeader(code)
+}
+
+func (r *statusRecorder) Write(b []byte) (int, error) {
+	if room := 64<<10 - r.body.Len(); room > 0 {
+		r.body.Write(b[:min(len(b), room)])
+	}
+	return r.ResponseWriter.Write(b)
 }
