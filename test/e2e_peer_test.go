@@ -151,7 +151,10 @@ func TestPeerIdentityIntercepted(t *testing.T) {
 		}
 	})
 	t.Run("another uid through the redirect is refused credentials, not metadata", func(t *testing.T) {
-		for _, p := range []string{credPath, "/latest/meta-data/iam/security-credentials/", "/latest/meta-data/iam/info"} {
+		// The identity document too: imds.passthrough (identity: auto)
+		// refuses it through interception as on the listener.
+		for _, p := range []string{credPath, "/latest/meta-data/iam/security-credentials/", "/latest/meta-data/iam/info",
+			"/latest/dynamic/instance-identity/document"} {
 			_, _, err := run(t, pdOtherUID, nil, "", p)
 			forbidden(t, "uid 4343 "+p, err)
 		}
