@@ -93,7 +93,6 @@ func newResolver(opts Options, env resolverEnv) (*Resolver, error) {
 	if log == nil {
 		log = zap.NewNop()
 	}
-	log = log.Named("peer")
 	r := &Resolver{missWait: opts.MissWait, proc: env.proc, fs: env.fs, allFDs: env.allFDs, euid: env.euid}
 	if r.missWait == 0 {
 		r.missWait = DefaultMissWait
