@@ -213,6 +213,7 @@ func startHelper(t *testing.T) (*exec.Cmd, io.WriteCloser, net.Conn) {
 	defer ln.Close()
 	cmd := exec.Command(ownExe(t), "-test.run=^$")
 	cmd.Env = append(os.Environ(), helperEnv+"="+ln.Addr().String())
+	isolate(t, cmd)
 	stdin, err := cmd.StdinPipe()
 	if err != nil {
 		t.Fatal(err)
@@ -237,7 +238,8 @@ func startHelper(t *testing.T) (*exec.Cmd, io.WriteCloser, net.Conn) {
 }
 
 // TestLookupChild checks pid and exe of another process: the test binary
-// re-executed as a client, the newest process of this test's cgroup.
+// re-executed as a client, in a cgroup of its own where the test may make
+// one (else the newest process of this test's cgroup).
 func TestLookupChild(t *testing.T) {
 	skipIfUnsupported(t)
 	bothModes(t, func(t *testing.T, r *Resolver) {
