@@ -58,8 +58,8 @@ test: test-deps build lint
 	IMDSPROXY_BIN=$(CURDIR)/$(BIN) AEMM_BIN=$(AEMM) $(GO) test -race -count=1 -timeout 20m ./...
 	IMDSPROXY_CLOCK_STEP=1 IMDSPROXY_BIN=$(CURDIR)/$(BIN) AEMM_BIN=$(AEMM) $(GO) test -race -count=1 -timeout 5m -run '^TestClockStepReal$$' ./test/
 
-# lint also checks and unit-tests the Prometheus rules (docs/metrics.md,
-# "Alerts") with promtool, from Debian's prometheus package (test-deps).
+# lint also checks and unit-tests the Prometheus rules (docs/metrics.md and
+# docs/issuer.md, "Alerts") with promtool, from Debian's prometheus package (test-deps).
 lint:
 	@unformatted=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
 	if [ -n "$$unformatted" ]; then echo "gofmt would change: $$unformatted"; exit 1; fi
@@ -68,8 +68,8 @@ lint:
 		echo "lint: promtool is not installed: the Prometheus rules cannot be checked." >&2; \
 		echo "lint: run 'make test-deps' (as root it installs Debian's prometheus package, which ships promtool)." >&2; \
 		exit 1; }
-	promtool check rules deploy/prometheus/imdsproxy.rules.yaml
-	promtool test rules deploy/prometheus/imdsproxy.rules.test.yaml
+	promtool check rules deploy/prometheus/imdsproxy.rules.yaml deploy/prometheus/imdsproxy-issuer.rules.yaml
+	promtool test rules deploy/prometheus/imdsproxy.rules.test.yaml deploy/prometheus/imdsproxy-issuer.rules.test.yaml
 
 # fuzz runs every fuzz target for FUZZTIME each (seed corpora run in make test).
 fuzz:
@@ -93,7 +93,7 @@ bench: build tools
 # install: binary, systemd units (ExecStart rewritten to $(PREFIX)/bin),
 # sysusers and tmpfiles snippets and the example config. See docs/deploy.md.
 # Also the Prometheus rules, for the Prometheus that scrapes the daemons
-# (docs/metrics.md, "Alerts").
+# (docs/metrics.md, "Alerts") and the issuer (docs/issuer.md, "Alerts").
 SYSTEMDDIR ?= /etc/systemd/system
 SYSUSERSDIR ?= /usr/lib/sysusers.d
 TMPFILESDIR ?= /usr/lib/tmpfiles.d
@@ -111,12 +111,13 @@ install: build
 	install -D -m 0644 systemd/imdsproxy.tmpfiles $(DESTDIR)$(TMPFILESDIR)/imdsproxy.conf
 	install -D -m 0644 systemd/config.example.yaml $(DESTDIR)/etc/imdsproxy/config.example.yaml
 	install -D -m 0644 deploy/prometheus/imdsproxy.rules.yaml $(DESTDIR)/usr/share/imdsproxy/prometheus/imdsproxy.rules.yaml
+	install -D -m 0644 deploy/prometheus/imdsproxy-issuer.rules.yaml $(DESTDIR)/usr/share/imdsproxy/prometheus/imdsproxy-issuer.rules.yaml
 
 uninstall:
 	rm -f $(DESTDIR)$(PREFIX)/bin/imdsproxy $(DESTDIR)$(PREFIX)/bin/imdsproxy-issuer $(DESTDIR)/etc/imdsproxy/config.example.yaml
 	rm -f $(addprefix $(DESTDIR)$(SYSTEMDDIR)/,$(UNITS))
 	rm -f $(DESTDIR)$(SYSUSERSDIR)/imdsproxy.conf $(DESTDIR)$(TMPFILESDIR)/imdsproxy.conf
-	rm -f $(DESTDIR)/usr/share/imdsproxy/prometheus/imdsproxy.rules.yaml
+	rm -f $(DESTDIR)/usr/share/imdsproxy/prometheus/imdsproxy.rules.yaml $(DESTDIR)/usr/share/imdsproxy/prometheus/imdsproxy-issuer.rules.yaml
 	rmdir $(DESTDIR)/usr/share/imdsproxy/prometheus $(DESTDIR)/usr/share/imdsproxy 2>/dev/null || true
 
 clean:

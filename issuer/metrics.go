@@ -21,11 +21,14 @@ type metrics struct {
 	reloadTime  prometheus.Gauge
 	keys        prometheus.Gauge
 	limiterSize prometheus.GaugeFunc
+	ready       prometheus.GaugeFunc
 }
 
 var methodsLabel = []string{MethodIID, MethodIAM, "unknown"}
 
-func newMetrics(reg prometheus.Registerer, lim *limiter) (*metrics, error) {
+// newMetrics registers the issuer's metrics with reg; ready reports what
+// /readyz answers, at scrape time.
+func newMetrics(reg prometheus.Registerer, lim *limiter, ready func() bool) (*metrics, error) {
 	m := &metrics{
 		minted: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "imdsproxy_issuer_tokens_minted_total",
@@ -74,8 +77,17 @@ func newMetrics(reg prometheus.Registerer, lim *limiter) (*metrics, error) {
 		Name: "imdsproxy_issuer_rate_limiter_hosts",
 		Help: "Hosts the per-host rate limiter currently tracks.",
 	}, func() float64 { return float64(lim.Len()) })
+	m.ready = prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name: "imdsproxy_issuer_ready",
+		Help: "1 while /readyz answers 200, 0 while it answers 503 (draining, or the signing key fails); computed at scrape time.",
+	}, func() float64 {
+		if ready() {
+			return 1
+		}
+		return 0
+	})
 	for _, c := range []prometheus.Collector{m.minted, m.failures, m.duration, m.signing, m.signErrors,
-		m.ec2Lookups, m.stsCalls, m.reloadOK, m.reloadTime, m.keys, m.limiterSize} {
+		m.ec2Lookups, m.stsCalls, m.reloadOK, m.reloadTime, m.keys, m.limiterSize, m.ready} {
 		if err := reg.Register(c); err != nil {
 			return nil, fmt.Errorf("issuer: register metrics: %w", err)
 		}
@@ -85,6 +97,15 @@ func newMetrics(reg prometheus.Registerer, lim *limiter) (*metrics, error) {
 			m.failures.WithLabelValues(meth, r)
 		}
 	}
+	// Every method and result, so that the first requests after a start
+	// count in rates (a request rate of 0 beside a refusal rate of 20/s
+	// would make a ratio of +Inf). A request whose method is unknown is
+	// never minted.
+	for _, meth := range []string{MethodIID, MethodIAM} {
+		m.duration.WithLabelValues(meth, "ok")
+		m.duration.WithLabelValues(meth, "refused")
+	}
+	m.duration.WithLabelValues("unknown", "refused")
 	for _, s := range []string{sourceFile, sourceKMS} {
 		m.signErrors.WithLabelValues(s)
 	}

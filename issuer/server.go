@@ -130,7 +130,13 @@ func New(ctx context.Context, cfg *Config, opts Options) (*Server, error) {
 			CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
 	}
 	s := &Server{opts: opts, log: opts.Log, now: opts.Now, limiter: newLimiter(cfg.RateLimit)}
-	m, err := newMetrics(opts.Registerer, s.limiter)
+	m, err := newMetrics(opts.Registerer, s.limiter, func() bool {
+		if s.state.Load() == nil {
+			return false // New failed: nothing is served
+		}
+		ok, _ := s.Ready()
+		return ok
+	})
 	if err != nil {
 		return nil, err
 	}

@@ -363,10 +363,19 @@ func TestMetricsLint(t *testing.T) {
 	}
 	status, body := e.get("/metrics")
 	for _, name := range []string{"imdsproxy_issuer_tokens_minted_total", "imdsproxy_issuer_attestation_failures_total",
-		"imdsproxy_issuer_token_request_duration_seconds", "imdsproxy_issuer_config_last_reload_successful"} {
+		"imdsproxy_issuer_token_request_duration_seconds", "imdsproxy_issuer_config_last_reload_successful",
+		"imdsproxy_issuer_ready 1"} {
 		if status != 200 || !bytes.Contains(body, []byte(name)) {
 			t.Fatalf("/metrics lacks %s", name)
 		}
+	}
+	// imdsproxy_issuer_ready follows /readyz.
+	e.srv.Drain()
+	if st, _ := e.get("/readyz"); st != http.StatusServiceUnavailable {
+		t.Fatalf("readyz while draining = %d", st)
+	}
+	if _, body := e.get("/metrics"); !bytes.Contains(body, []byte("imdsproxy_issuer_ready 0")) {
+		t.Fatalf("/metrics while draining lacks imdsproxy_issuer_ready 0")
 	}
 }
 

@@ -220,7 +220,15 @@ func TestDaemonMetricsLintAndAdmin(t *testing.T) {
 // documentedMetrics lists every metric name docs/metrics.md documents.
 func documentedMetrics(t *testing.T) []string {
 	t.Helper()
-	data, err := os.ReadFile("../../docs/metrics.md")
+	return documentedMetricsIn(t, "docs/metrics.md")
+}
+
+// documentedMetricsIn lists every metric name the tables of doc (a path
+// relative to the repository root) document: the rows starting with
+// | `imdsproxy_.
+func documentedMetricsIn(t *testing.T, doc string) []string {
+	t.Helper()
+	data, err := os.ReadFile("../../" + doc)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -237,7 +245,7 @@ func documentedMetrics(t *testing.T) []string {
 		names = append(names, name)
 	}
 	if len(names) < 10 {
-		t.Fatalf("docs/metrics.md documents only %d metrics", len(names))
+		t.Fatalf("%s documents only %d metrics", doc, len(names))
 	}
 	return names
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"os"
 	"os/exec"
+	"path"
 	"regexp"
 	"slices"
 	"strings"
@@ -13,12 +14,41 @@ import (
 	"go.yaml.in/yaml/v3"
 )
 
-// The Prometheus rules shipped for the daemon (docs/metrics.md, "Alerts"),
-// relative to the repository root, and their promtool unit tests.
-const (
-	rulesFile     = "deploy/prometheus/imdsproxy.rules.yaml"
-	rulesTestFile = "deploy/prometheus/imdsproxy.rules.test.yaml"
-)
+// ruleSet is a Prometheus rules file shipped under deploy/prometheus, its
+// promtool unit tests and the page that documents the metrics it reads and
+// holds a runbook section ("### <alert>") per alert; paths are relative to
+// the repository root.
+type ruleSet struct {
+	rules, tests, doc string
+	// signals are the metrics the alerts are built on: a rules file that
+	// lost one (or a parser that finds nothing) fails.
+	signals []string
+}
+
+// ruleSets are the daemon's rules (docs/metrics.md, "Alerts") and the
+// issuer's (docs/issuer.md, "Alerts").
+var ruleSets = []ruleSet{
+	{
+		rules: "deploy/prometheus/imdsproxy.rules.yaml", tests: "deploy/prometheus/imdsproxy.rules.test.yaml", doc: "docs/metrics.md",
+		signals: []string{
+			"imdsproxy_cache_credentials_remaining_seconds", "imdsproxy_cache_consecutive_failures",
+			"imdsproxy_cache_refreshes_total", "imdsproxy_ready", "imdsproxy_access_refused_total", "imdsproxy_passthrough_refused_total",
+			"imdsproxy_config_last_reload_successful", "imdsproxy_config_restart_required",
+			"imdsproxy_intercept_rules_present", "imdsproxy_intercept_repairs_total",
+			"imdsproxy_rollout_policy_last_success_timestamp_seconds", "imdsproxy_rollout_policy_last_load_successful",
+			"imdsproxy_rollout_policy_refused_total", "imdsproxy_rollout_enabled",
+			"imdsproxy_rollout_shadow_verifications_total", "imdsproxy_rollout_fallbacks_total",
+			"imdsproxy_log_write_errors_total", "imdsproxy_cache_clock_steps_total",
+		},
+	},
+	{
+		rules: "deploy/prometheus/imdsproxy-issuer.rules.yaml", tests: "deploy/prometheus/imdsproxy-issuer.rules.test.yaml", doc: "docs/issuer.md",
+		signals: []string{
+			"imdsproxy_issuer_ready", "imdsproxy_issuer_attestation_failures_total",
+			"imdsproxy_issuer_token_request_duration_seconds", "imdsproxy_issuer_config_last_reload_successful",
+		},
+	},
+}
 
 // promRuleFile is the part of a Prometheus rule file the tests read.
 type promRuleFile struct {
@@ -63,7 +93,7 @@ func readYAML(t *testing.T, path string, v any) {
 }
 
 // TestRulesPromtool runs `promtool check rules` and `promtool test rules` on
-// the shipped rules, as `make lint` does: every alert must fire on its
+// every shipped rules file, as `make lint` does: every alert must fire on its
 // synthetic series after its `for:`, with the exact labels and annotations
 // expected, and stay silent on the near misses. promtool comes with Debian's
 // prometheus package (`make test-deps`); without it the test fails, unless
@@ -77,14 +107,16 @@ func TestRulesPromtool(t *testing.T) {
 		}
 		t.Fatal(msg + " (set IMDSPROXY_E2E_ALLOW_MISSING=1 to skip)")
 	}
-	for _, args := range [][]string{{"check", "rules", rulesFile}, {"test", "rules", rulesTestFile}} {
-		ctx, cancel := context.WithTimeout(t.Context(), 2*time.Minute)
-		cmd := exec.CommandContext(ctx, promtool, args...)
-		cmd.Dir = "../.."
-		out, err := cmd.CombinedOutput()
-		cancel()
-		if err != nil {
-			t.Fatalf("promtool %s: %v\n%s", strings.Join(args, " "), err, out)
+	for _, rs := range ruleSets {
+		for _, args := range [][]string{{"check", "rules", rs.rules}, {"test", "rules", rs.tests}} {
+			ctx, cancel := context.WithTimeout(t.Context(), 2*time.Minute)
+			cmd := exec.CommandContext(ctx, promtool, args...)
+			cmd.Dir = "../.."
+			out, err := cmd.CombinedOutput()
+			cancel()
+			if err != nil {
+				t.Errorf("promtool %s: %v\n%s", strings.Join(args, " "), err, out)
+			}
 		}
 	}
 }
@@ -123,146 +155,147 @@ func TestRulesExprNames(t *testing.T) {
 }
 
 // TestRulesMetricsDocumented: every imdsproxy_* metric the rules read is
-// documented in docs/metrics.md's tables (and so, by
-// TestDaemonMetricsLintAndAdmin, exported), and every recorded series an
-// expression reads is recorded by a rule of the file: renaming a metric, or
-// a recording rule, fails here instead of silencing an alert.
+// documented in the tables of the set's page (docs/metrics.md for the
+// daemon, and so, by TestDaemonMetricsLintAndAdmin, exported; docs/issuer.md
+// for the issuer), and every recorded series an expression reads is
+// recorded by a rule of the same file: renaming a metric, or a recording
+// rule, fails here instead of silencing an alert.
 func TestRulesMetricsDocumented(t *testing.T) {
-	var f promRuleFile
-	readYAML(t, rulesFile, &f)
-	documented := documentedMetrics(t)
-	records := map[string]bool{}
-	for _, g := range f.Groups {
-		for _, r := range g.Rules {
-			if r.Record != "" {
-				records[r.Record] = true
-			}
-		}
-	}
-	used := map[string]bool{}
-	for _, g := range f.Groups {
-		for _, r := range g.Rules {
-			name := r.Record + r.Alert
-			metrics, recorded := ruleNames(r.Expr)
-			for _, m := range metrics {
-				used[m] = true
-				if !slices.Contains(documented, dashboardMetricName(m, documented)) {
-					t.Errorf("%s: %s uses %s, which docs/metrics.md does not document", rulesFile, name, m)
+	for _, rs := range ruleSets {
+		t.Run(rs.rules, func(t *testing.T) {
+			var f promRuleFile
+			readYAML(t, rs.rules, &f)
+			documented := documentedMetricsIn(t, rs.doc)
+			records := map[string]bool{}
+			for _, g := range f.Groups {
+				for _, r := range g.Rules {
+					if r.Record != "" {
+						records[r.Record] = true
+					}
 				}
 			}
-			for _, rec := range recorded {
-				if !records[rec] {
-					t.Errorf("%s: %s reads %s, which no rule of the file records", rulesFile, name, rec)
+			used := map[string]bool{}
+			for _, g := range f.Groups {
+				for _, r := range g.Rules {
+					name := r.Record + r.Alert
+					metrics, recorded := ruleNames(r.Expr)
+					for _, m := range metrics {
+						m = dashboardMetricName(m, documented)
+						used[m] = true
+						if !slices.Contains(documented, m) {
+							t.Errorf("%s: %s uses %s, which %s does not document", rs.rules, name, m, rs.doc)
+						}
+					}
+					for _, rec := range recorded {
+						if !records[rec] {
+							t.Errorf("%s: %s reads %s, which no rule of the file records", rs.rules, name, rec)
+						}
+					}
 				}
 			}
-		}
-	}
-	// The signals the alerts are built on: a rules file that lost one (or a
-	// parser that finds nothing) fails here.
-	for _, m := range []string{
-		"imdsproxy_cache_credentials_remaining_seconds", "imdsproxy_cache_consecutive_failures",
-		"imdsproxy_cache_refreshes_total", "imdsproxy_access_refused_total", "imdsproxy_passthrough_refused_total",
-		"imdsproxy_config_last_reload_successful", "imdsproxy_config_restart_required",
-		"imdsproxy_intercept_rules_present", "imdsproxy_intercept_repairs_total",
-		"imdsproxy_rollout_policy_last_success_timestamp_seconds", "imdsproxy_rollout_policy_last_load_successful",
-		"imdsproxy_rollout_policy_refused_total", "imdsproxy_rollout_enabled",
-		"imdsproxy_rollout_shadow_verifications_total", "imdsproxy_rollout_fallbacks_total",
-		"imdsproxy_log_write_errors_total", "imdsproxy_cache_clock_steps_total",
-	} {
-		if !used[m] {
-			t.Errorf("%s uses no %s", rulesFile, m)
-		}
+			for _, m := range rs.signals {
+				if !used[m] {
+					t.Errorf("%s uses no %s", rs.rules, m)
+				}
+			}
+		})
 	}
 }
 
 // TestRulesRunbooksAndTests: every alert has a `for:`, a severity of page or
 // ticket, a summary and a description, and a runbook annotation naming its
-// own section of docs/metrics.md, which exists (and no section is left for
+// own section of the set's page, which exists (and no section is left for
 // an alert that is gone); the promtool tests fire every alert at least once
-// and check it silent at least once, and evaluate every recorded series.
+// and check it silent at least once, and evaluate every recorded series. No
+// alert is defined twice, in one file or across them.
 func TestRulesRunbooksAndTests(t *testing.T) {
-	var f promRuleFile
-	readYAML(t, rulesFile, &f)
-	var tests promRuleTests
-	readYAML(t, rulesTestFile, &tests)
-	if !slices.Equal(tests.RuleFiles, []string{"imdsproxy.rules.yaml"}) {
-		t.Errorf("%s: rule_files = %q, want the rules file next to it", rulesTestFile, tests.RuleFiles)
-	}
-	doc, err := os.ReadFile("../../docs/metrics.md")
-	if err != nil {
-		t.Fatal(err)
-	}
-	sections := map[string]bool{}
-	for _, line := range strings.Split(string(doc), "\n") {
-		if name, ok := strings.CutPrefix(line, "### "); ok && strings.HasPrefix(name, "Imdsproxy") {
-			sections[name] = true
-		}
-	}
-
-	fires, silent, evaluated := map[string]bool{}, map[string]bool{}, map[string]bool{}
-	for _, tg := range tests.Tests {
-		for _, at := range tg.AlertTest {
-			if len(at.ExpAlerts) > 0 {
-				fires[at.Alertname] = true
-			} else {
-				silent[at.Alertname] = true
+	alerts := map[string]string{} // alert → rules file
+	for _, rs := range ruleSets {
+		t.Run(rs.rules, func(t *testing.T) {
+			var f promRuleFile
+			readYAML(t, rs.rules, &f)
+			var tests promRuleTests
+			readYAML(t, rs.tests, &tests)
+			if want := []string{path.Base(rs.rules)}; !slices.Equal(tests.RuleFiles, want) {
+				t.Errorf("%s: rule_files = %q, want %q, the rules file next to it", rs.tests, tests.RuleFiles, want)
 			}
-		}
-		for _, et := range tg.ExprTest {
-			_, recorded := ruleNames(et.Expr)
-			for _, r := range recorded {
-				evaluated[r] = true
+			doc, err := os.ReadFile("../../" + rs.doc)
+			if err != nil {
+				t.Fatal(err)
 			}
-		}
-	}
-
-	alerts := map[string]bool{}
-	for _, g := range f.Groups {
-		for _, r := range g.Rules {
-			if r.Record != "" {
-				if !evaluated[r.Record] {
-					t.Errorf("%s: no promql_expr_test evaluates the recorded %s", rulesTestFile, r.Record)
-				}
-				continue
-			}
-			a := r.Alert
-			if alerts[a] {
-				t.Errorf("%s: alert %s defined twice", rulesFile, a)
-			}
-			alerts[a] = true
-			if r.For == "" {
-				t.Errorf("%s: %s has no for:", rulesFile, a)
-			}
-			if s := r.Labels["severity"]; s != "page" && s != "ticket" {
-				t.Errorf("%s: %s has severity %q, want page or ticket", rulesFile, a, s)
-			}
-			for _, k := range []string{"summary", "description"} {
-				if strings.TrimSpace(r.Annotations[k]) == "" {
-					t.Errorf("%s: %s has no %s annotation", rulesFile, a, k)
+			sections := map[string]bool{}
+			for _, line := range strings.Split(string(doc), "\n") {
+				if name, ok := strings.CutPrefix(line, "### "); ok && strings.HasPrefix(name, "Imdsproxy") {
+					sections[name] = true
 				}
 			}
-			if want := "docs/metrics.md#" + strings.ToLower(a); r.Annotations["runbook"] != want {
-				t.Errorf("%s: %s has runbook %q, want %q", rulesFile, a, r.Annotations["runbook"], want)
+
+			fires, silent, evaluated := map[string]bool{}, map[string]bool{}, map[string]bool{}
+			for _, tg := range tests.Tests {
+				for _, at := range tg.AlertTest {
+					if len(at.ExpAlerts) > 0 {
+						fires[at.Alertname] = true
+					} else {
+						silent[at.Alertname] = true
+					}
+				}
+				for _, et := range tg.ExprTest {
+					_, recorded := ruleNames(et.Expr)
+					for _, r := range recorded {
+						evaluated[r] = true
+					}
+				}
 			}
-			if !sections[a] {
-				t.Errorf("docs/metrics.md has no runbook section \"### %s\"", a)
+
+			mine := map[string]bool{}
+			for _, g := range f.Groups {
+				for _, r := range g.Rules {
+					if r.Record != "" {
+						if !evaluated[r.Record] {
+							t.Errorf("%s: no promql_expr_test evaluates the recorded %s", rs.tests, r.Record)
+						}
+						continue
+					}
+					a := r.Alert
+					if other, ok := alerts[a]; ok {
+						t.Errorf("%s: alert %s defined twice (also in %s)", rs.rules, a, other)
+					}
+					alerts[a], mine[a] = rs.rules, true
+					if r.For == "" {
+						t.Errorf("%s: %s has no for:", rs.rules, a)
+					}
+					if s := r.Labels["severity"]; s != "page" && s != "ticket" {
+						t.Errorf("%s: %s has severity %q, want page or ticket", rs.rules, a, s)
+					}
+					for _, k := range []string{"summary", "description"} {
+						if strings.TrimSpace(r.Annotations[k]) == "" {
+							t.Errorf("%s: %s has no %s annotation", rs.rules, a, k)
+						}
+					}
+					if want := rs.doc + "#" + strings.ToLower(a); r.Annotations["runbook"] != want {
+						t.Errorf("%s: %s has runbook %q, want %q", rs.rules, a, r.Annotations["runbook"], want)
+					}
+					if !sections[a] {
+						t.Errorf("%s has no runbook section \"### %s\"", rs.doc, a)
+					}
+					if !fires[a] {
+						t.Errorf("%s: no test fires %s", rs.tests, a)
+					}
+					if !silent[a] {
+						t.Errorf("%s: no test checks that %s stays silent", rs.tests, a)
+					}
+				}
 			}
-			if !fires[a] {
-				t.Errorf("%s: no test fires %s", rulesTestFile, a)
+			for s := range sections {
+				if !mine[s] {
+					t.Errorf("%s has a runbook section for %s, which %s does not define", rs.doc, s, rs.rules)
+				}
 			}
-			if !silent[a] {
-				t.Errorf("%s: no test checks that %s stays silent", rulesTestFile, a)
+			for a := range fires {
+				if !mine[a] {
+					t.Errorf("%s tests %s, which %s does not define", rs.tests, a, rs.rules)
+				}
 			}
-		}
-	}
-	for s := range sections {
-		if !alerts[s] {
-			t.Errorf("docs/metrics.md has a runbook section for %s, which %s does not define", s, rulesFile)
-		}
-	}
-	for a := range fires {
-		if !alerts[a] {
-			t.Errorf("%s tests %s, which %s does not define", rulesTestFile, a, rulesFile)
-		}
+		})
 	}
 }

@@ -175,6 +175,9 @@ func newDaemon(ctx context.Context, path string, cfg Config, log *zap.Logger, lo
 	d.mu.Lock()
 	d.publishLocked(&snapshot{gen: g, decision: dec, rollout: on, plan: plan})
 	d.mu.Unlock()
+	if err := admin.RegisterReady(d.reg, d); err != nil { // reads the snapshot: after the first publish
+		return nil, err
+	}
 	select {
 	case <-d.rollout.Changed(): // the first decision, published above
 	default:
