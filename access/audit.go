@@ -74,6 +74,10 @@ type auditEntry struct {
 	door          string
 	repeats       int64 // hand-outs since the line that reported the last ones
 	first, last   time.Time
+	// handed is the identity's child of imdsproxy_audit_handouts_total,
+	// bound at the first hand-out: a repeat is a map lookup and two
+	// increments, no label hashing and no log field.
+	handed prometheus.Counter
 }
 
 // auditor is the audit's state; guarded by mu.
@@ -91,12 +95,18 @@ func newAuditor(log *zap.Logger, handed *prometheus.CounterVec) *auditor {
 		latest: map[identity]string{}, labels: map[string]bool{}}
 }
 
-// record accounts for one hand-out.
-func (a *auditor) record(c Client, d Decision, served string, keyID, roleARN, door, route, requested, kind string, fallback bool) {
+// record accounts for one hand-out at now.
+func (a *auditor) record(c Client, d Decision, served string, keyID, roleARN, door, route, requested, kind string, fallback bool, now time.Time) {
 	who := identityOf(c)
-	now := time.Now()
 	k := auditKey{who, keyID}
 	a.mu.Lock()
+	if e, ok := a.entries[k]; ok {
+		e.repeats++
+		e.last = now
+		e.handed.Inc()
+		a.mu.Unlock()
+		return
+	}
 	label := who.label()
 	if !a.labels[label] {
 		if len(a.labels) >= maxClientLabels {
@@ -105,25 +115,23 @@ func (a *auditor) record(c Client, d Decision, served string, keyID, roleARN, do
 			a.labels[label] = true
 		}
 	}
-	a.handed.WithLabelValues(label).Inc()
-	if e, ok := a.entries[k]; ok {
-		e.repeats++
-		e.last = now
-		a.mu.Unlock()
-		return
-	}
+	handed := a.handed.WithLabelValues(label)
+	handed.Inc()
 	var rotated []zap.Field
 	if prev, ok := a.latest[who]; ok && prev != keyID {
+		// The previous key id's entry stays until the next flush: a
+		// request that got the old credentials just before the cache
+		// swapped them, and records after this one, is a repeat counted
+		// in a later summary, not a second first line.
 		if e, ok := a.entries[auditKey{who, prev}]; ok {
 			rotated = a.summaryLocked(auditKey{who, prev}, e)
-			delete(a.entries, auditKey{who, prev})
 		}
 	}
 	var full [][]zap.Field
 	if len(a.entries) >= maxAuditEntries {
 		full = a.flushLocked()
 	}
-	a.entries[k] = &auditEntry{role: served, roleARN: roleARN, door: door, first: now, last: now}
+	a.entries[k] = &auditEntry{role: served, roleARN: roleARN, door: door, first: now, last: now, handed: handed}
 	a.latest[who] = keyID
 	a.mu.Unlock()
 
@@ -176,14 +184,20 @@ func (a *auditor) flushLocked() [][]zap.Field {
 	return out
 }
 
-// flush logs every count of repeated hand-outs. An entry with no repeats
-// is kept: its key id was just logged, so the next hand-out stays a repeat.
+// flush logs every count of repeated hand-outs. An entry of an identity's
+// latest key id is kept: its key id was logged, so the next hand-out stays
+// a repeat. An entry of a key id the identity has moved on from is dropped
+// once reported: an interval is ample for requests in flight at the
+// rotation.
 func (a *auditor) flush() {
 	a.mu.Lock()
 	var out [][]zap.Field
 	for k, e := range a.entries {
 		if f := a.summaryLocked(k, e); f != nil {
 			out = append(out, f)
+		}
+		if a.latest[k.who] != k.keyID {
+			delete(a.entries, k)
 		}
 	}
 	if len(a.entries) >= maxAuditEntries/2 {

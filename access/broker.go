@@ -33,6 +33,7 @@ type Broker struct {
 	log *zap.Logger
 
 	served    *prometheus.CounterVec
+	byKind    map[creds.Kind]prometheus.Counter // served's children, bound once
 	fallbacks prometheus.Counter
 	refused   *prometheus.CounterVec
 
@@ -79,8 +80,9 @@ func NewBroker(src Source, log, audit *zap.Logger, reg prometheus.Registerer) (*
 		Name: "imdsproxy_audit_handouts_total",
 		Help: "Credential hand-outs audited, by client: its systemd unit, else uid:<n>, or unidentified; after 64 distinct clients, other. Says who hammers the daemon without a log line per request.",
 	}, []string{"client"}))
+	b.byKind = map[creds.Kind]prometheus.Counter{}
 	for _, k := range []creds.Kind{creds.KindWorkload, creds.KindInstanceProfile} {
-		b.served.WithLabelValues(string(k))
+		b.byKind[k] = b.served.WithLabelValues(string(k))
 	}
 	for _, r := range []struct{ o, why string }{
 		{"deny", whyNotLocal}, {"deny", whyDeniedUID}, {"deny", whyNotAllowed}, {"retry", whyUnresolved},
@@ -112,7 +114,10 @@ func (b *Broker) Credentials(ctx context.Context, d Decision, c Client, door, ro
 	if d.Outcome != Serve {
 		return creds.Credentials{}, errors.New("access: credentials asked for a decision that is not Serve")
 	}
-	start := time.Now()
+	start := d.At
+	if start.IsZero() {
+		start = time.Now()
+	}
 	cr, err := b.src.Get(ctx, d.Key)
 	served := d.Key
 	if err != nil && !d.Fallback.IsZero() && ctx.Err() == nil {
@@ -129,7 +134,11 @@ func (b *Broker) Credentials(ctx context.Context, d Decision, c Client, door, ro
 	if err != nil {
 		return creds.Credentials{}, err
 	}
-	b.served.WithLabelValues(string(served.Kind)).Inc()
+	if c, ok := b.byKind[served.Kind]; ok {
+		c.Inc()
+	} else {
+		b.served.WithLabelValues(string(served.Kind)).Inc()
+	}
 	if d.Audit {
 		b.auditLine(c, door, route, requested, d, served, cr, start)
 	}
@@ -175,7 +184,7 @@ func (b *Broker) auditLine(c Client, door, route, requested string, d Decision, 
 	if !cr.LastUpdated.Before(start) {
 		kind = "fetch"
 	}
-	b.audits.record(c, d, served.Role.Name, cr.AccessKeyID, cr.RoleARN, door, route, requested, kind, served != d.Key)
+	b.audits.record(c, d, served.Role.Name, cr.AccessKeyID, cr.RoleARN, door, route, requested, kind, served != d.Key, start)
 }
 
 // ClientFields are the log fields naming c; never a secret.

@@ -249,3 +249,46 @@ func TestAuditClientLabelsBounded(t *testing.T) {
 		t.Errorf("%d client label values, want %d and other", n, maxClientLabels)
 	}
 }
+
+// TestAuditLateOldKey: a hand-out of the previous key id that records after
+// the identity's first hand-out of the new one (it got the credentials just
+// before the cache swapped them) is a repeat, reported by the next flush,
+// never a second first line; that flush then forgets the old key id.
+func TestAuditLateOldKey(t *testing.T) {
+	b, buf, _ := newBroker(t, &fakeSource{})
+	b.auditEvery = time.Hour
+	cli := Client{Local: true, Info: peer.Info{UID: 1001, Unit: "billing.service"}}
+	old := Decision{Outcome: Serve, Name: "billing", Key: wkey("billing"), Audit: true}
+	cur := Decision{Outcome: Serve, Name: "billing", Key: wkey("billing2"), Audit: true}
+	for _, d := range []Decision{old, old, cur, old, cur} {
+		if _, err := b.Credentials(t.Context(), d, cli, "imds", "credentials", "billing"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	firsts := map[string]int{}
+	for _, l := range auditLines(t, buf) {
+		if l["msg"] == "credentials served" {
+			firsts[l["access_key_id"].(string)]++
+		}
+	}
+	if firsts["ASIABILLING"] != 1 || firsts["ASIABILLING2"] != 1 || len(firsts) != 2 {
+		t.Fatalf("first lines by key id: %v, want one each", firsts)
+	}
+	n := len(auditLines(t, buf))
+	b.audits.flush()
+	counts := map[string]float64{}
+	for _, l := range auditLines(t, buf)[n:] {
+		counts[l["access_key_id"].(string)] = l["count"].(float64)
+	}
+	// The rotation reported the old key's first repeat; the late one and
+	// the new key's repeat are in this flush.
+	if counts["ASIABILLING"] != 1 || counts["ASIABILLING2"] != 1 {
+		t.Fatalf("flush counts %v, want 1 and 1", counts)
+	}
+	b.audits.mu.Lock()
+	_, kept := b.audits.entries[auditKey{identityOf(cli), "ASIABILLING"}]
+	b.audits.mu.Unlock()
+	if kept {
+		t.Error("the old key id's entry outlived the flush after its rotation")
+	}
+}

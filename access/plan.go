@@ -100,6 +100,10 @@ type Decision struct {
 	Audit bool
 	// Gen is the generation of the plan that decided.
 	Gen uint32
+	// At is the time given to Decide or DecideName. The broker measures
+	// from it whether a hand-out waited on a fetch, and stamps the audit
+	// with it (zero: the broker reads the clock).
+	At time.Time
 	// Why says why a Deny or Retry, for the debug log and metrics: a short
 	// snake_case reason.
 	Why string
@@ -327,13 +331,14 @@ func (p *Plan) chain(now time.Time) []*Plan {
 // credentials at all is always the current plan's decision.
 func (p *Plan) Decide(c Client, pin uint32, now time.Time) Decision {
 	d := p.decide(c)
+	d.At = now
 	if d.Outcome != Serve || pin == 0 || pin == p.gen {
 		return d
 	}
 	for _, q := range p.chain(now)[1:] {
 		if q.gen == pin {
 			if od := q.decide(c); od.Outcome == Serve {
-				od.Audit = d.Audit
+				od.Audit, od.At = d.Audit, now
 				return od
 			}
 			break
@@ -353,7 +358,7 @@ func (p *Plan) DecideName(c Client, pin uint32, name string, now time.Time) (Dec
 	}
 	for _, q := range p.chain(now) {
 		if od := q.decide(c); od.Outcome == Serve && od.Name == name {
-			od.Audit = d.Audit
+			od.Audit, od.At = d.Audit, now
 			return od, true
 		}
 	}

@@ -39,12 +39,42 @@ const (
 // peerKey is the context key of a connection's *peerMemo.
 type peerKey struct{}
 
-// peerMemo remembers the Client of one connection. HTTP/1 requests of one
-// connection are sequential; the mutex makes that an implementation detail.
+// peerMemo remembers the Client of one connection, and the last session
+// token verified on it. HTTP/1 requests of one connection are sequential;
+// the mutex makes that an implementation detail.
 type peerMemo struct {
 	mu   sync.Mutex
 	done bool
 	who  access.Client
+
+	tok    string // the last token found valid on this connection, "" none
+	tokExp int64  // its expiry, unix seconds
+	tokGen uint32 // the plan generation it pins
+}
+
+// verifiedToken reports whether tok is the token last found valid on this
+// connection and still unexpired at now, and the generation it pins. A
+// client sends the same token on every request of a session, and the token
+// is immutable (its expiry and generation are inside it, under the MAC), so
+// an identical string needs no second HMAC; the expiry is checked again.
+// A nil memo (a request not served by Serve) remembers nothing.
+func (m *peerMemo) verifiedToken(tok string, now time.Time) (uint32, bool) {
+	if m == nil {
+		return 0, false
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.tok == "" || m.tok != tok || now.Unix() >= m.tokExp {
+		return 0, false
+	}
+	return m.tokGen, true
+}
+
+// rememberToken records tok, found valid at now, with its expiry and pin.
+func (m *peerMemo) rememberToken(tok string, exp int64, gen uint32) {
+	m.mu.Lock()
+	m.tok, m.tokExp, m.tokGen = tok, exp, gen
+	m.mu.Unlock()
 }
 
 // connAccessContext is Serve's http.Server.ConnContext: connContext plus a

@@ -3,6 +3,7 @@ package proxy
 import (
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -62,8 +63,38 @@ type metrics struct {
 	upstreamTokens     *prometheus.CounterVec
 
 	// hot caches the children of requests and duration per (route, code),
-	// so a request costs no label hashing or formatting.
+	// so a request costs no label hashing or formatting; ok holds those of
+	// code 200 by route index (routeIndex), the common case, without a
+	// hash at all.
 	hot sync.Map // routeCode -> *routeMetrics
+	ok  [len(routes)]atomic.Pointer[routeMetrics]
+}
+
+// routes are the route labels, in routeIndex order.
+var routes = [...]string{routeToken, routeRoleList, routeCredentials, routeCredentialsExtended,
+	routeIAMInfo, routeIAMList, routePassthrough, routeNotFound}
+
+// routeIndex is route's index in routes, -1 for none.
+func routeIndex(route string) int {
+	switch route {
+	case routeToken:
+		return 0
+	case routeRoleList:
+		return 1
+	case routeCredentials:
+		return 2
+	case routeCredentialsExtended:
+		return 3
+	case routeIAMInfo:
+		return 4
+	case routeIAMList:
+		return 5
+	case routePassthrough:
+		return 6
+	case routeNotFound:
+		return 7
+	}
+	return -1
 }
 
 type routeCode struct {
@@ -133,15 +164,25 @@ func newMetrics(reg prometheus.Registerer, outstanding func() float64) (*metrics
 
 // observe records one answered request.
 func (m *metrics) observe(route string, code int, d time.Duration) {
-	k := routeCode{route, code}
-	v, ok := m.hot.Load(k)
-	if !ok {
-		v, _ = m.hot.LoadOrStore(k, &routeMetrics{
-			requests: m.requests.WithLabelValues(route, strconv.Itoa(code)),
-			duration: m.duration.WithLabelValues(route),
-		})
+	var rm *routeMetrics
+	i := routeIndex(route)
+	if code == 200 && i >= 0 {
+		rm = m.ok[i].Load()
 	}
-	rm := v.(*routeMetrics)
+	if rm == nil {
+		k := routeCode{route, code}
+		v, ok := m.hot.Load(k)
+		if !ok {
+			v, _ = m.hot.LoadOrStore(k, &routeMetrics{
+				requests: m.requests.WithLabelValues(route, strconv.Itoa(code)),
+				duration: m.duration.WithLabelValues(route),
+			})
+		}
+		rm = v.(*routeMetrics)
+		if code == 200 && i >= 0 {
+			m.ok[i].Store(rm)
+		}
+	}
 	rm.requests.Inc()
 	rm.duration.Observe(d.Seconds())
 }

@@ -194,7 +194,9 @@ type Server struct {
 	minter      *tokenMinter
 	outstanding *outstandingTokens
 	handler     http.Handler
-	now         func() time.Time // wall clock; replaced only by tests before use
+	// now is the wall clock when set (tests set it before use); nil is the
+	// real clock, read through clock and wall.
+	now func() time.Time
 
 	mu    sync.Mutex // serialises Update
 	state atomic.Pointer[state]
@@ -240,9 +242,8 @@ func New(cfg Config, broker *access.Broker, id Identifier, log *zap.Logger, reg 
 		log:         log,
 		minter:      minter,
 		outstanding: newOutstandingTokens(time.Now()),
-		now:         time.Now,
 	}
-	s.m, err = newMetrics(reg, func() float64 { return float64(s.outstanding.count(s.now())) })
+	s.m, err = newMetrics(reg, func() float64 { return float64(s.outstanding.count(s.clock())) })
 	if err != nil {
 		return nil, err
 	}
@@ -259,7 +260,26 @@ func (s *Server) newPassthrough(cfg Config) *passthrough {
 		return nil
 	}
 	return newPassthrough(cfg.Upstream, cfg.UpstreamTimeout, s.m, s.log.Named("passthrough"),
-		func() time.Time { return s.now() })
+		func() time.Time { return s.clock() })
+}
+
+// clock reads the wall clock: s.now when a test set it, else time.Now.
+func (s *Server) clock() time.Time {
+	if s.now != nil {
+		return s.now()
+	}
+	return time.Now()
+}
+
+// wall is the wall-clock time of a request whose handler started at start
+// (read with time.Now): start itself on the real clock, so a request reads
+// the clock once for its decisions and once more for its duration; else
+// the test's clock.
+func (s *Server) wall(start time.Time) time.Time {
+	if s.now != nil {
+		return s.now()
+	}
+	return start
 }
 
 // Handler returns the IMDS HTTP handler. It is the same handler Serve uses;
@@ -345,17 +365,37 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 
 // routeOf maps a request path to its route and, for the credential routes,
 // the requested role. Empty segments are ignored, so trailing (and doubled)
-// slashes do not matter.
+// slashes do not matter. It allocates nothing (it runs on every request).
 func routeOf(path string) (route, role string) {
-	segs := strings.FieldsFunc(path, func(r rune) bool { return r == '/' })
-	if len(segs) == 3 && segs[0] == "latest" && segs[1] == "api" && segs[2] == "token" {
+	// The first maxRouteSegs non-empty segments, and how many there are.
+	const maxRouteSegs = 5
+	var segs [maxRouteSegs]string
+	n := 0
+	for i := 0; i < len(path); {
+		if path[i] == '/' {
+			i++
+			continue
+		}
+		j := strings.IndexByte(path[i:], '/')
+		if j < 0 {
+			j = len(path) - i
+		}
+		if n < maxRouteSegs {
+			segs[n] = path[i : i+j]
+		}
+		n++
+		i += j
+	}
+	if n == 3 && segs[0] == "latest" && segs[1] == "api" && segs[2] == "token" {
 		return routeToken, ""
 	}
-	if len(segs) < 3 || !strings.EqualFold(segs[1], "meta-data") || !strings.EqualFold(segs[2], "iam") {
+	if n < 3 || !strings.EqualFold(segs[1], "meta-data") || !strings.EqualFold(segs[2], "iam") {
 		return routePassthrough, ""
 	}
-	rest := segs[3:]
+	rest := segs[3:min(n, maxRouteSegs)]
 	switch {
+	case n > maxRouteSegs:
+		return routeNotFound, ""
 	case len(rest) == 0:
 		return routeIAMList, ""
 	case len(rest) == 1 && rest[0] == "info":
@@ -380,20 +420,27 @@ func routeOf(path string) (route, role string) {
 // pass-through policy.
 func badPath(u *url.URL) bool {
 	p := u.Path
-	if p == "" || p[0] != '/' || strings.ContainsRune(p, '\\') {
+	if p == "" || p[0] != '/' {
 		return true
 	}
-	for i := 0; i < len(p); i++ {
-		if p[i] < 0x20 || p[i] == 0x7f {
+	seg := 0 // start of the current segment
+	for i := 0; i <= len(p); i++ {
+		if i < len(p) {
+			c := p[i]
+			if c < 0x20 || c == 0x7f || c == '\\' {
+				return true
+			}
+			if c != '/' {
+				continue
+			}
+		}
+		if s := p[seg:i]; s == "." || s == ".." {
 			return true
 		}
+		seg = i + 1
 	}
-	for seg := range strings.SplitSeq(p, "/") {
-		if seg == "." || seg == ".." {
-			return true
-		}
-	}
-	if raw := strings.ToLower(u.RawPath); raw != "" {
+	if raw := u.RawPath; raw != "" && strings.IndexByte(raw, '%') >= 0 {
+		raw = strings.ToLower(raw)
 		for _, esc := range []string{"%2f", "%2e", "%5c"} {
 			if strings.Contains(raw, esc) {
 				return true
@@ -445,10 +492,10 @@ func (s *Server) serveHTTP(w http.ResponseWriter, r *http.Request) {
 				zap.Int("code", code), zap.Duration("duration", d))
 		}
 	}()
-	s.serve(rec, r, st, route, role)
+	s.serve(rec, r, st, route, role, start)
 }
 
-func (s *Server) serve(w http.ResponseWriter, r *http.Request, st *state, route, role string) {
+func (s *Server) serve(w http.ResponseWriter, r *http.Request, st *state, route, role string, start time.Time) {
 	uri := r.RequestURI
 	if uri == "" {
 		uri = r.URL.RequestURI()
@@ -489,16 +536,17 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request, st *state, route,
 		writeText(w, http.StatusMethodNotAllowed, "Method Not Allowed")
 		return
 	}
+	now := s.wall(start) // the wall clock, read once for the request
 	if route == routeToken {
-		s.serveToken(w, r, st)
+		s.serveToken(w, r, st, now)
 		return
 	}
-	pin, ok := s.authorize(w, r, st)
+	pin, ok := s.authorize(w, r, st, now)
 	if !ok {
 		return
 	}
 	if isCredentialRoute(route) {
-		s.serveDecided(w, r, st, route, role, pin)
+		s.serveDecided(w, r, st, route, role, pin, now)
 		return
 	}
 	switch route {
@@ -518,7 +566,7 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request, st *state, route,
 }
 
 // serveToken answers PUT /latest/api/token.
-func (s *Server) serveToken(w http.ResponseWriter, r *http.Request, st *state) {
+func (s *Server) serveToken(w http.ResponseWriter, r *http.Request, st *state, now time.Time) {
 	if _, ok := r.Header["X-Forwarded-For"]; ok {
 		s.m.rejections.WithLabelValues(rejectForwarded).Inc()
 		writeText(w, http.StatusBadRequest, forwardedRejection)
@@ -535,7 +583,6 @@ func (s *Server) serveToken(w http.ResponseWriter, r *http.Request, st *state) {
 		writeText(w, http.StatusBadRequest, "invalid token TTL")
 		return
 	}
-	now := s.now()
 	tok, exp, err := s.minter.mint(now, ttl, st.cfg.Plan.Gen())
 	if err != nil {
 		s.log.Error("cannot mint session token", zap.Error(err))
@@ -591,8 +638,8 @@ func (s *Server) applyHopLimit(r *http.Request, hops int) func() error {
 // authorize checks the client's session token and returns the plan
 // generation it pins (0: none, IMDSv1). It writes the 401 and returns false
 // when the request must be refused.
-func (s *Server) authorize(w http.ResponseWriter, r *http.Request, st *state) (uint32, bool) {
-	vals := r.Header.Values(headerToken)
+func (s *Server) authorize(w http.ResponseWriter, r *http.Request, st *state, now time.Time) (uint32, bool) {
+	vals := r.Header[headerToken] // canonical: no Values (it canonicalises the key)
 	if len(vals) == 0 || (len(vals) == 1 && vals[0] == "") {
 		if !st.cfg.TokensRequired {
 			return 0, true // IMDSv1
@@ -603,7 +650,15 @@ func (s *Server) authorize(w http.ResponseWriter, r *http.Request, st *state) (u
 	}
 	status, pin := tokenInvalid, uint32(0)
 	if len(vals) == 1 {
-		status, pin = s.minter.verify(vals[0], s.now())
+		memo, _ := r.Context().Value(peerKey{}).(*peerMemo) // nil when not served by Serve
+		if gen, ok := memo.verifiedToken(vals[0], now); ok {
+			return gen, true
+		}
+		var exp int64
+		status, pin, exp = s.minter.check(vals[0], now)
+		if status == tokenValid && memo != nil {
+			memo.rememberToken(vals[0], exp, pin)
+		}
 	}
 	switch status {
 	case tokenValid:
@@ -623,10 +678,9 @@ func (s *Server) authorize(w http.ResponseWriter, r *http.Request, st *state) (u
 // generation the session token pins; a refusal is 403 (deny) or 503
 // (retry); a role name the decision does not answer gets the same 404 as an
 // unknown role.
-func (s *Server) serveDecided(w http.ResponseWriter, r *http.Request, st *state, route, role string, pin uint32) {
+func (s *Server) serveDecided(w http.ResponseWriter, r *http.Request, st *state, route, role string, pin uint32, now time.Time) {
 	plan := st.cfg.Plan
 	who := s.client(r, plan)
-	now := s.now()
 	var d access.Decision
 	switch route {
 	case routeCredentials, routeCredentialsExtended:
@@ -653,7 +707,11 @@ func (s *Server) serveDecided(w http.ResponseWriter, r *http.Request, st *state,
 	} else {
 		c, err = s.broker.Credentials(r.Context(), d, who, doorIMDS, route, role)
 	}
-	now = s.now()
+	if err != nil || c.LastUpdated.After(now) {
+		// The request waited on upstream (the cache answers from memory
+		// otherwise, within microseconds of now): read the clock again.
+		now = s.clock()
+	}
 	if err != nil || !usable(c, now) {
 		s.serveError(w, route, err, now)
 		return
@@ -767,8 +825,10 @@ func writeText(w http.ResponseWriter, status int, body string) {
 // net/http sends header and body in one write.
 func writeBody(w http.ResponseWriter, status int, body []byte) {
 	h := w.Header()
-	h.Set("Content-Type", "text/plain")
-	h.Set("Content-Length", strconv.Itoa(len(body)))
+	// The keys are canonical already: Header.Set would canonicalise them
+	// again on every response.
+	h["Content-Type"] = []string{"text/plain"}
+	h["Content-Length"] = []string{strconv.Itoa(len(body))}
 	w.WriteHeader(status)
 	_, _ = w.Write(body)
 }

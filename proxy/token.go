@@ -137,26 +137,33 @@ func (m *tokenMinter) mint(now time.Time, ttl int, gen uint32) (string, int64, e
 // now < expiry). gen is the plan generation the token pins: 0 for a token
 // minted by another process (or before generations), or when not valid.
 func (m *tokenMinter) verify(tok string, now time.Time) (status tokenStatus, gen uint32) {
+	status, gen, _ = m.check(tok, now)
+	return status, gen
+}
+
+// check is verify that also returns the expiry (unix seconds) of a token
+// that is valid or expired.
+func (m *tokenMinter) check(tok string, now time.Time) (status tokenStatus, gen uint32, exp int64) {
 	if len(tok) != tokenLen {
-		return tokenInvalid, 0
+		return tokenInvalid, 0, 0
 	}
 	var raw [tokenRawLen]byte
 	n, err := tokenEncoding.Decode(raw[:], []byte(tok))
 	if err != nil || n != tokenRawLen || (raw[0] != tokenVersion && raw[0] != tokenVersion1) {
-		return tokenInvalid, 0
+		return tokenInvalid, 0, 0
 	}
 	var sum [sha256.Size]byte
 	if !hmac.Equal(m.mac(sum[:0], raw[:tokenSignedLen]), raw[tokenSignedLen:]) {
-		return tokenInvalid, 0
+		return tokenInvalid, 0, 0
 	}
-	exp := int64(binary.BigEndian.Uint64(raw[1:9]))
+	exp = int64(binary.BigEndian.Uint64(raw[1:9]))
 	if now.Unix() >= exp {
-		return tokenExpired, 0
+		return tokenExpired, 0, exp
 	}
 	if raw[0] == tokenVersion && binary.BigEndian.Uint32(raw[9:13]) == m.epoch {
 		gen = binary.BigEndian.Uint32(raw[13:17])
 	}
-	return tokenValid, gen
+	return tokenValid, gen, exp
 }
 
 // parseTTL parses the values of the X-aws-ec2-metadata-token-ttl-seconds
