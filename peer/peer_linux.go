@@ -11,6 +11,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 	"unsafe"
@@ -51,8 +52,8 @@ const (
 	procStatStartField = 22 // starttime, proc(5)
 )
 
-func (r *Resolver) lookup(ctx context.Context, local, remote *net.TCPAddr) (Info, error) {
-	d, err := sockDiag(ctx, remote, local)
+func (r *Resolver) lookup(ctx context.Context, ns uint64, local, remote *net.TCPAddr) (Info, error) {
+	d, err := sockDiag(ctx, ns, remote, local)
 	if err != nil {
 		return Info{}, err
 	}
@@ -212,10 +213,94 @@ const diagBufSize = 8192
 
 var diagBufs = sync.Pool{New: func() any { return new([diagBufSize]byte) }}
 
+// diagSockets keeps a few NETLINK_SOCK_DIAG sockets for reuse: making and
+// closing one costs more than the query itself, and a daemon queries once
+// per new connection. A netlink socket answers about its own network
+// namespace, so each is kept with that namespace's cookie
+// (SO_NETNS_COOKIE) and reused only for a connection of the same
+// namespace. diagSeq numbers the queries, so an answer is never taken for
+// another's.
+var (
+	diagSockets = make(chan diagSocket, 4)
+	diagSeq     atomic.Uint32
+)
+
+// diagSocket is a sock_diag socket and the cookie of its network
+// namespace (0: unknown, never pooled).
+type diagSocket struct {
+	fd int
+	ns uint64
+}
+
+// netnsCookie is the network namespace cookie of the socket fd, 0 when the
+// kernel cannot tell (before Linux 5.14).
+func netnsCookie(fd int) uint64 {
+	v, err := unix.GetsockoptUint64(fd, unix.SOL_SOCKET, unix.SO_NETNS_COOKIE)
+	if err != nil {
+		return 0
+	}
+	return v
+}
+
+// connNetns is the network namespace cookie of the connection c, 0 when
+// unknown.
+func connNetns(c net.Conn) uint64 {
+	sc, ok := c.(syscall.Conn)
+	if !ok {
+		return 0
+	}
+	rc, err := sc.SyscallConn()
+	if err != nil {
+		return 0
+	}
+	var ns uint64
+	if rc.Control(func(fd uintptr) { ns = netnsCookie(int(fd)) }) != nil {
+		return 0
+	}
+	return ns
+}
+
+// getDiagSocket returns a pooled sock_diag socket of the network namespace
+// whose cookie is ns, else a new socket (in the calling thread's namespace,
+// where the socket asked about lives).
+func getDiagSocket(ns uint64) (diagSocket, error) {
+	if ns != 0 {
+		select {
+		case d := <-diagSockets:
+			if d.ns == ns {
+				return d, nil
+			}
+			putDiagSocket(d, true) // another namespace's: leave it for its own
+		default:
+		}
+	}
+	fd, err := unix.Socket(unix.AF_NETLINK, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, unix.NETLINK_SOCK_DIAG)
+	if err != nil {
+		return diagSocket{fd: -1}, fmt.Errorf("peer: sock_diag socket: %w", err)
+	}
+	return diagSocket{fd: fd, ns: netnsCookie(fd)}, nil
+}
+
+// putDiagSocket returns d to the pool when reuse is true, its namespace is
+// known and the pool has room, else closes it.
+func putDiagSocket(d diagSocket, reuse bool) {
+	if reuse && d.ns != 0 {
+		select {
+		case diagSockets <- d:
+			return
+		default:
+		}
+	}
+	unix.Close(d.fd)
+}
+
 // sockDiag asks the kernel for the uid, inode, cookie and cgroup of the TCP socket
 // whose local address is src and remote address is dst (an exact lookup,
 // not a dump).
-func sockDiag(ctx context.Context, src, dst *net.TCPAddr) (diagAnswer, error) {
+//
+// ns is the network namespace cookie of the socket asked about (0:
+// unknown): a pooled netlink socket is used only for that namespace.
+func sockDiag(ctx context.Context, ns uint64, src, dst *net.TCPAddr) (diagAnswer, error) {
 	family := uint8(unix.AF_INET)
 	s4, d4 := src.IP.To4(), dst.IP.To4()
 	var sa, da [16]byte
@@ -230,11 +315,15 @@ func sockDiag(ctx context.Context, src, dst *net.TCPAddr) (diagAnswer, error) {
 	default:
 		return diagAnswer{}, ErrUnsupported
 	}
-	fd, err := unix.Socket(unix.AF_NETLINK, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, unix.NETLINK_SOCK_DIAG)
+	ds, err := getDiagSocket(ns)
 	if err != nil {
-		return diagAnswer{}, fmt.Errorf("peer: sock_diag socket: %w", err)
+		return diagAnswer{}, err
 	}
-	defer unix.Close(fd)
+	fd := ds.fd
+	// A socket goes back to the pool only after a query answered in full:
+	// one that failed or timed out may still receive that query's answer.
+	reuse := false
+	defer func() { putDiagSocket(ds, reuse) }()
 	timeout := netlinkTimeout
 	if dl, ok := ctx.Deadline(); ok {
 		timeout = min(timeout, time.Until(dl))
@@ -247,7 +336,7 @@ func sockDiag(ctx context.Context, src, dst *net.TCPAddr) (diagAnswer, error) {
 		return diagAnswer{}, fmt.Errorf("peer: sock_diag timeout: %w", err)
 	}
 
-	const seq = 1
+	seq := diagSeq.Add(1)
 	var req [sizeofNlMsghdr + sizeofInetDiagReq]byte
 	ne := binary.NativeEndian
 	ne.PutUint32(req[0:], uint32(len(req)))
@@ -301,6 +390,7 @@ func sockDiag(ctx context.Context, src, dst *net.TCPAddr) (diagAnswer, error) {
 				case 0:
 					continue // an ack
 				case unix.ENOENT:
+					reuse = true
 					return diagAnswer{}, ErrNotFound
 				}
 				return diagAnswer{}, fmt.Errorf("peer: sock_diag: %w", unix.Errno(errno))
@@ -309,6 +399,7 @@ func sockDiag(ctx context.Context, src, dst *net.TCPAddr) (diagAnswer, error) {
 				if err != nil {
 					return diagAnswer{}, err
 				}
+				reuse = true
 				// Make sure the kernel answered about the socket asked for.
 				if sport != uint16(src.Port) || dport != uint16(dst.Port) {
 					return diagAnswer{}, ErrNotFound

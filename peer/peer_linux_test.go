@@ -125,7 +125,7 @@ func TestLookupOwnCgroup(t *testing.T) {
 	}
 	_, server := pair(t, "tcp4", "127.0.0.1:0")
 	l, rm := server.LocalAddr().(*net.TCPAddr), server.RemoteAddr().(*net.TCPAddr)
-	d, err := sockDiag(t.Context(), rm, l)
+	d, err := sockDiag(t.Context(), 0, rm, l)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -441,7 +441,7 @@ func TestLookupUnitUnknown(t *testing.T) {
 	skipIfUnsupported(t)
 	_, server := pair(t, "tcp4", "127.0.0.1:0")
 	l, rm := server.LocalAddr().(*net.TCPAddr), server.RemoteAddr().(*net.TCPAddr)
-	if d, err := sockDiag(t.Context(), rm, l); err != nil || !d.hasCgroup {
+	if d, err := sockDiag(t.Context(), 0, rm, l); err != nil || !d.hasCgroup {
 		t.Skipf("SKIPPED: the kernel sends no INET_DIAG_CGROUP_ID here (%v)", err)
 	}
 	empty := t.TempDir()

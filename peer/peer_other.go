@@ -13,13 +13,15 @@ import (
 	"go.uber.org/zap"
 )
 
-func (r *Resolver) lookup(context.Context, *net.TCPAddr, *net.TCPAddr) (Info, error) {
+func (r *Resolver) lookup(context.Context, uint64, *net.TCPAddr, *net.TCPAddr) (Info, error) {
 	return Info{}, ErrUnsupported
 }
 
 func (r *Resolver) process(_ context.Context, info Info) Info { return info }
 
 func originalDst(syscall.Conn, bool) (*net.TCPAddr, error) { return nil, ErrUnsupported }
+
+func connNetns(net.Conn) uint64 { return 0 }
 
 func canReadAllFDs() bool { return false }
 

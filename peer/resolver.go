@@ -194,7 +194,7 @@ func (r *Resolver) Lookup(ctx context.Context, local, remote net.Addr) (Info, er
 	if !ok1 || !ok2 {
 		return Info{}, ErrUnsupported
 	}
-	return r.lookup(ctx, l, rm)
+	return r.lookup(ctx, 0, l, rm)
 }
 
 // LookupConn is Lookup of c's addresses. When c was redirected to this host
@@ -208,7 +208,8 @@ func (r *Resolver) LookupConn(ctx context.Context, c net.Conn) (Info, error) {
 	if !ok1 || !ok2 {
 		return Info{}, ErrUnsupported
 	}
-	info, err := r.lookup(ctx, local, remote)
+	ns := connNetns(c)
+	info, err := r.lookup(ctx, ns, local, remote)
 	if !errors.Is(err, ErrNotFound) {
 		return info, err
 	}
@@ -220,7 +221,7 @@ func (r *Resolver) LookupConn(ctx context.Context, c net.Conn) (Info, error) {
 	if oerr != nil || orig == nil || (orig.IP.Equal(local.IP) && orig.Port == local.Port) {
 		return info, err
 	}
-	return r.lookup(ctx, orig, remote)
+	return r.lookup(ctx, ns, orig, remote)
 }
 
 // Process returns info, an Info from Lookup or LookupConn of this
