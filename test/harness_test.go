@@ -2,6 +2,7 @@ package test
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"encoding/json"
 	"flag"
@@ -97,6 +98,7 @@ type envOptions struct {
 	tokens         string        // imds.tokens; default "required"
 	imds           string        // more of the imds: flow mapping, e.g. "passthrough: {deny: [user-data]}"
 	noWaitReady    bool          // wait for /healthz only, not /readyz
+	logLevel       string        // --log-level; "" is debug (info for a flood: no line per request)
 
 	// identityYAML, when set, renders the role:, source:, identity: and any
 	// source-specific sections of the config instead of the web-identity
@@ -191,7 +193,7 @@ func startDaemon(t *testing.T, opts envOptions) *daemonEnv {
 	e.writeConfig(t, e.config())
 
 	e.proc, err = e2e.StartDaemon(e2e.DaemonOptions{
-		Bin: bin, Config: e.configPath, Args: []string{"--log-format", "json", "--log-level", "debug"},
+		Bin: bin, Config: e.configPath, Args: []string{"--log-format", "json", "--log-level", cmp.Or(opts.logLevel, "debug")},
 		Dir: e.dir, Env: e.daemonEnviron(), Out: e.log,
 	})
 	if err != nil {
