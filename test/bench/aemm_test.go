@@ -32,7 +32,10 @@ func (e *benchEnv) startAEMM() (_ *server, skip string) {
 	if err := os.MkdirAll(home, 0o700); err != nil {
 		return nil, err.Error()
 	}
-	out := &capBuffer{}
+	out, err := e.newOutput("aemm")
+	if err != nil {
+		return nil, err.Error()
+	}
 	a, err := e2e.StartAEMM(e2e.AEMMOptions{
 		Bin: bin, Home: home, Env: e.daemonEnv(e.stsURL), Command: pinnedCommand, Out: out,
 	})

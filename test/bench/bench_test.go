@@ -27,21 +27,15 @@ var scenarios = []scenario{
 	{"imdsv2-flow", "IMDSv2 flow (PUT token, GET listing, GET creds)", 3, (*worker).flow},
 }
 
-var connCounts = []int{1, 50}
-
-// results holds the last (largest) run of every load benchmark, by
-// "scenario/conns/target", for the ratio and the report.
-var (
-	resultsMu sync.Mutex
-	results   = map[string]loadResult{}
-)
+// resultsMu guards intercepted and aemmCrashes.
+var resultsMu sync.Mutex
 
 func resultKey(sc string, conns int, target string) string {
 	return fmt.Sprintf("%s/%d/%s", sc, conns, target)
 }
 
-// targets are the servers of BenchmarkIMDS and BenchmarkIMDSPaced, in the
-// order they run: the ceiling just before the daemon, then AEMM.
+// targets are the servers of BenchmarkIMDSPaced, in the order they run: the
+// ceiling just before the daemon, then AEMM.
 var targets = []string{"ceiling", "daemon", "aemm"}
 
 // target returns the server called name, or skips b (AEMM missing).
@@ -64,34 +58,15 @@ func (e *benchEnv) target(b *testing.B, name string) *server {
 	return nil
 }
 
-// BenchmarkIMDS measures the ceiling, the daemon and AEMM for each scenario
-// at 1 and 50 keep-alive connections. One b.N is one operation (one request
-// for creds-get, three for imdsv2-flow); p50_us and p99_us are per operation,
-// req/s and cpu_ms/1k count HTTP requests.
-func BenchmarkIMDS(b *testing.B) {
-	env := getEnv(b)
-	for _, sc := range scenarios {
-		for _, conns := range connCounts {
-			for _, target := range targets {
-				b.Run(fmt.Sprintf("%s/conns=%d/%s", sc.name, conns, target), func(b *testing.B) {
-					srv := env.target(b, target)
-					res := measureClosed(b, env, srv, sc, conns, resultKey(sc.name, conns, target))
-					resultsMu.Lock()
-					results[resultKey(sc.name, conns, target)] = res
-					ceil, ok := results[resultKey(sc.name, conns, "ceiling")]
-					dmn, okD := results[resultKey(sc.name, conns, "daemon")]
-					resultsMu.Unlock()
-					if target == "daemon" && ok && ceil.ReqPerSec > 0 {
-						b.ReportMetric(res.ReqPerSec/ceil.ReqPerSec, "ratio_to_ceiling")
-					}
-					if target == "aemm" && okD && res.ReqPerSec > 0 {
-						b.ReportMetric(dmn.ReqPerSec/res.ReqPerSec, "daemon_ratio_to_aemm")
-					}
-				})
-			}
-		}
-	}
-}
+// BenchmarkSaturation is the cached credential GET at saturation: wrk
+// pinned to the client CPU, each server alone on the server CPU, in
+// alternating rounds (wrk_test.go). It needs -pin and wrk.
+func BenchmarkSaturation(b *testing.B) { benchSaturation(b) }
+
+// BenchmarkColdFlow is the SDK's cold flow (PUT token, GET listing, GET
+// credentials, each on a new connection) from 1 and 8 clients, on the host
+// at rest and with 2,000 more idle processes (coldflow_test.go).
+func BenchmarkColdFlow(b *testing.B) { benchColdFlow(b) }
 
 // aemmCrashes holds, by result or paced key, why AEMM stopped during that
 // run (under resultsMu).
@@ -324,56 +299,6 @@ func BenchmarkIntercept(b *testing.B) {
 // once per process.
 var interceptPaced = map[string]*pacedResult{}
 
-// newConns holds BenchmarkNewConn's latencies by target, sorted.
-var newConns = map[string][]time.Duration{}
-
-// newConnCount is how many connections BenchmarkNewConn opens per server.
-const newConnCount = 2000
-
-// BenchmarkNewConn measures what a connection's first credential GET costs:
-// newConnCount times per server, one at a time, dial a new connection, GET
-// the credentials once and close it. The daemon identifies the client
-// process behind each new connection on its first credential request
-// (sock_diag, then /proc: the access control and audit of docs/security.md)
-// and remembers it for the connection; every other benchmark warms its
-// connections first and so never pays it. Like the paced runs, it runs once
-// per process, whatever b.N, and later calls report the same numbers.
-func BenchmarkNewConn(b *testing.B) {
-	env := getEnv(b)
-	for _, target := range targets {
-		b.Run(target, func(b *testing.B) {
-			srv := env.target(b, target)
-			resultsMu.Lock()
-			lat, done := newConns[target]
-			resultsMu.Unlock()
-			if !done {
-				ep := srv.ep()
-				lat = make([]time.Duration, 0, newConnCount)
-				for range newConnCount {
-					w, err := newWorker(ep, srv.tok)
-					if err != nil {
-						b.Fatal(err)
-					}
-					t0 := time.Now()
-					err = w.getCreds()
-					lat = append(lat, time.Since(t0))
-					w.c.CloseIdleConnections()
-					if err != nil {
-						b.Fatalf("%s: %v", srv.name, err)
-					}
-				}
-				slices.Sort(lat)
-				resultsMu.Lock()
-				newConns[target] = lat
-				resultsMu.Unlock()
-			}
-			b.ReportMetric(0, "ns/op")
-			b.ReportMetric(us(percentile(lat, 0.5)), "p50_us")
-			b.ReportMetric(us(percentile(lat, 0.99)), "p99_us")
-		})
-	}
-}
-
 // Token flood parameters.
 const (
 	floodConns    = 50
@@ -542,47 +467,22 @@ func printReport(w io.Writer) {
 	pacedMu.Lock()
 	npaced := len(sleepingRuns.res) + len(interceptPaced) + len(spinRuns.res)
 	pacedMu.Unlock()
-	if len(results) == 0 && len(intercepted) == 0 && len(newConns) == 0 && npaced == 0 && flood == nil && len(coldStarts) == 0 {
+	satMu.Lock()
+	nsat := len(satResults)
+	satMu.Unlock()
+	flowMu.Lock()
+	ncold := len(coldResults)
+	flowMu.Unlock()
+	if nsat == 0 && ncold == 0 && len(intercepted) == 0 && npaced == 0 && flood == nil && len(coldStarts) == 0 {
 		return
 	}
 	fmt.Fprintln(w, "\n<!-- imdsproxy bench report: paste into docs/benchmarks.md -->")
 	if envVal != nil {
 		fmt.Fprintf(w, "\nLoad average (1/5/15 min) at start: %s; at end: %s.\n", envVal.loadAtStart, loadAvg())
 	}
-	if len(results) > 0 {
-		fmt.Fprintln(w, "\n| scenario | conns | server | p50 µs | p99 µs | req/s | CPU ms / 1k req | RSS MB | daemon ÷ ceiling | daemon ÷ aemm |")
-		fmt.Fprintln(w, "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|")
-		for _, sc := range scenarios {
-			for _, conns := range connCounts {
-				ceil, okC := results[resultKey(sc.name, conns, "ceiling")]
-				dmn, okD := results[resultKey(sc.name, conns, "daemon")]
-				for _, target := range targets {
-					r, ok := results[resultKey(sc.name, conns, target)]
-					if crash, crashed := aemmCrashes[resultKey(sc.name, conns, target)]; crashed && target == "aemm" {
-						fmt.Fprintf(w, "| %s | %d | %s | crashed: %s | | | | | | |\n", sc.name, conns, target, crash)
-						continue
-					}
-					if !ok {
-						continue
-					}
-					ratio, ratioA := "", ""
-					if target == "daemon" && okC && ceil.ReqPerSec > 0 {
-						ratio = fmt.Sprintf("%.0f%%", 100*r.ReqPerSec/ceil.ReqPerSec)
-					}
-					if target == "aemm" && okD && r.ReqPerSec > 0 {
-						ratioA = fmt.Sprintf("%.2f×", dmn.ReqPerSec/r.ReqPerSec)
-					}
-					fmt.Fprintf(w, "| %s | %d | %s | %.0f | %.0f | %.0f | %.1f | %.1f | %s | %s |\n",
-						sc.name, conns, target, us(r.P50), us(r.P99), r.ReqPerSec, r.CPUPer1k(), mb(r.RSSMaxKB), ratio, ratioA)
-				}
-			}
-		}
-		fmt.Fprintln(w, "\nLatency is per operation (one request for creds-get, three for imdsv2-flow); req/s and CPU count HTTP requests.")
-		if envVal != nil && envVal.aemm != nil {
-			fmt.Fprintf(w, "daemon ÷ aemm is the daemon's req/s over AEMM's; AEMM's credential document is %d bytes, the daemon's %d.\n",
-				envVal.aemmCredsLen, len(envVal.wire.Creds.Body))
-		}
-	}
+	printSaturation(w)
+	printColdFlow(w)
+	printRSS(w)
 	if envVal != nil && envVal.aemmSkip != "" {
 		fmt.Fprintf(w, "\n**amazon-ec2-metadata-mock was skipped**: %s\n", envVal.aemmSkip)
 	}
@@ -603,16 +503,6 @@ func printReport(w io.Writer) {
 				}
 				fmt.Fprintf(w, "| %s | %d | %s | %.0f | %.0f | %.0f | %.1f | %s |\n",
 					c.sc.name, c.conns, path, us(r.P50), us(r.P99), r.ReqPerSec, r.CPUPer1k(), added)
-			}
-		}
-	}
-	if len(newConns) > 0 {
-		fmt.Fprintln(w, "\nFirst credential GET on a new connection (dial, GET, close; one at a time):")
-		fmt.Fprintln(w, "\n| server | connections | p50 µs | p99 µs |")
-		fmt.Fprintln(w, "|---|---:|---:|---:|")
-		for _, target := range targets {
-			if lat := newConns[target]; len(lat) > 0 {
-				fmt.Fprintf(w, "| %s | %d | %.0f | %.0f |\n", target, len(lat), us(percentile(lat, 0.5)), us(percentile(lat, 0.99)))
 			}
 		}
 	}
@@ -637,6 +527,29 @@ func printReport(w io.Writer) {
 	if n := len(coldStarts); n > 0 {
 		fmt.Fprintf(w, "\nCold start, exec to /readyz 200 (%d starts): p50 %.1f ms, max %.1f ms.\n",
 			n, ms(percentile(coldStarts, 0.5)), ms(coldStarts[n-1]))
+	}
+}
+
+// printRSS writes the highest RSS of each daemon over the whole run,
+// sampled every 100 ms from its start.
+func printRSS(w io.Writer) {
+	if envVal == nil {
+		return
+	}
+	var rows []string
+	for _, d := range []*server{envVal.daemon, envVal.noaudit, envVal.other} {
+		if d != nil && d.rss != nil {
+			rows = append(rows, fmt.Sprintf("| %s | %.1f |", d.name, mb(d.rss.peak())))
+		}
+	}
+	if len(rows) == 0 {
+		return
+	}
+	fmt.Fprintln(w, "\nDaemon RSS, highest over the whole run (VmRSS sampled every 100 ms from the daemon's start to the report):")
+	fmt.Fprintln(w, "\n| daemon | peak RSS MB |")
+	fmt.Fprintln(w, "|---|---:|")
+	for _, r := range rows {
+		fmt.Fprintln(w, r)
 	}
 }
 

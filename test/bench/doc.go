@@ -2,25 +2,41 @@
 // server (the ceiling) that returns byte-for-byte the same IMDS responses,
 // and against amazon-ec2-metadata-mock (AEMM_BIN, default
 // bin/tools/ec2-metadata-mock), all as subprocesses on loopback, in one run
-// on one machine. As root it also measures the daemon behind its nftables
-// redirect against direct loopback, in a network namespace of its own
-// (BenchmarkIntercept), and BenchmarkNewConn measures a connection's first
-// credential GET.
+// on one machine (docs/benchmarks.md). Two daemons run side by side: the
+// default config (audit on, logging at info into a file, as on a host) and
+// the same with `access: {audit: false}`; -other.bin adds a third, another
+// build (an older commit, say), with the default config.
 //
 // Run it with `make bench`, or:
 //
-//	IMDSPROXY_BIN=$PWD/bin/imdsproxy AEMM_BIN=$PWD/bin/tools/ec2-metadata-mock go test -run '^$' -bench . -benchtime 5s -count 1 ./test/bench/
+//	IMDSPROXY_BIN=$PWD/bin/imdsproxy AEMM_BIN=$PWD/bin/tools/ec2-metadata-mock \
+//	  go test -run '^$' -bench . -benchtime 5s -count 1 -timeout 10m ./test/bench/ -args -pin 0/1 -paced.spin
 //
-// BenchmarkIMDS is closed loop (saturation); BenchmarkIMDSPaced is open loop
-// at a fixed offered load, set with -paced.rate (requests/s, comma-separated,
-// default 2000) and -paced.duration (default 5s), e.g.
+// -pin SERVER/CLIENT puts every server on the SERVER CPUs and every load
+// generator on the CLIENT CPUs. A generator that shares the server's CPUs
+// saturates before the server does and hides its cost, so the headline
+// benchmarks need it:
 //
-//	go test -run '^$' -bench Paced ./test/bench/ -paced.rate 500,2000
+//   - BenchmarkSaturation: the cached credential GET at 50 keep-alive
+//     connections from wrk (Debian's wrk, -t1 -c50), in alternating rounds
+//     over every server; req/s, p50, p99 and their ratios to the ceiling,
+//     and both processes' CPU to show which one was the bottleneck.
+//   - BenchmarkColdFlow: what an SDK does when a process starts (PUT token,
+//     GET listing, GET credentials, each on a new connection), from 1 and 8
+//     clients, on the idle host and with 2,000 more idle processes holding
+//     50 open files each, which it starts, kills and reaps itself.
+//
+// Also: BenchmarkIMDSPaced (open loop at a fixed offered load, the spin
+// generator with -paced.spin), BenchmarkIntercept (as root: the daemon
+// behind its nftables redirect in a network namespace of its own, against
+// direct loopback), BenchmarkTokenFlood (RSS under a token flood) and
+// BenchmarkColdStart. The RSS of each daemon is sampled from its start to
+// the end of the run.
 //
 // The benchmarks skip when IMDSPROXY_BIN is unset or names no file; the AEMM
-// rows skip when its binary is missing, and BenchmarkIntercept when not root
-// or without ip netns and nft, each with a message. Results
-// are reported with b.ReportMetric and, at the end of the run, as a markdown
-// table on stdout for docs/benchmarks.md. The package has no non-test code
-// besides this comment.
+// rows skip when its binary is missing, BenchmarkSaturation without -pin or
+// wrk, and BenchmarkIntercept when not root or without ip netns and nft,
+// each with a message. Results are reported with b.ReportMetric and, at the
+// end of the run, as markdown tables on stdout for docs/benchmarks.md. The
+// package has no non-test code besides this comment.
 package bench

@@ -3,6 +3,7 @@ package bench
 import (
 	"bufio"
 	"bytes"
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -42,15 +43,24 @@ type server struct {
 	tok   string // a valid IMDSv2 token, for the GETs
 	dial  dialFunc
 	out   *capBuffer
+	// rss samples a daemon's VmRSS every 100 ms from its start to the end
+	// of the run (the report's "RSS throughout"); nil for the others.
+	rss *rssSampler
 }
 
 // ep is where the load generator reaches s.
 func (s *server) ep() endpoint { return endpoint{base: s.base, role: s.role, dial: s.dial} }
 
-// stop sends SIGTERM and waits up to 10 s, then kills.
+// stop sends SIGTERM and waits up to 10 s, then kills; then it closes the
+// output file (String still reads it).
 func (s *server) stop() {
 	if s != nil {
 		s.proc.Stop(10 * time.Second)
+		if s.out != nil {
+			s.out.mu.Lock()
+			_ = s.out.f.Close()
+			s.out.mu.Unlock()
+		}
 	}
 }
 
@@ -59,44 +69,49 @@ func (s *server) exited() bool { return s.proc.Exited() }
 // state is how the process ended, for messages.
 func (s *server) state() *os.ProcessState { return s.proc.State() }
 
-// capBuffer keeps the first 64 KiB a subprocess writes and the last 32 KiB,
-// for error messages (AEMM logs two lines per request, and the reason it
-// stopped would be past the first 64 KiB).
+// capBuffer is a subprocess's output, kept in a file of the run's
+// directory. A daemon writes its log into that file itself (StartDaemon
+// hands the *os.File to exec), so no goroutine of the bench, which runs on
+// the load generator's CPU, copies it: a daemon pays for its own log lines,
+// as it does on a host, and nothing else does. Other writers (AEMM's and
+// the ceiling's pipes) go through Write. String returns the first 64 KiB
+// and the last 32 KiB, for error messages (AEMM logs two lines per request,
+// and the reason it stopped would be past the first 64 KiB).
 type capBuffer struct {
-	mu      sync.Mutex
-	b       bytes.Buffer
-	tail    []byte
-	dropped int64
+	mu sync.Mutex
+	f  *os.File
 }
 
 const capHead, capTail = 64 << 10, 32 << 10
 
+// newOutput creates the output file name.log in the run's directory.
+func (e *benchEnv) newOutput(name string) (*capBuffer, error) {
+	f, err := os.OpenFile(filepath.Join(e.dir, strings.NewReplacer("/", "_", " ", "_").Replace(name)+".log"),
+		os.O_CREATE|os.O_WRONLY|os.O_APPEND|os.O_TRUNC, 0o600)
+	if err != nil {
+		return nil, err
+	}
+	return &capBuffer{f: f}, nil
+}
+
 func (c *capBuffer) Write(p []byte) (int, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	q := p
-	if room := capHead - c.b.Len(); room > 0 {
-		n := min(len(q), room)
-		c.b.Write(q[:n])
-		q = q[n:]
-	}
-	if len(q) > 0 {
-		c.tail = append(c.tail, q...)
-		if over := len(c.tail) - capTail; over > 0 {
-			c.dropped += int64(over)
-			c.tail = append(c.tail[:0], c.tail[over:]...)
-		}
-	}
-	return len(p), nil
+	return c.f.Write(p)
 }
 
 func (c *capBuffer) String() string {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if len(c.tail) == 0 {
-		return c.b.String()
+	if c == nil {
+		return ""
 	}
-	return fmt.Sprintf("%s\n[... %d bytes left out ...]\n%s", c.b.Bytes(), c.dropped, c.tail)
+	b, err := os.ReadFile(c.f.Name())
+	if err != nil {
+		return fmt.Sprintf("[output %s: %v]", c.f.Name(), err)
+	}
+	if len(b) <= capHead+capTail {
+		return string(b)
+	}
+	return fmt.Sprintf("%s\n[... %d bytes left out ...]\n%s", b[:capHead], len(b)-capHead-capTail, b[len(b)-capTail:])
 }
 
 // wireResponse is one captured response of the daemon.
@@ -123,8 +138,18 @@ type benchEnv struct {
 	upstream string
 	jwtFile  string
 
-	daemon       *server
-	daemonToken  string
+	daemon      *server
+	daemonToken string
+	// noaudit is a second daemon, the same config plus
+	// `access: {audit: false}`; nil (and noauditSkip says why) when it
+	// did not start.
+	noaudit     *server
+	noauditSkip string
+	// other is a daemon from -other.bin (another build, e.g. an older
+	// commit), with the default daemon's config; nil when -other.bin is
+	// unset or it did not start (otherSkip says why).
+	other        *server
+	otherSkip    string
 	firstReady   time.Duration // cold start of the long-running daemon
 	ceiling      *server
 	ceilingToken string
@@ -180,7 +205,14 @@ func teardown() {
 	if e == nil {
 		return
 	}
+	for _, d := range []*server{e.daemon, e.noaudit, e.other} {
+		if d != nil && d.rss != nil {
+			d.rss.stop()
+		}
+	}
 	e.daemon.stop()
+	e.noaudit.stop()
+	e.other.stop()
 	e.ceiling.stop()
 	e.aemm.stop()
 	e.ns.teardown()
@@ -244,6 +276,17 @@ func newEnv(bin string) (_ *benchEnv, err error) {
 	}
 	e.daemon.role, e.daemon.tok = e2e.RoleName, e.daemonToken
 	e.ceiling.role, e.ceiling.tok = e2e.RoleName, e.ceilingToken
+	e.daemon.rss = newRSSSampler(e.daemon.pid, 100*time.Millisecond)
+	e.noaudit, e.noauditSkip = e.startExtraDaemon(daemonSpec{name: "daemon-noaudit", extra: "access: {audit: false}\n"})
+	if e.noauditSkip != "" {
+		fmt.Fprintf(os.Stderr, "\n*** SKIPPING the daemon with access: {audit: false}: %s ***\n\n", e.noauditSkip)
+	}
+	if *otherBin != "" {
+		e.other, e.otherSkip = e.startExtraDaemon(daemonSpec{name: "daemon-" + *otherName, bin: *otherBin})
+		if e.otherSkip != "" {
+			fmt.Fprintf(os.Stderr, "\n*** SKIPPING the daemon of -other.bin %s: %s ***\n\n", *otherBin, e.otherSkip)
+		}
+	}
 	e.aemm, e.aemmSkip = e.startAEMM()
 	if e.aemmSkip != "" {
 		fmt.Fprintf(os.Stderr, "\n*** SKIPPING amazon-ec2-metadata-mock: %s ***\n\n", e.aemmSkip)
@@ -261,17 +304,68 @@ func (e *benchEnv) daemonEnv(stsURL string) []string {
 	return append(e2e.Environ(), "AWS_REGION=us-east-1", "AWS_ENDPOINT_URL_STS="+stsURL)
 }
 
-// startDaemon writes a config with fresh ports, starts the daemon and waits
-// for /readyz to answer 200. The duration is from exec to that answer.
-func (e *benchEnv) startDaemon() (*server, time.Duration, error) { return e.startDaemonIn(nil) }
+// daemonSpec says which daemon to start: the default one (the zero value:
+// IMDSPROXY_BIN, the default config, logging at the default level, info,
+// so that the audit lines are written as in production), or a variant.
+type daemonSpec struct {
+	name  string // for messages and the report; "" is "daemon"
+	bin   string // "" is IMDSPROXY_BIN
+	extra string // appended to the config
+	// ns, when set, runs the daemon inside that network namespace (ip
+	// netns exec, which execs, so the pid is the daemon's) with
+	// interception enabled, talking to the fakes ns serves there.
+	ns *nsEnv
+}
 
-// startDaemonIn is startDaemon; with ns set, the daemon runs inside that
-// network namespace (ip netns exec, which execs, so the pid is the daemon's)
-// with interception enabled, and talks to the fakes ns serves there.
+// startDaemon writes a config with fresh ports, starts the default daemon
+// and waits for /readyz to answer 200. The duration is from exec to that
+// answer.
+func (e *benchEnv) startDaemon() (*server, time.Duration, error) {
+	return e.startDaemonWith(daemonSpec{})
+}
+
+// startDaemonIn is startDaemon inside the network namespace ns.
 func (e *benchEnv) startDaemonIn(ns *nsEnv) (*server, time.Duration, error) {
+	return e.startDaemonWith(daemonSpec{ns: ns})
+}
+
+// startExtraDaemon starts the daemon of spec beside the default one, checks
+// that it lists the role and serves its credentials, and samples its RSS.
+// It returns a reason to skip instead of an error.
+func (e *benchEnv) startExtraDaemon(spec daemonSpec) (*server, string) {
+	s, _, err := e.startDaemonWith(spec)
+	if err != nil {
+		return nil, err.Error()
+	}
+	c := newClient()
+	defer c.CloseIdleConnections()
+	tok, err := roundTrip(c, http.MethodPut, s.base+e2e.TokenPath, "")
+	if err == nil && (tok.Status != http.StatusOK || len(tok.Body) == 0) {
+		err = fmt.Errorf("token: status %d body %.100q", tok.Status, tok.Body)
+	}
+	if err == nil {
+		var cr wireResponse
+		cr, err = roundTrip(c, http.MethodGet, s.base+e2e.CredentialsPath+e2e.RoleName, string(tok.Body))
+		if err == nil && (cr.Status != http.StatusOK || !bytes.Contains(cr.Body, []byte(`"AccessKeyId"`))) {
+			err = fmt.Errorf("credentials: status %d body %.200q", cr.Status, cr.Body)
+		}
+	}
+	if err != nil {
+		s.stop()
+		return nil, fmt.Sprintf("%s: %v; output:\n%s", s.name, err, tail(s.out.String(), 2000))
+	}
+	s.tok = string(tok.Body)
+	s.rss = newRSSSampler(s.pid, 100*time.Millisecond)
+	return s, ""
+}
+
+// startDaemonWith starts the daemon of spec.
+func (e *benchEnv) startDaemonWith(spec daemonSpec) (*server, time.Duration, error) {
+	ns, bin := spec.ns, cmp.Or(spec.bin, e.bin)
+	var err error
 	port, err1 := e2e.FreePort()
 	admin, err2 := e2e.FreePort()
-	if err := errors.Join(err1, err2); err != nil {
+	if err = errors.Join(err1, err2); err != nil {
 		return nil, 0, err
 	}
 	if port == admin {
@@ -286,18 +380,20 @@ func (e *benchEnv) startDaemonIn(ns *nsEnv) (*server, time.Duration, error) {
 	cfgPath := filepath.Join(e.dir, fmt.Sprintf("config-%d.yaml", e.nstarted))
 	cfg := e2e.Config{
 		Port: port, AdminPort: admin, Upstream: upstream,
-		Identity: e2e.WebIdentityYAML(e2e.RoleARN, e2e.RoleName, e.jwtFile), Extra: extra,
+		Identity: e2e.WebIdentityYAML(e2e.RoleARN, e2e.RoleName, e.jwtFile), Extra: extra + spec.extra,
 	}
 	if err := os.WriteFile(cfgPath, []byte(cfg.YAML()), 0o600); err != nil {
 		return nil, 0, err
 	}
-	s := &server{name: "daemon", base: fmt.Sprintf("http://127.0.0.1:%d", port), role: e2e.RoleName, dial: dial,
-		admin: fmt.Sprintf("http://127.0.0.1:%d", admin),
-		out:   &capBuffer{}}
+	s := &server{name: cmp.Or(spec.name, "daemon"), base: fmt.Sprintf("http://127.0.0.1:%d", port), role: e2e.RoleName, dial: dial,
+		admin: fmt.Sprintf("http://127.0.0.1:%d", admin)}
+	if s.out, err = e.newOutput(fmt.Sprintf("%s-%d", s.name, e.nstarted)); err != nil {
+		return nil, 0, err
+	}
 	command := pinnedCommand
 	if ns != nil {
 		// Rules first, as ExecStartPre would.
-		inst := exec.Command("ip", "netns", "exec", ns.name, e.bin, "intercept", "install", "--config", cfgPath)
+		inst := exec.Command("ip", "netns", "exec", ns.name, bin, "intercept", "install", "--config", cfgPath)
 		inst.Env = e.daemonEnv(stsURL)
 		if out, err := inst.CombinedOutput(); err != nil {
 			return nil, 0, fmt.Errorf("imdsproxy intercept install in %s: %v: %s", ns.name, err, out)
@@ -310,10 +406,9 @@ func (e *benchEnv) startDaemonIn(ns *nsEnv) (*server, time.Duration, error) {
 	poll := &http.Client{Timeout: time.Second, Transport: &http.Transport{Proxy: nil, DisableKeepAlives: true, DialContext: dial}}
 
 	t0 := time.Now()
-	var err error
 	s.proc, err = e2e.StartDaemon(e2e.DaemonOptions{
-		Bin: e.bin, Config: cfgPath, Args: []string{"--log-level", "warn"},
-		Env: e.daemonEnv(stsURL), Command: command, Out: s.out,
+		Bin: bin, Config: cfgPath,
+		Env: e.daemonEnv(stsURL), Command: command, Out: s.out.f,
 	})
 	if err != nil {
 		return nil, 0, err
@@ -321,7 +416,7 @@ func (e *benchEnv) startDaemonIn(ns *nsEnv) (*server, time.Duration, error) {
 	s.pid = s.proc.Pid()
 	if err := e2e.WaitOK(poll, s.admin+"/readyz", 20*time.Second, time.Millisecond, s.proc); err != nil {
 		s.stop()
-		return nil, 0, fmt.Errorf("daemon not ready: %v; output:\n%s", err, s.out)
+		return nil, 0, fmt.Errorf("%s (%s) not ready: %v; output:\n%s", s.name, bin, err, s.out)
 	}
 	return s, time.Since(t0), nil
 }
@@ -400,7 +495,10 @@ func (e *benchEnv) startCeiling() (*server, error) {
 	if err != nil {
 		return nil, err
 	}
-	s := &server{name: "ceiling", out: &capBuffer{}}
+	s := &server{name: "ceiling"}
+	if s.out, err = e.newOutput("ceiling"); err != nil {
+		return nil, err
+	}
 	cmd := pinnedCommand(self)
 	cmd.Env = append(os.Environ(), ceilingEnv+"="+spec)
 	cmd.Stderr = s.out

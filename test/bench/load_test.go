@@ -309,6 +309,9 @@ func (s *rssSampler) sample() {
 	}
 }
 
+// peak is the highest VmRSS in KiB sampled so far.
+func (s *rssSampler) peak() int64 { return s.max.Load() }
+
 // stop takes a last sample, stops the sampler and returns the highest VmRSS in KiB.
 func (s *rssSampler) stop() int64 {
 	close(s.quit)
