@@ -108,7 +108,7 @@ func startRotationLoad(c *chain) *rotationLoad {
 	}
 	client := c.stsClient()
 	every(l.dirRate, func() {
-		st, tok, err := postToken(c.iss.url, c.inst.Document, c.inst.PKCS7, "billing")
+		st, tok, err := postToken(c.iss.listen, c.inst.Document, c.inst.PKCS7, "billing")
 		if err != nil || st != http.StatusOK {
 			l.fail("issuer: %d %v %s", st, err, tok)
 			return
@@ -155,12 +155,15 @@ func kidsOf(list []sts.Issued) []string {
 }
 
 // TestIssuerKeyRotation is the rotation procedure of docs/issuer.md run
-// under load: add the new key second (SIGHUP; the JWKS publishes both, the
-// old key still signs), then move it first (SIGHUP; new tokens carry its
-// kid). The daemon refreshes every few seconds with a fresh token each
-// time (one-minute tokens, eight-second sessions) and a direct client trades
-// a fresh token with STS every 150 ms: no client request and no STS call
-// fails throughout.
+// under load: add the new key second (SIGHUP and publish; the published
+// JWKS has both, the old key still signs), then move it first (SIGHUP; new
+// tokens carry its kid). The daemon refreshes every few seconds with a
+// fresh token each time (one-minute tokens, eight-second sessions) and a
+// direct client trades a fresh token with STS every 150 ms: no client
+// request and no STS call fails throughout. (The waits of the procedure
+// are left out: the STS fake reads the published JWKS on every call and
+// caches nothing.) Last, to show STS really reads the published keys, a
+// third key moved first without publishing is refused until published.
 func TestIssuerKeyRotation(t *testing.T) {
 	t.Parallel()
 	c := startChain(t, chainOptions{noWorkloads: true, tokenTTL: time.Minute, sessionLength: 8 * time.Second})
@@ -199,9 +202,13 @@ func TestIssuerKeyRotation(t *testing.T) {
 	}
 	waitIssues("exchanges with the first key", time.Time{}, 2, kid1)
 
-	// 1. Publish the new key second: the old one still signs.
+	// 1. Add the new key second and publish: the old one still signs.
 	kids := c.setKeys(t, []string{k1, k2}, 2, kid1)
 	kid2 := kids[1]
+	c.publish(t)
+	if got := c.publishedKids(t); !slices.Equal(got, []string{kid1, kid2}) {
+		t.Fatalf("published JWKS %v, want %v", got, []string{kid1, kid2})
+	}
 	published := time.Now()
 	daemon, direct := waitIssues("exchanges after publishing the second key", published, 2, "")
 	if k := kidsOf(append(daemon, direct...)); !slices.Equal(k, []string{kid1}) {
@@ -232,6 +239,27 @@ func TestIssuerKeyRotation(t *testing.T) {
 	}
 	if imdsOK < 20 || directOK < 5 {
 		t.Errorf("too little load to call it a drill: %d fetches, %d exchanges", imdsOK, directOK)
+	}
+
+	// A key that signs before it is published: STS cannot find its kid.
+	p3, pem3 := newES256KeyFile(t, c.iss.dir, "signing-3.pem")
+	c.iss.keyPEMs = append(c.iss.keyPEMs, pem3)
+	kid3 := c.setKeys(t, []string{fmt.Sprintf("{file: %q}", p3), k2, k1}, 3, "")[0]
+	exchange := func() error {
+		st, tok := c.issuerToken(t, c.inst.Document, c.inst.PKCS7, "billing")
+		if st != http.StatusOK {
+			t.Fatalf("issuer: %d %s", st, tok)
+		}
+		_, err := c.stsClient().AssumeRoleWithWebIdentity(context.Background(), &awssts.AssumeRoleWithWebIdentityInput{
+			RoleArn: aws.String(billingARN), RoleSessionName: aws.String("unpublished"), WebIdentityToken: aws.String(tok)})
+		return err
+	}
+	if err := exchange(); apiErrorCode(err) != "InvalidIdentityToken" {
+		t.Fatalf("a token of the unpublished key %s: %v, want InvalidIdentityToken", kid3, err)
+	}
+	c.publish(t)
+	if err := exchange(); err != nil {
+		t.Fatalf("a token of the key %s once published: %v", kid3, err)
 	}
 }
 
@@ -279,7 +307,7 @@ func TestIssuerKMSKey(t *testing.T) {
 			if kids := c.jwksKids(t); len(kids) != 1 || is.TokenKID != kids[0] || is.TokenAlg != tc.alg || is.Subject != hostSubject {
 				t.Fatalf("STS accepted a token of kid %q alg %s sub %q; the JWKS has %v; want %s", is.TokenKID, is.TokenAlg, is.Subject, kids, tc.alg)
 			}
-			st, body, err := e2e.GetURL(c.iss.url + "/readyz")
+			st, body, err := e2e.GetURL(c.iss.listen + "/readyz")
 			if err != nil || st != http.StatusOK || !strings.Contains(body, "kms") {
 				t.Fatalf("/readyz %d %q %v, want ready, signing with kms", st, body, err)
 			}

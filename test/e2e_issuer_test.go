@@ -17,6 +17,7 @@ import (
 	"io"
 	"net/http"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -30,6 +31,7 @@ import (
 
 	"github.com/imdsproxy/imdsproxy/test/e2e"
 	fakeec2 "github.com/imdsproxy/imdsproxy/test/fakes/ec2"
+	fakes3 "github.com/imdsproxy/imdsproxy/test/fakes/s3"
 	"github.com/imdsproxy/imdsproxy/test/fakes/instance"
 	"github.com/imdsproxy/imdsproxy/test/fakes/sts"
 )
@@ -38,15 +40,23 @@ import (
 // and EC2: the daemon (bin/imdsproxy, identity.jwt_url) attests a stand-in
 // instance (test/fakes/instance, served by amazon-ec2-metadata-mock) to
 // bin/imdsproxy-issuer, which mints a token per workload; the fake STS
-// verifies each token as AWS STS does, fetching the issuer's discovery
-// document and JWKS (kid, alg, signature, iss, aud, exp) and applying a
-// trust policy per role (sub, sts:TagSession); real clients (AWS CLI,
-// boto3, aws-sdk-go-v2) get what it issued.
+// verifies each token as AWS STS does, fetching the discovery document and
+// JWKS from where `imdsproxy-issuer publish` put them (a public bucket of
+// the S3 fake, standing for the CDN), checking kid, alg, signature, iss,
+// aud and exp, and applying a trust policy per role (sub, sts:TagSession);
+// real clients (AWS CLI, boto3, aws-sdk-go-v2) get what it issued.
 
 // subjects and the roles trusting exactly one of them each. The host's own
 // role (e2e.RoleARN, served to every process no workload matches) trusts
 // the issuer's default subject, hostSubject.
 const hostSubject = "app"
+
+// The issuer's own AWS credentials (EC2, KMS, S3 publishing): dummies the
+// fakes accept.
+const (
+	issuerKeyID  = "AKIAISSUEREXAMPLE000"
+	issuerSecret = "issuer-dummy-secret-key"
+)
 
 var chainTrust = map[string]string{e2e.RoleARN: hostSubject, billingARN: "billing", reportsARN: "reports"}
 
@@ -78,14 +88,21 @@ type chain struct {
 	o    chainOptions
 	inst *e2e.Instance
 	ec2  *fakeec2.Server
+	s3   *fakes3.Server // the "CDN" the issuer publishes to
 	iss  *issuerProc
 	// workloads is the daemon's workloads: section (SIGHUP re-renders).
 	workloads string
 }
 
-// issuerProc is a running bin/imdsproxy-issuer.
+// issuerProc is a running bin/imdsproxy-issuer. Its documents are
+// published (imdsproxy-issuer publish) to a public bucket of the S3 fake,
+// which stands for the CDN: the issuer identifier (iss) is that bucket's
+// URL, and STS reads the discovery document and JWKS from there.
 type issuerProc struct {
-	dir, addr, url, cfgPath string
+	// addr and listen are the listener (host:port, http://host:port): the
+	// token endpoint. id is the issuer identifier, the published URL.
+	dir, addr, listen, id, cfgPath string
+	env                            []string
 	render                  func(keys []string) string
 	proc                    *e2e.Process
 	log                     *e2e.LockedBuffer
@@ -139,11 +156,16 @@ func startChain(t *testing.T, o chainOptions) *chain {
 		t.Fatal(err)
 	}
 	c.iss.addr = fmt.Sprintf("127.0.0.1:%d", port)
-	c.iss.url = "http://" + c.iss.addr
+	c.iss.listen = "http://" + c.iss.addr
+	c.s3 = fakes3.Start(t)
+	c.s3.CreateBucket("oidc")
+	c.s3.SetPublicRead("oidc", true)
+	c.s3.AllowSigned(issuerKeyID, issuerSecret, "")
+	c.iss.id = c.s3.URL + "/oidc/imds"
 
 	// STS trusts the issuer by its URL, as an IAM OIDC provider does, and
 	// each role exactly one subject.
-	fake := sts.Start(t, sts.Config{IssuerURL: c.iss.url, RoleARN: e2e.RoleARN})
+	fake := sts.Start(t, sts.Config{IssuerURL: c.iss.id, RoleARN: e2e.RoleARN})
 	for role, sub := range chainTrust {
 		fake.SetTrust(role, sts.Trust{Subjects: []string{sub}, TagSession: true})
 	}
@@ -194,19 +216,21 @@ policy:
     principal_tags: {workload: "{workload}", instance: "{instanceId}", account: "{accountId}", region: "{region}"}
     transitive_tag_keys: [workload]
 rate_limit: {per_host_per_minute: 0}
-`, c.iss.addr, c.iss.url, strings.Join(keys, "\n    - "), ca, fake.URL, c.ec2.URL, ec2Cache, o.tokenTTL,
-			c.inst.AccountID, c.inst.Region, c.inst.ProfileRole, hostSubject)
+publish: {bucket: oidc, prefix: imds, region: us-east-1, endpoint: %q, path_style: true}
+`, c.iss.addr, c.iss.id, strings.Join(keys, "\n    - "), ca, fake.URL, c.ec2.URL, ec2Cache, o.tokenTTL,
+			c.inst.AccountID, c.inst.Region, c.inst.ProfileRole, hostSubject, c.s3.URL)
 	}
 	c.iss.cfgPath = filepath.Join(c.iss.dir, "issuer.yaml")
 	writeFile(t, c.iss.cfgPath, c.iss.render(keys), 0o600)
 	empty := filepath.Join(c.iss.dir, "empty")
 	writeFile(t, empty, "", 0o600)
-	env := append(e2e.Environ("HOME"), "HOME="+c.iss.dir, "NO_PROXY=*", "no_proxy=*",
-		// Credentials of the issuer itself (EC2, KMS): dummies the fakes accept.
-		"AWS_REGION=us-east-1", "AWS_ACCESS_KEY_ID=AKIAISSUEREXAMPLE000", "AWS_SECRET_ACCESS_KEY=issuer-dummy-secret",
-		"AWS_EC2_METADATA_DISABLED=true", "AWS_CONFIG_FILE="+empty, "AWS_SHARED_CREDENTIALS_FILE="+empty)
+	c.iss.env = append(append(e2e.Environ("HOME"), "HOME="+c.iss.dir, "NO_PROXY=*", "no_proxy=*",
+		// Credentials of the issuer itself (EC2, KMS, S3): dummies the fakes accept.
+		"AWS_REGION=us-east-1", "AWS_ACCESS_KEY_ID="+issuerKeyID, "AWS_SECRET_ACCESS_KEY="+issuerSecret,
+		"AWS_EC2_METADATA_DISABLED=true", "AWS_CONFIG_FILE="+empty, "AWS_SHARED_CREDENTIALS_FILE="+empty), o.issuerEnv...)
+	c.publish(t)
 	c.iss.proc, err = e2e.StartIssuer(e2e.IssuerOptions{Config: c.iss.cfgPath, Addr: c.iss.addr, Dir: c.iss.dir,
-		Env: append(env, o.issuerEnv...), Out: c.iss.log})
+		Env: c.iss.env, Out: c.iss.log})
 	if err != nil {
 		t.Fatalf("%v\n%s", err, c.iss.log)
 	}
@@ -227,7 +251,7 @@ rate_limit: {per_host_per_minute: 0}
 func (c *chain) identityYAML(*daemonEnv) string {
 	issuer := ""
 	if c.o.attestation == "aws_iam" {
-		issuer = "\n  issuer: " + c.iss.url
+		issuer = "\n  issuer: " + c.iss.id
 	}
 	return fmt.Sprintf(`role: {arn: %q, name: %s, duration: 1h}
 source: web-identity
@@ -236,7 +260,7 @@ identity:
   attestation: %s%s
   insecure_http: true
   timeout: 5s
-%s`, e2e.RoleARN, e2e.RoleName, c.iss.url, c.o.attestation, issuer, c.workloads)
+%s`, e2e.RoleARN, e2e.RoleName, c.iss.listen, c.o.attestation, issuer, c.workloads)
 }
 
 // secrets are the chain's secrets beyond the daemon's own: the instance
@@ -294,7 +318,7 @@ func requireAEMMBinary(t *testing.T) {
 // the error body.
 func (c *chain) issuerToken(t *testing.T, doc, pkcs7, workload string) (int, string) {
 	t.Helper()
-	st, body, err := postToken(c.iss.url, doc, pkcs7, workload)
+	st, body, err := postToken(c.iss.listen, doc, pkcs7, workload)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -327,12 +351,23 @@ func postToken(issuerURL, doc, pkcs7, workload string) (int, string, error) {
 	return resp.StatusCode, out.Token, nil
 }
 
-// jwksKids lists the kids of the issuer's JWKS, in order.
+// jwksKids lists the kids of the JWKS the issuer serves, in order.
 func (c *chain) jwksKids(t testing.TB) []string {
 	t.Helper()
-	st, body, err := e2e.GetURL(c.iss.url + "/.well-known/jwks.json")
+	return kidsAt(t, c.iss.listen+"/.well-known/jwks.json")
+}
+
+// publishedKids lists the kids of the published JWKS (what STS reads).
+func (c *chain) publishedKids(t testing.TB) []string {
+	t.Helper()
+	return kidsAt(t, c.iss.id+"/.well-known/jwks.json")
+}
+
+func kidsAt(t testing.TB, url string) []string {
+	t.Helper()
+	st, body, err := e2e.GetURL(url)
 	if err != nil || st != http.StatusOK {
-		t.Fatalf("GET jwks: %d %v", st, err)
+		t.Fatalf("GET %s: %d %v", url, st, err)
 	}
 	var set struct{ Keys []struct{ Kid string } }
 	if err := json.Unmarshal([]byte(body), &set); err != nil {
@@ -343,6 +378,23 @@ func (c *chain) jwksKids(t testing.TB) []string {
 		kids = append(kids, k.Kid)
 	}
 	return kids
+}
+
+// publish runs `imdsproxy-issuer publish` with the issuer's config and
+// environment: the JWKS and the discovery document go to the bucket.
+func (c *chain) publish(t *testing.T) {
+	t.Helper()
+	bin, err := e2e.IssuerBinary()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, bin, "publish", "--config", c.iss.cfgPath)
+	cmd.Dir, cmd.Env = c.iss.dir, c.iss.env
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("imdsproxy-issuer publish: %v\n%s", err, out)
+	}
 }
 
 // stsClient is an aws-sdk-go-v2 STS client of the fake, anonymous (as
@@ -418,10 +470,10 @@ func (c *chain) resolveAll(t *testing.T, homes *uidHomes, uid int) []clientGot {
 
 // checkIssued checks that every client got exactly a credential the fake
 // STS issued for role, assumed with a token of subject sub signed by a key
-// the issuer publishes, carrying the policy's session tags.
+// the issuer published, carrying the policy's session tags.
 func (c *chain) checkIssued(t *testing.T, got []clientGot, role, sub string) {
 	t.Helper()
-	kids := c.jwksKids(t)
+	kids := c.publishedKids(t)
 	for _, g := range got {
 		is, ok := c.sts.Find(g.key)
 		switch {
@@ -548,7 +600,7 @@ func TestIssuerChain(t *testing.T) {
 // issuerMetrics scrapes the issuer's /metrics.
 func issuerMetrics(t *testing.T, c *chain) e2e.Metrics {
 	t.Helper()
-	st, body, err := e2e.GetURL(c.iss.url + "/metrics")
+	st, body, err := e2e.GetURL(c.iss.listen + "/metrics")
 	if err != nil || st != http.StatusOK {
 		t.Fatalf("issuer /metrics: %d %v", st, err)
 	}
