@@ -31,8 +31,8 @@ import (
 
 	"github.com/imdsproxy/imdsproxy/test/e2e"
 	fakeec2 "github.com/imdsproxy/imdsproxy/test/fakes/ec2"
-	fakes3 "github.com/imdsproxy/imdsproxy/test/fakes/s3"
 	"github.com/imdsproxy/imdsproxy/test/fakes/instance"
+	fakes3 "github.com/imdsproxy/imdsproxy/test/fakes/s3"
 	"github.com/imdsproxy/imdsproxy/test/fakes/sts"
 )
 
@@ -103,10 +103,10 @@ type issuerProc struct {
 	// token endpoint. id is the issuer identifier, the published URL.
 	dir, addr, listen, id, cfgPath string
 	env                            []string
-	render                  func(keys []string) string
-	proc                    *e2e.Process
-	log                     *e2e.LockedBuffer
-	keyPEMs                 [][]byte // private keys of file keys: never to be logged
+	render                         func(keys []string) string
+	proc                           *e2e.Process
+	log                            *e2e.LockedBuffer
+	keyPEMs                        [][]byte // private keys of file keys: never to be logged
 }
 
 // newES256KeyFile writes a new P-256 key, PKCS #8 PEM, mode 0600.
