@@ -78,10 +78,21 @@ func (r *Resolver) lookup(ctx context.Context, ns uint64, local, remote *net.TCP
 // process is Process on Linux.
 func (r *Resolver) process(ctx context.Context, info Info) Info {
 	s := info.sock
-	pid := 0
+	pid, start, cached := 0, uint64(0), false
+	var entry procEntry
 	if r.bpf != nil && s.cookie != 0 {
-		if rec, ok := r.bpf.lookup(s.cookie); ok && r.madeBy(int(rec.TGID), rec.Created) {
-			pid = int(rec.TGID)
+		if rec, ok := r.bpf.lookup(s.cookie); ok {
+			tgid, created := int(rec.TGID), rec.Created/nsPerUserHZTick
+			// starttime is rounded down to a tick: a process started within
+			// the tick after the socket's creation passes, one started
+			// later (a pid reused since) does not.
+			if e, ok := r.procs.get(tgid, time.Now()); ok {
+				if e.start <= created {
+					pid, info.Exe, cached, entry = tgid, e.exe, true, e
+				}
+			} else if st, ok := r.startTime(tgid); ok && st <= created {
+				pid, start = tgid, st
+			}
 		}
 	}
 	if pid == 0 && s.inode != 0 && s.cgroupRel != "" && (r.allFDs || info.UID == r.euid) {
@@ -92,30 +103,47 @@ func (r *Resolver) process(ctx context.Context, info Info) Info {
 	}
 	info.PID = pid
 	base := r.proc + "/" + strconv.Itoa(pid)
-	if exe, err := r.fs.Readlink(base + "/exe"); err == nil {
-		info.Exe = exe
+	if !cached {
+		if exe, err := r.fs.Readlink(base + "/exe"); err == nil {
+			info.Exe = exe
+		}
+		entry = procEntry{start: start, exe: info.Exe}
 	}
 	if info.Cgroup == "" || info.Cgroup == "/" || info.UnitUnknown {
 		// The kernel's record tells nothing: the process's cgroup now.
-		if cg, err := r.fs.ReadFile(base+"/cgroup", maxProcFileBytes); err == nil {
+		if cached && entry.unitRead {
+			info.Unit, info.UnitUnknown = entry.unit, false
+		} else if cg, err := r.fs.ReadFile(base+"/cgroup", maxProcFileBytes); err == nil {
 			info.Unit, info.UnitUnknown = unitFromCgroup(string(cg)), false
+			entry.unit, entry.unitRead = info.Unit, true
+			cached = false // store the unit too
 		}
+	}
+	if !cached && entry.start != 0 {
+		r.procs.put(pid, entry, time.Now())
 	}
 	return info
 }
 
 // madeBy reports whether pid is alive and started no later than created
 // (CLOCK_BOOTTIME, ns): not a later process that reused the pid of a
-// socket's creator. /proc/<pid>/stat is readable by everyone.
+// socket's creator.
 func (r *Resolver) madeBy(pid int, created uint64) bool {
-	data, err := r.fs.ReadFile(r.proc+"/"+strconv.Itoa(pid)+"/stat", maxProcFileBytes)
-	if err != nil {
-		return false
-	}
-	start, ok := parseStartTime(data)
+	start, ok := r.startTime(pid)
 	// starttime is rounded down to a tick: a process started within the
 	// tick after the socket's creation passes, one started later does not.
 	return ok && start <= created/nsPerUserHZTick
+}
+
+// startTime is the start time of the live process pid (clock ticks after
+// boot), to tell a socket's creator from a later process that reused its
+// pid. /proc/<pid>/stat is readable by everyone.
+func (r *Resolver) startTime(pid int) (uint64, bool) {
+	data, err := r.fs.ReadFile(r.proc+"/"+strconv.Itoa(pid)+"/stat", maxProcFileBytes)
+	if err != nil {
+		return 0, false
+	}
+	return parseStartTime(data)
 }
 
 // parseStartTime returns the starttime field (clock ticks after boot) of

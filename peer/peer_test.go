@@ -304,3 +304,33 @@ func TestUnitOfSelf(t *testing.T) {
 		t.Errorf("Unit = %q, want %q", info.Unit, want)
 	}
 }
+
+// TestProcCache: an entry is trusted for procCacheTTL from its first read,
+// not after, not before it (a clock that went back), and an update keeps
+// the time of the first read; a full cache is emptied.
+func TestProcCache(t *testing.T) {
+	var c procCache
+	t0 := time.Unix(1000, 0)
+	if _, ok := c.get(7, t0); ok {
+		t.Fatal("an empty cache answered")
+	}
+	c.put(7, procEntry{start: 5, exe: "/usr/bin/aws"}, t0)
+	if e, ok := c.get(7, t0.Add(procCacheTTL-time.Millisecond)); !ok || e.start != 5 || e.exe != "/usr/bin/aws" {
+		t.Fatalf("within the TTL: %+v %v", e, ok)
+	}
+	e, _ := c.get(7, t0)
+	e.unit, e.unitRead = "app.service", true
+	c.put(7, e, t0.Add(procCacheTTL/2))
+	if _, ok := c.get(7, t0.Add(procCacheTTL)); ok {
+		t.Error("an entry outlived its TTL (an update must not extend it)")
+	}
+	if _, ok := c.get(7, t0.Add(-time.Second)); ok {
+		t.Error("an entry was trusted before it was read")
+	}
+	for pid := range maxProcCache + 1 {
+		c.put(100+pid, procEntry{start: 1}, t0)
+	}
+	if n := len(c.m); n > maxProcCache {
+		t.Errorf("%d entries, want at most %d", n, maxProcCache)
+	}
+}

@@ -60,6 +60,7 @@ type Resolver struct {
 	allFDs   bool        // may read every process's fds (see canReadAllFDs)
 	euid     int         // whose fds are readable without it
 	mode     string
+	procs    procCache // ModeEBPF: the start time and exe of recent socket creators
 
 	closeOnce sync.Once
 	closeErr  error
@@ -250,4 +251,55 @@ func (r *Resolver) Process(ctx context.Context, info Info) Info {
 		return info
 	}
 	return r.process(ctx, info)
+}
+
+// procCacheTTL is how long Process trusts what it read of a process (its
+// start time and executable) for the next sockets the same pid made. A
+// client opens one connection per request (the SDK's cold flow: token,
+// listing, credentials), and reading /proc/<pid>/stat and /proc/<pid>/exe
+// costs more than the rest of the identification. Within a second, the
+// pid cannot have been reused (the kernel hands pids out in a cycle of
+// pid_max) and an exec is reported a second late at most: both fields are
+// best effort and never used in decisions.
+const procCacheTTL = time.Second
+
+// maxProcCache bounds procCache; a full cache is emptied.
+const maxProcCache = 1024
+
+// procEntry is what Process read of one process.
+type procEntry struct {
+	start    uint64 // starttime, clock ticks after boot
+	exe      string
+	unit     string // from /proc/<pid>/cgroup, when unitRead
+	unitRead bool
+	at       time.Time
+}
+
+// procCache maps pids to procEntry, for procCacheTTL; safe for concurrent
+// use, the zero value empty.
+type procCache struct {
+	mu sync.Mutex
+	m  map[int]procEntry
+}
+
+func (c *procCache) get(pid int, now time.Time) (procEntry, bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	e, ok := c.m[pid]
+	if !ok || now.Sub(e.at) >= procCacheTTL || now.Before(e.at) {
+		return procEntry{}, false
+	}
+	return e, true
+}
+
+func (c *procCache) put(pid int, e procEntry, now time.Time) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.m == nil || len(c.m) >= maxProcCache {
+		c.m = make(map[int]procEntry)
+	}
+	if e.at.IsZero() { // an entry updated (its unit added) keeps the time of its first read
+		e.at = now
+	}
+	c.m[pid] = e
 }
