@@ -37,8 +37,8 @@ import (
 // ratios to the ceiling run just before it.
 
 var (
-	satDuration = flag.Duration("sat.duration", 5*time.Second, "length of each wrk run of BenchmarkSaturation")
-	satRounds   = flag.Int("sat.rounds", 3, "alternating rounds of BenchmarkSaturation")
+	satDuration = flag.Duration("sat.duration", 4*time.Second, "length of each wrk run of BenchmarkSaturation")
+	satRounds   = flag.Int("sat.rounds", 5, "alternating rounds of BenchmarkSaturation")
 	otherBin    = flag.String("other.bin", "", "also measure this imdsproxy binary (an older build, say) with the default daemon's config, in BenchmarkSaturation")
 	otherName   = flag.String("other.name", "other", "name of the -other.bin daemon in the report (daemon-NAME)")
 )
