@@ -64,6 +64,14 @@ func (r wrkRun) ServerBusy() float64 { return 100 * float64(r.ServerCPU) / float
 // GenBusy is wrk's CPU time over the run, in percent of one CPU.
 func (r wrkRun) GenBusy() float64 { return 100 * float64(r.GenCPU) / float64(r.Elapsed) }
 
+// CPUPerReq is the server's CPU time per request answered, in µs.
+func (r wrkRun) CPUPerReq() float64 {
+	if r.Requests == 0 {
+		return 0
+	}
+	return us(r.ServerCPU) / float64(r.Requests)
+}
+
 // satTarget is one server of BenchmarkSaturation.
 type satTarget struct {
 	name string
@@ -89,6 +97,7 @@ var (
 	satResults = map[string][]wrkRun{}
 	satRatios  = map[string][]float64{} // req/s over the same round's ceiling
 	satP99     = map[string][]float64{} // p99 over the same round's ceiling's
+	satCPU     = map[string][]float64{} // the same round's ceiling's CPU per request over this server's
 	satSkip    = map[string]string{}
 	satErr     error
 )
@@ -126,6 +135,12 @@ func benchSaturation(b *testing.B) {
 				b.ReportMetric(median(ratios), "ratio_to_ceiling")
 				b.ReportMetric(median(p99s), "p99_ratio_to_ceiling")
 			}
+			satMu.Lock()
+			cpu := satCPU[t.name]
+			satMu.Unlock()
+			if len(cpu) > 0 {
+				b.ReportMetric(median(cpu), "cpu_ratio_to_ceiling")
+			}
 		})
 	}
 }
@@ -162,10 +177,13 @@ func runSaturation(env *benchEnv, wrk string) error {
 			} else if ceil != nil && ceil.ReqPerSec > 0 && ceil.P99 > 0 {
 				satRatios[t.name] = append(satRatios[t.name], r.ReqPerSec/ceil.ReqPerSec)
 				satP99[t.name] = append(satP99[t.name], float64(r.P99)/float64(ceil.P99))
+				if r.CPUPerReq() > 0 {
+					satCPU[t.name] = append(satCPU[t.name], ceil.CPUPerReq()/r.CPUPerReq())
+				}
 			}
 			satMu.Unlock()
-			fmt.Fprintf(os.Stderr, "saturation round %d %-16s %8.0f req/s  p50 %6.0f µs  p99 %6.0f µs  server CPU %3.0f%%  wrk CPU %3.0f%%\n",
-				round+1, t.name, r.ReqPerSec, us(r.P50), us(r.P99), r.ServerBusy(), r.GenBusy())
+			fmt.Fprintf(os.Stderr, "saturation round %d %-16s %8.0f req/s  p50 %6.0f µs  p99 %6.0f µs  server CPU %3.0f%% (%.1f µs/req)  wrk CPU %3.0f%%\n",
+				round+1, t.name, r.ReqPerSec, us(r.P50), us(r.P99), r.ServerBusy(), r.CPUPerReq(), r.GenBusy())
 		}
 	}
 	return nil
@@ -306,25 +324,32 @@ func printSaturation(w io.Writer) {
 	}
 	fmt.Fprintf(w, "\nSaturation: cached credential GET with a valid IMDSv2 token, `wrk -t1 -c%d -d%s --latency` on CPU %s, each server alone on CPU %s; %d alternating rounds, medians (ratios: the median of each round's ratio to the ceiling run just before).\n\n",
 		satConns, *satDuration, activePin.client, activePin.server, *satRounds)
-	fmt.Fprintln(w, "| server | req/s | × ceiling req/s (per round) | p50 µs | p99 µs | × ceiling p99 (per round) | server CPU % | wrk CPU % |")
-	fmt.Fprintln(w, "|---|---:|---:|---:|---:|---:|---:|---:|")
+	fmt.Fprintln(w, "| server | req/s | × ceiling req/s (per round) | p50 µs | p99 µs | × ceiling p99 (per round) | server CPU % | wrk CPU % | server CPU µs / req | ceiling's CPU/req ÷ this (per round) |")
+	fmt.Fprintln(w, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 	if envVal == nil {
 		return
 	}
 	for _, t := range envVal.satTargets() {
 		runs := satResults[t.name]
 		if len(runs) == 0 {
-			fmt.Fprintf(w, "| %s | skipped: %s | | | | | | |\n", t.name, firstLine(cmp.Or(satSkip[t.name], t.skip)))
+			fmt.Fprintf(w, "| %s | skipped: %s | | | | | | | | |\n", t.name, firstLine(cmp.Or(satSkip[t.name], t.skip)))
 			continue
 		}
 		m := medianRun(runs)
-		ratio, p99r := "", ""
+		ratio, p99r, cpur := "", "", ""
 		if rs := satRatios[t.name]; len(rs) > 0 {
 			ratio = fmt.Sprintf("%.2f (%s)", median(rs), fmtList(rs, "%.2f"))
 			p99r = fmt.Sprintf("%.2f (%s)", median(satP99[t.name]), fmtList(satP99[t.name], "%.2f"))
 		}
-		fmt.Fprintf(w, "| %s | %.0f | %s | %.0f | %.0f | %s | %.0f | %.0f |\n",
-			t.name, m.ReqPerSec, ratio, us(m.P50), us(m.P99), p99r, m.ServerBusy(), m.GenBusy())
+		if cs := satCPU[t.name]; len(cs) > 0 {
+			cpur = fmt.Sprintf("%.2f (%s)", median(cs), fmtList(cs, "%.2f"))
+		}
+		cpu := make([]float64, len(runs))
+		for i, r := range runs {
+			cpu[i] = r.CPUPerReq()
+		}
+		fmt.Fprintf(w, "| %s | %.0f | %s | %.0f | %.0f | %s | %.0f | %.0f | %.1f | %s |\n",
+			t.name, m.ReqPerSec, ratio, us(m.P50), us(m.P99), p99r, m.ServerBusy(), m.GenBusy(), median(cpu), cpur)
 	}
 }
 
