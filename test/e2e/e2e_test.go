@@ -4,7 +4,10 @@ import (
 	"context"
 	"net/http"
 	"net/http/httptest"
+	"os"
 	"os/exec"
+	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 )
@@ -52,16 +55,29 @@ func TestProcessStop(t *testing.T) {
 	}{
 		{"exits by itself", "exit 3", time.Second, 3},
 		{"dies of SIGTERM", "exec sleep 30", 5 * time.Second, 128 + 15},
-		{"ignores SIGTERM", "trap '' TERM; exec sleep 30", 200 * time.Millisecond, -1},
+		{"ignores SIGTERM", "trap '' TERM; : >\"$READY\"; exec sleep 30", 200 * time.Millisecond, -1},
 	} {
-		p, err := Start(exec.Command("/bin/sh", "-c", c.script))
+		ready := filepath.Join(t.TempDir(), "ready")
+		cmd := exec.Command("/bin/sh", "-c", c.script)
+		cmd.Env = append(os.Environ(), "READY="+ready)
+		p, err := Start(cmd)
 		if err != nil {
 			t.Fatal(err)
 		}
-		if c.want == 3 {
+		switch {
+		case c.want == 3:
 			<-p.Done()
-		} else {
-			time.Sleep(100 * time.Millisecond) // let the shell set its trap
+		case strings.Contains(c.script, "READY"):
+			// The trap is set once the shell has written the file: a
+			// SIGTERM before that would kill it, whatever the load.
+			for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(5 * time.Millisecond) {
+				if _, err := os.Stat(ready); err == nil {
+					break
+				}
+				if time.Now().After(deadline) {
+					t.Fatalf("%s: the shell never set its trap", c.name)
+				}
+			}
 		}
 		if got := p.Stop(c.timeout); got != c.want {
 			t.Errorf("%s: Stop = %d, want %d (%v)", c.name, got, c.want, p.Err())
