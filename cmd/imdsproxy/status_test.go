@@ -82,6 +82,13 @@ func TestStatusCommand(t *testing.T) {
 	if err := os.WriteFile(cfgPath, []byte(cfg), 0o600); err != nil {
 		t.Fatal(err)
 	}
+	// A config serve refuses (imds.tokens), whose admin_listen is a port no
+	// one listens on (not the default 8170: a demo may be running).
+	refusedPath := filepath.Join(t.TempDir(), "refused.yaml")
+	refused := "admin_listen: " + closed + "\nimds: {tokens: sometimes}\nrole: {arn: arn:aws:iam::222222222222:role/app}\nidentity: {jwt_file: /run/imdsproxy/token.jwt}\n"
+	if err := os.WriteFile(refusedPath, []byte(refused), 0o600); err != nil {
+		t.Fatal(err)
+	}
 
 	for _, tc := range []struct {
 		name     string
@@ -134,7 +141,7 @@ func TestStatusCommand(t *testing.T) {
 		{name: "explicit admin beats config", args: []string{"--config", cfgPath, "--admin", off}, code: exitOK, wantOut: []string{"rollout:       disabled"}},
 		{name: "unreachable", args: []string{"--admin", closed}, code: exitStatusUnreachable, wantErr: "the admin endpoint at " + closed + " is unreachable"},
 		{name: "no status endpoint", args: []string{"--admin", notFound}, code: exitStatusUnreachable, wantErr: "404"},
-		{name: "refused config still names the admin address", args: []string{"--config", "testdata/bad/bad-tokens.yaml", "--json"}, code: exitStatusUnreachable, wantErr: "127.0.0.1:8170"},
+		{name: "refused config still names the admin address", args: []string{"--config", refusedPath, "--json"}, code: exitStatusUnreachable, wantErr: closed},
 		{name: "unreadable config", args: []string{"--config", "testdata/missing.yaml"}, code: exitConfig, wantErr: "missing.yaml"},
 		{name: "stray argument", args: []string{"extra"}, code: exitUsage, wantErr: "Usage: imdsproxy status"},
 		{name: "bad flag", args: []string{"--bogus"}, code: exitUsage, wantErr: "bogus"},
