@@ -96,6 +96,13 @@ func NewTokens(dir string, interval, overlap time.Duration, log *zap.Logger) (*T
 	if err := checkDir(dir); err != nil {
 		return nil, fmt.Errorf("container.token_dir: %w", err)
 	}
+	// Every workload must reach its own directory (a umask such as the
+	// unit's 0077 leaves a new directory 0700).
+	if st, err := os.Stat(dir); err == nil && st.Mode().Perm()&0o011 != 0o011 {
+		if err := os.Chmod(dir, st.Mode().Perm()|0o011); err != nil {
+			return nil, fmt.Errorf("container.token_dir: the workloads cannot reach their token files: %w", err)
+		}
+	}
 	t := &Tokens{dir: dir, log: log, now: time.Now, random: rand.Reader, euid: os.Geteuid(), m: newMetrics(nil), state: map[string]*workloadTokens{}}
 	t.SetSchedule(interval, overlap)
 	t.table.Store(&[]tokenEntry{})

@@ -186,6 +186,21 @@ func TestTokenSync(t *testing.T) {
 	}
 }
 
+// TestTokenDirReachable: a token directory made under a strict umask is
+// opened up to 0711 so workloads reach their files.
+func TestTokenDirReachable(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "tokens")
+	if err := os.Mkdir(dir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := NewTokens(dir, time.Hour, time.Minute, nil); err != nil {
+		t.Fatal(err)
+	}
+	if st, _ := os.Stat(dir); st.Mode().Perm() != 0o711 {
+		t.Errorf("token directory mode %v, want 0711", st.Mode().Perm())
+	}
+}
+
 func TestTokenDirRefused(t *testing.T) {
 	dir := filepath.Join(t.TempDir(), "open")
 	if err := os.Mkdir(dir, 0o777); err != nil {

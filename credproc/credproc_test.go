@@ -264,7 +264,8 @@ func TestSectionValidate(t *testing.T) {
 		{Section{Socket: "/run/x.sock", SocketMode: "0999"}, "credential_process.socket_mode"},
 		{Section{Socket: "/run/x.sock", SocketMode: "01777"}, "credential_process.socket_mode"},
 		{Section{Socket: "/run/x.sock", SocketMode: "rw"}, "credential_process.socket_mode"},
-		{Section{Socket: "/run/x.sock", SocketMode: "0666", SocketGroup: "no-such-group-imdsproxy"}, "credential_process.socket_group"},
+		{Section{Socket: "/run/x.sock", SocketMode: "0666", SocketGroup: "no-such-group"}, ""}, // looked up by Listen
+		{Section{Socket: "/run/x.sock", SocketMode: "0666", SocketGroup: "a b"}, "credential_process.socket_group"},
 	} {
 		err := tc.s.Validate()
 		if tc.err == "" && err != nil || tc.err != "" && (err == nil || !strings.Contains(err.Error(), tc.err)) {
@@ -303,6 +304,14 @@ func TestListen(t *testing.T) {
 		t.Fatalf("a stale socket file was not replaced: %v", err)
 	}
 	ln.Close()
+	// A group that does not exist is refused when the socket is made.
+	if _, err := (Section{Socket: sec.Socket, SocketMode: "0660", SocketGroup: "no-such-group-imdsproxy"}).Listen(); err == nil ||
+		!strings.Contains(err.Error(), "credential_process.socket_group") {
+		t.Errorf("Listen with an unknown group: %v", err)
+	}
+	if _, err := os.Stat(sec.Socket); !os.IsNotExist(err) {
+		t.Errorf("the socket file is left after a failed Listen: %v", err)
+	}
 	// Anything else at the path is refused.
 	os.WriteFile(sec.Socket, []byte("x"), 0o600)
 	if _, err := sec.Listen(); err == nil || !strings.Contains(err.Error(), "not a socket") {

@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/user"
 	"path"
+	"regexp"
 	"strconv"
 	"time"
 )
@@ -50,13 +51,15 @@ func (s *Section) Validate() error {
 	if _, err := s.mode(); err != nil {
 		return err
 	}
-	if s.SocketGroup != "" {
-		if _, err := s.gid(); err != nil {
-			return err
-		}
+	if s.SocketGroup != "" && !groupRe.MatchString(s.SocketGroup) {
+		return fmt.Errorf("config: credential_process.socket_group: %q is not a group name or gid", s.SocketGroup)
 	}
 	return nil
 }
+
+// groupRe is a group name (as useradd accepts) or a gid; the group is
+// looked up when the socket is made.
+var groupRe = regexp.MustCompile(`^([a-z_][a-z0-9_-]{0,31}|[0-9]{1,10})$`)
 
 func (s Section) mode() (fs.FileMode, error) {
 	m, err := strconv.ParseUint(s.SocketMode, 8, 32)
