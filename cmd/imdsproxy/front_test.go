@@ -3,10 +3,20 @@ package main
 import (
 	"bytes"
 	"context"
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"net/http/httptest"
+	"os"
 	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus/testutil"
+
+	"github.com/imdsproxy/imdsproxy/credproc"
 )
 
 // TestFrontDoorConfig: the container: and credential_process: sections,
@@ -103,5 +113,88 @@ func TestFrontDoorCommands(t *testing.T) {
 		if !strings.Contains(usageText, cmd) {
 			t.Errorf("usage text does not mention %s", cmd)
 		}
+	}
+}
+
+// TestDaemonFrontDoors: a daemon with both doors serves a workload through
+// each from the plan it published, reloads sync the tokens, and every
+// documented metric of the doors is exported and lints.
+func TestDaemonFrontDoors(t *testing.T) {
+	dir := t.TempDir()
+	uid := os.Getuid()
+	wlARN := "arn:aws:iam::111122223333:role/front"
+	sock := filepath.Join(dir, "c.sock")
+	extra := fmt.Sprintf(`workloads: [{uid: %d, role: {arn: %q, name: front}}]
+container: {enabled: true, link: "", token_dir: %q}
+credential_process: {enabled: true, socket: %q}
+`, uid, wlARN, filepath.Join(dir, "tokens"), sock)
+	td := startDaemon(t, extra)
+	td.sts.AllowRoles(wlARN)
+	td.d.warm(context.Background())
+	td.ready(t)
+	tokFile := filepath.Join(dir, "tokens", fmt.Sprintf("uid-%d", uid), "token")
+	tok, err := os.ReadFile(tokFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The container endpoint, by its handler (no connection: the token
+	// decides).
+	get := httptest.NewRequest(http.MethodGet, "/v1/credentials", nil)
+	get.Header.Set("Authorization", string(tok))
+	rec := httptest.NewRecorder()
+	td.d.container.Handler().ServeHTTP(rec, get)
+	var doc map[string]string
+	_ = json.Unmarshal(rec.Body.Bytes(), &doc)
+	if is, ok := td.sts.Find(doc["AccessKeyId"]); rec.Code != 200 || !ok || is.RoleARN != wlARN {
+		t.Fatalf("container endpoint: %d, key of %q", rec.Code, is.RoleARN)
+	}
+	// The credential_process socket, served as run() serves it.
+	ln, err := td.d.snap.Load().gen.cfg.CredProcess.Listen()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- td.d.process.Serve(ctx, ln) }()
+	defer func() { cancel(); <-done }()
+	cp, err := credproc.Fetch(context.Background(), credproc.Options{Socket: sock, Timeout: 10 * time.Second})
+	if is, ok := td.sts.Find(cp.AccessKeyID); err != nil || !ok || is.RoleARN != wlARN {
+		t.Fatalf("credential_process: %v, key of %q", err, is.RoleARN)
+	}
+	// A reload without the workload revokes its token and drops its file.
+	if err := td.rewrite(t, fmt.Sprintf("workloads: [{uid: %d, role: {arn: %q, name: front}}]", uid, wlARN), "workloads: [{uid: 64999, role: {arn: \"arn:aws:iam::111122223333:role/other\"}}]"); err != nil {
+		t.Fatal(err)
+	}
+	rec = httptest.NewRecorder()
+	td.d.container.Handler().ServeHTTP(rec, get)
+	if rec.Code != 401 {
+		t.Errorf("the removed workload's token answers %d, want 401", rec.Code)
+	}
+	if _, err := os.Stat(tokFile); !os.IsNotExist(err) {
+		t.Errorf("the removed workload's token file: %v", err)
+	}
+	if st := td.d.Status(); len(st.Doors) != 3 || st.Doors[1].Door != "container" || st.Doors[1].Tokens != 1 || st.Doors[2].Listen[0] != sock {
+		t.Errorf("status doors %+v", st.Doors)
+	}
+	problems, err := testutil.GatherAndLint(td.d.gatherer())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range problems {
+		t.Errorf("promlint: %s: %s", p.Metric, p.Text)
+	}
+	_, metrics := td.get(t, "/metrics")
+	for _, name := range documentedMetrics(t) {
+		if (strings.HasPrefix(name, "imdsproxy_container_") || strings.HasPrefix(name, "imdsproxy_process_")) && !strings.Contains(metrics, name) {
+			t.Errorf("documented metric %s is not exported", name)
+		}
+	}
+	for _, want := range []string{`imdsproxy_rollout_served_total{door="container",kind="workload"} 1`, `imdsproxy_rollout_served_total{door="process",kind="workload"} 1`} {
+		if !strings.Contains(metrics, want) {
+			t.Errorf("metrics lack %s", want)
+		}
+	}
+	if strings.Contains(td.logs.String(), string(tok)) {
+		t.Error("the log holds the container token")
 	}
 }
