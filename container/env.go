@@ -1,7 +1,10 @@
 package container
 
 import (
+	"errors"
+	"flag"
 	"fmt"
+	"io"
 	"path"
 	"strings"
 
@@ -66,4 +69,69 @@ func (s Section) DockerArgs(w access.Workload) (string, error) {
 	dir := path.Dir(s.TokenFile(w.ID()))
 	return fmt.Sprintf("--env %s=%s \\\n--env %s=%s \\\n--mount type=bind,src=%s,dst=%s,readonly\n",
 		EnvFullURI, u, EnvTokenFile, path.Join(DockerTokenDir, tokenFileName), dir, DockerTokenDir), nil
+}
+
+// Exit codes of EnvCommand.
+const (
+	ExitOK        = 0
+	ExitUsage     = 2
+	ExitBadConfig = 3 // the config cannot be read, or names no such workload
+)
+
+// EnvUsage is the help text of `imdsproxy workload env`.
+const EnvUsage = `Usage: imdsproxy workload env [--docker] [--config FILE] NAME
+
+Prints what points the SDKs of workload NAME (its unit, uid:N, or its role's
+name in workloads:) at the container credentials endpoint: the systemd
+drop-in for its unit, or with --docker the docker run arguments (--env,
+--mount of its token directory). See docs/deploy.md.
+`
+
+// EnvCommand is `imdsproxy workload env`: args follow "workload"; load
+// reads the config file at path (defaultPath unless --config says) and
+// returns its container: section and workloads:, validated. It returns
+// the exit code.
+func EnvCommand(args []string, defaultPath string, load func(path string) (Section, []access.Workload, error), stdout, stderr io.Writer) int {
+	fs := flag.NewFlagSet("workload env", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	path := fs.String("config", defaultPath, "path of the YAML config file")
+	docker := fs.Bool("docker", false, "print docker run arguments instead of a systemd drop-in")
+	fs.Usage = func() { fmt.Fprint(stderr, EnvUsage) }
+	if len(args) == 0 || args[0] != "env" {
+		fs.Usage()
+		return ExitUsage
+	}
+	if err := fs.Parse(args[1:]); err != nil || fs.NArg() != 1 {
+		if errors.Is(err, flag.ErrHelp) {
+			return ExitOK
+		}
+		if err == nil {
+			fs.Usage()
+		}
+		return ExitUsage
+	}
+	sec, workloads, err := load(*path)
+	if err != nil {
+		fmt.Fprintf(stderr, "imdsproxy: %v\n", err)
+		return ExitBadConfig
+	}
+	w, ok := FindWorkload(workloads, fs.Arg(0))
+	var out string
+	switch {
+	case !ok:
+		err = fmt.Errorf("no entry of workloads: in %s has the unit, uid:N or role name %q", *path, fs.Arg(0))
+	case *docker:
+		out, err = sec.DockerArgs(w)
+	default:
+		out, err = sec.SystemdDropIn(w)
+	}
+	if err != nil {
+		fmt.Fprintf(stderr, "imdsproxy workload env: %v\n", err)
+		return ExitBadConfig
+	}
+	if !sec.Enabled {
+		fmt.Fprintf(stderr, "imdsproxy: warning: container.enabled is false in %s: the endpoint is not served\n", *path)
+	}
+	fmt.Fprint(stdout, out)
+	return ExitOK
 }

@@ -9,7 +9,6 @@
 package main
 
 import (
-	"cmp"
 	"context"
 	"errors"
 	"flag"
@@ -184,49 +183,13 @@ func runCredentialProcess(ctx context.Context, args []string, stdout, stderr io.
 	return exitOK
 }
 
-const workloadUsage = `Usage: imdsproxy workload env [--docker] [--config FILE] NAME
-
-Prints what points the SDKs of workload NAME (its unit, uid:N, or its role's
-name in workloads:) at the container credentials endpoint: the systemd
-drop-in for its unit, or with --docker the docker run arguments (--env,
---mount of its token directory). See docs/deploy.md.
-`
-
-// runWorkload is `imdsproxy workload env`.
+// runWorkload is `imdsproxy workload env` (container.EnvCommand) on the
+// config file's workloads: and container: sections.
 func runWorkload(args []string, stdout, stderr io.Writer) int {
-	fs := flag.NewFlagSet("workload env", flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	path := fs.String("config", defaultConfigPath, "path of the YAML config file")
-	docker := fs.Bool("docker", false, "print docker run arguments instead of a systemd drop-in")
-	fs.Usage = func() { fmt.Fprint(stderr, workloadUsage) }
-	if len(args) == 0 || args[0] != "env" {
-		fs.Usage()
-		return exitUsage
-	}
-	if err := fs.Parse(args[1:]); err != nil || fs.NArg() != 1 {
-		fs.Usage()
-		return flagExit(cmp.Or(err, errors.New("usage")))
-	}
-	cfg, err := loadConfig(*path)
-	if err != nil {
-		fmt.Fprintf(stderr, "imdsproxy: %v\n", err)
-		return exitConfig
-	}
-	w, ok := container.FindWorkload(cfg.Workloads, fs.Arg(0))
-	render := map[bool]func(access.Workload) (string, error){false: cfg.Container.SystemdDropIn, true: cfg.Container.DockerArgs}[*docker]
-	var out string
-	if err = fmt.Errorf("no entry of workloads: in %s has the unit, uid:N or role name %q", *path, fs.Arg(0)); ok {
-		out, err = render(w)
-	}
-	if err != nil {
-		fmt.Fprintf(stderr, "imdsproxy workload env: %v\n", err)
-		return exitConfig
-	}
-	if !cfg.Container.Enabled {
-		fmt.Fprintf(stderr, "imdsproxy: warning: container.enabled is false in %s: the endpoint is not served\n", *path)
-	}
-	fmt.Fprint(stdout, out)
-	return exitOK
+	return container.EnvCommand(args, defaultConfigPath, func(path string) (container.Section, []access.Workload, error) {
+		cfg, err := loadConfig(path)
+		return cfg.Container, cfg.Workloads, err
+	}, stdout, stderr)
 }
 
 func flagExit(err error) int {
