@@ -106,6 +106,11 @@ func (f *fakeID) LookupConn(context.Context, net.Conn) (peer.Info, error) {
 	return f.info, f.err
 }
 
+func (f *fakeID) Process(_ context.Context, info peer.Info) peer.Info {
+	info.PID, info.Exe = 4242, "/usr/bin/app"
+	return info
+}
+
 func (f *fakeID) set(info peer.Info, err error) {
 	f.mu.Lock()
 	f.info, f.err = info, err

@@ -55,8 +55,11 @@ const (
 // Identifier finds the local process at the other end of a connection;
 // *peer.Resolver implements it. An error wrapping peer.ErrNotFound means
 // the client is not in this network namespace (a container on a bridge).
+// Process adds the pid and executable, best effort, for the audit line
+// only.
 type Identifier interface {
 	LookupConn(ctx context.Context, conn net.Conn) (peer.Info, error)
+	Process(ctx context.Context, info peer.Info) peer.Info
 }
 
 // Config is what a Server serves by; New and Update validate it.
@@ -230,7 +233,7 @@ func (s *Server) serve(w *statusRecorder, r *http.Request) {
 		writeError(w, http.StatusUnauthorized, codeInvalidToken, "the authorization token is not valid (replaced or unknown): read the token file again")
 		return
 	}
-	who := s.client(r)
+	who := s.client(r, cfg.Plan)
 	d := cfg.Plan.DecideWorkload(id, who)
 	if d.Outcome != access.Serve {
 		s.broker.Refused(d, access.DoorContainer)
@@ -285,8 +288,9 @@ func (s *Server) check(r *http.Request, cfg *Config) (reason string, status int,
 }
 
 // client identifies the process behind r's connection, once per
-// connection (again while unresolved).
-func (s *Server) client(r *http.Request) access.Client {
+// connection (again while unresolved), with its pid and exe when plan
+// audits.
+func (s *Server) client(r *http.Request, plan *access.Plan) access.Client {
 	memo, _ := r.Context().Value(connKey{}).(*connMemo)
 	if s.id == nil || memo == nil {
 		return access.Client{}
@@ -303,6 +307,12 @@ func (s *Server) client(r *http.Request) access.Client {
 	switch {
 	case err == nil:
 		who = access.Client{Local: true, Info: info}
+		if plan.Audit() {
+			// Only the pid and exe: the decision uses what the kernel
+			// recorded for the socket.
+			p := s.id.Process(ctx, info)
+			who.PID, who.Exe = p.PID, p.Exe
+		}
 	case errors.Is(err, peer.ErrNotFound):
 		// Another network namespace (a container on a bridge): the token
 		// is its identity.

@@ -166,6 +166,9 @@ func TestServe(t *testing.T) {
 			t.Errorf("the log holds a secret (%.6s…)", secret)
 		}
 	}
+	if !strings.Contains(logs, `"pid":4242`) || !strings.Contains(logs, `"exe":"/usr/bin/app"`) {
+		t.Errorf("no audit line with the local client's pid and exe (Identifier.Process):\n%s", logs)
+	}
 	if !strings.Contains(logs, `"door":"container"`) {
 		t.Errorf("no audit line with door container:\n%s", logs)
 	}
