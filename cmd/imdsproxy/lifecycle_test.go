@@ -176,7 +176,7 @@ func TestSystemdUnitsVerify(t *testing.T) {
 	if err := os.WriteFile(bin, data, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	units := []string{"imdsproxy.service", "imdsproxy.socket", "imdsproxy-admin.socket"}
+	units := []string{"imdsproxy.service", "imdsproxy.socket", "imdsproxy-admin.socket", "imdsproxy-container.socket", "imdsproxy-credentials.socket"}
 	var paths []string
 	for _, u := range units {
 		b, err := os.ReadFile(filepath.Join("..", "..", "systemd", u))
