@@ -104,7 +104,7 @@ bench: build tools
 SYSTEMDDIR ?= /etc/systemd/system
 SYSUSERSDIR ?= /usr/lib/sysusers.d
 TMPFILESDIR ?= /usr/lib/tmpfiles.d
-UNITS := imdsproxy.service imdsproxy.socket imdsproxy-admin.socket
+UNITS := imdsproxy.service imdsproxy.socket imdsproxy-admin.socket imdsproxy-container.socket imdsproxy-credentials.socket
 
 install: build
 	install -D -m 0755 $(BIN) $(DESTDIR)$(PREFIX)/bin/imdsproxy

@@ -33,7 +33,7 @@ type Broker struct {
 	log *zap.Logger
 
 	served    *prometheus.CounterVec
-	byKind    map[creds.Kind]prometheus.Counter // served's children, bound once
+	byKind    sync.Map // doorKind -> prometheus.Counter: served's children, bound once
 	fallbacks prometheus.Counter
 	refused   *prometheus.CounterVec
 
@@ -64,8 +64,8 @@ func NewBroker(src Source, log, audit *zap.Logger, reg prometheus.Registerer) (*
 		log: log,
 		served: factory.NewCounterVec(prometheus.CounterOpts{
 			Name: "imdsproxy_rollout_served_total",
-			Help: "Credentials handed out, by kind (workload: the host's or a workload's role; instance-profile).",
-		}, []string{"kind"}),
+			Help: "Credentials handed out, by front door (imds, container, process) and kind (workload: the host's or a workload's role; instance-profile).",
+		}, []string{"door", "kind"}),
 		fallbacks: factory.NewCounter(prometheus.CounterOpts{
 			Name: "imdsproxy_rollout_fallbacks_total",
 			Help: "Requests served the instance profile's credentials because the workload credentials could not be obtained (rollout.fallback: instance-profile).",
@@ -73,39 +73,62 @@ func NewBroker(src Source, log, audit *zap.Logger, reg prometheus.Registerer) (*
 		auditEvery: AuditInterval,
 		refused: factory.NewCounterVec(prometheus.CounterOpts{
 			Name: "imdsproxy_access_refused_total",
-			Help: "Credential requests refused by the access decision, by outcome (deny: 403; retry: the client could not be identified well enough, 503) and reason.",
-		}, []string{"outcome", "reason"}),
+			Help: "Credential requests refused by the access decision, by front door (imds, container, process), outcome (deny: 403; retry: the client could not be identified well enough, 503) and reason.",
+		}, []string{"door", "outcome", "reason"}),
 	}
 	b.audits = newAuditor(audit, factory.NewCounterVec(prometheus.CounterOpts{
 		Name: "imdsproxy_audit_handouts_total",
 		Help: "Credential hand-outs audited, by client: its systemd unit, else uid:<n>, or unidentified; after 64 distinct clients, other. Says who hammers the daemon without a log line per request.",
 	}, []string{"client"}))
-	b.byKind = map[creds.Kind]prometheus.Counter{}
-	for _, k := range []creds.Kind{creds.KindWorkload, creds.KindInstanceProfile} {
-		b.byKind[k] = b.served.WithLabelValues(string(k))
-	}
-	for _, r := range []struct{ o, why string }{
-		{"deny", whyNotLocal}, {"deny", whyDeniedUID}, {"deny", whyNotAllowed}, {"retry", whyUnresolved},
-	} {
-		b.refused.WithLabelValues(r.o, r.why)
-	}
-
+	b.AddDoor(DoorIMDS)
 	return b, nil
 }
 
-// Refused counts a Deny or Retry decision (front doors call it when they
-// answer 403 or 503).
-func (b *Broker) Refused(d Decision) {
+// Front doors: the door label of the metrics and the door field of the
+// audit lines.
+const (
+	DoorIMDS      = "imds"      // the IMDS listener (package proxy)
+	DoorContainer = "container" // the container credentials endpoint
+	DoorProcess   = "process"   // the credential_process socket
+)
+
+// doorKind keys the served counter's children bound once.
+type doorKind struct {
+	door string
+	kind creds.Kind
+}
+
+// AddDoor creates the series of door (a front door's name: DoorContainer,
+// …) so that they exist, at 0, from the start, and binds its served
+// counters once (no label hashing per hand-out). NewBroker adds DoorIMDS.
+func (b *Broker) AddDoor(door string) {
+	for _, k := range []creds.Kind{creds.KindWorkload, creds.KindInstanceProfile} {
+		b.byKind.Store(doorKind{door, k}, b.served.WithLabelValues(door, string(k)))
+	}
+	reasons := []struct{ o, why string }{
+		{"deny", whyNotLocal}, {"deny", whyDeniedUID}, {"deny", whyNotAllowed}, {"retry", whyUnresolved},
+	}
+	if door == DoorContainer {
+		reasons = append(reasons, struct{ o, why string }{"deny", whyNotWorkload}, struct{ o, why string }{"deny", whyPeerMismatch})
+	}
+	for _, r := range reasons {
+		b.refused.WithLabelValues(door, r.o, r.why)
+	}
+}
+
+// Refused counts a Deny or Retry decision at door (front doors call it
+// when they answer 403 or 503, or the like).
+func (b *Broker) Refused(d Decision, door string) {
 	switch d.Outcome {
 	case Deny:
-		b.refused.WithLabelValues("deny", d.Why).Inc()
+		b.refused.WithLabelValues(door, "deny", d.Why).Inc()
 	case Retry:
-		b.refused.WithLabelValues("retry", d.Why).Inc()
+		b.refused.WithLabelValues(door, "retry", d.Why).Inc()
 	}
 }
 
 // Credentials returns the credentials of d (whose Outcome must be Serve) for
-// c, asked for through door (a front door: "imds", …) and route (what was
+// c, asked for through door (a front door: DoorIMDS, …) and route (what was
 // asked, for the audit): Key's, or Fallback's when Key has nothing valid and
 // the request was not cancelled. It counts the hand-out and, when d.Audit,
 // writes the audit line (requested is the name the client asked for, when
@@ -134,10 +157,10 @@ func (b *Broker) Credentials(ctx context.Context, d Decision, c Client, door, ro
 	if err != nil {
 		return creds.Credentials{}, err
 	}
-	if c, ok := b.byKind[served.Kind]; ok {
-		c.Inc()
+	if c, ok := b.byKind.Load(doorKind{door, served.Kind}); ok {
+		c.(prometheus.Counter).Inc()
 	} else {
-		b.served.WithLabelValues(string(served.Kind)).Inc()
+		b.served.WithLabelValues(door, string(served.Kind)).Inc()
 	}
 	if d.Audit {
 		b.auditLine(c, door, route, requested, d, served, cr, start)

@@ -79,7 +79,7 @@ func TestBrokerServesAndAudits(t *testing.T) {
 	if strings.Contains(line, "SECRET-") || strings.Contains(line, "TOKEN-") {
 		t.Fatalf("a secret reached the audit line: %s", line)
 	}
-	if v := testutil.ToFloat64(b.served.WithLabelValues("workload")); v != 1 {
+	if v := testutil.ToFloat64(b.served.WithLabelValues("imds", "workload")); v != 1 {
 		t.Errorf("served{workload} = %v", v)
 	}
 	if problems, err := testutil.GatherAndLint(reg); err != nil || len(problems) > 0 {
@@ -110,7 +110,7 @@ func TestBrokerFallback(t *testing.T) {
 	if v := testutil.ToFloat64(b.fallbacks); v != 1 {
 		t.Errorf("fallbacks = %v", v)
 	}
-	if v := testutil.ToFloat64(b.served.WithLabelValues("instance-profile")); v != 1 {
+	if v := testutil.ToFloat64(b.served.WithLabelValues("imds", "instance-profile")); v != 1 {
 		t.Errorf("served{instance-profile} = %v", v)
 	}
 	if !strings.Contains(buf.String(), `"fallback":true`) {
@@ -290,5 +290,24 @@ func TestAuditLateOldKey(t *testing.T) {
 	b.audits.mu.Unlock()
 	if kept {
 		t.Error("the old key id's entry outlived the flush after its rotation")
+	}
+}
+
+// TestBrokerDoors: served and refused are counted by front door, and a
+// door's series exist once it is added.
+func TestBrokerDoors(t *testing.T) {
+	b, _, reg := newBroker(t, &fakeSource{})
+	b.AddDoor(DoorContainer)
+	b.Refused(Decision{Outcome: Deny, Why: whyPeerMismatch}, DoorContainer)
+	b.Refused(Decision{Outcome: Retry, Why: whyUnresolved}, DoorIMDS)
+	if v := testutil.ToFloat64(b.refused.WithLabelValues(DoorContainer, "deny", whyPeerMismatch)); v != 1 {
+		t.Errorf("refused{container,deny,peer_mismatch} = %v", v)
+	}
+	if v := testutil.ToFloat64(b.refused.WithLabelValues(DoorIMDS, "retry", whyUnresolved)); v != 1 {
+		t.Errorf("refused{imds,retry,unresolved} = %v", v)
+	}
+	n, err := testutil.GatherAndCount(reg, "imdsproxy_rollout_served_total")
+	if err != nil || n != 4 {
+		t.Errorf("served series after AddDoor(container): %d, %v; want 4 (2 doors × 2 kinds)", n, err)
 	}
 }

@@ -2,6 +2,7 @@ package access
 
 import (
 	"fmt"
+	"strconv"
 	"strings"
 	"time"
 
@@ -88,6 +89,16 @@ func (w Workload) Key(session string, via creds.Fetcher) creds.Key {
 	r := w.Role.Creds(session)
 	r.Subject = w.Subject
 	return creds.Key{Kind: creds.KindWorkload, Role: r, Via: via}
+}
+
+// ID names the entry by what it matches, stably across reloads: its unit
+// ("app.service"), or "uid:<n>". Front doors that hand a workload a
+// credential of their own (the container endpoint's token) key it by ID.
+func (w Workload) ID() string {
+	if w.UID != nil {
+		return "uid:" + strconv.Itoa(*w.UID)
+	}
+	return w.Unit
 }
 
 // MaxWorkloads bounds the workloads: list (each is a cache key, a metric

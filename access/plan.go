@@ -148,6 +148,7 @@ type Plan struct {
 
 	byUnit  map[string]int // unit → workload index
 	byUID   map[int]int    // uid → workload index
+	byID    map[string]int // Workload.ID → workload index
 	wlKeys  []creds.Key
 	unitsOn bool // some workload entry matches by unit
 
@@ -198,6 +199,7 @@ func NewPlan(cfg PlanConfig, prev *Plan, now time.Time) (*Plan, error) {
 		audit:      a.AuditOn(),
 		byUnit:     map[string]int{},
 		byUID:      map[int]int{},
+		byID:       map[string]int{},
 		wlKeys:     slices.Clone(cfg.WorkloadKeys),
 		serve:      cfg.Serve,
 		host:       cfg.Host,
@@ -210,6 +212,7 @@ func NewPlan(cfg PlanConfig, prev *Plan, now time.Time) (*Plan, error) {
 		if k := cfg.WorkloadKeys[i]; k.IsZero() || !creds.ValidRoleName(k.Role.Name) {
 			return nil, fmt.Errorf("access: workloads[%d] has no valid key", i)
 		}
+		p.byID[w.ID()] = i
 		if w.UID != nil {
 			p.byUID[*w.UID] = i
 		} else {
@@ -365,6 +368,51 @@ func (p *Plan) DecideName(c Client, pin uint32, name string, now time.Time) (Dec
 	return d, false
 }
 
+// DecideWorkload decides for c on a request that authenticated as the
+// workload id (Workload.ID) with a credential of the front door's own, such
+// as the container endpoint's authorization token. The current plan
+// decides (there is no session to pin).
+//
+//   - id is no workload of the plan: Deny (not_a_workload).
+//   - c is a process of this host: the plan decides for c as for any
+//     request (access lists, workloads), and the decision must name the
+//     credentials id stands for: a token presented by another process (a
+//     stolen token file) is refused (Deny, peer_mismatch).
+//   - c could not be identified in time: Retry.
+//   - c is not a process of this host (a container on a bridge, in
+//     another network namespace): the token is its identity and it is
+//     served what id stands for.
+//
+// What id stands for is its role's key while the host serves the workload
+// kind, and the instance profile's (to everyone) while it serves that.
+func (p *Plan) DecideWorkload(id string, c Client) Decision {
+	i, ok := p.byID[id]
+	if !ok {
+		return Decision{Outcome: Deny, Why: whyNotWorkload, Gen: p.gen, Audit: p.audit}
+	}
+	want := Decision{Outcome: Serve, Gen: p.gen, Audit: p.audit}
+	if p.serve == creds.KindInstanceProfile {
+		want.Key, want.Host = p.profile, true
+	} else {
+		want.Key = p.wlKeys[i]
+		if p.fallback {
+			want.Fallback = p.profile
+		}
+	}
+	want.Name = want.Key.Role.Name
+	if !c.Local && !c.Unresolved {
+		return want
+	}
+	d := p.decide(c)
+	switch {
+	case d.Outcome != Serve:
+		return d
+	case d.Key != want.Key:
+		return Decision{Outcome: Deny, Why: whyPeerMismatch, Gen: p.gen, Audit: p.audit}
+	}
+	return d
+}
+
 // decide is p's own decision for c, without retained plans.
 func (p *Plan) decide(c Client) Decision {
 	d := Decision{Gen: p.gen, Audit: p.audit}
@@ -402,6 +450,9 @@ const (
 	whyNotLocal   = "not_local"   // not a process of this host, with access lists set
 	whyDeniedUID  = "denied_uid"  // in access.deny_uids
 	whyNotAllowed = "not_allowed" // on no allow list and not a workload
+	// DecideWorkload only:
+	whyNotWorkload  = "not_a_workload" // the front door's credential names no workload of the plan
+	whyPeerMismatch = "peer_mismatch"  // the process presenting it is not that workload's
 )
 
 // workload returns the index of c's workload entry when it has one, and

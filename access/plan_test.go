@@ -275,3 +275,69 @@ func TestConfigValidation(t *testing.T) {
 		}
 	}
 }
+
+// TestDecideWorkload: a request authenticated as a workload by a front
+// door's own credential (the container endpoint's token) is served that
+// workload's role when the client is not a local process, and only when the
+// plan's own decision for a local client agrees.
+func TestDecideWorkload(t *testing.T) {
+	off := false
+	withWL := PlanConfig{Host: host, InstanceProfile: profile, Serve: creds.KindWorkload, Access: Section{Audit: &off},
+		Workloads: workloads, WorkloadKeys: wkeys()}
+	lists := withWL
+	lists.Access = Section{AllowUIDs: []int{1002}, DenyUIDs: []int{1004}}
+	profileServe := withWL
+	profileServe.Serve = creds.KindInstanceProfile
+	fallback := withWL
+	fallback.Fallback = true
+	for _, tc := range []struct {
+		name     string
+		pc       PlanConfig
+		id       string
+		c        Client
+		outcome  Outcome
+		key      creds.Key
+		fallback creds.Key
+		why      string
+	}{
+		{"not local (bridge): the token decides", withWL, "uid:1001", Client{}, Serve, wkey("billing"), creds.Key{}, ""},
+		{"not local, a unit workload", withWL, "backup.service", Client{}, Serve, wkey("backup"), creds.Key{}, ""},
+		{"not local with access lists: the token is its identity", lists, "uid:1003", Client{}, Serve, wkey("reports"), creds.Key{}, ""},
+		{"local, its own workload", withWL, "uid:1001", local(1001, ""), Serve, wkey("billing"), creds.Key{}, ""},
+		{"local, by unit", withWL, "backup.service", local(0, "backup.service"), Serve, wkey("backup"), creds.Key{}, ""},
+		{"local, another uid with a stolen token", withWL, "uid:1001", local(1500, ""), Deny, creds.Key{}, creds.Key{}, "peer_mismatch"},
+		{"local, another workload's token", withWL, "uid:1001", local(1003, ""), Deny, creds.Key{}, creds.Key{}, "peer_mismatch"},
+		{"local, precedence makes it another workload", withWL, "uid:1003", local(1003, "backup.service"), Deny, creds.Key{}, creds.Key{}, "peer_mismatch"},
+		{"local, denied by the lists", lists, "uid:1001", local(1004, ""), Deny, creds.Key{}, creds.Key{}, "denied_uid"},
+		{"unresolved: retry", withWL, "uid:1001", Client{Unresolved: true}, Retry, creds.Key{}, creds.Key{}, "unresolved"},
+		{"unit unknown: retry", withWL, "uid:1001", Client{Local: true, Info: peer.Info{UID: 1001, UnitUnknown: true}}, Retry, creds.Key{}, creds.Key{}, "unresolved"},
+		{"unknown id", withWL, "uid:9", Client{}, Deny, creds.Key{}, creds.Key{}, "not_a_workload"},
+		{"host role is no workload", withWL, "app", Client{}, Deny, creds.Key{}, creds.Key{}, "not_a_workload"},
+		{"instance profile served to everyone", profileServe, "uid:1001", Client{}, Serve, profile, creds.Key{}, ""},
+		{"instance profile served, local agrees", profileServe, "uid:1001", local(1500, ""), Serve, profile, creds.Key{}, ""},
+		{"fallback carried", fallback, "uid:1001", Client{}, Serve, wkey("billing"), profile, ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			p := mustPlan(t, tc.pc, nil, t0)
+			d := p.DecideWorkload(tc.id, tc.c)
+			if d.Outcome != tc.outcome || d.Key != tc.key || d.Fallback != tc.fallback || d.Why != tc.why {
+				t.Fatalf("DecideWorkload = %+v\nwant outcome %v key %v fallback %v why %q", d, tc.outcome, tc.key, tc.fallback, tc.why)
+			}
+			if d.Outcome == Serve && (d.Name != tc.key.Role.Name || d.Host != (tc.key == profile)) {
+				t.Fatalf("DecideWorkload = %+v: name or host flag wrong", d)
+			}
+			if d.Gen != 1 {
+				t.Errorf("generation %d, want 1", d.Gen)
+			}
+		})
+	}
+}
+
+func TestWorkloadID(t *testing.T) {
+	if got := (Workload{UID: uid(1001)}).ID(); got != "uid:1001" {
+		t.Errorf("uid entry ID = %q", got)
+	}
+	if got := (Workload{Unit: "app.service"}).ID(); got != "app.service" {
+		t.Errorf("unit entry ID = %q", got)
+	}
+}

@@ -29,8 +29,27 @@ type Status struct {
 	ServedRoleName string        `json:"served_role_name"`
 	ServedKind     string        `json:"served_kind"`
 	Config         ConfigStatus  `json:"config"`
+	Doors          []DoorStatus  `json:"doors,omitempty"`
 	Rollout        RolloutStatus `json:"rollout"`
 	Cache          []CacheEntry  `json:"cache"`
+}
+
+// DoorStatus is one front door the daemon serves credentials through:
+// the IMDS listener ("imds"), the container credentials endpoint
+// ("container"), the credential_process socket ("process").
+type DoorStatus struct {
+	Door string `json:"door"`
+	// Listen are its addresses (the socket's path for "process").
+	Listen []string `json:"listen"`
+	// URL is the container endpoint's URL for
+	// AWS_CONTAINER_CREDENTIALS_FULL_URI (the first address).
+	URL string `json:"url,omitempty"`
+	// Tokens is the number of workloads with an authorization token
+	// ("container"), LastRotation when they were last all replaced and
+	// RotateInterval how often they are.
+	Tokens         int    `json:"tokens,omitempty"`
+	LastRotation   string `json:"last_rotation,omitempty"`
+	RotateInterval string `json:"rotate_interval,omitempty"`
 }
 
 // ConfigStatus is the configuration part of Status.
@@ -222,6 +241,20 @@ func PrintStatus(w io.Writer, addr string, doc Status, now time.Time) {
 	}
 	if len(c.RestartNeeded) > 0 {
 		line("restart", "NEEDED: %s changed in the file; these take effect only at a restart", strings.Join(c.RestartNeeded, ", "))
+	}
+	for _, d := range doc.Doors {
+		detail := strings.Join(d.Listen, ", ")
+		if d.URL != "" {
+			detail = d.URL
+		}
+		if d.Door == "container" {
+			rotated := "not since start"
+			if d.LastRotation != "" {
+				rotated = when(d.LastRotation, now)
+			}
+			detail += fmt.Sprintf("; %d workload tokens, rotated every %s, last %s", d.Tokens, orDash(d.RotateInterval), rotated)
+		}
+		line("door "+d.Door, "%s", detail)
 	}
 
 	ro := doc.Rollout

@@ -151,7 +151,7 @@ func (s *Server) refusePath(w http.ResponseWriter, d access.Decision) {
 // refuse answers a credential request the decision d does not serve: 403
 // for Deny, 503 for Retry.
 func (s *Server) refuse(w http.ResponseWriter, d access.Decision, who access.Client, route string) {
-	s.broker.Refused(d)
+	s.broker.Refused(d, access.DoorIMDS)
 	if ce := s.log.Check(zap.DebugLevel, "credential request refused"); ce != nil {
 		ce.Write(append(access.ClientFields(who), zap.String("route", route), zap.String("reason", d.Why))...)
 	}

@@ -728,8 +728,8 @@ func (s *Server) serveDecided(w http.ResponseWriter, r *http.Request, st *state,
 	writeBody(w, http.StatusOK, s.credentialBody(d.Name, c, now, route == routeCredentialsExtended))
 }
 
-// doorIMDS names this front door in audit lines.
-const doorIMDS = "imds"
+// doorIMDS names this front door in metrics and audit lines.
+const doorIMDS = access.DoorIMDS
 
 // docMemo holds the rendered credential documents of one set of credentials.
 // The byte slices are shared between requests and never modified.

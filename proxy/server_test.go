@@ -662,7 +662,7 @@ func TestMetricsLint(t *testing.T) {
 		for _, m := range mf.GetMetric() {
 			for _, l := range m.GetLabel() {
 				switch l.GetName() {
-				case "route", "code", "reason", "result", "kind", "outcome":
+				case "route", "code", "reason", "result", "kind", "outcome", "door":
 				default:
 					t.Errorf("%s: unexpected label %s", mf.GetName(), l.GetName())
 				}

@@ -49,8 +49,8 @@ func TestAccessDenyUID(t *testing.T) {
 		}
 	}
 	m := e.scrape(t)
-	if v, ok := m.Value("imdsproxy_access_refused_total", map[string]string{"outcome": "deny", "reason": "denied_uid"}); !ok || v != 4 {
-		t.Errorf("metrics lack imdsproxy_access_refused_total{outcome=\"deny\",reason=\"denied_uid\"} 4:\n%s", m.Select("imdsproxy_access_refused_total", nil))
+	if v, ok := m.Value("imdsproxy_access_refused_total", map[string]string{"door": "imds", "outcome": "deny", "reason": "denied_uid"}); !ok || v != 4 {
+		t.Errorf("metrics lack imdsproxy_access_refused_total{door=\"imds\",outcome=\"deny\",reason=\"denied_uid\"} 4:\n%s", m.Select("imdsproxy_access_refused_total", nil))
 	}
 	for _, l := range e.logLines() {
 		if l["logger"] == "audit" {

@@ -237,7 +237,7 @@ func TestDeadCgroupNeverHostRole(t *testing.T) {
 		}
 	}
 	m := e.scrape(t)
-	if v, _ := m.Value("imdsproxy_access_refused_total", map[string]string{"outcome": "retry", "reason": "unresolved"}); v < 1 {
-		t.Errorf("imdsproxy_access_refused_total{outcome=retry,reason=unresolved} = %v, want at least 1:\n%s", v, m.Select("imdsproxy_access_refused_total", nil))
+	if v, _ := m.Value("imdsproxy_access_refused_total", map[string]string{"door": "imds", "outcome": "retry", "reason": "unresolved"}); v < 1 {
+		t.Errorf("imdsproxy_access_refused_total{door=imds,outcome=retry,reason=unresolved} = %v, want at least 1:\n%s", v, m.Select("imdsproxy_access_refused_total", nil))
 	}
 }

@@ -417,7 +417,7 @@ func TestRolloutStages(t *testing.T) {
 				t.Errorf("listing %q, want %q", got, wantListing)
 			}
 			m := e.scrape(t)
-			if v, ok := m.Value("imdsproxy_rollout_served_total", map[string]string{"kind": tc.want}); !ok || v < 1 {
+			if v, ok := m.Value("imdsproxy_rollout_served_total", map[string]string{"door": "imds", "kind": tc.want}); !ok || v < 1 {
 				t.Errorf("imdsproxy_rollout_served_total{kind=%q} = %v, %v", tc.want, v, ok)
 			}
 			stageLabel := strings.Fields(strings.Trim(tc.stage, "{}:"))[0]

@@ -17,6 +17,8 @@ import (
 	"github.com/imdsproxy/imdsproxy/admin"
 	"github.com/imdsproxy/imdsproxy/cache"
 	"github.com/imdsproxy/imdsproxy/config"
+	"github.com/imdsproxy/imdsproxy/container"
+	"github.com/imdsproxy/imdsproxy/credproc"
 	"github.com/imdsproxy/imdsproxy/exchange"
 	"github.com/imdsproxy/imdsproxy/intercept"
 	"github.com/imdsproxy/imdsproxy/proxy"
@@ -47,6 +49,8 @@ type Config struct {
 	Intercept       intercept.Section             `yaml:"intercept"`
 	Access          access.Section                `yaml:"access"`
 	Workloads       []access.Workload             `yaml:"workloads"`
+	Container       container.Section             `yaml:"container"`
+	CredProcess     credproc.Section              `yaml:"credential_process"`
 }
 
 func defaultConfig() Config {
@@ -58,6 +62,8 @@ func defaultConfig() Config {
 		IMDS:            proxy.DefaultIMDSSection(),
 		Source:          exchange.SourceNameWebIdentity,
 		Cache:           cache.DefaultSection(),
+		Container:       container.DefaultSection(),
+		CredProcess:     credproc.DefaultSection(),
 	}
 }
 
@@ -151,7 +157,13 @@ func (c *Config) validate() error {
 	if err := c.Cache.Validate(c.Role.Duration.D()); err != nil {
 		return err
 	}
-	return access.ValidateWorkloads(c.Workloads, c.Role.Name, c.Cache.ExpiryMargin.D())
+	if err := access.ValidateWorkloads(c.Workloads, c.Role.Name, c.Cache.ExpiryMargin.D()); err != nil {
+		return err
+	}
+	if err := c.Container.Validate(c.Workloads); err != nil {
+		return err
+	}
+	return c.CredProcess.Validate()
 }
 
 // validateSource checks identity: and the section of the chosen source.
@@ -237,10 +249,12 @@ func (c Config) imdsListenAddrs() []string {
 
 // restartOnly names the settings of next that differ from c and take effect
 // only at a restart: the listeners (they are open sockets, perhaps passed by
-// systemd), the interception (it decides which listeners exist), the
-// upstream (the instance id and tags the daemon was started with come from
-// it) and the token key (tokens already issued are signed with the old
-// one).
+// systemd: the container endpoint's and its addresses, the
+// credential_process socket), the interception (it decides which listeners
+// exist), the upstream (the instance id and tags the daemon was started
+// with come from it), the token keys (tokens already issued are signed
+// with the old one; the container tokens' directory holds the files given
+// out).
 func (c Config) restartOnly(next Config) []string {
 	var keys []string
 	if c.Listen != next.Listen {
@@ -257,6 +271,21 @@ func (c Config) restartOnly(next Config) []string {
 	}
 	if c.IMDS.TokenKeyFile != next.IMDS.TokenKeyFile {
 		keys = append(keys, "imds.token_key_file")
+	}
+	cc, nc := c.Container, next.Container
+	for _, k := range []struct {
+		key     string
+		changed bool
+	}{
+		{"container.enabled", cc.Enabled != nc.Enabled},
+		{"container.listen", !slices.Equal(cc.Listen, nc.Listen)},
+		{"container.link", cc.Link != nc.Link},
+		{"container.token_dir", cc.TokenDir != nc.TokenDir},
+		{"credential_process", c.CredProcess != next.CredProcess},
+	} {
+		if k.changed {
+			keys = append(keys, k.key)
+		}
 	}
 	return keys
 }

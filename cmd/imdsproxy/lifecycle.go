@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"net"
 	"strings"
@@ -18,30 +17,48 @@ import (
 
 // File descriptor names (FileDescriptorName= in the .socket units) that
 // openListeners understands. Every socket named imds* is an IMDS listener
-// (imds, imds6, …); admin is the admin listener.
+// (imds, imds6, …); admin is the admin listener; container the container
+// credentials endpoint's (several); credentials the credential_process
+// socket.
 const (
-	fdNameAdmin      = "admin"
-	fdNameIMDSPrefix = "imds"
+	fdNameAdmin       = "admin"
+	fdNameIMDSPrefix  = "imds"
+	fdNameContainer   = "container"
+	fdNameCredentials = "credentials"
 )
 
-// openListeners opens the IMDS listener(s) and the admin listener, before
-// anything announces readiness.
+// listeners are the daemon's open sockets.
+type listeners struct {
+	imds      []net.Listener
+	admin     net.Listener
+	container []net.Listener // container.enabled
+	process   net.Listener   // credential_process.enabled
+}
+
+func (ls listeners) close() {
+	for _, ln := range append(append(ls.imds, ls.container...), ls.admin, ls.process) {
+		if ln != nil {
+			ln.Close()
+		}
+	}
+}
+
+// openListeners opens the daemon's listeners before anything announces
+// readiness.
 //
 // Sockets passed by systemd socket activation are used as they are: by name
-// (imds*, admin) when LISTEN_FDNAMES is set, else the first is the IMDS
-// listener, the second the admin listener and any more are IMDS listeners.
-// What was not passed is opened from the config: listen, admin_listen, and
-// intercept.listen_ipv6 when interception of IPv6 is enabled.
-func openListeners(ctx context.Context, cfg Config) (imds []net.Listener, admin net.Listener, err error) {
+// (imds*, admin, container, credentials) when LISTEN_FDNAMES is set, else
+// the first is the IMDS listener, the second the admin listener and any
+// more are IMDS listeners. What was not passed is opened from the config:
+// listen, admin_listen, intercept.listen_ipv6 when interception of IPv6 is
+// enabled, container.listen and credential_process.socket when enabled. A
+// container or credentials socket passed for a section that is not enabled
+// is an error.
+func openListeners(ctx context.Context, cfg Config) (ls listeners, err error) {
 	defer func() {
 		if err != nil {
-			for _, ln := range imds {
-				ln.Close()
-			}
-			if admin != nil {
-				admin.Close()
-			}
-			imds, admin = nil, nil
+			ls.close()
+			ls = listeners{}
 		}
 	}()
 	for i, f := range activation.Files(true) {
@@ -56,25 +73,24 @@ func openListeners(ctx context.Context, cfg Config) (imds []net.Listener, admin 
 			continue // close the remaining files too
 		}
 		switch {
-		case name == fdNameAdmin, name == "" && i == 1:
-			if admin != nil {
-				ln.Close()
-				err = errors.New("socket activation: more than one admin socket")
-				continue
-			}
-			admin = ln
+		case name == fdNameAdmin && ls.admin == nil, name == "" && i == 1:
+			ls.admin = ln
+		case name == fdNameContainer && cfg.Container.Enabled:
+			ls.container = append(ls.container, ln)
+		case name == fdNameCredentials && cfg.CredProcess.Enabled && ls.process == nil:
+			ls.process = ln
 		case strings.HasPrefix(name, fdNameIMDSPrefix), name == "":
-			imds = append(imds, ln)
+			ls.imds = append(ls.imds, ln)
 		default:
 			ln.Close()
-			err = fmt.Errorf("socket activation: unknown socket name %q (want imds, imds6 or admin)", name)
+			err = fmt.Errorf("socket activation: socket %q: a second admin or credentials socket, a socket of a section not enabled, or an unknown name (want imds, imds6, admin, container or credentials)", name)
 		}
 	}
 	if err != nil {
-		return imds, admin, err
+		return ls, err
 	}
 	var lc net.ListenConfig
-	if len(imds) == 0 {
+	if len(ls.imds) == 0 {
 		for i, addr := range cfg.imdsListenAddrs() {
 			ln, err := lc.Listen(ctx, "tcp", addr)
 			if err != nil {
@@ -82,18 +98,30 @@ func openListeners(ctx context.Context, cfg Config) (imds []net.Listener, admin 
 				if i > 0 {
 					key = "intercept.listen_ipv6"
 				}
-				return imds, admin, fmt.Errorf("%s: %w", key, err)
+				return ls, fmt.Errorf("%s: %w", key, err)
 			}
-			imds = append(imds, ln)
+			ls.imds = append(ls.imds, ln)
 		}
 	}
-	if admin == nil {
-		admin, err = lc.Listen(ctx, "tcp", cfg.AdminListen)
+	if ls.admin == nil {
+		if ls.admin, err = lc.Listen(ctx, "tcp", cfg.AdminListen); err != nil {
+			return ls, fmt.Errorf("admin_listen: %w", err)
+		}
+	}
+	for i, addr := range cfg.Container.Listen {
+		if !cfg.Container.Enabled || len(ls.container) > i {
+			break
+		}
+		ln, err := lc.Listen(ctx, "tcp", addr)
 		if err != nil {
-			return imds, nil, fmt.Errorf("admin_listen: %w", err)
+			return ls, fmt.Errorf("container.listen[%d]: %w", i, err)
 		}
+		ls.container = append(ls.container, ln)
 	}
-	return imds, admin, nil
+	if cfg.CredProcess.Enabled && ls.process == nil {
+		ls.process, err = cfg.CredProcess.Listen()
+	}
+	return ls, err
 }
 
 // notifyReady tells a supervisor that the daemon serves credentials: the

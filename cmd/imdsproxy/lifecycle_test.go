@@ -111,7 +111,8 @@ func TestOpenListenersFromConfig(t *testing.T) {
 		t.Fatal(err)
 	}
 	cfg.Intercept.Enabled = true // port 0 is refused with interception in the file
-	imds, admin, err := openListeners(context.Background(), cfg)
+	ls, err := openListeners(context.Background(), cfg)
+	imds, admin := ls.imds, ls.admin
 	if err != nil {
 		if strings.Contains(err.Error(), "::1") {
 			t.Skipf("SKIPPED: no IPv6 loopback here: %v", err)
@@ -137,7 +138,8 @@ func TestActivationIgnoresOtherPID(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	imds, admin, err := openListeners(context.Background(), cfg)
+	ls, err := openListeners(context.Background(), cfg)
+	imds, admin := ls.imds, ls.admin
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -174,7 +176,7 @@ func TestSystemdUnitsVerify(t *testing.T) {
 	if err := os.WriteFile(bin, data, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	units := []string{"imdsproxy.service", "imdsproxy.socket", "imdsproxy-admin.socket"}
+	units := []string{"imdsproxy.service", "imdsproxy.socket", "imdsproxy-admin.socket", "imdsproxy-container.socket", "imdsproxy-credentials.socket"}
 	var paths []string
 	for _, u := range units {
 		b, err := os.ReadFile(filepath.Join("..", "..", "systemd", u))

@@ -19,6 +19,10 @@ import (
 	"runtime"
 	"runtime/debug"
 	"syscall"
+
+	"github.com/imdsproxy/imdsproxy/access"
+	"github.com/imdsproxy/imdsproxy/container"
+	"github.com/imdsproxy/imdsproxy/credproc"
 )
 
 // Exit codes, in one place.
@@ -48,6 +52,8 @@ Usage:
   imdsproxy check-config FILE
   imdsproxy intercept install|remove|status [--config FILE]
   imdsproxy status [--admin HOST:PORT] [--config FILE] [--json]
+  imdsproxy credential-process [--socket PATH] [--role NAME] [--timeout D]
+  imdsproxy workload env [--docker] [--config FILE] NAME
   imdsproxy version
   imdsproxy help
 
@@ -59,7 +65,10 @@ Commands:
                 listen, admin_listen, upstream, intercept.* and
                 imds.token_key_file, which need a restart (such a reload is
                 refused and says so; a bad file is refused too and the running
-                config kept); SIGTERM drains and exits 0.
+                config kept); SIGUSR1 rotates the container endpoint's tokens;
+                SIGTERM drains and exits 0. With container.enabled also the
+                container credentials endpoint (127.0.0.1:8171/v1/credentials),
+                with credential_process.enabled the credential_process socket.
   check-config  validate a config file; on error name the offending key and exit 3.
   intercept     install, remove or check the nftables rules that redirect
                 169.254.169.254:80 and [fd00:ec2::254]:80 to the daemon (needs
@@ -69,6 +78,13 @@ Commands:
                 (a refused reload, a restart needed), rollout stage and why,
                 group, expiry and next refresh, last error, policy version;
                 exit 0 ready, 1 not ready, 4 admin endpoint unreachable.
+  credential-process
+                print the credentials the daemon serves this process, as an AWS
+                config's credential_process expects (Version 1 JSON on stdout,
+                nothing else; exit 1 with a one-line reason on stderr).
+  workload env  print the systemd drop-in (or with --docker the docker run
+                arguments) that points workload NAME (its unit, uid:N or role
+                name) at the container credentials endpoint.
   version       print the version.
 
 The daemon's own AWS calls honour AWS_REGION, AWS_ENDPOINT_URL_STS and
@@ -94,6 +110,10 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		return runStatus(ctx, args[1:], stdout, stderr)
 	case "intercept":
 		return runIntercept(args[1:], stdout, stderr)
+	case "credential-process":
+		return runCredentialProcess(ctx, args[1:], stdout, stderr)
+	case "workload":
+		return runWorkload(args[1:], stdout, stderr)
 	case "version", "--version", "-version":
 		fmt.Fprintln(stdout, versionString())
 		return exitOK
@@ -143,6 +163,33 @@ func runCheckConfig(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "imdsproxy: warning: %s\n", w)
 	}
 	return exitOK
+}
+
+// runCredentialProcess is `imdsproxy credential-process`: stdout gets the
+// credentials and nothing else.
+func runCredentialProcess(ctx context.Context, args []string, stdout, stderr io.Writer) int {
+	o, err := credproc.ParseFlags(args, stderr)
+	if err != nil {
+		return flagExit(err)
+	}
+	doc, err := credproc.Fetch(ctx, o)
+	if err == nil {
+		_, err = stdout.Write(doc.Marshal())
+	}
+	if err != nil {
+		fmt.Fprintf(stderr, "imdsproxy credential-process: %v\n", err)
+		return exitError
+	}
+	return exitOK
+}
+
+// runWorkload is `imdsproxy workload env` (container.EnvCommand) on the
+// config file's workloads: and container: sections.
+func runWorkload(args []string, stdout, stderr io.Writer) int {
+	return container.EnvCommand(args, defaultConfigPath, func(path string) (container.Section, []access.Workload, error) {
+		cfg, err := loadConfig(path)
+		return cfg.Container, cfg.Workloads, err
+	}, stdout, stderr)
 }
 
 func flagExit(err error) int {

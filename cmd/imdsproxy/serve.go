@@ -28,6 +28,8 @@ import (
 	"github.com/imdsproxy/imdsproxy/access"
 	"github.com/imdsproxy/imdsproxy/admin"
 	"github.com/imdsproxy/imdsproxy/cache"
+	"github.com/imdsproxy/imdsproxy/container"
+	"github.com/imdsproxy/imdsproxy/credproc"
 	"github.com/imdsproxy/imdsproxy/creds"
 	"github.com/imdsproxy/imdsproxy/exchange"
 	"github.com/imdsproxy/imdsproxy/intercept"
@@ -104,6 +106,9 @@ type daemon struct {
 	rollout    *rollout.Controller
 	proxy      *proxy.Server
 	peers      *peer.Resolver
+	container  *container.Server // nil: container.enabled false
+	tokens     *container.Tokens
+	process    *credproc.Server // nil: credential_process.enabled false
 
 	mu   sync.Mutex // serialises reload and publish
 	snap atomic.Pointer[snapshot]
@@ -172,6 +177,9 @@ func newDaemon(ctx context.Context, path string, cfg Config, log *zap.Logger, lo
 	if d.proxy, err = proxy.New(pc, d.broker, d.peers, log.Named("proxy"), d.reg); err != nil {
 		return nil, err
 	}
+	if err := d.newDoors(g, plan); err != nil {
+		return nil, err
+	}
 	d.mu.Lock()
 	d.publishLocked(&snapshot{gen: g, decision: dec, rollout: on, plan: plan})
 	d.mu.Unlock()
@@ -184,6 +192,47 @@ func newDaemon(ctx context.Context, path string, cfg Config, log *zap.Logger, lo
 	}
 	d.reload.Record(nil, nil)
 	return d, nil
+}
+
+// newDoors builds the container endpoint (its tokens written for g's
+// workloads) and the credential_process socket's server when enabled.
+func (d *daemon) newDoors(g *generation, plan *access.Plan) (err error) {
+	if c := g.cfg.Container; c.Enabled {
+		if d.tokens, err = container.NewTokens(c.TokenDir, c.RotateInterval.D(), c.RotateOverlap.D(), d.log.Named("container")); err != nil {
+			return err
+		}
+		if d.container, err = container.New(container.Config{Plan: plan, Path: c.Path}, d.tokens, d.broker, d.peers, d.log.Named("container"), d.reg); err != nil {
+			return err
+		}
+	}
+	if g.cfg.CredProcess.Enabled {
+		if d.process, err = credproc.New(plan, d.broker, d.log.Named("process"), d.reg); err != nil {
+			return err
+		}
+	}
+	return d.updateDoors(g, plan)
+}
+
+// updateDoors hands plan, and g's settings, to every front door; the
+// container tokens follow g's workloads (a workload removed loses its
+// token at once).
+func (d *daemon) updateDoors(g *generation, plan *access.Plan) error {
+	if err := d.proxy.Update(g.proxyConfig(plan)); err != nil {
+		return err
+	}
+	if c := g.cfg.Container; d.container != nil {
+		if err := d.container.Update(container.Config{Plan: plan, Path: c.Path}); err != nil {
+			return err
+		}
+		d.tokens.SetSchedule(c.RotateInterval.D(), c.RotateOverlap.D())
+		if err := d.tokens.Sync(c.Owners(g.cfg.Workloads)); err != nil {
+			d.log.Error("cannot write every workload's token file", zap.Error(err))
+		}
+	}
+	if d.process != nil {
+		return d.process.Update(plan)
+	}
+	return nil
 }
 
 // fetchKey fetches a key through the source it names: the decision that
@@ -211,10 +260,22 @@ func readInstanceID(ctx context.Context, md *metadata.Client, log *zap.Logger) s
 func (d *daemon) run(ctx context.Context) error {
 	g := d.snap.Load().gen
 	cfg := g.cfg
-	imdsLns, adminLn, err := openListeners(ctx, cfg)
+	if c := cfg.Container; c.Enabled && c.Link != "" && len(c.LinkLocal()) > 0 {
+		added, err := container.AddAddresses(c.Link, c.LinkLocal(), -1)
+		if err != nil {
+			return err
+		}
+		defer func() {
+			if err := added.Remove(); err != nil {
+				d.log.Warn("cannot remove the container endpoint's addresses", zap.Error(err))
+			}
+		}()
+	}
+	ls, err := openListeners(ctx, cfg)
 	if err != nil {
 		return err
 	}
+	imdsLns, adminLn := ls.imds, ls.admin
 	addrs := make([]string, 0, len(imdsLns))
 	for _, ln := range imdsLns {
 		addrs = append(addrs, ln.Addr().String())
@@ -228,6 +289,7 @@ func (d *daemon) run(ctx context.Context) error {
 	d.log.Info("listening",
 		zap.Strings("listen", addrs),
 		zap.String("admin_listen", adminLn.Addr().String()),
+		zap.Int("container_listeners", len(ls.container)), zap.Bool("credential_process", ls.process != nil),
 		zap.String("role", cfg.Role.ARN), zap.String("role_name", cfg.Role.Name),
 		zap.String("source", cfg.Source), zap.String("session_name", g.session),
 		zap.Int("workloads", len(cfg.Workloads)),
@@ -253,6 +315,15 @@ func (d *daemon) run(ctx context.Context) error {
 	}
 	for _, ln := range imdsLns {
 		tasks = append(tasks, func(ctx context.Context) error { return d.proxy.Serve(ctx, ln) })
+	}
+	for _, ln := range ls.container {
+		tasks = append(tasks, func(ctx context.Context) error { return d.container.Serve(ctx, ln) })
+	}
+	if d.tokens != nil {
+		tasks = append(tasks, d.tokens.Run)
+	}
+	if ls.process != nil {
+		tasks = append(tasks, func(ctx context.Context) error { return d.process.Serve(ctx, ls.process) })
 	}
 	if cfg.Intercept.Enabled {
 		rules, err := cfg.Intercept.NewRules(cfg.Listen, true)
@@ -318,17 +389,22 @@ func (v shadowVerifier) Verify(ctx context.Context, c creds.Credentials) (string
 	return ver.Verify(ctx, c)
 }
 
-// reloadOnHUP reloads the config on every SIGHUP until ctx ends.
+// reloadOnHUP reloads the config on every SIGHUP, and rotates the container
+// tokens on every SIGUSR1, until ctx ends.
 func (d *daemon) reloadOnHUP(ctx context.Context) error {
 	hup := make(chan os.Signal, 1)
-	signal.Notify(hup, syscall.SIGHUP)
+	signal.Notify(hup, syscall.SIGHUP, syscall.SIGUSR1)
 	defer signal.Stop(hup)
 	for {
 		select {
 		case <-ctx.Done():
 			return nil
-		case <-hup:
-			d.reloadConfig(ctx)
+		case sig := <-hup:
+			if sig == syscall.SIGHUP {
+				d.reloadConfig(ctx)
+			} else if d.tokens != nil && d.tokens.Rotate() == nil {
+				d.log.Info("container tokens rotated (SIGUSR1); the replaced ones are accepted for container.rotate_overlap")
+			}
 		}
 	}
 }
@@ -373,7 +449,7 @@ func (d *daemon) tryReload(ctx context.Context) ([]string, error) {
 	if err != nil {
 		return nil, err
 	}
-	if err := d.proxy.Update(g.proxyConfig(plan)); err != nil {
+	if err := d.updateDoors(g, plan); err != nil {
 		return nil, err
 	}
 	d.publishLocked(&snapshot{gen: g, decision: dec, rollout: on, plan: plan})
@@ -389,7 +465,7 @@ func (d *daemon) republishLocked() error {
 	if err != nil {
 		return err
 	}
-	if err := d.proxy.Update(cur.gen.proxyConfig(plan)); err != nil {
+	if err := d.updateDoors(cur.gen, plan); err != nil {
 		return err
 	}
 	d.publishLocked(&snapshot{gen: cur.gen, decision: dec, rollout: on, plan: plan})
@@ -662,6 +738,18 @@ func (d *daemon) Status() admin.Status {
 		Config:  d.reload.Status(d.path, s.plan.Gen()),
 		Rollout: admin.RolloutStatus{Status: d.rollout.Status()},
 		Cache:   d.Cache(),
+	}
+	st.Doors = append(st.Doors, admin.DoorStatus{Door: access.DoorIMDS, Listen: cfg.imdsListenAddrs()})
+	if d.container != nil {
+		door := admin.DoorStatus{Door: access.DoorContainer, Listen: cfg.Container.Listen, URL: cfg.Container.URL(false),
+			Tokens: d.tokens.Count(), RotateInterval: cfg.Container.RotateInterval.D().String()}
+		if t := d.tokens.LastRotation(); !t.IsZero() {
+			door.LastRotation = t.UTC().Format(time.RFC3339)
+		}
+		st.Doors = append(st.Doors, door)
+	}
+	if d.process != nil {
+		st.Doors = append(st.Doors, admin.DoorStatus{Door: access.DoorProcess, Listen: []string{cfg.CredProcess.Socket}})
 	}
 	st.Rollout.Workloads = admin.WorkloadsStatus{Configured: len(cfg.Workloads),
 		Active: len(cfg.Workloads) > 0 && s.plan.Serving() == creds.KindWorkload}

@@ -2,126 +2,25 @@ package main
 
 import (
 	"context"
-	"encoding/json"
-	"flag"
-	"fmt"
 	"io"
-	"regexp"
-	"time"
-
-	"go.yaml.in/yaml/v3"
 
 	"github.com/imdsproxy/imdsproxy/admin"
-	"github.com/imdsproxy/imdsproxy/config"
 )
 
-// Exit codes of `imdsproxy status` beyond exitOK (ready) and exitUsage.
+// Exit codes of `imdsproxy status` beyond exitOK (ready), exitUsage and
+// exitConfig (an unreadable --config file): admin.StatusCommand's.
 const (
-	exitStatusNotReady    = exitError // the daemon answered: not ready
-	exitStatusUnreachable = 4         // the admin endpoint did not answer /debug/status
+	exitStatusNotReady    = admin.ExitNotReady    // the daemon answered: not ready
+	exitStatusUnreachable = admin.ExitUnreachable // the admin endpoint did not answer /debug/status
 )
 
-// statusTimeout bounds the whole GET of /debug/status.
-const statusTimeout = 5 * time.Second
-
-const statusUsage = `Usage: imdsproxy status [--admin HOST:PORT] [--config FILE] [--json]
-
-Asks the running daemon's admin listener (GET /debug/status) and prints a
-summary: readiness and why, the role served, the configuration in force (and
-whether a reload was refused or a restart is needed), the rollout stage and
-why, the instance group and bucket, the policy, each cached credential's
-expiry and next refresh, and the last shadow verification. With --config the
-admin address is the file's admin_listen (unless --admin is given too).
---json prints the document as the daemon sent it.
-
-A --config file the daemon would refuse is still read for admin_listen (the
-daemon keeps its last good config; status shows the refused reload).
-
-Exit codes: 0 ready, 1 not ready, 2 usage error, 3 unreadable --config file,
-4 admin endpoint unreachable (no daemon running?).
-`
-
-// adminListenOf reads admin_listen from the config file at path. A file
-// the daemon would refuse is still read for that one key (the daemon keeps
-// running its last good config, and status is how one finds out): only a
-// file whose YAML cannot be parsed at all is an error, and then the default
-// address is used if the file never mentions admin_listen.
-func adminListenOf(path string) (string, error) {
-	if cfg, err := loadConfig(path); err == nil {
-		return cfg.AdminListen, nil
-	}
-	data, err := config.ReadFile(path)
-	if err != nil {
-		return "", err
-	}
-	var lenient struct {
-		AdminListen string `yaml:"admin_listen"`
-	}
-	if yaml.Unmarshal(data, &lenient) != nil {
-		// Not YAML at all (a half-edited file): the top-level line.
-		if m := adminLineRe.FindSubmatch(data); m != nil {
-			lenient.AdminListen = string(m[1])
-		}
-	}
-	if lenient.AdminListen == "" {
-		lenient.AdminListen = defaultConfig().AdminListen
-	}
-	return lenient.AdminListen, nil
-}
-
-var adminLineRe = regexp.MustCompile(`(?m)^admin_listen:[ \t]*["']?([^"'\s#]+)`)
-
-// runStatus is `imdsproxy status`.
+// runStatus is `imdsproxy status` (admin.StatusCommand); a --config file is
+// read for admin_listen, leniently when the daemon would refuse it.
 func runStatus(ctx context.Context, args []string, stdout, stderr io.Writer) int {
-	fs := flag.NewFlagSet("status", flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	addrFlag := fs.String("admin", "127.0.0.1:8170", "address of the daemon's admin listener")
-	cfgPath := fs.String("config", "", "the daemon's config file: use its admin_listen")
-	asJSON := fs.Bool("json", false, "print the /debug/status document as received")
-	fs.Usage = func() { fmt.Fprint(stderr, statusUsage) }
-	if err := fs.Parse(args); err != nil {
-		return flagExit(err)
-	}
-	if fs.NArg() != 0 {
-		fs.Usage()
-		return exitUsage
-	}
-	adminSet := false
-	fs.Visit(func(f *flag.Flag) { adminSet = adminSet || f.Name == "admin" })
-	addr := *addrFlag
-	if *cfgPath != "" && !adminSet {
-		a, err := adminListenOf(*cfgPath)
-		if err != nil {
-			fmt.Fprintf(stderr, "imdsproxy status: %v\n", err)
-			return exitConfig
+	return admin.StatusCommand(ctx, args, stdout, stderr, func(path string) (string, error) {
+		if cfg, err := loadConfig(path); err == nil {
+			return cfg.AdminListen, nil
 		}
-		addr = a
-	}
-	addr, err := admin.Dialable(addr)
-	if err != nil {
-		fmt.Fprintf(stderr, "imdsproxy status: --admin %q: %v\n", *addrFlag, err)
-		return exitUsage
-	}
-	raw, err := admin.GetStatus(ctx, addr, statusTimeout)
-	if err != nil {
-		fmt.Fprintf(stderr, "imdsproxy status: the admin endpoint at %s is unreachable (is the daemon running? systemctl status imdsproxy): %v\n", addr, err)
-		return exitStatusUnreachable
-	}
-	var doc admin.Status
-	if err := json.Unmarshal(raw, &doc); err != nil {
-		fmt.Fprintf(stderr, "imdsproxy status: %s answered /debug/status with something that is not the status document: %v\n", addr, err)
-		return exitStatusUnreachable
-	}
-	if *asJSON {
-		_, _ = stdout.Write(raw)
-		if len(raw) > 0 && raw[len(raw)-1] != '\n' {
-			fmt.Fprintln(stdout)
-		}
-	} else {
-		admin.PrintStatus(stdout, addr, doc, time.Now())
-	}
-	if !doc.Ready {
-		return exitStatusNotReady
-	}
-	return exitOK
+		return admin.LenientAdminListen(path, defaultConfig().AdminListen)
+	})
 }

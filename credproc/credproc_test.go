@@ -1,0 +1,392 @@
+package credproc
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+
+	"github.com/imdsproxy/imdsproxy/access"
+	"github.com/imdsproxy/imdsproxy/config"
+	"github.com/imdsproxy/imdsproxy/creds"
+	"github.com/imdsproxy/imdsproxy/peer"
+)
+
+type via struct{}
+
+func (via) Fetch(context.Context, creds.Role) (creds.Credentials, error) {
+	return creds.Credentials{}, errors.New("not used")
+}
+
+func key(name, acct string) creds.Key {
+	return creds.Key{Kind: creds.KindWorkload, Role: creds.Role{Name: name, ARN: "arn:aws:iam::" + acct + ":role/" + name}, Via: via{}}
+}
+
+func uidp(u int) *int { return &u }
+
+// src answers every key with credentials of its own, or err.
+type src struct {
+	mu  sync.Mutex
+	err error
+}
+
+func (s *src) Get(_ context.Context, k creds.Key) (creds.Credentials, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.err != nil {
+		return creds.Credentials{}, s.err
+	}
+	return credsOf(k.Role.Name), nil
+}
+
+func credsOf(role string) creds.Credentials {
+	return creds.Credentials{
+		AccessKeyID: "ASIA" + strings.ToUpper(role) + "0000000000", SecretAccessKey: "secret/of+" + role, SessionToken: "session-of-" + role + "==",
+		Expires: time.Now().Add(time.Hour), LastUpdated: time.Now(), RoleARN: "arn:aws:sts::333333333333:assumed-role/" + role + "/h",
+	}
+}
+
+type syncBuf struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuf) Write(p []byte) (int, error) { s.mu.Lock(); defer s.mu.Unlock(); return s.b.Write(p) }
+func (s *syncBuf) String() string              { s.mu.Lock(); defer s.mu.Unlock(); return s.b.String() }
+
+type env struct {
+	srv    *Server
+	src    *src
+	socket string
+	reg    *prometheus.Registry
+	log    *syncBuf
+	mu     sync.Mutex
+	info   peer.Info
+	err    error
+}
+
+// newEnv serves a plan with workload billing for uid 64101 and the host
+// role app for every other client, denying uid 64104.
+func newEnv(t *testing.T) *env {
+	t.Helper()
+	e := &env{src: &src{}, reg: prometheus.NewRegistry(), log: &syncBuf{}}
+	log := zap.New(zapcore.NewCore(zapcore.NewJSONEncoder(zap.NewProductionEncoderConfig()), zapcore.AddSync(e.log), zap.DebugLevel))
+	plan, err := access.NewPlan(access.PlanConfig{
+		Host: key("app", "222222222222"), Serve: creds.KindWorkload,
+		Access:       access.Section{DenyUIDs: []int{64104}},
+		Workloads:    []access.Workload{{UID: uidp(64101), Role: config.Role{Name: "billing"}}},
+		WorkloadKeys: []creds.Key{key("billing", "333333333333")},
+	}, nil, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	broker, err := access.NewBroker(e.src, log, log.Named("audit"), e.reg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if e.srv, err = New(plan, broker, log, e.reg); err != nil {
+		t.Fatal(err)
+	}
+	e.srv.identify = func(*net.UnixConn) (peer.Info, error) {
+		e.mu.Lock()
+		defer e.mu.Unlock()
+		return e.info, e.err
+	}
+	sec := DefaultSection()
+	sec.Socket = filepath.Join(t.TempDir(), "credentials.sock")
+	e.socket = sec.Socket
+	ln, err := sec.Listen()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- e.srv.Serve(ctx, ln) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Error(err)
+		}
+	})
+	return e
+}
+
+func (e *env) as(info peer.Info, err error) {
+	e.mu.Lock()
+	e.info, e.err = info, err
+	e.mu.Unlock()
+}
+
+func TestServe(t *testing.T) {
+	e := newEnv(t)
+	for _, tc := range []struct {
+		name     string
+		info     peer.Info
+		idErr    error
+		role     string
+		wantRole string
+		wantErr  string
+	}{
+		{"a workload's uid", peer.Info{UID: 64101}, nil, "", "billing", ""},
+		{"any other uid: the host's role", peer.Info{UID: 1000, Unit: "web.service"}, nil, "", "app", ""},
+		{"its own role by name", peer.Info{UID: 64101}, nil, "billing", "billing", ""},
+		{"another role by name", peer.Info{UID: 1000}, nil, "billing", "", "not_found: role billing is not served to this process"},
+		{"a denied uid", peer.Info{UID: 64104}, nil, "", "", "access_denied"},
+		{"not identified", peer.Info{}, errors.New("gone"), "", "", "retry"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			e.as(tc.info, tc.idErr)
+			d, err := Fetch(t.Context(), Options{Socket: e.socket, Role: tc.role, Timeout: 5 * time.Second})
+			if tc.wantErr != "" {
+				if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
+					t.Fatalf("Fetch = %+v, %v; want an error with %q", d.AccessKeyID, err, tc.wantErr)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			want := credsOf(tc.wantRole)
+			if d.Version != 1 || d.AccessKeyID != want.AccessKeyID || d.SecretAccessKey != want.SecretAccessKey ||
+				d.SessionToken != want.SessionToken || d.AccountID != "333333333333" {
+				t.Errorf("document %+v, want the credentials of %s", d.AccessKeyID, tc.wantRole)
+			}
+			if exp, err := time.Parse(TimeLayout, d.Expiration); err != nil || exp.After(want.Expires) {
+				t.Errorf("Expiration %q", d.Expiration)
+			}
+		})
+	}
+	if v := testutil.ToFloat64(e.srv.requests.WithLabelValues(CodeRetry)); v != retries {
+		t.Errorf("retry answers %v, want %d (the client asks again)", v, retries)
+	}
+	if problems, err := testutil.GatherAndLint(e.reg); err != nil || len(problems) > 0 {
+		t.Errorf("lint: %v %v", problems, err)
+	}
+	logs := e.log.String()
+	for _, secret := range []string{"secret/of+billing", "session-of-billing", "secret/of+app"} {
+		if strings.Contains(logs, secret) {
+			t.Errorf("the log holds a secret %q", secret)
+		}
+	}
+	if !strings.Contains(logs, `"door":"process"`) {
+		t.Errorf("no audit line with door process:\n%s", logs)
+	}
+}
+
+// TestServeUnavailable: no credentials is an error, never an empty
+// document.
+func TestServeUnavailable(t *testing.T) {
+	e := newEnv(t)
+	e.src.mu.Lock()
+	e.src.err = errors.New("sts down")
+	e.src.mu.Unlock()
+	if _, err := Fetch(t.Context(), Options{Socket: e.socket, Timeout: 5 * time.Second}); err == nil || !strings.Contains(err.Error(), "unavailable") {
+		t.Errorf("Fetch = %v, want unavailable", err)
+	}
+}
+
+// TestServeIdentifiesForReal: peer.LookupUnix identifies this process.
+func TestServeIdentifiesForReal(t *testing.T) {
+	e := newEnv(t)
+	e.srv.identify = peer.LookupUnix
+	d, err := Fetch(t.Context(), Options{Socket: e.socket, Timeout: 5 * time.Second})
+	want := "app"
+	switch os.Getuid() {
+	case 64101:
+		want = "billing"
+	case 64104:
+		want = ""
+	}
+	if want == "" {
+		return
+	}
+	if err != nil || d.AccessKeyID != credsOf(want).AccessKeyID {
+		t.Errorf("Fetch = %q, %v; want %s's", d.AccessKeyID, err, want)
+	}
+}
+
+// TestServeBadRequests: whatever is sent, the answer is one line of the
+// protocol, a bad_request.
+func TestServeBadRequests(t *testing.T) {
+	e := newEnv(t)
+	for _, req := range []string{
+		"",
+		"{\"version\":1}",                    // no newline
+		"{\"version\":2}\n",                  // another version
+		"{\"version\":1,\"x\":1}\n",          // unknown field
+		"{\"version\":1,\"role\":\"a/b\"}\n", // not a role name
+		"{\"version\":1}{\"version\":1}\n",   // trailing data
+		"{\"version\":1,\"role\":\"" + strings.Repeat("a", 600) + "\"}\n", // too long
+		"\x00\xff\n",
+	} {
+		c, err := net.Dial("unix", e.socket)
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, _ = c.Write([]byte(req))
+		if !strings.HasSuffix(req, "\n") {
+			_ = c.(*net.UnixConn).CloseWrite()
+		}
+		var buf bytes.Buffer
+		_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+		_, _ = buf.ReadFrom(c)
+		c.Close()
+		var resp Response
+		if err := decodeLine(buf.Bytes(), &resp); err != nil || resp.Error == nil || resp.Error.Code != CodeBadRequest || resp.Credentials != nil {
+			t.Errorf("request %.40q: answer %q (%v), want one bad_request line", req, buf.String(), err)
+		}
+	}
+}
+
+func TestSectionValidate(t *testing.T) {
+	for _, tc := range []struct {
+		s   Section
+		err string
+	}{
+		{DefaultSection(), ""},
+		{Section{Socket: "/run/x.sock", SocketMode: "0660", SocketGroup: "0"}, ""},
+		{Section{Socket: "/run/x.sock", SocketMode: "600"}, ""},
+		{Section{Socket: "run/x.sock", SocketMode: "0666"}, "credential_process.socket"},
+		{Section{Socket: "/run/../x.sock", SocketMode: "0666"}, "credential_process.socket"},
+		{Section{Socket: "/" + strings.Repeat("a", 120), SocketMode: "0666"}, "credential_process.socket"},
+		{Section{Socket: "/run/x.sock", SocketMode: "0999"}, "credential_process.socket_mode"},
+		{Section{Socket: "/run/x.sock", SocketMode: "01777"}, "credential_process.socket_mode"},
+		{Section{Socket: "/run/x.sock", SocketMode: "rw"}, "credential_process.socket_mode"},
+		{Section{Socket: "/run/x.sock", SocketMode: "0666", SocketGroup: "no-such-group"}, ""}, // looked up by Listen
+		{Section{Socket: "/run/x.sock", SocketMode: "0666", SocketGroup: "a b"}, "credential_process.socket_group"},
+	} {
+		err := tc.s.Validate()
+		if tc.err == "" && err != nil || tc.err != "" && (err == nil || !strings.Contains(err.Error(), tc.err)) {
+			t.Errorf("Validate(%+v) = %v, want %q", tc.s, err, tc.err)
+		}
+	}
+}
+
+func TestListen(t *testing.T) {
+	dir := t.TempDir()
+	sec := Section{Socket: filepath.Join(dir, "c.sock"), SocketMode: "0660", SocketGroup: "0"}
+	ln, err := sec.Listen()
+	if err != nil {
+		t.Fatal(err)
+	}
+	st, err := os.Stat(sec.Socket)
+	if err != nil || st.Mode().Perm() != 0o660 || st.Mode()&os.ModeSocket == 0 {
+		t.Errorf("socket file %v %v, want a socket of mode 0660", st.Mode(), err)
+	}
+	if _, err := sec.Listen(); err == nil || !strings.Contains(err.Error(), "another process answers") {
+		t.Errorf("a second Listen on a live socket: %v", err)
+	}
+	ln.Close()
+	if _, err := os.Stat(sec.Socket); !os.IsNotExist(err) {
+		t.Errorf("the socket file is left after Close: %v", err)
+	}
+	// A socket file nobody answers on (a crash) is replaced.
+	stale, err := net.ListenUnix("unix", &net.UnixAddr{Name: sec.Socket, Net: "unix"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	stale.SetUnlinkOnClose(false)
+	stale.Close()
+	ln, err = sec.Listen()
+	if err != nil {
+		t.Fatalf("a stale socket file was not replaced: %v", err)
+	}
+	ln.Close()
+	// A group that does not exist is refused when the socket is made.
+	if _, err := (Section{Socket: sec.Socket, SocketMode: "0660", SocketGroup: "no-such-group-imdsproxy"}).Listen(); err == nil ||
+		!strings.Contains(err.Error(), "credential_process.socket_group") {
+		t.Errorf("Listen with an unknown group: %v", err)
+	}
+	if _, err := os.Stat(sec.Socket); !os.IsNotExist(err) {
+		t.Errorf("the socket file is left after a failed Listen: %v", err)
+	}
+	// Anything else at the path is refused.
+	os.WriteFile(sec.Socket, []byte("x"), 0o600)
+	if _, err := sec.Listen(); err == nil || !strings.Contains(err.Error(), "not a socket") {
+		t.Errorf("Listen over a regular file: %v", err)
+	}
+}
+
+func TestParseFlags(t *testing.T) {
+	var stderr bytes.Buffer
+	o, err := ParseFlags([]string{"--socket", "/tmp/s", "--role", "billing"}, &stderr)
+	if err != nil || o.Socket != "/tmp/s" || o.Role != "billing" || o.Timeout <= 0 {
+		t.Errorf("ParseFlags = %+v, %v", o, err)
+	}
+	for _, args := range [][]string{{"extra"}, {"--role", "a/b"}, {"--timeout", "0s"}, {"--nope"}} {
+		if _, err := ParseFlags(args, &stderr); err == nil {
+			t.Errorf("ParseFlags(%q) accepted", args)
+		}
+	}
+	if o, _ := ParseFlags(nil, &stderr); o.Socket != DefaultSocket {
+		t.Errorf("default socket %q", o.Socket)
+	}
+}
+
+// TestFetchNoDaemon: the one-line error says where it looked.
+func TestFetchNoDaemon(t *testing.T) {
+	_, err := Fetch(t.Context(), Options{Socket: filepath.Join(t.TempDir(), "none.sock"), Timeout: time.Second})
+	if err == nil || !strings.Contains(err.Error(), "cannot reach the daemon") || strings.Contains(err.Error(), "\n") {
+		t.Errorf("Fetch without a daemon: %v", err)
+	}
+}
+
+func TestParseResponse(t *testing.T) {
+	now := time.Date(2026, 12, 7, 12, 0, 0, 0, time.UTC)
+	good := Document{Version: 1, AccessKeyID: "ASIAEXAMPLE000000000", SecretAccessKey: "s/e+c", SessionToken: "t==", Expiration: "2026-12-07T13:00:00Z", AccountID: "222222222222"}
+	line := func(v any) []byte { b, _ := json.Marshal(v); return append(b, '\n') }
+	bad := func(f func(*Document)) []byte {
+		d := good
+		f(&d)
+		return line(Response{Version: 1, Credentials: &d})
+	}
+	for _, tc := range []struct {
+		name string
+		raw  []byte
+		err  string
+		code string
+	}{
+		{"credentials", line(Response{Version: 1, Credentials: &good}), "", ""},
+		{"an error", line(Response{Version: 1, Error: &Error{Code: "access_denied", Message: "no\nway"}}), "access_denied: no way", "access_denied"},
+		{"both", line(Response{Version: 1, Credentials: &good, Error: &Error{Code: "x"}}), "neither", ""},
+		{"neither", line(Response{Version: 1}), "neither", ""},
+		{"version 2", line(Response{Version: 2, Credentials: &good}), "protocol version 2", ""},
+		{"no newline", bytes.TrimSuffix(line(Response{Version: 1, Credentials: &good}), []byte("\n")), "not the protocol", ""},
+		{"trailing", append(line(Response{Version: 1, Credentials: &good}), 'x'), "not the protocol", ""},
+		{"unknown field", []byte(`{"version":1,"extra":1}` + "\n"), "not the protocol", ""},
+		{"expired", bad(func(d *Document) { d.Expiration = "2026-12-07T11:59:59Z" }), "expired", ""},
+		{"fractional expiry", bad(func(d *Document) { d.Expiration = "2026-12-07T13:00:00.5Z" }), "Expiration", ""},
+		{"no key id", bad(func(d *Document) { d.AccessKeyID = "" }), "AccessKeyId", ""},
+		{"key id with a quote", bad(func(d *Document) { d.AccessKeyID = "ASIA\"0000000000000" }), "AccessKeyId", ""},
+		{"secret with a space", bad(func(d *Document) { d.SecretAccessKey = "a b" }), "SecretAccessKey", ""},
+		{"no session token", bad(func(d *Document) { d.SessionToken = "" }), "SessionToken", ""},
+		{"bad account", bad(func(d *Document) { d.AccountID = "12" }), "AccountId", ""},
+		{"inner version 2", bad(func(d *Document) { d.Version = 2 }), "version 2", ""},
+		{"too long", append(bytes.Repeat([]byte(" "), MaxResponse), '\n'), "longer than", ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			d, code, err := ParseResponse(tc.raw, now)
+			if tc.err == "" {
+				if err != nil || d != good {
+					t.Fatalf("ParseResponse = %+v, %v", d, err)
+				}
+				return
+			}
+			if err == nil || !strings.Contains(err.Error(), tc.err) || code != tc.code || strings.Contains(err.Error(), "\n") {
+				t.Fatalf("ParseResponse error %v (code %q), want one line with %q (code %q)", err, code, tc.err, tc.code)
+			}
+		})
+	}
+}
