@@ -483,7 +483,15 @@ func TestInstanceProfileNoV1Fallback(t *testing.T) {
 			t.Parallel()
 			up := newIPStandIn(t)
 			up.set(func(s *profileStandIn) { s.putStatus, s.putDelay, s.allowV1 = tc.putStatus, tc.putDelay, true })
-			p := newTestInstanceProfile(t, up.srv.URL, InstanceProfileConfig{Timeout: 1500 * time.Millisecond}, nil)
+			// Long enough for the SDK's retries of a refused PUT with their
+			// jittered backoff, even on a loaded machine (1.5 s was not: the
+			// fetch timed out before the last answer and was class timeout);
+			// the slow case times out at 1.5 s.
+			timeout := 15 * time.Second
+			if tc.putDelay > 0 {
+				timeout = 1500 * time.Millisecond
+			}
+			p := newTestInstanceProfile(t, up.srv.URL, InstanceProfileConfig{Timeout: timeout}, nil)
 			_, err := p.Fetch(context.Background(), creds.Role{})
 			if e := profileClass(t, err); e.Class != tc.class || e.Permanent() {
 				t.Fatalf("class %s (want %s) permanent %v: %v", e.Class, tc.class, e.Permanent(), err)
