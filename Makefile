@@ -85,7 +85,7 @@ fuzz:
 # flood and cold start; it prints the table docs/benchmarks.md is written
 # from. BENCH_ARGS adds flags, e.g. BENCH_ARGS='-other.bin /path/imdsproxy
 # -other.name OLD' measures another build in the same run. Then the fleet
-# simulation's representative set (docs/scale.md). About 8 minutes in all.
+# simulation's representative set (docs/scale.md). About 6 minutes in all.
 BENCH_ARGS ?=
 bench: build tools
 	@command -v wrk >/dev/null 2>&1 || { \
