@@ -17,11 +17,10 @@ import (
 	"io"
 	"os"
 	"os/signal"
-	"runtime"
-	"runtime/debug"
 	"syscall"
 	"time"
 
+	"github.com/imdsproxy/imdsproxy/buildinfo"
 	"github.com/imdsproxy/imdsproxy/issuer"
 )
 
@@ -173,17 +172,7 @@ func runPublish(ctx context.Context, args []string, stdout, stderr io.Writer) in
 	return exitOK
 }
 
-func versionString() string {
-	return fmt.Sprintf("imdsproxy-issuer %s (%s, %s/%s)", buildVersion(), runtime.Version(), runtime.GOOS, runtime.GOARCH)
-}
+func versionString() string { return buildinfo.String("imdsproxy-issuer", version) }
 
 // buildVersion is the -X version, else the module version, else "devel".
-func buildVersion() string {
-	if version != "" {
-		return version
-	}
-	if bi, ok := debug.ReadBuildInfo(); ok && bi.Main.Version != "" && bi.Main.Version != "(devel)" {
-		return bi.Main.Version
-	}
-	return "devel"
-}
+func buildVersion() string { return buildinfo.Version(version) }

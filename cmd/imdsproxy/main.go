@@ -16,11 +16,10 @@ import (
 	"io"
 	"os"
 	"os/signal"
-	"runtime"
-	"runtime/debug"
 	"syscall"
 
 	"github.com/imdsproxy/imdsproxy/access"
+	"github.com/imdsproxy/imdsproxy/buildinfo"
 	"github.com/imdsproxy/imdsproxy/container"
 	"github.com/imdsproxy/imdsproxy/credproc"
 )
@@ -199,17 +198,7 @@ func flagExit(err error) int {
 	return exitUsage
 }
 
-func versionString() string {
-	return fmt.Sprintf("imdsproxy %s (%s, %s/%s)", buildVersion(), runtime.Version(), runtime.GOOS, runtime.GOARCH)
-}
+func versionString() string { return buildinfo.String("imdsproxy", version) }
 
 // buildVersion is the -X version, else the module version, else "devel".
-func buildVersion() string {
-	if version != "" {
-		return version
-	}
-	if bi, ok := debug.ReadBuildInfo(); ok && bi.Main.Version != "" && bi.Main.Version != "(devel)" {
-		return bi.Main.Version
-	}
-	return "devel"
-}
+func buildVersion() string { return buildinfo.Version(version) }
