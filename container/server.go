@@ -25,7 +25,6 @@ import (
 	"net"
 	"net/http"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"time"
 
@@ -35,7 +34,6 @@ import (
 
 	"github.com/imdsproxy/imdsproxy/access"
 	"github.com/imdsproxy/imdsproxy/creds"
-	"github.com/imdsproxy/imdsproxy/peer"
 )
 
 // Request limits.
@@ -47,20 +45,14 @@ const (
 	writeTimeout      = 40 * time.Second // a first request may wait for an exchange (cache.fetch_timeout, 30s)
 	idleTimeout       = 60 * time.Second
 	shutdownWait      = 5 * time.Second
-	identifyTimeout   = 100 * time.Millisecond
 	// MaxConns bounds the connections one Serve keeps open.
 	MaxConns = 1024
 )
 
-// Identifier finds the local process at the other end of a connection;
-// *peer.Resolver implements it. An error wrapping peer.ErrNotFound means
-// the client is not in this network namespace (a container on a bridge).
-// Process adds the pid and executable, best effort, for the audit line
-// only.
-type Identifier interface {
-	LookupConn(ctx context.Context, conn net.Conn) (peer.Info, error)
-	Process(ctx context.Context, info peer.Info) peer.Info
-}
+// Identifier finds the local process at the other end of a connection
+// (access.Identifier; *peer.Resolver implements it). A client in another
+// network namespace (a container on a bridge) is identified by its token.
+type Identifier = access.Identifier
 
 // Config is what a Server serves by; New and Update validate it.
 type Config struct {
@@ -159,10 +151,8 @@ type connKey struct{}
 
 // connMemo is a connection and the client identified on it (once).
 type connMemo struct {
-	conn net.Conn
-	mu   sync.Mutex
-	done bool
-	who  access.Client
+	conn   net.Conn
+	client access.ConnClient
 }
 
 // Error codes of the JSON error documents ({"code","message"}, which the
@@ -295,33 +285,7 @@ func (s *Server) client(r *http.Request, plan *access.Plan) access.Client {
 	if s.id == nil || memo == nil {
 		return access.Client{}
 	}
-	memo.mu.Lock()
-	defer memo.mu.Unlock()
-	if memo.done {
-		return memo.who
-	}
-	ctx, cancel := context.WithTimeout(context.WithoutCancel(r.Context()), identifyTimeout)
-	defer cancel()
-	info, err := s.id.LookupConn(ctx, memo.conn)
-	var who access.Client
-	switch {
-	case err == nil:
-		who = access.Client{Local: true, Info: info}
-		if plan.Audit() {
-			// Only the pid and exe: the decision uses what the kernel
-			// recorded for the socket.
-			p := s.id.Process(ctx, info)
-			who.PID, who.Exe = p.PID, p.Exe
-		}
-	case errors.Is(err, peer.ErrNotFound):
-		// Another network namespace (a container on a bridge): the token
-		// is its identity.
-	default:
-		s.log.Debug("cannot identify the client process", zap.Error(err))
-		who = access.Client{Unresolved: true}
-	}
-	memo.who, memo.done = who, !who.Unresolved && !who.UnitUnknown
-	return who
+	return memo.client.Get(r.Context(), s.id, memo.conn, plan.Audit(), s.log)
 }
 
 // hostAllowed reports whether the Host header host names this endpoint:

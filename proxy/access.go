@@ -2,7 +2,6 @@ package proxy
 
 import (
 	"context"
-	"errors"
 	"net"
 	"net/http"
 	"sync"
@@ -11,24 +10,11 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/imdsproxy/imdsproxy/access"
-	"github.com/imdsproxy/imdsproxy/peer"
 )
 
-// Identifier finds the local process at the other end of a connection;
-// *peer.Resolver implements it. LookupConn gives what decisions use (uid,
-// cgroup, unit, as the kernel recorded them); an error wrapping
-// peer.ErrNotFound means the connection does not come from this host's
-// network namespace, any other error that the client could not be
-// identified (access.Client.Unresolved). Process adds the pid and
-// executable, best effort, for the audit line only. It must be safe for
-// concurrent use.
-type Identifier interface {
-	LookupConn(ctx context.Context, conn net.Conn) (peer.Info, error)
-	Process(ctx context.Context, info peer.Info) peer.Info
-}
-
-// identifyTimeout bounds identifying a connection (LookupConn and Process).
-const identifyTimeout = 100 * time.Millisecond
+// Identifier finds the local process at the other end of a connection
+// (access.Identifier; *peer.Resolver implements it).
+type Identifier = access.Identifier
 
 // Bodies of refused credential requests.
 const (
@@ -43,10 +29,9 @@ type peerKey struct{}
 // token verified on it. HTTP/1 requests of one connection are sequential;
 // the mutex makes that an implementation detail.
 type peerMemo struct {
-	mu   sync.Mutex
-	done bool
-	who  access.Client
+	client access.ConnClient
 
+	mu     sync.Mutex
 	tok    string // the last token found valid on this connection, "" none
 	tokExp int64  // its expiry, unix seconds
 	tokGen uint32 // the plan generation it pins
@@ -91,10 +76,9 @@ func isCredentialRoute(route string) bool {
 	return false
 }
 
-// client returns the Client of r's connection, identified at most once per
-// connection (an unresolved client, or one whose unit could not be told, is
-// asked again on its next request), and the zero Client when plan does not
-// need identification or the request was not served by Serve.
+// client returns the Client of r's connection (access.ConnClient: at most
+// once per connection, again while unresolved), and the zero Client when
+// plan does not need identification or the request was not served by Serve.
 func (s *Server) client(r *http.Request, plan *access.Plan) access.Client {
 	if !plan.Identify() || s.id == nil {
 		return access.Client{}
@@ -104,32 +88,7 @@ func (s *Server) client(r *http.Request, plan *access.Plan) access.Client {
 	if conn == nil || memo == nil {
 		return access.Client{}
 	}
-	memo.mu.Lock()
-	defer memo.mu.Unlock()
-	if memo.done {
-		return memo.who
-	}
-	ctx, cancel := context.WithTimeout(context.WithoutCancel(r.Context()), identifyTimeout)
-	defer cancel()
-	info, err := s.id.LookupConn(ctx, conn)
-	var who access.Client
-	switch {
-	case err == nil:
-		who = access.Client{Local: true, Info: info}
-		if plan.Audit() {
-			// Only the pid and exe: a unit read from /proc is what the
-			// process says now, not what the kernel recorded for its socket.
-			p := s.id.Process(ctx, info)
-			who.PID, who.Exe = p.PID, p.Exe
-		}
-	case errors.Is(err, peer.ErrNotFound):
-		// Another host or network namespace (a container on a bridge).
-	default:
-		s.log.Debug("cannot identify the client process", zap.Error(err))
-		who = access.Client{Unresolved: true}
-	}
-	memo.who, memo.done = who, !who.Unresolved && !who.UnitUnknown
-	return who
+	return memo.client.Get(r.Context(), s.id, conn, plan.Audit(), s.log)
 }
 
 // pathDeniedBody is the body of a pass-through path refused by

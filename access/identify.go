@@ -1,0 +1,74 @@
+package access
+
+import (
+	"context"
+	"errors"
+	"net"
+	"sync"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/imdsproxy/imdsproxy/peer"
+)
+
+// Identifier finds the local process at the other end of a connection;
+// *peer.Resolver implements it. LookupConn gives what decisions use (uid,
+// cgroup, unit, as the kernel recorded them for the client's socket); an
+// error wrapping peer.ErrNotFound means the connection does not come from
+// this host's network namespace, any other error that the client could not
+// be identified (Client.Unresolved). Process adds the pid and executable,
+// best effort, for the audit line only. It must be safe for concurrent use.
+type Identifier interface {
+	LookupConn(ctx context.Context, conn net.Conn) (peer.Info, error)
+	Process(ctx context.Context, info peer.Info) peer.Info
+}
+
+// IdentifyTimeout bounds identifying a connection (LookupConn and Process).
+const IdentifyTimeout = 100 * time.Millisecond
+
+// ConnClient is the Client of one connection, identified at most once: the
+// front doors (IMDS, the container endpoint) keep one per connection. The
+// zero value is ready to use; it is safe for concurrent use.
+type ConnClient struct {
+	mu   sync.Mutex
+	done bool
+	who  Client
+}
+
+// Get returns the Client behind conn, asking id the first time (and again
+// while the client is unresolved or its unit unknown, so a transient
+// failure is not remembered for the connection's life), within
+// IdentifyTimeout of ctx (whose cancellation it ignores: the answer is
+// shared by the connection's later requests). With audit it adds the pid
+// and exe — to the audit fields only: a unit /proc reports is what the
+// process says now, not what the kernel recorded for its socket, and
+// decisions use the latter.
+func (m *ConnClient) Get(ctx context.Context, id Identifier, conn net.Conn, audit bool, log *zap.Logger) Client {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.done {
+		return m.who
+	}
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), IdentifyTimeout)
+	defer cancel()
+	info, err := id.LookupConn(ctx, conn)
+	var who Client
+	switch {
+	case err == nil:
+		who = Client{Local: true, Info: info}
+		if audit {
+			p := id.Process(ctx, info)
+			who.PID, who.Exe = p.PID, p.Exe
+		}
+	case errors.Is(err, peer.ErrNotFound):
+		// Another host or network namespace (a container on a bridge).
+	default:
+		if log != nil {
+			log.Debug("cannot identify the client process", zap.Error(err))
+		}
+		who = Client{Unresolved: true}
+	}
+	m.who, m.done = who, !who.Unresolved && !who.UnitUnknown
+	return who
+}
