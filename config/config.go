@@ -340,28 +340,27 @@ func (r Role) Creds(session string) creds.Role {
 func CheckURL(raw string, insecureHTTP bool) error {
 	u, err := url.Parse(raw)
 	if err != nil || u.Host == "" || u.User != nil || u.Opaque != "" {
-		return fmt.Errorf("%q is not an absolute URL without user info", redactURL(raw))
+		return fmt.Errorf("%q is not an absolute URL without user info", RedactURL(raw))
 	}
 	switch u.Scheme {
 	case "https":
 		return nil
 	case "http":
-		ip := net.ParseIP(u.Hostname())
-		loopback := ip != nil && ip.IsLoopback() || strings.EqualFold(u.Hostname(), "localhost")
+		loopback := IsLoopbackHost(u.Hostname())
 		switch {
 		case !loopback:
-			return fmt.Errorf("%q: use https (plain http is allowed only to a loopback address, with insecure_http: true)", redactURL(raw))
+			return fmt.Errorf("%q: use https (plain http is allowed only to a loopback address, with insecure_http: true)", RedactURL(raw))
 		case !insecureHTTP:
-			return fmt.Errorf("%q: plain http needs insecure_http: true beside it (any local user who binds that port while the service is down gets what is sent there)", redactURL(raw))
+			return fmt.Errorf("%q: plain http needs insecure_http: true beside it (any local user who binds that port while the service is down gets what is sent there)", RedactURL(raw))
 		}
 		return nil
 	}
-	return fmt.Errorf("%q: the scheme must be https", redactURL(raw))
+	return fmt.Errorf("%q: the scheme must be https", RedactURL(raw))
 }
 
 // redactURL drops user info, query and fragment (a presigned URL carries its
 // signature in the query).
-func redactURL(s string) string {
+func RedactURL(s string) string {
 	u, err := url.Parse(s)
 	if err != nil {
 		if i := strings.IndexAny(s, "?#@"); i >= 0 {
@@ -371,6 +370,16 @@ func redactURL(s string) string {
 	}
 	u.User, u.RawQuery, u.ForceQuery, u.Fragment, u.RawFragment = nil, "", false, "", ""
 	return u.String()
+}
+
+// IsLoopbackHost reports whether host (a URL's Hostname) is "localhost" or
+// a loopback address.
+func IsLoopbackHost(host string) bool {
+	if strings.EqualFold(host, "localhost") {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
 }
 
 // AbsPath checks that p (at key path) is empty or an absolute path.

@@ -8,7 +8,6 @@ import (
 	"io"
 	"io/fs"
 	"math/rand/v2"
-	"net"
 	"net/http"
 	"net/url"
 	"os"
@@ -21,6 +20,8 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
+
+	"github.com/imdsproxy/imdsproxy/config"
 )
 
 // Defaults of LoaderOptions.
@@ -220,17 +221,17 @@ func NewLoader(source string, opts LoaderOptions, log *zap.Logger, reg prometheu
 	case strings.Contains(source, "://"):
 		u, err := url.Parse(source)
 		if err != nil || u.Host == "" {
-			return nil, fmt.Errorf("rollout: policy source: %q is not a URL", redactURL(source))
+			return nil, fmt.Errorf("rollout: policy source: %q is not a URL", config.RedactURL(source))
 		}
 		switch {
 		case u.Scheme == "https":
-		case u.Scheme == "http" && isLoopback(u.Hostname()):
+		case u.Scheme == "http" && config.IsLoopbackHost(u.Hostname()):
 		case u.Scheme == "http":
-			return nil, fmt.Errorf("rollout: policy source %s: http:// is allowed only to a loopback address; use https://", redactURL(source))
+			return nil, fmt.Errorf("rollout: policy source %s: http:// is allowed only to a loopback address; use https://", config.RedactURL(source))
 		default:
-			return nil, fmt.Errorf("rollout: policy source %s: want an absolute path, https:// URL or s3://bucket/key", redactURL(source))
+			return nil, fmt.Errorf("rollout: policy source %s: want an absolute path, https:// URL or s3://bucket/key", config.RedactURL(source))
 		}
-		l.kind, l.redacted = "http", redactURL(source)
+		l.kind, l.redacted = "http", config.RedactURL(source)
 		l.client = opts.HTTPClient
 		if l.client == nil {
 			l.client = &http.Client{Timeout: DefaultFetchTimeout}
@@ -265,28 +266,6 @@ func loadCounters() (loads, refused *prometheus.CounterVec) {
 		refused.WithLabelValues(r)
 	}
 	return loads, refused
-}
-
-func isLoopback(host string) bool {
-	if strings.EqualFold(host, "localhost") {
-		return true
-	}
-	ip := net.ParseIP(host)
-	return ip != nil && ip.IsLoopback()
-}
-
-// redactURL drops user info, query and fragment (a presigned URL carries its
-// signature in the query).
-func redactURL(s string) string {
-	u, err := url.Parse(s)
-	if err != nil {
-		if i := strings.IndexAny(s, "?#@"); i >= 0 {
-			return s[:i] + "…"
-		}
-		return s
-	}
-	u.User, u.RawQuery, u.ForceQuery, u.Fragment, u.RawFragment = nil, "", false, "", ""
-	return u.String()
 }
 
 // Load reads and validates the policy now: it reads the policy (at most
@@ -425,7 +404,7 @@ func (l *Loader) fetchVerified(ctx context.Context) ([]byte, error) {
 func (l *Loader) sigLocation() string {
 	switch l.kind {
 	case "http":
-		return redactURL(sigURL(l.source))
+		return config.RedactURL(sigURL(l.source))
 	case "s3":
 		return "s3://" + l.bucket + "/" + l.key + ".sig"
 	}
