@@ -288,11 +288,15 @@ func (f *File) fail(reason string, err error) error {
 }
 
 // read returns the file's token once it is known not to be torn (see File).
+// A recently modified file is read a second time through the same
+// descriptor after a pause: an inode no one is writing reads the same, so a
+// file the agent replaces atomically (write a temporary file, rename it)
+// passes at once however often it is replaced, while one rewritten in place
+// is read again from its path until two reads of one inode agree.
 func (f *File) read(ctx context.Context) (string, Claims, error) {
 	rr := newRereads()
-	var prev []byte // the content of the previous read, if any
 	for {
-		snap, err := readSnapshot(f.path, f.maxSize, ReasonTooLarge)
+		fh, snap, err := openSnapshot(f.path, f.maxSize, ReasonTooLarge)
 		if err != nil {
 			return "", Claims{}, err
 		}
@@ -305,26 +309,48 @@ func (f *File) read(ctx context.Context) (string, Claims, error) {
 			why = "it changed while it was read"
 		case young && partial != "":
 			why = fmt.Sprintf("%s, and it was modified %v ago", partial, age.Round(time.Millisecond))
-		case young && (prev == nil || !bytes.Equal(prev, snap.content)):
-			why = fmt.Sprintf("it was modified %v ago and two reads in a row differed", age.Round(time.Millisecond))
+		case young:
+			more, err := rr.wait(ctx)
+			if err != nil || !more {
+				fh.Close()
+				return "", Claims{}, f.changing(err, fmt.Sprintf("it was modified %v ago and was being written", age.Round(time.Millisecond)), rr)
+			}
+			again, err := rereadSnapshot(fh, f.path, f.maxSize, ReasonTooLarge)
+			fh.Close()
+			if err == nil && !again.changed && again.stamp == snap.stamp && bytes.Equal(again.content, snap.content) {
+				return tok, claims, verr
+			}
+			why = fmt.Sprintf("it was modified %v ago and two reads of it differed", age.Round(time.Millisecond))
+			more, err = rr.wait(ctx)
+			if err != nil || !more {
+				return "", Claims{}, f.changing(err, why, rr)
+			}
+			continue
 		default:
+			fh.Close()
 			if partial != "" && verr == nil {
 				f.log.Info("identity token with an unusual signature length used: the file has not changed for a while",
 					zap.String("path", f.path), zap.String("detail", partial), zap.Duration("unchanged_for", age.Round(time.Second)))
 			}
 			return tok, claims, verr
 		}
-		prev = snap.content
+		fh.Close()
 		more, err := rr.wait(ctx)
-		if err != nil {
-			return "", Claims{}, err
-		}
-		if !more {
-			return "", Claims{}, f.fail(ReasonChanging, fmt.Errorf(
-				"the file is being rewritten: %s (%s); the token agent should replace it atomically (write a temporary file, rename it)",
-				why, rr))
+		if err != nil || !more {
+			return "", Claims{}, f.changing(err, why, rr)
 		}
 	}
+}
+
+// changing is the error of a file still being rewritten after ChangeWait
+// (or ctx's error, when err is one).
+func (f *File) changing(err error, why string, rr *rereads) error {
+	if err != nil {
+		return err
+	}
+	return f.fail(ReasonChanging, fmt.Errorf(
+		"the file is being rewritten: %s (%s); the token agent should replace it atomically (write a temporary file, rename it)",
+		why, rr))
 }
 
 // settling returns how long ago a file was modified (mtime) and whether
@@ -418,8 +444,20 @@ type fileSnapshot struct {
 // (more than maxSize bytes) tooLarge; they are definitive: no re-read
 // changes them.
 func readSnapshot(path string, maxSize int64, tooLarge string) (fileSnapshot, error) {
-	fail := func(reason string, err error) (fileSnapshot, error) {
-		return fileSnapshot{}, &Error{Reason: reason, Path: path, Err: err}
+	fh, snap, err := openSnapshot(path, maxSize, tooLarge)
+	if err != nil {
+		return fileSnapshot{}, err
+	}
+	fh.Close()
+	return snap, nil
+}
+
+// openSnapshot is readSnapshot keeping the descriptor open, so that the
+// same file can be read again (rereadSnapshot) whatever replaces it at path
+// meanwhile. The caller closes it.
+func openSnapshot(path string, maxSize int64, tooLarge string) (*os.File, fileSnapshot, error) {
+	fail := func(reason string, err error) (*os.File, fileSnapshot, error) {
+		return nil, fileSnapshot{}, &Error{Reason: reason, Path: path, Err: err}
 	}
 	// O_NONBLOCK keeps open(2) from blocking on a FIFO without a writer; it
 	// has no effect on regular files, and anything else is refused below.
@@ -430,7 +468,20 @@ func readSnapshot(path string, maxSize int64, tooLarge string) (fileSnapshot, er
 		}
 		return fail(ReasonUnreadable, pathless(err))
 	}
-	defer fh.Close()
+	snap, err := rereadSnapshot(fh, path, maxSize, tooLarge)
+	if err != nil {
+		fh.Close()
+		return nil, fileSnapshot{}, err
+	}
+	return fh, snap, nil
+}
+
+// rereadSnapshot reads the whole of the open file fh from its start,
+// between two fstat calls, with readSnapshot's checks and errors.
+func rereadSnapshot(fh *os.File, path string, maxSize int64, tooLarge string) (fileSnapshot, error) {
+	fail := func(reason string, err error) (fileSnapshot, error) {
+		return fileSnapshot{}, &Error{Reason: reason, Path: path, Err: err}
+	}
 	before, err := fh.Stat()
 	if err != nil {
 		return fail(ReasonUnreadable, pathless(err))
@@ -444,8 +495,8 @@ func readSnapshot(path string, maxSize int64, tooLarge string) (fileSnapshot, er
 	// One byte more than the size, so that a file that grew meanwhile is
 	// noticed; the files hold a few KiB, so this is one read(2).
 	buf := make([]byte, before.Size()+1)
-	n, err := io.ReadFull(fh, buf)
-	if err != nil && !errors.Is(err, io.ErrUnexpectedEOF) && !errors.Is(err, io.EOF) {
+	n, err := fh.ReadAt(buf, 0)
+	if err != nil && !errors.Is(err, io.EOF) {
 		return fail(ReasonUnreadable, pathless(err))
 	}
 	after, err := fh.Stat()

@@ -110,3 +110,20 @@ func TestStandInIMDS(t *testing.T) {
 		t.Error("a token of TTL 0 was issued")
 	}
 }
+
+// TestFreePort: ports below the ephemeral range (where client connections
+// never take theirs), bindable, never the same twice.
+func TestFreePort(t *testing.T) {
+	lo, hi := portRange()
+	seen := map[int]bool{}
+	for range 50 {
+		p, err := FreePort()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if p < lo || p >= hi || seen[p] {
+			t.Fatalf("port %d: outside [%d, %d) or given twice", p, lo, hi)
+		}
+		seen[p] = true
+	}
+}

@@ -3,8 +3,13 @@ package e2e
 import (
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"net"
 	"net/http"
+	"os"
+	"strconv"
+	"strings"
+	"sync"
 	"time"
 )
 
@@ -12,14 +17,51 @@ import (
 // first.
 var ErrExited = errors.New("process exited")
 
-// FreePort returns a loopback TCP port that was free a moment ago.
+// FreePort returns a loopback TCP port that was free a moment ago, for a
+// process the test starts to bind. It is chosen at random below the
+// kernel's ephemeral range (net.ipv4.ip_local_port_range, 32768–60999 by
+// default), where outgoing connections never take their source ports: a
+// port the kernel hands out for ":0" is as likely to be taken by the next
+// client connection as by the process it was meant for, which made daemons
+// fail with "address already in use" on a busy machine. Ports already given
+// out by this process are not given again.
 func FreePort() (int, error) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return 0, err
+	lo, hi := portRange()
+	freePorts.Lock()
+	defer freePorts.Unlock()
+	for range 1000 {
+		port := lo + rand.IntN(hi-lo)
+		if freePorts.given[port] {
+			continue
+		}
+		ln, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", port))
+		if err != nil {
+			continue
+		}
+		ln.Close()
+		freePorts.given[port] = true
+		return port, nil
 	}
-	defer ln.Close()
-	return ln.Addr().(*net.TCPAddr).Port, nil
+	return 0, errors.New("no free loopback port below the ephemeral range")
+}
+
+var freePorts = struct {
+	sync.Mutex
+	given map[int]bool
+}{given: map[int]bool{}}
+
+// portRange is where FreePort draws from: [10000, the ephemeral range's
+// start), at least 4096 ports wide.
+func portRange() (lo, hi int) {
+	lo, hi = 10000, 32768
+	if b, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range"); err == nil {
+		if f := strings.Fields(string(b)); len(f) == 2 {
+			if start, err := strconv.Atoi(f[0]); err == nil && start-lo >= 4096 {
+				hi = start
+			}
+		}
+	}
+	return lo, hi
 }
 
 // WaitTCP waits until addr accepts a TCP connection, at most timeout.
