@@ -45,11 +45,13 @@ type DoorStatus struct {
 	// AWS_CONTAINER_CREDENTIALS_FULL_URI (the first address).
 	URL string `json:"url,omitempty"`
 	// Tokens is the number of workloads with an authorization token
-	// ("container"), LastRotation when they were last all replaced and
-	// RotateInterval how often they are.
+	// ("container"), LastRotation when they were last all replaced,
+	// RotateInterval how often they are and RotateOverlap how long a
+	// replaced one is still accepted (the values in use).
 	Tokens         int    `json:"tokens,omitempty"`
 	LastRotation   string `json:"last_rotation,omitempty"`
 	RotateInterval string `json:"rotate_interval,omitempty"`
+	RotateOverlap  string `json:"rotate_overlap,omitempty"`
 }
 
 // ConfigStatus is the configuration part of Status.
@@ -252,7 +254,8 @@ func PrintStatus(w io.Writer, addr string, doc Status, now time.Time) {
 			if d.LastRotation != "" {
 				rotated = when(d.LastRotation, now)
 			}
-			detail += fmt.Sprintf("; %d workload tokens, rotated every %s, last %s", d.Tokens, orDash(d.RotateInterval), rotated)
+			detail += fmt.Sprintf("; %d workload tokens, rotated every %s (a replaced one accepted for %s), last %s",
+				d.Tokens, orDash(d.RotateInterval), orDash(d.RotateOverlap), rotated)
 		}
 		line("door "+d.Door, "%s", detail)
 	}

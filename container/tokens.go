@@ -136,6 +136,11 @@ func (t *Tokens) SetSchedule(interval, overlap time.Duration) {
 	t.overlap.Store(int64(overlap))
 }
 
+// Schedule returns the rotation interval and overlap in use (SetSchedule's).
+func (t *Tokens) Schedule() (interval, overlap time.Duration) {
+	return time.Duration(t.interval.Load()), time.Duration(t.overlap.Load())
+}
+
 // wakeEvery bounds Run's sleeps: a changed interval, a wall-clock step and
 // the end of an overlap are seen within it.
 const wakeEvery = 10 * time.Second

@@ -2,6 +2,7 @@ package test
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -60,6 +61,8 @@ type frontEnv struct {
 	bin      string // a copy of imdsproxy every uid may run
 	goClient string // a copy of this test binary: the Go SDK client
 	access   atomic.Value
+	knobs    atomic.Pointer[frontKnobs]
+	port     int
 	httpc    *http.Client
 
 	mu     sync.Mutex
@@ -91,10 +94,11 @@ func startFront(t *testing.T, access string) *frontEnv {
 	ln.Close()
 	f := &frontEnv{
 		shared: shared, tokenDir: filepath.Join(shared, "tokens"), socket: filepath.Join(shared, "credentials.sock"),
-		url:   fmt.Sprintf("http://127.0.0.1:%d/v1/credentials", port),
+		url: fmt.Sprintf("http://127.0.0.1:%d/v1/credentials", port), port: port,
 		httpc: &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{Proxy: nil, DisableKeepAlives: true}},
 	}
 	f.access.Store(access)
+	f.knobs.Store(&frontKnobs{path: "/v1/credentials", overlap: frontOverlap, unitOwner: -1})
 	f.bin = f.copyExecutable(t, daemonBinary(t), "imdsproxy")
 	exe, err := os.Executable()
 	if err != nil {
@@ -103,6 +107,12 @@ func startFront(t *testing.T, access string) *frontEnv {
 	f.goClient = f.copyExecutable(t, exe, "goclient")
 	f.daemonEnv = startDaemon(t, envOptions{identityYAML: func(e *daemonEnv) string {
 		e.sts.AllowRoles(frontRootARN, frontBillingARN, frontReportsARN)
+		k := f.knobs.Load()
+		unit, owners := "", ""
+		if k.unitOwner >= 0 {
+			unit = fmt.Sprintf("- {unit: %s, role: {arn: %q, name: front-unit}}\n", frontUnit, frontReportsARN)
+			owners = fmt.Sprintf("  token_owners: {%s: %d}\n", frontUnit, k.unitOwner)
+		}
 		return fmt.Sprintf(`role: {arn: %q, name: app, session_name: "", duration: 1h}
 source: web-identity
 identity: {jwt_file: %q}
@@ -110,20 +120,36 @@ workloads:
 - {uid: 0, role: {arn: %q, name: front-root}}
 - {uid: %d, role: {arn: %q, name: front-billing}}
 - {uid: %d, role: {arn: %q, name: front-reports}}
-container:
+%scontainer:
   enabled: true
   listen: ["127.0.0.1:%d"]
   link: ""
+  path: %s
   token_dir: %q
-  rotate_interval: 1h
+  rotate_interval: %s
   rotate_overlap: %s
-credential_process: {enabled: true, socket: %q}
+%scredential_process: {enabled: true, socket: %q}
 access: %s
 `, frontHostARN, e.tokenFile, frontRootARN, frontBillingUID, frontBillingARN, frontReportsUID, frontReportsARN,
-			port, f.tokenDir, frontOverlap, f.socket, f.access.Load())
+			unit, cmp.Or(k.listenPort, port), k.path, f.tokenDir, cmp.Or(k.interval, time.Hour), k.overlap, owners,
+			cmp.Or(k.socket, f.socket), f.access.Load())
 	}})
 	return f
 }
+
+// frontKnobs are the settings of startFront's config that TestFrontReload
+// changes.
+type frontKnobs struct {
+	path       string        // container.path
+	interval   time.Duration // container.rotate_interval (0: 1h)
+	overlap    time.Duration // container.rotate_overlap
+	unitOwner  int           // ≥ 0: a unit workload frontUnit, its token file given to this uid
+	listenPort int           // container.listen's port (0: the one startFront chose)
+	socket     string        // credential_process.socket ("": the shared directory's)
+}
+
+// frontUnit is the unit workload of frontKnobs.unitOwner.
+const frontUnit = "front-unit.service"
 
 // copyExecutable copies src into the shared directory, executable by all.
 func (f *frontEnv) copyExecutable(t *testing.T, src, name string) string {
@@ -752,4 +778,134 @@ func frontExit(err error) int {
 		return ee.ExitCode()
 	}
 	return -1
+}
+
+// TestFrontReload changes, one SIGHUP each, every setting of the front
+// doors a reload applies, and checks each took effect for a real client or
+// on disk: container.path (the AWS CLI through the new path; the old one
+// 404), container.rotate_overlap (a replaced token accepted past the old
+// overlap), container.rotate_interval (in use, per `imdsproxy status`), a
+// workload added with container.token_owners (its token file, and a change
+// of owner). The restart-only ones (container.listen,
+// credential_process.socket) refuse the reload and say so, and serving goes
+// on unchanged.
+func TestFrontReload(t *testing.T) {
+	requireFront(t)
+	requireClient(t, awsCLIPath, "AWS CLI v2 (Debian package awscli)")
+	f := startFront(t, "{}")
+	set := func(what string, change func(*frontKnobs), cond func() bool) {
+		t.Helper()
+		k := *f.knobs.Load()
+		change(&k)
+		f.knobs.Store(&k)
+		reloadAndWait(t, f.daemonEnv, f.config(), what, cond)
+	}
+	get := func(url, token string) int {
+		req, _ := http.NewRequestWithContext(t.Context(), http.MethodGet, url, nil)
+		req.Header.Set("Authorization", token)
+		resp, err := f.httpc.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		return resp.StatusCode
+	}
+	statusOut := func() string {
+		out, _ := runStatusCommand(t, f.daemonEnv)
+		return out
+	}
+
+	// container.path.
+	oldURL, newURL := f.url, fmt.Sprintf("http://127.0.0.1:%d/v2/creds", f.port)
+	set("container.path", func(k *frontKnobs) { k.path = "/v2/creds" }, func() bool {
+		return get(newURL, f.token(t, 0)) == http.StatusOK
+	})
+	if st := get(oldURL, f.token(t, 0)); st != http.StatusNotFound {
+		t.Errorf("the old path answers %d after the reload, want 404", st)
+	}
+	f.url = newURL
+	g, err := f.client(t, "aws-cli", frontBillingUID, viaContainer)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.exactly(t, "the AWS CLI through the new path", g, frontBillingARN)
+
+	// container.rotate_overlap: from 5s to 40s; a token replaced afterwards
+	// is still accepted well past 5s.
+	set("container.rotate_overlap", func(k *frontKnobs) { k.overlap = 40 * time.Second }, func() bool {
+		return strings.Contains(statusOut(), "(a replaced one accepted for 40s)")
+	})
+	old := f.token(t, 0)
+	f.signal(t, syscall.SIGUSR1)
+	deadline := time.Now().Add(15 * time.Second)
+	for f.token(t, 0) == old {
+		if time.Now().After(deadline) {
+			t.Fatal("SIGUSR1 did not replace the token file")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	replaced := time.Now()
+	time.Sleep(frontOverlap + 3*time.Second)
+	if st := get(f.url, old); st != http.StatusOK && time.Since(replaced) < 40*time.Second {
+		t.Errorf("a token replaced %s ago answers %d with rotate_overlap 40s", time.Since(replaced).Round(time.Second), st)
+	}
+	if st := get(f.url, f.token(t, 0)); st != http.StatusOK {
+		t.Errorf("the new token answers %d", st)
+	}
+
+	// container.rotate_interval.
+	set("container.rotate_interval", func(k *frontKnobs) { k.interval = 2 * time.Hour }, func() bool {
+		return strings.Contains(statusOut(), "rotated every 2h0m0s (a replaced one accepted for 40s)")
+	})
+
+	// A unit workload and container.token_owners: its file appears,
+	// readable by the owner only; a new owner takes it over.
+	unitFile := filepath.Join(f.tokenDir, frontUnit, "token")
+	ownedBy := func(uid int) bool {
+		st, err := os.Stat(unitFile)
+		return err == nil && int(st.Sys().(*syscall.Stat_t).Uid) == uid && st.Mode().Perm() == 0o400
+	}
+	set("workloads and container.token_owners", func(k *frontKnobs) { k.unitOwner = frontBillingUID }, func() bool {
+		return ownedBy(frontBillingUID)
+	})
+	set("container.token_owners", func(k *frontKnobs) { k.unitOwner = frontReportsUID }, func() bool {
+		return ownedBy(frontReportsUID)
+	})
+	if _, _, err := f.runAs(t, frontBillingUID, f.clientEnv(t, frontBillingUID, viaContainer), "", "/bin/cat", unitFile); err == nil {
+		t.Error("the unit token's previous owner can still read it")
+	}
+	set("workload removed", func(k *frontKnobs) { k.unitOwner = -1 }, func() bool {
+		_, err := os.Stat(unitFile)
+		return os.IsNotExist(err)
+	})
+
+	// Restart-only settings: refused whole, said, and nothing changes.
+	for _, tc := range []struct {
+		key    string
+		change func(*frontKnobs)
+	}{
+		{"container.listen", func(k *frontKnobs) { k.listenPort = f.port - 1 }}, // refused before anything listens on it
+		{"credential_process", func(k *frontKnobs) { k.socket = filepath.Join(f.shared, "other.sock") }},
+	} {
+		good := *f.knobs.Load()
+		k := good
+		tc.change(&k)
+		f.knobs.Store(&k)
+		f.writeConfig(t, f.config())
+		f.signal(t, syscall.SIGHUP)
+		waitMetric(t, f.daemonEnv, "imdsproxy_config_restart_required", nil, func(v float64) bool { return v == 1 }, 15*time.Second)
+		if out := statusOut(); !strings.Contains(out, "restart:       NEEDED: "+tc.key) {
+			t.Errorf("%s changed: imdsproxy status does not say a restart is needed:\n%s", tc.key, out)
+		}
+		g, err := f.client(t, "aws-cli", frontReportsUID, viaContainer)
+		if err != nil {
+			t.Fatal(err)
+		}
+		f.exactly(t, "the AWS CLI after a refused reload", g, frontReportsARN)
+		f.knobs.Store(&good)
+		f.writeConfig(t, f.config())
+		f.signal(t, syscall.SIGHUP)
+		waitMetric(t, f.daemonEnv, "imdsproxy_config_restart_required", nil, func(v float64) bool { return v == 0 }, 15*time.Second)
+	}
+	f.noSecrets(t)
 }

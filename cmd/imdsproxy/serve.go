@@ -741,8 +741,9 @@ func (d *daemon) Status() admin.Status {
 	}
 	st.Doors = append(st.Doors, admin.DoorStatus{Door: access.DoorIMDS, Listen: cfg.imdsListenAddrs()})
 	if d.container != nil {
+		interval, overlap := d.tokens.Schedule()
 		door := admin.DoorStatus{Door: access.DoorContainer, Listen: cfg.Container.Listen, URL: cfg.Container.URL(false),
-			Tokens: d.tokens.Count(), RotateInterval: cfg.Container.RotateInterval.D().String()}
+			Tokens: d.tokens.Count(), RotateInterval: interval.String(), RotateOverlap: overlap.String()}
 		if t := d.tokens.LastRotation(); !t.IsZero() {
 			door.LastRotation = t.UTC().Format(time.RFC3339)
 		}

@@ -27,7 +27,7 @@ const statusReadyCanary = `{"ready": true, "ready_reason": "ready: credentials f
  "config": {"path": "/etc/imdsproxy/config.yaml", "generation": 7, "last_reload": "2026-11-25T11:00:00Z", "last_reload_ok": true},
  "doors": [{"door": "imds", "listen": ["127.0.0.1:8169", "[::1]:8169"]},
            {"door": "container", "listen": ["127.0.0.1:8171"], "url": "http://127.0.0.1:8171/v1/credentials", "tokens": 2,
-            "last_rotation": "2026-11-25T11:30:00Z", "rotate_interval": "1h0m0s"},
+            "last_rotation": "2026-11-25T11:30:00Z", "rotate_interval": "1h0m0s", "rotate_overlap": "5m0s"},
            {"door": "process", "listen": ["/run/imdsproxy/credentials.sock"]}],
  "cache": [ {"key": "app", "access_key_id": "ASIAWORKLOAD", "expires": "2026-11-25T13:00:00Z", "next_refresh": "2026-11-25T12:30:00Z", "last_error": "", "error_class": "", "valid": true},
             {"key": "instance-profile", "access_key_id": "ASIAINSTANCE", "expires": "2026-11-25T18:00:00Z", "next_refresh": "2026-11-25T15:00:00Z", "last_error": "", "error_class": "", "valid": true} ]}
@@ -121,7 +121,7 @@ func TestStatusCommand(t *testing.T) {
 			"cache instance-profile: ASIAINSTANCE",
 			"next refresh: 2026-11-25T12:30:00Z",
 			"door imds:     127.0.0.1:8169, [::1]:8169",
-			"door container: http://127.0.0.1:8171/v1/credentials; 2 workload tokens, rotated every 1h0m0s, last 2026-11-25T11:30:00Z (",
+			"door container: http://127.0.0.1:8171/v1/credentials; 2 workload tokens, rotated every 1h0m0s (a replaced one accepted for 5m0s), last 2026-11-25T11:30:00Z (",
 			"door process:  /run/imdsproxy/credentials.sock",
 		}},
 		{name: "not ready", args: []string{"--admin", notReady}, code: exitStatusNotReady, wantOut: []string{
