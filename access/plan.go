@@ -145,6 +145,7 @@ type Plan struct {
 	allowUnits map[string]bool
 	audit      bool
 	identify   bool
+	decides    bool // decisions depend on the client (access lists, workloads)
 
 	byUnit  map[string]int // unit → workload index
 	byUID   map[int]int    // uid → workload index
@@ -220,7 +221,8 @@ func NewPlan(cfg PlanConfig, prev *Plan, now time.Time) (*Plan, error) {
 			p.unitsOn = true
 		}
 	}
-	p.identify = p.restricted || p.audit || len(p.wlKeys) > 0 || len(p.passthrough.Prefixes) > 0
+	p.decides = p.restricted || len(p.wlKeys) > 0
+	p.identify = p.decides || p.audit || len(p.passthrough.Prefixes) > 0
 	if prev != nil {
 		p.gen = prev.gen + 1
 		if p.gen == 0 {
@@ -241,6 +243,7 @@ func NewPlan(cfg PlanConfig, prev *Plan, now time.Time) (*Plan, error) {
 	// for as long as it answers.
 	for _, r := range p.retired {
 		p.identify = p.identify || r.plan.identify
+		p.decides = p.decides || r.plan.decides
 	}
 	return p, nil
 }
@@ -261,6 +264,13 @@ func (p *Plan) Gen() uint32 { return p.gen }
 // lists, the audit or workloads, its own or a retained plan's); without, the
 // zero Client is passed.
 func (p *Plan) Identify() bool { return p.identify }
+
+// Decides reports whether Decide and DecideName depend on the client (access
+// lists or workloads, its own or a retained plan's). When they do not, a
+// request that hands nothing out (the role listing, iam/info) needs no
+// identification even with the audit on: the zero Client gets the same
+// decision.
+func (p *Plan) Decides() bool { return p.decides }
 
 // Audit reports whether hand-outs are audited (access.audit): the audit
 // line names the client's pid and executable, which cost more to find than

@@ -78,9 +78,22 @@ func isCredentialRoute(route string) bool {
 
 // client returns the Client of r's connection (access.ConnClient: at most
 // once per connection, again while unresolved), and the zero Client when
-// plan does not need identification or the request was not served by Serve.
-func (s *Server) client(r *http.Request, plan *access.Plan) access.Client {
-	if !plan.Identify() || s.id == nil {
+// the request was not served by Serve or when nothing about it needs the
+// client: plan's decisions do not depend on it and it hands nothing out to
+// audit (handout false: the role listing, iam/info, on a host without
+// access lists or workloads; an SDK's listing is often on a connection of
+// its own).
+func (s *Server) client(r *http.Request, plan *access.Plan, handout bool) access.Client {
+	if !plan.Decides() && !(handout && plan.Audit()) {
+		return access.Client{}
+	}
+	return s.identify(r, plan)
+}
+
+// identify returns the Client of r's connection, for a request whose answer
+// depends on it (client's, and a protected pass-through path's).
+func (s *Server) identify(r *http.Request, plan *access.Plan) access.Client {
+	if s.id == nil {
 		return access.Client{}
 	}
 	conn := connFrom(r.Context())

@@ -397,3 +397,40 @@ func TestLoggerNotRenamed(t *testing.T) {
 		t.Errorf("update lines %v, want one from %q", got, "proxy")
 	}
 }
+
+// TestAuditIdentifiesOnlyHandouts: with the audit on and nothing that
+// decides by client (the default config), the role listing and iam/info,
+// which hand nothing out, identify no one (an SDK's cold flow sends each on
+// a connection of its own); the credential document, audited, does. Where
+// decisions depend on the client (access lists, workloads) every credential
+// route identifies it.
+func TestAuditIdentifiesOnlyHandouts(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		pc   access.PlanConfig
+		want int32 // Identifier calls for the three routes, a connection each
+	}{
+		{"default", access.PlanConfig{}, 1},
+		{"access lists", allowUIDs(testPeer.UID), 3},
+		{"workloads", withWorkloads(access.PlanConfig{}, uidWorkload(testPeer.UID+1, "other")), 3},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			e := newEnv(t, Config{Plan: planOf(t, tc.pc)})
+			e.id.set(testPeer, nil)
+			base, _ := serveEnv(t, e)
+			client := &http.Client{Transport: &http.Transport{DisableKeepAlives: true}}
+			for _, path := range []string{
+				"/latest/meta-data/iam/security-credentials/",
+				"/latest/meta-data/iam/info",
+				"/latest/meta-data/iam/security-credentials/" + testRole,
+			} {
+				if code, _ := get(t, client, base+path); code != http.StatusOK {
+					t.Fatalf("%s: %d", path, code)
+				}
+			}
+			if n := e.id.calls.Load(); n != tc.want {
+				t.Errorf("Identifier called %d times for listing, iam/info and credentials, want %d", n, tc.want)
+			}
+		})
+	}
+}

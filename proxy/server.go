@@ -554,7 +554,7 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request, st *state, route,
 		writeText(w, http.StatusOK, "info\nsecurity-credentials/")
 	case routePassthrough:
 		if prot := st.cfg.Plan.Passthrough(); prot.Protected(r.URL.Path) {
-			if d := prot.AllowPath(s.client(r, st.cfg.Plan)); d.Outcome != access.Serve {
+			if d := prot.AllowPath(s.identify(r, st.cfg.Plan)); d.Outcome != access.Serve {
 				s.refusePath(w, d)
 				return
 			}
@@ -680,7 +680,7 @@ func (s *Server) authorize(w http.ResponseWriter, r *http.Request, st *state, no
 // unknown role.
 func (s *Server) serveDecided(w http.ResponseWriter, r *http.Request, st *state, route, role string, pin uint32, now time.Time) {
 	plan := st.cfg.Plan
-	who := s.client(r, plan)
+	who := s.client(r, plan, route == routeCredentials || route == routeCredentialsExtended)
 	var d access.Decision
 	switch route {
 	case routeCredentials, routeCredentialsExtended:
