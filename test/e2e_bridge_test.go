@@ -2,11 +2,13 @@ package test
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"syscall"
 	"testing"
@@ -448,4 +450,65 @@ func brCounterPackets(listing string) int {
 		}
 	}
 	return total
+}
+
+// TestContainerEndpointOnBridge: a container on a bridge reaches the
+// container credentials endpoint at 169.254.170.23, the address SDKs accept
+// beside loopback (docs/deploy.md, "The container credentials endpoint").
+// The daemon, in the host namespace with CAP_NET_ADMIN, adds the address
+// to lo at start and removes it at stop. In the container, the Go SDK's
+// default chain, pointed at the endpoint with the workload's token file,
+// gets the credentials STS issued for the workload's role (the client is
+// in another network namespace, so the token is its identity); a wrong
+// token gets 401.
+func TestContainerEndpointOnBridge(t *testing.T) {
+	aemm := requireNetnsTest(t, "the container endpoint over a bridge test", "network namespaces and a bridge")
+	b := &brEnv{icEnv: newIcEnv(t, aemm, "")}
+	b.setupContainers(aemm)
+	b.configure(1)
+	const (
+		ctrRole = "arn:aws:iam::444455556666:role/bridge-app"
+		ctrPort = 8171
+	)
+	tokenDir := filepath.Join(b.dir, "container-tokens")
+	raw, err := os.ReadFile(b.config)
+	icMust(t, err)
+	cfg := string(raw) + fmt.Sprintf(`workloads:
+- {uid: %d, role: {arn: %q, name: bridge-app, duration: 1h}}
+container: {enabled: true, listen: ["169.254.170.23:%d"], link: lo, token_dir: %q}
+`, icUID, ctrRole, ctrPort, tokenDir)
+	icMust(t, os.WriteFile(b.config, []byte(cfg), 0o644))
+	b.nsMust(b.host, nil, b.bin, "check-config", b.config)
+	b.openBridgeSockets()
+	d := b.startDaemon()
+
+	if out := b.nsMust(b.host, nil, "ip", "-o", "addr", "show", "dev", "lo"); !strings.Contains(out, "169.254.170.23/32") {
+		t.Fatalf("the daemon did not add 169.254.170.23 to lo:\n%s", out)
+	}
+	tokenFile := filepath.Join(tokenDir, fmt.Sprintf("uid-%d", icUID), "token")
+	url := fmt.Sprintf("http://169.254.170.23:%d/v1/credentials", ctrPort)
+	env := append(b.clientEnv(), "AWS_EC2_METADATA_DISABLED=true",
+		"AWS_CONTAINER_CREDENTIALS_FULL_URI="+url, "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE="+tokenFile)
+	out := b.nsMust(b.ctr, env, b.client, "creds")
+	var got struct{ AccessKeyId, Source string }
+	if err := json.Unmarshal([]byte(out), &got); err != nil || got.AccessKeyId == "" {
+		t.Fatalf("the Go SDK in the container printed %q (%v)", out, err)
+	}
+	if got.Source != "CredentialsEndpointProvider" {
+		t.Errorf("the Go SDK in the container used provider %q, want the container provider (CredentialsEndpointProvider)", got.Source)
+	}
+	if !regexp.MustCompile(`role=` + regexp.QuoteMeta(ctrRole) + ` .* access_key_id=` + regexp.QuoteMeta(got.AccessKeyId) + ` `).MatchString(b.sts.String()) {
+		t.Errorf("the Go SDK in the container got %s (source %s), which the fake STS did not issue for %s", got.AccessKeyId, got.Source, ctrRole)
+	}
+	if code := b.nsMust(b.ctr, nil, "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-m", "10",
+		"-H", "Authorization: not-the-token", url); code != "401" {
+		t.Errorf("a wrong token from the container: HTTP %s, want 401", code)
+	}
+
+	if code := d.stop(); code != 0 {
+		t.Errorf("daemon exit code %d\n%s", code, d.log.String())
+	}
+	if out := b.nsMust(b.host, nil, "ip", "-o", "addr", "show", "dev", "lo"); strings.Contains(out, "169.254.170.23") {
+		t.Errorf("169.254.170.23 is still on lo after the daemon stopped:\n%s", out)
+	}
 }
