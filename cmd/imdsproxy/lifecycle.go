@@ -27,6 +27,18 @@ const (
 	fdNameCredentials = "credentials"
 )
 
+// noKeepAlive is the ListenConfig.KeepAlive of every listener the daemon
+// opens: no TCP keep-alive on accepted connections. Go enables it by
+// default with four setsockopt calls per accepted connection (of the
+// dozen system calls a one-request connection costs), and it is redundant
+// here: every connection is closed after idleTimeout without a request,
+// and a request in progress is bounded by the read and write timeouts, so
+// no connection outlives a vanished peer by more than a minute, sooner
+// than keep-alive probes would notice. A listener passed by socket
+// activation cannot be configured so (net.FileListener accepts with Go's
+// defaults); its connections keep the probes and their cost.
+const noKeepAlive = -1
+
 // listeners are the daemon's open sockets.
 type listeners struct {
 	imds      []net.Listener
@@ -89,7 +101,7 @@ func openListeners(ctx context.Context, cfg Config) (ls listeners, err error) {
 	if err != nil {
 		return ls, err
 	}
-	var lc net.ListenConfig
+	lc := net.ListenConfig{KeepAlive: noKeepAlive}
 	if len(ls.imds) == 0 {
 		for i, addr := range cfg.imdsListenAddrs() {
 			ln, err := lc.Listen(ctx, "tcp", addr)
