@@ -30,6 +30,7 @@ package peer
 
 import (
 	"errors"
+	"net"
 	"strings"
 )
 
@@ -149,4 +150,13 @@ func unitFromPath(path string) string {
 		}
 	}
 	return ""
+}
+
+// NetnsConn is a connection that knows the network namespace cookie
+// (SO_NETNS_COOKIE) of its socket, 0 when unknown: a wrapper made by a
+// listener that asked once (ListenerNetns) spares LookupConn a system
+// call per connection.
+type NetnsConn interface {
+	net.Conn
+	NetnsCookie() uint64
 }

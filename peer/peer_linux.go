@@ -271,8 +271,20 @@ func netnsCookie(fd int) uint64 {
 }
 
 // connNetns is the network namespace cookie of the connection c, 0 when
-// unknown.
+// unknown: the one c carries (NetnsConn, known from its listener without
+// a system call), else asked of its socket.
 func connNetns(c net.Conn) uint64 {
+	if nc, ok := c.(NetnsConn); ok {
+		if ns := nc.NetnsCookie(); ns != 0 {
+			return ns
+		}
+	}
+	return socketNetns(c)
+}
+
+// socketNetns asks the kernel for the network namespace cookie of the
+// socket of c (a net.Conn or a net.Listener), 0 when unknown.
+func socketNetns(c any) uint64 {
 	sc, ok := c.(syscall.Conn)
 	if !ok {
 		return 0
@@ -287,6 +299,11 @@ func connNetns(c net.Conn) uint64 {
 	}
 	return ns
 }
+
+// ListenerNetns is the network namespace cookie of ln's socket, which is
+// that of every connection ln accepts (the kernel makes an accepted
+// socket in its listener's namespace); 0 when unknown.
+func ListenerNetns(ln net.Listener) uint64 { return socketNetns(ln) }
 
 // getDiagSocket returns a pooled sock_diag socket of the network namespace
 // whose cookie is ns, else a new socket (in the calling thread's namespace,
@@ -359,10 +376,6 @@ func sockDiag(ctx context.Context, ns uint64, src, dst *net.TCPAddr) (diagAnswer
 	if timeout <= 0 {
 		return diagAnswer{}, context.DeadlineExceeded
 	}
-	tv := unix.NsecToTimeval(timeout.Nanoseconds())
-	if err := unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &tv); err != nil {
-		return diagAnswer{}, fmt.Errorf("peer: sock_diag timeout: %w", err)
-	}
 
 	seq := diagSeq.Add(1)
 	var req [sizeofNlMsghdr + sizeofInetDiagReq]byte
@@ -389,8 +402,27 @@ func sockDiag(ctx context.Context, ns uint64, src, dst *net.TCPAddr) (diagAnswer
 	bp := diagBufs.Get().(*[diagBufSize]byte)
 	defer diagBufs.Put(bp)
 	buf := bp[:]
+	blocking := false
 	for {
-		n, err := unix.Read(fd, buf)
+		var n int
+		var err error
+		if !blocking {
+			// The kernel answers an exact lookup within the send (the
+			// request is handled in the sender's context), so the answer
+			// is normally there: read without waiting, and set a receive
+			// timeout (a system call) only when it is not.
+			n, err = recvNoWait(fd, buf)
+			if errors.Is(err, unix.EAGAIN) {
+				tv := unix.NsecToTimeval(timeout.Nanoseconds())
+				if err := unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &tv); err != nil {
+					return diagAnswer{}, fmt.Errorf("peer: sock_diag timeout: %w", err)
+				}
+				blocking = true
+				continue
+			}
+		} else {
+			n, err = unix.Read(fd, buf)
+		}
 		if err != nil {
 			if errors.Is(err, unix.EAGAIN) || errors.Is(err, unix.EINTR) && ctx.Err() != nil {
 				return diagAnswer{}, fmt.Errorf("peer: sock_diag: no answer within %s", timeout)
@@ -438,6 +470,17 @@ func sockDiag(ctx context.Context, ns uint64, src, dst *net.TCPAddr) (diagAnswer
 			}
 		}
 	}
+}
+
+// recvNoWait reads one datagram from fd without blocking (MSG_DONTWAIT),
+// without the allocation of unix.Recvfrom's source address.
+func recvNoWait(fd int, buf []byte) (int, error) {
+	n, _, errno := unix.Syscall6(unix.SYS_RECVFROM, uintptr(fd), uintptr(unsafe.Pointer(&buf[0])), uintptr(len(buf)),
+		unix.MSG_DONTWAIT, 0, 0)
+	if errno != 0 {
+		return 0, errno
+	}
+	return int(n), nil
 }
 
 // originalDst returns the pre-NAT destination of the accepted connection c

@@ -13,7 +13,7 @@ import (
 	"go.uber.org/zap"
 )
 
-func (r *Resolver) lookup(context.Context, uint64, *net.TCPAddr, *net.TCPAddr) (Info, error) {
+func (r *Resolver) lookup(context.Context, uint64, *net.TCPAddr, *net.TCPAddr, bool) (Info, error) {
 	return Info{}, ErrUnsupported
 }
 
@@ -22,6 +22,9 @@ func (r *Resolver) process(_ context.Context, info Info) Info { return info }
 func originalDst(syscall.Conn, bool) (*net.TCPAddr, error) { return nil, ErrUnsupported }
 
 func connNetns(net.Conn) uint64 { return 0 }
+
+// ListenerNetns is 0 (unknown) where network namespaces do not exist.
+func ListenerNetns(net.Listener) uint64 { return 0 }
 
 func canReadAllFDs() bool { return false }
 

@@ -4,6 +4,8 @@ import (
 	"net"
 	"sync"
 	"syscall"
+
+	"github.com/imdsproxy/imdsproxy/peer"
 )
 
 // DefaultMaxConns is the number of client connections Serve keeps open at
@@ -18,14 +20,17 @@ const DefaultMaxConns = 4096
 // delays new clients by at most that long.
 type limitListener struct {
 	net.Listener
-	sem  chan struct{}
-	done chan struct{}
-	once sync.Once
-	m    *limitMetrics
+	sem   chan struct{}
+	done  chan struct{}
+	once  sync.Once
+	m     *limitMetrics
+	netns uint64 // network namespace cookie of ln, hence of its connections; 0 unknown
 }
 
 func newLimitListener(ln net.Listener, n int, m *limitMetrics) *limitListener {
-	return &limitListener{Listener: ln, sem: make(chan struct{}, n), done: make(chan struct{}), m: m}
+	l := &limitListener{Listener: ln, sem: make(chan struct{}, n), done: make(chan struct{}), m: m,
+		netns: peer.ListenerNetns(ln)}
+	return l
 }
 
 func (l *limitListener) Accept() (net.Conn, error) {
@@ -45,7 +50,7 @@ func (l *limitListener) Accept() (net.Conn, error) {
 		return nil, err
 	}
 	l.m.openConns.Inc()
-	return &limitConn{Conn: c, release: func() { <-l.sem; l.m.openConns.Dec() }}, nil
+	return &limitConn{Conn: c, netns: l.netns, release: func() { <-l.sem; l.m.openConns.Dec() }}, nil
 }
 
 func (l *limitListener) Close() error {
@@ -58,7 +63,13 @@ type limitConn struct {
 	net.Conn
 	once    sync.Once
 	release func()
+	netns   uint64
 }
+
+// NetnsCookie is the network namespace cookie of the connection's socket
+// (its listener's), 0 when unknown (peer.NetnsConn): client identification
+// need not ask the kernel for it on every connection.
+func (c *limitConn) NetnsCookie() uint64 { return c.netns }
 
 func (c *limitConn) Close() error {
 	err := c.Conn.Close()
