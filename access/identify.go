@@ -33,7 +33,15 @@ const IdentifyTimeout = 100 * time.Millisecond
 type ConnClient struct {
 	mu   sync.Mutex
 	done bool
+	lax  bool // who was found for the audit alone (auditLookuper)
 	who  Client
+}
+
+// auditLookuper is an Identifier that can identify a connection for the
+// audit alone (*peer.Resolver): as LookupConn, without the checks only
+// decisions need.
+type auditLookuper interface {
+	LookupConnForAudit(ctx context.Context, conn net.Conn) (peer.Info, error)
 }
 
 // Get returns the Client behind conn, asking id the first time (and again
@@ -44,15 +52,27 @@ type ConnClient struct {
 // and exe — to the audit fields only: a unit /proc reports is what the
 // process says now, not what the kernel recorded for its socket, and
 // decisions use the latter.
-func (m *ConnClient) Get(ctx context.Context, id Identifier, conn net.Conn, audit bool, log *zap.Logger) Client {
+//
+// decides says whether a decision depends on the answer; when it does not
+// (the client is identified for the audit alone) and id can, the checks
+// only decisions need are skipped, and the answer is remembered as such:
+// a later Get that decides identifies the connection again.
+func (m *ConnClient) Get(ctx context.Context, id Identifier, conn net.Conn, audit, decides bool, log *zap.Logger) Client {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	if m.done {
+	if m.done && !(decides && m.lax) {
 		return m.who
 	}
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), IdentifyTimeout)
 	defer cancel()
-	info, err := id.LookupConn(ctx, conn)
+	var info peer.Info
+	var err error
+	al, lax := id.(auditLookuper)
+	if lax = lax && !decides; lax {
+		info, err = al.LookupConnForAudit(ctx, conn)
+	} else {
+		info, err = id.LookupConn(ctx, conn)
+	}
 	var who Client
 	switch {
 	case err == nil:
@@ -69,6 +89,6 @@ func (m *ConnClient) Get(ctx context.Context, id Identifier, conn net.Conn, audi
 		}
 		who = Client{Unresolved: true}
 	}
-	m.who, m.done = who, !who.Unresolved && !who.UnitUnknown
+	m.who, m.done, m.lax = who, !who.Unresolved && !who.UnitUnknown, lax
 	return who
 }

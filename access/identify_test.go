@@ -64,7 +64,7 @@ func TestConnClient(t *testing.T) {
 			id := &scriptedID{answers: tc.answers}
 			var m ConnClient
 			for i, want := range tc.want {
-				if got := m.Get(t.Context(), id, nil, tc.audit, nil); got != want {
+				if got := m.Get(t.Context(), id, nil, tc.audit, true, nil); got != want {
 					t.Errorf("request %d: %+v, want %+v", i, got, want)
 				}
 			}
@@ -72,5 +72,63 @@ func TestConnClient(t *testing.T) {
 				t.Errorf("%d lookups, %d Process calls; want %d, %d", id.lookups, id.procs, tc.lookups, tc.processCall)
 			}
 		})
+	}
+}
+
+// auditID is a scriptedID that also identifies for the audit alone: its
+// LookupConnForAudit answers with the unit the checked lookup no longer
+// confirms (a cgroup removed a moment ago).
+type auditID struct {
+	scriptedID
+	auditLookups int
+}
+
+func (a *auditID) LookupConnForAudit(ctx context.Context, conn net.Conn) (peer.Info, error) {
+	if _, ok := ctx.Deadline(); !ok {
+		return peer.Info{}, errors.New("unbounded")
+	}
+	a.auditLookups++
+	return peer.Info{UID: 1001, Unit: "gone.service"}, nil
+}
+
+// TestConnClientAuditOnly: a connection identified for the audit alone
+// uses the Identifier's unchecked lookup and is remembered for further
+// audit-only requests; a request whose decision depends on the client
+// identifies the connection again with the checked lookup, whose answer is
+// then kept for both; an Identifier without the audit lookup is asked the
+// checked way every time.
+func TestConnClientAuditOnly(t *testing.T) {
+	checked := func() (peer.Info, error) { return peer.Info{UID: 1001, UnitUnknown: true}, nil }
+	id := &auditID{scriptedID: scriptedID{answers: []func() (peer.Info, error){checked, func() (peer.Info, error) {
+		return peer.Info{UID: 1001, Unit: "app.service"}, nil
+	}}}}
+	var m ConnClient
+	for i := range 2 {
+		if got := m.Get(t.Context(), id, nil, true, false, nil); got.Unit != "gone.service" || got.PID != 42 {
+			t.Fatalf("audit-only request %d: %+v, want the unchecked answer with the pid", i, got)
+		}
+	}
+	if id.auditLookups != 1 || id.lookups != 0 {
+		t.Fatalf("%d unchecked and %d checked lookups after two audit-only requests, want 1 and 0", id.auditLookups, id.lookups)
+	}
+	if got := m.Get(t.Context(), id, nil, true, true, nil); !got.UnitUnknown {
+		t.Fatalf("deciding request: %+v, want the checked answer (unit unknown)", got)
+	}
+	if got := m.Get(t.Context(), id, nil, true, true, nil); got.Unit != "app.service" || got.UnitUnknown {
+		t.Fatalf("second deciding request: %+v, want app.service (unknown is asked again)", got)
+	}
+	if got := m.Get(t.Context(), id, nil, true, false, nil); got.Unit != "app.service" {
+		t.Fatalf("audit-only after a checked answer: %+v, want the checked answer kept", got)
+	}
+	if id.auditLookups != 1 || id.lookups != 2 {
+		t.Fatalf("%d unchecked and %d checked lookups, want 1 and 2", id.auditLookups, id.lookups)
+	}
+
+	plain := &scriptedID{answers: []func() (peer.Info, error){func() (peer.Info, error) { return peer.Info{UID: 7}, nil }}}
+	var p ConnClient
+	p.Get(t.Context(), plain, nil, true, false, nil)
+	p.Get(t.Context(), plain, nil, true, true, nil)
+	if plain.lookups != 1 {
+		t.Fatalf("an Identifier without the audit lookup: %d lookups, want 1 (its answer is checked)", plain.lookups)
 	}
 }

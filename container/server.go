@@ -279,13 +279,13 @@ func (s *Server) check(r *http.Request, cfg *Config) (reason string, status int,
 
 // client identifies the process behind r's connection, once per
 // connection (again while unresolved), with its pid and exe when plan
-// audits.
+// audits. Every decision here depends on it (the token's owner).
 func (s *Server) client(r *http.Request, plan *access.Plan) access.Client {
 	memo, _ := r.Context().Value(connKey{}).(*connMemo)
 	if s.id == nil || memo == nil {
 		return access.Client{}
 	}
-	return memo.client.Get(r.Context(), s.id, memo.conn, plan.Audit(), s.log)
+	return memo.client.Get(r.Context(), s.id, memo.conn, plan.Audit(), true, s.log)
 }
 
 // hostAllowed reports whether the Host header host names this endpoint:

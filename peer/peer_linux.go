@@ -52,7 +52,10 @@ const (
 	procStatStartField = 22 // starttime, proc(5)
 )
 
-func (r *Resolver) lookup(ctx context.Context, ns uint64, local, remote *net.TCPAddr) (Info, error) {
+// lookup asks sock_diag about the socket at remote connected to local and
+// maps its cgroup; with check, a cgroup whose directory is gone (or made
+// again) makes the unit unknown (cgroupMap.current).
+func (r *Resolver) lookup(ctx context.Context, ns uint64, local, remote *net.TCPAddr, check bool) (Info, error) {
 	d, err := sockDiag(ctx, ns, remote, local)
 	if err != nil {
 		return Info{}, err
@@ -63,7 +66,7 @@ func (r *Resolver) lookup(ctx context.Context, ns uint64, local, remote *net.TCP
 	}
 	// The socket's cgroup, as the kernel recorded it at creation.
 	cg, ok := r.cgroups.lookup(ctx, d.cgroupID, r.missWait)
-	if !ok || !r.cgroups.current(d.cgroupID, cg.rel) {
+	if !ok || check && !r.cgroups.current(d.cgroupID, cg.rel) {
 		info.UnitUnknown = true
 		return info, nil
 	}

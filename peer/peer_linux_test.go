@@ -324,6 +324,9 @@ func TestRemovedCgroupStopsResolving(t *testing.T) {
 		if err != nil || info.Unit != c.unit {
 			t.Fatalf("LookupConn = %+v, %v", info, err)
 		}
+		if a, err := r.LookupConnForAudit(t.Context(), c.server); err != nil || a != info {
+			t.Fatalf("LookupConnForAudit = %+v, %v; want LookupConn's %+v", a, err, info)
+		}
 		oldID, err := inodeOf(c.dir)
 		if err != nil {
 			t.Fatal(err)
@@ -351,6 +354,10 @@ func TestRemovedCgroupStopsResolving(t *testing.T) {
 		want := Info{UID: 65534, UnitUnknown: true, sock: info.sock}
 		if info != want {
 			t.Errorf("after removal: LookupConn = %+v, want %+v", info, want)
+		}
+		// The audit's lookup skips the stat, not the watcher's word.
+		if a, err := r.LookupConnForAudit(t.Context(), c.server); err != nil || a != want {
+			t.Errorf("after removal: LookupConnForAudit = %+v, %v; want %+v", a, err, want)
 		}
 		if err := os.Mkdir(c.dir, 0o755); err != nil {
 			t.Fatal(err)

@@ -195,7 +195,7 @@ func (r *Resolver) Lookup(ctx context.Context, local, remote net.Addr) (Info, er
 	if !ok1 || !ok2 {
 		return Info{}, ErrUnsupported
 	}
-	return r.lookup(ctx, 0, l, rm)
+	return r.lookup(ctx, 0, l, rm, true)
 }
 
 // LookupConn is Lookup of c's addresses. When c was redirected to this host
@@ -204,13 +204,27 @@ func (r *Resolver) Lookup(ctx context.Context, local, remote net.Addr) (Info, er
 // address: LookupConn then retries with the original destination recorded
 // by conntrack (SO_ORIGINAL_DST).
 func (r *Resolver) LookupConn(ctx context.Context, c net.Conn) (Info, error) {
+	return r.lookupConn(ctx, c, true)
+}
+
+// LookupConnForAudit is LookupConn for a caller that decides nothing by
+// the answer and only records it (an audit line): it skips the one check
+// only decisions need, that the socket's cgroup still exists (a stat of
+// its directory; a socket whose cgroup was removed a moment ago, before
+// the watcher read the removal, is then reported with the unit it was
+// made in, which is what it is).
+func (r *Resolver) LookupConnForAudit(ctx context.Context, c net.Conn) (Info, error) {
+	return r.lookupConn(ctx, c, false)
+}
+
+func (r *Resolver) lookupConn(ctx context.Context, c net.Conn, check bool) (Info, error) {
 	local, ok1 := c.LocalAddr().(*net.TCPAddr)
 	remote, ok2 := c.RemoteAddr().(*net.TCPAddr)
 	if !ok1 || !ok2 {
 		return Info{}, ErrUnsupported
 	}
 	ns := connNetns(c)
-	info, err := r.lookup(ctx, ns, local, remote)
+	info, err := r.lookup(ctx, ns, local, remote, check)
 	if !errors.Is(err, ErrNotFound) {
 		return info, err
 	}
@@ -222,7 +236,7 @@ func (r *Resolver) LookupConn(ctx context.Context, c net.Conn) (Info, error) {
 	if oerr != nil || orig == nil || (orig.IP.Equal(local.IP) && orig.Port == local.Port) {
 		return info, err
 	}
-	return r.lookup(ctx, ns, orig, remote)
+	return r.lookup(ctx, ns, orig, remote, check)
 }
 
 // Process returns info, an Info from Lookup or LookupConn of this

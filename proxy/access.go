@@ -84,15 +84,17 @@ func isCredentialRoute(route string) bool {
 // access lists or workloads; an SDK's listing is often on a connection of
 // its own).
 func (s *Server) client(r *http.Request, plan *access.Plan, handout bool) access.Client {
-	if !plan.Decides() && !(handout && plan.Audit()) {
+	decides := plan.Decides()
+	if !decides && !(handout && plan.Audit()) {
 		return access.Client{}
 	}
-	return s.identify(r, plan)
+	return s.identify(r, plan, decides)
 }
 
-// identify returns the Client of r's connection, for a request whose answer
-// depends on it (client's, and a protected pass-through path's).
-func (s *Server) identify(r *http.Request, plan *access.Plan) access.Client {
+// identify returns the Client of r's connection: for a request whose answer
+// depends on it (decides: client's when the plan decides by client, a
+// protected pass-through path's), or that is audited.
+func (s *Server) identify(r *http.Request, plan *access.Plan, decides bool) access.Client {
 	if s.id == nil {
 		return access.Client{}
 	}
@@ -101,7 +103,7 @@ func (s *Server) identify(r *http.Request, plan *access.Plan) access.Client {
 	if conn == nil || memo == nil {
 		return access.Client{}
 	}
-	return memo.client.Get(r.Context(), s.id, conn, plan.Audit(), s.log)
+	return memo.client.Get(r.Context(), s.id, conn, plan.Audit(), decides, s.log)
 }
 
 // pathDeniedBody is the body of a pass-through path refused by

@@ -403,16 +403,18 @@ func TestLoggerNotRenamed(t *testing.T) {
 // which hand nothing out, identify no one (an SDK's cold flow sends each on
 // a connection of its own); the credential document, audited, does. Where
 // decisions depend on the client (access lists, workloads) every credential
-// route identifies it.
+// route identifies it, with the checked lookup; the audit alone uses the
+// lookup that skips the checks only decisions need.
 func TestAuditIdentifiesOnlyHandouts(t *testing.T) {
 	for _, tc := range []struct {
-		name string
-		pc   access.PlanConfig
-		want int32 // Identifier calls for the three routes, a connection each
+		name      string
+		pc        access.PlanConfig
+		want      int32 // Identifier calls for the three routes, a connection each
+		wantAudit int32 // of them, for the audit alone (LookupConnForAudit)
 	}{
-		{"default", access.PlanConfig{}, 1},
-		{"access lists", allowUIDs(testPeer.UID), 3},
-		{"workloads", withWorkloads(access.PlanConfig{}, uidWorkload(testPeer.UID+1, "other")), 3},
+		{"default", access.PlanConfig{}, 1, 1},
+		{"access lists", allowUIDs(testPeer.UID), 3, 0},
+		{"workloads", withWorkloads(access.PlanConfig{}, uidWorkload(testPeer.UID+1, "other")), 3, 0},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			e := newEnv(t, Config{Plan: planOf(t, tc.pc)})
@@ -430,6 +432,9 @@ func TestAuditIdentifiesOnlyHandouts(t *testing.T) {
 			}
 			if n := e.id.calls.Load(); n != tc.want {
 				t.Errorf("Identifier called %d times for listing, iam/info and credentials, want %d", n, tc.want)
+			}
+			if n := e.id.audit.Load(); n != tc.wantAudit {
+				t.Errorf("%d of the lookups for the audit alone, want %d (a decision by client needs the checked lookup)", n, tc.wantAudit)
 			}
 		})
 	}

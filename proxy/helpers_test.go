@@ -179,7 +179,14 @@ type fakeID struct {
 	pid   int
 	exe   string
 	calls atomic.Int32
+	audit atomic.Int32 // of calls, LookupConnForAudit's
 	procs atomic.Int32 // Process calls
+}
+
+// LookupConnForAudit answers as LookupConn, and counts.
+func (f *fakeID) LookupConnForAudit(ctx context.Context, conn net.Conn) (peer.Info, error) {
+	f.audit.Add(1)
+	return f.LookupConn(ctx, conn)
 }
 
 var _ Identifier = (*fakeID)(nil)

@@ -554,7 +554,7 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request, st *state, route,
 		writeText(w, http.StatusOK, "info\nsecurity-credentials/")
 	case routePassthrough:
 		if prot := st.cfg.Plan.Passthrough(); prot.Protected(r.URL.Path) {
-			if d := prot.AllowPath(s.identify(r, st.cfg.Plan)); d.Outcome != access.Serve {
+			if d := prot.AllowPath(s.identify(r, st.cfg.Plan, true)); d.Outcome != access.Serve {
 				s.refusePath(w, d)
 				return
 			}
