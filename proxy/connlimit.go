@@ -25,11 +25,14 @@ type limitListener struct {
 	once  sync.Once
 	m     *limitMetrics
 	netns uint64 // network namespace cookie of ln, hence of its connections; 0 unknown
+	hops4 int    // IP TTL of ln, hence of its new connections; 0 unknown
+	hops6 int    // IPv6 unicast hop limit, likewise
 }
 
 func newLimitListener(ln net.Listener, n int, m *limitMetrics) *limitListener {
 	l := &limitListener{Listener: ln, sem: make(chan struct{}, n), done: make(chan struct{}), m: m,
 		netns: peer.ListenerNetns(ln)}
+	l.hops4, l.hops6 = listenerHops(ln)
 	return l
 }
 
@@ -50,7 +53,8 @@ func (l *limitListener) Accept() (net.Conn, error) {
 		return nil, err
 	}
 	l.m.openConns.Inc()
-	return &limitConn{Conn: c, netns: l.netns, release: func() { <-l.sem; l.m.openConns.Dec() }}, nil
+	return &limitConn{Conn: c, netns: l.netns, hops4: l.hops4, hops6: l.hops6,
+		release: func() { <-l.sem; l.m.openConns.Dec() }}, nil
 }
 
 func (l *limitListener) Close() error {
@@ -64,6 +68,17 @@ type limitConn struct {
 	once    sync.Once
 	release func()
 	netns   uint64
+	hops4   int
+	hops6   int
+}
+
+// initialHops is the hop limit the connection was accepted with (its
+// listener's), 0 when unknown (initialHopser).
+func (c *limitConn) initialHops(v4 bool) int {
+	if v4 {
+		return c.hops4
+	}
+	return c.hops6
 }
 
 // NetnsCookie is the network namespace cookie of the connection's socket

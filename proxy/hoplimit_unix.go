@@ -47,9 +47,42 @@ func getHopLimit(c net.Conn) (int, error) {
 	return v, serr
 }
 
+// listenerHops reads the IP TTL and IPv6 unicast hop limit of ln's socket,
+// which every connection it accepts starts with (the kernel copies the
+// listener's options into the accepted socket); 0 when unknown (the IPv6
+// option of an IPv4 socket, say).
+func listenerHops(ln net.Listener) (v4, v6 int) {
+	sc, ok := ln.(syscall.Conn)
+	if !ok {
+		return 0, 0
+	}
+	rc, err := sc.SyscallConn()
+	if err != nil {
+		return 0, 0
+	}
+	_ = rc.Control(func(fd uintptr) {
+		if v, err := syscall.GetsockoptInt(int(fd), syscall.IPPROTO_IP, syscall.IP_TTL); err == nil && v > 0 {
+			v4 = v
+		}
+		if v, err := syscall.GetsockoptInt(int(fd), syscall.IPPROTO_IPV6, syscall.IPV6_UNICAST_HOPS); err == nil && v > 0 {
+			v6 = v
+		}
+	})
+	return v4, v6
+}
+
+// initialHopser is a connection that knows the hop limit its socket was
+// accepted with (limitConn): setHopLimit need not read it.
+type initialHopser interface {
+	initialHops(v4 bool) int
+}
+
 // setHopLimit sets c's IP TTL / IPv6 unicast hop limit to hops and returns a
 // function that restores the previous value. On error nothing was changed
-// and restore is nil.
+// and restore is nil. The previous value is read from the socket unless c
+// knows the value it was accepted with (initialHopser): nothing but a
+// token response changes the option, and its restore puts that value back,
+// so it is the value to restore even while an earlier restore is pending.
 func setHopLimit(c net.Conn, hops int) (restore func() error, err error) {
 	level, opt, err := hopLimitOption(c)
 	if err != nil {
@@ -64,9 +97,14 @@ func setHopLimit(c net.Conn, hops int) (restore func() error, err error) {
 		return nil, err
 	}
 	var prev int
+	if ih, ok := c.(initialHopser); ok {
+		prev = ih.initialHops(level == syscall.IPPROTO_IP)
+	}
 	var serr error
 	if err := rc.Control(func(fd uintptr) {
-		prev, serr = syscall.GetsockoptInt(int(fd), level, opt)
+		if prev == 0 {
+			prev, serr = syscall.GetsockoptInt(int(fd), level, opt)
+		}
 		if serr == nil && prev != hops {
 			serr = syscall.SetsockoptInt(int(fd), level, opt, hops)
 		}

@@ -3,11 +3,13 @@
 package proxy
 
 import (
+	"context"
 	"io"
 	"net"
 	"net/http"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 )
 
@@ -196,4 +198,70 @@ func (l *recordingListener) last() net.Conn {
 		return nil
 	}
 	return l.conns[len(l.conns)-1]
+}
+
+// TestHopLimitListenerDefault: a connection of Serve's listener restores,
+// after a token response, the hop limit it was accepted with, known from
+// its listener without reading the socket (initialHopser): a listener with
+// a TTL of its own (systemd's IPTTL=, say) passes it on to its
+// connections, and the restore puts it back, not the system default.
+func TestHopLimitListenerDefault(t *testing.T) {
+	lc := net.ListenConfig{Control: func(_, _ string, rc syscall.RawConn) error {
+		var serr error
+		if err := rc.Control(func(fd uintptr) { serr = syscall.SetsockoptInt(int(fd), syscall.IPPROTO_IP, syscall.IP_TTL, 9) }); err != nil {
+			return err
+		}
+		return serr
+	}}
+	raw, err := lc.Listen(context.Background(), "tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, err := newLimitMetrics(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln := newLimitListener(raw, 4, m)
+	defer ln.Close()
+	if ln.hops4 != 9 {
+		t.Fatalf("listener TTL read as %d, want 9", ln.hops4)
+	}
+	d, err := net.Dial("tcp4", raw.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	c, err := ln.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if v, err := getHopLimit(c); err != nil || v != 9 {
+		t.Fatalf("accepted connection TTL %d (%v), want the listener's 9", v, err)
+	}
+	restore, err := setHopLimit(c, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if v, _ := getHopLimit(c); v != 1 {
+		t.Fatalf("TTL %d during the token response, want 1", v)
+	}
+	// A second token response before the restore (the restore deferred):
+	// its restore still puts back the accepted value.
+	restore2, err := setHopLimit(c, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := restore2(); err != nil {
+		t.Fatal(err)
+	}
+	if v, _ := getHopLimit(c); v != 9 {
+		t.Fatalf("TTL %d after the restore, want 9", v)
+	}
+	if err := restore(); err != nil {
+		t.Fatal(err)
+	}
+	if v, _ := getHopLimit(c); v != 9 {
+		t.Fatalf("TTL %d after both restores, want 9", v)
+	}
 }
