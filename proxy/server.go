@@ -826,11 +826,34 @@ func writeText(w http.ResponseWriter, status int, body string) {
 func writeBody(w http.ResponseWriter, status int, body []byte) {
 	h := w.Header()
 	// The keys are canonical already: Header.Set would canonicalise them
-	// again on every response.
-	h["Content-Type"] = []string{"text/plain"}
-	h["Content-Length"] = []string{strconv.Itoa(len(body))}
+	// again on every response. The values are shared, never modified
+	// (net/http copies the header at WriteHeader; a full slice expression
+	// makes any append copy too).
+	h["Content-Type"] = textPlain[:1:1]
+	h["Content-Length"] = contentLength(len(body))
 	w.WriteHeader(status)
 	_, _ = w.Write(body)
+}
+
+var textPlain = []string{"text/plain"}
+
+// contentLengths caches the Content-Length header values of bodies
+// shorter than maxCachedLength: a response costs no allocation for it.
+var contentLengths [maxCachedLength]atomic.Pointer[[]string]
+
+const maxCachedLength = 2048
+
+// contentLength is the Content-Length header value of a body of n bytes.
+func contentLength(n int) []string {
+	if n < 0 || n >= maxCachedLength {
+		return []string{strconv.Itoa(n)}
+	}
+	if v := contentLengths[n].Load(); v != nil {
+		return (*v)[:1:1]
+	}
+	v := []string{strconv.Itoa(n)}
+	contentLengths[n].Store(&v)
+	return v[:1:1]
 }
 
 func contains(list []string, s string) bool {
