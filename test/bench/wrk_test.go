@@ -9,6 +9,7 @@ import (
 	"io"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"regexp"
 	"slices"
 	"strconv"
@@ -41,6 +42,7 @@ var (
 	satRounds   = flag.Int("sat.rounds", 5, "alternating rounds of BenchmarkSaturation")
 	otherBin    = flag.String("other.bin", "", "also measure this imdsproxy binary (an older build, say) with the default daemon's config, in BenchmarkSaturation")
 	otherName   = flag.String("other.name", "other", "name of the -other.bin daemon in the report (daemon-NAME)")
+	satPerf     = flag.String("sat.perf", "", "BenchmarkSaturation: record each server with `perf record -g` into this directory during its runs (NAME-ROUND.data; perf's sampling costs the servers CPU, so read the profiles, not that run's numbers)")
 )
 
 // satConns is wrk's connection count (-c), wrk's threads are 1 (-t1).
@@ -163,7 +165,9 @@ func runSaturation(env *benchEnv, wrk string) error {
 				continue
 			}
 			time.Sleep(250 * time.Millisecond) // let the previous run's connections close
+			stopPerf := startPerf(srv, fmt.Sprintf("%s-%d", t.name, round+1))
 			r, err := runWrk(wrk, srv, *satDuration)
+			stopPerf()
 			if err != nil {
 				return fmt.Errorf("saturation round %d, %s: %w; end of its output:\n%s", round+1, t.name, err, tail(srv.out.String(), 3000))
 			}
@@ -187,6 +191,25 @@ func runSaturation(env *benchEnv, wrk string) error {
 		}
 	}
 	return nil
+}
+
+// startPerf starts `perf record -g` on srv's process when -sat.perf is set
+// and returns the function that stops it (SIGINT: perf writes its file).
+func startPerf(srv *server, name string) (stop func()) {
+	if *satPerf == "" {
+		return func() {}
+	}
+	cmd := exec.Command("perf", "record", "-q", "-F", "1999", "-g", "-p", strconv.Itoa(srv.pid),
+		"-o", filepath.Join(*satPerf, strings.NewReplacer("/", "_", " ", "_").Replace(name)+".data"))
+	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
+	if err := cmd.Start(); err != nil {
+		fmt.Fprintln(os.Stderr, "perf:", err)
+		return func() {}
+	}
+	return func() {
+		_ = cmd.Process.Signal(os.Interrupt)
+		_ = cmd.Wait()
+	}
 }
 
 // runWrk runs `wrk -t1 -c50 -dD --latency` for the cached credential GET of
