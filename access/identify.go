@@ -65,14 +65,11 @@ func (m *ConnClient) Get(ctx context.Context, id Identifier, conn net.Conn, audi
 	}
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), IdentifyTimeout)
 	defer cancel()
-	var info peer.Info
-	var err error
-	al, lax := id.(auditLookuper)
-	if lax = lax && !decides; lax {
-		info, err = al.LookupConnForAudit(ctx, conn)
-	} else {
-		info, err = id.LookupConn(ctx, conn)
+	lookup, lax := id.LookupConn, false
+	if al, ok := id.(auditLookuper); ok && !decides {
+		lookup, lax = al.LookupConnForAudit, true
 	}
+	info, err := lookup(ctx, conn)
 	var who Client
 	switch {
 	case err == nil:

@@ -3,6 +3,7 @@ package proxy
 import (
 	"net"
 	"sync"
+	"sync/atomic"
 	"syscall"
 
 	"github.com/imdsproxy/imdsproxy/peer"
@@ -53,8 +54,7 @@ func (l *limitListener) Accept() (net.Conn, error) {
 		return nil, err
 	}
 	l.m.openConns.Inc()
-	return &limitConn{Conn: c, netns: l.netns, hops4: l.hops4, hops6: l.hops6,
-		release: func() { <-l.sem; l.m.openConns.Dec() }}, nil
+	return &limitConn{Conn: c, l: l}, nil
 }
 
 func (l *limitListener) Close() error {
@@ -62,33 +62,34 @@ func (l *limitListener) Close() error {
 	return l.Listener.Close()
 }
 
-// limitConn gives its slot back once, on the first Close.
+// limitConn gives its slot back once, on the first Close. What its
+// listener learnt of its socket once is the connection's too.
 type limitConn struct {
 	net.Conn
-	once    sync.Once
-	release func()
-	netns   uint64
-	hops4   int
-	hops6   int
+	l      *limitListener
+	closed atomic.Bool
 }
 
 // initialHops is the hop limit the connection was accepted with (its
 // listener's), 0 when unknown (initialHopser).
 func (c *limitConn) initialHops(v4 bool) int {
 	if v4 {
-		return c.hops4
+		return c.l.hops4
 	}
-	return c.hops6
+	return c.l.hops6
 }
 
 // NetnsCookie is the network namespace cookie of the connection's socket
 // (its listener's), 0 when unknown (peer.NetnsConn): client identification
 // need not ask the kernel for it on every connection.
-func (c *limitConn) NetnsCookie() uint64 { return c.netns }
+func (c *limitConn) NetnsCookie() uint64 { return c.l.netns }
 
 func (c *limitConn) Close() error {
 	err := c.Conn.Close()
-	c.once.Do(c.release)
+	if c.closed.CompareAndSwap(false, true) {
+		<-c.l.sem
+		c.l.m.openConns.Dec()
+	}
 	return err
 }
 

@@ -27,6 +27,11 @@ import (
 // limit is kept for that request's answer too, so nothing of the connection
 // ever leaves with the normal TTL while the token is unacknowledged.
 
+// hopsUnset is the value of the IP TTL and IPv6 unicast hop limit options
+// that means "not set, the route's default": a socket accepted from a
+// listener that did not set them has it, and setting it restores that.
+const hopsUnset = -1
+
 // connKey is the context key under which Serve stores the accepted net.Conn.
 type connKey struct{}
 

@@ -49,8 +49,9 @@ func getHopLimit(c net.Conn) (int, error) {
 
 // listenerHops reads the IP TTL and IPv6 unicast hop limit of ln's socket,
 // which every connection it accepts starts with (the kernel copies the
-// listener's options into the accepted socket); 0 when unknown (the IPv6
-// option of an IPv4 socket, say).
+// listener's options into the accepted socket): the value the listener
+// set, hopsUnset when it set none (a listening socket has no route, and
+// the kernel answers EOPNOTSUPP for an option not set), 0 when unknown.
 func listenerHops(ln net.Listener) (v4, v6 int) {
 	sc, ok := ln.(syscall.Conn)
 	if !ok {
@@ -60,19 +61,26 @@ func listenerHops(ln net.Listener) (v4, v6 int) {
 	if err != nil {
 		return 0, 0
 	}
+	read := func(fd, level, opt int) int {
+		v, err := syscall.GetsockoptInt(fd, level, opt)
+		switch {
+		case err == nil && v > 0:
+			return v
+		case errors.Is(err, syscall.EOPNOTSUPP):
+			return hopsUnset
+		}
+		return 0
+	}
 	_ = rc.Control(func(fd uintptr) {
-		if v, err := syscall.GetsockoptInt(int(fd), syscall.IPPROTO_IP, syscall.IP_TTL); err == nil && v > 0 {
-			v4 = v
-		}
-		if v, err := syscall.GetsockoptInt(int(fd), syscall.IPPROTO_IPV6, syscall.IPV6_UNICAST_HOPS); err == nil && v > 0 {
-			v6 = v
-		}
+		v4 = read(int(fd), syscall.IPPROTO_IP, syscall.IP_TTL)
+		v6 = read(int(fd), syscall.IPPROTO_IPV6, syscall.IPV6_UNICAST_HOPS)
 	})
 	return v4, v6
 }
 
 // initialHopser is a connection that knows the hop limit its socket was
-// accepted with (limitConn): setHopLimit need not read it.
+// accepted with (limitConn; hopsUnset: the route's default, 0: unknown):
+// setHopLimit need not read it.
 type initialHopser interface {
 	initialHops(v4 bool) int
 }

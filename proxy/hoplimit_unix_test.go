@@ -203,65 +203,77 @@ func (l *recordingListener) last() net.Conn {
 // TestHopLimitListenerDefault: a connection of Serve's listener restores,
 // after a token response, the hop limit it was accepted with, known from
 // its listener without reading the socket (initialHopser): a listener with
-// a TTL of its own (systemd's IPTTL=, say) passes it on to its
-// connections, and the restore puts it back, not the system default.
+// a TTL of its own (systemd's IPTTL=, say) passes it on and the restore
+// puts it back, not the system default; a listener without one passes
+// "unset" on and the restore unsets it. Both hold for the restore of a
+// second token response sent before the first's restore (deferred), which
+// reading the socket would get wrong (it reads the limit itself).
 func TestHopLimitListenerDefault(t *testing.T) {
-	lc := net.ListenConfig{Control: func(_, _ string, rc syscall.RawConn) error {
-		var serr error
-		if err := rc.Control(func(fd uintptr) { serr = syscall.SetsockoptInt(int(fd), syscall.IPPROTO_IP, syscall.IP_TTL, 9) }); err != nil {
-			return err
-		}
-		return serr
-	}}
-	raw, err := lc.Listen(context.Background(), "tcp4", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	m, err := newLimitMetrics(nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ln := newLimitListener(raw, 4, m)
-	defer ln.Close()
-	if ln.hops4 != 9 {
-		t.Fatalf("listener TTL read as %d, want 9", ln.hops4)
-	}
-	d, err := net.Dial("tcp4", raw.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer d.Close()
-	c, err := ln.Accept()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	if v, err := getHopLimit(c); err != nil || v != 9 {
-		t.Fatalf("accepted connection TTL %d (%v), want the listener's 9", v, err)
-	}
-	restore, err := setHopLimit(c, 1)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if v, _ := getHopLimit(c); v != 1 {
-		t.Fatalf("TTL %d during the token response, want 1", v)
-	}
-	// A second token response before the restore (the restore deferred):
-	// its restore still puts back the accepted value.
-	restore2, err := setHopLimit(c, 1)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := restore2(); err != nil {
-		t.Fatal(err)
-	}
-	if v, _ := getHopLimit(c); v != 9 {
-		t.Fatalf("TTL %d after the restore, want 9", v)
-	}
-	if err := restore(); err != nil {
-		t.Fatal(err)
-	}
-	if v, _ := getHopLimit(c); v != 9 {
-		t.Fatalf("TTL %d after both restores, want 9", v)
+	for _, tc := range []struct {
+		name     string
+		ttl      int // set on the listener; 0: none
+		wantHops int // what the listener passes on
+		want     int // the accepted connection's TTL, and after the restores; 0: the system default
+	}{
+		{"listener TTL 9", 9, 9, 9},
+		{"listener TTL unset", 0, hopsUnset, 0},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			lc := net.ListenConfig{Control: func(_, _ string, rc syscall.RawConn) error {
+				if tc.ttl == 0 {
+					return nil
+				}
+				var serr error
+				if err := rc.Control(func(fd uintptr) { serr = syscall.SetsockoptInt(int(fd), syscall.IPPROTO_IP, syscall.IP_TTL, tc.ttl) }); err != nil {
+					return err
+				}
+				return serr
+			}}
+			raw, err := lc.Listen(context.Background(), "tcp4", "127.0.0.1:0")
+			if err != nil {
+				t.Fatal(err)
+			}
+			m, err := newLimitMetrics(nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			ln := newLimitListener(raw, 4, m)
+			defer ln.Close()
+			if ln.hops4 != tc.wantHops {
+				t.Fatalf("listener TTL read as %d, want %d", ln.hops4, tc.wantHops)
+			}
+			c := dialAccept(t, ln)
+			defer c.Close()
+			v, err := getHopLimit(c)
+			if err != nil || tc.want != 0 && v != tc.want {
+				t.Fatalf("accepted connection TTL %d (%v), want %d", v, err, tc.want)
+			}
+			if tc.want == 0 {
+				tc.want = v // net.ipv4.ip_default_ttl
+			}
+			restore, err := setHopLimit(c, 1)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if v, _ := getHopLimit(c); v != 1 {
+				t.Fatalf("TTL %d during the token response, want 1", v)
+			}
+			restore2, err := setHopLimit(c, 1)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := restore2(); err != nil {
+				t.Fatal(err)
+			}
+			if v, _ := getHopLimit(c); v != tc.want {
+				t.Fatalf("TTL %d after the second response's restore, want %d", v, tc.want)
+			}
+			if err := restore(); err != nil {
+				t.Fatal(err)
+			}
+			if v, _ := getHopLimit(c); v != tc.want {
+				t.Fatalf("TTL %d after both restores, want %d", v, tc.want)
+			}
+		})
 	}
 }

@@ -826,10 +826,10 @@ func writeText(w http.ResponseWriter, status int, body string) {
 func writeBody(w http.ResponseWriter, status int, body []byte) {
 	h := w.Header()
 	// The keys are canonical already: Header.Set would canonicalise them
-	// again on every response. The values are shared, never modified
-	// (net/http copies the header at WriteHeader; a full slice expression
-	// makes any append copy too).
-	h["Content-Type"] = textPlain[:1:1]
+	// again on every response. The values are shared and never modified:
+	// net/http copies the header at WriteHeader, and each slice is full
+	// (len = cap = 1), so an append copies it too.
+	h["Content-Type"] = textPlain
 	h["Content-Length"] = contentLength(len(body))
 	w.WriteHeader(status)
 	_, _ = w.Write(body)
@@ -849,11 +849,11 @@ func contentLength(n int) []string {
 		return []string{strconv.Itoa(n)}
 	}
 	if v := contentLengths[n].Load(); v != nil {
-		return (*v)[:1:1]
+		return *v
 	}
 	v := []string{strconv.Itoa(n)}
 	contentLengths[n].Store(&v)
-	return v[:1:1]
+	return v
 }
 
 func contains(list []string, s string) bool {

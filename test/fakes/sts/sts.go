@@ -429,7 +429,7 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request) {
 		case <-r.Context().Done():
 			t.Stop()
 			record(0, "ClientGone")
-			abort()
+			panic(http.ErrAbortHandler) // no answer: an empty 200 could still reach a client giving up at its deadline
 		case <-s.closed:
 			t.Stop()
 		}
@@ -469,7 +469,7 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request) {
 		case <-s.closed:
 		}
 		record(0, "Hang")
-		abort()
+		panic(http.ErrAbortHandler) // no answer: an empty 200 could still reach a client giving up at its deadline
 	case ModeIDPError:
 		serr = sender(400, "IDPCommunicationError", "Couldn't retrieve verification key from your identity provider,  please reference AssumeRoleWithWebIdentity documentation for requirements")
 	case ModeInvalidToken:
@@ -890,10 +890,3 @@ func newRequestID() string {
 	h := fmt.Sprintf("%x", b)
 	return h[0:8] + "-" + h[8:12] + "-" + h[12:16] + "-" + h[16:20] + "-" + h[20:32]
 }
-
-// abort ends a handler whose client went away (or whose fake is closing)
-// without an answer: net/http closes the connection (http.ErrAbortHandler).
-// Returning instead would send an empty 200, which a client that gave up at
-// its deadline can still receive (its TLS close races the answer), and
-// take for the server's reply.
-func abort() { panic(http.ErrAbortHandler) }
