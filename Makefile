@@ -8,6 +8,8 @@ ISSUER_BIN := bin/imdsproxy-issuer
 TOOLS := $(CURDIR)/bin/tools
 AEMM := $(TOOLS)/ec2-metadata-mock
 AEMM_VERSION := v1.13.0
+RAH := $(TOOLS)/rolesanywhere-credential-helper
+RAH_VERSION := v1.4.0
 FAKESTS := bin/fakests
 FUZZTIME ?= 1m
 PREFIX ?= /usr/local
@@ -27,6 +29,16 @@ $(FAKESTS): $(shell find test/fakes -name '*.go' 2>/dev/null)
 $(AEMM):
 	mkdir -p $(TOOLS)
 	GOBIN=$(TOOLS) $(GO) install github.com/aws/amazon-ec2-metadata-mock/cmd/ec2-metadata-mock@$(AEMM_VERSION)
+
+# The IAM Roles Anywhere credential helper (aws_signing_helper), whose serve
+# make bench measures beside the daemon: the fastest peer issue 13 found. It
+# is built with cgo (PKCS#11), so gcc (Debian's package) is installed first.
+$(RAH):
+	@command -v gcc >/dev/null 2>&1 || { \
+		echo "bench: installing gcc (Debian package): the Roles Anywhere helper is built with cgo"; \
+		apt-get install -y gcc >/dev/null 2>&1 || { apt-get update >/dev/null && apt-get install -y gcc >/dev/null; }; }
+	mkdir -p $(TOOLS)
+	GOBIN=$(TOOLS) CGO_ENABLED=1 $(GO) install github.com/aws/rolesanywhere-credential-helper@$(RAH_VERSION)
 
 tools: $(AEMM) $(FAKESTS)
 
@@ -92,9 +104,11 @@ bench: build tools
 		echo "bench: installing wrk (Debian package), the load generator that saturates the server"; \
 		apt-get install -y wrk >/dev/null 2>&1 || { apt-get update >/dev/null && apt-get install -y wrk >/dev/null; } || { \
 		echo "bench: could not install wrk (as root: apt-get install wrk)" >&2; exit 1; }; }
+	@$(MAKE) --no-print-directory $(RAH) || \
+		echo "bench: *** could not build the Roles Anywhere credential helper: the bench skips it ***" >&2
 	$(GO) test -run '^$$' -bench . -benchmem -count 1 ./proxy/ ./cache/
 	IMDSPROXY_ISSUER_BENCH=1 $(GO) test -run '^TestPacedMintLatency$$' -bench 'BenchmarkMint|BenchmarkSignES256' -benchmem -count 1 -v ./issuer/
-	IMDSPROXY_BIN=$(CURDIR)/$(BIN) AEMM_BIN=$(AEMM) $(GO) test -run '^$$' -bench . -benchtime 5s -count 1 -timeout 10m ./test/bench/ -args -pin 0/1 -paced.spin $(BENCH_ARGS)
+	IMDSPROXY_BIN=$(CURDIR)/$(BIN) AEMM_BIN=$(AEMM) RAH_BIN=$(RAH) $(GO) test -run '^$$' -bench . -benchtime 5s -count 1 -timeout 10m ./test/bench/ -args -pin 0/1 -paced.spin $(BENCH_ARGS)
 	$(GO) run ./cmd/fleetsim -report
 
 # install: binary, systemd units (ExecStart rewritten to $(PREFIX)/bin),

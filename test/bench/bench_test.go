@@ -486,6 +486,9 @@ func printReport(w io.Writer) {
 	if envVal != nil && envVal.aemmSkip != "" {
 		fmt.Fprintf(w, "\n**amazon-ec2-metadata-mock was skipped**: %s\n", envVal.aemmSkip)
 	}
+	if envVal != nil && envVal.rahSkip != "" {
+		fmt.Fprintf(w, "\n**the Roles Anywhere credential helper was skipped**: %s\n", envVal.rahSkip)
+	}
 	if len(intercepted) > 0 {
 		fmt.Fprintln(w, "\nInterception: the daemon in its own network namespace, the same workers through the nftables redirect and directly.")
 		fmt.Fprintln(w, "\n| scenario | conns | path | p50 µs | p99 µs | req/s | CPU ms / 1k req | added p50 µs |")

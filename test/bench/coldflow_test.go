@@ -89,7 +89,8 @@ var (
 // coldTargets are the servers of BenchmarkColdFlow in the order of a round.
 func (e *benchEnv) coldTargets() []satTarget {
 	return []satTarget{{name: "ceiling", srv: e.ceiling}, {name: "daemon", srv: e.daemon},
-		{name: "daemon-noaudit", srv: e.noaudit, skip: e.noauditSkip}, {name: "aemm", srv: e.aemm, skip: e.aemmSkip}}
+		{name: "daemon-noaudit", srv: e.noaudit, skip: e.noauditSkip}, {name: "ra-helper", srv: e.rah, skip: e.rahSkip},
+		{name: "aemm", srv: e.aemm, skip: e.aemmSkip}}
 }
 
 // benchColdFlow is BenchmarkColdFlow: every round once per process, then

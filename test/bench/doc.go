@@ -1,8 +1,10 @@
 // Package bench measures the imdsproxy daemon binary against a bare net/http
 // server (the ceiling) that returns byte-for-byte the same IMDS responses,
 // and against amazon-ec2-metadata-mock (AEMM_BIN, default
-// bin/tools/ec2-metadata-mock), all as subprocesses on loopback, in one run
-// on one machine (docs/benchmarks.md). Two daemons run side by side: the
+// bin/tools/ec2-metadata-mock) and, in the saturation and cold-flow
+// benchmarks, the IAM Roles Anywhere credential helper's serve (RAH_BIN,
+// built by make bench), all as subprocesses on loopback, in one run on one
+// machine (docs/benchmarks.md). Two daemons run side by side: the
 // default config (audit on, logging at info into a file, as on a host) and
 // the same with `access: {audit: false}`; -other.bin adds a third, another
 // build (an older commit, say), with the default config.
@@ -10,7 +12,7 @@
 // Run it with `make bench`, or:
 //
 //	IMDSPROXY_BIN=$PWD/bin/imdsproxy AEMM_BIN=$PWD/bin/tools/ec2-metadata-mock \
-//	  go test -run '^$' -bench . -benchtime 5s -count 1 -timeout 10m ./test/bench/ -args -pin 0/1 -paced.spin
+//	  RAH_BIN=$PWD/bin/tools/rolesanywhere-credential-helper go test -run '^$' -bench . -benchtime 5s -count 1 -timeout 10m ./test/bench/ -args -pin 0/1 -paced.spin
 //
 // -pin SERVER/CLIENT puts every server on the SERVER CPUs and every load
 // generator on the CLIENT CPUs. A generator that shares the server's CPUs
@@ -34,7 +36,7 @@
 // the end of the run.
 //
 // The benchmarks skip when IMDSPROXY_BIN is unset or names no file; the AEMM
-// rows skip when its binary is missing, BenchmarkSaturation without -pin or
+// and helper rows skip when their binary is missing, BenchmarkSaturation without -pin or
 // wrk, and BenchmarkIntercept when not root or without ip netns and nft,
 // each with a message. Results are reported with b.ReportMetric and, at the
 // end of the run, as markdown tables on stdout for docs/benchmarks.md. The

@@ -161,6 +161,13 @@ type benchEnv struct {
 	aemmSkip     string
 	aemmCredsLen int // bytes of its credential document
 
+	// rah is the Roles Anywhere credential helper's serve, nil (and rahSkip
+	// says why) when RAH_BIN is unset or it did not start; rahFake is the
+	// fake Roles Anywhere it signed in to.
+	rah     *server
+	rahSkip string
+	rahFake *rahFake
+
 	// ns is the network namespace of the interception benchmark, nil (and
 	// nsSkip says why) when it could not be set up.
 	ns     *nsEnv
@@ -215,6 +222,8 @@ func teardown() {
 	e.other.stop()
 	e.ceiling.stop()
 	e.aemm.stop()
+	e.rah.stop()
+	e.rahFake.close()
 	e.ns.teardown()
 	if e.fakes != nil {
 		e.fakes.Close()
@@ -290,6 +299,10 @@ func newEnv(bin string) (_ *benchEnv, err error) {
 	e.aemm, e.aemmSkip = e.startAEMM()
 	if e.aemmSkip != "" {
 		fmt.Fprintf(os.Stderr, "\n*** SKIPPING amazon-ec2-metadata-mock: %s ***\n\n", e.aemmSkip)
+	}
+	e.rah, e.rahSkip = e.startRAHelper()
+	if e.rahSkip != "" {
+		fmt.Fprintf(os.Stderr, "\n*** SKIPPING the Roles Anywhere credential helper: %s ***\n\n", e.rahSkip)
 	}
 	e.ns, e.nsSkip = e.setupNetns()
 	if e.nsSkip != "" {

@@ -88,7 +88,7 @@ func (e *benchEnv) satTargets() []satTarget {
 	if *otherBin != "" {
 		ts = append(ts, satTarget{name: "daemon-" + *otherName, srv: e.other, skip: e.otherSkip})
 	}
-	return append(ts, satTarget{name: "aemm", srv: e.aemm, skip: e.aemmSkip})
+	return append(ts, satTarget{name: "ra-helper", srv: e.rah, skip: e.rahSkip}, satTarget{name: "aemm", srv: e.aemm, skip: e.aemmSkip})
 }
 
 // satResults are BenchmarkSaturation's runs, by server name, one per round
