@@ -45,11 +45,13 @@ import (
 // under load that drops no request and keeps IMDSv2 tokens valid, that
 // stopping the service keeps the rules (socket activation then brings it
 // back), that stopping the sockets too refuses rather than leaks, that
-// `intercept remove` gives the real IMDS back, and that the journal holds no
+// `intercept remove` gives the real IMDS back, the container credentials
+// endpoint set up as the document says (its drop-in and commands taken from
+// it; e2e_systemd_container_test.go), and that the journal holds no
 // secret.
 func TestSystemdUnits(t *testing.T) {
 	ct := bootSystemdContainer(t)
-	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), 150*time.Second)
 	defer cancel()
 
 	// --- Boot: the sockets and the service (READY=1) are active.
@@ -248,6 +250,11 @@ func TestSystemdUnits(t *testing.T) {
 		t.Errorf("after intercept remove, uid 65534 at 169.254.169.254 lists %q; want the real IMDS's instance profile", roles)
 	}
 
+	// --- The container credentials endpoint, set up as docs/deploy.md says
+	// (last: with a workload in the config, the plan decides by client, and
+	// this test's own requests come from outside the container's cgroups).
+	workloadToken := ct.containerEndpointAsDocumented(t, ctx)
+
 	// --- No secret in the journal (the whole journal, not only the unit's).
 	jwt := strings.TrimSpace(ct.must(t, ctx, "cat", "/run/fakests/token.jwt"))
 	journal := ct.journal(ctx, "")
@@ -276,6 +283,7 @@ func TestSystemdUnits(t *testing.T) {
 	}
 	secretsMu.Unlock()
 	secrets["IMDSv2 session token"] = tok
+	secrets["the container endpoint's token of "+ctWorkloadUnit] = workloadToken
 	for name, s := range secrets {
 		if s != "" && strings.Contains(journal, s) {
 			t.Errorf("the journal contains %s", name)
@@ -329,11 +337,13 @@ func bootSystemdContainer(t *testing.T) *systemdContainer {
 	bin := daemonBinary(t)
 
 	c := &systemdContainer{t: t, dir: t.TempDir(), out: &e2e.LockedBuffer{}, done: make(chan struct{})}
-	fakests := filepath.Join(c.dir, "fakests")
-	build := exec.Command("go", "build", "-o", fakests, "./test/fakes/cmd/fakests")
-	build.Dir = repoRoot
-	if out, err := build.CombinedOutput(); err != nil {
-		t.Fatalf("go build fakests: %v\n%s", err, out)
+	fakests, imdsclient := filepath.Join(c.dir, "fakests"), filepath.Join(c.dir, "imdsclient")
+	for pkg, out := range map[string]string{"./test/fakes/cmd/fakests": fakests, "./test/fakes/cmd/imdsclient": imdsclient} {
+		build := exec.Command("go", "build", "-o", out, pkg)
+		build.Dir = repoRoot
+		if b, err := build.CombinedOutput(); err != nil {
+			t.Fatalf("go build %s: %v\n%s", pkg, err, b)
+		}
 	}
 	etc := filepath.Join(c.dir, "etc")
 	c.prepareEtc(etc)
@@ -347,6 +357,7 @@ func bootSystemdContainer(t *testing.T) *systemdContainer {
 		"--bind="+etc+":/etc",
 		"--bind-ro="+bin+":/opt/imdsproxy/bin/imdsproxy",
 		"--bind-ro="+fakests+":/opt/imdsproxy/bin/fakests",
+		"--bind-ro="+imdsclient+":/opt/imdsproxy/bin/imdsclient", // the Go SDK, for a workload unit
 		"--bind-ro="+aemm+":/opt/imdsproxy/bin/ec2-metadata-mock",
 		"--boot", "systemd.firstboot=off")
 	c.nspawn.Stdin = nil
@@ -403,7 +414,9 @@ func (c *systemdContainer) prepareEtc(dir string) {
 		"fstab":      "# imdsproxy e2e container: nothing to mount\n",
 		"hostname":   "imdsproxy-e2e\n",
 	}
-	for _, u := range []string{"imdsproxy.service", "imdsproxy.socket", "imdsproxy-admin.socket"} {
+	// Every unit `make install` installs; the last two are not enabled (the
+	// container endpoint's is, by its drop-in: containerEndpointAsDocumented).
+	for _, u := range []string{"imdsproxy.service", "imdsproxy.socket", "imdsproxy-admin.socket", "imdsproxy-container.socket", "imdsproxy-credentials.socket"} {
 		b, err := os.ReadFile(filepath.Join(repoRoot, "systemd", u))
 		if err != nil {
 			t.Fatal(err)

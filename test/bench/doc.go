@@ -12,7 +12,8 @@
 // Run it with `make bench`, or:
 //
 //	IMDSPROXY_BIN=$PWD/bin/imdsproxy AEMM_BIN=$PWD/bin/tools/ec2-metadata-mock \
-//	  RAH_BIN=$PWD/bin/tools/rolesanywhere-credential-helper go test -run '^$' -bench . -benchtime 5s -count 1 -timeout 10m ./test/bench/ -args -pin 0/1 -paced.spin
+//	  RAH_BIN=$PWD/bin/tools/rolesanywhere-credential-helper \
+//	  go test -run '^$' -bench . -benchtime 5s -count 1 -timeout 10m ./test/bench/ -args -pin 0/1 -paced.spin
 //
 // -pin SERVER/CLIENT puts every server on the SERVER CPUs and every load
 // generator on the CLIENT CPUs. A generator that shares the server's CPUs
@@ -36,9 +37,9 @@
 // the end of the run.
 //
 // The benchmarks skip when IMDSPROXY_BIN is unset or names no file; the AEMM
-// and helper rows skip when their binary is missing, BenchmarkSaturation without -pin or
-// wrk, and BenchmarkIntercept when not root or without ip netns and nft,
-// each with a message. Results are reported with b.ReportMetric and, at the
+// and helper rows skip when their binary is missing, BenchmarkSaturation
+// without -pin or wrk, and BenchmarkIntercept when not root or without ip
+// netns and nft, each with a message. Results are reported with b.ReportMetric and, at the
 // end of the run, as markdown tables on stdout for docs/benchmarks.md. The
 // package has no non-test code besides this comment.
 package bench

@@ -1,0 +1,198 @@
+package test
+
+import (
+	"context"
+	"encoding/json"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/imdsproxy/imdsproxy/test/e2e"
+)
+
+// The container credentials endpoint as docs/deploy.md ("The container
+// credentials endpoint") has an operator set it up on a host with the
+// packaged units: the test takes the service's drop-in and the workload's
+// commands from the document itself, so that the document is what runs.
+
+// Names of the workload the procedure is run for.
+const (
+	ctWorkloadUnit    = "billing.service"
+	ctWorkloadRole    = "billing"
+	ctWorkloadRoleARN = "arn:aws:iam::111122223333:role/" + ctWorkloadRole
+	ctWorkloadUID     = "5" // User= of the unit (games on Debian; not nobody, which systemd warns of), token_owners of the config
+	ctWorkloadToken   = "/run/imdsproxy/container/" + ctWorkloadUnit + "/token"
+)
+
+// containerEndpointAsDocumented runs the procedure on the booted container:
+// the workload and container: in the config, the service's drop-in from the
+// document, daemon-reload and a restart; then, for a workload unit running
+// the Go SDK's default chain, the document's commands (imdsproxy workload env
+// into the unit's drop-in, daemon-reload, restart of the unit). It checks
+// that the CLI in the unit gets the workload's role through the endpoint,
+// that the token file is the workload's alone, and that another unit of the
+// same uid holding the token is refused. It returns the token, a secret the
+// journal must not hold.
+func (c *systemdContainer) containerEndpointAsDocumented(t *testing.T, ctx context.Context) string {
+	t.Helper()
+	etc := filepath.Join(c.dir, "etc") // the container's /etc
+	serviceDropIn, commands := deployDocContainerSteps(t)
+
+	// The config: a workload and the endpoint (docs/configuration.md).
+	cfgPath := filepath.Join(etc, "imdsproxy", "config.yaml")
+	f, err := os.OpenFile(cfgPath, os.O_APPEND|os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = f.WriteString("\nworkloads:\n  - unit: " + ctWorkloadUnit + "\n    role: {arn: \"" + ctWorkloadRoleARN + "\", name: " + ctWorkloadRole + "}\n" +
+		"container:\n  enabled: true\n  token_owners: {" + ctWorkloadUnit + ": " + ctWorkloadUID + "}\n")
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The service's drop-in, as the document writes it.
+	first, _, _ := strings.Cut(serviceDropIn, "\n")
+	dropInPath, ok := strings.CutPrefix(first, "# /etc/")
+	if !ok {
+		t.Fatalf("docs/deploy.md: the service's drop-in starts %q; want its path in a comment (# /etc/...)", first)
+	}
+	writeEtc(t, filepath.Join(etc, dropInPath), serviceDropIn)
+	c.must(t, ctx, "systemctl", "daemon-reload")
+	c.must(t, ctx, "systemctl", "restart", "imdsproxy.service")
+	c.waitActive(t, 30*time.Second, "imdsproxy.service")
+	if out, err := c.run(ctx, "systemctl", "is-active", "imdsproxy-container.socket"); err != nil || strings.TrimSpace(out) != "active" {
+		t.Fatalf("imdsproxy-container.socket after the drop-in: %q (%v); want active (Requires= of the drop-in)", strings.TrimSpace(out), err)
+	}
+	if got := strings.TrimSpace(c.must(t, ctx, "stat", "-c", "%u %a", ctWorkloadToken)); got != ctWorkloadUID+" 400" {
+		t.Errorf("%s: owner and mode %q; want %q (the workload's uid alone may read it: CAP_CHOWN of the drop-in)", ctWorkloadToken, got, ctWorkloadUID+" 400")
+	}
+	if out, err := c.runAs(ctx, "1", nil, "cat", ctWorkloadToken); err == nil {
+		t.Errorf("uid 1 read the workload's token file (%d bytes); want permission denied", len(out))
+	}
+
+	// The workload: an existing unit whose program resolves credentials with
+	// aws-sdk-go-v2's default chain (test/fakes/cmd/imdsclient creds) as
+	// uid ctWorkloadUID, with no credentials of its own: without the endpoint it would
+	// fall back to IMDS and get the host's role. (Debian 12's AWS CLI and
+	// boto3 do not read AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE:
+	// docs/configuration.md.)
+	writeEtc(t, filepath.Join(etc, "systemd", "system", ctWorkloadUnit), `[Unit]
+Description=a workload of its own role (imdsproxy e2e)
+
+[Service]
+Type=oneshot
+User=`+ctWorkloadUID+`
+Environment=HOME=/tmp AWS_REGION=us-east-1 AWS_CONFIG_FILE=/nonexistent/config AWS_SHARED_CREDENTIALS_FILE=/nonexistent/credentials
+ExecStart=/opt/imdsproxy/bin/imdsclient creds
+`)
+	// The document's commands, with the binary where `make install
+	// PREFIX=/opt/imdsproxy` puts it on the PATH.
+	if out, err := c.runAs(ctx, "0", []string{"PATH=/opt/imdsproxy/bin:/usr/sbin:/usr/bin:/sbin:/bin"}, "/bin/sh", "-ec", commands); err != nil {
+		t.Fatalf("docs/deploy.md's commands for the workload:\n%s\nfailed: %v\n%s\n%s", commands, err, out, e2e.TailLines(c.journal(ctx, ""), 60))
+	}
+	out := c.must(t, ctx, "journalctl", "--no-pager", "-b", "-o", "cat", "-u", ctWorkloadUnit, "-t", "imdsclient")
+	var got struct{ AccessKeyId string } //nolint:revive // wire name
+	if err := json.Unmarshal([]byte(lastLine(out)), &got); err != nil || got.AccessKeyId == "" {
+		t.Fatalf("the Go SDK in %s printed %q (%v); want its credentials\n%s", ctWorkloadUnit, out, err, e2e.TailLines(c.journal(ctx, ""), 40))
+	}
+	// The fake STS logs the role of every access key id it issues.
+	var issuedTo string
+	for _, l := range strings.Split(c.journal(ctx, "fakests.service"), "\n") {
+		if strings.Contains(l, " access_key_id="+got.AccessKeyId+" ") {
+			issuedTo = l
+		}
+	}
+	if !strings.Contains(issuedTo, " role="+ctWorkloadRoleARN+" ") {
+		t.Fatalf("%s got access key id %s; want one the fake STS issued for %s (its log: %q)", ctWorkloadUnit, got.AccessKeyId, ctWorkloadRoleARN, issuedTo)
+	}
+	t.Logf("the Go SDK in %s, set up as docs/deploy.md says, got %s's credentials (%s)", ctWorkloadUnit, ctWorkloadRole, got.AccessKeyId)
+
+	// The token alone is not enough: another unit of the same uid with it
+	// is refused. (The token is read inside the unit: a transient unit's
+	// command line is logged.)
+	tok := strings.TrimSpace(c.must(t, ctx, "cat", ctWorkloadToken))
+	code, err := c.run(ctx, "systemd-run", "--quiet", "--wait", "--pipe", "--uid="+ctWorkloadUID, "--",
+		"/bin/sh", "-c", `exec /usr/bin/curl -sS -o /dev/null -w '%{http_code}' --max-time 10 -H "Authorization: $(cat `+ctWorkloadToken+`)" http://127.0.0.1:8171/v1/credentials`)
+	if err != nil || strings.TrimSpace(code) != "403" {
+		t.Errorf("another unit of uid %s with %s's token: %q (%v); want 403", ctWorkloadUID, ctWorkloadUnit, strings.TrimSpace(code), err)
+	}
+	return tok
+}
+
+// deployDocContainerSteps returns, from docs/deploy.md's section "The
+// container credentials endpoint", the ini block of the service's drop-in
+// and the sh block of the workload's commands.
+func deployDocContainerSteps(t *testing.T) (serviceDropIn, commands string) {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join(repoRoot, "docs", "deploy.md"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	doc := string(b)
+	start := strings.Index(doc, "\n## The container credentials endpoint\n")
+	if start < 0 {
+		t.Fatal(`docs/deploy.md has no section "The container credentials endpoint"; update the test`)
+	}
+	section := doc[start+1:]
+	if end := strings.Index(section, "\n## "); end >= 0 {
+		section = section[:end]
+	}
+	for _, block := range fencedBlocks(section) {
+		switch {
+		case block.lang == "ini" && strings.HasPrefix(block.text, "# /etc/systemd/system/imdsproxy.service.d/"):
+			serviceDropIn = block.text
+		case block.lang == "sh" && strings.Contains(block.text, "imdsproxy workload env "+ctWorkloadUnit):
+			commands = block.text
+		}
+	}
+	if serviceDropIn == "" || commands == "" {
+		t.Fatalf("docs/deploy.md, \"The container credentials endpoint\": found drop-in %t, workload commands for %s %t; update the test with the document",
+			serviceDropIn != "", ctWorkloadUnit, commands != "")
+	}
+	return serviceDropIn, commands
+}
+
+// fenced is a fenced code block of a markdown document.
+type fenced struct{ lang, text string }
+
+// fencedBlocks returns the ``` blocks of doc, in order.
+func fencedBlocks(doc string) []fenced {
+	var out []fenced
+	for {
+		i := strings.Index(doc, "```")
+		if i < 0 {
+			return out
+		}
+		rest := doc[i+3:]
+		lang, body, ok := strings.Cut(rest, "\n")
+		if !ok {
+			return out
+		}
+		j := strings.Index(body, "```")
+		if j < 0 {
+			return out
+		}
+		out = append(out, fenced{lang: strings.TrimSpace(lang), text: body[:j]})
+		doc = body[j+3:]
+	}
+}
+
+// writeEtc writes a file of the container's /etc (path on the host),
+// creating its directory.
+func writeEtc(t *testing.T, path, content string) {
+	t.Helper()
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	writeFile(t, path, content, 0o644)
+}
+
+// lastLine is the last non-empty line of s.
+func lastLine(s string) string {
+	lines := strings.Split(strings.TrimSpace(s), "\n")
+	return strings.TrimSpace(lines[len(lines)-1])
+}
