@@ -24,6 +24,7 @@ const (
 	ctWorkloadRoleARN = "arn:aws:iam::111122223333:role/" + ctWorkloadRole
 	ctWorkloadUID     = "5" // User= of the unit (games on Debian; not nobody, which systemd warns of), token_owners of the config
 	ctWorkloadToken   = "/run/imdsproxy/container/" + ctWorkloadUnit + "/token"
+	ctWorkloadOut     = "/run/" + ctWorkloadUnit + ".out" // what the unit printed, written before it exits
 )
 
 // containerEndpointAsDocumented runs the procedure on the booted container:
@@ -88,22 +89,30 @@ Type=oneshot
 User=`+ctWorkloadUID+`
 Environment=HOME=/tmp AWS_REGION=us-east-1 AWS_CONFIG_FILE=/nonexistent/config AWS_SHARED_CREDENTIALS_FILE=/nonexistent/credentials
 ExecStart=/opt/imdsproxy/bin/imdsclient creds
+StandardOutput=truncate:`+ctWorkloadOut+`
 `)
 	// The document's commands, with the binary where `make install
 	// PREFIX=/opt/imdsproxy` puts it on the PATH.
 	if out, err := c.runAs(ctx, "0", []string{"PATH=/opt/imdsproxy/bin:/usr/sbin:/usr/bin:/sbin:/bin"}, "/bin/sh", "-ec", commands); err != nil {
 		t.Fatalf("docs/deploy.md's commands for the workload:\n%s\nfailed: %v\n%s\n%s", commands, err, out, e2e.TailLines(c.journal(ctx, ""), 60))
 	}
-	out := c.must(t, ctx, "journalctl", "--no-pager", "-b", "-o", "cat", "-u", ctWorkloadUnit, "-t", "imdsclient")
+	out := c.must(t, ctx, "cat", ctWorkloadOut)
 	var got struct{ AccessKeyId string } //nolint:revive // wire name
-	if err := json.Unmarshal([]byte(lastLine(out)), &got); err != nil || got.AccessKeyId == "" {
+	if err := json.Unmarshal([]byte(out), &got); err != nil || got.AccessKeyId == "" {
 		t.Fatalf("the Go SDK in %s printed %q (%v); want its credentials\n%s", ctWorkloadUnit, out, err, e2e.TailLines(c.journal(ctx, ""), 40))
 	}
-	// The fake STS logs the role of every access key id it issues.
+	// The fake STS logs the role of every access key id it issues (after
+	// answering, through journald: wait for it).
 	var issuedTo string
-	for _, l := range strings.Split(c.journal(ctx, "fakests.service"), "\n") {
-		if strings.Contains(l, " access_key_id="+got.AccessKeyId+" ") {
-			issuedTo = l
+	deadline := time.Now().Add(10 * time.Second)
+	for issuedTo == "" && time.Now().Before(deadline) {
+		for _, l := range strings.Split(c.journal(ctx, "fakests.service"), "\n") {
+			if strings.Contains(l, " access_key_id="+got.AccessKeyId+" ") {
+				issuedTo = l
+			}
+		}
+		if issuedTo == "" {
+			time.Sleep(100 * time.Millisecond)
 		}
 	}
 	if !strings.Contains(issuedTo, " role="+ctWorkloadRoleARN+" ") {
@@ -189,10 +198,4 @@ func writeEtc(t *testing.T, path, content string) {
 		t.Fatal(err)
 	}
 	writeFile(t, path, content, 0o644)
-}
-
-// lastLine is the last non-empty line of s.
-func lastLine(s string) string {
-	lines := strings.Split(strings.TrimSpace(s), "\n")
-	return strings.TrimSpace(lines[len(lines)-1])
 }
