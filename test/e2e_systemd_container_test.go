@@ -32,7 +32,7 @@ const (
 // document, daemon-reload and a restart; then, for a workload unit running
 // the Go SDK's default chain, the document's commands (imdsproxy workload env
 // into the unit's drop-in, daemon-reload, restart of the unit). It checks
-// that the CLI in the unit gets the workload's role through the endpoint,
+// that the SDK in the unit gets the workload's role through the endpoint,
 // that the token file is the workload's alone, and that another unit of the
 // same uid holding the token is refused. It returns the token, a secret the
 // journal must not hold.
@@ -76,10 +76,10 @@ func (c *systemdContainer) containerEndpointAsDocumented(t *testing.T, ctx conte
 	}
 
 	// The workload: an existing unit whose program resolves credentials with
-	// aws-sdk-go-v2's default chain (test/fakes/cmd/imdsclient creds) as
-	// uid ctWorkloadUID, with no credentials of its own: without the endpoint it would
-	// fall back to IMDS and get the host's role. (Debian 12's AWS CLI and
-	// boto3 do not read AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE:
+	// aws-sdk-go-v2's default chain (test/fakes/cmd/imdsclient creds) as uid
+	// ctWorkloadUID, with no credentials of its own: without the endpoint it
+	// would fall back to IMDS and get the host's role. (Debian 12's AWS CLI
+	// and boto3 do not read AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE:
 	// docs/configuration.md.)
 	writeEtc(t, filepath.Join(etc, "systemd", "system", ctWorkloadUnit), `[Unit]
 Description=a workload of its own role (imdsproxy e2e)
