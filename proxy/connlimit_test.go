@@ -17,12 +17,7 @@ func TestLimitConnReleasesOnce(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	m, err := newLimitMetrics(nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ln := newLimitListener(raw, 1, m)
-	defer ln.Close()
+	ln := limitListenerOf(t, raw, 1)
 	first := dialAccept(t, ln)
 	// A listener that set no TTL passes "unset" on: the value a token
 	// response's restore puts back, without reading the socket.
@@ -33,7 +28,7 @@ func TestLimitConnReleasesOnce(t *testing.T) {
 	first.Close()
 	second := dialAccept(t, ln)
 	defer second.Close()
-	if n := testutil.ToFloat64(m.openConns); n != 1 {
+	if n := testutil.ToFloat64(ln.m.openConns); n != 1 {
 		t.Fatalf("open connections %v after a double close and a new accept, want 1", n)
 	}
 	// The one slot is the second connection's: a third waits.
@@ -56,6 +51,19 @@ func TestLimitConnReleasesOnce(t *testing.T) {
 	}
 	second.Close()
 	<-done
+}
+
+// limitListenerOf is Serve's limitListener of n slots on raw, with
+// unregistered metrics, closed when the test ends.
+func limitListenerOf(t *testing.T, raw net.Listener, n int) *limitListener {
+	t.Helper()
+	m, err := newLimitMetrics(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln := newLimitListener(raw, n, m)
+	t.Cleanup(func() { ln.Close() })
+	return ln
 }
 
 // dialAccept connects to ln over TCP and returns the connection ln

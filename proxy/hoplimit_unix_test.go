@@ -233,12 +233,7 @@ func TestHopLimitListenerDefault(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			m, err := newLimitMetrics(nil)
-			if err != nil {
-				t.Fatal(err)
-			}
-			ln := newLimitListener(raw, 4, m)
-			defer ln.Close()
+			ln := limitListenerOf(t, raw, 4)
 			if ln.hops4 != tc.wantHops {
 				t.Fatalf("listener TTL read as %d, want %d", ln.hops4, tc.wantHops)
 			}

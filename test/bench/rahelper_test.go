@@ -26,8 +26,8 @@ import (
 // its SigV4-X509 signature like the real service; it signs once at start,
 // and the credentials last an hour, longer than the bench.
 
-// RAHelperEnv names the helper's binary; unset, the helper is skipped.
-const RAHelperEnv = "RAH_BIN"
+// rahBinEnv names the helper's binary; unset, the helper is skipped.
+const rahBinEnv = "RAH_BIN"
 
 // The fake trust anchor, profile and role the helper is configured with.
 const (
@@ -55,12 +55,12 @@ func (f *rahFake) close() {
 // and the credentials the fake issued. It returns a reason to skip instead
 // of an error.
 func (e *benchEnv) startRAHelper() (_ *server, skip string) {
-	bin := os.Getenv(RAHelperEnv)
+	bin := os.Getenv(rahBinEnv)
 	if bin == "" {
-		return nil, RAHelperEnv + " is not set (make bench builds the helper into bin/tools and sets it)"
+		return nil, rahBinEnv + " is not set (make bench builds the helper into bin/tools and sets it)"
 	}
 	if st, err := os.Stat(bin); err != nil || st.IsDir() {
-		return nil, fmt.Sprintf("%s=%s: no such file (%v)", RAHelperEnv, bin, err)
+		return nil, fmt.Sprintf("%s=%s: no such file (%v)", rahBinEnv, bin, err)
 	}
 	dir := filepath.Join(e.dir, "ra-helper")
 	if err := os.MkdirAll(dir, 0o700); err != nil {
