@@ -34,6 +34,7 @@ import (
 
 	"github.com/imdsproxy/imdsproxy/access"
 	"github.com/imdsproxy/imdsproxy/creds"
+	"github.com/imdsproxy/imdsproxy/growstack"
 )
 
 // Request limits.
@@ -182,6 +183,7 @@ func (r *statusRecorder) WriteHeader(code int) {
 }
 
 func (s *Server) serveHTTP(w http.ResponseWriter, r *http.Request) {
+	growstack.Grow() // a new connection's goroutine: its stack in one copy
 	start := time.Now()
 	rec := &statusRecorder{ResponseWriter: w}
 	s.serve(rec, r)

@@ -18,6 +18,7 @@ import (
 
 	"github.com/imdsproxy/imdsproxy/access"
 	"github.com/imdsproxy/imdsproxy/creds"
+	"github.com/imdsproxy/imdsproxy/growstack"
 	"github.com/imdsproxy/imdsproxy/peer"
 )
 
@@ -133,6 +134,7 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 
 // handle answers one connection.
 func (s *Server) handle(ctx context.Context, c net.Conn) {
+	growstack.Grow() // the connection's new goroutine: its stack in one copy
 	defer c.Close()
 	start := time.Now()
 	resp, who, result := s.answer(ctx, c)

@@ -44,6 +44,7 @@ import (
 
 	"github.com/imdsproxy/imdsproxy/access"
 	"github.com/imdsproxy/imdsproxy/creds"
+	"github.com/imdsproxy/imdsproxy/growstack"
 )
 
 // Header names of the IMDSv2 protocol (canonical form).
@@ -463,6 +464,7 @@ func allowedMethods(route string) []string {
 }
 
 func (s *Server) serveHTTP(w http.ResponseWriter, r *http.Request) {
+	growstack.Grow() // a new connection's goroutine: its stack in one copy
 	start := time.Now()
 	if restore := takeHopRestore(r.Context()); restore != nil {
 		// The previous response on this connection was a token, sent with
