@@ -88,9 +88,12 @@ var (
 
 // coldTargets are the servers of BenchmarkColdFlow in the order of a round.
 func (e *benchEnv) coldTargets() []satTarget {
-	return []satTarget{{name: "ceiling", srv: e.ceiling}, {name: "daemon", srv: e.daemon},
-		{name: "daemon-noaudit", srv: e.noaudit, skip: e.noauditSkip}, {name: "ra-helper", srv: e.rah, skip: e.rahSkip},
-		{name: "aemm", srv: e.aemm, skip: e.aemmSkip}}
+	ts := []satTarget{{name: "ceiling", srv: e.ceiling}, {name: "daemon", srv: e.daemon},
+		{name: "daemon-noaudit", srv: e.noaudit, skip: e.noauditSkip}}
+	if *otherBin != "" {
+		ts = append(ts, satTarget{name: "daemon-" + *otherName, srv: e.other, skip: e.otherSkip})
+	}
+	return append(ts, satTarget{name: "ra-helper", srv: e.rah, skip: e.rahSkip}, satTarget{name: "aemm", srv: e.aemm, skip: e.aemmSkip})
 }
 
 // benchColdFlow is BenchmarkColdFlow: every round once per process, then
@@ -179,8 +182,10 @@ func coldRound(env *benchEnv, host string) error {
 			if err != nil {
 				return err
 			}
+			stopPerf := startPerf(srv, fmt.Sprintf("cold-%s-%d-%s", host, n, t.name))
 			lat, elapsed, err := coldFlows(srv.ep(), n, flows)
 			cpu1, cerr := procCPU(srv.pid)
+			stopPerf()
 			if t.name == "aemm" && srv.exited() {
 				// AEMM's token store is a map without a lock: concurrent
 				// token PUTs can crash it. Record it, restart it, go on.

@@ -40,9 +40,9 @@ import (
 var (
 	satDuration = flag.Duration("sat.duration", 4*time.Second, "length of each wrk run of BenchmarkSaturation")
 	satRounds   = flag.Int("sat.rounds", 5, "alternating rounds of BenchmarkSaturation")
-	otherBin    = flag.String("other.bin", "", "also measure this imdsproxy binary (an older build, say) with the default daemon's config, in BenchmarkSaturation")
+	otherBin    = flag.String("other.bin", "", "also measure this imdsproxy binary (an older build, say) with the default daemon's config, in BenchmarkSaturation and BenchmarkColdFlow")
 	otherName   = flag.String("other.name", "other", "name of the -other.bin daemon in the report (daemon-NAME)")
-	satPerf     = flag.String("sat.perf", "", "BenchmarkSaturation: record each server with `perf record -g` into this directory during its runs (NAME-ROUND.data; perf's sampling costs the servers CPU, so read the profiles, not that run's numbers)")
+	satPerf     = flag.String("sat.perf", "", "BenchmarkSaturation and BenchmarkColdFlow: record each server with `perf record -g` into this directory during its runs (NAME-ROUND.data, cold-HOST-CLIENTS-NAME.data; perf's sampling costs the servers CPU, so read the profiles, not that run's numbers)")
 )
 
 // satConns is wrk's connection count (-c), wrk's threads are 1 (-t1).
