@@ -1,3 +1,5 @@
+//go:build linux
+
 // Command clockstep steps the machine's wall clock (CLOCK_REALTIME) by -step
 // for a bounded time and always steps it back, for the end-to-end drill
 // TestClockStepReal (test/e2e_clockstep_test.go). It needs CAP_SYS_TIME.
