@@ -5,6 +5,7 @@ import (
 	"net"
 	"net/http"
 	"regexp"
+	"slices"
 	"strings"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -52,39 +53,42 @@ func hostAllowed(host string, local net.Addr, extra []string) bool {
 		return true
 	}
 	name := host
-	if h, port, err := net.SplitHostPort(host); err == nil {
-		if !digits(port) {
+	switch {
+	case !strings.ContainsAny(host, ":[]"):
+		// A name or IPv4 address without port, as SDKs send it. (Checked
+		// first: net.SplitHostPort allocates its error for the forms
+		// without a port.)
+	case strings.HasPrefix(host, "[") && strings.HasSuffix(host, "]"):
+		name = host[1 : len(host)-1]
+	default:
+		h, port, err := net.SplitHostPort(host)
+		if err != nil || !digits(port) {
+			return false // a bare IPv6 address or a malformed port
+		}
+		if strings.Contains(h, ":") && !strings.HasPrefix(host, "[") {
 			return false
 		}
 		name = h
-		if strings.Contains(name, ":") && !strings.HasPrefix(host, "[") {
-			return false
-		}
-	} else if strings.HasPrefix(host, "[") && strings.HasSuffix(host, "]") {
-		name = host[1 : len(host)-1]
-	} else if strings.ContainsAny(host, ":[]") {
-		return false // a bare IPv6 address or a malformed port
 	}
 	if strings.Contains(name, "%") {
 		return false // IPv6 zones are not used to reach the IMDS
 	}
 	name = strings.ToLower(name)
-	if ip := net.ParseIP(name); ip != nil {
-		name = ip.String() // the lists hold canonical addresses
+	if slices.Contains(defaultHosts, name) || slices.Contains(extra, name) {
+		// The lists hold canonical names and addresses: what SDKs send
+		// (169.254.169.254) matches as it is, on every request, without
+		// parsing or allocating.
+		return true
 	}
-	for _, list := range [][]string{defaultHosts, extra} {
-		for _, h := range list {
-			if name == h {
-				return true
-			}
-		}
+	ip := net.ParseIP(name)
+	if ip == nil {
+		return false // a name, and not one of the lists'
 	}
-	if ta, ok := local.(*net.TCPAddr); ok && ta.IP != nil {
-		if ip := net.ParseIP(name); ip != nil && ip.Equal(ta.IP) {
-			return true
-		}
+	if canon := ip.String(); canon != name && (slices.Contains(defaultHosts, canon) || slices.Contains(extra, canon)) {
+		return true // another spelling of a listed address (::ffff:…, 0-padded IPv6)
 	}
-	return false
+	ta, ok := local.(*net.TCPAddr)
+	return ok && ta.IP != nil && ip.Equal(ta.IP)
 }
 
 // digits reports whether s is empty (RFC 3986 allows "host:") or at most

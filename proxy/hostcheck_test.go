@@ -36,6 +36,9 @@ func TestHostAllowed(t *testing.T) {
 		{"10.1.2.3", true},
 		{"imds.internal", true}, // Config.AllowedHosts
 		{"imds.internal:80", true},
+		{"[::ffff:169.254.169.254]", true}, // other spellings of listed addresses
+		{"[fd00:ec2:0::254]:80", true},
+		{"[::ffff:10.1.2.3]", true},
 
 		{"evil.example", false}, // DNS rebinding: the attacker's name
 		{"evil.example:80", false},
@@ -58,6 +61,17 @@ func TestHostAllowed(t *testing.T) {
 	} {
 		if got := hostAllowed(tc.host, local, []string{"imds.internal"}); got != tc.want {
 			t.Errorf("hostAllowed(%q) = %v, want %v", tc.host, got, tc.want)
+		}
+	}
+}
+
+// TestHostAllowedNoAlloc: the Host every SDK sends, with or without a
+// port, is checked on every request without allocating.
+func TestHostAllowedNoAlloc(t *testing.T) {
+	local := &net.TCPAddr{IP: net.ParseIP("127.0.0.1"), Port: 8169}
+	for _, host := range []string{"169.254.169.254", "169.254.169.254:80", "127.0.0.1:8169", "[fd00:ec2::254]"} {
+		if n := testing.AllocsPerRun(100, func() { hostAllowed(host, local, nil) }); n != 0 {
+			t.Errorf("hostAllowed(%q): %v allocations, want 0", host, n)
 		}
 	}
 }
@@ -415,7 +429,7 @@ func hex(n int) string  { return strconv.FormatInt(int64(n), 16) }
 // names one of the allowed hosts, with at most a numeric port.
 func FuzzHostAllowed(f *testing.F) {
 	for _, s := range []string{"", "169.254.169.254", "169.254.169.254:80", "[fd00:ec2::254]:80", "localhost",
-		"[::1]", "evil.example", "user@127.0.0.1", "127.0.0.1:80@evil", "[::1", "::1", "ｌocalhost", "10.1.2.3:8169"} {
+		"[::1]", "[::ffff:127.0.0.1]", "[fd00:ec2:0::254]", "evil.example", "user@127.0.0.1", "127.0.0.1:80@evil", "[::1", "::1", "ｌocalhost", "10.1.2.3:8169"} {
 		f.Add(s)
 	}
 	local := &net.TCPAddr{IP: net.ParseIP("10.1.2.3"), Port: 8169}
@@ -429,10 +443,11 @@ func FuzzHostAllowed(f *testing.F) {
 		}
 		name = strings.ToLower(strings.TrimSuffix(strings.TrimPrefix(name, "["), "]"))
 		ok := name == "imds.internal" || name == "10.1.2.3"
+		ip := net.ParseIP(name)
 		for _, d := range defaultHosts {
-			ok = ok || name == d
+			ok = ok || name == d || ip != nil && ip.Equal(net.ParseIP(d)) // an address however spelt
 		}
-		if ip := net.ParseIP(name); ip != nil && ip.Equal(local.IP) {
+		if ip != nil && ip.Equal(local.IP) {
 			ok = true
 		}
 		if !ok || strings.ContainsAny(host, "@/\\ %") {
