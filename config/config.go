@@ -288,10 +288,7 @@ type Role struct {
 	Duration    Duration `yaml:"duration"`
 }
 
-var (
-	roleARNRe     = regexp.MustCompile(`^arn:aws[a-z-]*:iam::[0-9]{12}:role/(?:[\x21-\x7e]+/)*([\w+=,.@-]{1,64})$`)
-	sessionNameRe = regexp.MustCompile(`^[\w+=,.@-]{2,64}$`)
-)
+var roleARNRe = regexp.MustCompile(`^arn:aws[a-z-]*:iam::[0-9]{12}:role/(?:[\x21-\x7e]+/)*([\w+=,.@-]{1,64})$`)
 
 // Validate checks the role at path (for example "role" or
 // "workloads[2].role"): an IAM role ARN (required unless arnOptional and
@@ -312,7 +309,7 @@ func (r *Role) Validate(path string, arnOptional bool, def time.Duration) error 
 	if r.Name != "" && !creds.ValidRoleName(r.Name) {
 		return fmt.Errorf("config: %s.name: %q may hold only letters, digits and _+=,.@- (1 to 64)", path, r.Name)
 	}
-	if r.SessionName != "" && !sessionNameRe.MatchString(r.SessionName) {
+	if r.SessionName != "" && !creds.ValidSessionName(r.SessionName) {
 		return fmt.Errorf("config: %s.session_name: %q may hold only letters, digits and _+=,.@- (2 to 64)", path, r.SessionName)
 	}
 	if r.Duration == 0 {

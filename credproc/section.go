@@ -8,7 +8,6 @@ import (
 	"os"
 	"os/user"
 	"path"
-	"regexp"
 	"strconv"
 	"time"
 )
@@ -51,15 +50,28 @@ func (s *Section) Validate() error {
 	if _, err := s.mode(); err != nil {
 		return err
 	}
-	if s.SocketGroup != "" && !groupRe.MatchString(s.SocketGroup) {
+	if s.SocketGroup != "" && !validGroup(s.SocketGroup) {
 		return fmt.Errorf("config: credential_process.socket_group: %q is not a group name or gid", s.SocketGroup)
 	}
 	return nil
 }
 
-// groupRe is a group name (as useradd accepts) or a gid; the group is
-// looked up when the socket is made.
-var groupRe = regexp.MustCompile(`^([a-z_][a-z0-9_-]{0,31}|[0-9]{1,10})$`)
+// validGroup reports whether s is a group name as useradd accepts it
+// ([a-z_][a-z0-9_-]{0,31}) or a gid (1..10 digits); the group is looked up
+// when the socket is made.
+func validGroup(s string) bool {
+	if s == "" {
+		return false
+	}
+	digits, name := len(s) <= 10, len(s) <= 32 && (s[0] == '_' || 'a' <= s[0] && s[0] <= 'z')
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		isDigit := '0' <= c && c <= '9'
+		digits = digits && isDigit
+		name = name && ('a' <= c && c <= 'z' || isDigit || c == '_' || c == '-')
+	}
+	return digits || name
+}
 
 func (s Section) mode() (fs.FileMode, error) {
 	m, err := strconv.ParseUint(s.SocketMode, 8, 32)

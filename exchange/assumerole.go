@@ -9,6 +9,7 @@ import (
 	"sort"
 	"strings"
 	"time"
+	"unicode"
 	"unicode/utf8"
 
 	"github.com/aws/aws-sdk-go-v2/aws"
@@ -46,10 +47,20 @@ const opAssumeRole = "AssumeRole"
 // expire.
 const arBaseCacheWindow = 5 * time.Minute
 
-var (
-	arExternalIDRe = regexp.MustCompile(`^[\w+=,.@:/-]+$`)
-	arTagRe        = regexp.MustCompile(`^[\p{L}\p{Z}\p{N}_.:/=+\-@]*$`)
-)
+var arExternalIDRe = regexp.MustCompile(`^[\w+=,.@:/-]+$`)
+
+// validTagText reports whether s holds only what STS allows in a session
+// tag's key or value: Unicode letters, separators and numbers, and
+// _.:/=+-@. (Not a regular expression: the Unicode classes compile to
+// 36 KB that every GC cycle marks.)
+func validTagText(s string) bool {
+	for _, r := range s {
+		if !unicode.IsLetter(r) && !unicode.Is(unicode.Z, r) && !unicode.IsNumber(r) && !strings.ContainsRune("_.:/=+-@", r) {
+			return false
+		}
+	}
+	return true
+}
 
 // arBaseRefused lists the STS codes that mean "these base credentials are
 // not (or no longer) accepted": the cached base credentials are dropped and
@@ -220,7 +231,7 @@ func sessionTags(m map[string]string) ([]types.Tag, error) {
 		switch n := utf8.RuneCountInString(k); {
 		case n == 0 || n > MaxTagKeyLen:
 			return nil, fmt.Errorf("exchange: session tag key %q: want 1..%d characters", k, MaxTagKeyLen)
-		case !utf8.ValidString(k) || !arTagRe.MatchString(k):
+		case !utf8.ValidString(k) || !validTagText(k):
 			return nil, fmt.Errorf("exchange: session tag key %q: only letters, digits, spaces and _.:/=+-@ are allowed", k)
 		case strings.HasPrefix(strings.ToLower(k), "aws:"):
 			return nil, fmt.Errorf("exchange: session tag key %q: the aws: prefix is reserved", k)
@@ -228,7 +239,7 @@ func sessionTags(m map[string]string) ([]types.Tag, error) {
 		if utf8.RuneCountInString(v) > MaxTagValueLen {
 			return nil, fmt.Errorf("exchange: session tag %q: value longer than %d characters", k, MaxTagValueLen)
 		}
-		if !utf8.ValidString(v) || !arTagRe.MatchString(v) {
+		if !utf8.ValidString(v) || !validTagText(v) {
 			return nil, fmt.Errorf("exchange: session tag %q: value may hold only letters, digits, spaces and _.:/=+-@", k)
 		}
 		if other, dup := seen[strings.ToLower(k)]; dup {

@@ -9,7 +9,6 @@ import (
 	"net"
 	"net/http"
 	"net/url"
-	"regexp"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -45,9 +44,6 @@ const (
 	// default); a 401 (expired session token) is retried with a new token.
 	profileMaxAttempts = 3
 )
-
-// profileRoleName is what IAM allows in a role name.
-var profileRoleName = regexp.MustCompile(`^[\w+=,.@-]{1,64}$`)
 
 // InstanceProfileConfig configures NewInstanceProfile.
 type InstanceProfileConfig struct {
@@ -99,7 +95,7 @@ func NewInstanceProfile(cfg InstanceProfileConfig, log *zap.Logger) (*InstancePr
 		(u.Path != "" && u.Path != "/") || u.RawQuery != "" || u.User != nil {
 		return nil, fmt.Errorf("exchange: invalid IMDS base URL %q (want http://host[:port])", cfg.IMDSBase)
 	}
-	if cfg.RoleName != "" && !profileRoleName.MatchString(cfg.RoleName) {
+	if cfg.RoleName != "" && !creds.ValidRoleName(cfg.RoleName) {
 		return nil, fmt.Errorf("exchange: invalid instance profile role name %q", cfg.RoleName)
 	}
 	if cfg.Timeout < 0 {
@@ -174,7 +170,7 @@ func (p *InstanceProfile) roleName(ctx context.Context) (string, error) {
 	switch {
 	case line == "":
 		return "", p.invalid(path, "empty role listing (does the instance have an instance profile?)")
-	case !profileRoleName.MatchString(line):
+	case !creds.ValidRoleName(line):
 		return "", p.invalid(path, fmt.Sprintf("listing %q is not a role name", sanitize(line, 80, false)))
 	}
 	p.mu.Lock()
@@ -214,7 +210,7 @@ func (p *InstanceProfile) Fetch(ctx context.Context, want creds.Role) (creds.Cre
 			return creds.Credentials{}, err
 		}
 	}
-	if !profileRoleName.MatchString(role) {
+	if !creds.ValidRoleName(role) {
 		return creds.Credentials{}, &Error{Op: profileOp("iam/security-credentials/"), Class: ClassValidation, permanent: true,
 			Message: fmt.Sprintf("invalid instance profile role name %q", sanitize(role, 80, false))}
 	}
