@@ -616,7 +616,7 @@ func TestInstanceProfile401(t *testing.T) {
 func TestInstanceProfileNoSecrets(t *testing.T) {
 	core, logs := observer.New(zapcore.DebugLevel)
 	up := newIPStandIn(t)
-	p := newTestInstanceProfile(t, up.srv.URL, InstanceProfileConfig{Timeout: 500 * time.Millisecond}, zap.New(core))
+	p := newTestInstanceProfile(t, up.srv.URL, InstanceProfileConfig{Timeout: 10 * time.Second}, zap.New(core))
 	ctx := context.Background()
 	c, err := p.Fetch(ctx, creds.Role{})
 	if err != nil {

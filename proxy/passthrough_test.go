@@ -388,7 +388,7 @@ func TestPassthroughBlackhole(t *testing.T) {
 	if w := e.do("GET", "/latest/meta-data/instance-id", nil); w.Code != 504 {
 		t.Errorf("status %d", w.Code)
 	}
-	if d := time.Since(start); d > time.Second {
+	if d := time.Since(start); d > 5*time.Second { // the upstream never answers: without the timeout, for ever
 		t.Errorf("took %v", d)
 	}
 }
