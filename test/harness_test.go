@@ -275,7 +275,7 @@ func (e *daemonEnv) rotateToken(t testing.TB) string {
 // bundles and proxies (e2e.Environ), plus the region and the fake STS
 // endpoint.
 func (e *daemonEnv) daemonEnviron() []string {
-	return append(append(e2e.Environ("HOME"),
+	return append(append(e2e.Environ("HOME", "GOGC", "GOMEMLIMIT"), // the daemon's own GC settings unless a test sets them
 		"HOME="+e.dir,
 		"NO_PROXY=*", "no_proxy=*",
 		"AWS_REGION=us-east-1",

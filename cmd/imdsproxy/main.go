@@ -87,7 +87,9 @@ Commands:
   version       print the version.
 
 The daemon's own AWS calls honour AWS_REGION, AWS_ENDPOINT_URL_STS and
-AWS_ENDPOINT_URL. See docs/configuration.md for every config key.
+AWS_ENDPOINT_URL. serve runs the garbage collector with GOGC=200 unless GOGC
+is set (GOMEMLIMIT applies too; docs/deploy.md). See docs/configuration.md
+for every config key.
 
 Exit codes: 0 ok, 1 runtime error (status: not ready), 2 usage error,
 3 invalid configuration, 4 daemon unreachable (status).

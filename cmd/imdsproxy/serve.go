@@ -12,7 +12,9 @@ import (
 	"os/signal"
 	"reflect"
 	"runtime"
+	"runtime/debug"
 	"slices"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -69,6 +71,8 @@ func runServe(ctx context.Context, args []string, _ io.Writer, stderr io.Writer)
 		return exitUsage
 	}
 	defer func() { _ = log.Sync() }()
+	gogc, from := tuneGC(os.Getenv)
+	log.Info("garbage collector", zap.String("gogc", gogc), zap.String("from", from))
 
 	cfg, err := loadConfig(*path)
 	if err != nil {
@@ -86,6 +90,28 @@ func runServe(ctx context.Context, args []string, _ io.Writer, stderr io.Writer)
 	}
 	log.Info("stopped")
 	return exitOK
+}
+
+// defaultGCPercent is the daemon's GOGC unless the environment sets one.
+// The runtime's default, 100, collects whenever the heap reaches 4 MB: with
+// a live heap of about 1 MB, under a client's burst (50 connections asking
+// at once) a cycle every 25 ms, each marking for about 2 ms on a busy CPU,
+// which is the daemon's p99. 200 halves the cycles for about 4 MB more
+// resident memory (26 MB peak against 22 MB at saturation in make bench,
+// p99 1.33× the bare net/http ceiling's against 1.55×, the best peer
+// 1.42×; docs/benchmarks.md). GOGC or GOMEMLIMIT in the unit's
+// environment override it (docs/deploy.md, "Memory").
+const defaultGCPercent = 200
+
+// tuneGC sets GOGC to defaultGCPercent unless getenv has GOGC, and returns
+// the setting in force and where it comes from ("default" or
+// "environment"), for the log.
+func tuneGC(getenv func(string) string) (gogc, from string) {
+	if v := getenv("GOGC"); v != "" {
+		return v, "environment"
+	}
+	debug.SetGCPercent(defaultGCPercent)
+	return strconv.Itoa(defaultGCPercent), "default"
 }
 
 // newLogger builds the daemon's logger writing to w.
