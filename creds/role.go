@@ -62,11 +62,11 @@ func ValidRoleName(s string) bool { return iamName(s, 1, 64) }
 // 2..64 of [A-Za-z0-9+=,.@_-].
 func ValidSessionName(s string) bool { return iamName(s, 2, 64) }
 
-// iamName reports whether s is min..max bytes of IAM's name characters,
+// iamName reports whether s is least..most bytes of IAM's name characters,
 // [\w+=,.@-]. (Written out rather than a regular expression: a counted
 // repetition compiles to a program of 27 KB that every GC cycle marks.)
-func iamName(s string, min, max int) bool {
-	if len(s) < min || len(s) > max {
+func iamName(s string, least, most int) bool {
+	if len(s) < least || len(s) > most {
 		return false
 	}
 	for i := 0; i < len(s); i++ {
