@@ -56,12 +56,7 @@ func (c *systemdContainer) containerEndpointAsDocumented(t *testing.T, ctx conte
 		t.Fatal(err)
 	}
 	// The service's drop-in, as the document writes it.
-	first, _, _ := strings.Cut(serviceDropIn, "\n")
-	dropInPath, ok := strings.CutPrefix(first, "# /etc/")
-	if !ok {
-		t.Fatalf("docs/deploy.md: the service's drop-in starts %q; want its path in a comment (# /etc/...)", first)
-	}
-	writeEtc(t, filepath.Join(etc, dropInPath), serviceDropIn)
+	c.writeDocDropIn(t, serviceDropIn)
 	c.must(t, ctx, "systemctl", "daemon-reload")
 	c.must(t, ctx, "systemctl", "restart", "imdsproxy.service")
 	c.waitActive(t, 30*time.Second, "imdsproxy.service")
@@ -137,20 +132,8 @@ StandardOutput=truncate:`+ctWorkloadOut+`
 // and the sh block of the workload's commands.
 func deployDocContainerSteps(t *testing.T) (serviceDropIn, commands string) {
 	t.Helper()
-	b, err := os.ReadFile(filepath.Join(repoRoot, "docs", "deploy.md"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	doc := string(b)
-	start := strings.Index(doc, "\n## The container credentials endpoint\n")
-	if start < 0 {
-		t.Fatal(`docs/deploy.md has no section "The container credentials endpoint"; update the test`)
-	}
-	section := doc[start+1:]
-	if end := strings.Index(section, "\n## "); end >= 0 {
-		section = section[:end]
-	}
-	for _, block := range fencedBlocks(section) {
+	const section = "The container credentials endpoint"
+	for _, block := range deployDocBlocks(t, section) {
 		switch {
 		case block.lang == "ini" && strings.HasPrefix(block.text, "# /etc/systemd/system/imdsproxy.service.d/"):
 			serviceDropIn = block.text
@@ -159,10 +142,42 @@ func deployDocContainerSteps(t *testing.T) (serviceDropIn, commands string) {
 		}
 	}
 	if serviceDropIn == "" || commands == "" {
-		t.Fatalf("docs/deploy.md, \"The container credentials endpoint\": found drop-in %t, workload commands for %s %t; update the test with the document",
-			serviceDropIn != "", ctWorkloadUnit, commands != "")
+		t.Fatalf("docs/deploy.md, %q: found drop-in %t, workload commands for %s %t; update the test with the document",
+			section, serviceDropIn != "", ctWorkloadUnit, commands != "")
 	}
 	return serviceDropIn, commands
+}
+
+// deployDocBlocks returns the fenced blocks of docs/deploy.md's section
+// "## heading".
+func deployDocBlocks(t *testing.T, heading string) []fenced {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join(repoRoot, "docs", "deploy.md"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	doc := string(b)
+	start := strings.Index(doc, "\n## "+heading+"\n")
+	if start < 0 {
+		t.Fatalf("docs/deploy.md has no section %q; update the test", heading)
+	}
+	section := doc[start+1:]
+	if end := strings.Index(section, "\n## "); end >= 0 {
+		section = section[:end]
+	}
+	return fencedBlocks(section)
+}
+
+// writeDocDropIn writes, under the container's /etc, a drop-in block of
+// the document, which names its path in its first line (# /etc/...).
+func (c *systemdContainer) writeDocDropIn(t *testing.T, dropIn string) {
+	t.Helper()
+	first, _, _ := strings.Cut(dropIn, "\n")
+	rel, ok := strings.CutPrefix(first, "# /etc/")
+	if !ok {
+		t.Fatalf("docs/deploy.md: a drop-in starts %q; want its path in a comment (# /etc/...)", first)
+	}
+	writeEtc(t, filepath.Join(c.dir, "etc", rel), dropIn)
 }
 
 // fenced is a fenced code block of a markdown document.
@@ -198,4 +213,46 @@ func writeEtc(t *testing.T, path, content string) {
 		t.Fatal(err)
 	}
 	writeFile(t, path, content, 0o644)
+}
+
+// memoryAsDocumented runs docs/deploy.md's "Memory" procedure on the booted
+// container: the daemon starts with GOGC 200 (go_gc_gogc_percent on the
+// admin socket); the document's drop-in and commands (daemon-reload, restart)
+// make it 100.
+func (c *systemdContainer) memoryAsDocumented(t *testing.T, ctx context.Context) {
+	t.Helper()
+	var dropIn, commands string
+	for _, block := range deployDocBlocks(t, "Memory") {
+		switch {
+		case block.lang == "ini" && strings.Contains(block.text, "Environment=GOGC="):
+			dropIn = block.text
+		case block.lang == "sh" && strings.Contains(block.text, "systemctl restart imdsproxy.service"):
+			commands = block.text
+		}
+	}
+	if dropIn == "" || commands == "" {
+		t.Fatalf("docs/deploy.md, \"Memory\": found drop-in %t, commands %t; update the test with the document", dropIn != "", commands != "")
+	}
+	gogc := func() float64 {
+		m, _, err := e2e.ScrapeMetrics(c.httpClient(10*time.Second), "http://127.0.0.1:8170")
+		if err != nil {
+			t.Fatalf("/metrics: %v", err)
+		}
+		v, ok := m.Value("go_gc_gogc_percent", nil)
+		if !ok {
+			t.Fatal("/metrics has no go_gc_gogc_percent")
+		}
+		return v
+	}
+	if v := gogc(); v != 200 {
+		t.Errorf("go_gc_gogc_percent of the packaged service: %v; want 200 (the daemon's default)", v)
+	}
+	c.writeDocDropIn(t, dropIn)
+	if out, err := c.run(ctx, "/bin/sh", "-ec", commands); err != nil {
+		t.Fatalf("docs/deploy.md's commands for the memory drop-in:\n%s\nfailed: %v\n%s", commands, err, out)
+	}
+	c.waitActive(t, 30*time.Second, "imdsproxy.service")
+	if v := gogc(); v != 100 {
+		t.Errorf("go_gc_gogc_percent after docs/deploy.md's memory drop-in: %v; want 100", v)
+	}
 }

@@ -41,7 +41,8 @@ import (
 //
 // It checks what docs/deploy.md promises: readiness, the credentials at
 // 127.0.0.1:8169 and [::1]:8169 and at the intercepted 169.254.169.254 and
-// [fd00:ec2::254] for any uid but the daemon's own, the AWS CLI, the process's privileges, reload, a restart
+// [fd00:ec2::254] for any uid but the daemon's own, the AWS CLI, the process's privileges, the
+// "Memory" drop-in (GOGC 200 by default, 100 after it), reload, a restart
 // under load that drops no request and keeps IMDSv2 tokens valid, that
 // stopping the service keeps the rules (socket activation then brings it
 // back), that stopping the sockets too refuses rather than leaks, that
@@ -139,6 +140,11 @@ func TestSystemdUnits(t *testing.T) {
 	if got := strings.TrimSpace(ct.must(t, ctx, "stat", "-c", "%a %U %G", "/run/imdsproxy")); got != "711 imdsproxy imdsproxy" {
 		t.Errorf("/run/imdsproxy: %q; want \"711 imdsproxy imdsproxy\" (each user reaches what is theirs, nobody lists it)", got)
 	}
+
+	// --- docs/deploy.md, "Memory": GOGC 200 by default, 100 after the
+	// document's drop-in and restart.
+	ct.memoryAsDocumented(t, ctx)
+	mainPID = ct.mainPID(t, ctx)
 
 	// --- systemctl reload: SIGHUP, same process, still serving.
 	ct.must(t, ctx, "systemctl", "reload", "imdsproxy.service")
