@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"net/http/httptest"
-	"os"
 	"os/exec"
 	"testing"
 	"time"
@@ -12,11 +11,6 @@ import (
 	"github.com/imdsproxy/imdsproxy/test/e2e"
 	"github.com/imdsproxy/imdsproxy/test/fakes/rolesanywhere"
 )
-
-// rahBinEnv names AWS's IAM Roles Anywhere credential helper
-// (aws_signing_helper, github.com/aws/rolesanywhere-credential-helper),
-// which make test builds into bin/tools when it can.
-const rahBinEnv = "RAH_BIN"
 
 // TestRolesAnywhereHelperInterop anchors the fake Roles Anywhere the
 // daemon's tests sign in to (test/fakes/rolesanywhere) to AWS's own
@@ -30,12 +24,9 @@ const rahBinEnv = "RAH_BIN"
 // builds it with cgo; without gcc or the module download it cannot).
 func TestRolesAnywhereHelperInterop(t *testing.T) {
 	t.Parallel()
-	bin := os.Getenv(rahBinEnv)
+	bin, missing := e2e.RAHelperBinary()
 	if bin == "" {
-		t.Skipf("SKIPPED: %s is not set: AWS's Roles Anywhere credential helper was not built (make test builds it into bin/tools)", rahBinEnv)
-	}
-	if _, err := os.Stat(bin); err != nil {
-		t.Skipf("SKIPPED: %s=%s: %v (the helper's build failed; see make test's output)", rahBinEnv, bin, err)
+		t.Skip("SKIPPED: AWS's Roles Anywhere credential helper: " + missing)
 	}
 	ca, err := rolesanywhere.NewCA()
 	if err != nil {
@@ -61,10 +52,9 @@ func TestRolesAnywhereHelperInterop(t *testing.T) {
 			}
 			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 			defer cancel()
-			cmd := exec.CommandContext(ctx, bin, "credential-process",
-				"--certificate", certPath, "--private-key", keyPath, "--intermediates", chainPath,
-				"--trust-anchor-arn", anchor, "--profile-arn", profile, "--role-arn", role,
-				"--endpoint", srv.URL, "--region", "us-east-1")
+			id := e2e.RAHelperIdentity{Cert: certPath, Key: keyPath, Chain: chainPath,
+				TrustAnchorARN: anchor, ProfileARN: profile, RoleARN: role, Endpoint: srv.URL}
+			cmd := exec.CommandContext(ctx, bin, append([]string{"credential-process"}, id.Args()...)...)
 			cmd.Env = e2e.Environ()
 			var stderr e2e.LockedBuffer
 			cmd.Stderr = &stderr

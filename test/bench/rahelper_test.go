@@ -26,9 +26,6 @@ import (
 // its SigV4-X509 signature like the real service; it signs once at start,
 // and the credentials last an hour, longer than the bench.
 
-// rahBinEnv names the helper's binary; unset, the helper is skipped.
-const rahBinEnv = "RAH_BIN"
-
 // The fake trust anchor, profile and role the helper is configured with.
 const (
 	rahTrustAnchorARN = "arn:aws:rolesanywhere:us-east-1:111111111111:trust-anchor/9f3c1e2a-0000-4000-8000-000000000001"
@@ -55,12 +52,9 @@ func (f *rahFake) close() {
 // and the credentials the fake issued. It returns a reason to skip instead
 // of an error.
 func (e *benchEnv) startRAHelper() (_ *server, skip string) {
-	bin := os.Getenv(rahBinEnv)
+	bin, missing := e2e.RAHelperBinary()
 	if bin == "" {
-		return nil, rahBinEnv + " is not set (make bench builds the helper into bin/tools and sets it)"
-	}
-	if st, err := os.Stat(bin); err != nil || st.IsDir() {
-		return nil, fmt.Sprintf("%s=%s: no such file (%v)", rahBinEnv, bin, err)
+		return nil, missing
 	}
 	dir := filepath.Join(e.dir, "ra-helper")
 	if err := os.MkdirAll(dir, 0o700); err != nil {
@@ -90,10 +84,9 @@ func (e *benchEnv) startRAHelper() (_ *server, skip string) {
 	if err != nil {
 		return nil, err.Error()
 	}
-	cmd := pinnedCommand(bin, "serve",
-		"--certificate", certPath, "--private-key", keyPath, "--intermediates", chainPath,
-		"--trust-anchor-arn", rahTrustAnchorARN, "--profile-arn", rahProfileARN, "--role-arn", rahRoleARN,
-		"--endpoint", e.rahFake.srv.URL, "--region", "us-east-1", "--port", strconv.Itoa(port))
+	id := e2e.RAHelperIdentity{Cert: certPath, Key: keyPath, Chain: chainPath,
+		TrustAnchorARN: rahTrustAnchorARN, ProfileARN: rahProfileARN, RoleARN: rahRoleARN, Endpoint: e.rahFake.srv.URL}
+	cmd := pinnedCommand(bin, append(append([]string{"serve"}, id.Args()...), "--port", strconv.Itoa(port))...)
 	cmd.Env, cmd.Dir = e2e.Environ(), dir
 	cmd.Stdout, cmd.Stderr = out.f, out.f
 	proc, err := e2e.Start(cmd)
