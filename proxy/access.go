@@ -22,8 +22,42 @@ const (
 	retryBody        = "the client process could not be identified; retry"
 )
 
-// peerKey is the context key of a connection's *peerMemo.
-type peerKey struct{}
+// connInfo is what Serve keeps of one accepted connection: the connection,
+// the hop limit restore a token response left (hoplimit.go), and its
+// client and last verified token (peerMemo). Serve's ConnContext stores it
+// once; serveHTTP looks it up once per request and passes it down. A nil
+// *connInfo is a request not served by Serve (httptest, another
+// http.Server): no connection to identify, no memo, no hop limit.
+type connInfo struct {
+	conn net.Conn
+	hop  hopPending
+	peer peerMemo
+}
+
+// connInfoKey is the context key of a connection's *connInfo.
+type connInfoKey struct{}
+
+// connInfoOf returns the record Serve stored for r's connection, or nil.
+func connInfoOf(r *http.Request) *connInfo {
+	ci, _ := r.Context().Value(connInfoKey{}).(*connInfo)
+	return ci
+}
+
+// memo returns the connection's peerMemo, nil without a record.
+func (ci *connInfo) memo() *peerMemo {
+	if ci == nil {
+		return nil
+	}
+	return &ci.peer
+}
+
+// connection returns the accepted connection, nil without a record.
+func (ci *connInfo) connection() net.Conn {
+	if ci == nil {
+		return nil
+	}
+	return ci.conn
+}
 
 // peerMemo remembers the Client of one connection, and the last session
 // token verified on it. HTTP/1 requests of one connection are sequential;
@@ -62,10 +96,10 @@ func (m *peerMemo) rememberToken(tok string, exp int64, gen uint32) {
 	m.mu.Unlock()
 }
 
-// connAccessContext is Serve's http.Server.ConnContext: connContext plus a
-// slot for the connection's Client.
+// connAccessContext is Serve's http.Server.ConnContext: it stores the
+// connection's record (connInfo).
 func connAccessContext(ctx context.Context, c net.Conn) context.Context {
-	return context.WithValue(connContext(ctx, c), peerKey{}, &peerMemo{})
+	return context.WithValue(ctx, connInfoKey{}, &connInfo{conn: c})
 }
 
 func isCredentialRoute(route string) bool {
@@ -83,27 +117,22 @@ func isCredentialRoute(route string) bool {
 // audit (handout false: the role listing, iam/info, on a host without
 // access lists or workloads; an SDK's listing is often on a connection of
 // its own).
-func (s *Server) client(r *http.Request, plan *access.Plan, handout bool) access.Client {
+func (s *Server) client(r *http.Request, ci *connInfo, plan *access.Plan, handout bool) access.Client {
 	decides := plan.Decides()
 	if !decides && !(handout && plan.Audit()) {
 		return access.Client{}
 	}
-	return s.identify(r, plan, decides)
+	return s.identify(r, ci, plan, decides)
 }
 
 // identify returns the Client of r's connection: for a request whose answer
 // depends on it (decides: client's when the plan decides by client, a
 // protected pass-through path's), or that is audited.
-func (s *Server) identify(r *http.Request, plan *access.Plan, decides bool) access.Client {
-	if s.id == nil {
+func (s *Server) identify(r *http.Request, ci *connInfo, plan *access.Plan, decides bool) access.Client {
+	if s.id == nil || ci == nil {
 		return access.Client{}
 	}
-	conn := connFrom(r.Context())
-	memo, _ := r.Context().Value(peerKey{}).(*peerMemo)
-	if conn == nil || memo == nil {
-		return access.Client{}
-	}
-	return memo.client.Get(r.Context(), s.id, conn, plan.Audit(), decides, s.log)
+	return ci.peer.client.Get(r.Context(), s.id, ci.conn, plan.Audit(), decides, s.log)
 }
 
 // pathDeniedBody is the body of a pass-through path refused by

@@ -68,6 +68,7 @@ type limitConn struct {
 	net.Conn
 	l      *limitListener
 	closed atomic.Bool
+	fresh  atomic.Bool // accepted, first request not read yet (freshConns)
 }
 
 // initialHops is the hop limit the connection was accepted with (its

@@ -1,7 +1,6 @@
 package proxy
 
 import (
-	"context"
 	"net"
 	"sync"
 )
@@ -32,12 +31,6 @@ import (
 // listener that did not set them has it, and setting it restores that.
 const hopsUnset = -1
 
-// connKey is the context key under which Serve stores the accepted net.Conn.
-type connKey struct{}
-
-// hopKey is the context key of a connection's *hopPending.
-type hopKey struct{}
-
 // hopPending holds the restore of a hop limit left set by a token response,
 // to run when the connection's next request arrives. HTTP/1 requests of one
 // connection are sequential; the mutex makes that an implementation detail.
@@ -46,19 +39,14 @@ type hopPending struct {
 	restore func() error
 }
 
-// connContext is the http.Server.ConnContext of Serve.
-func connContext(ctx context.Context, c net.Conn) context.Context {
-	return context.WithValue(context.WithValue(ctx, connKey{}, c), hopKey{}, &hopPending{})
-}
-
 // deferHopRestore keeps restore for the connection's next request and
-// reports true, or reports false when ctx has no connection slot (the
+// reports true, or reports false when there is no connection record (the
 // handler is served outside Serve) and the caller must restore at once.
-func deferHopRestore(ctx context.Context, restore func() error) bool {
-	p, _ := ctx.Value(hopKey{}).(*hopPending)
-	if p == nil {
+func (ci *connInfo) deferHopRestore(restore func() error) bool {
+	if ci == nil {
 		return false
 	}
+	p := &ci.hop
 	p.mu.Lock()
 	p.restore = restore
 	p.mu.Unlock()
@@ -67,22 +55,16 @@ func deferHopRestore(ctx context.Context, restore func() error) bool {
 
 // takeHopRestore returns and clears the restore left by the connection's
 // previous request, nil when there is none.
-func takeHopRestore(ctx context.Context) func() error {
-	p, _ := ctx.Value(hopKey{}).(*hopPending)
-	if p == nil {
+func (ci *connInfo) takeHopRestore() func() error {
+	if ci == nil {
 		return nil
 	}
+	p := &ci.hop
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	r := p.restore
 	p.restore = nil
 	return r
-}
-
-// connFrom returns the connection stored by connContext, or nil.
-func connFrom(ctx context.Context) net.Conn {
-	c, _ := ctx.Value(connKey{}).(net.Conn)
-	return c
 }
 
 // isIPv4Conn reports whether c carries IPv4 traffic (including IPv4 on a

@@ -53,9 +53,9 @@ func TestHopLimit(t *testing.T) {
 			var atHdr, atBody, before, after int
 			done := make(chan struct{}, 1)
 			srv := &http.Server{
-				ConnContext: connContext,
+				ConnContext: connAccessContext,
 				Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-					c := connFrom(r.Context())
+					c := connInfoOf(r).connection()
 					b, err := getHopLimit(c)
 					if err != nil {
 						t.Errorf("getsockopt: %v", err)

@@ -128,19 +128,25 @@ func digits(s string) bool {
 // parsed as a request. No SDK sends a body on IMDS requests; a
 // Content-Length body (at most maxBodyBytes) is still read and discarded.
 //
-// Host: a request that arrived over a connection (http.LocalAddrContextKey
-// is set, as it is by every http.Server, Serve's included) whose Host is not
-// allowed (see hostAllowed) gets 403: a page loaded from a rebound DNS name
+// Host: a request that arrived over a connection (ci, Serve's record of it,
+// or http.LocalAddrContextKey, which every http.Server sets) whose Host is
+// not allowed (see hostAllowed) gets 403: a page loaded from a rebound DNS name
 // must get neither a token, nor credentials, nor metadata. A request built
 // in process without a connection (httptest.NewRequest) has no listener
 // address and its Host is not checked.
-func (s *Server) checkRequest(w http.ResponseWriter, r *http.Request, st *state) bool {
+func (s *Server) checkRequest(w http.ResponseWriter, r *http.Request, ci *connInfo, st *state) bool {
 	if len(r.TransferEncoding) > 0 {
 		w.Header().Set("Connection", "close")
 		writeText(w, http.StatusBadRequest, "Bad Request")
 		return false
 	}
-	local, ok := r.Context().Value(http.LocalAddrContextKey).(net.Addr)
+	var local net.Addr
+	ok := ci != nil
+	if ok {
+		local = ci.conn.LocalAddr() // what http.Server stores as LocalAddrContextKey
+	} else {
+		local, ok = r.Context().Value(http.LocalAddrContextKey).(net.Addr)
+	}
 	if !ok || hostAllowed(r.Host, local, st.cfg.AllowedHosts) {
 		return true
 	}

@@ -466,15 +466,16 @@ func allowedMethods(route string) []string {
 func (s *Server) serveHTTP(w http.ResponseWriter, r *http.Request) {
 	growstack.Grow() // a new connection's goroutine: its stack in one copy
 	start := time.Now()
-	if restore := takeHopRestore(r.Context()); restore != nil {
+	ci := connInfoOf(r) // the one context lookup of the request
+	if restore := ci.takeHopRestore(); restore != nil {
 		// The previous response on this connection was a token, sent with
 		// the hop limit. Restore it only once the client has acknowledged
 		// every byte: a request sent before the token response arrived
 		// (pipelined, or blind by a client beyond the limit) would
 		// otherwise let a retransmission of it leave with the normal TTL
 		// (hoplimit.go). Until then this answer carries the limit too.
-		if n, ok := unacked(connFrom(r.Context())); ok && n > 0 {
-			deferHopRestore(r.Context(), restore)
+		if n, ok := unacked(ci.conn); ok && n > 0 {
+			ci.deferHopRestore(restore)
 		} else {
 			s.restoreHopLimit(restore)
 		}
@@ -494,10 +495,10 @@ func (s *Server) serveHTTP(w http.ResponseWriter, r *http.Request) {
 				zap.Int("code", code), zap.Duration("duration", d))
 		}
 	}()
-	s.serve(rec, r, st, route, role, start)
+	s.serve(rec, r, ci, st, route, role, start)
 }
 
-func (s *Server) serve(w http.ResponseWriter, r *http.Request, st *state, route, role string, start time.Time) {
+func (s *Server) serve(w http.ResponseWriter, r *http.Request, ci *connInfo, st *state, route, role string, start time.Time) {
 	uri := r.RequestURI
 	if uri == "" {
 		uri = r.URL.RequestURI()
@@ -506,7 +507,7 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request, st *state, route,
 		writeText(w, http.StatusRequestURITooLong, "Request-URI Too Long")
 		return
 	}
-	if !s.checkRequest(w, r, st) { // hostcheck.go: framing (smuggling) and Host (DNS rebinding)
+	if !s.checkRequest(w, r, ci, st) { // hostcheck.go: framing (smuggling) and Host (DNS rebinding)
 		return
 	}
 	if badPath(r.URL) {
@@ -540,15 +541,15 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request, st *state, route,
 	}
 	now := s.wall(start) // the wall clock, read once for the request
 	if route == routeToken {
-		s.serveToken(w, r, st, now)
+		s.serveToken(w, r, ci, st, now)
 		return
 	}
-	pin, ok := s.authorize(w, r, st, now)
+	pin, ok := s.authorize(w, r, ci, st, now)
 	if !ok {
 		return
 	}
 	if isCredentialRoute(route) {
-		s.serveDecided(w, r, st, route, role, pin, now)
+		s.serveDecided(w, r, ci, st, route, role, pin, now)
 		return
 	}
 	switch route {
@@ -556,7 +557,7 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request, st *state, route,
 		writeText(w, http.StatusOK, "info\nsecurity-credentials/")
 	case routePassthrough:
 		if prot := st.cfg.Plan.Passthrough(); prot.Protected(r.URL.Path) {
-			if d := prot.AllowPath(s.identify(r, st.cfg.Plan, true)); d.Outcome != access.Serve {
+			if d := prot.AllowPath(s.identify(r, ci, st.cfg.Plan, true)); d.Outcome != access.Serve {
 				s.refusePath(w, d)
 				return
 			}
@@ -568,7 +569,7 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request, st *state, route,
 }
 
 // serveToken answers PUT /latest/api/token.
-func (s *Server) serveToken(w http.ResponseWriter, r *http.Request, st *state, now time.Time) {
+func (s *Server) serveToken(w http.ResponseWriter, r *http.Request, ci *connInfo, st *state, now time.Time) {
 	if _, ok := r.Header["X-Forwarded-For"]; ok {
 		s.m.rejections.WithLabelValues(rejectForwarded).Inc()
 		writeText(w, http.StatusBadRequest, forwardedRejection)
@@ -598,14 +599,14 @@ func (s *Server) serveToken(w http.ResponseWriter, r *http.Request, st *state, n
 	h.Set(headerTokenTTL, strconv.Itoa(ttl))
 	h.Set("Content-Type", "text/plain")
 	h.Set("Content-Length", strconv.Itoa(len(tok)))
-	restore := s.applyHopLimit(r, st.cfg.HopLimit)
+	restore := s.applyHopLimit(ci, st.cfg.HopLimit)
 	w.WriteHeader(http.StatusOK)
 	_, _ = io.WriteString(w, tok)
 	if restore != nil {
 		_ = http.NewResponseController(w).Flush()
 		// Kept until the connection's next request (hoplimit.go): a
 		// retransmission of this response must carry the limit too.
-		if !deferHopRestore(r.Context(), restore) {
+		if !ci.deferHopRestore(restore) {
 			s.restoreHopLimit(restore)
 		}
 	}
@@ -620,8 +621,8 @@ func (s *Server) restoreHopLimit(restore func() error) {
 
 // applyHopLimit sets the hop limit on the request's connection (when served
 // by Serve) and returns the function that restores it, or nil.
-func (s *Server) applyHopLimit(r *http.Request, hops int) func() error {
-	c := connFrom(r.Context())
+func (s *Server) applyHopLimit(ci *connInfo, hops int) func() error {
+	c := ci.connection()
 	if c == nil {
 		return nil
 	}
@@ -640,7 +641,7 @@ func (s *Server) applyHopLimit(r *http.Request, hops int) func() error {
 // authorize checks the client's session token and returns the plan
 // generation it pins (0: none, IMDSv1). It writes the 401 and returns false
 // when the request must be refused.
-func (s *Server) authorize(w http.ResponseWriter, r *http.Request, st *state, now time.Time) (uint32, bool) {
+func (s *Server) authorize(w http.ResponseWriter, r *http.Request, ci *connInfo, st *state, now time.Time) (uint32, bool) {
 	vals := r.Header[headerToken] // canonical: no Values (it canonicalises the key)
 	if len(vals) == 0 || (len(vals) == 1 && vals[0] == "") {
 		if !st.cfg.TokensRequired {
@@ -652,7 +653,7 @@ func (s *Server) authorize(w http.ResponseWriter, r *http.Request, st *state, no
 	}
 	status, pin := tokenInvalid, uint32(0)
 	if len(vals) == 1 {
-		memo, _ := r.Context().Value(peerKey{}).(*peerMemo) // nil when not served by Serve
+		memo := ci.memo() // nil when not served by Serve
 		if gen, ok := memo.verifiedToken(vals[0], now); ok {
 			return gen, true
 		}
@@ -680,9 +681,9 @@ func (s *Server) authorize(w http.ResponseWriter, r *http.Request, st *state, no
 // generation the session token pins; a refusal is 403 (deny) or 503
 // (retry); a role name the decision does not answer gets the same 404 as an
 // unknown role.
-func (s *Server) serveDecided(w http.ResponseWriter, r *http.Request, st *state, route, role string, pin uint32, now time.Time) {
+func (s *Server) serveDecided(w http.ResponseWriter, r *http.Request, ci *connInfo, st *state, route, role string, pin uint32, now time.Time) {
 	plan := st.cfg.Plan
-	who := s.client(r, plan, route == routeCredentials || route == routeCredentialsExtended)
+	who := s.client(r, ci, plan, route == routeCredentials || route == routeCredentialsExtended)
 	var d access.Decision
 	switch route {
 	case routeCredentials, routeCredentialsExtended:
@@ -917,33 +918,33 @@ func (r *recorder) code() int {
 const freshConnWait = time.Second
 
 // freshConns counts connections accepted whose first request has not been
-// read yet (http.StateNew).
+// read yet (http.StateNew). It runs on every state change of every
+// connection (twice per request), so it keeps no map and takes no lock: the
+// connection (Serve's limitConn) carries its own flag.
 type freshConns struct {
-	mu sync.Mutex
-	m  map[net.Conn]struct{}
+	n atomic.Int64
 }
 
 func (f *freshConns) track(c net.Conn, st http.ConnState) {
-	f.mu.Lock()
-	defer f.mu.Unlock()
+	lc, ok := c.(*limitConn)
+	if !ok {
+		return // not accepted by Serve's listener: nothing to wait for
+	}
 	if st == http.StateNew {
-		if f.m == nil {
-			f.m = map[net.Conn]struct{}{}
-		}
-		f.m[c] = struct{}{}
+		lc.fresh.Store(true)
+		f.n.Add(1)
 		return
 	}
-	delete(f.m, c)
+	if lc.fresh.CompareAndSwap(true, false) {
+		f.n.Add(-1)
+	}
 }
 
 // wait returns when no connection is fresh, or after at most d.
 func (f *freshConns) wait(d time.Duration) {
 	deadline := time.Now().Add(d)
 	for time.Now().Before(deadline) {
-		f.mu.Lock()
-		n := len(f.m)
-		f.mu.Unlock()
-		if n == 0 {
+		if f.n.Load() == 0 {
 			return
 		}
 		time.Sleep(2 * time.Millisecond)

@@ -815,3 +815,116 @@ func TestContentLengthValues(t *testing.T) {
 		t.Fatalf("textPlain = %q (cap %d), want one full element", textPlain, cap(textPlain))
 	}
 }
+
+// TestServeShutdownServesFreshConnection: a connection accepted before the
+// shutdown whose first request arrives after it has begun is answered, not
+// dropped (freshConns), and Serve returns once it is (a hand-off to the next
+// process loses no request). A run where the host stalled the test past
+// half of freshConnWait between the shutdown and the request proves nothing
+// and is repeated.
+func TestServeShutdownServesFreshConnection(t *testing.T) {
+	for attempt := 1; ; attempt++ {
+		if serveFreshAfterShutdown(t) {
+			return
+		}
+		if attempt == 3 {
+			t.Fatal("the host stalled the test past freshConnWait/2 three times")
+		}
+	}
+}
+
+// serveFreshAfterShutdown runs the scenario once; false: the run was too
+// slow to tell.
+func serveFreshAfterShutdown(t *testing.T) bool {
+	e := newEnv(t, Config{})
+	e.s.now = time.Now
+	c := testCreds()
+	c.Expires = time.Now().Add(time.Hour)
+	e.src.set(c, nil)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(t.Context())
+	defer cancel()
+	done := make(chan error, 1)
+	go func() { done <- e.s.Serve(ctx, ln) }()
+
+	conn, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	for deadline := time.Now().Add(5 * time.Second); testutil.ToFloat64(e.s.lim.openConns) != 1; time.Sleep(time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the connection was not accepted")
+		}
+	}
+	cancel()
+	shutdown := time.Now()
+	time.Sleep(freshConnWait / 5) // the shutdown waits for the fresh connection
+	select {
+	case err := <-done:
+		if time.Since(shutdown) < freshConnWait {
+			t.Fatalf("Serve returned %v before the fresh connection's request", err)
+		}
+		return false
+	default:
+	}
+	fmt.Fprintf(conn, "GET /latest/meta-data/iam/security-credentials/ HTTP/1.1\r\nHost: 169.254.169.254\r\n\r\n")
+	if time.Since(shutdown) > freshConnWait/2 {
+		return false
+	}
+	_ = conn.SetReadDeadline(time.Now().Add(10 * time.Second))
+	resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
+	if err != nil {
+		t.Fatalf("the fresh connection's request was dropped: %v", err)
+	}
+	b, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK || string(b) != testRole {
+		t.Errorf("fresh connection's request: %d %q", resp.StatusCode, b)
+	}
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Errorf("Serve returned %v", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("Serve did not return")
+	}
+	return true
+}
+
+// TestFreshConnsTrack counts a connection as fresh from StateNew to its
+// first other state, whichever it is, and only once.
+func TestFreshConnsTrack(t *testing.T) {
+	var f freshConns
+	a, b := &limitConn{}, &limitConn{}
+	f.track(a, http.StateNew)
+	f.track(b, http.StateNew)
+	if n := f.n.Load(); n != 2 {
+		t.Fatalf("two new connections: %d fresh", n)
+	}
+	f.track(a, http.StateActive)
+	f.track(a, http.StateIdle)
+	f.track(a, http.StateActive)
+	f.track(a, http.StateClosed)
+	if n := f.n.Load(); n != 1 {
+		t.Fatalf("after a's requests: %d fresh, want 1", n)
+	}
+	f.track(b, http.StateClosed) // closed before any request
+	f.track(b, http.StateClosed)
+	if n := f.n.Load(); n != 0 {
+		t.Fatalf("after b closed: %d fresh, want 0", n)
+	}
+	start := time.Now()
+	f.wait(time.Minute)
+	if d := time.Since(start); d > 10*time.Second {
+		t.Errorf("wait with no fresh connection took %v", d)
+	}
+	f.track(&net.TCPConn{}, http.StateNew) // not Serve's: not tracked
+	if n := f.n.Load(); n != 0 {
+		t.Errorf("foreign connection tracked: %d", n)
+	}
+}
