@@ -318,6 +318,42 @@ type systemdContainer struct {
 // bootSystemdContainer prepares /etc with the units and boots the container;
 // it returns once the container's PID 1 is known. Skips (loudly) when the
 // machine cannot do it.
+// systemdTestLock is held while TestSystemdUnits' container runs.
+const systemdTestLock = "/run/lock/imdsproxy-e2e-systemd.lock"
+
+// acquireFileLock takes an exclusive flock on path (created if missing),
+// waiting at most wait; onWait runs once if it has to wait. release drops
+// the lock (the kernel drops it too if the process dies).
+func acquireFileLock(path string, wait time.Duration, onWait func()) (release func(), err error) {
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		return nil, err
+	}
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|syscall.O_CLOEXEC, 0o600)
+	if err != nil {
+		return nil, err
+	}
+	deadline := time.Now().Add(wait)
+	for waited := false; ; {
+		err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB)
+		if err == nil {
+			return func() { _ = f.Close() }, nil // closing the last descriptor drops the lock
+		}
+		if !errors.Is(err, unix.EWOULDBLOCK) {
+			f.Close()
+			return nil, fmt.Errorf("flock %s: %w", path, err)
+		}
+		if time.Now().After(deadline) {
+			f.Close()
+			return nil, fmt.Errorf("%s still locked after %v: another run holds it", path, wait)
+		}
+		if !waited && onWait != nil {
+			onWait()
+		}
+		waited = true
+		time.Sleep(250 * time.Millisecond)
+	}
+}
+
 func bootSystemdContainer(t *testing.T) *systemdContainer {
 	t.Helper()
 	skip := func(why string) {
@@ -341,6 +377,16 @@ func bootSystemdContainer(t *testing.T) *systemdContainer {
 		skip(aemm + " not found: `make test` installs amazon-ec2-metadata-mock (or set AEMM_BIN)")
 	}
 	bin := daemonBinary(t)
+
+	// Two containers started with --keep-unit from the same unit fight over
+	// its cgroup: two `make test` runs on one machine take turns here.
+	release, err := acquireFileLock(systemdTestLock, 10*time.Minute, func() {
+		t.Logf("another TestSystemdUnits is running on this machine; waiting for %s", systemdTestLock)
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(release) // after c.stop (cleanups run last registered first)
 
 	c := &systemdContainer{t: t, dir: t.TempDir(), out: &e2e.LockedBuffer{}, done: make(chan struct{})}
 	fakests, imdsclient := filepath.Join(c.dir, "fakests"), filepath.Join(c.dir, "imdsclient")
@@ -783,4 +829,28 @@ func procField(status, key string) []string {
 		}
 	}
 	return nil
+}
+
+// TestAcquireFileLock: the lock TestSystemdUnits takes is exclusive, a
+// second taker waits (and says so) and gives up after its bound, and the
+// lock is free again once released.
+func TestAcquireFileLock(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "lock")
+	release, err := acquireFileLock(path, time.Second, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	waited := 0
+	if _, err := acquireFileLock(path, 300*time.Millisecond, func() { waited++ }); err == nil || !strings.Contains(err.Error(), "still locked") {
+		t.Fatalf("second taker while held: %v", err)
+	}
+	if waited != 1 {
+		t.Errorf("onWait ran %d times, want 1", waited)
+	}
+	release()
+	release2, err := acquireFileLock(path, time.Second, func() { t.Error("waited for a free lock") })
+	if err != nil {
+		t.Fatalf("after release: %v", err)
+	}
+	release2()
 }
