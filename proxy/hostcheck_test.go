@@ -111,7 +111,16 @@ func TestNormalizeHosts(t *testing.T) {
 // credentials valid in real time, and returns its address.
 func rawServer(t *testing.T, cfg Config) (*testEnv, string) {
 	t.Helper()
-	e := newEnv(t, cfg)
+	e, addr, _, _ := servingEnv(t, cfg)
+	return e, addr
+}
+
+// servingEnv is rawServer with the shutdown in the caller's hands: cancel
+// begins it and done receives Serve's result. A cleanup cancels and waits
+// for Serve to return.
+func servingEnv(t *testing.T, cfg Config) (e *testEnv, addr string, cancel context.CancelFunc, done <-chan error) {
+	t.Helper()
+	e = newEnv(t, cfg)
 	e.s.now = time.Now
 	c := testCreds()
 	c.LastUpdated, c.Expires = time.Now(), time.Now().Add(time.Hour)
@@ -121,10 +130,10 @@ func rawServer(t *testing.T, cfg Config) (*testEnv, string) {
 		t.Fatal(err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- e.s.Serve(ctx, ln) }()
-	t.Cleanup(func() { cancel(); <-done })
-	return e, ln.Addr().String()
+	result, returned := make(chan error, 1), make(chan struct{})
+	go func() { result <- e.s.Serve(ctx, ln); close(returned) }()
+	t.Cleanup(func() { cancel(); <-returned })
+	return e, ln.Addr().String(), cancel, result
 }
 
 // exchange writes raw to a new connection, half-closes it and returns every

@@ -572,14 +572,7 @@ func TestServe(t *testing.T) {
 	if err := <-ctxErr; err != nil {
 		t.Errorf("source context cancelled by shutdown: %v", err)
 	}
-	select {
-	case err := <-done:
-		if err != nil {
-			t.Errorf("Serve returned %v", err)
-		}
-	case <-time.After(10 * time.Second):
-		t.Fatal("Serve did not return")
-	}
+	waitServed(t, done)
 	if _, err := net.Dial("tcp", ln.Addr().String()); err == nil {
 		t.Error("listener still open")
 	}
@@ -742,23 +735,11 @@ func TestLogsNoSecrets(t *testing.T) {
 // is disconnected after the header timeout, and many such clients do not
 // stop others from being served meanwhile.
 func TestSlowClientsCannotPin(t *testing.T) {
-	e := newEnv(t, Config{})
-	e.s.now = time.Now
-	c := testCreds()
-	c.Expires = time.Now().Add(time.Hour)
-	e.src.set(c, nil)
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- e.s.Serve(ctx, ln) }()
-	defer func() { cancel(); <-done }()
+	_, addr := rawServer(t, Config{})
 
 	var slow []net.Conn
 	for range 50 {
-		conn, err := net.Dial("tcp", ln.Addr().String())
+		conn, err := net.Dial("tcp", addr)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -769,7 +750,7 @@ func TestSlowClientsCannotPin(t *testing.T) {
 		slow = append(slow, conn)
 	}
 	// Others are served while the slow clients hang.
-	resp, err := http.Get("http://" + ln.Addr().String() + "/latest/meta-data/iam/security-credentials/")
+	resp, err := http.Get("http://" + addr + "/latest/meta-data/iam/security-credentials/")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -836,21 +817,8 @@ func TestServeShutdownServesFreshConnection(t *testing.T) {
 // serveFreshAfterShutdown runs the scenario once; false: the run was too
 // slow to tell.
 func serveFreshAfterShutdown(t *testing.T) bool {
-	e := newEnv(t, Config{})
-	e.s.now = time.Now
-	c := testCreds()
-	c.Expires = time.Now().Add(time.Hour)
-	e.src.set(c, nil)
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(t.Context())
-	defer cancel()
-	done := make(chan error, 1)
-	go func() { done <- e.s.Serve(ctx, ln) }()
-
-	conn, err := net.Dial("tcp", ln.Addr().String())
+	e, addr, cancel, done := servingEnv(t, Config{})
+	conn, err := net.Dial("tcp", addr)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -885,6 +853,13 @@ func serveFreshAfterShutdown(t *testing.T) bool {
 	if resp.StatusCode != http.StatusOK || string(b) != testRole {
 		t.Errorf("fresh connection's request: %d %q", resp.StatusCode, b)
 	}
+	waitServed(t, done)
+	return true
+}
+
+// waitServed fails t unless Serve's result arrives on done, nil, within 10s.
+func waitServed(t *testing.T, done <-chan error) {
+	t.Helper()
 	select {
 	case err := <-done:
 		if err != nil {
@@ -893,7 +868,6 @@ func serveFreshAfterShutdown(t *testing.T) bool {
 	case <-time.After(10 * time.Second):
 		t.Fatal("Serve did not return")
 	}
-	return true
 }
 
 // TestFreshConnsTrack counts a connection as fresh from StateNew to its
