@@ -7,6 +7,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"math"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -100,9 +101,19 @@ var (
 	satRatios  = map[string][]float64{} // req/s over the same round's ceiling
 	satP99     = map[string][]float64{} // p99 over the same round's ceiling's
 	satCPU     = map[string][]float64{} // the same round's ceiling's CPU per request over this server's
+	satRoundOf = map[string][]int{}     // the round (0-based) of each of satRatios' entries
 	satSkip    = map[string]string{}
 	satErr     error
+	// satCeilClose is one more ceiling run after the last round: with the
+	// ceiling's run at the start of every round it brackets each round,
+	// so the report can say how far the host moved during it (hostDrift).
+	satCeilClose *wrkRun
 )
+
+// driftLimit is how far the ceiling's req/s may move between the start of
+// a round and the start of the next (the host changing speed under the
+// round) for the round to count as steady in the report.
+const driftLimit = 0.10
 
 // benchSaturation is BenchmarkSaturation: every round once per process,
 // then one sub-benchmark per server reporting its medians.
@@ -180,6 +191,7 @@ func runSaturation(env *benchEnv, wrk string) error {
 				ceil = &r
 			} else if ceil != nil && ceil.ReqPerSec > 0 && ceil.P99 > 0 {
 				satRatios[t.name] = append(satRatios[t.name], r.ReqPerSec/ceil.ReqPerSec)
+				satRoundOf[t.name] = append(satRoundOf[t.name], round)
 				satP99[t.name] = append(satP99[t.name], float64(r.P99)/float64(ceil.P99))
 				if r.CPUPerReq() > 0 {
 					satCPU[t.name] = append(satCPU[t.name], ceil.CPUPerReq()/r.CPUPerReq())
@@ -190,8 +202,43 @@ func runSaturation(env *benchEnv, wrk string) error {
 				round+1, t.name, r.ReqPerSec, us(r.P50), us(r.P99), r.ServerBusy(), r.CPUPerReq(), r.GenBusy())
 		}
 	}
+	if env.ceiling != nil && !env.ceiling.exited() {
+		time.Sleep(250 * time.Millisecond)
+		r, err := runWrk(wrk, env.ceiling, *satDuration)
+		if err != nil {
+			return fmt.Errorf("saturation: the closing ceiling run: %w", err)
+		}
+		satMu.Lock()
+		satCeilClose = &r
+		satMu.Unlock()
+		fmt.Fprintf(os.Stderr, "saturation closing    ceiling          %8.0f req/s\n", r.ReqPerSec)
+	}
 	return nil
 }
+
+// hostDrift is, for each round, the ceiling's req/s at the start of the
+// next round (after the last: the closing run) over that at the start of
+// this one; nil without a closing run. satMu must be held.
+func hostDrift() []float64 {
+	ceil := satResults["ceiling"]
+	if satCeilClose == nil || len(ceil) == 0 {
+		return nil
+	}
+	d := make([]float64, len(ceil))
+	for i, r := range ceil {
+		next := *satCeilClose
+		if i+1 < len(ceil) {
+			next = ceil[i+1]
+		}
+		if r.ReqPerSec > 0 {
+			d[i] = next.ReqPerSec / r.ReqPerSec
+		}
+	}
+	return d
+}
+
+// steady reports whether a round's drift stayed within driftLimit.
+func steady(drift float64) bool { return drift > 0 && math.Abs(drift-1) <= driftLimit }
 
 // startPerf starts `perf record -g` on srv's process when -sat.perf is set
 // and returns the function that stops it (SIGINT: perf writes its file).
@@ -374,6 +421,46 @@ func printSaturation(w io.Writer) {
 		fmt.Fprintf(w, "| %s | %.0f | %s | %.0f | %.0f | %s | %.0f | %.0f | %.1f | %s |\n",
 			t.name, m.ReqPerSec, ratio, us(m.P50), us(m.P99), p99r, m.ServerBusy(), m.GenBusy(), median(cpu), cpur)
 	}
+	writeDrift(w, envVal.satTargets())
+}
+
+// writeDrift reports how far the host moved under each round and the
+// servers' median ratios over the rounds where it held still.
+func writeDrift(w io.Writer, targets []satTarget) {
+	drift := hostDrift()
+	if drift == nil {
+		return
+	}
+	marks := make([]string, len(drift))
+	nSteady := 0
+	for i, d := range drift {
+		marks[i] = fmt.Sprintf("%.2f", d)
+		if steady(d) {
+			nSteady++
+		} else {
+			marks[i] += " (moved)"
+		}
+	}
+	fmt.Fprintf(w, "\nHost drift per round (the ceiling's req/s at the start of the next round, after the last a closing ceiling run, ÷ at the start of this one): %s. A round where it moved by more than %.0f%% had the host change speed under it; its ratios compare runs made at different speeds.\n",
+		strings.Join(marks, ", "), driftLimit*100)
+	if nSteady == 0 {
+		fmt.Fprintln(w, "\nNo round was steady.")
+		return
+	}
+	var parts []string
+	for _, t := range targets {
+		rs, p99s, rounds := satRatios[t.name], satP99[t.name], satRoundOf[t.name]
+		var sr, sp []float64
+		for i, r := range rounds {
+			if r < len(drift) && steady(drift[r]) {
+				sr, sp = append(sr, rs[i]), append(sp, p99s[i])
+			}
+		}
+		if len(sr) > 0 {
+			parts = append(parts, fmt.Sprintf("%s %.2f × req/s, %.2f × p99", t.name, median(sr), median(sp)))
+		}
+	}
+	fmt.Fprintf(w, "\nMedians over the %d steady round(s) of %d: %s.\n", nSteady, len(drift), strings.Join(parts, "; "))
 }
 
 func fmtList(xs []float64, f string) string {
