@@ -5,6 +5,7 @@ import (
 	"net"
 	"net/http"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"go.uber.org/zap"
@@ -30,8 +31,10 @@ const (
 // http.Server): no connection to identify, no memo, no hop limit.
 type connInfo struct {
 	conn net.Conn
-	hop  hopPending
-	peer peerMemo
+	// hopRestore is the restore of a hop limit a token response left set,
+	// run when the connection's next request arrives (hoplimit.go).
+	hopRestore atomic.Pointer[func() error]
+	peer       peerMemo
 }
 
 // connInfoKey is the context key of a connection's *connInfo.

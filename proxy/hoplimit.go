@@ -1,9 +1,6 @@
 package proxy
 
-import (
-	"net"
-	"sync"
-)
+import "net"
 
 // EC2 sends the token PUT response with the IP TTL (IPv6 hop limit) set to the
 // instance's HttpPutResponseHopLimit, so that a token cannot travel further
@@ -31,14 +28,6 @@ import (
 // listener that did not set them has it, and setting it restores that.
 const hopsUnset = -1
 
-// hopPending holds the restore of a hop limit left set by a token response,
-// to run when the connection's next request arrives. HTTP/1 requests of one
-// connection are sequential; the mutex makes that an implementation detail.
-type hopPending struct {
-	mu      sync.Mutex
-	restore func() error
-}
-
 // deferHopRestore keeps restore for the connection's next request and
 // reports true, or reports false when there is no connection record (the
 // handler is served outside Serve) and the caller must restore at once.
@@ -46,25 +35,21 @@ func (ci *connInfo) deferHopRestore(restore func() error) bool {
 	if ci == nil {
 		return false
 	}
-	p := &ci.hop
-	p.mu.Lock()
-	p.restore = restore
-	p.mu.Unlock()
+	ci.hopRestore.Store(&restore)
 	return true
 }
 
 // takeHopRestore returns and clears the restore left by the connection's
-// previous request, nil when there is none.
+// previous request, nil when there is none. It runs on every request: one
+// atomic swap.
 func (ci *connInfo) takeHopRestore() func() error {
 	if ci == nil {
 		return nil
 	}
-	p := &ci.hop
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	r := p.restore
-	p.restore = nil
-	return r
+	if p := ci.hopRestore.Swap(nil); p != nil {
+		return *p
+	}
+	return nil
 }
 
 // isIPv4Conn reports whether c carries IPv4 traffic (including IPv4 on a

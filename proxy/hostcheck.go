@@ -140,19 +140,24 @@ func (s *Server) checkRequest(w http.ResponseWriter, r *http.Request, ci *connIn
 		writeText(w, http.StatusBadRequest, "Bad Request")
 		return false
 	}
-	var local net.Addr
-	ok := ci != nil
-	if ok {
-		local = ci.conn.LocalAddr() // what http.Server stores as LocalAddrContextKey
-	} else {
-		local, ok = r.Context().Value(http.LocalAddrContextKey).(net.Addr)
-	}
+	local, ok := localAddr(r, ci)
 	if !ok || hostAllowed(r.Host, local, st.cfg.AllowedHosts) {
 		return true
 	}
 	s.lim.hostRejections.Inc()
 	writeText(w, http.StatusForbidden, hostForbidden)
 	return false
+}
+
+// localAddr is the listener address r arrived at: from Serve's record of
+// the connection (what http.Server also stores as LocalAddrContextKey), else
+// from the context; false for a request built without a connection.
+func localAddr(r *http.Request, ci *connInfo) (net.Addr, bool) {
+	if ci != nil {
+		return ci.conn.LocalAddr(), true
+	}
+	a, ok := r.Context().Value(http.LocalAddrContextKey).(net.Addr)
+	return a, ok
 }
 
 // limitMetrics are the collectors of the Host check and the connection

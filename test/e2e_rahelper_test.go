@@ -3,7 +3,6 @@ package test
 import (
 	"context"
 	"encoding/json"
-	"net/http/httptest"
 	"os/exec"
 	"testing"
 	"time"
@@ -28,18 +27,7 @@ func TestRolesAnywhereHelperInterop(t *testing.T) {
 	if bin == "" {
 		t.Skip("SKIPPED: AWS's Roles Anywhere credential helper: " + missing)
 	}
-	ca, err := rolesanywhere.NewCA()
-	if err != nil {
-		t.Fatal(err)
-	}
-	const (
-		anchor  = "arn:aws:rolesanywhere:us-east-1:333333333333:trust-anchor/1d2e3f4a-1111-2222-3333-444455556666"
-		profile = "arn:aws:rolesanywhere:us-east-1:333333333333:profile/5b6c7d8e-1111-2222-3333-444455556666"
-		role    = "arn:aws:iam::333333333333:role/interop"
-	)
-	fake := rolesanywhere.New(rolesanywhere.Config{Roots: ca.Pool(), TrustAnchorARN: anchor, ProfileARN: profile, RoleARN: role})
-	srv := httptest.NewServer(fake.Handler())
-	t.Cleanup(func() { fake.Close(); srv.Close() })
+	ca, fake := startRAFake(t)
 	for _, key := range []rolesanywhere.KeyType{rolesanywhere.RSA2048, rolesanywhere.ECP256} {
 		t.Run(string(key), func(t *testing.T) {
 			leaf, err := ca.Issue(rolesanywhere.LeafOptions{Key: key})
@@ -53,7 +41,7 @@ func TestRolesAnywhereHelperInterop(t *testing.T) {
 			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 			defer cancel()
 			id := e2e.RAHelperIdentity{Cert: certPath, Key: keyPath, Chain: chainPath,
-				TrustAnchorARN: anchor, ProfileARN: profile, RoleARN: role, Endpoint: srv.URL}
+				TrustAnchorARN: raTrustAnchorARN, ProfileARN: raProfileARN, RoleARN: e2e.RoleARN, Endpoint: fake.URL}
 			cmd := exec.CommandContext(ctx, bin, append([]string{"credential-process"}, id.Args()...)...)
 			cmd.Env = e2e.Environ()
 			var stderr e2e.LockedBuffer

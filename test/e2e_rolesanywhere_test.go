@@ -41,18 +41,25 @@ type raOptions struct {
 	expiryMargin  time.Duration
 }
 
-// startRolesAnywhere starts the fake (trusting a new CA), writes an identity
-// issued by that CA and starts the daemon with source roles-anywhere.
-func startRolesAnywhere(t *testing.T, o raOptions) *raEnv {
+// startRAFake starts the fake Roles Anywhere trusting a new CA, with the
+// trust anchor, profile and role of these tests, and returns both.
+func startRAFake(t *testing.T) (*rolesanywhere.CA, *rolesanywhere.Server) {
 	t.Helper()
 	ca, err := rolesanywhere.NewCA()
 	if err != nil {
 		t.Fatal(err)
 	}
-	r := &raEnv{ca: ca, dir: t.TempDir()}
-	r.fake = rolesanywhere.Start(t, rolesanywhere.Config{
+	return ca, rolesanywhere.Start(t, rolesanywhere.Config{
 		Roots: ca.Pool(), TrustAnchorARN: raTrustAnchorARN, ProfileARN: raProfileARN, RoleARN: e2e.RoleARN,
 	})
+}
+
+// startRolesAnywhere starts the fake (trusting a new CA), writes an identity
+// issued by that CA and starts the daemon with source roles-anywhere.
+func startRolesAnywhere(t *testing.T, o raOptions) *raEnv {
+	t.Helper()
+	ca, fake := startRAFake(t)
+	r := &raEnv{ca: ca, dir: t.TempDir(), fake: fake}
 	r.fake.SetSessionLength(o.sessionLength)
 	r.writeIdentity(t, o.key)
 	r.daemonEnv = startDaemon(t, envOptions{

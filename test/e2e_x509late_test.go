@@ -19,13 +19,7 @@ import (
 
 func TestX509FilesWrittenLate(t *testing.T) {
 	t.Parallel()
-	ca, err := rolesanywhere.NewCA()
-	if err != nil {
-		t.Fatal(err)
-	}
-	fake := rolesanywhere.Start(t, rolesanywhere.Config{
-		Roots: ca.Pool(), TrustAnchorARN: raTrustAnchorARN, ProfileARN: raProfileARN, RoleARN: e2e.RoleARN,
-	})
+	ca, fake := startRAFake(t)
 	r := &raEnv{ca: ca, dir: t.TempDir(), fake: fake}
 	// No cert.pem, key.pem or chain.pem yet.
 	r.daemonEnv = startDaemon(t, envOptions{

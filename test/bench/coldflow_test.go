@@ -86,16 +86,6 @@ var (
 	coldMode    string // the daemon's client identification mode, from its log
 )
 
-// coldTargets are the servers of BenchmarkColdFlow in the order of a round.
-func (e *benchEnv) coldTargets() []satTarget {
-	ts := []satTarget{{name: "ceiling", srv: e.ceiling}, {name: "daemon", srv: e.daemon},
-		{name: "daemon-noaudit", srv: e.noaudit, skip: e.noauditSkip}}
-	if *otherBin != "" {
-		ts = append(ts, satTarget{name: "daemon-" + *otherName, srv: e.other, skip: e.otherSkip})
-	}
-	return append(ts, satTarget{name: "ra-helper", srv: e.rah, skip: e.rahSkip}, satTarget{name: "aemm", srv: e.aemm, skip: e.aemmSkip})
-}
-
 // benchColdFlow is BenchmarkColdFlow: every round once per process, then
 // one sub-benchmark per server, clients and host reporting p50 and p99.
 func benchColdFlow(b *testing.B) {
@@ -106,7 +96,7 @@ func benchColdFlow(b *testing.B) {
 	}
 	for _, host := range coldHosts {
 		for _, n := range coldModes {
-			for _, t := range env.coldTargets() {
+			for _, t := range env.targets() {
 				b.Run(fmt.Sprintf("%s/clients=%d/%s", host, n, t.name), func(b *testing.B) {
 					flowMu.Lock()
 					r, skip := coldResults[coldKey{t.name, n, host}], coldSkip[t.name]
@@ -161,7 +151,7 @@ func runColdFlows(env *benchEnv) error {
 // coldRound measures every server, one client then eight, on the host as
 // it is now.
 func coldRound(env *benchEnv, host string) error {
-	for _, t := range env.coldTargets() {
+	for _, t := range env.targets() {
 		srv := t.srv
 		if t.name == "aemm" {
 			srv = env.aemm // restarted after a crash
@@ -460,7 +450,7 @@ func printColdFlow(w io.Writer) {
 	for _, host := range coldHosts {
 		for _, n := range coldModes {
 			ceil := coldResults[coldKey{"ceiling", n, host}]
-			for _, t := range envVal.coldTargets() {
+			for _, t := range envVal.targets() {
 				r := coldResults[coldKey{t.name, n, host}]
 				if r == nil || len(r.lat) == 0 {
 					continue

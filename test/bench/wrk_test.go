@@ -82,8 +82,9 @@ type satTarget struct {
 	skip string // why it is not measured
 }
 
-// satTargets are the servers of BenchmarkSaturation in the order of a round.
-func (e *benchEnv) satTargets() []satTarget {
+// targets are the servers of BenchmarkSaturation and BenchmarkColdFlow in
+// the order of a round.
+func (e *benchEnv) targets() []satTarget {
 	ts := []satTarget{{name: "ceiling", srv: e.ceiling}, {name: "daemon", srv: e.daemon},
 		{name: "daemon-noaudit", srv: e.noaudit, skip: e.noauditSkip}}
 	if *otherBin != "" {
@@ -130,7 +131,7 @@ func benchSaturation(b *testing.B) {
 	if satErr != nil {
 		b.Fatal(satErr)
 	}
-	for _, t := range env.satTargets() {
+	for _, t := range env.targets() {
 		b.Run(t.name, func(b *testing.B) {
 			satMu.Lock()
 			runs, skip := satResults[t.name], satSkip[t.name]
@@ -162,7 +163,7 @@ func benchSaturation(b *testing.B) {
 func runSaturation(env *benchEnv, wrk string) error {
 	for round := range *satRounds {
 		var ceil *wrkRun
-		for _, t := range env.satTargets() {
+		for _, t := range env.targets() {
 			srv := t.srv
 			if t.name == "aemm" {
 				srv = env.aemm // restarted after a crash
@@ -399,7 +400,7 @@ func printSaturation(w io.Writer) {
 	if envVal == nil {
 		return
 	}
-	for _, t := range envVal.satTargets() {
+	for _, t := range envVal.targets() {
 		runs := satResults[t.name]
 		if len(runs) == 0 {
 			fmt.Fprintf(w, "| %s | skipped: %s | | | | | | | | |\n", t.name, firstLine(cmp.Or(satSkip[t.name], t.skip)))
@@ -421,7 +422,7 @@ func printSaturation(w io.Writer) {
 		fmt.Fprintf(w, "| %s | %.0f | %s | %.0f | %.0f | %s | %.0f | %.0f | %.1f | %s |\n",
 			t.name, m.ReqPerSec, ratio, us(m.P50), us(m.P99), p99r, m.ServerBusy(), m.GenBusy(), median(cpu), cpur)
 	}
-	writeDrift(w, envVal.satTargets())
+	writeDrift(w, envVal.targets())
 }
 
 // writeDrift reports how far the host moved under each round and the
