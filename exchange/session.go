@@ -31,8 +31,8 @@ func SessionName(configured, instanceID string) string {
 }
 
 // SanitizeSessionName makes s acceptable to STS as a RoleSessionName:
-// surrounding whitespace is trimmed, every character outside [A-Za-z0-9_=,.@-]
-// becomes '-', the result is cut to 64 bytes, and a result shorter than 2
+// surrounding whitespace is trimmed, every character outside IAM's
+// [A-Za-z0-9_+=,.@-] (what config accepts as role.session_name) becomes '-', the result is cut to 64 bytes, and a result shorter than 2
 // bytes is prefixed with "imdsproxy-" (an empty one becomes "imdsproxy").
 // A valid name is returned unchanged.
 func SanitizeSessionName(s string) string {
@@ -63,5 +63,5 @@ func sessionNameChar(r rune) bool {
 	case r >= 'a' && r <= 'z', r >= 'A' && r <= 'Z', r >= '0' && r <= '9':
 		return true
 	}
-	return strings.ContainsRune("_=,.@-", r)
+	return strings.ContainsRune("_+=,.@-", r)
 }

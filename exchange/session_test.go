@@ -4,6 +4,8 @@ import (
 	"os"
 	"strings"
 	"testing"
+
+	"github.com/imdsproxy/imdsproxy/creds"
 )
 
 func TestSanitizeSessionName(t *testing.T) {
@@ -11,6 +13,7 @@ func TestSanitizeSessionName(t *testing.T) {
 		"i-0123456789abcdef0":    "i-0123456789abcdef0",
 		"host.example.com":       "host.example.com",
 		"a_b=c,d.e@f-g":          "a_b=c,d.e@f-g",
+		"ci+build":               "ci+build", // STS and config accept '+'
 		"with space":             "with-space",
 		"  trimmed\n":            "trimmed",
 		"ünïcode/slash":          "-n-code-slash",
@@ -30,6 +33,7 @@ func FuzzSanitizeSessionName(f *testing.F) {
 	f.Add("i-0123")
 	f.Add("")
 	f.Add("ü")
+	f.Add("ci+build")
 	f.Fuzz(func(t *testing.T, s string) {
 		got := SanitizeSessionName(s)
 		if len(got) < 2 || len(got) > 64 {
@@ -42,6 +46,14 @@ func FuzzSanitizeSessionName(f *testing.F) {
 		}
 		if SanitizeSessionName(got) != got {
 			t.Fatalf("not idempotent: %q", got)
+		}
+		// What config accepts as role.session_name reaches STS unchanged,
+		// and everything sent is a name config would accept.
+		if creds.ValidSessionName(s) && got != s {
+			t.Fatalf("valid session name %q rewritten to %q", s, got)
+		}
+		if !creds.ValidSessionName(got) {
+			t.Fatalf("%q is not a valid session name", got)
 		}
 	})
 }
