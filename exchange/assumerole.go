@@ -109,7 +109,7 @@ type AssumeRoleConfig struct {
 	// MaxAttempts is the number of SDK attempts per STS call; 0 means 2.
 	MaxAttempts int
 	// Timeout bounds a whole Fetch (base credentials and retries included);
-	// 0 means 20 s.
+	// 0 means the caller's deadline, or DefaultTimeout when it has none.
 	Timeout time.Duration
 }
 
@@ -147,9 +147,6 @@ func NewAssumeRole(ctx context.Context, cfg AssumeRoleConfig, log *zap.Logger) (
 	tags, err := sessionTags(cfg.Tags)
 	if err != nil {
 		return nil, err
-	}
-	if cfg.Timeout == 0 {
-		cfg.Timeout = DefaultTimeout
 	}
 	if log == nil {
 		log = zap.NewNop()
@@ -269,7 +266,7 @@ func (a *AssumeRole) Fetch(ctx context.Context, role creds.Role) (creds.Credenti
 	if err := checkRole(opAssumeRole, role, true); err != nil {
 		return creds.Credentials{}, err
 	}
-	ctx, cancel := context.WithTimeout(ctx, a.timeout)
+	ctx, cancel := bound(ctx, a.timeout)
 	defer cancel()
 	dur := a.durations.of(role)
 

@@ -41,7 +41,7 @@ const opAssumeRoleWithWebIdentity = "AssumeRoleWithWebIdentity"
 // Defaults and limits of WebIdentityConfig.
 const (
 	DefaultMaxAttempts = 2                // SDK attempts per Fetch when MaxAttempts is 0
-	DefaultTimeout     = 20 * time.Second // bound of one Fetch when Timeout is 0
+	DefaultTimeout     = 20 * time.Second // bound of one Fetch when Timeout is 0 and the caller set no deadline
 	MinDuration        = 15 * time.Minute // STS minimum DurationSeconds
 	MaxDuration        = 12 * time.Hour   // STS maximum DurationSeconds (role MaxSessionDuration may be lower)
 )
@@ -92,7 +92,8 @@ type WebIdentityConfig struct {
 	// and IDPCommunicationError are retried; InvalidIdentityToken is retried
 	// once more by Fetch itself with a re-read token.
 	MaxAttempts int
-	// Timeout bounds a whole Fetch, retries included; 0 means 20 s.
+	// Timeout bounds a whole Fetch, retries included; 0 means the
+	// caller's deadline (the cache's fetch_timeout), or 20 s when it has none.
 	Timeout time.Duration
 }
 
@@ -121,9 +122,6 @@ func NewWebIdentity(ctx context.Context, cfg WebIdentityConfig, tokens TokenSour
 	if cfg.MaxAttempts < 0 || cfg.Timeout < 0 {
 		return nil, errors.New("exchange: negative MaxAttempts or Timeout")
 	}
-	if cfg.Timeout == 0 {
-		cfg.Timeout = DefaultTimeout
-	}
 	if log == nil {
 		log = zap.NewNop()
 	}
@@ -147,6 +145,19 @@ func NewWebIdentity(ctx context.Context, cfg WebIdentityConfig, tokens TokenSour
 	}, nil
 }
 
+// bound bounds one Fetch: by timeout when one was configured; else by the
+// caller's deadline, which the daemon's cache sets from cache.fetch_timeout
+// (an exchange must not cut that short); else by DefaultTimeout.
+func bound(ctx context.Context, timeout time.Duration) (context.Context, context.CancelFunc) {
+	if timeout == 0 {
+		if _, ok := ctx.Deadline(); ok {
+			return ctx, func() {}
+		}
+		timeout = DefaultTimeout
+	}
+	return context.WithTimeout(ctx, timeout)
+}
+
 // Fetch reads the identity token and exchanges it for credentials of role:
 // its ARN, its session name (SanitizeSessionName; required) and its duration
 // (0: STS's default).
@@ -162,7 +173,7 @@ func (w *WebIdentity) Fetch(ctx context.Context, role creds.Role) (creds.Credent
 	if err := checkRole(opAssumeRoleWithWebIdentity, role, true); err != nil {
 		return creds.Credentials{}, err
 	}
-	ctx, cancel := context.WithTimeout(ctx, w.timeout)
+	ctx, cancel := bound(ctx, w.timeout)
 	defer cancel()
 	dur := w.durations.of(role)
 

@@ -43,8 +43,8 @@ type FederationConfig struct {
 	// a rotated certificate is used at once. A nil certificate with a nil
 	// error sends none. Not allowed with HTTPClient.
 	ClientCertificate func(ctx context.Context) (*tls.Certificate, error)
-	// Timeout bounds one Fetch (token and HTTP request); 0 means
-	// DefaultTimeout (20 s).
+	// Timeout bounds one Fetch (token and HTTP request); 0 means the
+	// caller's deadline, or DefaultTimeout (20 s) when it has none.
 	Timeout time.Duration
 	// HTTPClient replaces the client built from CAFile and
 	// ClientCertificate (tests). Redirects are its own business; the built
@@ -88,9 +88,6 @@ func NewFederation(cfg FederationConfig, tokens TokenSource, log *zap.Logger) (*
 	}
 	if cfg.Timeout < 0 {
 		return nil, errors.New("exchange: federation: negative Timeout")
-	}
-	if cfg.Timeout == 0 {
-		cfg.Timeout = DefaultTimeout
 	}
 	if log == nil {
 		log = zap.NewNop()
@@ -165,7 +162,7 @@ func (f *Federation) Fetch(ctx context.Context, role creds.Role) (creds.Credenti
 	if role.Subject != "" {
 		return creds.Credentials{}, subjectRefused(opFederation, role)
 	}
-	ctx, cancel := context.WithTimeout(ctx, f.timeout)
+	ctx, cancel := bound(ctx, f.timeout)
 	defer cancel()
 
 	tok, err := f.tokens.Token(ctx)

@@ -73,7 +73,8 @@ type RolesAnywhereConfig struct {
 	// HTTPClient, when set, sends the requests; nil means aws-sdk-go-v2's
 	// default client (awshttp.NewBuildableClient, which honours HTTP(S)_PROXY).
 	HTTPClient *http.Client
-	// Timeout bounds a whole Fetch, retries included; 0 means 20 s.
+	// Timeout bounds a whole Fetch, retries included; 0 means the
+	// caller's deadline, or DefaultTimeout when it has none.
 	Timeout time.Duration
 	// MaxAttempts is the number of attempts per Fetch; 0 means 2. Throttling,
 	// 5xx, timeouts of one attempt and network failures are retried after a
@@ -126,9 +127,6 @@ func NewRolesAnywhere(ctx context.Context, cfg RolesAnywhereConfig, src X509Sour
 	}
 	if cfg.MaxAttempts == 0 {
 		cfg.MaxAttempts = DefaultMaxAttempts
-	}
-	if cfg.Timeout == 0 {
-		cfg.Timeout = DefaultTimeout
 	}
 	if log == nil {
 		log = zap.NewNop()
@@ -257,7 +255,7 @@ func (r *RolesAnywhere) Fetch(ctx context.Context, role creds.Role) (creds.Crede
 	if cerr != nil {
 		return creds.Credentials{}, cerr
 	}
-	ctx, cancel := context.WithTimeout(ctx, r.timeout)
+	ctx, cancel := bound(ctx, r.timeout)
 	defer cancel()
 	var last *Error
 	for attempt := 0; attempt < r.maxAttempts; attempt++ {
