@@ -131,3 +131,58 @@ func TestPassthroughSection(t *testing.T) {
 		}
 	}
 }
+
+// TestPassthroughOnlyVersionedPaths: the protected paths and the iam block
+// are recognised after the version segment, so a path without one — which
+// the real IMDS might answer — must not be forwarded, or a process refused
+// /latest/dynamic/instance-identity/document could read it as
+// /dynamic/instance-identity/document with the daemon's token. Such paths
+// are 404 and never reach upstream; "/" (the version listing), "latest",
+// "1.0" and dated versions still pass through.
+func TestPassthroughOnlyVersionedPaths(t *testing.T) {
+	f := &fakeIMDS{}
+	u := startIMDS(t, f)
+	pc := defaultPlanConfig()
+	sec := access.PassthroughSection{}
+	if err := sec.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	pc.Passthrough = sec.Resolve(true, true) // identity material refused to everyone
+	e := newEnv(t, Config{Upstream: u, Plan: planOf(t, pc)})
+	base, client := serveEnv(t, e)
+	e.id.set(peer.Info{UID: 1004}, nil) // a local process, not allowed
+	forwarded := func() int {
+		f.mu.Lock()
+		defer f.mu.Unlock()
+		return len(f.paths)
+	}
+	for _, p := range []string{
+		"/dynamic/instance-identity/document",
+		"/dynamic/instance-identity/pkcs7",
+		"/meta-data/iam/security-credentials/",
+		"/meta-data/iam/security-credentials/role",
+		"/meta-data/identity-credentials/ec2/security-credentials/ec2-instance",
+		"/Latest/dynamic/instance-identity/document",
+		"/2021-7-15/dynamic/instance-identity/document",
+		"/x/meta-data/iam/security-credentials/",
+		"/user-data",
+	} {
+		before := forwarded()
+		if r := fetch(t, client, http.MethodGet, base+p, ""); r.code != http.StatusNotFound {
+			t.Errorf("GET %s: %d %q, want 404", p, r.code, r.body)
+		}
+		if forwarded() != before {
+			t.Errorf("GET %s was forwarded to the real IMDS", p)
+		}
+	}
+	if r := fetch(t, client, http.MethodGet, base+"/latest/dynamic/instance-identity/document", ""); r.code != http.StatusForbidden {
+		t.Errorf("the versioned protected path: %d, want 403", r.code)
+	}
+	for _, p := range []string{"/", "/latest/meta-data/instance-id", "/1.0/meta-data/instance-id", "/2021-07-15/meta-data/instance-id"} {
+		before := forwarded()
+		fetch(t, client, http.MethodGet, base+p, "") // the fake answers what it knows
+		if forwarded() != before+1 {
+			t.Errorf("GET %s was not forwarded", p)
+		}
+	}
+}

@@ -4,10 +4,14 @@ import (
 	"math/rand/v2"
 	"net/http"
 	"net/url"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
 )
+
+// versionReference is the plain statement of isVersion.
+var versionReference = regexp.MustCompile(`^(latest|1\.0|[0-9]{4}-[0-9]{2}-[0-9]{2})$`)
 
 // routeOfReference is the plain statement of routeOf (the non-empty
 // segments, split with an allocation); routeOf must agree with it.
@@ -15,6 +19,9 @@ func routeOfReference(path string) (route, role string) {
 	segs := strings.FieldsFunc(path, func(r rune) bool { return r == '/' })
 	if len(segs) == 3 && segs[0] == "latest" && segs[1] == "api" && segs[2] == "token" {
 		return routeToken, ""
+	}
+	if len(segs) > 0 && !versionReference.MatchString(segs[0]) {
+		return routeNotFound, ""
 	}
 	if len(segs) < 3 || !strings.EqualFold(segs[1], "meta-data") || !strings.EqualFold(segs[2], "iam") {
 		return routePassthrough, ""
@@ -65,7 +72,7 @@ func badPathReference(u *url.URL) bool {
 // badPath (they run on every request) decide every path of random
 // concatenations of the interesting pieces as their plain statements do.
 func TestRouteOfAndBadPathAgreeWithReference(t *testing.T) {
-	parts := []string{"/", "//", "latest", "api", "token", "meta-data", "META-DATA", "iam", "info", "security-credentials", "security-credentials-extended", "role", ".", "..", "\\", "\x00", "\x7f", "%2F", "%2e", "a", "é", ""}
+	parts := []string{"/", "//", "latest", "latest", "1.0", "2021-07-15", "2021-7-15", "Latest", "api", "token", "meta-data", "META-DATA", "iam", "info", "security-credentials", "security-credentials-extended", "role", ".", "..", "\\", "\x00", "\x7f", "%2F", "%2e", "a", "é", ""}
 	r := rand.New(rand.NewPCG(1, 2))
 	for range 200000 {
 		var b strings.Builder

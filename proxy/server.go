@@ -366,7 +366,8 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 
 // routeOf maps a request path to its route and, for the credential routes,
 // the requested role. Empty segments are ignored, so trailing (and doubled)
-// slashes do not matter. It allocates nothing (it runs on every request).
+// slashes do not matter. A path whose first segment is not a version
+// (isVersion) is not found; "/" itself (the version listing) is passed through. It allocates nothing (it runs on every request).
 func routeOf(path string) (route, role string) {
 	// The first maxRouteSegs non-empty segments, and how many there are.
 	const maxRouteSegs = 5
@@ -390,6 +391,13 @@ func routeOf(path string) (route, role string) {
 	if n == 3 && segs[0] == "latest" && segs[1] == "api" && segs[2] == "token" {
 		return routeToken, ""
 	}
+	if n > 0 && !isVersion(segs[0]) {
+		// Only a version's tree is forwarded or routed: a path without one
+		// (/meta-data/iam/…, /dynamic/instance-identity/…) would pass the
+		// iam block and the protected-path check, which look past the
+		// version segment, and reach the real IMDS with the daemon's token.
+		return routeNotFound, ""
+	}
 	if n < 3 || !strings.EqualFold(segs[1], "meta-data") || !strings.EqualFold(segs[2], "iam") {
 		return routePassthrough, ""
 	}
@@ -409,6 +417,27 @@ func routeOf(path string) (route, role string) {
 		return routeCredentialsExtended, rest[1]
 	}
 	return routeNotFound, ""
+}
+
+// isVersion reports whether seg names a version of the metadata API as the
+// real IMDS lists them at "/": "latest", "1.0" or a date, YYYY-MM-DD.
+func isVersion(seg string) bool {
+	if seg == "latest" || seg == "1.0" {
+		return true
+	}
+	if len(seg) != len("2006-01-02") {
+		return false
+	}
+	for i := 0; i < len(seg); i++ {
+		if i == 4 || i == 7 {
+			if seg[i] != '-' {
+				return false
+			}
+		} else if seg[i] < '0' || seg[i] > '9' {
+			return false
+		}
+	}
+	return true
 }
 
 // badPath reports whether the request's path is not in canonical form and
