@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -14,11 +15,23 @@ import (
 )
 
 // Source supplies credentials by key; the credential cache implements it.
-// It must answer from memory whenever it holds valid credentials and be
-// safe for concurrent use. Errors may carry ErrorClass and Permanent.
+// It must answer from memory whenever it holds valid credentials, wait at
+// most maxWait (0: no bound but ctx) for an upstream fetch, and be safe for
+// concurrent use. Errors may carry ErrorClass and Permanent.
 type Source interface {
-	Get(ctx context.Context, key creds.Key) (creds.Credentials, error)
+	GetWithin(ctx context.Context, key creds.Key, maxWait time.Duration) (creds.Credentials, error)
 }
+
+// DefaultWait bounds how long a request through the IMDS or the container
+// door waits for an upstream fetch when nothing valid is in memory (a key
+// fetched for the first time, or after its credentials ran out): just under
+// the 1 s after which botocore and the JavaScript SDK give up (Go gives up
+// after 0.5 s to the first byte, and asks again). The client is then
+// answered with the EC2 error document instead of being dropped, and the
+// fetch carries on for its next attempt (WIRE.md §8.7). The credential_process
+// door has no bound: the SDK waits for the process, which has its own
+// --timeout.
+const DefaultWait = 900 * time.Millisecond
 
 // fallbackWarnEvery rate-limits the Warn line logged when the instance
 // profile's credentials are served in place of a workload role's.
@@ -39,6 +52,8 @@ type Broker struct {
 
 	audits     *auditor
 	auditEvery time.Duration
+
+	waitIMDS, waitContainer atomic.Int64 // time.Duration: the doors' bounds on a wait (SetWait)
 
 	mu          sync.Mutex
 	lastWarn    time.Time
@@ -81,7 +96,32 @@ func NewBroker(src Source, log, audit *zap.Logger, reg prometheus.Registerer) (*
 		Help: "Credential hand-outs audited, by client: its systemd unit, else uid:<n>, or unidentified; after 64 distinct clients, other. Says who hammers the daemon without a log line per request.",
 	}, []string{"client"}))
 	b.AddDoor(DoorIMDS)
+	b.waitIMDS.Store(int64(DefaultWait))
+	b.waitContainer.Store(int64(DefaultWait))
 	return b, nil
+}
+
+// SetWait sets how long a request through door (DoorIMDS or DoorContainer)
+// may wait for an upstream fetch; 0 means no bound but the request's
+// context. NewBroker sets DefaultWait for both.
+func (b *Broker) SetWait(door string, d time.Duration) {
+	switch door {
+	case DoorIMDS:
+		b.waitIMDS.Store(int64(d))
+	case DoorContainer:
+		b.waitContainer.Store(int64(d))
+	}
+}
+
+// waitOf is door's bound on a wait for an upstream fetch.
+func (b *Broker) waitOf(door string) time.Duration {
+	switch door {
+	case DoorIMDS:
+		return time.Duration(b.waitIMDS.Load())
+	case DoorContainer:
+		return time.Duration(b.waitContainer.Load())
+	}
+	return 0
 }
 
 // Front doors: the door label of the metrics and the door field of the
@@ -130,7 +170,9 @@ func (b *Broker) Refused(d Decision, door string) {
 // Credentials returns the credentials of d (whose Outcome must be Serve) for
 // c, asked for through door (a front door: DoorIMDS, …) and route (what was
 // asked, for the audit): Key's, or Fallback's when Key has nothing valid and
-// the request was not cancelled. It counts the hand-out and, when d.Audit,
+// the request was not cancelled. A wait for an upstream fetch is bounded by
+// door's (SetWait), for the key and again for the fallback. It counts the
+// hand-out and, when d.Audit,
 // writes the audit line (requested is the name the client asked for, when
 // it differs from d.Name).
 func (b *Broker) Credentials(ctx context.Context, d Decision, c Client, door, route, requested string) (creds.Credentials, error) {
@@ -141,10 +183,11 @@ func (b *Broker) Credentials(ctx context.Context, d Decision, c Client, door, ro
 	if start.IsZero() {
 		start = time.Now()
 	}
-	cr, err := b.src.Get(ctx, d.Key)
+	wait := b.waitOf(door)
+	cr, err := b.src.GetWithin(ctx, d.Key, wait)
 	served := d.Key
 	if err != nil && !d.Fallback.IsZero() && ctx.Err() == nil {
-		fc, ferr := b.src.Get(ctx, d.Fallback)
+		fc, ferr := b.src.GetWithin(ctx, d.Fallback, wait)
 		if ferr != nil {
 			b.log.Warn("workload credentials unavailable and the instance-profile fallback failed too",
 				zap.Stringer("key", d.Key), zap.Error(err), zap.NamedError("fallback_error", ferr))
@@ -170,14 +213,16 @@ func (b *Broker) Credentials(ctx context.Context, d Decision, c Client, door, ro
 
 // Info returns the credentials of d like Credentials, fallback included,
 // without counting or auditing a hand-out: for answers derived from the
-// credentials that do not hand them out (iam/info).
+// credentials that do not hand them out (iam/info, on the IMDS door, whose
+// bound on a wait applies).
 func (b *Broker) Info(ctx context.Context, d Decision) (creds.Credentials, error) {
 	if d.Outcome != Serve {
 		return creds.Credentials{}, errors.New("access: credentials asked for a decision that is not Serve")
 	}
-	cr, err := b.src.Get(ctx, d.Key)
+	wait := b.waitOf(DoorIMDS)
+	cr, err := b.src.GetWithin(ctx, d.Key, wait)
 	if err != nil && !d.Fallback.IsZero() && ctx.Err() == nil {
-		if fc, ferr := b.src.Get(ctx, d.Fallback); ferr == nil {
+		if fc, ferr := b.src.GetWithin(ctx, d.Fallback, wait); ferr == nil {
 			return fc, nil
 		}
 	}

@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -20,15 +21,17 @@ import (
 )
 
 type fakeSource struct {
-	mu   sync.Mutex
-	bad  map[creds.Key]bool
-	asks []creds.Key
+	mu    sync.Mutex
+	bad   map[creds.Key]bool
+	asks  []creds.Key
+	waits []time.Duration // the bound of each ask
 }
 
-func (f *fakeSource) Get(ctx context.Context, k creds.Key) (creds.Credentials, error) {
+func (f *fakeSource) GetWithin(ctx context.Context, k creds.Key, maxWait time.Duration) (creds.Credentials, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.asks = append(f.asks, k)
+	f.waits = append(f.waits, maxWait)
 	if err := ctx.Err(); err != nil {
 		return creds.Credentials{}, err
 	}
@@ -309,5 +312,40 @@ func TestBrokerDoors(t *testing.T) {
 	n, err := testutil.GatherAndCount(reg, "imdsproxy_rollout_served_total")
 	if err != nil || n != 4 {
 		t.Errorf("served series after AddDoor(container): %d, %v; want 4 (2 doors × 2 kinds)", n, err)
+	}
+}
+
+// TestBrokerWaitPerDoor: the IMDS and container doors bound a wait for an
+// upstream fetch by DefaultWait (for the key and again for the fallback),
+// SetWait changes a door's bound, and the credential_process door has none
+// (the SDK waits for the process, which has its own timeout).
+func TestBrokerWaitPerDoor(t *testing.T) {
+	src := &fakeSource{bad: map[creds.Key]bool{wkey("billing"): true}}
+	b, _, _ := newBroker(t, src)
+	d := Decision{Outcome: Serve, Name: "billing", Key: wkey("billing"), Fallback: wkey("profile")}
+	c := Client{Local: true, Info: peer.Info{UID: 1001}}
+	ask := func(door string) []time.Duration {
+		t.Helper()
+		src.mu.Lock()
+		src.waits = nil
+		src.mu.Unlock()
+		if _, err := b.Credentials(t.Context(), d, c, door, "credentials", ""); err != nil {
+			t.Fatalf("%s: %v", door, err)
+		}
+		src.mu.Lock()
+		defer src.mu.Unlock()
+		return slices.Clone(src.waits)
+	}
+	for door, want := range map[string]time.Duration{DoorIMDS: DefaultWait, DoorContainer: DefaultWait, DoorProcess: 0} {
+		if got := ask(door); !slices.Equal(got, []time.Duration{want, want}) {
+			t.Errorf("%s door: bounds %v (key, fallback), want %v twice", door, got, want)
+		}
+	}
+	b.SetWait(DoorIMDS, 300*time.Millisecond)
+	if got := ask(DoorIMDS); !slices.Equal(got, []time.Duration{300 * time.Millisecond, 300 * time.Millisecond}) {
+		t.Errorf("after SetWait: %v", got)
+	}
+	if got := ask(DoorContainer); got[0] != DefaultWait {
+		t.Errorf("SetWait(imds) changed the container door: %v", got)
 	}
 }

@@ -318,6 +318,17 @@ func (c *Cache[K]) Tune(t Config) error {
 // may evict the least recently used key), so its state shows in Snapshot
 // even when the fetch fails.
 func (c *Cache[K]) Get(ctx context.Context, key K) (creds.Credentials, error) {
+	return c.GetWithin(ctx, key, 0)
+}
+
+// GetWithin is Get with a bound on the wait for an upstream fetch: when the
+// answer must come from one, GetWithin waits at most maxWait (0: no bound
+// but ctx) and then returns a *WaitError (class "timeout"); the fetch carries
+// on and stores its result for the next request. The front doors use it so
+// that a client is answered within its own timeout (WIRE.md §8.7: never block
+// an IMDS request on upstream) instead of being dropped. An answer from
+// memory costs nothing more than Get's.
+func (c *Cache[K]) GetWithin(ctx context.Context, key K, maxWait time.Duration) (creds.Credentials, error) {
 	c.mu.Lock()
 	now, mono := c.clock()
 	e := c.entryLocked(key)
@@ -340,14 +351,37 @@ func (c *Cache[K]) Get(ctx context.Context, key K) (creds.Credentials, error) {
 	f := c.startLocked(ctx, e)
 	c.mu.Unlock()
 
-	cr, err := wait(ctx, e.name, f)
-	if err != nil {
+	cr, err := wait(ctx, e.name, f, maxWait)
+	var we *WaitError
+	switch {
+	case errors.As(err, &we):
+		c.m.waitTimeouts.Inc()
+	case err != nil:
 		c.m.errors.Inc()
-	} else {
+	default:
 		c.m.miss.Inc()
 	}
 	return cr, err
 }
+
+// WaitError is GetWithin's error when its bound on the wait for an upstream
+// fetch was reached first. Its class is "timeout" (retryable): the fetch
+// carries on, and a client asking again is answered from memory once it has
+// finished.
+type WaitError struct {
+	Name   string        // the key's name
+	Waited time.Duration // the bound that was reached
+}
+
+func (e *WaitError) Error() string {
+	return fmt.Sprintf("cache: credentials for %s are still being fetched after %s; ask again", e.Name, e.Waited)
+}
+
+// ErrorClass is "timeout", as for a fetch that timed out.
+func (e *WaitError) ErrorClass() string { return "timeout" }
+
+// Permanent is false: asking again may succeed.
+func (e *WaitError) Permanent() bool { return false }
 
 // Prefetch fetches credentials for key now, whatever the cache holds and even
 // in backoff (it is meant for start-up and reload, not the request path),
@@ -360,7 +394,7 @@ func (c *Cache[K]) Prefetch(ctx context.Context, key K) error {
 	e.background = true
 	f := c.startLocked(ctx, e)
 	c.mu.Unlock()
-	_, err := wait(ctx, e.name, f)
+	_, err := wait(ctx, e.name, f, 0)
 	return err
 }
 
@@ -617,7 +651,13 @@ func (c *Cache[K]) startLocked(ctx context.Context, e *entry[K]) *flight {
 }
 
 // wait waits for f or for ctx to end.
-func wait(ctx context.Context, name string, f *flight) (creds.Credentials, error) {
+func wait(ctx context.Context, name string, f *flight, maxWait time.Duration) (creds.Credentials, error) {
+	var bound <-chan time.Time
+	if maxWait > 0 {
+		t := time.NewTimer(maxWait)
+		defer t.Stop()
+		bound = t.C
+	}
 	select {
 	case <-f.done:
 		if f.err != nil {
@@ -626,6 +666,8 @@ func wait(ctx context.Context, name string, f *flight) (creds.Credentials, error
 		return f.creds, nil
 	case <-ctx.Done():
 		return creds.Credentials{}, ctx.Err()
+	case <-bound:
+		return creds.Credentials{}, &WaitError{Name: name, Waited: maxWait}
 	}
 }
 

@@ -547,6 +547,47 @@ func TestCallerCancelDoesNotCancelFetch(t *testing.T) {
 	})
 }
 
+// TestGetWithinBoundsTheWait: GetWithin returns a *WaitError (class
+// timeout, not permanent) when its bound comes before the upstream fetch
+// ends, counted as wait_timeout; the fetch carries on, is not started
+// twice, and its result is then served from memory whatever the bound.
+// Get (no bound) waits for the fetch.
+func TestGetWithinBoundsTheWait(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		f := newFake(succeed(time.Hour))
+		h := newHarness(t, f, Config{FetchTimeout: 30 * time.Second})
+		open := f.block()
+		start := time.Now()
+		_, err := h.GetWithin(t.Context(), "app", 900*time.Millisecond)
+		var we *WaitError
+		if !errors.As(err, &we) || time.Since(start) != 900*time.Millisecond {
+			t.Fatalf("GetWithin = %v after %s, want a WaitError after 900ms", err, time.Since(start))
+		}
+		if class, permanent := creds.Classify(err); class != "timeout" || permanent {
+			t.Errorf("WaitError classified %q, permanent %v; want timeout, retryable", class, permanent)
+		}
+		if v := testutil.ToFloat64(h.m.waitTimeouts); v != 1 {
+			t.Errorf("wait_timeout counted %v, want 1", v)
+		}
+		if v := testutil.ToFloat64(h.m.errors); v != 0 {
+			t.Errorf("errors counted %v, want 0 (a bounded wait is not a failed fetch)", v)
+		}
+		got := make(chan result, 1)
+		go func() { cr, err := h.Get(t.Context(), "app"); got <- result{cr, err} }()
+		time.Sleep(5 * time.Second)
+		open()
+		if r := <-got; r.err != nil || r.cr.AccessKeyID != keyID(1) {
+			t.Fatalf("Get (no bound) after the fetch ended: %s, %v", r.cr.AccessKeyID, r.err)
+		}
+		if cr, err := h.GetWithin(t.Context(), "app", time.Nanosecond); err != nil || cr.AccessKeyID != keyID(1) {
+			t.Fatalf("GetWithin from memory: %s, %v", cr.AccessKeyID, err)
+		}
+		if f.calls() != 1 {
+			t.Errorf("fetch calls = %d, want 1 (the bounded caller's fetch went on and was shared)", f.calls())
+		}
+	})
+}
+
 // A fetch that outlives FetchTimeout fails with class timeout.
 func TestFetchTimeout(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {

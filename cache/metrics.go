@@ -10,6 +10,7 @@ import (
 // leaves no stale series behind.
 type metrics struct {
 	hit, stale, miss, errors prometheus.Counter
+	waitTimeouts             prometheus.Counter
 	refreshes                *prometheus.CounterVec
 	fetchOK, fetchFail       prometheus.Observer
 	inFlight                 prometheus.Gauge
@@ -20,7 +21,7 @@ func newMetrics[K comparable](c *Cache[K], reg prometheus.Registerer) (*metrics,
 	factory := promauto.With(reg)
 	requests := factory.NewCounterVec(prometheus.CounterOpts{
 		Name: "imdsproxy_cache_requests_total",
-		Help: "Credential requests answered by the cache, by result: hit (served from cache), stale (served last good credentials while refreshes fail), miss (waited for an upstream fetch), error (no credentials returned).",
+		Help: "Credential requests answered by the cache, by result: hit (served from cache), stale (served last good credentials while refreshes fail), miss (waited for an upstream fetch), wait_timeout (the caller's bound on the wait for an upstream fetch came first; no credentials returned, the fetch carries on), error (no credentials returned).",
 	}, []string{"result"})
 	refreshes := factory.NewCounterVec(prometheus.CounterOpts{
 		Name: "imdsproxy_cache_refreshes_total",
@@ -42,15 +43,16 @@ func newMetrics[K comparable](c *Cache[K], reg prometheus.Registerer) (*metrics,
 	clockSteps.WithLabelValues("forward")
 	clockSteps.WithLabelValues("backward")
 	m := &metrics{
-		hit:        requests.WithLabelValues("hit"),
-		stale:      requests.WithLabelValues("stale"),
-		miss:       requests.WithLabelValues("miss"),
-		errors:     requests.WithLabelValues("error"),
-		refreshes:  refreshes,
-		fetchOK:    duration.WithLabelValues("success"),
-		fetchFail:  duration.WithLabelValues("failure"),
-		inFlight:   inFlight,
-		clockSteps: clockSteps,
+		hit:          requests.WithLabelValues("hit"),
+		stale:        requests.WithLabelValues("stale"),
+		miss:         requests.WithLabelValues("miss"),
+		errors:       requests.WithLabelValues("error"),
+		waitTimeouts: requests.WithLabelValues("wait_timeout"),
+		refreshes:    refreshes,
+		fetchOK:      duration.WithLabelValues("success"),
+		fetchFail:    duration.WithLabelValues("failure"),
+		inFlight:     inFlight,
+		clockSteps:   clockSteps,
 	}
 	if reg != nil {
 		reg.MustRegister(newEntryCollector(c)) // read at scrape time: not a factory metric

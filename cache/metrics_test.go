@@ -37,12 +37,13 @@ func TestMetrics(t *testing.T) {
 		}
 
 		const want = `
-# HELP imdsproxy_cache_requests_total Credential requests answered by the cache, by result: hit (served from cache), stale (served last good credentials while refreshes fail), miss (waited for an upstream fetch), error (no credentials returned).
+# HELP imdsproxy_cache_requests_total Credential requests answered by the cache, by result: hit (served from cache), stale (served last good credentials while refreshes fail), miss (waited for an upstream fetch), wait_timeout (the caller's bound on the wait for an upstream fetch came first; no credentials returned, the fetch carries on), error (no credentials returned).
 # TYPE imdsproxy_cache_requests_total counter
 imdsproxy_cache_requests_total{result="error"} 1
 imdsproxy_cache_requests_total{result="hit"} 2
 imdsproxy_cache_requests_total{result="miss"} 0
 imdsproxy_cache_requests_total{result="stale"} 0
+imdsproxy_cache_requests_total{result="wait_timeout"} 0
 # HELP imdsproxy_cache_refreshes_total Upstream credential fetches finished, by result (success, failure) and error class (none on success).
 # TYPE imdsproxy_cache_refreshes_total counter
 imdsproxy_cache_refreshes_total{class="none",result="success"} 1

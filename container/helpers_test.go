@@ -73,7 +73,7 @@ type fakeSource struct {
 	n   int
 }
 
-func (f *fakeSource) Get(_ context.Context, k creds.Key) (creds.Credentials, error) {
+func (f *fakeSource) GetWithin(_ context.Context, k creds.Key, _ time.Duration) (creds.Credentials, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.n++

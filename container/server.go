@@ -43,7 +43,7 @@ const (
 	maxHeaderBytes    = 8 << 10
 	readHeaderTimeout = 2 * time.Second
 	readTimeout       = 5 * time.Second
-	writeTimeout      = 40 * time.Second // a first request may wait for an exchange (cache.fetch_timeout, 30s)
+	writeTimeout      = 10 * time.Second // a request waits at most 2 × access.DefaultWait for an exchange (key, fallback)
 	idleTimeout       = 60 * time.Second
 	shutdownWait      = 5 * time.Second
 	// MaxConns bounds the connections one Serve keeps open.

@@ -42,7 +42,7 @@ type src struct {
 	err error
 }
 
-func (s *src) Get(_ context.Context, k creds.Key) (creds.Credentials, error) {
+func (s *src) GetWithin(_ context.Context, k creds.Key, _ time.Duration) (creds.Credentials, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.err != nil {

@@ -18,7 +18,9 @@ import (
 // constSource always answers with the same valid credentials.
 type constSource struct{ c creds.Credentials }
 
-func (s constSource) Get(context.Context, creds.Key) (creds.Credentials, error) { return s.c, nil }
+func (s constSource) GetWithin(context.Context, creds.Key, time.Duration) (creds.Credentials, error) {
+	return s.c, nil
+}
 
 // benchServer is a Server on the real clock serving c from a constSource
 // through plan pc, identifying every client as who.

@@ -107,7 +107,7 @@ type fakeSource struct {
 
 var _ access.Source = (*fakeSource)(nil)
 
-func (f *fakeSource) Get(ctx context.Context, key creds.Key) (creds.Credentials, error) {
+func (f *fakeSource) GetWithin(ctx context.Context, key creds.Key, _ time.Duration) (creds.Credentials, error) {
 	f.mu.Lock()
 	hook := f.hook
 	f.mu.Unlock()
