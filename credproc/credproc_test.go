@@ -1,6 +1,7 @@
 package credproc
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"encoding/json"
@@ -36,10 +37,12 @@ func key(name, acct string) creds.Key {
 
 func uidp(u int) *int { return &u }
 
-// src answers every key with credentials of its own, or err.
+// src answers every key with credentials of its own (with token as the
+// session token when set), or err.
 type src struct {
-	mu  sync.Mutex
-	err error
+	mu    sync.Mutex
+	err   error
+	token string
 }
 
 func (s *src) GetWithin(_ context.Context, k creds.Key, _ time.Duration) (creds.Credentials, error) {
@@ -48,7 +51,16 @@ func (s *src) GetWithin(_ context.Context, k creds.Key, _ time.Duration) (creds.
 	if s.err != nil {
 		return creds.Credentials{}, s.err
 	}
-	return credsOf(k.Role.Name), nil
+	c := credsOf(k.Role.Name)
+	if s.token != "" {
+		c.SessionToken = s.token
+	}
+	return c, nil
+}
+
+// sessionToken returns a session token of n bytes, shaped like STS's.
+func sessionToken(n int) string {
+	return "IQoJb3JpZ2luX2Vj" + strings.Repeat("A", n-16)
 }
 
 func credsOf(role string) creds.Credentials {
@@ -194,6 +206,78 @@ func TestServeUnavailable(t *testing.T) {
 	e.src.mu.Unlock()
 	if _, err := Fetch(t.Context(), Options{Socket: e.socket, Timeout: 5 * time.Second}); err == nil || !strings.Contains(err.Error(), "unavailable") {
 		t.Errorf("Fetch = %v, want unavailable", err)
+	}
+}
+
+// TestServeLongSessionToken: a session token's size is not fixed (WIRE.md
+// §6.3), so one of 20 KB, larger than the 8 KiB and 16 KiB caps there used
+// to be, reaches the client whole, as the IMDS and container doors serve it.
+func TestServeLongSessionToken(t *testing.T) {
+	e := newEnv(t)
+	tok := sessionToken(20_000)
+	e.src.mu.Lock()
+	e.src.token = tok
+	e.src.mu.Unlock()
+	d, err := Fetch(t.Context(), Options{Socket: e.socket, Timeout: 5 * time.Second})
+	if err != nil || d.SessionToken != tok {
+		t.Fatalf("Fetch = %d-byte session token, %v; want the %d-byte one", len(d.SessionToken), err, len(tok))
+	}
+	if out := d.Marshal(); bytes.Count(out, []byte("\n")) != 1 || !bytes.Contains(out, []byte(tok)) {
+		t.Errorf("the printed document is not one line holding the token")
+	}
+}
+
+// TestServeAnswerTooLarge: credentials that make an answer over MaxResponse
+// are not sent (no client would read them); the client gets an error that
+// says why.
+func TestServeAnswerTooLarge(t *testing.T) {
+	e := newEnv(t)
+	e.src.mu.Lock()
+	e.src.token = sessionToken(MaxResponse)
+	e.src.mu.Unlock()
+	d, err := Fetch(t.Context(), Options{Socket: e.socket, Timeout: 5 * time.Second})
+	if err == nil || !strings.Contains(err.Error(), "unavailable: the credentials make an answer of") ||
+		!strings.Contains(err.Error(), "more than the protocol's 1048576") || d.SessionToken != "" {
+		t.Fatalf("Fetch = %d-byte session token, %v; want an unavailable error naming the bound", len(d.SessionToken), err)
+	}
+	if v := testutil.ToFloat64(e.srv.requests.WithLabelValues(CodeUnavailable)); v != 1 {
+		t.Errorf("unavailable answers %v, want 1", v)
+	}
+	if !strings.Contains(e.log.String(), "credential_process answer too large") {
+		t.Errorf("no log line for the answer too large:\n%s", e.log.String())
+	}
+}
+
+// TestFetchAnswerTooLarge: the client reads at most MaxResponse bytes of an
+// answer and refuses a longer one with a one-line error, even one that
+// would parse.
+func TestFetchAnswerTooLarge(t *testing.T) {
+	socket := filepath.Join(t.TempDir(), "big.sock")
+	ln, err := net.Listen("unix", socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	d := Document{Version: 1, AccessKeyID: "ASIAEXAMPLE000000000", SecretAccessKey: "s/e+c",
+		SessionToken: sessionToken(MaxResponse), Expiration: time.Now().Add(time.Hour).UTC().Format(TimeLayout)}
+	answer, _ := jsonLine(Response{Version: Version, Credentials: &d})
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				_ = c.SetDeadline(time.Now().Add(10 * time.Second))
+				_, _ = bufio.NewReader(c).ReadSlice('\n')
+				_, _ = c.Write(answer) // the client stops reading: an error here is expected
+			}()
+		}
+	}()
+	_, err = Fetch(t.Context(), Options{Socket: socket, Timeout: 10 * time.Second})
+	if err == nil || !strings.Contains(err.Error(), "the daemon's answer is longer than 1048576 bytes") || strings.Contains(err.Error(), "\n") {
+		t.Errorf("Fetch of a %d-byte answer: %v; want one line saying it is too long", len(answer), err)
 	}
 }
 
@@ -372,9 +456,12 @@ func TestParseResponse(t *testing.T) {
 		{"key id with a quote", bad(func(d *Document) { d.AccessKeyID = "ASIA\"0000000000000" }), "AccessKeyId", ""},
 		{"secret with a space", bad(func(d *Document) { d.SecretAccessKey = "a b" }), "SecretAccessKey", ""},
 		{"no session token", bad(func(d *Document) { d.SessionToken = "" }), "SessionToken", ""},
+		{"session token with a space", bad(func(d *Document) { d.SessionToken = "t= =" }), "SessionToken", ""},
+		{"session token with a control character", bad(func(d *Document) { d.SessionToken = "t\x01==" }), "SessionToken", ""},
+		{"session token with a non-ASCII byte", bad(func(d *Document) { d.SessionToken = "t\u00e9==" }), "SessionToken", ""},
 		{"bad account", bad(func(d *Document) { d.AccountID = "12" }), "AccountId", ""},
 		{"inner version 2", bad(func(d *Document) { d.Version = 2 }), "version 2", ""},
-		{"too long", append(bytes.Repeat([]byte(" "), MaxResponse), '\n'), "longer than", ""},
+		{"too long", append(bytes.Repeat([]byte(" "), MaxResponse), '\n'), "longer than 1048576 bytes", ""},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			d, code, err := ParseResponse(tc.raw, now)
@@ -388,5 +475,23 @@ func TestParseResponse(t *testing.T) {
 				t.Fatalf("ParseResponse error %v (code %q), want one line with %q (code %q)", err, code, tc.err, tc.code)
 			}
 		})
+	}
+}
+
+// TestParseResponseSessionTokenNotCapped: the session token has no length
+// cap of its own (WIRE.md §6.3: "The session-token size is not fixed, so do
+// not cap it"; STS pads it with MinimumSessionTokenSize and grows it with
+// session tags and policies). Only the whole answer is bounded, by
+// MaxResponse.
+func TestParseResponseSessionTokenNotCapped(t *testing.T) {
+	now := time.Date(2026, 12, 7, 12, 0, 0, 0, time.UTC)
+	for _, n := range []int{4096, 8192, 8193, 16 << 10, 16<<10 + 1, 20_000, 64 << 10, MaxResponse - 1024} {
+		d := Document{Version: 1, AccessKeyID: "ASIAEXAMPLE000000000", SecretAccessKey: "s/e+c",
+			SessionToken: sessionToken(n), Expiration: "2026-12-07T13:00:00Z", AccountID: "222222222222"}
+		raw, _ := jsonLine(Response{Version: 1, Credentials: &d})
+		got, _, err := ParseResponse(raw, now)
+		if err != nil || got.SessionToken != d.SessionToken {
+			t.Errorf("a %d-byte session token: %v", n, err)
+		}
 	}
 }

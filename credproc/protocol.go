@@ -47,9 +47,13 @@ const (
 	Version = 1
 	// MaxRequest bounds a request line, newline included.
 	MaxRequest = 512
-	// MaxResponse bounds an answer line, newline included (a session
-	// token is a few KiB at most).
-	MaxResponse = 16 << 10
+	// MaxResponse bounds an answer line, newline included, in bytes. It
+	// bounds the whole answer only: no field of the document has a length
+	// cap of its own, since a session token's size is not fixed (session
+	// tags, packed policies and MinimumSessionTokenSize padding grow it).
+	// Real answers are a few KiB; 1 MiB, the bound of every answer the
+	// daemon reads from AWS (exchange.MaxResponseBody), is far above them.
+	MaxResponse = 1 << 20
 )
 
 // Error codes of answers.
@@ -118,6 +122,8 @@ func validKeyID(s string) bool {
 // Validate checks d as the client must before printing it: Version 1, an
 // access key id, a secret and a session token of printable ASCII, an
 // Expiration in TimeLayout after now, an AccountId of 12 digits when set.
+// The session token has no length cap (its size is not fixed); the answer
+// that carries it is bounded by MaxResponse.
 func (d Document) Validate(now time.Time) error {
 	switch {
 	case d.Version != 1:
@@ -126,7 +132,7 @@ func (d Document) Validate(now time.Time) error {
 		return errors.New("credentials without a valid AccessKeyId")
 	case len(d.SecretAccessKey) > 1024 || !printableRe.MatchString(d.SecretAccessKey):
 		return errors.New("credentials without a valid SecretAccessKey")
-	case len(d.SessionToken) > 8192 || !printableRe.MatchString(d.SessionToken):
+	case !printableRe.MatchString(d.SessionToken):
 		return errors.New("credentials without a valid SessionToken")
 	case d.AccountID != "" && !accountRe.MatchString(d.AccountID):
 		return errors.New("credentials with an AccountId that is not 12 digits")

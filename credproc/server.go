@@ -139,6 +139,13 @@ func (s *Server) handle(ctx context.Context, c net.Conn) {
 	start := time.Now()
 	resp, who, result := s.answer(ctx, c)
 	body, _ := json.Marshal(resp)
+	if len(body)+1 > MaxResponse {
+		// No client reads it: say so instead of sending what it must refuse.
+		s.log.Warn("credential_process answer too large", zap.Int("bytes", len(body)+1), zap.Int("max_bytes", MaxResponse))
+		result = CodeUnavailable
+		body, _ = json.Marshal(Response{Version: Version, Error: &Error{Code: CodeUnavailable,
+			Message: fmt.Sprintf("the credentials make an answer of %d bytes, more than the protocol's %d", len(body)+1, MaxResponse)}})
+	}
 	_ = c.SetWriteDeadline(time.Now().Add(writeTimeout))
 	_, err := c.Write(append(body, '\n'))
 	s.requests.WithLabelValues(result).Inc()

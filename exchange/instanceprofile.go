@@ -33,9 +33,11 @@ const DefaultInstanceProfileTimeout = 5 * time.Second
 
 // Limits of the upstream IMDS calls of InstanceProfile.
 const (
-	// profileMaxBody is the largest IMDS response body read, in bytes. A real
-	// credential document is about 1.5 KiB.
-	profileMaxBody = 64 << 10
+	// profileMaxBody is the largest IMDS response body read, in bytes: the
+	// bound of every upstream answer. A real credential document is about
+	// 1.5 KiB, but its Token has no size of its own to check against (the
+	// session-token size is not fixed), so only the whole answer is bounded.
+	profileMaxBody = MaxResponseBody
 	// profileDialTimeout and profileResponseHeaderTimeout bound one HTTP attempt, so
 	// that a retry fits in the Fetch timeout. IMDS is link-local and fast.
 	profileDialTimeout           = time.Second
@@ -330,7 +332,7 @@ func (p *InstanceProfile) get(ctx context.Context, path string) ([]byte, error) 
 	return body, err
 }
 
-var errIPTooLarge = errors.New("response larger than 64 KiB")
+var errIPTooLarge = fmt.Errorf("response larger than %d bytes", profileMaxBody)
 
 // do runs one IMDS operation with the current client; if the IMDSv2-only
 // client failed because upstream refused the token request with 403, 404 or
@@ -476,7 +478,7 @@ func parseInstanceProfileDocument(body []byte, now time.Time) (creds.Credentials
 		return invalid("credential document has a malformed AccessKeyId")
 	case !profileHeaderSafe(d.SecretAccessKey, 1024):
 		return invalid("credential document has a malformed SecretAccessKey")
-	case !profileHeaderSafe(d.Token, 16384):
+	case !profileHeaderSafe(d.Token, profileMaxBody): // no cap of its own: the size is not fixed (WIRE.md §6.3)
 		return invalid("credential document has a malformed Token")
 	}
 	exp, err := time.Parse(time.RFC3339, d.Expiration)

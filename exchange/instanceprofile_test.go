@@ -410,6 +410,9 @@ func TestInstanceProfileBadDocuments(t *testing.T) {
 		"bad time":             doc(map[string]any{"Expiration": "tomorrow"}),
 		"number token":         doc(map[string]any{"Token": 12345}),
 		"token with a newline": doc(map[string]any{"Token": profileTestToken + "\nX-Injected: 1"}),
+		"token with a space":   doc(map[string]any{"Token": profileTestToken + " X"}),
+		"token with DEL":       doc(map[string]any{"Token": profileTestToken + "\x7f"}),
+		"non-ASCII token":      doc(map[string]any{"Token": profileTestToken + "\u00e9"}),
 	}
 	for name, body := range tests {
 		t.Run(name, func(t *testing.T) {
@@ -429,6 +432,41 @@ func TestInstanceProfileBadDocuments(t *testing.T) {
 		p := newTestInstanceProfile(t, up.srv.URL, InstanceProfileConfig{}, nil)
 		if c, err := p.Fetch(context.Background(), creds.Role{}); err != nil || !c.Complete() {
 			t.Fatalf("%v %v", c, err)
+		}
+	})
+}
+
+// TestInstanceProfileSessionTokenNotCapped: the Token of a credential
+// document has no length cap of its own (WIRE.md §6.3: "The session-token
+// size is not fixed, so do not cap it"); only the whole answer is bounded,
+// by MaxResponseBody, with a classified error that names the bound.
+func TestInstanceProfileSessionTokenNotCapped(t *testing.T) {
+	exp := time.Now().Add(time.Hour)
+	for _, n := range []int{16384, 16385, 20 << 10, 100 << 10, MaxResponseBody - 1024} {
+		t.Run(strconv.Itoa(n), func(t *testing.T) {
+			up := newIPStandIn(t)
+			tok := "IQoJb3JpZ2luX2Vj" + strings.Repeat("A", n-16)
+			up.set(func(s *profileStandIn) {
+				s.doc = func() (int, string) { return 200, profileCredDoc(profileTestKey, profileTestSecret, tok, exp) }
+			})
+			p := newTestInstanceProfile(t, up.srv.URL, InstanceProfileConfig{}, nil)
+			c, err := p.Fetch(context.Background(), creds.Role{})
+			if err != nil || c.SessionToken != tok {
+				t.Fatalf("a %d-byte session token: got %d bytes, %v", n, len(c.SessionToken), err)
+			}
+		})
+	}
+	t.Run("an answer over the bound", func(t *testing.T) {
+		up := newIPStandIn(t)
+		tok := "IQoJb3JpZ2luX2Vj" + strings.Repeat("A", MaxResponseBody)
+		up.set(func(s *profileStandIn) {
+			s.doc = func() (int, string) { return 200, profileCredDoc(profileTestKey, profileTestSecret, tok, exp) }
+		})
+		p := newTestInstanceProfile(t, up.srv.URL, InstanceProfileConfig{}, nil)
+		c, err := p.Fetch(context.Background(), creds.Role{})
+		if e := profileClass(t, err); e.Class != ClassInvalidResponse || !c.IsZero() ||
+			!strings.Contains(err.Error(), "larger than 1048576 bytes") {
+			t.Fatalf("class %s: %v; want invalid_response naming the bound", e.Class, err)
 		}
 	})
 }
