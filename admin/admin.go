@@ -21,6 +21,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"go.uber.org/zap"
+	"golang.org/x/net/netutil"
 )
 
 // Daemon is what the admin API reports on; the daemon implements it. Both
@@ -111,25 +112,42 @@ func hostAllowed(r *http.Request) bool {
 	return false
 }
 
-// Serve serves h on ln until ctx ends, then drains (at most 5s).
+// Bounds of the admin listener. Any local user can reach it, so it must
+// not let one hold what the other listeners need: each connection is a
+// goroutine, buffers and a file descriptor.
+const (
+	// maxConns bounds the connections kept open at once: plenty for
+	// scrapes and `imdsproxy status`. More wait in the listen backlog
+	// until one closes.
+	maxConns          = 64
+	readHeaderTimeout = 5 * time.Second
+	readTimeout       = 10 * time.Second
+	writeTimeout      = 30 * time.Second // /metrics gives up after 10s
+	idleTimeout       = 30 * time.Second // an idle keep-alive connection frees its slot
+	maxHeaderBytes    = 16 << 10
+	shutdownWait      = 5 * time.Second
+)
+
+// Serve serves h on ln, at most 64 connections at once, until ctx ends,
+// then drains (at most 5s).
 func Serve(ctx context.Context, ln net.Listener, h http.Handler, log *zap.Logger) error {
 	srv := &http.Server{
 		Handler:           h,
-		ReadHeaderTimeout: 5 * time.Second,
-		ReadTimeout:       10 * time.Second,
-		WriteTimeout:      30 * time.Second,
-		IdleTimeout:       60 * time.Second,
-		MaxHeaderBytes:    16 << 10,
+		ReadHeaderTimeout: readHeaderTimeout,
+		ReadTimeout:       readTimeout,
+		WriteTimeout:      writeTimeout,
+		IdleTimeout:       idleTimeout,
+		MaxHeaderBytes:    maxHeaderBytes,
 		ErrorLog:          zap.NewStdLog(log),
 	}
 	errc := make(chan error, 1)
-	go func() { errc <- srv.Serve(ln) }()
+	go func() { errc <- srv.Serve(netutil.LimitListener(ln, maxConns)) }()
 	select {
 	case err := <-errc:
 		return fmt.Errorf("admin listener: %w", err)
 	case <-ctx.Done():
 	}
-	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), shutdownWait)
 	defer cancel()
 	if err := srv.Shutdown(sctx); err != nil {
 		return fmt.Errorf("admin listener: shutdown: %w", err)
