@@ -148,23 +148,43 @@ func TestColdHerdOneFetch(t *testing.T) {
 	})
 }
 
-// NextRefresh falls in the jitter window for every random value, and
-// sessions of an hour or more keep at least 30 minutes at refresh time.
+// NextRefresh falls in the window of the schedule for every random value,
+// the random values spread over it, and sessions of 40 minutes or more keep
+// at least 30 minutes at refresh time (WIRE.md §4, §8.6). Sessions of 6 h and
+// 12 h are refreshed at the jittered half-life, 0.45 × [0.9, 1.1] of the
+// lifetime, as before. Sessions of 40 minutes up to an hour changed: they
+// used to be refreshed at the jittered half-life too (0.5 × [0.9, 1.1] below
+// 55 min, 0.45 × [0.9, 1.1] from it), which left 20..25 minutes of a 45-minute
+// session and as little as 27.8 of an hour-long one; they are now refreshed
+// 30..36 minutes before expiry when that comes first (never sooner than a
+// quarter of the lifetime); a session under 40 minutes keeps its half-life.
 func TestRefreshJitterWindow(t *testing.T) {
-	for _, lifetime := range []time.Duration{15 * time.Minute, 54 * time.Minute, 59*time.Minute + 58*time.Second, time.Hour, 6 * time.Hour, 12 * time.Hour} {
-		t.Run(lifetime.String(), func(t *testing.T) {
+	for _, tc := range []struct {
+		lifetime         time.Duration
+		earliest, latest time.Duration // of the refresh, from now
+		spread           time.Duration // at least, over the random values
+		keeps30m         bool
+	}{
+		// Under 40 minutes: the jittered half-life, 0.5 × [0.9, 1.1], as before.
+		{15 * time.Minute, 6*time.Minute + 45*time.Second, 8*time.Minute + 15*time.Second, 80 * time.Second, false},
+		// 54 − 36 .. 54 − 30 min: the 30-minute rule comes first for every rnd.
+		{54 * time.Minute, 18 * time.Minute, 24 * time.Minute, 5 * time.Minute, true},
+		// Seconds short of an hour: 0.405 × lifetime (rnd 0) or
+		// lifetime − 36 min (rnd 1), whichever comes first, up to about 27 min.
+		{59*time.Minute + 58*time.Second, 23*time.Minute + 58*time.Second, 27 * time.Minute, 2*time.Minute + 30*time.Second, true},
+		{time.Hour, 24 * time.Minute, 27 * time.Minute, 2*time.Minute + 30*time.Second, true},
+		{6 * time.Hour, 2*time.Hour + 25*time.Minute + 48*time.Second, 2*time.Hour + 58*time.Minute + 12*time.Second, 29 * time.Minute, true},
+		{12 * time.Hour, 4*time.Hour + 51*time.Minute + 36*time.Second, 5*time.Hour + 56*time.Minute + 24*time.Second, 58 * time.Minute, true},
+	} {
+		t.Run(tc.lifetime.String(), func(t *testing.T) {
 			synctest.Test(t, func(t *testing.T) {
-				center := 0.5
-				if lifetime >= 55*time.Minute {
-					center = 0.45
-				}
 				rs := []float64{0, 0.5, 0.999999}
 				for range 300 {
 					rs = append(rs, rand.Float64())
 				}
-				var lo, hi time.Duration = lifetime, 0
+				var lo, hi time.Duration = tc.lifetime, 0
 				for _, r := range rs {
-					f := newFake(succeed(lifetime))
+					f := newFake(succeed(tc.lifetime))
 					c, err := New[string](f, Config{Rand: fixedRand(r)}, nil, nil)
 					if err != nil {
 						t.Fatal(err)
@@ -175,25 +195,72 @@ func TestRefreshJitterWindow(t *testing.T) {
 					}
 					e := c.Snapshot()[0]
 					at := e.NextRefresh.Sub(now)
-					earliest := time.Duration(float64(lifetime) * center * 0.9)
-					latest := time.Duration(float64(lifetime) * center * 1.1)
-					if at < earliest || at > latest {
-						t.Fatalf("r=%v: refresh after %s, want within [%s, %s]", r, at, earliest, latest)
+					if at < tc.earliest || at > tc.latest {
+						t.Fatalf("r=%v: refresh after %s, want within [%s, %s]", r, at, tc.earliest, tc.latest)
 					}
-					// A one-hour session, even one that arrived seconds short
-					// of an hour, keeps about 30 minutes at refresh time.
-					if lifetime >= 59*time.Minute && e.Expires.Sub(e.NextRefresh) < 30*time.Minute-2*time.Second {
-						t.Fatalf("r=%v: only %s left at refresh, want >= 30m", r, e.Expires.Sub(e.NextRefresh))
+					if left := e.Expires.Sub(e.NextRefresh); tc.keeps30m && left < 30*time.Minute {
+						t.Fatalf("r=%v: only %s left at refresh, want >= 30m", r, left)
 					}
 					lo, hi = min(lo, at), max(hi, at)
 				}
 				// The random values must actually spread over the window.
-				if spread := float64(hi-lo) / float64(lifetime); spread < center*0.2*0.9 {
-					t.Errorf("refresh times spread over %.3f of the lifetime, want about %.3f", spread, center*0.2)
+				if hi-lo < tc.spread {
+					t.Errorf("refresh times spread over %s, want at least %s", hi-lo, tc.spread)
 				}
 			})
 		})
 	}
+}
+
+// Through a Cache, a 45-minute session is scheduled for refresh while 30
+// minutes are still left (WIRE.md §4, §8.6), not at its jittered half-life
+// (20..25 minutes left).
+func TestCacheRefreshKeeps30Minutes(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		f := newFake(succeed(45 * time.Minute))
+		c, err := New[string](f, Config{Rand: fixedRand(0.5)}, nil, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := c.Prefetch(t.Context(), "app"); err != nil {
+			t.Fatal(err)
+		}
+		e := c.Snapshot()[0]
+		if left := e.Expires.Sub(e.NextRefresh); left < 30*time.Minute {
+			t.Errorf("a 45m session is refreshed with %s left, want at least 30m (WIRE.md §4, §8.6)", left)
+		}
+	})
+}
+
+// An upstream that claims a far-future Expiration (a federation endpoint's
+// bug, a wrong time zone, a year typo) used to get its refresh scheduled at
+// about half of the claimed lifetime, decades away: no AWS role session
+// outlives 12 h, so the daemon would serve dead credentials, ready, without
+// ever refreshing. The refresh interval is capped at 6 h, and Run does
+// refresh by then.
+func TestFarFutureExpiryStillRefreshed(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		f := newFake(succeed(100 * 365 * 24 * time.Hour))
+		h := newHarness(t, f, Config{})
+		defer run(t, h.Cache)()
+		start := time.Now()
+		if _, err := h.Get(t.Context(), "app"); err != nil {
+			t.Fatal(err)
+		}
+		e, ok := h.Lookup("app")
+		if !ok {
+			t.Fatal("no entry for app after Get")
+		}
+		if in := e.NextRefresh.Sub(start); in > maxRefreshInterval {
+			t.Fatalf("next refresh in %s (%s); credentials claiming to outlive any AWS session should still be refreshed within %s",
+				in.Round(time.Hour), e.NextRefresh.Format(time.RFC3339), maxRefreshInterval)
+		}
+		time.Sleep(maxRefreshInterval + time.Second)
+		synctest.Wait()
+		if n := f.calls(); n < 2 {
+			t.Errorf("fetch calls %s after the first = %d, want a refresh (>= 2)", maxRefreshInterval, n)
+		}
+	})
 }
 
 // Run refreshes at NextRefresh (not before), serves the new credentials,

@@ -2,16 +2,38 @@ package cache
 
 import "time"
 
-// Refresh-ahead fractions of the lifetime. Sessions of longLifetime or more
-// use the earlier center so that served credentials keep at least 30 minutes
-// (botocore rewrites expiries under about 25 minutes). longLifetime is a
-// little under an hour: a one-hour session arrives with slightly less than an
-// hour left (network and STS latency, clock skew) and must still count.
+// The refresh-ahead schedule (see RefreshAt), after WIRE.md §4 and §8.6:
+// refresh upstream when less than about half, or less than 30 minutes, of the
+// lifetime remains, whichever comes first, so that served credentials keep at
+// least 30 minutes whenever the session is long enough (botocore rewrites
+// expiries under 17..25 minutes and then uses dead credentials).
+//
+// The half-life part is refreshCenter of the lifetime, ± refreshJitter of
+// it. Sessions of longLifetime or more use the earlier refreshCenterLong;
+// longLifetime is a little under an hour because a one-hour session arrives
+// with slightly less than an hour left (network and STS latency, clock skew).
+// The 30-minute part, for sessions of keepFrom (40 minutes) or more,
+// refreshes refreshKeep × (1 + refreshKeepJitter·rnd) (30..36 minutes)
+// before expiry, but never sooner than a quarter of the lifetime
+// (refreshMinFraction); a shorter session cannot keep 30 minutes and is
+// refreshed at its jittered half-life. maxRefreshInterval bounds
+// the delay whatever expiry upstream claims: it is half of the longest AWS
+// role session (12 h), so legitimate sessions never reach it, and an absurd
+// expiry (a federation endpoint with a wrong year) is still refreshed every
+// 6 h instead of decades later.
 const (
-	refreshCenter     = 0.50
-	refreshCenterLong = 0.45
-	refreshJitter     = 0.10 // ± fraction of the center
-	longLifetime      = 55 * time.Minute
+	refreshCenter      = 0.50
+	refreshCenterLong  = 0.45
+	refreshJitter      = 0.10 // ± fraction of the center
+	longLifetime       = 55 * time.Minute
+	refreshKeep        = 30 * time.Minute
+	refreshKeepJitter  = 0.20 // + fraction of refreshKeep
+	refreshMinFraction = 0.25
+	maxRefreshInterval = 6 * time.Hour
+	// keepFrom is the shortest lifetime the 30-minute part applies to: from
+	// it, 30 minutes are left after a quarter of the lifetime. Shorter
+	// sessions cannot keep 30 minutes and keep the jittered half-life.
+	keepFrom = time.Duration(float64(refreshKeep) / (1 - refreshMinFraction)) // 40 min
 )
 
 // refreshAt schedules the refresh of credentials obtained at now that expire
@@ -30,15 +52,25 @@ func (c *Cache[K]) retryAt(now time.Time, e *entry[K]) time.Time {
 	return RetryAt(now, until, e.failures, c.cfg.BackoffInitial, c.cfg.BackoffMax, c.rand())
 }
 
-// RefreshAt is the refresh-ahead schedule a Cache uses: credentials obtained
-// at now that expire at expires are refreshed at now + lifetime × f, f uniform
-// in center × [0.9, 1.1] (center 0.5, or 0.45 when lifetime, counted from
-// now, is an hour or more), with rnd in [0, 1] (clamped) choosing f. The result is never after
-// expires − margin (when the credentials stop being servable) and never
-// sooner than minDelay from now (an upstream handing out very short sessions
-// must not be hammered); minDelay wins. A Cache passes its ExpiryMargin and
-// BackoffInitial. RefreshAt is pure and safe for concurrent use; it exists so
-// that simulations (cmd/fleetsim) run the real schedule.
+// RefreshAt is the refresh-ahead schedule a Cache uses for credentials
+// obtained at now that expire at expires, with lifetime = expires − now and
+// rnd in [0, 1] (clamped) choosing the jitter:
+//
+//	half = now + lifetime × center × (0.9 + 0.2·rnd)   (center 0.5, or 0.45 from 55 min)
+//	keep = 30 min × (1 + 0.2·rnd)
+//	next = min(half, max(expires − keep, now + lifetime/4), now + 6 h)   (lifetime ≥ 40 min)
+//	next = min(half, now + 6 h)                                          (shorter)
+//
+// that is, when about half, or 30..36 minutes, of the lifetime remains,
+// whichever comes first (WIRE.md §4, §8.6): a session of 40 minutes or more
+// is refreshed with at least 30 minutes left, a shorter one at its jittered
+// half-life, and none later than 6 h after now, whatever expiry upstream
+// claims. The result is then never after expires − margin (when the
+// credentials stop being servable) and never sooner than minDelay from now
+// (an upstream handing out very short sessions must not be hammered);
+// minDelay wins. A Cache passes its ExpiryMargin and BackoffInitial.
+// RefreshAt is pure and safe for concurrent use; it exists so that
+// simulations (cmd/fleetsim) run the real schedule.
 func RefreshAt(now, expires time.Time, margin, minDelay time.Duration, rnd float64) time.Time {
 	rnd = min(max(rnd, 0), 1)
 	lifetime := expires.Sub(now)
@@ -48,6 +80,19 @@ func RefreshAt(now, expires time.Time, margin, minDelay time.Duration, rnd float
 	}
 	f := center * (1 - refreshJitter + 2*refreshJitter*rnd)
 	next := now.Add(time.Duration(float64(lifetime) * f))
+	if lifetime >= keepFrom {
+		keep := time.Duration(float64(refreshKeep) * (1 + refreshKeepJitter*rnd))
+		keepAt := expires.Add(-keep)
+		if floor := now.Add(time.Duration(float64(lifetime) * refreshMinFraction)); keepAt.Before(floor) {
+			keepAt = floor
+		}
+		if keepAt.Before(next) {
+			next = keepAt
+		}
+	}
+	if limit := now.Add(maxRefreshInterval); next.After(limit) {
+		next = limit
+	}
 	if until := expires.Add(-margin); next.After(until) {
 		next = until
 	}

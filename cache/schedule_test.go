@@ -109,3 +109,72 @@ func TestRefreshAtBounds(t *testing.T) {
 		}
 	}
 }
+
+// RefreshAt refreshes when about half, or 30..36 minutes, of the lifetime
+// remains, whichever comes first (WIRE.md §4, §8.6: served credentials keep
+// at least 30 minutes whenever the session allows), a session too short for
+// that (under 40 minutes) at its jittered half-life, and none later than 6 h
+// from now.
+func TestRefreshAtSchedule(t *testing.T) {
+	now := time.Date(2030, 1, 1, 0, 0, 0, 0, time.UTC)
+	const year = 365 * 24 * time.Hour
+	for _, tc := range []struct {
+		name     string
+		lifetime time.Duration
+		// Bounds of the time left at refresh, over every rnd.
+		minLeft, maxLeft time.Duration
+	}{
+		// 45 − max(30..36 min, 11m15s): 30..33m45s left, not 20..25.
+		{"45m", 45 * time.Minute, 30 * time.Minute, 33*time.Minute + 45*time.Second},
+		// 60 − min(24m18s..29m42s, 24..30m): at least 30 (in fact 33..36) min left.
+		{"1h", time.Hour, 30 * time.Minute, 36 * time.Minute},
+		// The jittered half-life, 0.45 × [0.9, 1.1], as before.
+		{"6h", 6 * time.Hour, 6*time.Hour - 2*time.Hour - 58*time.Minute - 12*time.Second, 6*time.Hour - 2*time.Hour - 25*time.Minute - 48*time.Second},
+		{"12h", 12 * time.Hour, 12*time.Hour - 5*time.Hour - 56*time.Minute - 24*time.Second, 12*time.Hour - 4*time.Hour - 51*time.Minute - 36*time.Second},
+		// Cannot keep 30 minutes: the jittered half-life, 0.5 × [0.9, 1.1].
+		{"20m", 20 * time.Minute, 9 * time.Minute, 11 * time.Minute},
+		// 40 minutes: 30 minutes left after a quarter of it at most.
+		{"40m", 40 * time.Minute, 30 * time.Minute, 30 * time.Minute},
+		// An absurd expiry is refreshed 6 h from now.
+		{"100y", 100 * year, 100*year - 6*time.Hour, 100*year - 6*time.Hour},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			expires := now.Add(tc.lifetime)
+			for r := 0.0; r <= 1; r += 1.0 / 64 {
+				next := RefreshAt(now, expires, DefaultExpiryMargin, DefaultBackoffInitial, r)
+				if left := expires.Sub(next); left < tc.minLeft || left > tc.maxLeft {
+					t.Errorf("rnd %v: refresh after %s with %s left, want %s..%s left",
+						r, next.Sub(now), left, tc.minLeft, tc.maxLeft)
+				}
+				if in := next.Sub(now); in > maxRefreshInterval {
+					t.Errorf("rnd %v: refresh after %s, want at most %s", r, in, maxRefreshInterval)
+				}
+			}
+		})
+	}
+}
+
+// WIRE.md §4 ("Proxy policy suggestions"), §3.2 and §8.6: refresh upstream
+// when less than about 50 %, or less than 30 min, remains, whichever comes
+// first, so that served credentials keep at least 30 minutes whenever the
+// session length allows (botocore rewrites expiries under 17..25 min and
+// then uses dead credentials). For a session of L minutes, L > 30, the
+// refresh must therefore come while max(L/2, 30 min) is still left; "about"
+// is given one minute of slack here.
+func TestRefreshKeeps30MinutesWhenSessionAllows(t *testing.T) {
+	now := time.Date(2030, 1, 1, 0, 0, 0, 0, time.UTC)
+	const slack = time.Minute
+	for _, lifetime := range []time.Duration{
+		40 * time.Minute, 45 * time.Minute, 50 * time.Minute, 55 * time.Minute, 58 * time.Minute,
+		time.Hour, 2 * time.Hour, 6 * time.Hour,
+	} {
+		want := max(lifetime/2, 30*time.Minute) - slack
+		for _, rnd := range []float64{0, 0.5, 1} {
+			next := RefreshAt(now, now.Add(lifetime), DefaultExpiryMargin, DefaultBackoffInitial, rnd)
+			if left := now.Add(lifetime).Sub(next); left < want {
+				t.Errorf("session of %s, rnd %v: refresh leaves %s, want at least %s (WIRE.md §4: refresh when <50%% or <30 min remains, whichever comes first)",
+					lifetime, rnd, left.Round(time.Second), want)
+			}
+		}
+	}
+}

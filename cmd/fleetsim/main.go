@@ -4,7 +4,8 @@
 // what a fleet-wide STS outage does.
 //
 // Each simulated host runs the daemon's real schedule, cache.RefreshAt
-// (refresh-ahead at about half-life with ±10% jitter) and cache.RetryAt
+// (refresh-ahead at about half-life with ±10% jitter, or 30–36 minutes
+// before expiry if sooner, at least every 6 h) and cache.RetryAt
 // (capped exponential backoff with jitter, pulled forward to the end of
 // servability), in a discrete-event simulation: a min-heap of next events on
 // a simulated clock, nothing sleeps. STS is a token bucket (calls beyond the
