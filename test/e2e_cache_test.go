@@ -22,7 +22,11 @@ import (
 const herdSTSDelay = 2 * time.Second
 
 // TestHerd: 1,000 concurrent credential requests on a cold cache cause exactly
-// one STS call, and all get the same credentials.
+// one STS call, and all get the same credentials. STS takes 2 s, longer than
+// a request waits for it (access.DefaultWait, 0.9 s): each first answer is the
+// EC2 error document ServiceUnavailable within a few seconds, not a request
+// held for the exchange; asked again (as an SDK does on its next attempt),
+// every client gets the one set of credentials.
 func TestHerd(t *testing.T) {
 	t.Parallel()
 	e := startDaemon(t, envOptions{stsDelay: herdSTSDelay, noWaitReady: true})
@@ -47,17 +51,34 @@ func TestHerd(t *testing.T) {
 		keys  = map[string]int{}
 		errs  = map[string]int{}
 	)
+	var unavailable, slowFirst int
 	for range n {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
 			<-start
+			asked := time.Now()
 			d, err := e2e.GetCredDoc(ctx, client, e.imdsURL, e2e.RoleName, tok)
+			first := time.Since(asked)
+			retried := false
+			for deadline := time.Now().Add(20 * time.Second); err != nil && d.Code == "ServiceUnavailable" && time.Now().Before(deadline); {
+				retried = true
+				time.Sleep(200 * time.Millisecond)
+				d, err = e2e.GetCredDoc(ctx, client, e.imdsURL, e2e.RoleName, tok)
+			}
 			if err == nil {
 				err = e.checkServed(d)
 			}
 			mu.Lock()
 			defer mu.Unlock()
+			if retried {
+				unavailable++
+			}
+			// The bound is 0.9 s; 1,000 requests at once on a loaded
+			// host take a while to be read and answered.
+			if retried && first > herdSTSDelay+5*time.Second {
+				slowFirst++
+			}
 			if err != nil {
 				errs[err.Error()]++
 				return
@@ -71,6 +92,13 @@ func TestHerd(t *testing.T) {
 	t.Logf("%d requests answered in %v", n, time.Since(began))
 	if len(errs) > 0 {
 		t.Errorf("failed requests: %v", errs)
+	}
+	t.Logf("%d first answers were ServiceUnavailable (the exchange outlasted the wait)", unavailable)
+	if unavailable == 0 {
+		t.Errorf("no request was answered before the 2 s exchange ended: requests wait on STS")
+	}
+	if slowFirst > 0 {
+		t.Errorf("%d ServiceUnavailable answers came more than %s after the request: the wait was not bounded", slowFirst, herdSTSDelay+5*time.Second)
 	}
 	if len(keys) != 1 {
 		t.Errorf("clients got %d different access keys: %v", len(keys), keys)
