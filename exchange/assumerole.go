@@ -386,3 +386,7 @@ func (e *arBaseError) Unwrap() error { return e.err }
 // RetryableError tells the SDK's retryer not to retry: the base provider
 // retries on its own, and the cache owns long-term backoff.
 func (e *arBaseError) RetryableError() bool { return false }
+
+// forgetDurationCaps asks for each role's configured duration again
+// (Sources.ForgetDurationCaps).
+func (a *AssumeRole) forgetDurationCaps() { a.durations.forget() }

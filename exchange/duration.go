@@ -36,6 +36,13 @@ func (t *durationTable) of(role creds.Role) *sessionDuration {
 	return d
 }
 
+// forget drops every cap: each role's configured duration is asked for again.
+func (t *durationTable) forget() {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.m = nil
+}
+
 // fallbackDuration is asked for when the configured duration is longer than
 // the role allows: every role's MaxSessionDuration is at least one hour, and
 // role chaining allows one hour.
@@ -73,7 +80,7 @@ func (d *sessionDuration) refused(err error, log *zap.Logger) bool {
 		return false
 	}
 	if d.capped.CompareAndSwap(false, true) {
-		log.Warn("role.duration is longer than STS allows for this role (its MaxSessionDuration, or 1h for role chaining); asking for 1h instead until restart or reload (raise MaxSessionDuration or lower role.duration)",
+		log.Warn("role.duration is longer than STS allows for this role (its MaxSessionDuration, or 1h for role chaining); asking for 1h instead until the next reload or restart (raise MaxSessionDuration or lower role.duration)",
 			zap.String("role", d.arn), zap.Duration("configured", d.want), zap.Duration("using", fallbackDuration))
 	}
 	return true

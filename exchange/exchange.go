@@ -145,6 +145,10 @@ func NewWebIdentity(ctx context.Context, cfg WebIdentityConfig, tokens TokenSour
 	}, nil
 }
 
+// forgetDurationCaps asks for each role's configured duration again
+// (Sources.ForgetDurationCaps).
+func (w *WebIdentity) forgetDurationCaps() { w.durations.forget() }
+
 // bound bounds one Fetch: by timeout when one was configured; else by the
 // caller's deadline, which the daemon's cache sets from cache.fetch_timeout
 // (an exchange must not cut that short); else by DefaultTimeout.

@@ -679,6 +679,16 @@ func TestDurationAboveRoleMaximumFallsBack(t *testing.T) {
 	if logs.FilterMessageSnippet("MaxSessionDuration").Len() != 1 {
 		t.Fatalf("want exactly one warning naming MaxSessionDuration, got %v", logs.All())
 	}
+	// A reload keeping these exchanges forgets the cap (the operator may
+	// have raised MaxSessionDuration): the configured duration is asked
+	// for again, and STS now grants it.
+	(&Sources{Workload: w}).ForgetDurationCaps()
+	if _, err := w.Fetch(context.Background(), withDuration(6*time.Hour)); err != nil {
+		t.Fatalf("fetch after ForgetDurationCaps: %v", err)
+	}
+	if calls := fake.calls(); calls[len(calls)-1].form.Get("DurationSeconds") != "21600" {
+		t.Fatalf("after ForgetDurationCaps asked for %s, want the configured 21600", calls[len(calls)-1].form.Get("DurationSeconds"))
+	}
 }
 
 // TestOtherValidationErrorsStayPermanent: only the duration refusal falls back.
@@ -695,3 +705,10 @@ func TestOtherValidationErrorsStayPermanent(t *testing.T) {
 		t.Fatalf("STS calls = %d, want 1", n)
 	}
 }
+
+// The exchanges that cap role.duration forget the cap on a reload
+// (Sources.ForgetDurationCaps finds them by this method).
+var (
+	_ interface{ forgetDurationCaps() } = (*WebIdentity)(nil)
+	_ interface{ forgetDurationCaps() } = (*AssumeRole)(nil)
+)

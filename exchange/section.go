@@ -192,6 +192,17 @@ type Sources struct {
 	Verifier *CallerIdentity
 }
 
+// ForgetDurationCaps makes the workload exchange ask for each role's
+// configured duration again after STS refused it as longer than the role
+// allows (it then asks for 1 h). The daemon calls it on every reload that
+// keeps these Sources, so that raising the role's MaxSessionDuration and
+// reloading is enough.
+func (s *Sources) ForgetDurationCaps() {
+	if c, ok := s.Workload.(interface{ forgetDurationCaps() }); ok {
+		c.forgetDurationCaps()
+	}
+}
+
 // SourcesSpec is what Sources are built from.
 type SourcesSpec struct {
 	SourceSpec

@@ -667,6 +667,9 @@ func (d *daemon) build(ctx context.Context, cfg Config, prev *generation) (*gene
 	var src *sources
 	if prev != nil && reflect.DeepEqual(prev.src.spec, spec) {
 		src = prev.src
+		// A reload is how an operator says "try again" after raising a
+		// role's MaxSessionDuration (docs/configuration.md, role.duration).
+		src.ForgetDurationCaps()
 	} else {
 		var err error
 		if src, err = d.newSources(ctx, spec); err != nil {
