@@ -35,7 +35,7 @@ func NewReloads(reg prometheus.Registerer) *Reloads {
 		}),
 		restartGauge: f.NewGauge(prometheus.GaugeOpts{
 			Name: "imdsproxy_config_restart_required",
-			Help: "1 if the config file changes a setting that takes effect only at a restart (listen, admin_listen, upstream, intercept, imds.token_key_file): the reload was refused.",
+			Help: "1 if the config file changes a setting that takes effect only at a restart (listen, admin_listen, upstream, intercept, imds.token_key_file, container.enabled/listen/link/token_dir, credential_process): the reload was refused.",
 		}),
 	}
 }

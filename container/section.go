@@ -91,7 +91,7 @@ func (s *Section) Validate(workloads []access.Workload) error {
 			return fmt.Errorf("config: container.listen[%d]: %q is not an IP:port address such as 127.0.0.1:8171 or [fd00:ec2::23]:80", i, l)
 		}
 		if a := ap.Addr(); !a.IsLoopback() && a.Unmap() != LinkLocalIPv4 && a != LinkLocalIPv6 {
-			return fmt.Errorf("config: container.listen[%d]: %s: SDKs fetch container credentials over plain HTTP only from loopback, %s or [%s]", i, a, LinkLocalIPv4, LinkLocalIPv6)
+			return fmt.Errorf("config: container.listen[%d]: %s: the endpoint listens only on loopback, %s or [%s] (SDKs fetch container credentials over plain HTTP from those and 169.254.170.2, which is ECS's agent's)", i, a, LinkLocalIPv4, LinkLocalIPv6)
 		}
 	}
 	if s.Link != "" && (!linkRe.MatchString(s.Link) || s.Link == "." || s.Link == "..") {

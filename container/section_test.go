@@ -22,7 +22,7 @@ func TestSectionValidate(t *testing.T) {
 		{"IPv6 loopback", func(s *Section) { s.Listen = []string{"[::1]:8171"} }, ""},
 		{"no listener", func(s *Section) { s.Listen = nil }, "container.listen: 0 addresses"},
 		{"a wildcard", func(s *Section) { s.Listen = []string{"0.0.0.0:8171"} }, "container.listen[0]: 0.0.0.0"},
-		{"another address", func(s *Section) { s.Listen = []string{"10.0.0.1:80"} }, "only from loopback"},
+		{"another address", func(s *Section) { s.Listen = []string{"10.0.0.1:80"} }, "listens only on loopback"},
 		{"ECS's address", func(s *Section) { s.Listen = []string{"169.254.170.2:80"} }, "container.listen[0]"},
 		{"a host name", func(s *Section) { s.Listen = []string{"localhost:8171"} }, "not an IP:port"},
 		{"port 0", func(s *Section) { s.Listen = []string{"127.0.0.1:0"} }, "not an IP:port"},

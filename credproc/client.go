@@ -63,11 +63,11 @@ func ParseFlags(args []string, stderr io.Writer) (Options, error) {
 	return o, nil
 }
 
-// retries bounds the requests answered "retry" asked again.
+// retries bounds the attempts when the daemon answers "retry": three in all.
 const retries = 3
 
 // Fetch asks the daemon for the credentials of o and returns them
-// validated. An answer "retry" is asked again, up to 3 times.
+// validated. An answer "retry" is asked again: at most retries attempts in all.
 func Fetch(ctx context.Context, o Options) (Document, error) {
 	ctx, cancel := context.WithTimeout(ctx, o.Timeout)
 	defer cancel()

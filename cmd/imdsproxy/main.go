@@ -61,8 +61,9 @@ Commands:
                 the admin listener (default 127.0.0.1:8170: /metrics /healthz
                 /readyz /debug/cache /debug/status). SIGHUP reloads the config
                 and re-reads the rollout policy: every setting applies, except
-                listen, admin_listen, upstream, intercept.* and
-                imds.token_key_file, which need a restart (such a reload is
+                listen, admin_listen, upstream, intercept.*,
+                imds.token_key_file, container.enabled/listen/link/token_dir
+                and credential_process.*, which need a restart (such a reload is
                 refused and says so; a bad file is refused too and the running
                 config kept); SIGUSR1 rotates the container endpoint's tokens;
                 SIGTERM drains and exits 0. With container.enabled also the
@@ -86,10 +87,11 @@ Commands:
                 name) at the container credentials endpoint.
   version       print the version.
 
-The daemon's own AWS calls honour AWS_REGION, AWS_ENDPOINT_URL_STS and
-AWS_ENDPOINT_URL. serve runs the garbage collector with GOGC=200 unless GOGC
-is set (GOMEMLIMIT applies too; docs/deploy.md). See docs/configuration.md
-for every config key.
+The daemon's own AWS calls honour AWS_REGION, AWS_ENDPOINT_URL_STS,
+AWS_ENDPOINT_URL_ROLESANYWHERE, AWS_ENDPOINT_URL_S3 and AWS_ENDPOINT_URL.
+serve runs the garbage collector with GOGC=200 unless GOGC is set
+(GOMEMLIMIT applies too; docs/deploy.md). See docs/configuration.md for
+every config key.
 
 Exit codes: 0 ok, 1 runtime error (status: not ready), 2 usage error,
 3 invalid configuration, 4 daemon unreachable (status).
