@@ -228,6 +228,9 @@ func (c Config) preflight(ctx context.Context) (warnings []string, err error) {
 	if admin.Exposed(c.AdminListen) {
 		warnings = append(warnings, "admin_listen "+c.AdminListen+": "+admin.ExposedWarning)
 	}
+	if c.iamAttestedSubjectsWithRollout() {
+		warnings = append(warnings, iamAttestationWarning)
+	}
 	if f := c.Identity.JWTFile; f != "" {
 		switch w, err := token.CheckFileMode(f); {
 		case errors.Is(err, fs.ErrNotExist):
@@ -239,6 +242,28 @@ func (c Config) preflight(ctx context.Context) (warnings []string, err error) {
 		}
 	}
 	return warnings, nil
+}
+
+// iamAttestationWarning: what aws_iam attestation rests on, the instance
+// profile's credentials, is what a rollout hands to clients in some stages.
+const iamAttestationWarning = "identity.attestation aws_iam with workloads[].subject and a rollout: whenever this host hands the instance profile's credentials to clients " +
+	"(rollout off or shadow, a bucket not selected, rollout.fallback: instance-profile), a local process that gets them can sign the sts:GetCallerIdentity request aws_iam rests on " +
+	"and ask the issuer for any workload token this host may have; during the rollout use attestation aws_iid (the identity document is refused to clients), " +
+	"or let the issuer's policy allow this host only its own subject (docs/security.md, \"Workload tokens and the instance profile\")"
+
+// iamAttestedSubjectsWithRollout reports whether workloads get tokens of
+// their own from an issuer that accepts the instance profile's signature
+// while a rollout may serve the instance profile's credentials to clients.
+func (c Config) iamAttestedSubjectsWithRollout() bool {
+	if c.Identity.JWTURL == "" || c.Identity.Attestation != token.URLMethodIAM || !c.Rollout.Enabled() {
+		return false
+	}
+	for _, w := range c.Workloads {
+		if w.Subject != "" {
+			return true
+		}
+	}
+	return false
 }
 
 // imdsListenAddrs are the IMDS listener addresses cfg opens itself (without

@@ -676,6 +676,9 @@ func (d *daemon) build(ctx context.Context, cfg Config, prev *generation) (*gene
 			return nil, err
 		}
 	}
+	if cfg.iamAttestedSubjectsWithRollout() { // at start and on every reload, as check-config
+		d.log.Warn(iamAttestationWarning)
+	}
 	g := &generation{cfg: cfg, src: src, session: exchange.SessionName(cfg.Role.SessionName, d.instanceID)}
 	var err error
 	if g.policyKeys, err = cfg.Rollout.Keys(); err != nil {
