@@ -166,6 +166,7 @@ type limitMetrics struct {
 	hostRejections prometheus.Counter
 	openConns      prometheus.Gauge
 	limitReached   prometheus.Counter
+	idleClosed     prometheus.Counter
 }
 
 // newLimitMetrics builds the collectors and registers them with reg (nil:
@@ -184,6 +185,10 @@ func newLimitMetrics(reg prometheus.Registerer) (*limitMetrics, error) {
 		limitReached: factory.NewCounter(prometheus.CounterOpts{
 			Name: "imdsproxy_http_connection_limit_reached_total",
 			Help: "Times a new IMDS connection had to wait because max connections were open.",
+		}),
+		idleClosed: factory.NewCounter(prometheus.CounterOpts{
+			Name: "imdsproxy_http_idle_connections_closed_total",
+			Help: "Keep-alive IMDS connections closed while idle to make room for a new one at the connection limit.",
 		}),
 	}
 

@@ -400,6 +400,74 @@ func TestConnectionLimit(t *testing.T) {
 	}
 }
 
+// TestConnectionLimitEvictsIdle: connections that merely stay open between
+// requests cannot hold the limit against a new client. With the limit
+// reached by keep-alive connections idle after one request each (a local
+// process refreshing them would hold every slot for good otherwise), a new
+// connection is served at once: the connection idle the longest is closed
+// to make room, and counted.
+func TestConnectionLimitEvictsIdle(t *testing.T) {
+	e, addr := rawServer(t, Config{MaxConns: 8})
+	var held []*bufio.Reader
+	var conns []net.Conn
+	for i := range 8 {
+		c, err := net.Dial("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		br := bufio.NewReader(c)
+		if _, err := io.WriteString(c, "GET "+credPath+" HTTP/1.1\r\nHost: 169.254.169.254\r\n\r\n"); err != nil {
+			t.Fatal(err)
+		}
+		_ = c.SetReadDeadline(time.Now().Add(10 * time.Second))
+		resp, err := http.ReadResponse(br, nil)
+		if err != nil {
+			t.Fatalf("connection %d: %v", i, err)
+		}
+		_, _ = io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		held, conns = append(held, br), append(conns, c)
+	}
+	waitFor(t, func() bool { return testutil.ToFloat64(e.s.lim.openConns) == 8 })
+
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if _, err := io.WriteString(c, "GET "+credPath+" HTTP/1.1\r\nHost: 169.254.169.254\r\n\r\n"); err != nil {
+		t.Fatal(err)
+	}
+	// Far below the 60 s idle timeout that would free a slot otherwise.
+	_ = c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+	if err != nil {
+		t.Fatalf("a new client at a limit held by idle keep-alive connections: %v", err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		t.Errorf("status %d", resp.StatusCode)
+	}
+	if v := testutil.ToFloat64(e.s.lim.idleClosed); v != 1 {
+		t.Errorf("imdsproxy_http_idle_connections_closed_total = %v, want 1", v)
+	}
+	// The one idle the longest (the first) was closed; the last still serves.
+	_ = conns[0].SetReadDeadline(time.Now().Add(10 * time.Second))
+	if _, err := held[0].ReadByte(); err == nil {
+		t.Error("the connection idle the longest was not the one closed")
+	}
+	if _, err := io.WriteString(conns[7], "GET "+credPath+" HTTP/1.1\r\nHost: 169.254.169.254\r\n\r\n"); err != nil {
+		t.Fatal(err)
+	}
+	_ = conns[7].SetReadDeadline(time.Now().Add(10 * time.Second))
+	if resp, err := http.ReadResponse(held[7], nil); err != nil {
+		t.Errorf("the connection idle the shortest: %v", err)
+	} else {
+		resp.Body.Close()
+	}
+}
+
 func waitFor(t *testing.T, cond func() bool) {
 	t.Helper()
 	deadline := time.Now().Add(10 * time.Second)

@@ -947,9 +947,11 @@ func (r *recorder) code() int {
 const freshConnWait = time.Second
 
 // freshConns counts connections accepted whose first request has not been
-// read yet (http.StateNew). It runs on every state change of every
-// connection (twice per request), so it keeps no map and takes no lock: the
-// connection (Serve's limitConn) carries its own flag.
+// read yet (http.StateNew). Its track is Serve's ConnState hook, so it also
+// records when each connection goes idle between requests (for the
+// connection limit's eviction, limitListener.evictIdle). It runs on every
+// state change of every connection (twice per request), so it keeps no map
+// and takes no lock: the connection (Serve's limitConn) carries its flags.
 type freshConns struct {
 	n atomic.Int64
 }
@@ -959,10 +961,15 @@ func (f *freshConns) track(c net.Conn, st http.ConnState) {
 	if !ok {
 		return // not accepted by Serve's listener: nothing to wait for
 	}
-	if st == http.StateNew {
+	switch st {
+	case http.StateNew:
 		lc.fresh.Store(true)
 		f.n.Add(1)
 		return
+	case http.StateIdle:
+		lc.setIdle(true)
+	case http.StateActive:
+		lc.setIdle(false)
 	}
 	if lc.fresh.CompareAndSwap(true, false) {
 		f.n.Add(-1)

@@ -874,7 +874,8 @@ func waitServed(t *testing.T, done <-chan error) {
 // first other state, whichever it is, and only once.
 func TestFreshConnsTrack(t *testing.T) {
 	var f freshConns
-	a, b := &limitConn{}, &limitConn{}
+	l := &limitListener{}
+	a, b := &limitConn{l: l}, &limitConn{l: l}
 	f.track(a, http.StateNew)
 	f.track(b, http.StateNew)
 	if n := f.n.Load(); n != 2 {
