@@ -650,7 +650,7 @@ func (c *Cache[K]) startLocked(ctx context.Context, e *entry[K]) *flight {
 	return e.flight
 }
 
-// wait waits for f or for ctx to end.
+// wait waits for f, for ctx to end, or for maxWait (0: no bound) to pass.
 func wait(ctx context.Context, name string, f *flight, maxWait time.Duration) (creds.Credentials, error) {
 	var bound <-chan time.Time
 	if maxWait > 0 {
