@@ -3,12 +3,19 @@ package test
 import (
 	"context"
 	"fmt"
+	"io"
 	"net"
+	"net/http"
+	"net/http/httptest"
 	"regexp"
+	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/imdsproxy/imdsproxy/test/e2e"
 	"github.com/imdsproxy/imdsproxy/test/fakes/sts"
@@ -180,4 +187,149 @@ func TestSIGHUP(t *testing.T) {
 		}
 		e.writeConfig(t, good) // so the next test step and shutdown see a good file
 	})
+}
+
+// TestSignalDrainsInFlight: SIGTERM and SIGINT let a request in flight
+// finish (README.md, "Signals"). A pass-through request is held by the
+// upstream halfway through its body; the signal arrives, the daemon stops
+// accepting (its IMDS port refuses), and only then does the upstream send
+// the rest. The client gets the whole answer and the daemon exits 0.
+func TestSignalDrainsInFlight(t *testing.T) {
+	t.Parallel()
+	for _, sig := range []syscall.Signal{syscall.SIGTERM, syscall.SIGINT} {
+		t.Run(unix.SignalName(sig), func(t *testing.T) {
+			t.Parallel()
+			testSignalDrainsInFlight(t, sig)
+		})
+	}
+}
+
+// heldPath is the pass-through path heldIMDS holds.
+const heldPath = "/latest/user-data"
+
+// heldIMDS is the stand-in IMDS, except that it answers heldPath in two
+// halves: the headers and the first half at once, the rest once release is
+// closed. arrived is closed when the request for heldPath has come.
+type heldIMDS struct {
+	url              string
+	body             string
+	arrived, release chan struct{}
+	once             sync.Once
+}
+
+func startHeldIMDS(t *testing.T) *heldIMDS {
+	t.Helper()
+	u := &heldIMDS{
+		body:    strings.Repeat("#cloud-config: drained\n", 2048), // 46 KiB
+		arrived: make(chan struct{}), release: make(chan struct{}),
+	}
+	inner := e2e.StandInIMDS()
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path != heldPath {
+			inner.ServeHTTP(w, r)
+			return
+		}
+		half := len(u.body) / 2
+		w.Header().Set("Content-Length", strconv.Itoa(len(u.body)))
+		_, _ = io.WriteString(w, u.body[:half])
+		_ = http.NewResponseController(w).Flush()
+		u.once.Do(func() { close(u.arrived) })
+		select {
+		case <-u.release:
+		case <-r.Context().Done():
+			return
+		}
+		_, _ = io.WriteString(w, u.body[half:])
+	}))
+	t.Cleanup(srv.Close)
+	t.Cleanup(u.free)
+	u.url = srv.URL
+	return u
+}
+
+// free lets the held request finish (idempotent).
+func (u *heldIMDS) free() {
+	select {
+	case <-u.release:
+	default:
+		close(u.release)
+	}
+}
+
+func testSignalDrainsInFlight(t *testing.T, sig syscall.Signal) {
+	up := startHeldIMDS(t)
+	// The whole pass-through exchange, the held half included, must fit
+	// in upstream_timeout; the drain waits longer than that.
+	e := startDaemon(t, envOptions{upstreamURL: up.url, upstreamTimeout: 20 * time.Second})
+	defer up.free() // on a failure, before the daemon is stopped
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	tok, err := e2e.IMDSToken(ctx, e2e.Client, e.imdsURL, 21600)
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	type answer struct {
+		status int
+		body   string
+		err    error
+	}
+	answered := make(chan answer, 1)
+	go func() {
+		client := &http.Client{Timeout: 60 * time.Second}
+		st, body, err := e2e.IMDSGet(ctx, client, e.imdsURL, heldPath, tok)
+		answered <- answer{st, body, err}
+	}()
+	select {
+	case <-up.arrived:
+	case a := <-answered:
+		t.Fatalf("answered before the upstream was held: %d %v", a.status, a.err)
+	case <-time.After(30 * time.Second):
+		t.Fatalf("the pass-through request never reached the upstream\n%s", e.logTail(40))
+	}
+
+	began := time.Now()
+	e.stopped = true // this test sends the signal and checks the exit
+	e.signal(t, sig)
+	// The daemon has taken the signal once its IMDS port refuses
+	// connections; the request is still held.
+	addr := fmt.Sprintf("127.0.0.1:%d", e.imdsPort)
+	waitFor(t, 15*time.Second, "the IMDS port to refuse connections after "+unix.SignalName(sig), func() bool {
+		c, err := net.DialTimeout("tcp", addr, time.Second)
+		if err != nil {
+			return true
+		}
+		c.Close()
+		return false
+	})
+	if e.exited() {
+		t.Fatalf("daemon exited with a request in flight: %v", e.proc.Err())
+	}
+	select {
+	case a := <-answered:
+		t.Fatalf("answered while the upstream still held the body: %d %v", a.status, a.err)
+	default:
+	}
+	up.free()
+
+	select {
+	case a := <-answered:
+		if a.err != nil || a.status != http.StatusOK {
+			t.Fatalf("the request in flight at %s: %d %v, want 200 and the whole body", unix.SignalName(sig), a.status, a.err)
+		}
+		if a.body != up.body {
+			t.Fatalf("the request in flight at %s got %d bytes, want all %d", unix.SignalName(sig), len(a.body), len(up.body))
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatalf("the request in flight at %s was not answered within 30s of its release", unix.SignalName(sig))
+	}
+	select {
+	case <-e.proc.Done():
+	case <-time.After(30 * time.Second):
+		t.Fatalf("daemon still running 30s after the drained request")
+	}
+	if code := e2e.ExitCode(e.proc.Err()); code != 0 {
+		t.Fatalf("exit code %d after %s, want 0: %v", code, unix.SignalName(sig), e.proc.Err())
+	}
+	t.Logf("answered in full and exited 0 %v after %s", time.Since(began).Round(time.Millisecond), unix.SignalName(sig))
 }

@@ -88,17 +88,18 @@ func sharedUpstream(t testing.TB) *e2e.Upstream {
 // The daemon under test.
 
 type envOptions struct {
-	sessionLength  time.Duration // fake STS session override; 0: honour DurationSeconds
-	stsDelay       time.Duration
-	stsMode        sts.Mode
-	backoffInitial time.Duration // default 1s
-	backoffMax     time.Duration // default 5s
-	expiryMargin   time.Duration // default 2s
-	fetchTimeout   time.Duration // cache.fetch_timeout; 0: the daemon's default (30s)
-	tokens         string        // imds.tokens; default "required"
-	imds           string        // more of the imds: flow mapping, e.g. "passthrough: {deny: [user-data]}"
-	noWaitReady    bool          // wait for /healthz only, not /readyz
-	logLevel       string        // --log-level; "" is debug (info for a flood: no line per request)
+	sessionLength   time.Duration // fake STS session override; 0: honour DurationSeconds
+	stsDelay        time.Duration
+	stsMode         sts.Mode
+	backoffInitial  time.Duration // default 1s
+	backoffMax      time.Duration // default 5s
+	expiryMargin    time.Duration // default 2s
+	fetchTimeout    time.Duration // cache.fetch_timeout; 0: the daemon's default (30s)
+	upstreamTimeout time.Duration // upstream_timeout; 0: 2s
+	tokens          string        // imds.tokens; default "required"
+	imds            string        // more of the imds: flow mapping, e.g. "passthrough: {deny: [user-data]}"
+	noWaitReady     bool          // wait for /healthz only, not /readyz
+	logLevel        string        // --log-level; "" is debug (info for a flood: no line per request)
 
 	// identityYAML, when set, renders the role:, source:, identity: and any
 	// source-specific sections of the config instead of the web-identity
@@ -242,7 +243,7 @@ func (e *daemonEnv) config() string {
 	}
 	return e2e.Config{
 		Port: e.imdsPort, AdminPort: e.adminPort,
-		Upstream: e.upstreamBase(), UpstreamTimeout: 2 * time.Second,
+		Upstream: e.upstreamBase(), UpstreamTimeout: cmp.Or(e.opts.upstreamTimeout, 2*time.Second),
 		Tokens: e.opts.tokens, IMDS: e.opts.imds, Cache: cache, Identity: identity,
 	}.YAML()
 }
