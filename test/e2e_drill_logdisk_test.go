@@ -16,11 +16,16 @@ import (
 	"github.com/imdsproxy/imdsproxy/test/fakes/sts"
 )
 
+// logWriteErrors counts the log lines the daemon could not write.
+const logWriteErrors = "imdsproxy_log_write_errors_total"
+
 // drillLogDiskFull: the daemon's stdout and stderr go to a file on a
 // 64 KiB tmpfs that is full. Logging fails (ENOSPC) on every line; the daemon
 // must keep serving, refresh, fail over to the cache through an STS outage
-// (which logs warnings), recover, and exit 0 on SIGTERM. Needs root (mount);
-// skipped loudly otherwise.
+// (which logs warnings), recover, and exit 0 on SIGTERM. logWriteErrors is 0
+// while the log is written (the harness's daemon, before the fault) and
+// counts the failed lines once the disk is full. Needs root (mount); skipped
+// loudly otherwise.
 func drillLogDiskFull(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skip("SKIPPED LOUDLY: the log-disk-full drill needs root to mount a 64 KiB tmpfs; run `make test` as root (CI does)")
@@ -38,6 +43,10 @@ func drillLogDiskFull(t *testing.T) {
 	// The harness's daemon sets up everything; it is then replaced by one
 	// writing to the full disk, on the same config and ports.
 	e := startDaemon(t, drillOptions())
+	// Before the fault every line was written: nothing is counted.
+	if n, ok := e.scrape(t).Value(logWriteErrors, nil); !ok || n != 0 {
+		t.Errorf("%s = %v (present %v) with every log line written, want 0", logWriteErrors, n, ok)
+	}
 	if code := e.stop(); code != 0 {
 		t.Fatalf("first daemon exited %d", code)
 	}
@@ -92,6 +101,8 @@ func drillLogDiskFull(t *testing.T) {
 	if err := e2e.WaitOK(e2e.Client, e.adminURL+"/readyz", readyTimeout, 50*time.Millisecond, d); err != nil {
 		t.Fatalf("daemon writing to a full disk not ready within %v: %v", readyTimeout, err)
 	}
+	// Starting up logged lines, and each failed.
+	atReady := waitMetric(t, e, logWriteErrors, nil, func(v float64) bool { return v > 0 }, 10*time.Second)
 	first, _ := e.sts.Last()
 	validUntil := first.Expiration.Add(-drillMargin)
 
@@ -109,6 +120,12 @@ func drillLogDiskFull(t *testing.T) {
 	if err := exitedEarly(); err != nil {
 		t.Fatal(err)
 	}
+	// So did the warnings of the outage and the lines of its requests.
+	afterOutage, _ := e.scrape(t).Value(logWriteErrors, nil)
+	if afterOutage <= atReady {
+		t.Errorf("%s = %v after the STS outage, want more than the %v at ready", logWriteErrors, afterOutage, atReady)
+	}
+	t.Logf("%s: 0 before the fault, %v at ready, %v after the outage", logWriteErrors, atReady, afterOutage)
 	e.sts.SetMode(sts.ModeOK)
 	took := e.drillWaitFresh(t, first.AccessKeyID, drillRecoverWithin)
 	t.Logf("fresh credentials %v after STS recovered, with every log write failing", took.Round(time.Millisecond))
