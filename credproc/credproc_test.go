@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -87,6 +88,7 @@ type env struct {
 	mu     sync.Mutex
 	info   peer.Info
 	err    error
+	hold   func() // when set, identify calls it before it answers
 }
 
 // newEnv serves a plan with workload billing for uid 64101 and the host
@@ -113,8 +115,12 @@ func newEnv(t *testing.T) *env {
 	}
 	e.srv.identify = func(*net.UnixConn) (peer.Info, error) {
 		e.mu.Lock()
-		defer e.mu.Unlock()
-		return e.info, e.err
+		info, err, hold := e.info, e.err, e.hold
+		e.mu.Unlock()
+		if hold != nil {
+			hold()
+		}
+		return info, err
 	}
 	sec := DefaultSection()
 	sec.Socket = filepath.Join(t.TempDir(), "credentials.sock")
@@ -331,6 +337,115 @@ func TestServeBadRequests(t *testing.T) {
 		if err := decodeLine(buf.Bytes(), &resp); err != nil || resp.Error == nil || resp.Error.Code != CodeBadRequest || resp.Credentials != nil {
 			t.Errorf("request %.40q: answer %q (%v), want one bad_request line", req, buf.String(), err)
 		}
+	}
+}
+
+// TestServeReadTimeout: a client that sends no request, or only part of
+// one, is answered bad_request and its connection closed readTimeout (2 s,
+// docs/configuration.md) after it was accepted: not sooner, and not
+// never.
+func TestServeReadTimeout(t *testing.T) {
+	e := newEnv(t)
+	for _, tc := range []struct{ name, sent string }{
+		{"nothing", ""},
+		{"half a line", `{"version":`},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			start := time.Now()
+			c, err := net.Dial("unix", e.socket)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			if _, err := c.Write([]byte(tc.sent)); err != nil {
+				t.Fatal(err)
+			}
+			// Generous: the server must close well before this.
+			_ = c.SetReadDeadline(time.Now().Add(5 * readTimeout))
+			var buf bytes.Buffer
+			_, err = buf.ReadFrom(c) // until the server closes
+			took := time.Since(start)
+			if err != nil {
+				t.Fatalf("not closed by the server within %v: %v (read %q)", 5*readTimeout, err, buf.String())
+			}
+			if took < readTimeout*3/4 {
+				t.Errorf("closed after %v, before the %v a request may take", took, readTimeout)
+			}
+			var resp Response
+			if err := decodeLine(buf.Bytes(), &resp); err != nil || resp.Error == nil || resp.Error.Code != CodeBadRequest {
+				t.Errorf("answer %q (%v), want one bad_request line", buf.String(), err)
+			}
+			t.Logf("answered bad_request and closed after %v", took.Round(time.Millisecond))
+		})
+	}
+}
+
+// TestServeMaxConns: while MaxConns connections are being answered (held
+// in identify), the next one is not served; it is as soon as one of them
+// is done.
+func TestServeMaxConns(t *testing.T) {
+	e := newEnv(t)
+	var calls atomic.Int64
+	entered := make(chan struct{}, MaxConns)
+	release := make(chan struct{})
+	e.mu.Lock()
+	e.info = peer.Info{UID: 1000}
+	e.hold = func() {
+		if calls.Add(1) <= MaxConns {
+			entered <- struct{}{}
+			<-release
+		}
+	}
+	e.mu.Unlock()
+	var once sync.Once
+	releaseAll := func() { once.Do(func() { close(release) }) }
+	t.Cleanup(releaseAll) // before the server stops (cleanups run last first)
+
+	request := func() net.Conn {
+		t.Helper()
+		c, err := net.Dial("unix", e.socket)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		if _, err := c.Write([]byte("{\"version\":1}\n")); err != nil {
+			t.Fatal(err)
+		}
+		return c
+	}
+	for range MaxConns {
+		request()
+	}
+	timeout := time.After(30 * time.Second)
+	for n := range MaxConns {
+		select {
+		case <-entered:
+		case <-timeout:
+			t.Fatalf("%d of %d connections served after 30s", n, MaxConns)
+		}
+	}
+
+	next := request()
+	// Generous enough for the server to reach it if it did not wait.
+	_ = next.SetReadDeadline(time.Now().Add(time.Second))
+	var b [1]byte
+	if n, err := next.Read(b[:]); !errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("connection %d read %d bytes, %v while %d were being served; want no answer yet", MaxConns+1, n, err, MaxConns)
+	}
+	if n := calls.Load(); n != MaxConns {
+		t.Fatalf("%d requests decided with %d connections allowed", n, MaxConns)
+	}
+
+	release <- struct{}{} // one of the held answers, then its connection closes
+	_ = next.SetReadDeadline(time.Now().Add(10 * time.Second))
+	line, err := bufio.NewReader(next).ReadBytes('\n')
+	if err != nil {
+		t.Fatalf("connection %d not served within 10s of a slot freeing: %v (read %q)", MaxConns+1, err, line)
+	}
+	var resp Response
+	if err := decodeLine(line, &resp); err != nil || resp.Credentials == nil || resp.Credentials.AccessKeyID != credsOf("app").AccessKeyID {
+		t.Errorf("connection %d answered %q (%v), want the host role's credentials", MaxConns+1, line, err)
 	}
 }
 
