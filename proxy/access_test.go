@@ -439,3 +439,105 @@ func TestAuditIdentifiesOnlyHandouts(t *testing.T) {
 		})
 	}
 }
+
+// TestUserAgentNeitherAuthorizesNorRoutes: the daemon does not authorize or
+// route on User-Agent (WIRE.md §3.2, "User agents": the JS SDK sends none,
+// the others send their own, and any local process can send any value).
+// The same client process gets the same answers with no User-Agent, an
+// SDK's and odd ones, each on a connection of its own (the client is
+// identified once per connection): a workload its own role, a refused
+// client 403.
+func TestUserAgentNeitherAuthorizesNorRoutes(t *testing.T) {
+	uas := []struct {
+		name string
+		line string // the User-Agent header line; "" sends none
+	}{
+		{"none (JS SDK)", ""},
+		{"Go SDK", "User-Agent: aws-sdk-go-v2/1.48.0 ua/2.1 os/linux lang/go#1.26 md/GOOS#linux md/GOARCH#amd64 api/imds#1.20.8 ft/ec2-imds"},
+		{"botocore", "User-Agent: Botocore/1.29.27 Python/3.11.2 Linux/6.1.0-18-amd64"},
+		{"AWS CLI", "User-Agent: aws-cli/2.9.19 Python/3.11.2 Linux/6.1.0-18-amd64 source/x86_64.debian.12 prompt/off"},
+		{"Java SDK", "User-Agent: aws-sdk-java/2.25.0 Linux/6.1.0 OpenJDK_64-Bit_Server_VM/17.0.10 Java/17.0.10 vendor/Debian"},
+		{"JS SDK named", "User-Agent: aws-sdk-js/3.1173.0 ua/2.1 os/linux lang/js md/nodejs#20.11.0"},
+		{"empty", "User-Agent:"},
+		{"curl", "User-Agent: curl/8.5.0"},
+		{"imdsproxy", "User-Agent: imdsproxy"},
+		{"shellshock", "User-Agent: () { :; }; /bin/sh -c id"},
+		{"long", "User-Agent: " + strings.Repeat("Mozilla/5.0 ", 300)},
+		{"twice", "User-Agent: aws-sdk-go-v2/1.48.0\r\nUser-Agent: curl/8.5.0"},
+	}
+	// answers sends the credential requests of an SDK on a new connection
+	// with ua: the token PUT, both listings, both documents of role and
+	// iam/info.
+	answers := func(t *testing.T, base, ua, role string) []reply {
+		t.Helper()
+		c := dialRaw(t, base)
+		with := func(lines ...string) []string {
+			if ua != "" {
+				lines = append(lines, ua)
+			}
+			return lines
+		}
+		put := c.do(t, http.MethodPut, "/latest/api/token", with("X-aws-ec2-metadata-token-ttl-seconds: 21600")...)
+		if put.code != http.StatusOK {
+			t.Fatalf("token PUT: %d %q", put.code, put.body)
+		}
+		tok := "X-aws-ec2-metadata-token: " + put.body
+		var out []reply
+		for _, p := range []string{"security-credentials/", "security-credentials-extended/",
+			"security-credentials/" + role, "security-credentials-extended/" + role, "info"} {
+			out = append(out, c.do(t, http.MethodGet, "/latest/meta-data/iam/"+p, with(tok)...))
+		}
+		return out
+	}
+	same := func(t *testing.T, got, want []reply) {
+		t.Helper()
+		for i := range want {
+			if got[i].code != want[i].code || got[i].body != want[i].body {
+				t.Errorf("request %d: %d %q, without a User-Agent %d %q", i, got[i].code, got[i].body, want[i].code, want[i].body)
+			}
+		}
+	}
+
+	t.Run("workload", func(t *testing.T) {
+		e := newEnv(t, Config{Plan: planOf(t, twoWorkloads()), InstanceProfileARN: hostProfile})
+		setRoleCreds(e)
+		e.id.set(peer.Info{UID: 1001}, nil) // billing's
+		base, _ := serveEnv(t, e)
+		want := answers(t, base, uas[0].line, "billing")
+		for i, r := range want {
+			if r.code != http.StatusOK {
+				t.Fatalf("request %d without a User-Agent: %d %q", i, r.code, r.body)
+			}
+		}
+		if want[0].body != "billing" || !strings.Contains(want[2].body, billingCreds.AccessKeyID) {
+			t.Fatalf("without a User-Agent: listed %q, served %q; want billing's", want[0].body, want[2].body)
+		}
+		for _, ua := range uas[1:] {
+			t.Run(ua.name, func(t *testing.T) { same(t, answers(t, base, ua.line, "billing"), want) })
+		}
+		for _, k := range e.src.askedKeys() {
+			if k != roleKey("billing") {
+				t.Errorf("the source was asked for %+v, want only billing's key", k)
+			}
+		}
+	})
+
+	t.Run("refused", func(t *testing.T) {
+		e := newEnv(t, Config{Plan: planOf(t, allowUIDs(9999))})
+		e.id.set(testPeer, nil)
+		base, _ := serveEnv(t, e)
+		for _, ua := range uas {
+			t.Run(ua.name, func(t *testing.T) {
+				got := answers(t, base, ua.line, testRole)
+				for i, r := range got {
+					if r.code != http.StatusForbidden || r.body != accessDeniedBody {
+						t.Errorf("request %d: %d %q, want 403 %q", i, r.code, r.body, accessDeniedBody)
+					}
+				}
+			})
+		}
+		if n := e.src.callCount(); n != 0 {
+			t.Errorf("credential source called %d times for a refused client", n)
+		}
+	})
+}

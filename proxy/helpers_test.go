@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"bufio"
 	"context"
 	"errors"
 	"flag"
@@ -10,6 +11,7 @@ import (
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -480,6 +482,52 @@ func fetch(t *testing.T, c *http.Client, method, url, tok string) reply {
 	}
 	defer resp.Body.Close()
 	b, _ := io.ReadAll(resp.Body)
+	return reply{resp.StatusCode, string(b), resp.Header}
+}
+
+// rawConn is one client connection of its own to a Server run by
+// serveEnv, for tests that must know which connection a request travels on
+// and exactly which header lines it carries.
+type rawConn struct {
+	conn net.Conn
+	br   *bufio.Reader
+}
+
+// dialRaw opens a connection to base (serveEnv's URL); it is closed when
+// the test ends.
+func dialRaw(t *testing.T, base string) *rawConn {
+	t.Helper()
+	conn, err := net.DialTimeout("tcp", strings.TrimPrefix(base, "http://"), 10*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	return &rawConn{conn: conn, br: bufio.NewReader(conn)}
+}
+
+// do sends one HTTP/1.1 request on c, with Host 169.254.169.254 and then
+// the header lines given ("Name: value", in order, nothing else), and reads
+// the response whole.
+func (c *rawConn) do(t *testing.T, method, path string, lines ...string) reply {
+	t.Helper()
+	req := method + " " + path + " HTTP/1.1\r\nHost: 169.254.169.254\r\n"
+	for _, l := range lines {
+		req += l + "\r\n"
+	}
+	// Generous: the machine may be loaded; a hang must still end.
+	_ = c.conn.SetDeadline(time.Now().Add(30 * time.Second))
+	if _, err := io.WriteString(c.conn, req+"\r\n"); err != nil {
+		t.Fatal(err)
+	}
+	resp, err := http.ReadResponse(c.br, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
 	return reply{resp.StatusCode, string(b), resp.Header}
 }
 

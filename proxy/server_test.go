@@ -623,6 +623,57 @@ func TestKeepAliveSequence(t *testing.T) {
 	}
 }
 
+// TestTokenNotBoundToConnection: a session token is not bound to the
+// connection that minted it (WIRE.md §1.3, "Tokens are not bound to the
+// connection"). Go caches its token for the TTL and keeps sending it on
+// later connections, so a token minted on one connection is accepted on
+// another, also after the minting connection closed and on a connection
+// that remembers another token (proxy/access.go peerMemo).
+func TestTokenNotBoundToConnection(t *testing.T) {
+	e := newEnv(t, Config{TokensRequired: true})
+	base, _ := serveEnv(t, e)
+	const credsPath = "/latest/meta-data/iam/security-credentials/" + testRole
+	put := func(c *rawConn, name string) string {
+		t.Helper()
+		r := c.do(t, http.MethodPut, "/latest/api/token", "X-aws-ec2-metadata-token-ttl-seconds: 21600")
+		if r.code != http.StatusOK || r.body == "" {
+			t.Fatalf("token PUT on %s: %d %q", name, r.code, r.body)
+		}
+		return r.body
+	}
+	served := func(c *rawConn, name, tok, what string) {
+		t.Helper()
+		r := c.do(t, http.MethodGet, credsPath, "X-aws-ec2-metadata-token: "+tok)
+		if r.code != http.StatusOK || !strings.Contains(r.body, testSecret) {
+			t.Fatalf("%s on %s: %d %q, want 200 and the credentials", what, name, r.code, r.body)
+		}
+	}
+
+	a, b := dialRaw(t, base), dialRaw(t, base)
+	tokA := put(a, "A")
+	served(b, "B", tokA, "the token minted on A")
+	served(a, "A", tokA, "the token minted on A")
+	tokB := put(b, "B")
+	served(b, "B", tokB, "the token minted on B")
+	served(a, "A", tokB, "the token minted on B")
+	// B now remembers tokB (peerMemo): tokA is verified in full, and valid.
+	served(b, "B", tokA, "the token minted on A, after B verified another")
+
+	// The token outlives the connection that minted it.
+	a.conn.Close()
+	c := dialRaw(t, base)
+	served(c, "C", tokA, "the token minted on A, after A closed")
+
+	// The check is live: a forged token is refused on every connection.
+	forged := []byte(tokA)
+	forged[len(forged)-2] ^= 1
+	for name, conn := range map[string]*rawConn{"B": b, "C": c} {
+		if r := conn.do(t, http.MethodGet, credsPath, "X-aws-ec2-metadata-token: "+string(forged)); r.code != http.StatusUnauthorized {
+			t.Fatalf("forged token on %s: %d %q, want 401", name, r.code, r.body)
+		}
+	}
+}
+
 func TestMetricsLint(t *testing.T) {
 	e := newEnv(t, Config{})
 	e.token(t, "300")
