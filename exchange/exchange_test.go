@@ -4,10 +4,13 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"net/url"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -712,3 +715,105 @@ var (
 	_ interface{ forgetDurationCaps() } = (*WebIdentity)(nil)
 	_ interface{ forgetDurationCaps() } = (*AssumeRole)(nil)
 )
+
+// stsCapture is an http.RoundTripper that records each request and answers
+// it itself with a successful AssumeRoleWithWebIdentity: nothing is sent to
+// the network.
+type stsCapture struct {
+	mu   sync.Mutex
+	reqs []capturedRequest
+}
+
+// capturedRequest is a request as the SDK handed it to the transport.
+type capturedRequest struct {
+	method string
+	url    *url.URL
+	host   string
+	header http.Header
+	body   string
+}
+
+func (c *stsCapture) RoundTrip(r *http.Request) (*http.Response, error) {
+	var body []byte
+	if r.Body != nil {
+		b, err := io.ReadAll(r.Body)
+		r.Body.Close()
+		if err != nil {
+			return nil, err
+		}
+		body = b
+	}
+	u := *r.URL
+	c.mu.Lock()
+	c.reqs = append(c.reqs, capturedRequest{method: r.Method, url: &u, host: r.Host, header: r.Header.Clone(), body: string(body)})
+	c.mu.Unlock()
+	return &http.Response{
+		StatusCode: http.StatusOK, Status: "200 OK", Proto: "HTTP/1.1", ProtoMajor: 1, ProtoMinor: 1,
+		Header:  http.Header{"Content-Type": {"text/xml"}},
+		Body:    io.NopCloser(strings.NewReader(successXML(time.Now().Add(time.Hour)))),
+		Request: r,
+	}, nil
+}
+
+func (c *stsCapture) requests() []capturedRequest {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return append([]capturedRequest(nil), c.reqs...)
+}
+
+// TestSTSRegionalEndpointUnsigned: AssumeRoleWithWebIdentity goes to the
+// regional endpoint https://sts.<region>.amazonaws.com, us-east-1 included
+// (never the legacy global sts.amazonaws.com), as POST / with the
+// parameters in a form body, and unsigned (WIRE.md §6.1). The request is
+// captured by the HTTP client's transport; nothing reaches the network.
+func TestSTSRegionalEndpointUnsigned(t *testing.T) {
+	for _, region := range []string{"us-east-1", "us-west-2", "eu-west-1", "ap-southeast-2"} {
+		t.Run(region, func(t *testing.T) {
+			isolateAWSEnv(t) // no endpoint override, no credentials
+			for _, k := range []string{"AWS_USE_FIPS_ENDPOINT", "AWS_USE_DUALSTACK_ENDPOINT", "AWS_STS_REGIONAL_ENDPOINTS"} {
+				unsetenv(t, k)
+			}
+			capture := &stsCapture{}
+			w, err := NewWebIdentity(context.Background(), WebIdentityConfig{
+				Region: region, HTTPClient: &http.Client{Transport: capture},
+			}, &tokenSource{tokens: []string{testJWT}}, nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, err := w.Fetch(context.Background(), testRole); err != nil {
+				t.Fatalf("Fetch: %v", err)
+			}
+			reqs := capture.requests()
+			if len(reqs) != 1 {
+				t.Fatalf("%d requests, want 1", len(reqs))
+			}
+			r := reqs[0]
+			if want := "sts." + region + ".amazonaws.com"; r.url.Scheme != "https" || r.url.Host != want || (r.host != "" && r.host != want) {
+				t.Errorf("request to %s://%s (Host %q), want https://%s", r.url.Scheme, r.url.Host, r.host, want)
+			}
+			if r.method != http.MethodPost || r.url.Path != "/" || r.url.RawQuery != "" {
+				t.Errorf("request %s %s?%s, want POST / without a query", r.method, r.url.Path, r.url.RawQuery)
+			}
+			if ct := r.header.Get("Content-Type"); !strings.HasPrefix(ct, "application/x-www-form-urlencoded") {
+				t.Errorf("Content-Type %q, want a form", ct)
+			}
+			form, err := url.ParseQuery(r.body)
+			if err != nil {
+				t.Fatalf("body is not a form: %v", err)
+			}
+			for k, v := range map[string]string{
+				"Action": "AssumeRoleWithWebIdentity", "Version": "2011-06-15", "RoleArn": testRoleARN,
+				"RoleSessionName": testRole.SessionName, "WebIdentityToken": testJWT,
+			} {
+				if got := form.Get(k); got != v {
+					t.Errorf("form %s = %q, want %q", k, got, v)
+				}
+			}
+			for _, h := range []string{"Authorization", "X-Amz-Security-Token"} {
+				if _, ok := r.header[h]; ok {
+					t.Errorf("header %s sent: the call must be unsigned", h)
+				}
+			}
+		})
+	}
+}

@@ -436,6 +436,52 @@ func TestInstanceProfileBadDocuments(t *testing.T) {
 	})
 }
 
+// TestInstanceProfileDocumentTolerance: the credential document parser
+// ignores keys it does not know, an unknown nested object included, reads
+// microsecond timestamps and accepts AccountId (WIRE.md §2.2: "unknown keys
+// are ignored", "clients must tolerate fractions"; §7.4: the Java SDK's
+// "tolerance" document and its extended, AccountId-carrying shape).
+func TestInstanceProfileDocumentTolerance(t *testing.T) {
+	const (
+		key    = "ASIAIOSFODNN7EXAMPLE"
+		secret = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
+		token  = "AQoEXAMPLEH4aoAH0gNCAPyJxz4BlCFFxWNE1OPTgk5TthT+FvwqnKw"
+	)
+	now := time.Date(2025, 3, 18, 21, 0, 0, 0, time.UTC)
+	exp := time.Date(2025, 3, 18, 21, 53, 17, 832308000, time.UTC)
+	for name, doc := range map[string]string{
+		"tolerance": `{"Code":"Success","LastUpdated":"2025-03-18T20:53:17.832308Z","Type":"AWS-HMAC",` +
+			`"AccessKeyId":"` + key + `","SecretAccessKey":"` + secret + `","Token":"` + token + `",` +
+			`"Expiration":"2025-03-18T21:53:17.832308Z","AccountId":"123456789012",` +
+			`"UnexpectedElement7":{"Name":"ignore-me-7"}}`,
+		"extended, pretty-printed": `{
+  "AccessKeyId" : "` + key + `",
+  "SecretAccessKey" : "` + secret + `",
+  "Token" : "` + token + `",
+  "Expiration" : "2025-03-18T21:53:17.832308Z",
+  "AccountId" : "123456789012",
+  "UnexpectedElement7" : { "Name" : "ignore-me-7", "Nested" : { "List" : [1, "two", null, true] } },
+  "UnexpectedElement8" : [ { "Name" : "ignore-me-8" } ],
+  "UnexpectedElement9" : 9.5
+}`,
+	} {
+		t.Run(name, func(t *testing.T) {
+			c, err := parseInstanceProfileDocument([]byte(doc), now)
+			if err != nil {
+				t.Fatalf("parse: %v", err)
+			}
+			if !c.Expires.Equal(exp) {
+				t.Fatalf("Expires %s, want %s", c.Expires.Format(time.RFC3339Nano), exp.Format(time.RFC3339Nano))
+			}
+			want := creds.Credentials{AccessKeyID: key, SecretAccessKey: secret, SessionToken: token,
+				Expires: c.Expires, LastUpdated: now, Source: SourceInstanceProfile}
+			if c != want || !c.ValidAt(now) {
+				t.Fatalf("parsed %#v\nwant   %#v", c, want)
+			}
+		})
+	}
+}
+
 // TestInstanceProfileSessionTokenNotCapped: the Token of a credential
 // document has no length cap of its own (WIRE.md §6.3: "The session-token
 // size is not fixed, so do not cap it"); only the whole answer is bounded,

@@ -1,14 +1,25 @@
 package exchange
 
 import (
+	"bytes"
 	"context"
 	"crypto"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
 	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"io"
+	"math/big"
+	"net"
 	"net/http"
 	"net/http/httptest"
+	"regexp"
+	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -521,5 +532,189 @@ func TestRolesAnywhereFetchRefusesBadRole(t *testing.T) {
 		if _, err := r.Fetch(context.Background(), role); err != nil {
 			t.Fatalf("Fetch(%+v): %v", role, err)
 		}
+	}
+}
+
+// chainOfTwo issues root → intermediate 1 → intermediate 2 → leaf (ECDSA
+// P-256) and returns a pool of the root, and the leaf's identity with its
+// intermediates nearest first (as a chain file lists them).
+func chainOfTwo(t *testing.T) (*x509.CertPool, *staticX509) {
+	t.Helper()
+	now := time.Now()
+	issue := func(cn string, ca bool, parent *x509.Certificate, parentKey crypto.Signer) (*x509.Certificate, crypto.Signer) {
+		t.Helper()
+		key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+		if err != nil {
+			t.Fatal(err)
+		}
+		serial, err := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 120))
+		if err != nil {
+			t.Fatal(err)
+		}
+		tmpl := &x509.Certificate{SerialNumber: serial, Subject: pkix.Name{CommonName: cn},
+			NotBefore: now.Add(-time.Hour), NotAfter: now.Add(24 * time.Hour), BasicConstraintsValid: true}
+		if ca {
+			tmpl.IsCA, tmpl.KeyUsage = true, x509.KeyUsageCertSign
+		} else {
+			tmpl.KeyUsage, tmpl.ExtKeyUsage = x509.KeyUsageDigitalSignature, []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}
+		}
+		if parent == nil {
+			parent, parentKey = tmpl, key
+		}
+		der, err := x509.CreateCertificate(rand.Reader, tmpl, parent, key.Public(), parentKey)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c, err := x509.ParseCertificate(der)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return c, key
+	}
+	root, rootKey := issue("chain test root", true, nil, nil)
+	int1, int1Key := issue("chain test intermediate 1", true, root, rootKey)
+	int2, int2Key := issue("chain test intermediate 2", true, int1, int1Key)
+	leaf, leafKey := issue("host-1.chain.test", false, int2, int2Key)
+	pool := x509.NewCertPool()
+	pool.AddCert(root)
+	return pool, &staticX509{leaf: leaf, chain: []*x509.Certificate{int2, int1}, signer: leafKey}
+}
+
+// TestRolesAnywhereChainOfIntermediates: X-Amz-X509-Chain carries every
+// intermediate, in order, as standard base64 DER joined by commas, and it
+// is a signed header (WIRE.md §5.2 "Headers", §5.3, §10). The leaf chains
+// to the trust anchor only through both intermediates, and the fake
+// verifies the chain and the signature from the request alone.
+func TestRolesAnywhereChainOfIntermediates(t *testing.T) {
+	roots, src := chainOfTwo(t)
+	fake := rolesanywhere.New(rolesanywhere.Config{Roots: roots, TrustAnchorARN: testTrustAnchor, ProfileARN: testProfile, RoleARN: testRoleARN})
+	t.Cleanup(fake.Close)
+	var (
+		mu   sync.Mutex
+		sent []http.Header
+	)
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		sent = append(sent, r.Header.Clone())
+		mu.Unlock()
+		fake.Handler().ServeHTTP(w, r)
+	}))
+	t.Cleanup(srv.Close)
+
+	r := newTestRolesAnywhere(t, srv.URL, RolesAnywhereConfig{MaxAttempts: 1}, src, nil)
+	c, err := r.Fetch(context.Background(), raRole)
+	if err != nil || !c.Complete() {
+		t.Fatalf("Fetch = %v, %v\ncalls: %+v", c, err, fake.CallLog())
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if len(sent) != 1 {
+		t.Fatalf("%d requests, want 1", len(sent))
+	}
+	h := sent[0]
+	if v := h.Values("X-Amz-X509-Chain"); len(v) != 1 {
+		t.Fatalf("X-Amz-X509-Chain sent %d times, want once", len(v))
+	}
+	want := base64.StdEncoding.EncodeToString(src.chain[0].Raw) + "," + base64.StdEncoding.EncodeToString(src.chain[1].Raw)
+	if got := h.Get("X-Amz-X509-Chain"); got != want {
+		t.Fatalf("X-Amz-X509-Chain = %q\nwant intermediate 2, intermediate 1: %q", got, want)
+	}
+	for i, part := range strings.Split(h.Get("X-Amz-X509-Chain"), ",") {
+		der, err := base64.StdEncoding.Strict().DecodeString(part)
+		if err != nil || !bytes.Equal(der, src.chain[i].Raw) {
+			t.Fatalf("chain entry %d is not the standard base64 DER of intermediate %d (%v)", i, 2-i, err)
+		}
+	}
+	m := regexp.MustCompile(`, SignedHeaders=([a-z0-9;-]+), `).FindStringSubmatch(h.Get("Authorization"))
+	if m == nil || !slices.Contains(strings.Split(m[1], ";"), "x-amz-x509-chain") {
+		t.Fatalf("x-amz-x509-chain is not a signed header: Authorization %q", h.Get("Authorization"))
+	}
+}
+
+// TestRolesAnywhereAnySuccessStatus: CreateSession answers 201, and the
+// client accepts any 2xx with a valid body, at the first attempt (WIRE.md
+// §5.1 "Success status", §10).
+func TestRolesAnywhereAnySuccessStatus(t *testing.T) {
+	src := issueLeaf(t, rolesanywhere.LeafOptions{Key: rolesanywhere.ECP256})
+	exp := time.Now().Add(time.Hour).Truncate(time.Second).UTC()
+	for _, status := range []int{http.StatusCreated, http.StatusOK, http.StatusAccepted, http.StatusNonAuthoritativeInfo, 299} {
+		t.Run(strconv.Itoa(status), func(t *testing.T) {
+			var calls atomic.Int32
+			srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				calls.Add(1)
+				_, _ = io.Copy(io.Discard, r.Body)
+				w.Header().Set("Content-Type", "application/json")
+				w.WriteHeader(status)
+				_, _ = io.WriteString(w, raSuccessJSON(exp))
+			}))
+			t.Cleanup(srv.Close)
+			r := newTestRolesAnywhere(t, srv.URL, RolesAnywhereConfig{}, src, nil)
+			c, err := r.Fetch(context.Background(), raRole)
+			if err != nil {
+				t.Fatalf("HTTP %d: %v", status, err)
+			}
+			if c.AccessKeyID != "ASIAEXAMPLEEXAMPLE" || c.SecretAccessKey != testSecretKey || c.SessionToken != testSessionToken ||
+				!c.Expires.Equal(exp) || !c.Complete() {
+				t.Fatalf("HTTP %d: credentials %v expiring %s", status, c, c.Expires)
+			}
+			if n := calls.Load(); n != 1 {
+				t.Fatalf("HTTP %d: %d attempts, want 1", status, n)
+			}
+		})
+	}
+}
+
+// TestRolesAnywhereOneConnection: refreshes do not leak a connection each
+// (WIRE.md §10: AWS's helper leaks one per refresh). Successes and 403s,
+// mixed, all travel on one keep-alive connection of the default HTTP
+// client: every answer body is read and closed, the refused ones too.
+func TestRolesAnywhereOneConnection(t *testing.T) {
+	src := issueLeaf(t, rolesanywhere.LeafOptions{Key: rolesanywhere.ECP256})
+	exp := time.Now().Add(time.Hour)
+	// true: 201 with credentials; false: 403 AccessDeniedException (not retried).
+	script := []bool{true, false, false, true, true, false, true, false, true}
+	var (
+		calls atomic.Int32
+		conns atomic.Int32
+	)
+	srv := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		n := int(calls.Add(1)) - 1
+		_, _ = io.Copy(io.Discard, r.Body)
+		w.Header().Set("Content-Type", "application/json")
+		if n < len(script) && script[n] {
+			w.WriteHeader(http.StatusCreated)
+			_, _ = io.WriteString(w, raSuccessJSON(exp))
+			return
+		}
+		w.Header().Set("X-Amzn-ErrorType", "AccessDeniedException")
+		w.WriteHeader(http.StatusForbidden)
+		// Longer than one read, so a client that stops at the message
+		// leaves the rest unread.
+		_, _ = io.WriteString(w, `{"message":"Untrusted certificate. Insufficient certificate","detail":"`+strings.Repeat("x", 8<<10)+`"}`)
+	}))
+	srv.Config.ConnState = func(_ net.Conn, st http.ConnState) {
+		if st == http.StateNew {
+			conns.Add(1)
+		}
+	}
+	srv.Start()
+	t.Cleanup(srv.Close)
+
+	r := newTestRolesAnywhere(t, srv.URL, RolesAnywhereConfig{}, src, nil) // no HTTPClient: the daemon's default
+	for i, ok := range script {
+		c, err := r.Fetch(context.Background(), raRole)
+		var e *Error
+		switch {
+		case ok && (err != nil || !c.Complete()):
+			t.Fatalf("fetch %d: %v, %v; want credentials", i, c, err)
+		case !ok && (!errors.As(err, &e) || e.Class != ClassAccessDenied):
+			t.Fatalf("fetch %d: %v, want access_denied", i, err)
+		}
+	}
+	if n := calls.Load(); n != int32(len(script)) {
+		t.Fatalf("%d requests, want %d", n, len(script))
+	}
+	if n := conns.Load(); n != 1 {
+		t.Fatalf("%d connections opened for %d refreshes, want 1", n, len(script))
 	}
 }
