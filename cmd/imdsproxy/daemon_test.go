@@ -2,7 +2,9 @@ package main
 
 import (
 	"bytes"
+	"cmp"
 	"context"
+	"encoding/json"
 	"fmt"
 	"io"
 	"net/http"
@@ -10,6 +12,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -20,6 +23,7 @@ import (
 	"github.com/imdsproxy/imdsproxy/creds"
 	"github.com/imdsproxy/imdsproxy/test/e2e"
 	"github.com/imdsproxy/imdsproxy/test/fakes/oidc"
+	"github.com/imdsproxy/imdsproxy/test/fakes/rolesanywhere"
 	"github.com/imdsproxy/imdsproxy/test/fakes/sts"
 )
 
@@ -339,6 +343,156 @@ func TestReadinessReportsPermanentErrors(t *testing.T) {
 	st := td.d.Status()
 	if st.Ready || !strings.Contains(st.ReadyReason, "access_denied") {
 		t.Fatalf("readiness = %v %q, want not ready naming access_denied", st.Ready, st.ReadyReason)
+	}
+}
+
+// The Roles Anywhere resources of the in-process roles-anywhere daemon.
+const (
+	raTrustAnchor = "arn:aws:rolesanywhere:us-east-1:222222222222:trust-anchor/0b8c3f1e-1111-2222-3333-444455556666"
+	raProfile     = "arn:aws:rolesanywhere:us-east-1:222222222222:profile/7c9a1b2c-1111-2222-3333-444455556666"
+)
+
+// raDaemon is an in-process daemon with source roles-anywhere in front of
+// the fake Roles Anywhere, and the CreateSession bodies it sent.
+type raDaemon struct {
+	*testDaemon
+	fake *rolesanywhere.Server
+
+	mu     sync.Mutex
+	bodies [][]byte
+}
+
+// sent returns the CreateSession request bodies so far.
+func (r *raDaemon) sent() [][]byte {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return append([][]byte(nil), r.bodies...)
+}
+
+// startRolesAnywhereDaemon wires the real daemon in process with source
+// roles-anywhere against the fake Roles Anywhere (trusting a new CA that
+// issued the host's certificate) and standInIMDS as the real IMDS (so the
+// instance id is known); roleExtra is appended inside the role: mapping.
+func startRolesAnywhereDaemon(t *testing.T, roleExtra string) *raDaemon {
+	t.Helper()
+	ca, err := rolesanywhere.NewCA()
+	if err != nil {
+		t.Fatal(err)
+	}
+	fake := rolesanywhere.Start(t, rolesanywhere.Config{
+		Roots: ca.Pool(), TrustAnchorARN: raTrustAnchor, ProfileARN: raProfile, RoleARN: "arn:aws:iam::222222222222:role/app",
+	})
+	rd := &raDaemon{fake: fake}
+	// In front of the fake: records each body as sent.
+	front := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		b, _ := io.ReadAll(r.Body)
+		rd.mu.Lock()
+		rd.bodies = append(rd.bodies, b)
+		rd.mu.Unlock()
+		r.Body = io.NopCloser(bytes.NewReader(b))
+		fake.Handler().ServeHTTP(w, r)
+	}))
+	t.Cleanup(front.Close)
+	upstream := httptest.NewServer(standInIMDS(t))
+	t.Cleanup(upstream.Close)
+
+	dir := t.TempDir()
+	leaf, err := ca.Issue(rolesanywhere.LeafOptions{Key: rolesanywhere.ECP256})
+	if err != nil {
+		t.Fatal(err)
+	}
+	certPath, keyPath, chainPath, err := leaf.WriteFiles(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, k := range []string{"AWS_PROFILE", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL"} {
+		t.Setenv(k, "")
+	}
+	t.Setenv("AWS_CONFIG_FILE", filepath.Join(dir, "none"))
+	t.Setenv("AWS_SHARED_CREDENTIALS_FILE", filepath.Join(dir, "none"))
+	t.Setenv("AWS_REGION", "us-east-1")
+	t.Setenv("AWS_ENDPOINT_URL_ROLESANYWHERE", front.URL)
+	cfgPath := filepath.Join(dir, "config.yaml")
+	cfgText := fmt.Sprintf(`listen: 127.0.0.1:0
+admin_listen: 127.0.0.1:1
+upstream: %s
+role: {arn: "arn:aws:iam::222222222222:role/app"%s}
+source: roles-anywhere
+identity:
+  x509: {cert: %q, key: %q, chain: %q}
+roles_anywhere: {trust_anchor_arn: %s, profile_arn: %s}
+cache: {backoff_initial: 100ms, backoff_max: 1s, expiry_margin: 2s}
+`, upstream.URL, roleExtra, certPath, keyPath, chainPath, raTrustAnchor, raProfile)
+	if err := os.WriteFile(cfgPath, []byte(cfgText), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cfg, err := loadConfig(cfgPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	logs := &e2e.LockedBuffer{}
+	log, _ := newLogger("json", "debug", logs)
+	d, err := newDaemon(context.Background(), cfgPath, cfg, log, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); _ = d.cache.Run(ctx) }()
+	t.Cleanup(func() { cancel(); <-done })
+	rd.testDaemon = &testDaemon{d: d, cfgPath: cfgPath, logs: logs, admin: admin.Handler(d.gatherer(), d)}
+	return rd
+}
+
+// TestRolesAnywhereSessionNameOnlyWhenConfigured: CreateSession carries
+// roleSessionName only when role.session_name is configured (WIRE.md §10:
+// "plus roleSessionName only when asked for"; §5.2: it needs the profile's
+// acceptRoleSessionName). The daemon's default session name, the instance
+// id (or the host name), is never sent to Roles Anywhere.
+func TestRolesAnywhereSessionNameOnlyWhenConfigured(t *testing.T) {
+	const instanceID = "i-0123456789abcdef0" // standInIMDS's
+	for _, tc := range []struct {
+		name      string
+		roleExtra string
+		want      string // roleSessionName sent; "" none
+	}{
+		{"not configured", "", ""},
+		{"configured", ", session_name: ops-session", "ops-session"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			rd := startRolesAnywhereDaemon(t, tc.roleExtra)
+			gen := rd.d.snap.Load().gen
+			if rd.d.instanceID != instanceID || gen.session != cmp.Or(tc.want, instanceID) {
+				t.Fatalf("instance id %q, daemon session name %q; want %q and %q", rd.d.instanceID, gen.session, instanceID, cmp.Or(tc.want, instanceID))
+			}
+			if got := rd.hostKey().Role.SessionName; got != tc.want {
+				t.Fatalf("host key session name %q, want %q", got, tc.want)
+			}
+			code, body := rd.imds(t, "/latest/meta-data/iam/security-credentials/app")
+			if code != http.StatusOK || !strings.Contains(body, `"Code" : "Success"`) {
+				t.Fatalf("credentials: %d %q\ncalls: %+v", code, body, rd.fake.CallLog())
+			}
+			sent := rd.sent()
+			if len(sent) == 0 {
+				t.Fatal("no CreateSession sent")
+			}
+			for i, b := range sent {
+				var req map[string]any
+				if err := json.Unmarshal(b, &req); err != nil {
+					t.Fatalf("CreateSession %d body %q: %v", i, b, err)
+				}
+				got, present := req["roleSessionName"]
+				switch {
+				case tc.want == "" && present:
+					t.Errorf("CreateSession %d sent roleSessionName %v, want none: %s", i, got, b)
+				case tc.want != "" && got != tc.want:
+					t.Errorf("CreateSession %d sent roleSessionName %v, want %q: %s", i, got, tc.want, b)
+				}
+				if _, ok := req["sessionName"]; ok {
+					t.Errorf("CreateSession %d sent the deprecated sessionName: %s", i, b)
+				}
+			}
+		})
 	}
 }
 
