@@ -666,8 +666,8 @@ func TestRolesAnywhereAnySuccessStatus(t *testing.T) {
 
 // TestRolesAnywhereOneConnection: refreshes do not leak a connection each
 // (WIRE.md §10: AWS's helper leaks one per refresh). Successes and 403s,
-// mixed, all travel on one keep-alive connection of the default HTTP
-// client: every answer body is read and closed, the refused ones too.
+// mixed, travel on one keep-alive connection of the default HTTP client:
+// every answer body is read and closed, the refused ones too.
 func TestRolesAnywhereOneConnection(t *testing.T) {
 	src := issueLeaf(t, rolesanywhere.LeafOptions{Key: rolesanywhere.ECP256})
 	exp := time.Now().Add(time.Hour)
@@ -714,7 +714,11 @@ func TestRolesAnywhereOneConnection(t *testing.T) {
 	if n := calls.Load(); n != int32(len(script)) {
 		t.Fatalf("%d requests, want %d", n, len(script))
 	}
-	if n := conns.Load(); n != 1 {
-		t.Fatalf("%d connections opened for %d refreshes, want 1", n, len(script))
+	// One, normally. Go's transport may dial anew when the next request
+	// comes before a finished connection is back in its idle pool (a busy
+	// host); a leak — a body left unread — would open one per refusal at
+	// least (5 here).
+	if n := conns.Load(); n > 2 {
+		t.Fatalf("%d connections opened for %d refreshes, want 1 (2 at most on a busy host)", n, len(script))
 	}
 }
