@@ -422,6 +422,9 @@ identity:
   x509: {cert: %q, key: %q, chain: %q}
 roles_anywhere: {trust_anchor_arn: %s, profile_arn: %s}
 cache: {backoff_initial: 100ms, backoff_max: 1s, expiry_margin: 2s}
+workloads:
+  - {uid: 1001, role: {arn: "arn:aws:iam::222222222222:role/app", name: w1}}
+  - {uid: 1002, role: {arn: "arn:aws:iam::222222222222:role/app", name: w2, session_name: own-name}}
 `, upstream.URL, roleExtra, certPath, keyPath, chainPath, raTrustAnchor, raProfile)
 	if err := os.WriteFile(cfgPath, []byte(cfgText), 0o600); err != nil {
 		t.Fatal(err)
@@ -448,7 +451,8 @@ cache: {backoff_initial: 100ms, backoff_max: 1s, expiry_margin: 2s}
 // roleSessionName only when role.session_name is configured (WIRE.md §10:
 // "plus roleSessionName only when asked for"; §5.2: it needs the profile's
 // acceptRoleSessionName). The daemon's default session name, the instance
-// id (or the host name), is never sent to Roles Anywhere.
+// id (or the host name), is never sent to Roles Anywhere; a workload's
+// defaults to the host's configured one (docs/configuration.md).
 func TestRolesAnywhereSessionNameOnlyWhenConfigured(t *testing.T) {
 	const instanceID = "i-0123456789abcdef0" // standInIMDS's
 	for _, tc := range []struct {
@@ -467,6 +471,12 @@ func TestRolesAnywhereSessionNameOnlyWhenConfigured(t *testing.T) {
 			}
 			if got := rd.hostKey().Role.SessionName; got != tc.want {
 				t.Fatalf("host key session name %q, want %q", got, tc.want)
+			}
+			if got := gen.workloadKeys[0].Role.SessionName; got != tc.want {
+				t.Errorf("a workload without a session name of its own: %q, want the host's configured %q", got, tc.want)
+			}
+			if got := gen.workloadKeys[1].Role.SessionName; got != "own-name" {
+				t.Errorf("a workload with its own session name: %q, want own-name", got)
 			}
 			code, body := rd.imds(t, "/latest/meta-data/iam/security-credentials/app")
 			if code != http.StatusOK || !strings.Contains(body, `"Code" : "Success"`) {

@@ -685,10 +685,11 @@ func (d *daemon) build(ctx context.Context, cfg Config, prev *generation) (*gene
 		return nil, err
 	}
 	// Roles Anywhere sends a session name only when one is configured (the
-	// profile must accept it).
+	// profile must accept it): the host's role.session_name, which is also
+	// the default of a workload's, never the instance id or host name.
 	session := g.session
 	if cfg.Source == exchange.SourceNameRolesAnywhere {
-		session = ""
+		session = cfg.Role.SessionName
 	}
 	if src.Profile != nil {
 		g.profileKey = creds.Key{Kind: creds.KindInstanceProfile, Role: creds.Role{Name: src.ProfileRole}, Via: src.Profile}
