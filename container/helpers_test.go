@@ -144,7 +144,9 @@ type env struct {
 	addr   string
 }
 
-func newEnv(t *testing.T, lists access.Section) *env {
+// newEnv builds the env and serves it; each of opts is applied to the
+// Server before Serve.
+func newEnv(t *testing.T, lists access.Section, opts ...func(*Server)) *env {
 	t.Helper()
 	e := &env{src: &fakeSource{}, id: &fakeID{err: peer.ErrNotFound}, reg: prometheus.NewRegistry(), log: &syncBuf{}, dir: t.TempDir()}
 	log := debugLogger(e.log)
@@ -162,6 +164,9 @@ func newEnv(t *testing.T, lists access.Section) *env {
 	}
 	if err := e.tokens.Sync(map[string]int{"uid:64101": owner(64101), "backup.service": owner(0)}); err != nil {
 		t.Fatal(err)
+	}
+	for _, o := range opts {
+		o(e.srv)
 	}
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {

@@ -33,6 +33,7 @@ type metrics struct {
 	rotations   prometheus.Counter
 	writeErrors prometheus.Counter
 	tokens      prometheus.Gauge
+	idleClosed  prometheus.Counter
 
 	hot sync.Map // code -> prometheus.Counter
 }
@@ -55,6 +56,10 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Name: "imdsproxy_container_rejections_total",
 			Help: "Container endpoint requests refused before the access decision, by reason (missing_token, invalid_token, method, path, host, bad_request).",
 		}, []string{"reason"}),
+		idleClosed: f.NewCounter(prometheus.CounterOpts{
+			Name: "imdsproxy_container_idle_connections_closed_total",
+			Help: "Keep-alive connections of the container credentials endpoint closed while idle to make room for a new one at the connection limit.",
+		}),
 		rotations: f.NewCounter(prometheus.CounterOpts{
 			Name: "imdsproxy_container_token_rotations_total",
 			Help: "Rotations of every workload's authorization token (scheduled and SIGUSR1).",

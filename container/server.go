@@ -18,6 +18,7 @@
 package container
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -30,9 +31,9 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
-	"golang.org/x/net/netutil"
 
 	"github.com/imdsproxy/imdsproxy/access"
+	"github.com/imdsproxy/imdsproxy/connlimit"
 	"github.com/imdsproxy/imdsproxy/creds"
 	"github.com/imdsproxy/imdsproxy/growstack"
 )
@@ -73,6 +74,8 @@ type Server struct {
 	m      *metrics
 	now    func() time.Time
 	cfg    atomic.Pointer[Config]
+
+	maxConns int // connections one Serve keeps open; 0 means MaxConns (tests lower it)
 }
 
 // New returns a Server answering for the workloads of tokens through
@@ -120,6 +123,7 @@ func (s *Server) Handler() http.Handler { return http.HandlerFunc(s.serveHTTP) }
 func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 	errLog, _ := zap.NewStdLogAt(s.log.Named("http"), zap.WarnLevel)
 	srv := &http.Server{
+		ConnState:         connlimit.TrackIdle,
 		Handler:           s.Handler(),
 		ReadHeaderTimeout: readHeaderTimeout,
 		ReadTimeout:       readTimeout,
@@ -132,7 +136,11 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 		ErrorLog: errLog,
 	}
 	errc := make(chan error, 1)
-	go func() { errc <- srv.Serve(netutil.LimitListener(ln, MaxConns)) }()
+	// At the limit a new connection takes the place of the keep-alive
+	// connection idle the longest: connections that merely stay open
+	// cannot lock clients out.
+	lim := connlimit.NewListener(ln, cmp.Or(s.maxConns, MaxConns), connlimit.Metrics{Evicted: s.m.idleClosed})
+	go func() { errc <- srv.Serve(lim) }()
 	select {
 	case err := <-errc:
 		return fmt.Errorf("container: serve: %w", err)

@@ -1,9 +1,12 @@
 package container
 
 import (
+	"bufio"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"os"
 	"strings"
@@ -240,5 +243,67 @@ func TestHostAllowed(t *testing.T) {
 		if got := hostAllowed(tc.host, local); got != tc.want {
 			t.Errorf("hostAllowed(%q) = %v, want %v", tc.host, got, tc.want)
 		}
+	}
+}
+
+// TestServeIdleConnectionsGiveWay: connections that merely stay open cannot
+// lock clients out of the endpoint. With every slot held by keep-alive
+// connections idle after one request each (a local process refreshing them
+// would hold them for good otherwise: the idle timeout is 60 s), a new
+// client is served at once; the connection idle the longest is closed to
+// make room, and counted.
+func TestServeIdleConnectionsGiveWay(t *testing.T) {
+	const limit = 4
+	e := newEnv(t, access.Section{}, func(s *Server) { s.maxConns = limit })
+	e.id.set(peer.Info{UID: 64101}, nil)
+	billing := readToken(t, e, "uid:64101")
+	request := "GET " + DefaultPath + " HTTP/1.1\r\nHost: " + e.addr + "\r\nAuthorization: " + billing + "\r\n\r\n"
+	ask := func(c net.Conn, br *bufio.Reader) error {
+		if _, err := io.WriteString(c, request); err != nil {
+			return err
+		}
+		_ = c.SetReadDeadline(time.Now().Add(10 * time.Second))
+		resp, err := http.ReadResponse(br, nil)
+		if err != nil {
+			return err
+		}
+		_, _ = io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusOK {
+			return fmt.Errorf("status %d", resp.StatusCode)
+		}
+		return nil
+	}
+	var conns []net.Conn
+	var readers []*bufio.Reader
+	for i := range limit {
+		c, err := net.Dial("tcp", e.addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		br := bufio.NewReader(c)
+		if err := ask(c, br); err != nil {
+			t.Fatalf("connection %d: %v", i, err)
+		}
+		conns, readers = append(conns, c), append(readers, br)
+	}
+	c, err := net.Dial("tcp", e.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if err := ask(c, bufio.NewReader(c)); err != nil {
+		t.Fatalf("a new client with every slot held by idle keep-alive connections: %v", err)
+	}
+	if v := testutil.ToFloat64(e.srv.m.idleClosed); v != 1 {
+		t.Errorf("imdsproxy_container_idle_connections_closed_total = %v, want 1", v)
+	}
+	_ = conns[0].SetReadDeadline(time.Now().Add(10 * time.Second))
+	if _, err := readers[0].ReadByte(); err == nil {
+		t.Error("the connection idle the longest was not the one closed")
+	}
+	if err := ask(conns[limit-1], readers[limit-1]); err != nil {
+		t.Errorf("the connection idle the shortest: %v", err)
 	}
 }

@@ -17,7 +17,12 @@ func TestLimitConnReleasesOnce(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ln := limitListenerOf(t, raw, 1)
+	m, err := newLimitMetrics(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln := newLimitListener(raw, 1, m)
+	t.Cleanup(func() { ln.Close() })
 	first := dialAccept(t, ln)
 	// A listener that set no TTL passes "unset" on: the value a token
 	// response's restore puts back, without reading the socket.
@@ -28,7 +33,7 @@ func TestLimitConnReleasesOnce(t *testing.T) {
 	first.Close()
 	second := dialAccept(t, ln)
 	defer second.Close()
-	if n := testutil.ToFloat64(ln.m.openConns); n != 1 {
+	if n := testutil.ToFloat64(m.openConns); n != 1 {
 		t.Fatalf("open connections %v after a double close and a new accept, want 1", n)
 	}
 	// The one slot is the second connection's: a third waits.

@@ -7,13 +7,6 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// pendingInput reports whether c's socket holds received bytes not read yet
-// (SIOCINQ), true when that cannot be told.
-func pendingInput(c net.Conn) bool {
-	n, ok := ioctlInt(c, unix.SIOCINQ)
-	return !ok || n > 0
-}
-
 // unacked returns how many bytes c has written that the peer has not
 // acknowledged yet (SIOCOUTQ: sent but unacknowledged, plus not yet sent),
 // and false when that cannot be told.

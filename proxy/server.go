@@ -43,6 +43,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/imdsproxy/imdsproxy/access"
+	"github.com/imdsproxy/imdsproxy/connlimit"
 	"github.com/imdsproxy/imdsproxy/creds"
 	"github.com/imdsproxy/imdsproxy/growstack"
 )
@@ -949,7 +950,7 @@ const freshConnWait = time.Second
 // freshConns counts connections accepted whose first request has not been
 // read yet (http.StateNew). Its track is Serve's ConnState hook, so it also
 // records when each connection goes idle between requests (for the
-// connection limit's eviction, limitListener.evictIdle). It runs on every
+// connection limit's eviction, connlimit.TrackIdle). It runs on every
 // state change of every connection (twice per request), so it keeps no map
 // and takes no lock: the connection (Serve's limitConn) carries its flags.
 type freshConns struct {
@@ -966,10 +967,8 @@ func (f *freshConns) track(c net.Conn, st http.ConnState) {
 		lc.fresh.Store(true)
 		f.n.Add(1)
 		return
-	case http.StateIdle:
-		lc.setIdle(true)
-	case http.StateActive:
-		lc.setIdle(false)
+	case http.StateIdle, http.StateActive:
+		connlimit.TrackIdle(lc, st)
 	}
 	if lc.fresh.CompareAndSwap(true, false) {
 		f.n.Add(-1)

@@ -22,6 +22,7 @@ import (
 	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/imdsproxy/imdsproxy/access"
+	"github.com/imdsproxy/imdsproxy/connlimit"
 	"github.com/imdsproxy/imdsproxy/creds"
 )
 
@@ -925,8 +926,7 @@ func waitServed(t *testing.T, done <-chan error) {
 // first other state, whichever it is, and only once.
 func TestFreshConnsTrack(t *testing.T) {
 	var f freshConns
-	l := &limitListener{}
-	a, b := &limitConn{l: l}, &limitConn{l: l}
+	a, b := &limitConn{Conn: &connlimit.Conn{}}, &limitConn{Conn: &connlimit.Conn{}}
 	f.track(a, http.StateNew)
 	f.track(b, http.StateNew)
 	if n := f.n.Load(); n != 2 {

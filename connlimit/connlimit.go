@@ -1,0 +1,194 @@
+// Package connlimit bounds the connections a listener keeps open, so that
+// a local process cannot exhaust the daemon's memory and file descriptors,
+// without letting connections that merely stay open lock others out: at
+// the bound, a new connection takes the place of the keep-alive connection
+// idle the longest.
+package connlimit
+
+import (
+	"errors"
+	"net"
+	"net/http"
+	"sync"
+	"sync/atomic"
+	"syscall"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// Metrics are a Listener's instruments; nil ones are not updated.
+type Metrics struct {
+	Open    prometheus.Gauge   // connections open
+	Reached prometheus.Counter // a new connection found the bound reached
+	Evicted prometheus.Counter // idle connections closed to make room
+}
+
+// Listener accepts at most n connections open at once. At the bound,
+// Accept closes the keep-alive connection idle the longest (between two
+// requests, nothing received: see TrackIdle) to make room for the
+// connection it has just accepted, or else waits for one to close (the
+// kernel's backlog queues the rest; at most one accepted connection waits
+// in Accept). Create it with NewListener; safe for concurrent use.
+type Listener struct {
+	net.Listener
+	sem  chan struct{}
+	done chan struct{}
+	once sync.Once
+	m    Metrics
+
+	mu    sync.Mutex
+	conns map[*Conn]struct{} // open, for evictIdle
+}
+
+// NewListener bounds ln to n open connections (n ≥ 1).
+func NewListener(ln net.Listener, n int, m Metrics) *Listener {
+	return &Listener{Listener: ln, sem: make(chan struct{}, max(n, 1)), done: make(chan struct{}), m: m,
+		conns: make(map[*Conn]struct{})}
+}
+
+// Accept returns the next connection, a *Conn.
+func (l *Listener) Accept() (net.Conn, error) {
+	c, err := l.AcceptConn()
+	if err != nil {
+		return nil, err
+	}
+	return c, nil
+}
+
+// AcceptConn is Accept returning the *Conn itself, for listeners that wrap
+// it.
+func (l *Listener) AcceptConn() (*Conn, error) {
+	// Accept first, then take a slot: a connection is evicted only for a
+	// client that is there.
+	c, err := l.Listener.Accept()
+	if err != nil {
+		return nil, err
+	}
+	select {
+	case l.sem <- struct{}{}:
+	default:
+		inc(l.m.Reached)
+		l.evictIdle()
+		select {
+		case l.sem <- struct{}{}:
+		case <-l.done:
+			_ = c.Close()
+			return nil, net.ErrClosed
+		}
+	}
+	if l.m.Open != nil {
+		l.m.Open.Inc()
+	}
+	lc := &Conn{Conn: c, l: l}
+	l.mu.Lock()
+	l.conns[lc] = struct{}{}
+	l.mu.Unlock()
+	return lc, nil
+}
+
+// Close closes the listener; an Accept waiting for a slot returns.
+func (l *Listener) Close() error {
+	l.once.Do(func() { close(l.done) })
+	return l.Listener.Close()
+}
+
+// evictIdle closes the connection idle the longest, unless it has received
+// bytes (its next request is arriving), and reports whether it closed one.
+// It looks at a few candidates at most.
+func (l *Listener) evictIdle() bool {
+	for range 4 {
+		var oldest *Conn
+		var seq int64
+		l.mu.Lock()
+		for c := range l.conns {
+			if s := c.idle.Load(); s > 0 && (oldest == nil || s < seq) {
+				oldest, seq = c, s
+			}
+		}
+		l.mu.Unlock()
+		if oldest == nil {
+			return false
+		}
+		if pendingInput(oldest.Conn) {
+			oldest.idle.CompareAndSwap(seq, 0) // about to be active: not a candidate
+			continue
+		}
+		if oldest.idle.CompareAndSwap(seq, -1) {
+			_ = oldest.Close()
+			inc(l.m.Evicted)
+			return true
+		}
+	}
+	return false
+}
+
+func inc(c prometheus.Counter) {
+	if c != nil {
+		c.Inc()
+	}
+}
+
+var errNoSyscallConn = errors.New("connlimit: the connection has no socket")
+
+// idleTurn orders the connections' turns to go idle, across listeners.
+var idleTurn atomic.Int64
+
+// Conn is a connection of a Listener: it gives its slot back once, on the
+// first Close. The zero Conn (no listener) only records idleness.
+type Conn struct {
+	net.Conn
+	l      *Listener
+	closed atomic.Bool
+	idle   atomic.Int64 // > 0: idle between requests, its turn; 0 active or new; -1 being closed
+}
+
+// SetIdle records c going idle between two requests (true) or active. It
+// costs an atomic add and a store: it runs twice per request.
+func (c *Conn) SetIdle(idle bool) {
+	if idle {
+		c.idle.Store(idleTurn.Add(1))
+	} else {
+		c.idle.Store(0)
+	}
+}
+
+// Close closes the connection and gives its slot back.
+func (c *Conn) Close() error {
+	err := c.Conn.Close()
+	if c.l != nil && c.closed.CompareAndSwap(false, true) {
+		c.l.mu.Lock()
+		delete(c.l.conns, c)
+		c.l.mu.Unlock()
+		<-c.l.sem
+		if c.l.m.Open != nil {
+			c.l.m.Open.Dec()
+		}
+	}
+	return err
+}
+
+// SyscallConn passes the accepted connection's socket on (client
+// identification and socket options need it).
+func (c *Conn) SyscallConn() (syscall.RawConn, error) {
+	sc, ok := c.Conn.(syscall.Conn)
+	if !ok {
+		return nil, errNoSyscallConn
+	}
+	return sc.SyscallConn()
+}
+
+// TrackIdle is an http.Server ConnState hook (or part of one) recording
+// when a Listener's connections go idle between requests: c is a *Conn or
+// wraps one (SetIdle).
+func TrackIdle(c net.Conn, st http.ConnState) {
+	ic, ok := c.(interface{ SetIdle(bool) })
+	if !ok {
+		return
+	}
+	switch st {
+	case http.StateIdle:
+		ic.SetIdle(true)
+	case http.StateActive:
+		ic.SetIdle(false)
+	}
+}

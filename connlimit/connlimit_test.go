@@ -1,0 +1,148 @@
+package connlimit
+
+import (
+	"errors"
+	"io"
+	"net"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
+)
+
+// pair is one client connection and the Conn the Listener accepted for it.
+type pair struct {
+	client net.Conn
+	server *Conn
+}
+
+func dial(t *testing.T, l *Listener) pair {
+	t.Helper()
+	c, err := net.Dial("tcp", l.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	s, err := l.AcceptConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return pair{c, s}
+}
+
+func newTestListener(t *testing.T, n int) (*Listener, Metrics) {
+	t.Helper()
+	raw, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := Metrics{
+		Open:    prometheus.NewGauge(prometheus.GaugeOpts{Name: "open"}),
+		Reached: prometheus.NewCounter(prometheus.CounterOpts{Name: "reached"}),
+		Evicted: prometheus.NewCounter(prometheus.CounterOpts{Name: "evicted"}),
+	}
+	l := NewListener(raw, n, m)
+	t.Cleanup(func() { l.Close() })
+	return l, m
+}
+
+// closedByServer reports whether the server side of p was closed (EOF).
+func closedByServer(p pair) bool {
+	_ = p.client.SetReadDeadline(time.Now().Add(5 * time.Second))
+	_, err := p.client.Read(make([]byte, 1))
+	return errors.Is(err, io.EOF)
+}
+
+// TestEvictionOrder: at the bound, a new connection takes the place of the
+// connection idle the longest; one that has received bytes (its request is
+// arriving) or is active is never taken, and with none idle Accept waits
+// until a connection closes. The open gauge and the counters follow.
+func TestEvictionOrder(t *testing.T) {
+	l, m := newTestListener(t, 2)
+	a, b := dial(t, l), dial(t, l)
+	a.server.SetIdle(true)
+	b.server.SetIdle(true)
+
+	c := dial(t, l) // at the bound: a, idle the longest, gives way
+	if !closedByServer(a) {
+		t.Fatal("the connection idle the longest was not closed")
+	}
+	if got := testutil.ToFloat64(m.Evicted); got != 1 {
+		t.Errorf("evicted %v, want 1", got)
+	}
+	if got := testutil.ToFloat64(m.Open); got != 2 {
+		t.Errorf("open %v, want 2", got)
+	}
+
+	// b is idle but its next request has arrived; c is active.
+	if _, err := b.client.Write([]byte("G")); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(50 * time.Millisecond) // let the byte reach b's receive queue
+	c.server.SetIdle(false)
+	got := make(chan *Conn, 1)
+	go func() {
+		if s, err := l.AcceptConn(); err == nil {
+			got <- s
+		}
+	}()
+	d, err := net.Dial("tcp", l.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	select {
+	case <-got:
+		t.Fatal("a connection with a request arriving, or an active one, was taken")
+	case <-time.After(300 * time.Millisecond):
+	}
+	if got := testutil.ToFloat64(m.Evicted); got != 1 {
+		t.Errorf("evicted %v, want still 1", got)
+	}
+	c.server.Close()
+	select {
+	case s := <-got:
+		s.Close()
+	case <-time.After(10 * time.Second):
+		t.Fatal("Accept still waiting after a connection closed")
+	}
+	if got := testutil.ToFloat64(m.Reached); got != 2 {
+		t.Errorf("reached %v, want 2", got)
+	}
+}
+
+// TestCloseReleasesOnceAndUnblocks: a connection closed twice gives its
+// slot back once; Close of the listener ends an Accept waiting for a slot.
+func TestCloseReleasesOnceAndUnblocks(t *testing.T) {
+	l, m := newTestListener(t, 1)
+	a := dial(t, l)
+	a.server.Close()
+	a.server.Close()
+	b := dial(t, l)
+	if got := testutil.ToFloat64(m.Open); got != 1 {
+		t.Fatalf("open %v after a double close and a new accept, want 1", got)
+	}
+	errc := make(chan error, 1)
+	go func() { _, err := l.AcceptConn(); errc <- err }()
+	d, err := net.Dial("tcp", l.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	select {
+	case <-errc:
+		t.Fatal("a second slot was free")
+	case <-time.After(200 * time.Millisecond):
+	}
+	l.Close()
+	select {
+	case err := <-errc:
+		if !errors.Is(err, net.ErrClosed) {
+			t.Errorf("Accept after Close: %v, want net.ErrClosed", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("Accept still waiting after Close")
+	}
+	b.server.Close()
+}
