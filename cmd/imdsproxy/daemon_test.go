@@ -70,6 +70,15 @@ role: {arn: "arn:aws:iam::222222222222:role/app", session_name: test-host}
 identity: {jwt_file: %s}
 cache: {backoff_initial: 100ms, backoff_max: 1s, expiry_margin: 2s}
 %s`, upstream.URL, tokenPath, extra)
+	d, logs := runDaemon(t, cfgPath, cfgText)
+	return &testDaemon{d: d, sts: fake, issuer: issuer, cfgPath: cfgPath, logs: logs, admin: admin.Handler(d.gatherer(), d)}
+}
+
+// runDaemon writes cfgText to cfgPath and builds the daemon of that file in
+// process, logging at debug level into the returned buffer; its cache runs
+// until the test ends. Nothing listens: tests call its parts.
+func runDaemon(t *testing.T, cfgPath, cfgText string) (*daemon, *e2e.LockedBuffer) {
+	t.Helper()
 	if err := os.WriteFile(cfgPath, []byte(cfgText), 0o600); err != nil {
 		t.Fatal(err)
 	}
@@ -87,7 +96,7 @@ cache: {backoff_initial: 100ms, backoff_max: 1s, expiry_margin: 2s}
 	done := make(chan struct{})
 	go func() { defer close(done); _ = d.cache.Run(ctx) }()
 	t.Cleanup(func() { cancel(); <-done })
-	return &testDaemon{d: d, sts: fake, issuer: issuer, cfgPath: cfgPath, logs: logs, admin: admin.Handler(d.gatherer(), d)}
+	return d, logs
 }
 
 // hostKey is the key of the daemon's own role in force.
@@ -426,23 +435,7 @@ workloads:
   - {uid: 1001, role: {arn: "arn:aws:iam::222222222222:role/app", name: w1}}
   - {uid: 1002, role: {arn: "arn:aws:iam::222222222222:role/app", name: w2, session_name: own-name}}
 `, upstream.URL, roleExtra, certPath, keyPath, chainPath, raTrustAnchor, raProfile)
-	if err := os.WriteFile(cfgPath, []byte(cfgText), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	cfg, err := loadConfig(cfgPath)
-	if err != nil {
-		t.Fatal(err)
-	}
-	logs := &e2e.LockedBuffer{}
-	log, _ := newLogger("json", "debug", logs)
-	d, err := newDaemon(context.Background(), cfgPath, cfg, log, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() { defer close(done); _ = d.cache.Run(ctx) }()
-	t.Cleanup(func() { cancel(); <-done })
+	d, logs := runDaemon(t, cfgPath, cfgText)
 	rd.testDaemon = &testDaemon{d: d, cfgPath: cfgPath, logs: logs, admin: admin.Handler(d.gatherer(), d)}
 	return rd
 }
