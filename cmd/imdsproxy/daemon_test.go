@@ -55,12 +55,7 @@ func startDaemonWith(t *testing.T, extra string, imds http.Handler) *testDaemon 
 	if err := oidc.WriteTokenFile(tokenPath, issuer.Mint(oidc.Claims{})); err != nil {
 		t.Fatal(err)
 	}
-	for _, k := range []string{"AWS_PROFILE", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL"} {
-		t.Setenv(k, "")
-	}
-	t.Setenv("AWS_CONFIG_FILE", filepath.Join(dir, "none"))
-	t.Setenv("AWS_SHARED_CREDENTIALS_FILE", filepath.Join(dir, "none"))
-	t.Setenv("AWS_REGION", "us-east-1")
+	isolateAWSEnv(t, dir)
 	t.Setenv("AWS_ENDPOINT_URL_STS", fake.URL)
 	cfgPath := filepath.Join(dir, "config.yaml")
 	cfgText := fmt.Sprintf(`listen: 127.0.0.1:0
@@ -72,6 +67,19 @@ cache: {backoff_initial: 100ms, backoff_max: 1s, expiry_margin: 2s}
 %s`, upstream.URL, tokenPath, extra)
 	d, logs := runDaemon(t, cfgPath, cfgText)
 	return &testDaemon{d: d, sts: fake, issuer: issuer, cfgPath: cfgPath, logs: logs, admin: admin.Handler(d.gatherer(), d)}
+}
+
+// isolateAWSEnv keeps the SDK of an in-process daemon from this machine's
+// AWS settings: no profile, keys or endpoint, no shared files (dir has
+// none), region us-east-1.
+func isolateAWSEnv(t *testing.T, dir string) {
+	t.Helper()
+	for _, k := range []string{"AWS_PROFILE", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL"} {
+		t.Setenv(k, "")
+	}
+	t.Setenv("AWS_CONFIG_FILE", filepath.Join(dir, "none"))
+	t.Setenv("AWS_SHARED_CREDENTIALS_FILE", filepath.Join(dir, "none"))
+	t.Setenv("AWS_REGION", "us-east-1")
 }
 
 // runDaemon writes cfgText to cfgPath and builds the daemon of that file in
@@ -414,12 +422,7 @@ func startRolesAnywhereDaemon(t *testing.T, roleExtra string) *raDaemon {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, k := range []string{"AWS_PROFILE", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL"} {
-		t.Setenv(k, "")
-	}
-	t.Setenv("AWS_CONFIG_FILE", filepath.Join(dir, "none"))
-	t.Setenv("AWS_SHARED_CREDENTIALS_FILE", filepath.Join(dir, "none"))
-	t.Setenv("AWS_REGION", "us-east-1")
+	isolateAWSEnv(t, dir)
 	t.Setenv("AWS_ENDPOINT_URL_ROLESANYWHERE", front.URL)
 	cfgPath := filepath.Join(dir, "config.yaml")
 	cfgText := fmt.Sprintf(`listen: 127.0.0.1:0
