@@ -21,7 +21,8 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"go.uber.org/zap"
-	"golang.org/x/net/netutil"
+
+	"github.com/imdsproxy/imdsproxy/connlimit"
 )
 
 // Daemon is what the admin API reports on; the daemon implements it. Both
@@ -117,8 +118,9 @@ func hostAllowed(r *http.Request) bool {
 // goroutine, buffers and a file descriptor.
 const (
 	// maxConns bounds the connections kept open at once: plenty for
-	// scrapes and `imdsproxy status`. More wait in the listen backlog
-	// until one closes.
+	// scrapes and `imdsproxy status`. At the bound a new connection takes
+	// the place of the keep-alive connection idle the longest (connlimit),
+	// else waits in the listen backlog until one closes.
 	maxConns          = 64
 	readHeaderTimeout = 5 * time.Second
 	readTimeout       = 10 * time.Second
@@ -132,6 +134,7 @@ const (
 // then drains (at most 5s).
 func Serve(ctx context.Context, ln net.Listener, h http.Handler, log *zap.Logger) error {
 	srv := &http.Server{
+		ConnState:         connlimit.TrackIdle,
 		Handler:           h,
 		ReadHeaderTimeout: readHeaderTimeout,
 		ReadTimeout:       readTimeout,
@@ -141,7 +144,7 @@ func Serve(ctx context.Context, ln net.Listener, h http.Handler, log *zap.Logger
 		ErrorLog:          zap.NewStdLog(log),
 	}
 	errc := make(chan error, 1)
-	go func() { errc <- srv.Serve(netutil.LimitListener(ln, maxConns)) }()
+	go func() { errc <- srv.Serve(connlimit.NewListener(ln, maxConns, connlimit.Metrics{})) }()
 	select {
 	case err := <-errc:
 		return fmt.Errorf("admin listener: %w", err)

@@ -15,10 +15,12 @@ import (
 )
 
 // TestServeConnectionLimit: the admin listener keeps at most maxConns
-// connections open, so a local process holding keep-alive connections
-// cannot exhaust the daemon's file descriptors. One more connection waits
-// in the listen backlog while they are held, and is served once one of them
-// closes.
+// connections open, so a local process cannot exhaust the daemon's file
+// descriptors, and it cannot lock scrapes out by merely keeping them open:
+// with maxConns keep-alive connections idle after a request each, one more
+// is answered at once (the one idle the longest gives way); with maxConns
+// silent new connections held, one more waits in the listen backlog and is
+// answered once one of them closes.
 func TestServeConnectionLimit(t *testing.T) {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -55,28 +57,47 @@ func TestServeConnectionLimit(t *testing.T) {
 		}
 		return nil
 	}
-
-	held := make([]net.Conn, 0, maxConns)
-	defer func() {
-		for _, c := range held {
+	// hold opens maxConns connections, each idle after a request when
+	// asking, else silent.
+	hold := func(asking bool) []net.Conn {
+		held := make([]net.Conn, 0, maxConns)
+		for i := range maxConns {
+			c, err := net.Dial("tcp", ln.Addr().String())
+			if err != nil {
+				t.Fatalf("connection %d: %v", i+1, err)
+			}
+			held = append(held, c)
+			if asking {
+				if err := get(c, 20*time.Second); err != nil {
+					t.Fatalf("connection %d of %d: %v", i+1, maxConns, err)
+				}
+			}
+		}
+		return held
+	}
+	closeAll := func(cs []net.Conn) {
+		for _, c := range cs {
 			c.Close()
-		}
-	}()
-	for i := range maxConns {
-		c, err := net.Dial("tcp", ln.Addr().String())
-		if err != nil {
-			t.Fatalf("connection %d: %v", i+1, err)
-		}
-		held = append(held, c)
-		if err := get(c, 20*time.Second); err != nil {
-			t.Fatalf("connection %d of %d: %v", i+1, maxConns, err)
 		}
 	}
 
-	// One more: the kernel completes the handshake, the daemon does not
-	// accept it while the others are held. (A slow machine can only make
-	// this pass wrongly, never fail wrongly.)
+	idle := hold(true)
 	extra, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := get(extra, 20*time.Second); err != nil {
+		t.Fatalf("connection %d with %d idle keep-alive ones held: %v", maxConns+1, maxConns, err)
+	}
+	extra.Close()
+	closeAll(idle)
+
+	// The slots free up as the server sees the closes; then maxConns
+	// silent connections hold every slot (for readHeaderTimeout, 5 s).
+	time.Sleep(200 * time.Millisecond)
+	silent := hold(false)
+	defer closeAll(silent)
+	extra, err = net.Dial("tcp", ln.Addr().String())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -89,12 +110,11 @@ func TestServeConnectionLimit(t *testing.T) {
 	n, err := extra.Read(one[:])
 	var ne net.Error
 	if n != 0 || !errors.As(err, &ne) || !ne.Timeout() {
-		t.Fatalf("connection %d with %d held: read %d bytes, %v; want it to wait", maxConns+1, maxConns, n, err)
+		t.Fatalf("connection %d with %d silent ones held: read %d bytes, %v; want it to wait", maxConns+1, maxConns, n, err)
 	}
-
-	// A held connection closes: the waiting one is accepted and answered.
-	held[0].Close()
-	held = held[1:]
+	// A held connection closes (or the read-header timeout closes them
+	// all): the waiting one is accepted and answered.
+	silent[0].Close()
 	_ = extra.SetDeadline(time.Now().Add(20 * time.Second))
 	resp, err := http.ReadResponse(bufio.NewReader(extra), nil)
 	if err != nil {
