@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -53,8 +52,6 @@ type Broker struct {
 	audits     *auditor
 	auditEvery time.Duration
 
-	waitIMDS, waitContainer atomic.Int64 // time.Duration: the doors' bounds on a wait (SetWait)
-
 	mu          sync.Mutex
 	lastWarn    time.Time
 	nSuppressed int
@@ -96,32 +93,16 @@ func NewBroker(src Source, log, audit *zap.Logger, reg prometheus.Registerer) (*
 		Help: "Credential hand-outs audited, by client: its systemd unit, else uid:<n>, or unidentified; after 64 distinct clients, other. Says who hammers the daemon without a log line per request.",
 	}, []string{"client"}))
 	b.AddDoor(DoorIMDS)
-	b.waitIMDS.Store(int64(DefaultWait))
-	b.waitContainer.Store(int64(DefaultWait))
 	return b, nil
 }
 
-// SetWait sets how long a request through door (DoorIMDS or DoorContainer)
-// may wait for an upstream fetch; 0 means no bound but the request's
-// context. NewBroker sets DefaultWait for both.
-func (b *Broker) SetWait(door string, d time.Duration) {
-	switch door {
-	case DoorIMDS:
-		b.waitIMDS.Store(int64(d))
-	case DoorContainer:
-		b.waitContainer.Store(int64(d))
+// waitOf is door's bound on a wait for an upstream fetch (0: none, the
+// credential_process door).
+func waitOf(door string) time.Duration {
+	if door == DoorProcess {
+		return 0
 	}
-}
-
-// waitOf is door's bound on a wait for an upstream fetch.
-func (b *Broker) waitOf(door string) time.Duration {
-	switch door {
-	case DoorIMDS:
-		return time.Duration(b.waitIMDS.Load())
-	case DoorContainer:
-		return time.Duration(b.waitContainer.Load())
-	}
-	return 0
+	return DefaultWait
 }
 
 // Front doors: the door label of the metrics and the door field of the
@@ -171,7 +152,7 @@ func (b *Broker) Refused(d Decision, door string) {
 // c, asked for through door (a front door: DoorIMDS, …) and route (what was
 // asked, for the audit): Key's, or Fallback's when Key has nothing valid and
 // the request was not cancelled. A wait for an upstream fetch is bounded by
-// door's (SetWait), for the key and again for the fallback. It counts the
+// door's (waitOf), for the key and again for the fallback. It counts the
 // hand-out and, when d.Audit,
 // writes the audit line (requested is the name the client asked for, when
 // it differs from d.Name).
@@ -183,7 +164,7 @@ func (b *Broker) Credentials(ctx context.Context, d Decision, c Client, door, ro
 	if start.IsZero() {
 		start = time.Now()
 	}
-	wait := b.waitOf(door)
+	wait := waitOf(door)
 	cr, err := b.src.GetWithin(ctx, d.Key, wait)
 	served := d.Key
 	if err != nil && !d.Fallback.IsZero() && ctx.Err() == nil {
@@ -219,7 +200,7 @@ func (b *Broker) Info(ctx context.Context, d Decision) (creds.Credentials, error
 	if d.Outcome != Serve {
 		return creds.Credentials{}, errors.New("access: credentials asked for a decision that is not Serve")
 	}
-	wait := b.waitOf(DoorIMDS)
+	wait := waitOf(DoorIMDS)
 	cr, err := b.src.GetWithin(ctx, d.Key, wait)
 	if err != nil && !d.Fallback.IsZero() && ctx.Err() == nil {
 		if fc, ferr := b.src.GetWithin(ctx, d.Fallback, wait); ferr == nil {

@@ -316,9 +316,9 @@ func TestBrokerDoors(t *testing.T) {
 }
 
 // TestBrokerWaitPerDoor: the IMDS and container doors bound a wait for an
-// upstream fetch by DefaultWait (for the key and again for the fallback),
-// SetWait changes a door's bound, and the credential_process door has none
-// (the SDK waits for the process, which has its own timeout).
+// upstream fetch by DefaultWait (for the key and again for the fallback;
+// iam/info too), and the credential_process door has none (the SDK waits
+// for the process, which has its own timeout).
 func TestBrokerWaitPerDoor(t *testing.T) {
 	src := &fakeSource{bad: map[creds.Key]bool{wkey("billing"): true}}
 	b, _, _ := newBroker(t, src)
@@ -341,11 +341,16 @@ func TestBrokerWaitPerDoor(t *testing.T) {
 			t.Errorf("%s door: bounds %v (key, fallback), want %v twice", door, got, want)
 		}
 	}
-	b.SetWait(DoorIMDS, 300*time.Millisecond)
-	if got := ask(DoorIMDS); !slices.Equal(got, []time.Duration{300 * time.Millisecond, 300 * time.Millisecond}) {
-		t.Errorf("after SetWait: %v", got)
+	// iam/info is asked through the IMDS door: its bound.
+	src.mu.Lock()
+	src.waits = nil
+	src.mu.Unlock()
+	if _, err := b.Info(t.Context(), d); err != nil {
+		t.Fatalf("Info: %v", err)
 	}
-	if got := ask(DoorContainer); got[0] != DefaultWait {
-		t.Errorf("SetWait(imds) changed the container door: %v", got)
+	src.mu.Lock()
+	defer src.mu.Unlock()
+	if !slices.Equal(src.waits, []time.Duration{DefaultWait, DefaultWait}) {
+		t.Errorf("Info: bounds %v (key, fallback), want %v twice", src.waits, DefaultWait)
 	}
 }

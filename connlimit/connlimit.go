@@ -177,18 +177,18 @@ func (c *Conn) SyscallConn() (syscall.RawConn, error) {
 	return sc.SyscallConn()
 }
 
-// TrackIdle is an http.Server ConnState hook (or part of one) recording
-// when a Listener's connections go idle between requests: c is a *Conn or
-// wraps one (SetIdle).
+// TrackIdle is the http.Server ConnState hook of a server on a Listener: it
+// records when the connections go idle between requests (Conn.SetIdle; a
+// server that has a hook of its own calls SetIdle from it).
 func TrackIdle(c net.Conn, st http.ConnState) {
-	ic, ok := c.(interface{ SetIdle(bool) })
+	lc, ok := c.(*Conn)
 	if !ok {
 		return
 	}
 	switch st {
 	case http.StateIdle:
-		ic.SetIdle(true)
+		lc.SetIdle(true)
 	case http.StateActive:
-		ic.SetIdle(false)
+		lc.SetIdle(false)
 	}
 }

@@ -10,10 +10,7 @@ import (
 // unacked returns how many bytes c has written that the peer has not
 // acknowledged yet (SIOCOUTQ: sent but unacknowledged, plus not yet sent),
 // and false when that cannot be told.
-func unacked(c net.Conn) (int, bool) { return ioctlInt(c, unix.SIOCOUTQ) }
-
-// ioctlInt asks the kernel req about c's socket.
-func ioctlInt(c net.Conn, req uint) (int, bool) {
+func unacked(c net.Conn) (int, bool) {
 	sc, ok := c.(syscall.Conn)
 	if !ok {
 		return 0, false
@@ -24,7 +21,7 @@ func ioctlInt(c net.Conn, req uint) (int, bool) {
 	}
 	var n int
 	var ierr error
-	if err := rc.Control(func(fd uintptr) { n, ierr = unix.IoctlGetInt(int(fd), req) }); err != nil || ierr != nil {
+	if err := rc.Control(func(fd uintptr) { n, ierr = unix.IoctlGetInt(int(fd), unix.SIOCOUTQ) }); err != nil || ierr != nil {
 		return 0, false
 	}
 	return n, true

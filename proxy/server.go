@@ -43,7 +43,6 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/imdsproxy/imdsproxy/access"
-	"github.com/imdsproxy/imdsproxy/connlimit"
 	"github.com/imdsproxy/imdsproxy/creds"
 	"github.com/imdsproxy/imdsproxy/growstack"
 )
@@ -368,7 +367,8 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 // routeOf maps a request path to its route and, for the credential routes,
 // the requested role. Empty segments are ignored, so trailing (and doubled)
 // slashes do not matter. A path whose first segment is not a version
-// (isVersion) is not found; "/" itself (the version listing) is passed through. It allocates nothing (it runs on every request).
+// (isVersion) is not found; "/" itself (the version listing) is passed
+// through. It allocates nothing (it runs on every request).
 func routeOf(path string) (route, role string) {
 	// The first maxRouteSegs non-empty segments, and how many there are.
 	const maxRouteSegs = 5
@@ -950,7 +950,7 @@ const freshConnWait = time.Second
 // freshConns counts connections accepted whose first request has not been
 // read yet (http.StateNew). Its track is Serve's ConnState hook, so it also
 // records when each connection goes idle between requests (for the
-// connection limit's eviction, connlimit.TrackIdle). It runs on every
+// connection limit's eviction, connlimit.Conn.SetIdle). It runs on every
 // state change of every connection (twice per request), so it keeps no map
 // and takes no lock: the connection (Serve's limitConn) carries its flags.
 type freshConns struct {
@@ -967,8 +967,10 @@ func (f *freshConns) track(c net.Conn, st http.ConnState) {
 		lc.fresh.Store(true)
 		f.n.Add(1)
 		return
-	case http.StateIdle, http.StateActive:
-		connlimit.TrackIdle(lc, st)
+	case http.StateIdle:
+		lc.SetIdle(true)
+	case http.StateActive:
+		lc.SetIdle(false)
 	}
 	if lc.fresh.CompareAndSwap(true, false) {
 		f.n.Add(-1)
