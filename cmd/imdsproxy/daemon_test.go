@@ -11,6 +11,7 @@ import (
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -348,6 +349,74 @@ func TestDaemonReloadKeepsCredentials(t *testing.T) {
 	}
 	if e, ok := td.d.cache.Lookup(td.hostKey()); !ok || !e.Valid {
 		t.Fatal("the cached credentials were dropped by the reload")
+	}
+}
+
+// TestDaemonReloadForgetsDurationCap: docs/configuration.md (role.duration):
+// when STS refuses the configured duration as longer than the role's
+// MaxSessionDuration the daemon asks for 1h "until the next reload or
+// restart". The operator raises MaxSessionDuration and reloads (a reload
+// that keeps the exchange): the next fetch asks for the configured duration
+// again.
+func TestDaemonReloadForgetsDurationCap(t *testing.T) {
+	td := startDaemon(t, "")
+	td.sts.SetMaxSessionDuration(time.Hour)
+	if err := td.rewrite(t, "session_name: test-host}", "session_name: test-host, duration: 2h}"); err != nil {
+		t.Fatal(err)
+	}
+	asked := func() []int {
+		t.Helper()
+		if err := td.d.cache.Prefetch(context.Background(), td.hostKey()); err != nil {
+			t.Fatal(err)
+		}
+		var ds []int
+		for _, c := range td.sts.CallLog() {
+			ds = append(ds, c.DurationSeconds)
+		}
+		return ds
+	}
+	if got := asked(); !slices.Equal(got[len(got)-2:], []int{7200, 3600}) {
+		t.Fatalf("DurationSeconds asked %v; want 7200 refused, then 3600", got)
+	}
+	if got := asked(); got[len(got)-1] != 3600 {
+		t.Fatalf("DurationSeconds asked %v; want the cap (3600) kept before the reload", got)
+	}
+	td.sts.SetMaxSessionDuration(12 * time.Hour)
+	if err := td.rewrite(t, "backoff_max: 1s", "backoff_max: 2s"); err != nil {
+		t.Fatal(err)
+	}
+	if got := asked(); got[len(got)-1] != 7200 {
+		t.Fatalf("DurationSeconds asked %v; want the configured 7200 after the reload", got)
+	}
+}
+
+// TestBuildWarnsAboutIAMAttestation: the daemon warns, as check-config
+// does, whenever it builds a generation (start, every reload) of a config
+// where aws_iam attestation, workload subjects and a rollout meet
+// (docs/security.md, "Workload tokens and the instance profile"); not for
+// the running config without them.
+func TestBuildWarnsAboutIAMAttestation(t *testing.T) {
+	td := startDaemonWith(t, "", standInIMDS(t))
+	if strings.Contains(td.logs.String(), "identity.attestation aws_iam") {
+		t.Fatal("warned about aws_iam attestation for a config without it")
+	}
+	cfg, err := loadConfig("testdata/good/iam-subjects-rollout.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.Upstream = td.d.snap.Load().gen.cfg.Upstream // the stand-in, on loopback
+	if _, err := td.d.build(context.Background(), cfg, nil); err != nil {
+		t.Fatalf("build: %v", err)
+	}
+	warned := false
+	for line := range strings.Lines(td.logs.String()) {
+		var e struct{ Level, Msg string }
+		if json.Unmarshal([]byte(line), &e) == nil && e.Level == "warn" && e.Msg == iamAttestationWarning {
+			warned = true
+		}
+	}
+	if !warned {
+		t.Fatalf("no warning about aws_iam attestation with subjects and a rollout; logs:\n%s", td.logs.String())
 	}
 }
 

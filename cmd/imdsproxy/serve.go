@@ -663,6 +663,9 @@ func specOf(cfg Config) sourceSpec {
 // build builds the generation of cfg, reusing prev's sources when cfg does
 // not change them.
 func (d *daemon) build(ctx context.Context, cfg Config, prev *generation) (*generation, error) {
+	if cfg.iamAttestedSubjectsWithRollout() { // at start and on every reload, as check-config
+		d.log.Warn(iamAttestationWarning)
+	}
 	spec := specOf(cfg)
 	var src *sources
 	if prev != nil && reflect.DeepEqual(prev.src.spec, spec) {
@@ -675,9 +678,6 @@ func (d *daemon) build(ctx context.Context, cfg Config, prev *generation) (*gene
 		if src, err = d.newSources(ctx, spec); err != nil {
 			return nil, err
 		}
-	}
-	if cfg.iamAttestedSubjectsWithRollout() { // at start and on every reload, as check-config
-		d.log.Warn(iamAttestationWarning)
 	}
 	g := &generation{cfg: cfg, src: src, session: exchange.SessionName(cfg.Role.SessionName, d.instanceID)}
 	var err error

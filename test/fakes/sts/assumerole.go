@@ -160,7 +160,7 @@ func parseTags(form map[string][]string) (map[string]string, *stsError) {
 }
 
 // assumeRole validates an authenticated AssumeRole and issues credentials.
-func (s *Server) assumeRole(form map[string][]string, sessionLength time.Duration, base *baseCredential) (*result, *stsError) {
+func (s *Server) assumeRole(form map[string][]string, sessionLength, maxSession time.Duration, base *baseCredential) (*result, *stsError) {
 	get := func(k string) string {
 		if v := form[k]; len(v) > 0 {
 			return v[0]
@@ -227,7 +227,7 @@ func (s *Server) assumeRole(form map[string][]string, sessionLength time.Duratio
 			if chained && n > 3600 {
 				return nil, sender(400, "ValidationError", "The requested DurationSeconds exceeds the 1 hour session limit for roles assumed by role chaining.")
 			}
-			if time.Duration(n)*time.Second > s.cfg.MaxSessionDuration {
+			if time.Duration(n)*time.Second > maxSession {
 				return nil, sender(400, "ValidationError", "The requested DurationSeconds exceeds the MaxSessionDuration set for this role.")
 			}
 		} else if n <= 0 {

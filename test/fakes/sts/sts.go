@@ -213,6 +213,7 @@ type Server struct {
 	mode          Mode
 	delay         time.Duration
 	sessionLength time.Duration
+	maxSession    time.Duration // the role's MaxSessionDuration (cfg's, SetMaxSessionDuration)
 	calls         []Call
 	issued        ledger.Ledger[Issued]
 	webTokens     []string // WebIdentityToken of every AssumeRoleWithWebIdentity call
@@ -244,7 +245,7 @@ func New(cfg Config) *Server {
 		cfg.HTTPClient = &http.Client{Timeout: 5 * time.Second}
 	}
 	return &Server{cfg: cfg, closed: make(chan struct{}), externalID: cfg.ExternalID,
-		bases: map[string]baseCredential{}}
+		bases: map[string]baseCredential{}, maxSession: cfg.MaxSessionDuration}
 }
 
 // Start returns a fake STS served by an httptest server, URL set. The fake is
@@ -301,6 +302,10 @@ func (s *Server) SetDelay(d time.Duration) { s.mu.Lock(); s.delay = d; s.mu.Unlo
 // DurationSeconds asks (and accept any positive DurationSeconds); zero
 // restores the normal behaviour.
 func (s *Server) SetSessionLength(d time.Duration) { s.mu.Lock(); s.sessionLength = d; s.mu.Unlock() }
+
+// SetMaxSessionDuration changes the role's MaxSessionDuration: a
+// DurationSeconds above it is a ValidationError from now on.
+func (s *Server) SetMaxSessionDuration(d time.Duration) { s.mu.Lock(); s.maxSession = d; s.mu.Unlock() }
 
 // Calls returns how many requests (of any action) arrived, failed ones
 // included; CallCount counts one action.
@@ -394,7 +399,7 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request) {
 	}
 
 	s.mu.Lock()
-	mode, delay, sessionLength := s.mode, s.delay, s.sessionLength
+	mode, delay, sessionLength, maxSession := s.mode, s.delay, s.sessionLength, s.maxSession
 	s.inflight++
 	callIdx := len(s.calls)
 	dur, _ := strconv.Atoi(r.Form.Get("DurationSeconds"))
@@ -453,9 +458,9 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request) {
 	switch mode {
 	case ModeOK:
 		if action == ActionAssumeRole {
-			res, serr = s.assumeRole(r.Form, sessionLength, base)
+			res, serr = s.assumeRole(r.Form, sessionLength, maxSession, base)
 		} else {
-			res, serr = s.assume(r.Context(), r.Form, sessionLength)
+			res, serr = s.assume(r.Context(), r.Form, sessionLength, maxSession)
 		}
 	case ModeFail5xx:
 		serr = &stsError{status: 500, typ: "Receiver", code: "InternalFailure", message: "An internal error occurred."}
@@ -509,7 +514,7 @@ var (
 	sessionNameRe = regexp.MustCompile(`^[\w+=,.@-]{2,64}$`)
 )
 
-func (s *Server) assume(ctx context.Context, form map[string][]string, sessionLength time.Duration) (*result, *stsError) {
+func (s *Server) assume(ctx context.Context, form map[string][]string, sessionLength, maxSession time.Duration) (*result, *stsError) {
 	get := func(k string) string {
 		if v := form[k]; len(v) > 0 {
 			return v[0]
@@ -553,7 +558,7 @@ func (s *Server) assume(ctx context.Context, form map[string][]string, sessionLe
 			if n > 43200 {
 				return nil, sender(400, "ValidationError", fmt.Sprintf("1 validation error detected: Value '%d' at 'durationSeconds' failed to satisfy constraint: Member must have value less than or equal to 43200", n))
 			}
-			if time.Duration(n)*time.Second > s.cfg.MaxSessionDuration {
+			if time.Duration(n)*time.Second > maxSession {
 				return nil, sender(400, "ValidationError", "The requested DurationSeconds exceeds the MaxSessionDuration set for this role.")
 			}
 		} else if n <= 0 {
