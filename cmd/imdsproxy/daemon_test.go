@@ -352,6 +352,56 @@ func TestDaemonReloadKeepsCredentials(t *testing.T) {
 	}
 }
 
+// TestDaemonReloadAddsWorkload: docs/configuration.md (Workloads): a
+// reload that adds a workload fetches its role at once, and the roles that
+// did not change keep their cached credentials (nothing is fetched anew for
+// them).
+func TestDaemonReloadAddsWorkload(t *testing.T) {
+	td := startDaemon(t, `workloads:
+  - {uid: 1001, role: {arn: "arn:aws:iam::222222222222:role/w1", name: w1}}
+`)
+	ctx := context.Background()
+	keyOf := func(name string) creds.Key {
+		t.Helper()
+		for _, k := range td.d.snap.Load().gen.workloadKeys {
+			if k.Role.Name == name {
+				return k
+			}
+		}
+		t.Fatalf("no workload key %s", name)
+		return creds.Key{}
+	}
+	validWithin := func(k creds.Key) creds.Credentials {
+		t.Helper()
+		for deadline := time.Now().Add(20 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+			if cr, err := td.d.cache.GetWithin(ctx, k, time.Nanosecond); err == nil {
+				return cr
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("%s not fetched", k)
+			}
+		}
+	}
+	td.d.warm(ctx)
+	host, w1 := validWithin(td.hostKey()), validWithin(keyOf("w1"))
+	calls := td.sts.Calls()
+
+	if err := td.rewrite(t, "name: w1}}\n", "name: w1}}\n  - {uid: 1002, role: {arn: \"arn:aws:iam::222222222222:role/w2\", name: w2}}\n"); err != nil {
+		t.Fatal(err)
+	}
+	td.d.warm(ctx) // what reloadConfig runs after a reload
+	validWithin(keyOf("w2"))
+	if n := td.sts.Calls() - calls; n != 1 {
+		t.Errorf("the reload adding one workload called STS %d times, want 1 (the new role only)", n)
+	}
+	if cr := validWithin(td.hostKey()); cr.AccessKeyID != host.AccessKeyID {
+		t.Errorf("the host's credentials changed across the reload: %s, was %s", cr.AccessKeyID, host.AccessKeyID)
+	}
+	if cr := validWithin(keyOf("w1")); cr.AccessKeyID != w1.AccessKeyID {
+		t.Errorf("the unchanged workload's credentials changed across the reload: %s, was %s", cr.AccessKeyID, w1.AccessKeyID)
+	}
+}
+
 // TestDaemonReloadForgetsDurationCap: docs/configuration.md (role.duration):
 // when STS refuses the configured duration as longer than the role's
 // MaxSessionDuration the daemon asks for 1h "until the next reload or
