@@ -25,8 +25,11 @@ const (
 	DefaultMissWait = 20 * time.Millisecond
 	// maxCgroups bounds the map (and the inotify watches): beyond it new
 	// cgroups are not mapped, and the tree is walked again in the
-	// background from time to time.
-	maxCgroups = 1 << 16
+	// background from time to time. Of it, the directories below units'
+	// own (delegated subtrees: anyone the unit runs as may make them) may
+	// take half, and those below one unit maxCgroupsPerUnit (cgroupLimits).
+	maxCgroups        = 1 << 16
+	maxCgroupsPerUnit = 1 << 12
 	// maxDeadIDs bounds the set of ids known to be removed; it is emptied
 	// when full (a forgotten id is then a miss, answered after one
 	// catch-up of the watcher).
@@ -42,6 +45,40 @@ const (
 	// the word size of this program).
 	is32bit = bits.UintSize == 32
 )
+
+// cgroupLimits bound the directories a cgroup watcher maps and watches.
+// The cgroups of units and slices are made by systemd (root), one per unit:
+// only total bounds them. Below a unit's own directory anyone the unit runs
+// as may make cgroups (a user in user@UID.service, a service with
+// Delegate=yes), as many as they like: those count against inner, for all
+// units together, and perUnit, for one unit, so that a flood below one
+// unit leaves the units started after it mapped at once (no walk needed)
+// and takes at most perUnit from the other units' subtrees. What a flood
+// leaves unmapped is its own unit's processes' (their lookups miss: unit
+// unknown).
+type cgroupLimits struct {
+	total, inner, perUnit int
+}
+
+var defaultCgroupLimits = cgroupLimits{total: maxCgroups, inner: maxCgroups / 2, perUnit: maxCgroupsPerUnit}
+
+// unitDirOf returns the directory of the outermost unit on the path rel
+// (as unitFromPath names it), or "", and whether rel is below it.
+func unitDirOf(rel string) (unit string, inner bool) {
+	for i := 0; i < len(rel); {
+		end := strings.IndexByte(rel[i:], '/')
+		if end < 0 {
+			end = len(rel)
+		} else {
+			end += i
+		}
+		if isUnitName(rel[i:end]) {
+			return rel[:end], end < len(rel)
+		}
+		i = end + 1
+	}
+	return "", false
+}
 
 // cgroupEntry is where a cgroup id was found.
 type cgroupEntry struct {

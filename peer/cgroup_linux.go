@@ -37,9 +37,9 @@ const (
 // directory of the cgroup2 tree. One goroutine owns it; lookups talk to it
 // only through the map and an eventfd (nudge).
 type cgroupWatcher struct {
-	m     *cgroupMap
-	log   *zap.Logger
-	limit int // most directories mapped and watched
+	m      *cgroupMap
+	log    *zap.Logger
+	limits cgroupLimits
 
 	ifd  int      // inotify, non-blocking
 	efd  int      // eventfd: a nudge or Close
@@ -50,13 +50,20 @@ type cgroupWatcher struct {
 	closing   chan struct{}
 
 	// Owned by the watcher goroutine (and by startCgroupWatcher before it).
-	wds      map[int32]string  // watch descriptor -> rel
-	ids      map[string]uint64 // rel -> id
-	complete bool              // every directory is mapped and watched
-	walkedAt time.Time
-	walkTook time.Duration
-	warned   map[string]bool // messages of incomplete already logged
-	buf      []byte
+	wds     map[int32]string  // watch descriptor -> rel
+	ids     map[string]uint64 // rel -> id
+	inner   int               // of ids, directories below a unit's own (cgroupLimits)
+	perUnit map[string]int    // unit directory -> directories of ids below it
+	// Shares that refused a directory since the last walk: the tree needs
+	// walking again only once one of them has room again (forget), not
+	// while the flood that filled it stays.
+	fullUnits map[string]bool
+	innerFull bool
+	complete  bool // every directory is mapped and watched
+	walkedAt  time.Time
+	walkTook  time.Duration
+	warned    map[string]bool // messages of incomplete already logged
+	buf       []byte
 }
 
 // startCgroupWatcher maps the cgroup2 tree of m (one walk, watching each
@@ -65,7 +72,7 @@ type cgroupWatcher struct {
 // inotify (no instance left: fs.inotify.max_user_instances) it walks the
 // tree in the background instead, periodically and when a lookup misses,
 // at most once per rewalkInterval.
-func startCgroupWatcher(m *cgroupMap, log *zap.Logger, limit int) (*cgroupWatcher, error) {
+func startCgroupWatcher(m *cgroupMap, log *zap.Logger, limits cgroupLimits) (*cgroupWatcher, error) {
 	efd, err := unix.Eventfd(0, unix.EFD_NONBLOCK|unix.EFD_CLOEXEC)
 	if err != nil {
 		return nil, fmt.Errorf("peer: eventfd: %w", err)
@@ -77,14 +84,16 @@ func startCgroupWatcher(m *cgroupMap, log *zap.Logger, limit int) (*cgroupWatche
 	}
 	unix.CloseOnExec(wakeFD)
 	w := &cgroupWatcher{
-		m: m, log: log, limit: limit, ifd: -1, efd: efd,
-		wake:    os.NewFile(uintptr(wakeFD), "peer-cgroup-nudge"),
-		done:    make(chan struct{}),
-		closing: make(chan struct{}),
-		wds:     make(map[int32]string),
-		ids:     make(map[string]uint64),
-		warned:  make(map[string]bool),
-		buf:     make([]byte, 64<<10),
+		m: m, log: log, limits: limits, ifd: -1, efd: efd,
+		wake:      os.NewFile(uintptr(wakeFD), "peer-cgroup-nudge"),
+		done:      make(chan struct{}),
+		closing:   make(chan struct{}),
+		wds:       make(map[int32]string),
+		ids:       make(map[string]uint64),
+		perUnit:   make(map[string]int),
+		fullUnits: make(map[string]bool),
+		warned:    make(map[string]bool),
+		buf:       make([]byte, 64<<10),
 	}
 	if w.ifd, err = unix.InotifyInit1(unix.IN_NONBLOCK | unix.IN_CLOEXEC); err != nil {
 		w.ifd = -1
@@ -246,8 +255,20 @@ func (w *cgroupWatcher) add(rel string) {
 // watch watches, maps and lists the directory rel; ok is false when it is
 // gone or not mapped (the limit).
 func (w *cgroupWatcher) watch(rel string) (subdirs []string, ok bool) {
-	if _, known := w.ids[rel]; !known && len(w.ids) >= w.limit {
+	_, known := w.ids[rel]
+	unit, inner := unitDirOf(rel)
+	switch {
+	case known:
+	case len(w.ids) >= w.limits.total:
 		w.incomplete("cgroup watcher: more cgroups than the limit; the rest are found by periodic walks", nil, rel)
+		return nil, false
+	case inner && w.perUnit[unit] >= w.limits.perUnit:
+		w.fullUnits[unit] = true
+		w.warnOnce("cgroup watcher: more cgroups below a unit than its share; the rest of them resolve to no unit", nil, rel)
+		return nil, false
+	case inner && w.inner >= w.limits.inner:
+		w.innerFull = true
+		w.warnOnce("cgroup watcher: more cgroups below units than their share; the rest of them resolve to no unit", nil, rel)
 		return nil, false
 	}
 	dir := w.m.mount + rel
@@ -275,6 +296,10 @@ func (w *cgroupWatcher) watch(rel string) (subdirs []string, ok bool) {
 		w.m.remove(old) // re-created with a new id
 	}
 	w.ids[rel] = st.Ino
+	if !known && inner {
+		w.inner++
+		w.perUnit[unit]++
+	}
 	w.m.set(st.Ino, rel)
 	d, err := os.Open(dir)
 	if err != nil {
@@ -309,16 +334,31 @@ func (w *cgroupWatcher) removed(rel string, subtree bool) {
 	if unix.Lstat(w.m.mount+rel, &st) == nil && st.Ino == id {
 		return
 	}
-	delete(w.ids, rel)
-	w.m.remove(id)
+	w.forget(rel, id)
 	if !subtree {
 		return
 	}
 	prefix := rel + "/"
 	for r, id := range w.ids {
 		if strings.HasPrefix(r, prefix) {
-			delete(w.ids, r)
-			w.m.remove(id)
+			w.forget(r, id)
+		}
+	}
+}
+
+// forget unmaps the directory rel, whose id was id, and gives its place
+// back to its unit's share.
+func (w *cgroupWatcher) forget(rel string, id uint64) {
+	delete(w.ids, rel)
+	w.m.remove(id)
+	if unit, inner := unitDirOf(rel); inner {
+		w.inner--
+		if w.perUnit[unit]--; w.perUnit[unit] <= 0 {
+			delete(w.perUnit, unit)
+		}
+		if w.innerFull || w.fullUnits[unit] {
+			// What the full share refused is found by the next walk.
+			w.complete = false
 		}
 	}
 }
@@ -331,6 +371,9 @@ func (w *cgroupWatcher) walk() {
 	w.complete = true
 	old := w.ids
 	w.ids = make(map[string]uint64, len(old))
+	w.inner, w.innerFull = 0, false
+	clear(w.perUnit)
+	clear(w.fullUnits)
 	w.add("/")
 	paths := make(map[uint64]string, len(w.ids))
 	for rel, id := range w.ids {
@@ -344,11 +387,16 @@ func (w *cgroupWatcher) walk() {
 // incomplete records that a directory is not watched or not listed, so
 // that the tree is walked again later; it logs each kind of trouble once.
 func (w *cgroupWatcher) incomplete(msg string, err error, rel string) {
+	w.warnOnce(msg, err, rel)
+	w.complete = false
+}
+
+// warnOnce logs each kind of trouble once.
+func (w *cgroupWatcher) warnOnce(msg string, err error, rel string) {
 	if !w.warned[msg] {
 		w.warned[msg] = true
 		w.log.Warn(msg, zap.String("cgroup", rel), zap.Error(err))
 	}
-	w.complete = false
 }
 
 // current reports whether the cgroup id is still the directory rel, with

@@ -3,7 +3,10 @@ package peer
 import (
 	"context"
 	"encoding/binary"
+	"fmt"
+	"maps"
 	"os"
+	"path"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -90,10 +93,10 @@ func fakeCgroupfs(t *testing.T, dirs ...string) (string, map[string]uint64) {
 
 // startTestWatcher maps and watches the directory tree at root as if it
 // were a cgroup2 mount.
-func startTestWatcher(t *testing.T, root string, limit int) (*cgroupMap, *cgroupWatcher) {
+func startTestWatcher(t *testing.T, root string, limits cgroupLimits) (*cgroupMap, *cgroupWatcher) {
 	t.Helper()
 	m := newCgroupMap(root+"/", "/")
-	w, err := startCgroupWatcher(m, zaptest.NewLogger(t), limit)
+	w, err := startCgroupWatcher(m, zaptest.NewLogger(t), limits)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -120,7 +123,7 @@ func mkdirID(t *testing.T, p string) uint64 {
 func TestCgroupWatcher(t *testing.T) {
 	root, ids := fakeCgroupfs(t, "/system.slice/app.service", "/system.slice/app.service/worker",
 		"/user.slice/user-1000.slice/session-2.scope", "/init.scope")
-	m, _ := startTestWatcher(t, root, maxCgroups)
+	m, _ := startTestWatcher(t, root, defaultCgroupLimits)
 	ctx := t.Context()
 	for p, id := range ids {
 		e, ok := m.lookup(ctx, id, 0)
@@ -302,7 +305,7 @@ func TestCgroupProcs(t *testing.T) {
 func TestCgroupWatcherLimit(t *testing.T) {
 	root, _ := fakeCgroupfs(t, "/system.slice/a.service", "/system.slice/b.service",
 		"/user.slice/user-1000.slice/user@1000.service/deep.slice/x.scope")
-	m, w := startTestWatcher(t, root, 5)
+	m, w := startTestWatcher(t, root, cgroupLimits{total: 5, inner: 5, perUnit: 5})
 	if n := m.size(); n != 5 {
 		t.Fatalf("%d mapped, want 5", n)
 	}
@@ -319,12 +322,149 @@ func TestCgroupWatcherLimit(t *testing.T) {
 	}
 }
 
+// TestCgroupWatcherDelegatedFlood: a user may make cgroups without bound
+// in the subtree delegated to them (user@UID.service), and a service with
+// Delegate=yes in its own. Those directories count against their unit's
+// share and all units' together, never against the cgroups systemd makes
+// for units: a flood below one unit cannot keep a unit started after it
+// from being mapped at once, nor take more than its share from the other
+// units' subtrees, and what the flood leaves unmapped resolves to nothing
+// (its own processes' problem, fail closed).
+func TestCgroupWatcherDelegatedFlood(t *testing.T) {
+	u1000 := "/user.slice/user-1000.slice/user@1000.service"
+	u1001 := "/user.slice/user-1001.slice/user@1001.service"
+	root, _ := fakeCgroupfs(t, "/system.slice/a.service", u1000, u1001) // 8 directories
+	limits := cgroupLimits{total: 32, inner: 12, perUnit: 8}
+	start := time.Now()
+	m, _ := startTestWatcher(t, root, limits)
+	ctx := t.Context()
+
+	flood := func(unit, prefix string, n int) []uint64 {
+		ids := make([]uint64, n)
+		for i := range ids {
+			ids[i] = mkdirID(t, filepath.Join(root, unit, fmt.Sprintf("%s%d", prefix, i)))
+		}
+		catchUp(t, m)
+		return ids
+	}
+	mapped := func(ids []uint64) (n int) {
+		for _, id := range ids {
+			if _, ok := m.lookup(ctx, id, 0); ok {
+				n++
+			}
+		}
+		return n
+	}
+
+	f := flood(u1000, "f", 40)
+	if n := mapped(f); n != limits.perUnit {
+		t.Errorf("user 1000's flood of 40: %d mapped, want its share, %d", n, limits.perUnit)
+	}
+	g := flood(u1001, "g", 10)
+	if n := mapped(g); n != limits.inner-limits.perUnit {
+		t.Errorf("user 1001's 10: %d mapped, want what is left of the units' share, %d", n, limits.inner-limits.perUnit)
+	}
+	for _, unit := range []string{"/system.slice/new.service", "/user.slice/user-1002.slice/session-3.scope"} {
+		id := mkdirID(t, filepath.Join(root, unit))
+		if e, ok := m.lookup(ctx, id, time.Second); !ok || e.rel != unit {
+			t.Errorf("%s, made after the flood: lookup = %+v, %v; want it mapped at once", unit, e, ok)
+		}
+	}
+
+	// A full share is no reason to walk the tree again and again (each
+	// walk lists every directory mapped): the watcher stays complete while
+	// the flood stays.
+	time.Sleep(time.Until(start.Add(rewalkInterval + 500*time.Millisecond)))
+	catchUp(t, m)
+	if n := m.walks.Load(); n != 1 {
+		t.Errorf("%d walks while the flood stayed, want only the first", n)
+	}
+
+	// Removing what was mapped gives the share back: what the full share
+	// refused is found by a walk then, which keeps to the shares again.
+	for i := range 4 {
+		if err := os.Remove(filepath.Join(root, u1000, fmt.Sprintf("f%d", i))); err != nil {
+			t.Fatal(err)
+		}
+	}
+	deadline := time.Now().Add(rewalkInterval + 5*time.Second)
+	for m.walks.Load() < 2 && time.Now().Before(deadline) {
+		time.Sleep(50 * time.Millisecond)
+		catchUp(t, m)
+	}
+	if n := m.walks.Load(); n != 2 {
+		t.Errorf("%d walks after the share had room again, want a second", n)
+	}
+	checkShares(t, m, limits, u1000, u1001)
+
+	// A walk (at start, after an overflow, periodically when incomplete)
+	// keeps to the same shares and maps the units made after the flood.
+	m2, _ := startTestWatcher(t, root, limits)
+	checkShares(t, m2, limits, u1000, u1001)
+	m2.mu.RLock()
+	defer m2.mu.RUnlock()
+	for _, unit := range []string{"/system.slice/new.service", "/user.slice/user-1002.slice/session-3.scope"} {
+		if !slices.Contains(slices.Collect(maps.Values(m2.paths)), unit) {
+			t.Errorf("a walk after the flood did not map %s", unit)
+		}
+	}
+}
+
+// checkShares: the directories m maps below the two flooded units fill
+// the units' share, each unit at most its own.
+func checkShares(t *testing.T, m *cgroupMap, limits cgroupLimits, a, b string) {
+	t.Helper()
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	below := map[string]int{}
+	for _, rel := range m.paths {
+		if unit, inner := unitDirOf(rel); inner {
+			below[unit]++
+		}
+	}
+	if below[a] > limits.perUnit || below[b] > limits.perUnit || below[a]+below[b] != limits.inner {
+		t.Errorf("%v mapped below the units, want the shares %+v filled", below, limits)
+	}
+}
+
+// TestUnitDirOf: the unit directory is the outermost .service or .scope
+// component, as for the unit of a cgroup (unitFromPath).
+func TestUnitDirOf(t *testing.T) {
+	for _, c := range []struct {
+		rel, unit string
+		inner     bool
+	}{
+		{"/", "", false},
+		{"/system.slice", "", false},
+		{"/system.slice/a.service", "/system.slice/a.service", false},
+		{"/system.slice/a.service/x", "/system.slice/a.service", true},
+		{"/system.slice/a.service/b.service", "/system.slice/a.service", true},
+		{"/init.scope", "/init.scope", false},
+		{"/init.scope/x/y", "/init.scope", true},
+		{"/u.slice/user@1000.service/app.slice/x.scope", "/u.slice/user@1000.service", true},
+		{"/.service/x", "", false},
+		{"/a.slice/b.slicex.service", "/a.slice/b.slicex.service", false},
+	} {
+		unit, inner := unitDirOf(c.rel)
+		if unit != c.unit || inner != c.inner {
+			t.Errorf("unitDirOf(%q) = %q, %v; want %q, %v", c.rel, unit, inner, c.unit, c.inner)
+		}
+		name := ""
+		if unit != "" {
+			name = path.Base(unit)
+		}
+		if want := unitFromPath(c.rel); name != want {
+			t.Errorf("unitDirOf(%q) = %q disagrees with unitFromPath, %q", c.rel, unit, want)
+		}
+	}
+}
+
 // TestCgroupWatcherMountRoot: the mount's root inside the hierarchy
 // prefixes the paths.
 func TestCgroupWatcherMountRoot(t *testing.T) {
 	root, ids := fakeCgroupfs(t, "/system.slice", "/init.scope")
 	m := newCgroupMap(root, "/outer.slice")
-	w, err := startCgroupWatcher(m, zaptest.NewLogger(t), maxCgroups)
+	w, err := startCgroupWatcher(m, zaptest.NewLogger(t), defaultCgroupLimits)
 	if err != nil {
 		t.Fatal(err)
 	}

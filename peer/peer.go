@@ -143,13 +143,18 @@ func unitFromCgroup(data string) string {
 // is no evidence of which system unit the process belongs to.
 func unitFromPath(path string) string {
 	for s := range strings.SplitSeq(path, "/") {
-		for _, suffix := range []string{".service", ".scope"} {
-			if len(s) > len(suffix) && strings.HasSuffix(s, suffix) {
-				return s
-			}
+		if isUnitName(s) {
+			return s
 		}
 	}
 	return ""
+}
+
+// isUnitName reports whether a cgroup path component names a unit (the
+// units whose processes have cgroups: services and scopes).
+func isUnitName(s string) bool {
+	return len(s) > len(".service") && strings.HasSuffix(s, ".service") ||
+		len(s) > len(".scope") && strings.HasSuffix(s, ".scope")
 }
 
 // NetnsConn is a connection that knows the network namespace cookie

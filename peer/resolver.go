@@ -104,7 +104,7 @@ func newResolver(opts Options, env resolverEnv) (*Resolver, error) {
 	}
 	if mount != "" {
 		r.cgroups = newCgroupMap(mount, root)
-		if r.watcher, err = startCgroupWatcher(r.cgroups, log, maxCgroups); err != nil {
+		if r.watcher, err = startCgroupWatcher(r.cgroups, log, defaultCgroupLimits); err != nil {
 			return nil, err
 		}
 	}
