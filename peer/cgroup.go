@@ -118,7 +118,19 @@ type cgroupMap struct {
 	nudge func()
 	// walks counts full walks of the tree (the first one included).
 	walks atomic.Int64
+	// Kept by the watcher for CgroupStats: directories mapped below units'
+	// own, and directories not mapped, by reason.
+	belowUnits atomic.Int64
+	refused    [numRefusals]atomic.Int64
 }
+
+// Reasons a watcher did not map a directory (cgroupLimits).
+const (
+	refusedLimit      = iota // total
+	refusedUnitShare         // perUnit
+	refusedUnitsShare        // inner
+	numRefusals
+)
 
 func newCgroupMap(mount, root string) *cgroupMap {
 	return &cgroupMap{

@@ -260,14 +260,17 @@ func (w *cgroupWatcher) watch(rel string) (subdirs []string, ok bool) {
 	switch {
 	case known:
 	case len(w.ids) >= w.limits.total:
+		w.m.refused[refusedLimit].Add(1)
 		w.incomplete("cgroup watcher: more cgroups than the limit; the rest are found by periodic walks", nil, rel)
 		return nil, false
 	case inner && w.perUnit[unit] >= w.limits.perUnit:
 		w.fullUnits[unit] = true
+		w.m.refused[refusedUnitShare].Add(1)
 		w.warnOnce("cgroup watcher: more cgroups below a unit than its share; the rest of them resolve to no unit", nil, rel)
 		return nil, false
 	case inner && w.inner >= w.limits.inner:
 		w.innerFull = true
+		w.m.refused[refusedUnitsShare].Add(1)
 		w.warnOnce("cgroup watcher: more cgroups below units than their share; the rest of them resolve to no unit", nil, rel)
 		return nil, false
 	}
@@ -299,6 +302,7 @@ func (w *cgroupWatcher) watch(rel string) (subdirs []string, ok bool) {
 	if !known && inner {
 		w.inner++
 		w.perUnit[unit]++
+		w.m.belowUnits.Store(int64(w.inner))
 	}
 	w.m.set(st.Ino, rel)
 	d, err := os.Open(dir)
@@ -353,6 +357,7 @@ func (w *cgroupWatcher) forget(rel string, id uint64) {
 	w.m.remove(id)
 	if unit, inner := unitDirOf(rel); inner {
 		w.inner--
+		w.m.belowUnits.Store(int64(w.inner))
 		if w.perUnit[unit]--; w.perUnit[unit] <= 0 {
 			delete(w.perUnit, unit)
 		}
@@ -375,6 +380,7 @@ func (w *cgroupWatcher) walk() {
 	clear(w.perUnit)
 	clear(w.fullUnits)
 	w.add("/")
+	w.m.belowUnits.Store(int64(w.inner))
 	paths := make(map[uint64]string, len(w.ids))
 	for rel, id := range w.ids {
 		paths[id] = rel

@@ -364,6 +364,19 @@ func TestCgroupWatcherDelegatedFlood(t *testing.T) {
 	if n := mapped(g); n != limits.inner-limits.perUnit {
 		t.Errorf("user 1001's 10: %d mapped, want what is left of the units' share, %d", n, limits.inner-limits.perUnit)
 	}
+	// What operators see (CgroupStats, the imdsproxy_cgroups_* metrics).
+	if n := m.belowUnits.Load(); n != int64(limits.inner) {
+		t.Errorf("%d mapped below units reported, want %d", n, limits.inner)
+	}
+	if n := m.refused[refusedUnitShare].Load(); n != 40-int64(limits.perUnit) {
+		t.Errorf("%d refused for a unit's share, want %d", n, 40-limits.perUnit)
+	}
+	if n := m.refused[refusedUnitsShare].Load(); n != 10-int64(limits.inner-limits.perUnit) {
+		t.Errorf("%d refused for the units' share, want %d", n, 10-(limits.inner-limits.perUnit))
+	}
+	if n := m.refused[refusedLimit].Load(); n != 0 {
+		t.Errorf("%d refused for the limit, want none", n)
+	}
 	for _, unit := range []string{"/system.slice/new.service", "/user.slice/user-1002.slice/session-3.scope"} {
 		id := mkdirID(t, filepath.Join(root, unit))
 		if e, ok := m.lookup(ctx, id, time.Second); !ok || e.rel != unit {

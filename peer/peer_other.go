@@ -32,7 +32,7 @@ func inodeOf(string) (uint64, error) { return 0, ErrUnsupported }
 
 type cgroupWatcher struct{}
 
-func startCgroupWatcher(*cgroupMap, *zap.Logger, int) (*cgroupWatcher, error) {
+func startCgroupWatcher(*cgroupMap, *zap.Logger, cgroupLimits) (*cgroupWatcher, error) {
 	return nil, ErrUnsupported
 }
 

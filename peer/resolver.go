@@ -171,6 +171,34 @@ func (r *Resolver) Close() error {
 	return r.closeErr
 }
 
+// CgroupStats is what the cgroup watcher has mapped, and not mapped, of
+// the cgroup2 tree; all zero without a cgroup2 mount.
+type CgroupStats struct {
+	Mapped     int64 // cgroups mapped now
+	BelowUnits int64 // of those, below a unit's own cgroup (delegated subtrees)
+	Walks      int64 // walks of the whole tree, the first one included
+	// Directories not mapped, each time one was met: beyond the limit of
+	// all (65,536), beyond its unit's share (4,096), beyond all units'
+	// share (32,768).
+	RefusedLimit, RefusedUnitShare, RefusedUnitsShare int64
+}
+
+// CgroupStats reports the cgroup watcher's counts (for metrics).
+func (r *Resolver) CgroupStats() CgroupStats {
+	m := r.cgroups
+	if m == nil {
+		return CgroupStats{}
+	}
+	return CgroupStats{
+		Mapped:            int64(m.size()),
+		BelowUnits:        m.belowUnits.Load(),
+		Walks:             m.walks.Load(),
+		RefusedLimit:      m.refused[refusedLimit].Load(),
+		RefusedUnitShare:  m.refused[refusedUnitShare].Load(),
+		RefusedUnitsShare: m.refused[refusedUnitsShare].Load(),
+	}
+}
+
 // Mode is how Process finds pids: ModeEBPF, ModeCgroupProcs or ModeNone.
 // It does not change over the Resolver's life (Close aside).
 func (r *Resolver) Mode() string { return r.mode }

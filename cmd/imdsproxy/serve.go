@@ -163,6 +163,7 @@ func newDaemon(ctx context.Context, path string, cfg Config, log *zap.Logger, lo
 	if d.peers, err = peer.NewResolver(peer.Options{Log: log.Named("peer")}); err != nil {
 		return nil, err
 	}
+	registerCgroupMetrics(d.reg, d.peers.CgroupStats)
 	defer func() {
 		if err != nil {
 			d.close()
@@ -819,6 +820,36 @@ func (d *daemon) registerMetrics(logErrors func() int64) error {
 	var err error
 	d.interceptMetrics, err = intercept.NewMetrics(d.reg)
 	return err
+}
+
+// registerCgroupMetrics exports what client identification's map of the
+// cgroup2 tree holds and could not hold (peer.CgroupStats).
+func registerCgroupMetrics(reg prometheus.Registerer, stats func() peer.CgroupStats) {
+	factory := promauto.With(reg)
+	factory.NewGaugeFunc(prometheus.GaugeOpts{
+		Name: "imdsproxy_cgroups_mapped",
+		Help: "Cgroups that client identification maps to their units now.",
+	}, func() float64 { return float64(stats().Mapped) })
+	factory.NewGaugeFunc(prometheus.GaugeOpts{
+		Name: "imdsproxy_cgroups_mapped_below_units",
+		Help: "Of imdsproxy_cgroups_mapped, those below a unit's own cgroup (made by the unit's processes: a user's user@UID.service).",
+	}, func() float64 { return float64(stats().BelowUnits) })
+	factory.NewCounterFunc(prometheus.CounterOpts{
+		Name: "imdsproxy_cgroup_walks_total",
+		Help: "Walks of the whole cgroup2 tree by client identification (at start, after an inotify overflow, when cgroups could not all be watched).",
+	}, func() float64 { return float64(stats().Walks) })
+	help := "Cgroups that client identification did not map (their processes' unit is unknown), each time one was met, by reason: limit (65,536 in all), unit_share (4,096 below one unit), units_share (32,768 below all units)."
+	for reason, n := range map[string]func(peer.CgroupStats) int64{
+		"limit":       func(s peer.CgroupStats) int64 { return s.RefusedLimit },
+		"unit_share":  func(s peer.CgroupStats) int64 { return s.RefusedUnitShare },
+		"units_share": func(s peer.CgroupStats) int64 { return s.RefusedUnitsShare },
+	} {
+		factory.NewCounterFunc(prometheus.CounterOpts{
+			Name:        "imdsproxy_cgroups_refused_total",
+			Help:        help,
+			ConstLabels: prometheus.Labels{"reason": reason},
+		}, func() float64 { return float64(n(stats())) })
+	}
 }
 
 // gatherer gathers the daemon's registry and the current generation's
