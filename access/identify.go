@@ -24,6 +24,40 @@ type Identifier interface {
 	Process(ctx context.Context, info peer.Info) peer.Info
 }
 
+// uidLookuper is an Identifier that can find a connection's uid alone,
+// without its cgroup (*peer.Resolver: one sock_diag query, never a wait
+// for the cgroup watcher).
+type uidLookuper interface {
+	LookupUID(ctx context.Context, c net.Conn) (int, error)
+}
+
+// ownerTimeout bounds a ConnOwner lookup: it runs in the accept loop.
+const ownerTimeout = 50 * time.Millisecond
+
+// UnknownOwner is the owner ConnOwner gives the connections whose uid it
+// cannot find (a client in another network namespace, a failed lookup):
+// they share one share. It is (uid_t)-1, which no process runs as.
+const UnknownOwner = ^uint32(0)
+
+// ConnOwner names the uid of a connection's client, for a front door's
+// connection shares (connlimit.Listener.ShareByOwner); nil when id cannot
+// find a uid alone.
+func ConnOwner(id Identifier) func(net.Conn) (uint32, bool) {
+	u, ok := id.(uidLookuper)
+	if !ok {
+		return nil
+	}
+	return func(c net.Conn) (uint32, bool) {
+		ctx, cancel := context.WithTimeout(context.Background(), ownerTimeout)
+		defer cancel()
+		uid, err := u.LookupUID(ctx, c)
+		if err != nil || uid < 0 {
+			return UnknownOwner, true
+		}
+		return uint32(uid), true
+	}
+}
+
 // IdentifyTimeout bounds identifying a connection (LookupConn and Process).
 const IdentifyTimeout = 100 * time.Millisecond
 

@@ -132,3 +132,39 @@ func TestConnClientAuditOnly(t *testing.T) {
 		t.Fatalf("an Identifier without the audit lookup: %d lookups, want 1 (its answer is checked)", plain.lookups)
 	}
 }
+
+// uidID is an Identifier that can also name a connection's uid alone.
+type uidID struct {
+	scriptedID
+	uid      int
+	err      error
+	bounded  bool
+	lookedUp int
+}
+
+func (u *uidID) LookupUID(ctx context.Context, _ net.Conn) (int, error) {
+	_, u.bounded = ctx.Deadline()
+	u.lookedUp++
+	return u.uid, u.err
+}
+
+// TestConnOwner: a front door shares its connection slots by uid only with
+// an Identifier that can name the uid alone; the connections whose uid
+// cannot be found share one owner, and every lookup is bounded.
+func TestConnOwner(t *testing.T) {
+	if ConnOwner(nil) != nil || ConnOwner(&scriptedID{}) != nil {
+		t.Fatal("an owner without an Identifier that can look up a uid alone")
+	}
+	id := &uidID{uid: 1001}
+	owner := ConnOwner(id)
+	if o, ok := owner(nil); !ok || o != 1001 || !id.bounded {
+		t.Errorf("owner = %d, %v (bounded %v); want 1001, true, bounded", o, ok, id.bounded)
+	}
+	id.err = peer.ErrNotFound
+	if o, ok := owner(nil); !ok || o != UnknownOwner {
+		t.Errorf("a failed lookup: owner %d, %v; want UnknownOwner", o, ok)
+	}
+	if id.lookedUp != 2 {
+		t.Errorf("%d lookups, want 2", id.lookedUp)
+	}
+}

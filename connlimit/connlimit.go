@@ -21,7 +21,15 @@ type Metrics struct {
 	Open    prometheus.Gauge   // connections open
 	Reached prometheus.Counter // a new connection found the bound reached
 	Evicted prometheus.Counter // idle connections closed to make room
+	// OverShare: new connections closed at once because their owner held
+	// its share of the slots (ShareByOwner).
+	OverShare prometheus.Counter
 }
+
+// OwnerFunc names who made a connection (a uid, say); ok is false when it
+// cannot tell. It runs in Accept, one connection at a time: it must be
+// quick and bounded.
+type OwnerFunc func(net.Conn) (owner uint32, ok bool)
 
 // Listener accepts at most n connections open at once. At the bound,
 // Accept closes the keep-alive connection idle the longest (between two
@@ -36,14 +44,31 @@ type Listener struct {
 	once sync.Once
 	m    Metrics
 
-	mu    sync.Mutex
-	conns map[*Conn]struct{} // open, for evictIdle
+	mu     sync.Mutex
+	conns  map[*Conn]struct{} // open, for evictIdle
+	owner  OwnerFunc          // nil: no shares (ShareByOwner)
+	share  int                // connections one owner may hold of those attributed
+	owners map[uint32]int     // owner -> open connections attributed to it
 }
 
 // NewListener bounds ln to n open connections (n ≥ 1).
 func NewListener(ln net.Listener, n int, m Metrics) *Listener {
 	return &Listener{Listener: ln, sem: make(chan struct{}, max(n, 1)), done: make(chan struct{}), m: m,
 		conns: make(map[*Conn]struct{})}
+}
+
+// ShareByOwner keeps any one owner from holding more than about three
+// quarters of the slots with connections that are not idle (a slow
+// client's headers, a request in progress), which eviction cannot take
+// back: while more than half the slots are taken, Accept asks owner who
+// made each new connection, and closes it at once when that owner already
+// holds a quarter of the slots among the connections so attributed. Below
+// half, nothing is asked (no cost). So one owner holds at most half the
+// slots, unattributed, and a quarter more, and the others always find a
+// quarter free. Call it before the first Accept.
+func (l *Listener) ShareByOwner(owner OwnerFunc) {
+	l.owner, l.share = owner, max(cap(l.sem)/4, 1)
+	l.owners = make(map[uint32]int)
 }
 
 // Accept returns the next connection, a *Conn.
@@ -58,32 +83,72 @@ func (l *Listener) Accept() (net.Conn, error) {
 // AcceptConn is Accept returning the *Conn itself, for listeners that wrap
 // it.
 func (l *Listener) AcceptConn() (*Conn, error) {
-	// Accept first, then take a slot: a connection is evicted only for a
-	// client that is there.
-	c, err := l.Listener.Accept()
-	if err != nil {
-		return nil, err
-	}
-	select {
-	case l.sem <- struct{}{}:
-	default:
-		inc(l.m.Reached)
-		l.evictIdle()
+	for {
+		// Accept first, then take a slot: a connection is evicted only for
+		// a client that is there.
+		c, err := l.Listener.Accept()
+		if err != nil {
+			return nil, err
+		}
+		lc := &Conn{Conn: c, l: l}
+		if !l.attribute(lc) {
+			_ = c.Close()
+			inc(l.m.OverShare)
+			continue
+		}
 		select {
 		case l.sem <- struct{}{}:
-		case <-l.done:
-			_ = c.Close()
-			return nil, net.ErrClosed
+		default:
+			inc(l.m.Reached)
+			l.evictIdle()
+			select {
+			case l.sem <- struct{}{}:
+			case <-l.done:
+				l.release(lc)
+				_ = c.Close()
+				return nil, net.ErrClosed
+			}
 		}
+		if l.m.Open != nil {
+			l.m.Open.Inc()
+		}
+		l.mu.Lock()
+		l.conns[lc] = struct{}{}
+		l.mu.Unlock()
+		return lc, nil
 	}
-	if l.m.Open != nil {
-		l.m.Open.Inc()
+}
+
+// attribute asks who made c when more than half the slots are taken and
+// counts it against its owner's share; false: the owner's share is full.
+func (l *Listener) attribute(c *Conn) bool {
+	if l.owner == nil || len(l.sem) <= cap(l.sem)/2 {
+		return true
 	}
-	lc := &Conn{Conn: c, l: l}
+	owner, ok := l.owner(c.Conn)
+	if !ok {
+		return true
+	}
 	l.mu.Lock()
-	l.conns[lc] = struct{}{}
-	l.mu.Unlock()
-	return lc, nil
+	defer l.mu.Unlock()
+	if l.owners[owner] >= l.share {
+		return false
+	}
+	l.owners[owner]++
+	c.owner, c.attributed = owner, true
+	return true
+}
+
+// release gives c's place in its owner's share back.
+func (l *Listener) release(c *Conn) {
+	if !c.attributed {
+		return
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.owners[c.owner]--; l.owners[c.owner] <= 0 {
+		delete(l.owners, c.owner)
+	}
 }
 
 // Close closes the listener; an Accept waiting for a slot returns.
@@ -137,9 +202,11 @@ var idleTurn atomic.Int64
 // first Close. The zero Conn (no listener) only records idleness.
 type Conn struct {
 	net.Conn
-	l      *Listener
-	closed atomic.Bool
-	idle   atomic.Int64 // > 0: idle between requests, its turn; 0 active or new; -1 being closed
+	l          *Listener
+	closed     atomic.Bool
+	idle       atomic.Int64 // > 0: idle between requests, its turn; 0 active or new; -1 being closed
+	owner      uint32       // with attributed: whose share it counts against (ShareByOwner)
+	attributed bool
 }
 
 // SetIdle records c going idle between two requests (true) or active. It
@@ -159,6 +226,7 @@ func (c *Conn) Close() error {
 		c.l.mu.Lock()
 		delete(c.l.conns, c)
 		c.l.mu.Unlock()
+		c.l.release(c)
 		<-c.l.sem
 		if c.l.m.Open != nil {
 			c.l.m.Open.Dec()

@@ -146,3 +146,71 @@ func TestCloseReleasesOnceAndUnblocks(t *testing.T) {
 	}
 	b.server.Close()
 }
+
+// TestShareByOwner: below half the slots nobody is asked who they are;
+// above, an owner holding a quarter of the slots (among the connections
+// attributed) has its next connection closed at once, while another
+// owner's is accepted; closing an attributed connection gives its place in
+// the share back.
+func TestShareByOwner(t *testing.T) {
+	l, m := newTestListener(t, 8) // share 2, attributed above 4 taken
+	m.OverShare = prometheus.NewCounter(prometheus.CounterOpts{Name: "over_share"})
+	l.m = m
+	owners := map[string]uint32{} // client address -> owner
+	calls := 0
+	l.ShareByOwner(func(c net.Conn) (uint32, bool) {
+		calls++
+		o, ok := owners[c.RemoteAddr().String()]
+		return o, ok
+	})
+	const a, b = 1000, 1001
+	dialAs := func(owner uint32) net.Conn {
+		t.Helper()
+		c, err := net.Dial("tcp", l.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		owners[c.LocalAddr().String()] = owner
+		return c
+	}
+	accept := func(want net.Conn) *Conn {
+		t.Helper()
+		s, err := l.AcceptConn()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if s.RemoteAddr().String() != want.LocalAddr().String() {
+			t.Fatalf("accepted %s, want %s", s.RemoteAddr(), want.LocalAddr())
+		}
+		return s
+	}
+	var held []*Conn
+	for range 5 {
+		held = append(held, accept(dialAs(a)))
+	}
+	if calls != 0 {
+		t.Errorf("owner asked %d times with at most half the slots taken", calls)
+	}
+	for range 2 {
+		held = append(held, accept(dialAs(a)))
+	}
+	refused := dialAs(a)
+	other := dialAs(b)
+	accept(other)
+	if !closedByServer(pair{client: refused}) {
+		t.Error("the connection of an owner at its share was not closed")
+	}
+	if got := testutil.ToFloat64(m.OverShare); got != 1 {
+		t.Errorf("over-share counter %v, want 1", got)
+	}
+	held[6].Close() // attributed to a
+	held[0].Close() // not attributed
+	accept(dialAs(a))
+	if got := l.owners[a]; got != 2 {
+		t.Errorf("owner a holds %d attributed, want 2", got)
+	}
+	if got := testutil.ToFloat64(m.OverShare); got != 1 {
+		t.Errorf("over-share counter %v after a place was given back, want 1", got)
+	}
+}

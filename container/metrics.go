@@ -34,6 +34,7 @@ type metrics struct {
 	writeErrors prometheus.Counter
 	tokens      prometheus.Gauge
 	idleClosed  prometheus.Counter
+	overShare   prometheus.Counter
 
 	hot sync.Map // code -> prometheus.Counter
 }
@@ -59,6 +60,10 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		idleClosed: f.NewCounter(prometheus.CounterOpts{
 			Name: "imdsproxy_container_idle_connections_closed_total",
 			Help: "Keep-alive connections of the container credentials endpoint closed while idle to make room for a new one at the connection limit.",
+		}),
+		overShare: f.NewCounter(prometheus.CounterOpts{
+			Name: "imdsproxy_container_connections_over_share_total",
+			Help: "New connections of the container credentials endpoint closed at once because their uid already held a quarter of the connection slots while more than half were taken.",
 		}),
 		rotations: f.NewCounter(prometheus.CounterOpts{
 			Name: "imdsproxy_container_token_rotations_total",

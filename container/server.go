@@ -139,7 +139,10 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 	// At the limit a new connection takes the place of the keep-alive
 	// connection idle the longest: connections that merely stay open
 	// cannot lock clients out.
-	lim := connlimit.NewListener(ln, cmp.Or(s.maxConns, MaxConns), connlimit.Metrics{Evicted: s.m.idleClosed})
+	lim := connlimit.NewListener(ln, cmp.Or(s.maxConns, MaxConns), connlimit.Metrics{Evicted: s.m.idleClosed, OverShare: s.m.overShare})
+	if owner := access.ConnOwner(s.id); owner != nil {
+		lim.ShareByOwner(owner)
+	}
 	go func() { errc <- srv.Serve(lim) }()
 	select {
 	case err := <-errc:

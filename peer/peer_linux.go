@@ -53,20 +53,21 @@ const (
 )
 
 // lookup asks sock_diag about the socket at remote connected to local and
-// maps its cgroup; with check, a cgroup whose directory is gone (or made
-// again) makes the unit unknown (cgroupMap.current).
-func (r *Resolver) lookup(ctx context.Context, ns uint64, local, remote *net.TCPAddr, check bool) (Info, error) {
+// maps its cgroup (not for lookupUID); for lookupDecide, a cgroup whose
+// directory is gone (or made again) makes the unit unknown
+// (cgroupMap.current).
+func (r *Resolver) lookup(ctx context.Context, ns uint64, local, remote *net.TCPAddr, how lookupHow) (Info, error) {
 	d, err := sockDiag(ctx, ns, remote, local)
 	if err != nil {
 		return Info{}, err
 	}
 	info := Info{UID: int(d.uid), sock: sockRef{cookie: d.cookie, inode: d.inode}}
-	if !d.hasCgroup || r.cgroups == nil {
+	if how == lookupUID || !d.hasCgroup || r.cgroups == nil {
 		return info, nil
 	}
 	// The socket's cgroup, as the kernel recorded it at creation.
 	cg, ok := r.cgroups.lookup(ctx, d.cgroupID, r.missWait)
-	if !ok || check && !r.cgroups.current(d.cgroupID, cg.rel) {
+	if !ok || how == lookupDecide && !r.cgroups.current(d.cgroupID, cg.rel) {
 		info.UnitUnknown = true
 		return info, nil
 	}

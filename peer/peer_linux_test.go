@@ -288,6 +288,31 @@ func TestLookupCgroupChild(t *testing.T) {
 	})
 }
 
+// TestLookupUIDNeverWaits: LookupUID names the uid of a client of another
+// uid from the kernel alone; it does not wait for the cgroup watcher,
+// even for a cgroup the map does not hold (a connection share is decided
+// in the accept loop).
+func TestLookupUIDNeverWaits(t *testing.T) {
+	skipIfUnsupported(t)
+	r := newTestResolver(t, Options{BPF: BPFOff, MissWait: 10 * time.Second})
+	c := startCgroupClient(t, 65534)
+	if r.cgroups != nil {
+		// A map that never catches up: a lookup of a cgroup would wait
+		// out MissWait.
+		stale := newCgroupMap(r.cgroups.mount, r.cgroups.prefix)
+		stale.nudge = func() {}
+		r.cgroups = stale
+	}
+	start := time.Now()
+	uid, err := r.LookupUID(t.Context(), c.server)
+	if err != nil || uid != 65534 {
+		t.Fatalf("LookupUID = %d, %v; want 65534", uid, err)
+	}
+	if took := time.Since(start); took > time.Second {
+		t.Errorf("LookupUID took %v", took)
+	}
+}
+
 // TestNewCgroupResolvedWithoutWalk: a cgroup made after the Resolver (as
 // systemd makes a unit's) is resolved from the watcher's events: no walk
 // of the tree besides the first.

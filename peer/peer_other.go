@@ -13,7 +13,7 @@ import (
 	"go.uber.org/zap"
 )
 
-func (r *Resolver) lookup(context.Context, uint64, *net.TCPAddr, *net.TCPAddr, bool) (Info, error) {
+func (r *Resolver) lookup(context.Context, uint64, *net.TCPAddr, *net.TCPAddr, lookupHow) (Info, error) {
 	return Info{}, ErrUnsupported
 }
 

@@ -223,7 +223,7 @@ func (r *Resolver) Lookup(ctx context.Context, local, remote net.Addr) (Info, er
 	if !ok1 || !ok2 {
 		return Info{}, ErrUnsupported
 	}
-	return r.lookup(ctx, 0, l, rm, true)
+	return r.lookup(ctx, 0, l, rm, lookupDecide)
 }
 
 // LookupConn is Lookup of c's addresses. When c was redirected to this host
@@ -232,7 +232,7 @@ func (r *Resolver) Lookup(ctx context.Context, local, remote net.Addr) (Info, er
 // address: LookupConn then retries with the original destination recorded
 // by conntrack (SO_ORIGINAL_DST).
 func (r *Resolver) LookupConn(ctx context.Context, c net.Conn) (Info, error) {
-	return r.lookupConn(ctx, c, true)
+	return r.lookupConn(ctx, c, lookupDecide)
 }
 
 // LookupConnForAudit is LookupConn for a caller that decides nothing by
@@ -242,17 +242,34 @@ func (r *Resolver) LookupConn(ctx context.Context, c net.Conn) (Info, error) {
 // the watcher read the removal, is then reported with the unit it was
 // made in, which is what it is).
 func (r *Resolver) LookupConnForAudit(ctx context.Context, c net.Conn) (Info, error) {
-	return r.lookupConn(ctx, c, false)
+	return r.lookupConn(ctx, c, lookupAudit)
 }
 
-func (r *Resolver) lookupConn(ctx context.Context, c net.Conn, check bool) (Info, error) {
+// LookupUID is the uid of LookupConn alone: no cgroup is mapped, so it
+// never waits for the cgroup watcher. One sock_diag query (for a
+// connection redirected by NAT, two and a conntrack lookup).
+func (r *Resolver) LookupUID(ctx context.Context, c net.Conn) (int, error) {
+	info, err := r.lookupConn(ctx, c, lookupUID)
+	return info.UID, err
+}
+
+// What a lookup is for, and so what it does.
+type lookupHow int
+
+const (
+	lookupDecide lookupHow = iota // uid, cgroup and unit, the cgroup checked current
+	lookupAudit                   // uid, cgroup and unit (LookupConnForAudit)
+	lookupUID                     // uid only (LookupUID)
+)
+
+func (r *Resolver) lookupConn(ctx context.Context, c net.Conn, how lookupHow) (Info, error) {
 	local, ok1 := c.LocalAddr().(*net.TCPAddr)
 	remote, ok2 := c.RemoteAddr().(*net.TCPAddr)
 	if !ok1 || !ok2 {
 		return Info{}, ErrUnsupported
 	}
 	ns := connNetns(c)
-	info, err := r.lookup(ctx, ns, local, remote, check)
+	info, err := r.lookup(ctx, ns, local, remote, how)
 	if !errors.Is(err, ErrNotFound) {
 		return info, err
 	}
@@ -264,7 +281,7 @@ func (r *Resolver) lookupConn(ctx context.Context, c net.Conn, check bool) (Info
 	if oerr != nil || orig == nil || (orig.IP.Equal(local.IP) && orig.Port == local.Port) {
 		return info, err
 	}
-	return r.lookup(ctx, ns, orig, remote, check)
+	return r.lookup(ctx, ns, orig, remote, how)
 }
 
 // Process returns info, an Info from Lookup or LookupConn of this

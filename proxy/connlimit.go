@@ -17,7 +17,9 @@ const DefaultMaxConns = 4096
 // limitListener is Serve's connlimit.Listener: at most n connections open,
 // a new one taking the place of the keep-alive connection idle the longest
 // at the bound (a silent new connection is closed after readHeaderTimeout,
-// so a flood of those delays new clients by at most that long). It also
+// so a flood of those delays new clients by at most that long), and, with
+// an owner, keeps any one uid from holding more than about three quarters
+// of the slots with connections that are not idle (ShareByOwner). It also
 // remembers what it learnt of its socket once, for its connections.
 type limitListener struct {
 	*connlimit.Listener
@@ -26,10 +28,13 @@ type limitListener struct {
 	hops6 int    // IPv6 unicast hop limit, likewise
 }
 
-func newLimitListener(ln net.Listener, n int, m *limitMetrics) *limitListener {
+func newLimitListener(ln net.Listener, n int, m *limitMetrics, owner connlimit.OwnerFunc) *limitListener {
 	l := &limitListener{
-		Listener: connlimit.NewListener(ln, n, connlimit.Metrics{Open: m.openConns, Reached: m.limitReached, Evicted: m.idleClosed}),
+		Listener: connlimit.NewListener(ln, n, connlimit.Metrics{Open: m.openConns, Reached: m.limitReached, Evicted: m.idleClosed, OverShare: m.overShare}),
 		netns:    peer.ListenerNetns(ln),
+	}
+	if owner != nil {
+		l.ShareByOwner(owner)
 	}
 	l.hops4, l.hops6 = listenerHops(ln)
 	return l

@@ -31,7 +31,7 @@ func limitListenerOf(t *testing.T, raw net.Listener, n int) *limitListener {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ln := newLimitListener(raw, n, m)
+	ln := newLimitListener(raw, n, m, nil)
 	t.Cleanup(func() { ln.Close() })
 	return ln
 }

@@ -167,6 +167,7 @@ type limitMetrics struct {
 	openConns      prometheus.Gauge
 	limitReached   prometheus.Counter
 	idleClosed     prometheus.Counter
+	overShare      prometheus.Counter
 }
 
 // newLimitMetrics builds the collectors and registers them with reg (nil:
@@ -189,6 +190,10 @@ func newLimitMetrics(reg prometheus.Registerer) (*limitMetrics, error) {
 		idleClosed: factory.NewCounter(prometheus.CounterOpts{
 			Name: "imdsproxy_http_idle_connections_closed_total",
 			Help: "Keep-alive IMDS connections closed while idle to make room for a new one at the connection limit.",
+		}),
+		overShare: factory.NewCounter(prometheus.CounterOpts{
+			Name: "imdsproxy_http_connections_over_share_total",
+			Help: "New IMDS connections closed at once because their uid already held a quarter of the connection slots while more than half were taken.",
 		}),
 	}
 

@@ -326,7 +326,7 @@ func (s *Server) Update(cfg Config) error {
 func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 	cfg := s.state.Load().cfg
 	errLog, _ := zap.NewStdLogAt(s.log.Named("http"), zap.WarnLevel)
-	ln = &onceCloseListener{Listener: newLimitListener(ln, cmp.Or(cfg.MaxConns, DefaultMaxConns), s.lim)}
+	ln = &onceCloseListener{Listener: newLimitListener(ln, cmp.Or(cfg.MaxConns, DefaultMaxConns), s.lim, access.ConnOwner(s.id))}
 	var fresh freshConns
 	srv := &http.Server{
 		ConnState:         fresh.track,
