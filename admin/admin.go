@@ -131,8 +131,10 @@ const (
 )
 
 // Serve serves h on ln, at most 64 connections at once, until ctx ends,
-// then drains (at most 5s).
-func Serve(ctx context.Context, ln net.Listener, h http.Handler, log *zap.Logger) error {
+// then drains (at most 5s). With owner (nil: none), no one owner holds
+// more than about three quarters of the slots with connections that are
+// not idle (connlimit.Listener.ShareByOwner).
+func Serve(ctx context.Context, ln net.Listener, h http.Handler, owner connlimit.OwnerFunc, log *zap.Logger) error {
 	srv := &http.Server{
 		ConnState:         connlimit.TrackIdle,
 		Handler:           h,
@@ -144,7 +146,11 @@ func Serve(ctx context.Context, ln net.Listener, h http.Handler, log *zap.Logger
 		ErrorLog:          zap.NewStdLog(log),
 	}
 	errc := make(chan error, 1)
-	go func() { errc <- srv.Serve(connlimit.NewListener(ln, maxConns, connlimit.Metrics{})) }()
+	lim := connlimit.NewListener(ln, maxConns, connlimit.Metrics{})
+	if owner != nil {
+		lim.ShareByOwner(owner)
+	}
+	go func() { errc <- srv.Serve(lim) }()
 	select {
 	case err := <-errc:
 		return fmt.Errorf("admin listener: %w", err)

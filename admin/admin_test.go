@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"sync"
 	"testing"
 	"time"
 
@@ -30,7 +31,7 @@ func TestServeConnectionLimit(t *testing.T) {
 	d.ready.Store(true)
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
-	go func() { done <- Serve(ctx, ln, Handler(prometheus.NewRegistry(), d), zap.NewNop()) }()
+	go func() { done <- Serve(ctx, ln, Handler(prometheus.NewRegistry(), d), nil, zap.NewNop()) }()
 	defer func() {
 		cancel()
 		if err := <-done; err != nil {
@@ -123,5 +124,85 @@ func TestServeConnectionLimit(t *testing.T) {
 	resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
 		t.Errorf("connection %d after one closed: %s, want 200", maxConns+1, resp.Status)
+	}
+}
+
+// TestServeShareByOwner: with an owner, connections of one owner that are
+// never idle (silent, their headers awaited) cannot hold every slot: a
+// connection of another owner is answered at once, and the first owner's
+// connections beyond its share are closed.
+func TestServeShareByOwner(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var mu sync.Mutex
+	victims := map[string]bool{} // client addresses of the second owner
+	owner := func(c net.Conn) (uint32, bool) {
+		mu.Lock()
+		defer mu.Unlock()
+		if victims[c.RemoteAddr().String()] {
+			return 2, true
+		}
+		return 1, true
+	}
+	d := &readyDaemon{}
+	d.ready.Store(true)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- Serve(ctx, ln, Handler(prometheus.NewRegistry(), d), owner, zap.NewNop()) }()
+	defer func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Error(err)
+		}
+	}()
+
+	// Owner 1: as many silent connections as there are slots, and more.
+	var silent []net.Conn
+	defer func() {
+		for _, c := range silent {
+			c.Close()
+		}
+	}()
+	for i := range maxConns + 8 {
+		c, err := net.Dial("tcp", ln.Addr().String())
+		if err != nil {
+			t.Fatalf("connection %d: %v", i+1, err)
+		}
+		silent = append(silent, c)
+	}
+	// Owner 2, once owner 1's connections have been accepted or refused.
+	time.Sleep(200 * time.Millisecond)
+	mu.Lock()
+	c, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		mu.Unlock()
+		t.Fatal(err)
+	}
+	victims[c.LocalAddr().String()] = true
+	mu.Unlock()
+	defer c.Close()
+	_ = c.SetDeadline(time.Now().Add(2 * time.Second)) // under the 5 s header timeout that would free slots
+	if _, err := io.WriteString(c, "GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"); err != nil {
+		t.Fatal(err)
+	}
+	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+	if err != nil {
+		t.Fatalf("another owner's request with %d silent connections of one owner: %v", len(silent), err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		t.Errorf("another owner's request: %s, want 200", resp.Status)
+	}
+	closed := 0
+	for _, s := range silent {
+		_ = s.SetReadDeadline(time.Now().Add(50 * time.Millisecond))
+		if _, err := s.Read(make([]byte, 1)); errors.Is(err, io.EOF) {
+			closed++
+		}
+	}
+	if want := maxConns + 8 - (maxConns/2 + 1 + maxConns/4); closed != want {
+		t.Errorf("%d of owner 1's connections closed at once, want %d (beyond half the slots and its quarter)", closed, want)
 	}
 }

@@ -330,7 +330,7 @@ func (d *daemon) run(ctx context.Context) error {
 		d.reloadOnHUP,
 		d.verifyShadow,
 		func(ctx context.Context) error {
-			return admin.Serve(ctx, adminLn, admin.Handler(d.gatherer(), d), d.log.Named("admin"))
+			return admin.Serve(ctx, adminLn, admin.Handler(d.gatherer(), d), access.ConnOwner(d.peers), d.log.Named("admin"))
 		},
 		func(ctx context.Context) error {
 			if d.warm(ctx) {
