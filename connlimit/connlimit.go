@@ -6,6 +6,7 @@
 package connlimit
 
 import (
+	"crypto/tls"
 	"errors"
 	"net"
 	"net/http"
@@ -247,8 +248,12 @@ func (c *Conn) SyscallConn() (syscall.RawConn, error) {
 
 // TrackIdle is the http.Server ConnState hook of a server on a Listener: it
 // records when the connections go idle between requests (Conn.SetIdle; a
-// server that has a hook of its own calls SetIdle from it).
+// server that has a hook of its own calls SetIdle from it). A TLS
+// connection (http.Server.ServeTLS on a Listener) is looked through.
 func TrackIdle(c net.Conn, st http.ConnState) {
+	if tc, ok := c.(*tls.Conn); ok {
+		c = tc.NetConn()
+	}
 	lc, ok := c.(*Conn)
 	if !ok {
 		return

@@ -1,9 +1,11 @@
 package connlimit
 
 import (
+	"crypto/tls"
 	"errors"
 	"io"
 	"net"
+	"net/http"
 	"testing"
 	"time"
 
@@ -212,5 +214,22 @@ func TestShareByOwner(t *testing.T) {
 	}
 	if got := testutil.ToFloat64(m.OverShare); got != 1 {
 		t.Errorf("over-share counter %v after a place was given back, want 1", got)
+	}
+}
+
+// TestTrackIdleThroughTLS: a server that serves TLS on a Listener
+// (http.Server.ServeTLS) hands its ConnState hook the *tls.Conn; TrackIdle
+// records the idleness of the Conn beneath.
+func TestTrackIdleThroughTLS(t *testing.T) {
+	l, _ := newTestListener(t, 1)
+	p := dial(t, l)
+	tc := tls.Server(p.server, &tls.Config{})
+	TrackIdle(tc, http.StateIdle)
+	if p.server.idle.Load() <= 0 {
+		t.Fatal("a TLS connection going idle was not recorded")
+	}
+	TrackIdle(tc, http.StateActive)
+	if p.server.idle.Load() != 0 {
+		t.Fatal("a TLS connection going active was not recorded")
 	}
 }

@@ -34,6 +34,11 @@ const (
 	DefaultBurst            = 20
 	DefaultMaxHosts         = 100000
 	DefaultShutdownTimeout  = 10 * time.Second
+	// DefaultMaxConnections bounds the listener's open connections: with
+	// TLS about 50 KiB each, so about 400 MiB at most.
+	DefaultMaxConnections = 8192
+	// MaxConnectionsLimit is the most max_connections may be.
+	MaxConnectionsLimit = 1 << 20
 	// DefaultSTSEndpoint is where aws_iam requests are forwarded when
 	// neither attestation.aws_iam.sts_endpoints nor AWS_ENDPOINT_URL_STS
 	// is set.
@@ -56,6 +61,10 @@ const (
 type Config struct {
 	// Listen is the HTTP(S) listener, host:port.
 	Listen string `yaml:"listen"`
+	// MaxConnections bounds the connections the listener keeps open; at
+	// the bound a new one takes the place of the keep-alive connection
+	// idle the longest (connlimit). Restart-only, as Listen.
+	MaxConnections int `yaml:"max_connections"`
 	// Issuer is the iss claim and the base URL relying parties fetch the
 	// discovery document from.
 	Issuer string `yaml:"issuer"`
@@ -239,8 +248,9 @@ func defaultConfig() Config {
 			CacheSize:        DefaultEC2CacheSize,
 			Timeout:          config.Duration(DefaultUpstreamTimeout),
 		}},
-		RateLimit: RateLimit{PerHostPerMinute: DefaultPerHostPerMinute, Burst: DefaultBurst, MaxHosts: DefaultMaxHosts},
-		Shutdown:  Shutdown{Timeout: config.Duration(DefaultShutdownTimeout)},
+		RateLimit:      RateLimit{PerHostPerMinute: DefaultPerHostPerMinute, Burst: DefaultBurst, MaxHosts: DefaultMaxHosts},
+		Shutdown:       Shutdown{Timeout: config.Duration(DefaultShutdownTimeout)},
+		MaxConnections: DefaultMaxConnections,
 	}
 }
 
@@ -381,6 +391,9 @@ func (c *Config) validate() error {
 				return keyErr("publish.endpoint", "%q is not an http(s) URL", p.Endpoint)
 			}
 		}
+	}
+	if c.MaxConnections < 1 || c.MaxConnections > MaxConnectionsLimit {
+		return keyErr("max_connections", "%d is not between 1 and %d", c.MaxConnections, MaxConnectionsLimit)
 	}
 	if r := c.RateLimit; r.PerHostPerMinute < 0 || r.Burst < 0 || r.MaxHosts < 0 {
 		return keyErr("rate_limit", "values must not be negative")

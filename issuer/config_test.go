@@ -24,7 +24,8 @@ func TestConfigDefaults(t *testing.T) {
 		t.Fatal(err)
 	}
 	if cfg.Tokens.Audience != DefaultAudience || cfg.Tokens.TTL.D() != time.Hour || cfg.RateLimit.PerHostPerMinute != DefaultPerHostPerMinute ||
-		cfg.Attestation.EC2.CacheTTL.D() != DefaultEC2CacheTTL || cfg.Shutdown.Timeout.D() != DefaultShutdownTimeout {
+		cfg.Attestation.EC2.CacheTTL.D() != DefaultEC2CacheTTL || cfg.Shutdown.Timeout.D() != DefaultShutdownTimeout ||
+		cfg.MaxConnections != DefaultMaxConnections {
 		t.Fatalf("defaults %+v", cfg)
 	}
 }
@@ -64,6 +65,8 @@ func TestConfigErrors(t *testing.T) {
 		{"publish without bucket", "policy:", "publish: {region: us-east-1}\npolicy:", "publish.bucket"},
 		{"sts endpoint with path", "attestation: {aws_iid: {}}", "attestation: {aws_iam: {sts_endpoints: [\"https://sts.amazonaws.com/x\"]}}", "attestation.aws_iam.sts_endpoints[0]"},
 		{"negative rate", "policy:", "rate_limit: {per_host_per_minute: -1}\npolicy:", "rate_limit"},
+		{"no connections", "policy:", "max_connections: 0\npolicy:", "max_connections"},
+		{"too many connections", "policy:", "max_connections: 2000000\npolicy:", "max_connections"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			if !strings.Contains(minimalYAML, tc.from) {

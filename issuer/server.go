@@ -164,6 +164,9 @@ func (s *Server) Reload(ctx context.Context, cfg *Config) error {
 	if old := s.state.Load(); old != nil && old.cfg.Listen != cfg.Listen {
 		s.log.Warn("listen changed; it takes effect only after a restart", zap.String("listen", old.cfg.Listen))
 	}
+	if old := s.state.Load(); old != nil && old.cfg.MaxConnections != cfg.MaxConnections {
+		s.log.Warn("max_connections changed; it takes effect only after a restart", zap.Int("max_connections", old.cfg.MaxConnections))
+	}
 	s.install(st)
 	s.log.Info("configuration reloaded", zap.String("signing_kid", st.keys[0].kid), zap.Int("keys", len(st.keys)),
 		zap.Int("rules", len(st.policy.rules)))

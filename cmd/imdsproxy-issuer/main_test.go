@@ -412,6 +412,58 @@ func TestServe(t *testing.T) {
 	}
 }
 
+// TestServeConnectionLimit: the listener keeps at most max_connections
+// open, and clients that merely keep connections open cannot lock others
+// out: with every slot held by an idle keep-alive connection, a new client
+// is answered at once (the one idle the longest gives way).
+func TestServeConnectionLimit(t *testing.T) {
+	f := newFixture(t)
+	addr := freeAddr(t)
+	const limit = 4
+	cfgPath := f.write(t, "issuer.yaml", []byte(f.config(addr, fmt.Sprintf("max_connections: %d\n", limit))))
+	d := startServe(t, cfgPath, addr)
+	http.DefaultClient.CloseIdleConnections() // startServe's readiness checks
+
+	get := func(c net.Conn) error {
+		_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+		if _, err := io.WriteString(c, "GET /healthz HTTP/1.1\r\nHost: "+addr+"\r\n\r\n"); err != nil {
+			return err
+		}
+		resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+		if err != nil {
+			return err
+		}
+		_, _ = io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusOK {
+			return fmt.Errorf("status %s", resp.Status)
+		}
+		return nil
+	}
+	for i := range limit + 2 {
+		c, err := net.Dial("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		// Answered at once, the slots full of idle connections from the
+		// fifth on; far below the 2-minute idle timeout.
+		if err := get(c); err != nil {
+			t.Fatalf("connection %d with %d slots: %v", i+1, limit, err)
+		}
+	}
+	metrics := string(getBody(t, d.base+"/metrics"))
+	for _, want := range []string{
+		fmt.Sprintf("imdsproxy_issuer_open_connections %d", limit),
+		"imdsproxy_issuer_idle_connections_closed_total 3",
+		"imdsproxy_issuer_connection_limit_reached_total 3",
+	} {
+		if !strings.Contains(metrics, want) {
+			t.Errorf("metrics lack %q", want)
+		}
+	}
+}
+
 func waitFor(t *testing.T, cond func() bool, what string) {
 	t.Helper()
 	deadline := time.Now().Add(10 * time.Second)

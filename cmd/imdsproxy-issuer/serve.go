@@ -16,8 +16,10 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promauto"
 	"go.uber.org/zap"
 
+	"github.com/imdsproxy/imdsproxy/connlimit"
 	"github.com/imdsproxy/imdsproxy/issuer"
 	"github.com/imdsproxy/imdsproxy/logging"
 )
@@ -80,7 +82,26 @@ func runServe(ctx context.Context, args []string, stderr io.Writer) int {
 		log.Error("cannot listen", zap.String("listen", cfg.Listen), zap.Error(err))
 		return exitError
 	}
+	// Hosts of the fleet, and anyone who reaches the listener, connect here:
+	// at most max_connections open, a new one taking the place of the
+	// keep-alive connection idle the longest (connlimit), so that neither a
+	// flood nor clients that keep connections open exhaust the descriptors.
+	lim := connlimit.NewListener(ln, cfg.MaxConnections, connlimit.Metrics{
+		Open: promauto.With(reg).NewGauge(prometheus.GaugeOpts{
+			Name: "imdsproxy_issuer_open_connections",
+			Help: "Client connections to the issuer's listener now open.",
+		}),
+		Reached: promauto.With(reg).NewCounter(prometheus.CounterOpts{
+			Name: "imdsproxy_issuer_connection_limit_reached_total",
+			Help: "Times a new connection found max_connections open.",
+		}),
+		Evicted: promauto.With(reg).NewCounter(prometheus.CounterOpts{
+			Name: "imdsproxy_issuer_idle_connections_closed_total",
+			Help: "Keep-alive connections closed while idle to make room for a new one at max_connections.",
+		}),
+	})
 	hs := &http.Server{
+		ConnState:         connlimit.TrackIdle,
 		Handler:           srv.Handler(),
 		ReadHeaderTimeout: readHeaderTimeout,
 		ReadTimeout:       readTimeout,
@@ -96,9 +117,9 @@ func runServe(ctx context.Context, args []string, stderr io.Writer) int {
 	served := make(chan error, 1)
 	go func() {
 		if useTLS {
-			served <- hs.ServeTLS(ln, "", "")
+			served <- hs.ServeTLS(lim, "", "")
 		} else {
-			served <- hs.Serve(ln)
+			served <- hs.Serve(lim)
 		}
 	}()
 	log.Info("serving", zap.String("address", ln.Addr().String()), zap.Bool("tls", useTLS),
