@@ -350,8 +350,17 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 	// connection accepted but not yet read when it starts. So stop
 	// accepting first and give such connections a moment to send their
 	// request: on a hand-off (socket activation) the next process accepts
-	// the new connections meanwhile, and no request is lost.
+	// the new connections meanwhile, and no request is lost. A connection
+	// the accept loop holds at the close (accepted, StateNew not yet set)
+	// is counted once the loop comes round: it sets StateNew before it
+	// accepts again, and then, the listener closed, returns.
 	_ = ln.Close()
+	served := false
+	select {
+	case <-errc:
+		served = true
+	case <-time.After(freshConnWait):
+	}
 	fresh.wait(freshConnWait)
 	wait := max(minShutdownWait, cfg.UpstreamTimeout+time.Second)
 	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), wait)
@@ -360,7 +369,9 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 		s.log.Warn("drain did not finish in time; closing connections", zap.Duration("wait", wait))
 		_ = srv.Close()
 	}
-	<-errc
+	if !served {
+		<-errc
+	}
 	return nil
 }
 

@@ -909,6 +909,66 @@ func serveFreshAfterShutdown(t *testing.T) bool {
 	return true
 }
 
+// slowAccept is a listener whose Accept pauses after the kernel handed it
+// a connection: the moment between accept(2) and the server's StateNew,
+// which a busy host can stretch, made long enough to shut down in.
+type slowAccept struct {
+	net.Listener
+	accepted chan struct{}
+	pause    time.Duration
+}
+
+func (l *slowAccept) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if err == nil {
+		l.accepted <- struct{}{}
+		time.Sleep(l.pause)
+	}
+	return c, err
+}
+
+// TestServeShutdownServesConnectionBeingAccepted: a connection the kernel
+// handed to the accept loop just before the shutdown, and not yet seen by
+// the server (no StateNew), is answered too: the shutdown waits for the
+// accept loop to come round before it counts the fresh connections.
+// (Found by the zero-drop restart test under load: 1 of 2,637 rounds lost
+// its token request with EOF.)
+func TestServeShutdownServesConnectionBeingAccepted(t *testing.T) {
+	e := newEnv(t, Config{})
+	e.s.now = time.Now
+	c := testCreds()
+	c.LastUpdated, c.Expires = time.Now(), time.Now().Add(time.Hour)
+	e.src.set(c, nil)
+	raw, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln := &slowAccept{Listener: raw, accepted: make(chan struct{}, 1), pause: 300 * time.Millisecond}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- e.s.Serve(ctx, ln) }()
+	defer func() { cancel(); waitServed(t, done) }()
+
+	conn, err := net.Dial("tcp", raw.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	fmt.Fprintf(conn, "GET /latest/meta-data/iam/security-credentials/ HTTP/1.1\r\nHost: 169.254.169.254\r\n\r\n")
+	<-ln.accepted
+	cancel() // while the accept loop holds the connection
+	_ = conn.SetReadDeadline(time.Now().Add(10 * time.Second))
+	resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
+	if err != nil {
+		t.Fatalf("the request of a connection being accepted at the shutdown was dropped: %v", err)
+	}
+	b, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK || string(b) != testRole {
+		t.Errorf("its request: %d %q", resp.StatusCode, b)
+	}
+}
+
 // waitServed fails t unless Serve's result arrives on done, nil, within 10s.
 func waitServed(t *testing.T, done <-chan error) {
 	t.Helper()
