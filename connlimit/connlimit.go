@@ -13,6 +13,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"syscall"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 )
@@ -40,10 +41,13 @@ type OwnerFunc func(net.Conn) (owner uint32, ok bool)
 // in Accept). Create it with NewListener; safe for concurrent use.
 type Listener struct {
 	net.Listener
-	sem  chan struct{}
-	done chan struct{}
-	once sync.Once
-	m    Metrics
+	sem      chan struct{}
+	done     chan struct{}
+	once     sync.Once
+	closeErr error // of the first Close (a second one, by http.Server.Shutdown, is a no-op)
+	m        Metrics
+
+	fresh atomic.Int64 // connections accepted whose first request has not been read (WaitFresh)
 
 	mu     sync.Mutex
 	conns  map[*Conn]struct{} // open, for evictIdle
@@ -116,7 +120,23 @@ func (l *Listener) AcceptConn() (*Conn, error) {
 		l.mu.Lock()
 		l.conns[lc] = struct{}{}
 		l.mu.Unlock()
+		lc.fresh.Store(true)
+		l.fresh.Add(1)
 		return lc, nil
+	}
+}
+
+// WaitFresh returns once every connection accepted so far has had its
+// first request read (or is closed), or after at most d. http.Server's
+// Shutdown drops, unanswered, a request read after it has begun: a server
+// that closes its listener, waits for its accept loop to return and then
+// for this, before Shutdown, loses no request of a connection it accepted
+// (on a hand-off, the next process accepts the new ones). The server's
+// ConnState hook must be TrackIdle, or call Conn.Started.
+func (l *Listener) WaitFresh(d time.Duration) {
+	deadline := time.Now().Add(d)
+	for l.fresh.Load() > 0 && time.Now().Before(deadline) {
+		time.Sleep(2 * time.Millisecond)
 	}
 }
 
@@ -152,10 +172,14 @@ func (l *Listener) release(c *Conn) {
 	}
 }
 
-// Close closes the listener; an Accept waiting for a slot returns.
+// Close closes the listener; an Accept waiting for a slot returns. A
+// second Close does nothing and returns the first one's error.
 func (l *Listener) Close() error {
-	l.once.Do(func() { close(l.done) })
-	return l.Listener.Close()
+	l.once.Do(func() {
+		close(l.done)
+		l.closeErr = l.Listener.Close()
+	})
+	return l.closeErr
 }
 
 // evictIdle closes the connection idle the longest, unless it has received
@@ -208,6 +232,15 @@ type Conn struct {
 	idle       atomic.Int64 // > 0: idle between requests, its turn; 0 active or new; -1 being closed
 	owner      uint32       // with attributed: whose share it counts against (ShareByOwner)
 	attributed bool
+	fresh      atomic.Bool // accepted, first request not read yet (WaitFresh)
+}
+
+// Started records that c's first request has been read (any state after
+// http.StateNew): it no longer holds WaitFresh up. Idempotent.
+func (c *Conn) Started() {
+	if c.fresh.CompareAndSwap(true, false) && c.l != nil {
+		c.l.fresh.Add(-1)
+	}
 }
 
 // SetIdle records c going idle between two requests (true) or active. It
@@ -223,6 +256,7 @@ func (c *Conn) SetIdle(idle bool) {
 // Close closes the connection and gives its slot back.
 func (c *Conn) Close() error {
 	err := c.Conn.Close()
+	c.Started()
 	if c.l != nil && c.closed.CompareAndSwap(false, true) {
 		c.l.mu.Lock()
 		delete(c.l.conns, c)
@@ -247,9 +281,10 @@ func (c *Conn) SyscallConn() (syscall.RawConn, error) {
 }
 
 // TrackIdle is the http.Server ConnState hook of a server on a Listener: it
-// records when the connections go idle between requests (Conn.SetIdle; a
-// server that has a hook of its own calls SetIdle from it). A TLS
-// connection (http.Server.ServeTLS on a Listener) is looked through.
+// records when the connections go idle between requests, and when their
+// first request has been read (Conn.Track; a server that has a hook of its
+// own calls Track from it). A TLS connection (http.Server.ServeTLS on a
+// Listener) is looked through.
 func TrackIdle(c net.Conn, st http.ConnState) {
 	if tc, ok := c.(*tls.Conn); ok {
 		c = tc.NetConn()
@@ -258,10 +293,20 @@ func TrackIdle(c net.Conn, st http.ConnState) {
 	if !ok {
 		return
 	}
+	lc.Track(st)
+}
+
+// Track records a state change of c (what TrackIdle does, for a server
+// whose ConnState hook does more): idleness for eviction, and the end of
+// its freshness for WaitFresh.
+func (c *Conn) Track(st http.ConnState) {
 	switch st {
+	case http.StateNew:
+		return
 	case http.StateIdle:
-		lc.SetIdle(true)
+		c.SetIdle(true)
 	case http.StateActive:
-		lc.SetIdle(false)
+		c.SetIdle(false)
 	}
+	c.Started()
 }

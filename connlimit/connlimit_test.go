@@ -233,3 +233,39 @@ func TestTrackIdleThroughTLS(t *testing.T) {
 		t.Fatal("a TLS connection going active was not recorded")
 	}
 }
+
+// TestWaitFresh: a connection is fresh from its accept to its first state
+// after http.StateNew, whichever it is, or its close, and only once;
+// WaitFresh waits for the fresh ones, at most its bound.
+func TestWaitFresh(t *testing.T) {
+	l, _ := newTestListener(t, 4)
+	a, b, c := dial(t, l), dial(t, l), dial(t, l)
+	if n := l.fresh.Load(); n != 3 {
+		t.Fatalf("three accepted: %d fresh", n)
+	}
+	start := time.Now()
+	l.WaitFresh(100 * time.Millisecond)
+	if d := time.Since(start); d < 100*time.Millisecond {
+		t.Errorf("WaitFresh with fresh connections returned after %v", d)
+	}
+	for _, st := range []http.ConnState{http.StateNew, http.StateActive, http.StateIdle, http.StateActive, http.StateClosed} {
+		a.server.Track(st)
+	}
+	b.server.Track(http.StateClosed) // closed before any request
+	b.server.Track(http.StateClosed)
+	if n := l.fresh.Load(); n != 1 {
+		t.Fatalf("after a's requests and b's close: %d fresh, want 1", n)
+	}
+	done := make(chan struct{})
+	go func() { l.WaitFresh(time.Minute); close(done) }()
+	c.server.Close() // closed without a state change
+	c.server.Close()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("WaitFresh still waiting with no fresh connection")
+	}
+	if n := l.fresh.Load(); n != 0 {
+		t.Errorf("%d fresh at the end, want 0", n)
+	}
+}

@@ -47,6 +47,10 @@ const (
 	writeTimeout      = 10 * time.Second // a request waits at most 2 × access.DefaultWait for an exchange (key, fallback)
 	idleTimeout       = 60 * time.Second
 	shutdownWait      = 5 * time.Second
+	// freshConnWait bounds how long Serve waits, at shutdown, for the
+	// accept loop to return and for accepted connections to send their
+	// first request.
+	freshConnWait = time.Second
 	// MaxConns bounds the connections one Serve keeps open.
 	MaxConns = 1024
 )
@@ -149,12 +153,27 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 		return fmt.Errorf("container: serve: %w", err)
 	case <-ctx.Done():
 	}
+	// Shutdown drops, unanswered, a request read after it has begun: stop
+	// accepting, let the accept loop return (a connection it holds is then
+	// counted), and let the connections accepted send their first request
+	// (connlimit.Listener.WaitFresh), as the IMDS listener does; on a
+	// hand-off the next process accepts the new connections meanwhile.
+	_ = lim.Close()
+	served := false
+	select {
+	case <-errc:
+		served = true
+	case <-time.After(freshConnWait):
+	}
+	lim.WaitFresh(freshConnWait)
 	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), shutdownWait)
 	defer cancel()
 	if err := srv.Shutdown(sctx); err != nil {
 		_ = srv.Close()
 	}
-	<-errc
+	if !served {
+		<-errc
+	}
 	return nil
 }
 

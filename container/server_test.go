@@ -2,6 +2,7 @@ package container
 
 import (
 	"bufio"
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -305,5 +306,63 @@ func TestServeIdleConnectionsGiveWay(t *testing.T) {
 	}
 	if err := ask(conns[limit-1], readers[limit-1]); err != nil {
 		t.Errorf("the connection idle the shortest: %v", err)
+	}
+}
+
+// slowAccept is a listener whose Accept pauses after the kernel handed it
+// a connection, long enough to shut down in.
+type slowAccept struct {
+	net.Listener
+	accepted chan struct{}
+	pause    time.Duration
+}
+
+func (l *slowAccept) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if err == nil {
+		l.accepted <- struct{}{}
+		time.Sleep(l.pause)
+	}
+	return c, err
+}
+
+// TestServeShutdownAnswersAcceptedConnection: a connection accepted
+// before the shutdown (here, one the accept loop holds when it begins) has
+// its request answered, not dropped: a restart (a hand-off of the socket
+// to the next process) loses no container's request.
+func TestServeShutdownAnswersAcceptedConnection(t *testing.T) {
+	e := newEnv(t, access.Section{})
+	e.id.set(peer.Info{UID: 64101}, nil)
+	tok := readToken(t, e, "uid:64101")
+	raw, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln := &slowAccept{Listener: raw, accepted: make(chan struct{}, 1), pause: 300 * time.Millisecond}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- e.srv.Serve(ctx, ln) }()
+	defer func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Error(err)
+		}
+	}()
+	c, err := net.Dial("tcp", raw.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	fmt.Fprintf(c, "GET %s HTTP/1.1\r\nHost: %s\r\nAuthorization: %s\r\n\r\n", DefaultPath, raw.Addr(), tok)
+	<-ln.accepted
+	cancel() // while the accept loop holds the connection
+	_ = c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+	if err != nil {
+		t.Fatalf("the request of a connection accepted at the shutdown was dropped: %v", err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		t.Errorf("its request: %d", resp.StatusCode)
 	}
 }

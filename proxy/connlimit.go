@@ -2,7 +2,6 @@ package proxy
 
 import (
 	"net"
-	"sync/atomic"
 	"syscall"
 
 	"github.com/imdsproxy/imdsproxy/connlimit"
@@ -52,8 +51,7 @@ func (l *limitListener) Accept() (net.Conn, error) {
 // what its listener learnt of its socket once is the connection's too.
 type limitConn struct {
 	*connlimit.Conn
-	l     *limitListener
-	fresh atomic.Bool // accepted, first request not read yet (freshConns)
+	l *limitListener
 }
 
 // initialHops is the hop limit the connection was accepted with (its

@@ -326,10 +326,10 @@ func (s *Server) Update(cfg Config) error {
 func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 	cfg := s.state.Load().cfg
 	errLog, _ := zap.NewStdLogAt(s.log.Named("http"), zap.WarnLevel)
-	ln = &onceCloseListener{Listener: newLimitListener(ln, cmp.Or(cfg.MaxConns, DefaultMaxConns), s.lim, access.ConnOwner(s.id))}
-	var fresh freshConns
+	lim := newLimitListener(ln, cmp.Or(cfg.MaxConns, DefaultMaxConns), s.lim, access.ConnOwner(s.id))
+	ln = &onceCloseListener{Listener: lim}
 	srv := &http.Server{
-		ConnState:         fresh.track,
+		ConnState:         trackConn,
 		Handler:           s.handler,
 		ReadHeaderTimeout: readHeaderTimeout,
 		ReadTimeout:       readTimeout,
@@ -351,9 +351,10 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 	// accepting first and give such connections a moment to send their
 	// request: on a hand-off (socket activation) the next process accepts
 	// the new connections meanwhile, and no request is lost. A connection
-	// the accept loop holds at the close (accepted, StateNew not yet set)
-	// is counted once the loop comes round: it sets StateNew before it
-	// accepts again, and then, the listener closed, returns.
+	// the accept loop holds at the close (taken from the kernel, not yet
+	// returned) is counted once the loop comes round: it returns the
+	// connection before it accepts again and then, the listener closed,
+	// returns itself.
 	_ = ln.Close()
 	served := false
 	select {
@@ -361,7 +362,7 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 		served = true
 	case <-time.After(freshConnWait):
 	}
-	fresh.wait(freshConnWait)
+	lim.WaitFresh(freshConnWait)
 	wait := max(minShutdownWait, cfg.UpstreamTimeout+time.Second)
 	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), wait)
 	defer cancel()
@@ -958,44 +959,13 @@ func (r *recorder) code() int {
 // connections to send their first request.
 const freshConnWait = time.Second
 
-// freshConns counts connections accepted whose first request has not been
-// read yet (http.StateNew). Its track is Serve's ConnState hook, so it also
-// records when each connection goes idle between requests (for the
-// connection limit's eviction, connlimit.Conn.SetIdle). It runs on every
-// state change of every connection (twice per request), so it keeps no map
-// and takes no lock: the connection (Serve's limitConn) carries its flags.
-type freshConns struct {
-	n atomic.Int64
-}
-
-func (f *freshConns) track(c net.Conn, st http.ConnState) {
-	lc, ok := c.(*limitConn)
-	if !ok {
-		return // not accepted by Serve's listener: nothing to wait for
-	}
-	switch st {
-	case http.StateNew:
-		lc.fresh.Store(true)
-		f.n.Add(1)
-		return
-	case http.StateIdle:
-		lc.SetIdle(true)
-	case http.StateActive:
-		lc.SetIdle(false)
-	}
-	if lc.fresh.CompareAndSwap(true, false) {
-		f.n.Add(-1)
-	}
-}
-
-// wait returns when no connection is fresh, or after at most d.
-func (f *freshConns) wait(d time.Duration) {
-	deadline := time.Now().Add(d)
-	for time.Now().Before(deadline) {
-		if f.n.Load() == 0 {
-			return
-		}
-		time.Sleep(2 * time.Millisecond)
+// trackConn is Serve's ConnState hook: each connection of Serve's listener
+// records its idleness (the connection limit's eviction) and the end of its
+// freshness (connlimit.Listener.WaitFresh). It runs on every state change
+// of every connection (twice per request), and takes no lock.
+func trackConn(c net.Conn, st http.ConnState) {
+	if lc, ok := c.(*limitConn); ok {
+		lc.Track(st)
 	}
 }
 

@@ -22,7 +22,6 @@ import (
 	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/imdsproxy/imdsproxy/access"
-	"github.com/imdsproxy/imdsproxy/connlimit"
 	"github.com/imdsproxy/imdsproxy/creds"
 )
 
@@ -851,7 +850,7 @@ func TestContentLengthValues(t *testing.T) {
 
 // TestServeShutdownServesFreshConnection: a connection accepted before the
 // shutdown whose first request arrives after it has begun is answered, not
-// dropped (freshConns), and Serve returns once it is (a hand-off to the next
+// dropped (connlimit.Listener.WaitFresh), and Serve returns once it is (a hand-off to the next
 // process loses no request). A run where the host stalled the test past
 // half of freshConnWait between the shutdown and the request proves nothing
 // and is repeated.
@@ -979,38 +978,5 @@ func waitServed(t *testing.T, done <-chan error) {
 		}
 	case <-time.After(10 * time.Second):
 		t.Fatal("Serve did not return")
-	}
-}
-
-// TestFreshConnsTrack counts a connection as fresh from StateNew to its
-// first other state, whichever it is, and only once.
-func TestFreshConnsTrack(t *testing.T) {
-	var f freshConns
-	a, b := &limitConn{Conn: &connlimit.Conn{}}, &limitConn{Conn: &connlimit.Conn{}}
-	f.track(a, http.StateNew)
-	f.track(b, http.StateNew)
-	if n := f.n.Load(); n != 2 {
-		t.Fatalf("two new connections: %d fresh", n)
-	}
-	f.track(a, http.StateActive)
-	f.track(a, http.StateIdle)
-	f.track(a, http.StateActive)
-	f.track(a, http.StateClosed)
-	if n := f.n.Load(); n != 1 {
-		t.Fatalf("after a's requests: %d fresh, want 1", n)
-	}
-	f.track(b, http.StateClosed) // closed before any request
-	f.track(b, http.StateClosed)
-	if n := f.n.Load(); n != 0 {
-		t.Fatalf("after b closed: %d fresh, want 0", n)
-	}
-	start := time.Now()
-	f.wait(time.Minute)
-	if d := time.Since(start); d > 10*time.Second {
-		t.Errorf("wait with no fresh connection took %v", d)
-	}
-	f.track(&net.TCPConn{}, http.StateNew) // not Serve's: not tracked
-	if n := f.n.Load(); n != 0 {
-		t.Errorf("foreign connection tracked: %d", n)
 	}
 }
