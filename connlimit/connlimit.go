@@ -6,6 +6,7 @@
 package connlimit
 
 import (
+	"context"
 	"crypto/tls"
 	"errors"
 	"net"
@@ -126,13 +127,44 @@ func (l *Listener) AcceptConn() (*Conn, error) {
 	}
 }
 
+// Shutdown stops srv, which serves on l (Serve's result arrives on
+// served), without dropping a request: http.Server.Shutdown drops,
+// unanswered, a request read after it has begun. So Shutdown closes l,
+// waits for the accept loop to return (a connection it held is then
+// handed over: the loop does so before it accepts again), waits for the
+// connections accepted to send their first request (WaitFresh), each at
+// most freshWait, and only then drains srv, at most drainWait, closing
+// what is left after that. On a hand-off of the socket the next process
+// accepts the new connections meanwhile. It returns once Serve has
+// returned, and reports whether the drain ran out of time.
+func Shutdown(srv *http.Server, l *Listener, served <-chan error, freshWait, drainWait time.Duration) (late bool) {
+	_ = l.Close()
+	returned := false
+	select {
+	case <-served:
+		returned = true
+	case <-time.After(freshWait):
+	}
+	l.WaitFresh(freshWait)
+	ctx, cancel := context.WithTimeout(context.Background(), drainWait)
+	defer cancel()
+	if err := srv.Shutdown(ctx); err != nil {
+		late = true
+		_ = srv.Close()
+	}
+	if !returned {
+		<-served
+	}
+	return late
+}
+
 // WaitFresh returns once every connection accepted so far has had its
 // first request read (or is closed), or after at most d. http.Server's
 // Shutdown drops, unanswered, a request read after it has begun: a server
 // that closes its listener, waits for its accept loop to return and then
 // for this, before Shutdown, loses no request of a connection it accepted
-// (on a hand-off, the next process accepts the new ones). The server's
-// ConnState hook must be TrackIdle, or call Conn.Started.
+// (on a hand-off, the next process accepts the new ones; see Shutdown).
+// The server's ConnState hook must be TrackIdle, or call Conn.Track.
 func (l *Listener) WaitFresh(d time.Duration) {
 	deadline := time.Now().Add(d)
 	for l.fresh.Load() > 0 && time.Now().Before(deadline) {

@@ -153,27 +153,9 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 		return fmt.Errorf("container: serve: %w", err)
 	case <-ctx.Done():
 	}
-	// Shutdown drops, unanswered, a request read after it has begun: stop
-	// accepting, let the accept loop return (a connection it holds is then
-	// counted), and let the connections accepted send their first request
-	// (connlimit.Listener.WaitFresh), as the IMDS listener does; on a
-	// hand-off the next process accepts the new connections meanwhile.
-	_ = lim.Close()
-	served := false
-	select {
-	case <-errc:
-		served = true
-	case <-time.After(freshConnWait):
-	}
-	lim.WaitFresh(freshConnWait)
-	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), shutdownWait)
-	defer cancel()
-	if err := srv.Shutdown(sctx); err != nil {
-		_ = srv.Close()
-	}
-	if !served {
-		<-errc
-	}
+	// As the IMDS listener: no request of a connection accepted is dropped
+	// (a restart hands the socket to the next process).
+	connlimit.Shutdown(srv, lim, errc, freshConnWait, shutdownWait)
 	return nil
 }
 

@@ -43,6 +43,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/imdsproxy/imdsproxy/access"
+	"github.com/imdsproxy/imdsproxy/connlimit"
 	"github.com/imdsproxy/imdsproxy/creds"
 	"github.com/imdsproxy/imdsproxy/growstack"
 )
@@ -327,7 +328,6 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 	cfg := s.state.Load().cfg
 	errLog, _ := zap.NewStdLogAt(s.log.Named("http"), zap.WarnLevel)
 	lim := newLimitListener(ln, cmp.Or(cfg.MaxConns, DefaultMaxConns), s.lim, access.ConnOwner(s.id))
-	ln = &onceCloseListener{Listener: lim}
 	srv := &http.Server{
 		ConnState:         trackConn,
 		Handler:           s.handler,
@@ -340,38 +340,18 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 		ErrorLog:          errLog,
 	}
 	errc := make(chan error, 1)
-	go func() { errc <- srv.Serve(ln) }()
+	go func() { errc <- srv.Serve(lim) }()
 	select {
 	case err := <-errc:
 		return fmt.Errorf("proxy: serve: %w", err)
 	case <-ctx.Done():
 	}
-	// http.Server.Shutdown drops, unanswered, the first request of a
-	// connection accepted but not yet read when it starts. So stop
-	// accepting first and give such connections a moment to send their
-	// request: on a hand-off (socket activation) the next process accepts
-	// the new connections meanwhile, and no request is lost. A connection
-	// the accept loop holds at the close (taken from the kernel, not yet
-	// returned) is counted once the loop comes round: it returns the
-	// connection before it accepts again and then, the listener closed,
-	// returns itself.
-	_ = ln.Close()
-	served := false
-	select {
-	case <-errc:
-		served = true
-	case <-time.After(freshConnWait):
-	}
-	lim.WaitFresh(freshConnWait)
+	// No request of a connection accepted is dropped (connlimit.Shutdown):
+	// on a hand-off (socket activation) the next process accepts the new
+	// connections meanwhile.
 	wait := max(minShutdownWait, cfg.UpstreamTimeout+time.Second)
-	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), wait)
-	defer cancel()
-	if err := srv.Shutdown(sctx); err != nil {
-		s.log.Warn("drain did not finish in time; closing connections", zap.Duration("wait", wait))
-		_ = srv.Close()
-	}
-	if !served {
-		<-errc
+	if connlimit.Shutdown(srv, lim.Listener, errc, freshConnWait, wait) {
+		s.log.Warn("drain did not finish in time; closed the connections left", zap.Duration("wait", wait))
 	}
 	return nil
 }
@@ -967,17 +947,4 @@ func trackConn(c net.Conn, st http.ConnState) {
 	if lc, ok := c.(*limitConn); ok {
 		lc.Track(st)
 	}
-}
-
-// onceCloseListener makes a second Close a no-op, so that Shutdown does not
-// report the listener Serve already closed.
-type onceCloseListener struct {
-	net.Listener
-	once sync.Once
-	err  error
-}
-
-func (l *onceCloseListener) Close() error {
-	l.once.Do(func() { l.err = l.Listener.Close() })
-	return l.err
 }
