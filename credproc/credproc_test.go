@@ -6,6 +6,8 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
+	"io"
 	"net"
 	"os"
 	"path/filepath"
@@ -93,7 +95,9 @@ type env struct {
 
 // newEnv serves a plan with workload billing for uid 64101 and the host
 // role app for every other client, denying uid 64104.
-func newEnv(t *testing.T) *env {
+// newEnv serves a Server on a socket in a temporary directory; each of
+// opts is applied to the Server before Serve.
+func newEnv(t *testing.T, opts ...func(*Server)) *env {
 	t.Helper()
 	e := &env{src: &src{}, reg: prometheus.NewRegistry(), log: &syncBuf{}}
 	log := zap.New(zapcore.NewCore(zapcore.NewJSONEncoder(zap.NewProductionEncoderConfig()), zapcore.AddSync(e.log), zap.DebugLevel))
@@ -121,6 +125,9 @@ func newEnv(t *testing.T) *env {
 			hold()
 		}
 		return info, err
+	}
+	for _, o := range opts {
+		o(e.srv)
 	}
 	sec := DefaultSection()
 	sec.Socket = filepath.Join(t.TempDir(), "credentials.sock")
@@ -385,7 +392,7 @@ func TestServeReadTimeout(t *testing.T) {
 // in identify), the next one is not served; it is as soon as one of them
 // is done.
 func TestServeMaxConns(t *testing.T) {
-	e := newEnv(t)
+	e := newEnv(t, func(s *Server) { s.owner = nil }) // one uid may take every slot here: TestServeShareByUID
 	var calls atomic.Int64
 	entered := make(chan struct{}, MaxConns)
 	release := make(chan struct{})
@@ -609,4 +616,115 @@ func TestParseResponseSessionTokenNotCapped(t *testing.T) {
 			t.Errorf("a %d-byte session token: %v", n, err)
 		}
 	}
+}
+
+// TestServeShareByUID: connections of one uid that never send their
+// request cannot hold every slot: once more than half are taken, a uid
+// holding a quarter has its next connections closed at once, and another
+// uid's request is answered at once.
+func TestServeShareByUID(t *testing.T) {
+	const hostile = "@imdsproxy-test-hostile-" // abstract socket names of its connections
+	e := newEnv(t, func(s *Server) {
+		s.owner = func(c net.Conn) (uint32, bool) {
+			if strings.HasPrefix(c.RemoteAddr().String(), hostile) {
+				return 64105, true
+			}
+			return 0, true
+		}
+	})
+	e.as(peer.Info{UID: 1000}, nil)
+	var held []net.Conn
+	defer func() {
+		for _, c := range held {
+			c.Close()
+		}
+	}()
+	raddr := &net.UnixAddr{Name: e.socket, Net: "unix"}
+	for i := range MaxConns + 8 {
+		laddr := &net.UnixAddr{Name: fmt.Sprintf("%s%d-%d", hostile, os.Getpid(), i), Net: "unix"}
+		c, err := net.DialUnix("unix", laddr, raddr)
+		if err != nil {
+			t.Fatalf("hostile connection %d: %v", i+1, err)
+		}
+		held = append(held, c) // silent: its request never comes
+	}
+	// Another uid's request, while the hostile connections are held (the
+	// server waits 2 s for their request lines).
+	start := time.Now()
+	c, err := net.Dial("unix", e.socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if _, err := c.Write([]byte("{\"version\":1}\n")); err != nil {
+		t.Fatal(err)
+	}
+	_ = c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	line, err := bufio.NewReader(c).ReadBytes('\n')
+	if err != nil {
+		t.Fatalf("another uid's request with %d silent connections of one uid: %v", len(held), err)
+	}
+	if took := time.Since(start); took > time.Second {
+		t.Errorf("another uid's request answered after %v, want at once (not after the held ones time out)", took)
+	}
+	var resp Response
+	if err := decodeLine(line, &resp); err != nil || resp.Credentials == nil {
+		t.Errorf("answered %q (%v), want credentials", line, err)
+	}
+	// The hostile ones beyond its share were closed at once, unanswered;
+	// the others get their bad-request answer when their 2 s run out.
+	want := MaxConns + 8 - (MaxConns/2 + 1 + MaxConns/4)
+	closed := 0
+	for _, c := range held {
+		_ = c.SetReadDeadline(time.Now().Add(10 * time.Second))
+		if _, err := c.Read(make([]byte, 1)); errors.Is(err, io.EOF) {
+			closed++
+		}
+	}
+	if closed != want {
+		t.Errorf("%d hostile connections closed unanswered, want %d", closed, want)
+	}
+	if v := testutil.ToFloat64(e.srv.overShare); v != float64(want) {
+		t.Errorf("imdsproxy_process_connections_over_share_total %v, want %d", v, want)
+	}
+}
+
+// TestUnixOwner: the owner of a unix connection is its peer's uid.
+func TestUnixOwner(t *testing.T) {
+	a, b, err := socketPair()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer a.Close()
+	defer b.Close()
+	if uid, ok := unixOwner(a); !ok || int(uid) != os.Getuid() {
+		t.Errorf("unixOwner = %d, %v; want %d", uid, ok, os.Getuid())
+	}
+	if _, ok := unixOwner(&net.TCPConn{}); ok {
+		t.Error("a TCP connection has a unix owner")
+	}
+}
+
+// socketPair is a connected pair of unix stream connections.
+func socketPair() (*net.UnixConn, *net.UnixConn, error) {
+	dir, err := os.MkdirTemp("", "credproc-pair")
+	if err != nil {
+		return nil, nil, err
+	}
+	defer os.RemoveAll(dir)
+	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: dir + "/s", Net: "unix"})
+	if err != nil {
+		return nil, nil, err
+	}
+	defer ln.Close()
+	a, err := net.DialUnix("unix", nil, ln.Addr().(*net.UnixAddr))
+	if err != nil {
+		return nil, nil, err
+	}
+	b, err := ln.AcceptUnix()
+	if err != nil {
+		a.Close()
+		return nil, nil, err
+	}
+	return a, b, nil
 }

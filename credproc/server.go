@@ -17,6 +17,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/imdsproxy/imdsproxy/access"
+	"github.com/imdsproxy/imdsproxy/connlimit"
 	"github.com/imdsproxy/imdsproxy/creds"
 	"github.com/imdsproxy/imdsproxy/growstack"
 	"github.com/imdsproxy/imdsproxy/peer"
@@ -47,10 +48,23 @@ type Server struct {
 	log      *zap.Logger
 	plan     atomic.Pointer[access.Plan]
 	identify func(*net.UnixConn) (peer.Info, error)
+	owner    connlimit.OwnerFunc // nil: no shares of the connections by uid
 	now      func() time.Time
 
-	requests *prometheus.CounterVec
-	duration prometheus.Histogram
+	requests  *prometheus.CounterVec
+	duration  prometheus.Histogram
+	overShare prometheus.Counter
+}
+
+// unixOwner names the uid of a unix socket's peer (SO_PEERCRED), for the
+// shares of the connections (connlimit.Listener.ShareByOwner).
+func unixOwner(c net.Conn) (uint32, bool) {
+	uc, ok := c.(*net.UnixConn)
+	if !ok {
+		return 0, false
+	}
+	uid, err := peer.UnixUID(uc)
+	return uint32(uid), err == nil && uid >= 0
 }
 
 // New returns a Server deciding by plan and serving through broker,
@@ -64,7 +78,7 @@ func New(plan *access.Plan, broker *access.Broker, log *zap.Logger, reg promethe
 	}
 	f := promauto.With(reg)
 	s := &Server{
-		broker: broker, log: log, identify: peer.LookupUnix, now: time.Now,
+		broker: broker, log: log, identify: peer.LookupUnix, owner: unixOwner, now: time.Now,
 		requests: f.NewCounterVec(prometheus.CounterOpts{
 			Name: "imdsproxy_process_requests_total",
 			Help: "Requests on the credential_process socket, by result (ok, bad_request, access_denied, not_found, retry, unavailable).",
@@ -73,6 +87,10 @@ func New(plan *access.Plan, broker *access.Broker, log *zap.Logger, reg promethe
 			Name:    "imdsproxy_process_request_duration_seconds",
 			Help:    "Time to answer a request on the credential_process socket, from the request line to the answer.",
 			Buckets: []float64{0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5},
+		}),
+		overShare: f.NewCounter(prometheus.CounterOpts{
+			Name: "imdsproxy_process_connections_over_share_total",
+			Help: "New connections to the credential_process socket closed at once because their uid already held a quarter of the slots while more than half were taken.",
 		}),
 	}
 	for _, r := range results {
@@ -97,26 +115,24 @@ func (s *Server) Update(plan *access.Plan) error {
 // returns nil. It closes ln.
 func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 	var wg sync.WaitGroup
-	stop := context.AfterFunc(ctx, func() { ln.Close() })
+	// MaxConns at once (a connection closes when answered), and no one uid
+	// holding more than about three quarters of them with connections that
+	// never send their request: the others find room at once.
+	lim := connlimit.NewListener(ln, MaxConns, connlimit.Metrics{OverShare: s.overShare})
+	if s.owner != nil {
+		lim.ShareByOwner(s.owner)
+	}
+	stop := context.AfterFunc(ctx, func() { lim.Close() })
 	defer stop()
-	sem := make(chan struct{}, MaxConns)
 	var err error
 	for {
-		select {
-		case sem <- struct{}{}:
-		case <-ctx.Done():
-		}
-		if ctx.Err() != nil {
-			break
-		}
 		var c net.Conn
-		if c, err = ln.Accept(); err != nil {
-			<-sem
+		if c, err = lim.Accept(); err != nil {
 			break
 		}
 		wg.Add(1)
 		go func() {
-			defer func() { <-sem; wg.Done() }()
+			defer wg.Done()
 			s.handle(context.WithoutCancel(ctx), c)
 		}()
 	}
@@ -175,6 +191,9 @@ func (s *Server) answer(ctx context.Context, c net.Conn) (Response, access.Clien
 		return fail(CodeBadRequest, "the role is not a role name"), access.Client{}, CodeBadRequest
 	}
 	who := access.Client{Unresolved: true}
+	if lc, ok := c.(*connlimit.Conn); ok {
+		c = lc.Conn // Serve's listener's
+	}
 	if uc, ok := c.(*net.UnixConn); ok {
 		if info, err := s.identify(uc); err == nil {
 			who = access.Client{Local: true, Info: info}

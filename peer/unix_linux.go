@@ -16,6 +16,27 @@ import (
 // hierarchy and the unified one: a few hundred bytes in practice).
 const maxCgroupFile = 64 << 10
 
+// UnixUID returns the uid of the process at the other end of a unix stream
+// socket, as the kernel recorded it when the peer connected (SO_PEERCRED):
+// one system call, for decisions in an accept loop.
+func UnixUID(c *net.UnixConn) (int, error) {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return -1, fmt.Errorf("peer: %w", err)
+	}
+	var cred *unix.Ucred
+	var credErr error
+	if err := rc.Control(func(fd uintptr) {
+		cred, credErr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
+	}); err != nil {
+		return -1, fmt.Errorf("peer: %w", err)
+	}
+	if credErr != nil {
+		return -1, fmt.Errorf("peer: SO_PEERCRED: %w", credErr)
+	}
+	return int(cred.Uid), nil
+}
+
 // LookupUnix returns the process at the other end of a unix stream socket.
 // The uid and pid are the kernel's record of the peer when it connected
 // (SO_PEERCRED), in this process's user and pid namespaces: authoritative,
