@@ -34,10 +34,10 @@ type uidLookuper interface {
 // ownerTimeout bounds a ConnOwner lookup: it runs in the accept loop.
 const ownerTimeout = 50 * time.Millisecond
 
-// UnknownOwner is the owner ConnOwner gives the connections whose uid it
+// unknownOwner is the owner ConnOwner gives the connections whose uid it
 // cannot find (a client in another network namespace, a failed lookup):
 // they share one share. It is (uid_t)-1, which no process runs as.
-const UnknownOwner = ^uint32(0)
+const unknownOwner = ^uint32(0)
 
 // ConnOwner names the uid of a connection's client, for a front door's
 // connection shares (connlimit.Listener.ShareByOwner); nil when id cannot
@@ -52,7 +52,7 @@ func ConnOwner(id Identifier) func(net.Conn) (uint32, bool) {
 		defer cancel()
 		uid, err := u.LookupUID(ctx, c)
 		if err != nil || uid < 0 {
-			return UnknownOwner, true
+			return unknownOwner, true
 		}
 		return uint32(uid), true
 	}

@@ -161,8 +161,8 @@ func TestConnOwner(t *testing.T) {
 		t.Errorf("owner = %d, %v (bounded %v); want 1001, true, bounded", o, ok, id.bounded)
 	}
 	id.err = peer.ErrNotFound
-	if o, ok := owner(nil); !ok || o != UnknownOwner {
-		t.Errorf("a failed lookup: owner %d, %v; want UnknownOwner", o, ok)
+	if o, ok := owner(nil); !ok || o != unknownOwner {
+		t.Errorf("a failed lookup: owner %d, %v; want unknownOwner", o, ok)
 	}
 	if id.lookedUp != 2 {
 		t.Errorf("%d lookups, want 2", id.lookedUp)

@@ -267,9 +267,9 @@ type Conn struct {
 	fresh      atomic.Bool // accepted, first request not read yet (WaitFresh)
 }
 
-// Started records that c's first request has been read (any state after
+// started records that c's first request has been read (any state after
 // http.StateNew): it no longer holds WaitFresh up. Idempotent.
-func (c *Conn) Started() {
+func (c *Conn) started() {
 	if c.fresh.CompareAndSwap(true, false) && c.l != nil {
 		c.l.fresh.Add(-1)
 	}
@@ -288,7 +288,7 @@ func (c *Conn) SetIdle(idle bool) {
 // Close closes the connection and gives its slot back.
 func (c *Conn) Close() error {
 	err := c.Conn.Close()
-	c.Started()
+	c.started()
 	if c.l != nil && c.closed.CompareAndSwap(false, true) {
 		c.l.mu.Lock()
 		delete(c.l.conns, c)
@@ -340,5 +340,5 @@ func (c *Conn) Track(st http.ConnState) {
 	case http.StateActive:
 		c.SetIdle(false)
 	}
-	c.Started()
+	c.started()
 }

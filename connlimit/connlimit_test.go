@@ -1,6 +1,7 @@
 package connlimit
 
 import (
+	"bufio"
 	"crypto/tls"
 	"errors"
 	"io"
@@ -11,6 +12,8 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
+
+	"github.com/imdsproxy/imdsproxy/connlimit/connlimittest"
 )
 
 // pair is one client connection and the Conn the Listener accepted for it.
@@ -267,5 +270,78 @@ func TestWaitFresh(t *testing.T) {
 	}
 	if n := l.fresh.Load(); n != 0 {
 		t.Errorf("%d fresh at the end, want 0", n)
+	}
+}
+
+// TestShutdownLosesNoRequest: Shutdown answers the first request of a
+// connection accepted before it (sent after it began) and of one the
+// accept loop holds when it begins, and reports a drain in time.
+func TestShutdownLosesNoRequest(t *testing.T) {
+	raw, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	pl := connlimittest.NewPausingListener(raw, 300*time.Millisecond)
+	l := NewListener(pl, 8, Metrics{})
+	srv := &http.Server{
+		ConnState: TrackIdle,
+		Handler:   http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) { io.WriteString(w, "ok") }),
+	}
+	served := make(chan error, 1)
+	go func() { served <- srv.Serve(l) }()
+	dial := func() net.Conn {
+		t.Helper()
+		c, err := net.Dial("tcp", raw.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		return c
+	}
+	const request = "GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+	answered := func(c net.Conn) error {
+		_ = c.SetReadDeadline(time.Now().Add(10 * time.Second))
+		resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+		if err != nil {
+			return err
+		}
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusOK {
+			return errors.New(resp.Status)
+		}
+		return nil
+	}
+
+	early := dial() // accepted, its request still to come
+	<-pl.Accepted
+	for deadline := time.Now().Add(10 * time.Second); l.fresh.Load() != 1; time.Sleep(time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the first connection was not accepted")
+		}
+	}
+	held := dial() // its request sent; the accept loop holds it
+	if _, err := io.WriteString(held, request); err != nil {
+		t.Fatal(err)
+	}
+	<-pl.Accepted
+	late := make(chan bool, 1)
+	go func() { late <- Shutdown(srv, l, served, 5*time.Second, 5*time.Second) }()
+	time.Sleep(100 * time.Millisecond)
+	if _, err := io.WriteString(early, request); err != nil {
+		t.Fatal(err)
+	}
+	if err := answered(held); err != nil {
+		t.Errorf("the connection held by the accept loop at the shutdown: %v", err)
+	}
+	if err := answered(early); err != nil {
+		t.Errorf("the connection accepted before the shutdown, asking after: %v", err)
+	}
+	select {
+	case l := <-late:
+		if l {
+			t.Error("Shutdown reports a late drain")
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("Shutdown did not return")
 	}
 }

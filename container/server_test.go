@@ -17,6 +17,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
 	"github.com/imdsproxy/imdsproxy/access"
+	"github.com/imdsproxy/imdsproxy/connlimit/connlimittest"
 	"github.com/imdsproxy/imdsproxy/peer"
 )
 
@@ -309,23 +310,6 @@ func TestServeIdleConnectionsGiveWay(t *testing.T) {
 	}
 }
 
-// slowAccept is a listener whose Accept pauses after the kernel handed it
-// a connection, long enough to shut down in.
-type slowAccept struct {
-	net.Listener
-	accepted chan struct{}
-	pause    time.Duration
-}
-
-func (l *slowAccept) Accept() (net.Conn, error) {
-	c, err := l.Listener.Accept()
-	if err == nil {
-		l.accepted <- struct{}{}
-		time.Sleep(l.pause)
-	}
-	return c, err
-}
-
 // TestServeShutdownAnswersAcceptedConnection: a connection accepted
 // before the shutdown (here, one the accept loop holds when it begins) has
 // its request answered, not dropped: a restart (a hand-off of the socket
@@ -338,7 +322,7 @@ func TestServeShutdownAnswersAcceptedConnection(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ln := &slowAccept{Listener: raw, accepted: make(chan struct{}, 1), pause: 300 * time.Millisecond}
+	ln := connlimittest.NewPausingListener(raw, 300*time.Millisecond)
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- e.srv.Serve(ctx, ln) }()
@@ -354,7 +338,7 @@ func TestServeShutdownAnswersAcceptedConnection(t *testing.T) {
 	}
 	defer c.Close()
 	fmt.Fprintf(c, "GET %s HTTP/1.1\r\nHost: %s\r\nAuthorization: %s\r\n\r\n", DefaultPath, raw.Addr(), tok)
-	<-ln.accepted
+	<-ln.Accepted
 	cancel() // while the accept loop holds the connection
 	_ = c.SetReadDeadline(time.Now().Add(10 * time.Second))
 	resp, err := http.ReadResponse(bufio.NewReader(c), nil)

@@ -161,11 +161,16 @@ func (s *Server) Reload(ctx context.Context, cfg *Config) error {
 		s.log.Error("configuration refused; keeping the running one", zap.Error(err))
 		return err
 	}
-	if old := s.state.Load(); old != nil && old.cfg.Listen != cfg.Listen {
-		s.log.Warn("listen changed; it takes effect only after a restart", zap.String("listen", old.cfg.Listen))
-	}
-	if old := s.state.Load(); old != nil && old.cfg.MaxConnections != cfg.MaxConnections {
-		s.log.Warn("max_connections changed; it takes effect only after a restart", zap.Int("max_connections", old.cfg.MaxConnections))
+	if old := s.state.Load(); old != nil {
+		// Restart-only: the listener is made once.
+		for key, changed := range map[string]bool{
+			"listen":          old.cfg.Listen != cfg.Listen,
+			"max_connections": old.cfg.MaxConnections != cfg.MaxConnections,
+		} {
+			if changed {
+				s.log.Warn(key + " changed; it takes effect only after a restart")
+			}
+		}
 	}
 	s.install(st)
 	s.log.Info("configuration reloaded", zap.String("signing_kid", st.keys[0].kid), zap.Int("keys", len(st.keys)),

@@ -278,6 +278,14 @@ func TestReloadKeepsLastGoodConfig(t *testing.T) {
 	if _, c := e.verifyToken(out["token"]); c["exp"].(float64)-c["iat"].(float64) != 1800 {
 		t.Fatalf("ttl not reloaded: %v", c)
 	}
+	// Restart-only settings are taken, and said to need a restart.
+	if err := e.reload("max_connections: 16\n" + strings.Replace(baseYAML, "ttl: 1h", "ttl: 30m", 1)); err != nil {
+		t.Fatal(err)
+	}
+	if logs := logText(e.logs); !strings.Contains(logs, "max_connections changed; it takes effect only after a restart") ||
+		strings.Contains(logs, "listen changed") {
+		t.Errorf("restart-only warnings after a max_connections change:\n%s", logs)
+	}
 }
 
 func TestReadiness(t *testing.T) {

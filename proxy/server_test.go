@@ -22,6 +22,7 @@ import (
 	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/imdsproxy/imdsproxy/access"
+	"github.com/imdsproxy/imdsproxy/connlimit/connlimittest"
 	"github.com/imdsproxy/imdsproxy/creds"
 )
 
@@ -908,24 +909,6 @@ func serveFreshAfterShutdown(t *testing.T) bool {
 	return true
 }
 
-// slowAccept is a listener whose Accept pauses after the kernel handed it
-// a connection: the moment between accept(2) and the server's StateNew,
-// which a busy host can stretch, made long enough to shut down in.
-type slowAccept struct {
-	net.Listener
-	accepted chan struct{}
-	pause    time.Duration
-}
-
-func (l *slowAccept) Accept() (net.Conn, error) {
-	c, err := l.Listener.Accept()
-	if err == nil {
-		l.accepted <- struct{}{}
-		time.Sleep(l.pause)
-	}
-	return c, err
-}
-
 // TestServeShutdownServesConnectionBeingAccepted: a connection the kernel
 // handed to the accept loop just before the shutdown, and not yet seen by
 // the server (no StateNew), is answered too: the shutdown waits for the
@@ -942,7 +925,7 @@ func TestServeShutdownServesConnectionBeingAccepted(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ln := &slowAccept{Listener: raw, accepted: make(chan struct{}, 1), pause: 300 * time.Millisecond}
+	ln := connlimittest.NewPausingListener(raw, 300*time.Millisecond)
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- e.s.Serve(ctx, ln) }()
@@ -954,7 +937,7 @@ func TestServeShutdownServesConnectionBeingAccepted(t *testing.T) {
 	}
 	defer conn.Close()
 	fmt.Fprintf(conn, "GET /latest/meta-data/iam/security-credentials/ HTTP/1.1\r\nHost: 169.254.169.254\r\n\r\n")
-	<-ln.accepted
+	<-ln.Accepted
 	cancel() // while the accept loop holds the connection
 	_ = conn.SetReadDeadline(time.Now().Add(10 * time.Second))
 	resp, err := http.ReadResponse(bufio.NewReader(conn), nil)

@@ -261,6 +261,53 @@ func TestSystemdUnits(t *testing.T) {
 	// this test's own requests come from outside the container's cgroups).
 	workloadToken := ct.containerEndpointAsDocumented(t, ctx)
 
+	// --- The container endpoint across a restart (docs/deploy.md,
+	// "Restarts drop nothing"): every request on 127.0.0.1:8171, whose
+	// socket systemd holds, gets an answer. This test's requests come from
+	// outside the workload's unit, so the answer is a refusal; what counts
+	// is that none is dropped.
+	{
+		var answered, dropped atomic.Int64
+		var mu sync.Mutex
+		statuses := map[int]int{}
+		var drops []string
+		loopCtx, stop := context.WithCancel(ctx)
+		var wg sync.WaitGroup
+		for i := range 4 {
+			wg.Go(func() {
+				lc := ct.httpClient(30 * time.Second) // one connection per request
+				for loopCtx.Err() == nil {
+					req, _ := http.NewRequestWithContext(loopCtx, http.MethodGet, "http://127.0.0.1:8171/v1/credentials", nil)
+					req.Header.Set("Authorization", workloadToken)
+					resp, err := lc.Do(req)
+					if loopCtx.Err() != nil {
+						return
+					}
+					mu.Lock()
+					if err != nil {
+						dropped.Add(1)
+						drops = append(drops, fmt.Sprintf("client %d: %v", i, err))
+					} else {
+						answered.Add(1)
+						statuses[resp.StatusCode]++
+						resp.Body.Close()
+					}
+					mu.Unlock()
+				}
+			})
+		}
+		waitFor(t, 10*time.Second, "the container endpoint loop to get answers", func() bool { return answered.Load() >= 20 })
+		ct.must(t, ctx, "systemctl", "restart", "imdsproxy.service")
+		after := answered.Load()
+		waitFor(t, 30*time.Second, "container endpoint answers after the restart", func() bool { return answered.Load() >= after+20 })
+		stop()
+		wg.Wait()
+		t.Logf("container endpoint across a restart: %d answers %v, %d dropped", answered.Load(), statuses, dropped.Load())
+		if n := dropped.Load(); n != 0 {
+			t.Errorf("%d container endpoint requests dropped across `systemctl restart imdsproxy` (want 0): %s", n, strings.Join(drops[:min(len(drops), 5)], "; "))
+		}
+	}
+
 	// --- No secret in the journal (the whole journal, not only the unit's).
 	jwt := strings.TrimSpace(ct.must(t, ctx, "cat", "/run/fakests/token.jwt"))
 	journal := ct.journal(ctx, "")

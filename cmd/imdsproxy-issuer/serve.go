@@ -86,16 +86,17 @@ func runServe(ctx context.Context, args []string, stderr io.Writer) int {
 	// at most max_connections open, a new one taking the place of the
 	// keep-alive connection idle the longest (connlimit), so that neither a
 	// flood nor clients that keep connections open exhaust the descriptors.
+	f := promauto.With(reg)
 	lim := connlimit.NewListener(ln, cfg.MaxConnections, connlimit.Metrics{
-		Open: promauto.With(reg).NewGauge(prometheus.GaugeOpts{
+		Open: f.NewGauge(prometheus.GaugeOpts{
 			Name: "imdsproxy_issuer_open_connections",
 			Help: "Client connections to the issuer's listener now open.",
 		}),
-		Reached: promauto.With(reg).NewCounter(prometheus.CounterOpts{
+		Reached: f.NewCounter(prometheus.CounterOpts{
 			Name: "imdsproxy_issuer_connection_limit_reached_total",
 			Help: "Times a new connection found max_connections open.",
 		}),
-		Evicted: promauto.With(reg).NewCounter(prometheus.CounterOpts{
+		Evicted: f.NewCounter(prometheus.CounterOpts{
 			Name: "imdsproxy_issuer_idle_connections_closed_total",
 			Help: "Keep-alive connections closed while idle to make room for a new one at max_connections.",
 		}),
