@@ -4,6 +4,7 @@ import (
 	"context"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -70,14 +71,74 @@ type auditKey struct {
 }
 
 type auditEntry struct {
+	k             auditKey
 	role, roleARN string
 	door          string
-	repeats       int64 // hand-outs since the line that reported the last ones
-	first, last   time.Time
+	first         time.Time // since: guarded by auditor.mu
+	// repeats are the hand-outs since the line that reported the last
+	// ones, last the time of the latest (unix nanoseconds): counted
+	// without the lock by a connection's slot (count), read and reset
+	// under it.
+	repeats atomic.Int64
+	last    atomic.Int64
+	// dropped is set, under auditor.mu, when the entry leaves the table:
+	// a slot that still holds it must not count there any more.
+	dropped atomic.Bool
 	// handed is the identity's child of imdsproxy_audit_handouts_total,
-	// bound at the first hand-out: a repeat is a map lookup and two
-	// increments, no label hashing and no log field.
+	// bound at the first hand-out: a repeat is two atomic additions, no
+	// label hashing and no log field.
 	handed prometheus.Counter
+}
+
+// count accounts for one repeated hand-out at now without the auditor's
+// lock; false when the entry was dropped from the table (flushed), in
+// which case the caller records the hand-out through the table, together
+// with the counts of others that raced the flush.
+func (e *auditEntry) count(now time.Time) bool {
+	e.handed.Inc() // the identity's counter, whichever entry ends up with the count
+	e.repeats.Add(1)
+	if e.dropped.Load() {
+		return false
+	}
+	e.seen(now)
+	return true
+}
+
+// seen moves last forward to now (concurrent repeats may arrive out of
+// order).
+func (e *auditEntry) seen(now time.Time) {
+	t := now.UnixNano()
+	for {
+		old := e.last.Load()
+		if t <= old || e.last.CompareAndSwap(old, t) {
+			return
+		}
+	}
+}
+
+// drop takes e out of the table's accounting; under auditor.mu, before
+// its last count is read.
+func (e *auditEntry) drop() { e.dropped.Store(true) }
+
+// AuditSlot remembers the audit entry of a connection's last hand-out, so
+// that a repeat of the same key id to the same identity — what an SDK
+// looping on its connection does — is counted with two atomic additions,
+// without hashing the identity or taking the audit's lock. ConnClient puts
+// one in the Clients it returns; a Client without one is counted through
+// the table.
+type auditSlot struct{ e atomic.Pointer[auditEntry] }
+
+func (s *auditSlot) entry() *auditEntry {
+	if s == nil {
+		return nil
+	}
+	return s.e.Load()
+}
+
+func (s *auditSlot) remember(e *auditEntry) {
+	if s != nil {
+		s.e.Store(e)
+	}
 }
 
 // auditor is the audit's state; guarded by mu.
@@ -99,12 +160,31 @@ func newAuditor(log *zap.Logger, handed *prometheus.CounterVec) *auditor {
 func (a *auditor) record(c Client, d Decision, served string, keyID, roleARN, door, route, requested, kind string, fallback bool, now time.Time) {
 	who := identityOf(c)
 	k := auditKey{who, keyID}
-	a.mu.Lock()
+	n := int64(1)    // the hand-outs this call accounts for
+	metered := false // whether they are in imdsproxy_audit_handouts_total already
+	if e := c.slot.entry(); e != nil && e.k == k {
+		if e.count(now) {
+			return
+		}
+		// Dropped by a flush, which read its count under the lock:
+		// what was added since is this call's to record.
+		a.mu.Lock()
+		if n = e.repeats.Swap(0); n == 0 {
+			a.mu.Unlock() // the flush, or a concurrent repeat, took this one
+			return
+		}
+		metered = true
+	} else {
+		a.mu.Lock()
+	}
 	if e, ok := a.entries[k]; ok {
-		e.repeats++
-		e.last = now
-		e.handed.Inc()
+		e.repeats.Add(n)
+		e.seen(now)
+		if !metered {
+			e.handed.Add(float64(n))
+		}
 		a.mu.Unlock()
+		c.slot.remember(e)
 		return
 	}
 	label := who.label()
@@ -116,7 +196,9 @@ func (a *auditor) record(c Client, d Decision, served string, keyID, roleARN, do
 		}
 	}
 	handed := a.handed.WithLabelValues(label)
-	handed.Inc()
+	if !metered {
+		handed.Add(float64(n))
+	}
 	var rotated []zap.Field
 	if prev, ok := a.latest[who]; ok && prev != keyID {
 		// The previous key id's entry stays until the next flush: a
@@ -131,9 +213,13 @@ func (a *auditor) record(c Client, d Decision, served string, keyID, roleARN, do
 	if len(a.entries) >= maxAuditEntries {
 		full = a.flushLocked()
 	}
-	a.entries[k] = &auditEntry{role: served, roleARN: roleARN, door: door, first: now, last: now, handed: handed}
+	e := &auditEntry{k: k, role: served, roleARN: roleARN, door: door, first: now, handed: handed}
+	e.repeats.Store(n - 1) // reclaimed from a dropped entry: the rest are repeats
+	e.last.Store(now.UnixNano())
+	a.entries[k] = e
 	a.latest[who] = keyID
 	a.mu.Unlock()
+	c.slot.remember(e)
 
 	for _, f := range full {
 		a.log.Info("credentials served again", f...)
@@ -158,13 +244,15 @@ func (a *auditor) record(c Client, d Decision, served string, keyID, roleARN, do
 
 // summaryLocked is the line of e's repeats, nil when there are none.
 func (a *auditor) summaryLocked(k auditKey, e *auditEntry) []zap.Field {
-	if e.repeats == 0 {
+	n := e.repeats.Swap(0)
+	if n == 0 {
 		return nil
 	}
+	last := time.Unix(0, e.last.Load())
 	f := append(k.who.fields(), zap.String("role_name", e.role), zap.String("role", e.roleARN),
-		zap.String("access_key_id", k.keyID), zap.String("door", e.door), zap.Int64("count", e.repeats),
-		zap.Time("since", e.first), zap.Time("last", e.last))
-	e.repeats, e.first = 0, e.last
+		zap.String("access_key_id", k.keyID), zap.String("door", e.door), zap.Int64("count", n),
+		zap.Time("since", e.first), zap.Time("last", last))
+	e.first = last
 	return f
 }
 
@@ -173,6 +261,7 @@ func (a *auditor) summaryLocked(k auditKey, e *auditEntry) []zap.Field {
 func (a *auditor) flushLocked() [][]zap.Field {
 	var out [][]zap.Field
 	for k, e := range a.entries {
+		e.drop()
 		if f := a.summaryLocked(k, e); f != nil {
 			out = append(out, f)
 		}
@@ -193,15 +282,28 @@ func (a *auditor) flush() {
 	a.mu.Lock()
 	var out [][]zap.Field
 	for k, e := range a.entries {
+		keep := a.latest[k.who] == k.keyID
+		if !keep {
+			e.drop()
+		}
 		if f := a.summaryLocked(k, e); f != nil {
 			out = append(out, f)
 		}
-		if a.latest[k.who] != k.keyID {
+		if !keep {
 			delete(a.entries, k)
 		}
 	}
 	if len(a.entries) >= maxAuditEntries/2 {
-		clear(a.entries) // bounded between flushes; a key id seen again is logged again
+		// Bounded between flushes; a key id seen again is logged again.
+		// A repeat counted without the lock since the loop above is
+		// reported too.
+		for k, e := range a.entries {
+			e.drop()
+			if f := a.summaryLocked(k, e); f != nil {
+				out = append(out, f)
+			}
+		}
+		clear(a.entries)
 	}
 	a.mu.Unlock()
 	for _, f := range out {

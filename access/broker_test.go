@@ -159,13 +159,20 @@ func auditLines(t *testing.T, buf *syncBuf) []map[string]any {
 // TestAuditAggregates: a flood of hand-outs to one client is one line at
 // once and one count per interval, and the counts add up to every
 // hand-out; a second client, a new key (rotation) and shutdown each report
-// what they must; nothing is lost and nothing floods.
+// what they must; nothing is lost and nothing floods. The same with a
+// connection's audit slot (a ConnClient's Client), whose repeats skip the
+// table.
 func TestAuditAggregates(t *testing.T) {
+	t.Run("table", func(t *testing.T) { testAuditAggregates(t, nil) })
+	t.Run("slot", func(t *testing.T) { testAuditAggregates(t, new(auditSlot)) })
+}
+
+func testAuditAggregates(t *testing.T, slot *auditSlot) {
 	src := &fakeSource{}
 	b, buf, reg := newBroker(t, src)
 	b.auditEvery = time.Hour // flushed by hand below
 	d := Decision{Outcome: Serve, Name: "billing", Key: wkey("billing"), Audit: true}
-	cli := Client{Local: true, Info: peer.Info{UID: 1001, PID: 7, Exe: "/usr/bin/aws", Unit: "billing.service"}}
+	cli := Client{Local: true, Info: peer.Info{UID: 1001, PID: 7, Exe: "/usr/bin/aws", Unit: "billing.service"}, slot: slot}
 	const n = 1000
 	for i := range n {
 		cli.PID = 7 + i // a CLI in a shell loop: a new process each time
@@ -256,11 +263,17 @@ func TestAuditClientLabelsBounded(t *testing.T) {
 // TestAuditLateOldKey: a hand-out of the previous key id that records after
 // the identity's first hand-out of the new one (it got the credentials just
 // before the cache swapped them) is a repeat, reported by the next flush,
-// never a second first line; that flush then forgets the old key id.
+// never a second first line; that flush then forgets the old key id, and
+// a connection's slot that still holds it counts through the table again.
 func TestAuditLateOldKey(t *testing.T) {
+	t.Run("table", func(t *testing.T) { testAuditLateOldKey(t, nil) })
+	t.Run("slot", func(t *testing.T) { testAuditLateOldKey(t, new(auditSlot)) })
+}
+
+func testAuditLateOldKey(t *testing.T, slot *auditSlot) {
 	b, buf, _ := newBroker(t, &fakeSource{})
 	b.auditEvery = time.Hour
-	cli := Client{Local: true, Info: peer.Info{UID: 1001, Unit: "billing.service"}}
+	cli := Client{Local: true, Info: peer.Info{UID: 1001, Unit: "billing.service"}, slot: slot}
 	old := Decision{Outcome: Serve, Name: "billing", Key: wkey("billing"), Audit: true}
 	cur := Decision{Outcome: Serve, Name: "billing", Key: wkey("billing2"), Audit: true}
 	for _, d := range []Decision{old, old, cur, old, cur} {
@@ -293,6 +306,125 @@ func TestAuditLateOldKey(t *testing.T) {
 	b.audits.mu.Unlock()
 	if kept {
 		t.Error("the old key id's entry outlived the flush after its rotation")
+	}
+}
+
+// auditTotal is the number of hand-outs the audit lines account for: a
+// first line one, a summary its count.
+func auditTotal(t *testing.T, buf *syncBuf) (total int, firsts int) {
+	t.Helper()
+	for _, l := range auditLines(t, buf) {
+		if c, ok := l["count"].(float64); ok {
+			total += int(c)
+		} else {
+			total++
+			firsts++
+		}
+	}
+	return total, firsts
+}
+
+// TestAuditSlotDropped: a slot whose entry a full table's flush dropped
+// counts nothing there: the next hand-out goes through the table again (a
+// new first line, as for any key id seen again after the table was
+// cleared), and nothing is lost or counted twice.
+func TestAuditSlotDropped(t *testing.T) {
+	b, buf, _ := newBroker(t, &fakeSource{})
+	b.auditEvery = time.Hour
+	cli := Client{Local: true, Info: peer.Info{UID: 1001, Unit: "billing.service"}, slot: new(auditSlot)}
+	d := Decision{Outcome: Serve, Name: "billing", Key: wkey("billing"), Audit: true}
+	hand := func() {
+		t.Helper()
+		if _, err := b.Credentials(t.Context(), d, cli, "imds", "credentials", "billing"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	hand()
+	hand()
+	b.audits.mu.Lock()
+	full := b.audits.flushLocked() // what a full table does
+	b.audits.mu.Unlock()
+	for _, f := range full {
+		b.audits.log.Info("credentials served again", f...)
+	}
+	dropped := cli.slot.entry()
+	if dropped == nil || !dropped.dropped.Load() {
+		t.Fatal("the slot's entry was not marked dropped by the flush")
+	}
+	hand()
+	hand()
+	if cli.slot.entry() == dropped {
+		t.Error("the slot still holds the dropped entry")
+	}
+	if n := dropped.repeats.Load(); n != 0 {
+		t.Errorf("the dropped entry kept %d uncounted repeats", n)
+	}
+	b.audits.flush()
+	total, firsts := auditTotal(t, buf)
+	if total != 4 || firsts != 2 {
+		t.Errorf("the audit accounts for %d hand-outs in %d first lines, want 4 in 2", total, firsts)
+	}
+	if v := testutil.ToFloat64(b.audits.handed.WithLabelValues("billing.service")); v != 4 {
+		t.Errorf("imdsproxy_audit_handouts_total{client=billing.service} = %v, want 4", v)
+	}
+}
+
+// TestAuditSlotsRaceFlushes: connections of a few identities hand out
+// credentials through their slots while the key id rotates and the table
+// is flushed (and cleared when full) concurrently: every hand-out is in
+// exactly one line and in the counter. Run with -race.
+func TestAuditSlotsRaceFlushes(t *testing.T) {
+	b, buf, _ := newBroker(t, &fakeSource{})
+	b.auditEvery = time.Hour
+	const conns, each = 8, 3000
+	keys := []Decision{
+		{Outcome: Serve, Name: "billing", Key: wkey("billing"), Audit: true},
+		{Outcome: Serve, Name: "billing", Key: wkey("billing2"), Audit: true},
+	}
+	stop := make(chan struct{})
+	var flushes sync.WaitGroup
+	flushes.Go(func() {
+		for i := 0; ; i++ {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			if i%4 == 3 {
+				b.audits.mu.Lock()
+				full := b.audits.flushLocked()
+				b.audits.mu.Unlock()
+				for _, f := range full {
+					b.audits.log.Info("credentials served again", f...)
+				}
+			} else {
+				b.audits.flush()
+			}
+			time.Sleep(50 * time.Microsecond)
+		}
+	})
+	var wg sync.WaitGroup
+	for c := range conns {
+		cli := Client{Local: true, Info: peer.Info{UID: 1001 + c%3, Unit: "billing.service"}, slot: new(auditSlot)}
+		wg.Go(func() {
+			for i := range each {
+				d := keys[(i/500)%2]
+				if _, err := b.Credentials(context.Background(), d, cli, "imds", "credentials", "billing"); err != nil {
+					t.Error(err)
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+	close(stop)
+	flushes.Wait()
+	b.audits.flush()
+	if total, firsts := auditTotal(t, buf); total != conns*each {
+		t.Errorf("the audit accounts for %d hand-outs (%d first lines), want %d", total, firsts, conns*each)
+	}
+	if v := testutil.ToFloat64(b.audits.handed.WithLabelValues("billing.service")); v != conns*each {
+		t.Errorf("imdsproxy_audit_handouts_total{client=billing.service} = %v, want %d", v, conns*each)
 	}
 }
 

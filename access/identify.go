@@ -120,6 +120,7 @@ func (m *ConnClient) Get(ctx context.Context, id Identifier, conn net.Conn, audi
 		}
 		who = Client{Unresolved: true}
 	}
+	who.slot = new(auditSlot) // a new identity: nothing to repeat yet
 	m.who, m.done, m.lax = who, !who.Unresolved && !who.UnitUnknown, lax
 	return who
 }

@@ -63,8 +63,17 @@ func TestConnClient(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			id := &scriptedID{answers: tc.answers}
 			var m ConnClient
+			var slot *auditSlot
 			for i, want := range tc.want {
-				if got := m.Get(t.Context(), id, nil, tc.audit, true, nil); got != want {
+				got := m.Get(t.Context(), id, nil, tc.audit, true, nil)
+				if got.slot == nil {
+					t.Fatalf("request %d: no audit slot", i)
+				}
+				if i > 0 && tc.want[i-1] == want && got.slot != slot {
+					t.Errorf("request %d: a new audit slot for the same identity", i)
+				}
+				slot, got.slot = got.slot, nil
+				if got != want {
 					t.Errorf("request %d: %+v, want %+v", i, got, want)
 				}
 			}

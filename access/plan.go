@@ -67,6 +67,9 @@ type Client struct {
 	// given the host's role or a denial it might not deserve.
 	Unresolved bool
 	peer.Info
+	// slot is the audit's memo of the connection this Client was found
+	// on (ConnClient), nil for a Client built otherwise.
+	slot *auditSlot
 }
 
 // Outcome is what a Decision tells the front door to do.
