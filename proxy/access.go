@@ -35,6 +35,10 @@ type connInfo struct {
 	// run when the connection's next request arrives (hoplimit.go).
 	hopRestore atomic.Pointer[func() error]
 	peer       peerMemo
+	// host is the last Host header value found allowed on this
+	// connection, with the configuration it was checked against
+	// (hostcheck.go): a client sends the same one on every request.
+	host atomic.Pointer[hostMemo]
 }
 
 // connInfoKey is the context key of a connection's *connInfo.

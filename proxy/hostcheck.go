@@ -140,13 +140,46 @@ func (s *Server) checkRequest(w http.ResponseWriter, r *http.Request, ci *connIn
 		writeText(w, http.StatusBadRequest, "Bad Request")
 		return false
 	}
+	if ci.allowedBefore(r.Host, st) {
+		return true
+	}
 	local, ok := localAddr(r, ci)
-	if !ok || hostAllowed(r.Host, local, st.cfg.AllowedHosts) {
+	if !ok {
+		return true
+	}
+	if hostAllowed(r.Host, local, st.cfg.AllowedHosts) {
+		ci.rememberHost(r.Host, st)
 		return true
 	}
 	s.lim.hostRejections.Inc()
 	writeText(w, http.StatusForbidden, hostForbidden)
 	return false
+}
+
+// hostMemo is a Host header value found allowed on a connection under the
+// configuration st: hostAllowed's answer depends only on the value, the
+// connection's local address and st's AllowedHosts.
+type hostMemo struct {
+	host string
+	st   *state
+}
+
+// allowedBefore reports whether host was found allowed on this connection
+// under the configuration st (the same state, not an equal one: an Update
+// checks again). False without a record.
+func (ci *connInfo) allowedBefore(host string, st *state) bool {
+	if ci == nil {
+		return false
+	}
+	m := ci.host.Load()
+	return m != nil && m.st == st && m.host == host
+}
+
+// rememberHost records host as allowed under st (a no-op without a record).
+func (ci *connInfo) rememberHost(host string, st *state) {
+	if ci != nil {
+		ci.host.Store(&hostMemo{host: host, st: st})
+	}
 }
 
 // localAddr is the listener address r arrived at: from Serve's record of

@@ -228,6 +228,51 @@ func TestAllowedHostsConfig(t *testing.T) {
 	}
 }
 
+// TestHostCheckRemembered: a connection's allowed Host is remembered only
+// for that value and that configuration: another Host on the same
+// connection is checked (and refused), and after an Update that no longer
+// allows the name, the same connection's next request with it is refused.
+func TestHostCheckRemembered(t *testing.T) {
+	e, addr := rawServer(t, Config{AllowedHosts: []string{"imds.internal"}})
+	conn, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	_ = conn.SetDeadline(time.Now().Add(5 * time.Second))
+	br := bufio.NewReader(conn)
+	get := func(host string) int {
+		t.Helper()
+		if _, err := io.WriteString(conn, "GET "+credPath+" HTTP/1.1\r\nHost: "+host+"\r\n\r\n"); err != nil {
+			t.Fatal(err)
+		}
+		resp, err := http.ReadResponse(br, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, _ = io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		return resp.StatusCode
+	}
+	for i, tc := range []struct {
+		host string
+		want int
+	}{{"imds.internal", 200}, {"imds.internal", 200}, {"evil.example", 403}, {"imds.internal:80", 200}, {"evil.example", 403}} {
+		if got := get(tc.host); got != tc.want {
+			t.Fatalf("request %d (Host %s): %d, want %d", i, tc.host, got, tc.want)
+		}
+	}
+	if err := e.s.Update(Config{Plan: e.plan}); err != nil {
+		t.Fatal(err)
+	}
+	if got := get("imds.internal:80"); got != 403 {
+		t.Fatalf("after an Update without the name, its Host on the same connection: %d, want 403", got)
+	}
+	if got := get("169.254.169.254"); got != 200 {
+		t.Fatalf("the IMDS address after the Update: %d, want 200", got)
+	}
+}
+
 // TestSmuggling sends request-smuggling attempts over one raw connection
 // each and checks how many responses come back, their statuses, and that
 // the credential handler ran only for the requests meant to reach it.
