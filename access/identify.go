@@ -5,6 +5,7 @@ import (
 	"errors"
 	"net"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"go.uber.org/zap"
@@ -65,10 +66,17 @@ const IdentifyTimeout = 100 * time.Millisecond
 // front doors (IMDS, the container endpoint) keep one per connection. The
 // zero value is ready to use; it is safe for concurrent use.
 type ConnClient struct {
-	mu   sync.Mutex
-	done bool
-	lax  bool // who was found for the audit alone (auditLookuper)
-	who  Client
+	// known is the answer once it is final (not unresolved, unit known),
+	// read without the lock: every request of a kept-alive connection
+	// after its first.
+	known atomic.Pointer[connAnswer]
+	mu    sync.Mutex // serialises identifying
+}
+
+// connAnswer is a ConnClient's final answer.
+type connAnswer struct {
+	who Client
+	lax bool // found for the audit alone (auditLookuper)
 }
 
 // auditLookuper is an Identifier that can identify a connection for the
@@ -92,10 +100,13 @@ type auditLookuper interface {
 // only decisions need are skipped, and the answer is remembered as such:
 // a later Get that decides identifies the connection again.
 func (m *ConnClient) Get(ctx context.Context, id Identifier, conn net.Conn, audit, decides bool, log *zap.Logger) Client {
+	if a := m.known.Load(); a != nil && !(decides && a.lax) {
+		return a.who
+	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	if m.done && !(decides && m.lax) {
-		return m.who
+	if a := m.known.Load(); a != nil && !(decides && a.lax) {
+		return a.who // found by a concurrent Get
 	}
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), IdentifyTimeout)
 	defer cancel()
@@ -121,6 +132,11 @@ func (m *ConnClient) Get(ctx context.Context, id Identifier, conn net.Conn, audi
 		who = Client{Unresolved: true}
 	}
 	who.slot = new(auditSlot) // a new identity: nothing to repeat yet
-	m.who, m.done, m.lax = who, !who.Unresolved && !who.UnitUnknown, lax
+	// Only a final answer is kept; otherwise the next Get asks again.
+	var a *connAnswer
+	if !who.Unresolved && !who.UnitUnknown {
+		a = &connAnswer{who: who, lax: lax}
+	}
+	m.known.Store(a)
 	return who
 }

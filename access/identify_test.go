@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"sync"
 	"testing"
 
 	"github.com/imdsproxy/imdsproxy/peer"
@@ -81,6 +82,29 @@ func TestConnClient(t *testing.T) {
 				t.Errorf("%d lookups, %d Process calls; want %d, %d", id.lookups, id.procs, tc.lookups, tc.processCall)
 			}
 		})
+	}
+}
+
+// TestConnClientConcurrent: requests racing on a connection that is not
+// identified yet identify it once, and all get that answer and its slot.
+// Run with -race: the scripted Identifier's counters are unguarded, so a
+// second lookup outside the lock is a data race as well as a count.
+func TestConnClientConcurrent(t *testing.T) {
+	id := &scriptedID{answers: []func() (peer.Info, error){func() (peer.Info, error) { return peer.Info{UID: 1001, Unit: "app.service"}, nil }}}
+	var m ConnClient
+	got := make([]Client, 16)
+	var wg sync.WaitGroup
+	for i := range got {
+		wg.Go(func() { got[i] = m.Get(t.Context(), id, nil, true, true, nil) })
+	}
+	wg.Wait()
+	if id.lookups != 1 {
+		t.Fatalf("%d lookups, want 1", id.lookups)
+	}
+	for i, c := range got {
+		if c != got[0] || c.Unit != "app.service" || c.slot == nil {
+			t.Fatalf("request %d: %+v, want %+v with a slot", i, c, got[0])
+		}
 	}
 }
 
