@@ -40,7 +40,7 @@ func TestCredentialDocuments(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			e := newEnv(t, Config{})
 			e.src.set(tt.creds, nil)
-			w := e.do(http.MethodGet, tt.path, nil)
+			w := e.doWire(t, http.MethodGet, tt.path, nil)
 			if w.Code != http.StatusOK {
 				t.Fatalf("status %d", w.Code)
 			}

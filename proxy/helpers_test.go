@@ -6,6 +6,7 @@ import (
 	"errors"
 	"flag"
 	"io"
+	"maps"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -426,6 +427,35 @@ func (e *testEnv) do(method, target string, hdr map[string]string) *httptest.Res
 	}
 	w := httptest.NewRecorder()
 	e.s.Handler().ServeHTTP(w, r)
+	return w
+}
+
+// doWire is do through a real net/http server (e.s.Handler on loopback,
+// one connection per request): what a client receives, with the headers
+// net/http adds (Content-Length below autoLengthBelow).
+func (e *testEnv) doWire(t testing.TB, method, target string, hdr map[string]string) *httptest.ResponseRecorder {
+	t.Helper()
+	srv := httptest.NewServer(e.s.Handler())
+	defer srv.Close()
+	r, err := http.NewRequest(method, srv.URL+target, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r.Close = true
+	for k, v := range hdr {
+		r.Header.Set(k, v)
+	}
+	resp, err := srv.Client().Do(r)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	w := httptest.NewRecorder()
+	maps.Copy(w.Header(), resp.Header)
+	w.WriteHeader(resp.StatusCode)
+	if _, err := io.Copy(w, resp.Body); err != nil {
+		t.Fatal(err)
+	}
 	return w
 }
 

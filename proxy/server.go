@@ -855,30 +855,42 @@ func writeBody(w http.ResponseWriter, status int, body []byte) {
 	// net/http copies the header at WriteHeader, and each slice is full
 	// (len = cap = 1), so an append copies it too.
 	h["Content-Type"] = textPlain
-	h["Content-Length"] = contentLength(len(body))
+	if len(body) >= autoLengthBelow {
+		h["Content-Length"] = contentLength(len(body))
+	}
 	w.WriteHeader(status)
 	_, _ = w.Write(body)
 }
 
+// autoLengthBelow is the size of net/http's response buffer
+// (bufferBeforeChunkingSize): a shorter body is still buffered whole when
+// the handler returns, and net/http sends its Content-Length itself (for
+// HEAD too: it counts the body it does not send), as cheaply as it can be
+// done; a longer one would be chunked, so writeBody sets it.
+// TestWriteBodyFraming holds net/http to this.
+const autoLengthBelow = 2048
+
 var textPlain = []string{"text/plain"}
 
-// contentLengths caches the Content-Length header values of bodies
-// shorter than maxCachedLength: a response costs no allocation for it.
-var contentLengths [maxCachedLength]atomic.Pointer[[]string]
+// lengthValue is a Content-Length header value and the length it is for.
+type lengthValue struct {
+	n int
+	v []string
+}
 
-const maxCachedLength = 2048
+// lastLength is the value of the last body contentLength was asked for: a
+// role's documents keep one length while its credentials last.
+var lastLength atomic.Pointer[lengthValue]
 
-// contentLength is the Content-Length header value of a body of n bytes.
+// contentLength is the Content-Length header value of a body of n bytes,
+// full (len = cap = 1) and shared: a repeated length costs no allocation.
 func contentLength(n int) []string {
-	if n < 0 || n >= maxCachedLength {
-		return []string{strconv.Itoa(n)}
+	if l := lastLength.Load(); l != nil && l.n == n {
+		return l.v
 	}
-	if v := contentLengths[n].Load(); v != nil {
-		return *v
-	}
-	v := []string{strconv.Itoa(n)}
-	contentLengths[n].Store(&v)
-	return v
+	l := &lengthValue{n: n, v: []string{strconv.Itoa(n)}}
+	lastLength.Store(l)
+	return l.v
 }
 
 func contains(list []string, s string) bool {

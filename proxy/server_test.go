@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"fmt"
 	"io"
@@ -310,7 +311,7 @@ func TestListings(t *testing.T) {
 		for _, method := range []string{http.MethodGet, http.MethodHead} {
 			t.Run(method+tt.path, func(t *testing.T) {
 				e := newEnv(t, Config{})
-				w := e.do(method, tt.path, nil)
+				w := e.doWire(t, method, tt.path, nil)
 				if w.Code != http.StatusOK {
 					t.Fatalf("status %d", w.Code)
 				}
@@ -828,13 +829,13 @@ func TestSlowClientsCannotPin(t *testing.T) {
 	}
 }
 
-// TestContentLengthValues: the shared Content-Length values are right for
-// every cached length and beyond, and full (len = cap = 1), so appending to
-// one (as Header.Add would) copies it and never changes what the next
-// response gets.
+// TestContentLengthValues: the shared Content-Length values are right,
+// built or repeated, and full (len = cap = 1), so appending to one (as
+// Header.Add would) copies it and never changes what the next response
+// gets.
 func TestContentLengthValues(t *testing.T) {
-	for _, n := range []int{0, 1, 99, 100, 1071, maxCachedLength - 1, maxCachedLength, 1 << 20} {
-		for range 2 { // built, then cached
+	for _, n := range []int{0, 1, 99, 100, 1071, autoLengthBelow - 1, autoLengthBelow, 1 << 20} {
+		for range 2 { // built, then repeated
 			v := contentLength(n)
 			if len(v) != 1 || v[0] != strconv.Itoa(n) {
 				t.Fatalf("contentLength(%d) = %q", n, v)
@@ -846,6 +847,38 @@ func TestContentLengthValues(t *testing.T) {
 	}
 	if len(textPlain) != 1 || cap(textPlain) != 1 || textPlain[0] != "text/plain" {
 		t.Fatalf("textPlain = %q (cap %d), want one full element", textPlain, cap(textPlain))
+	}
+}
+
+// TestWriteBodyFraming: whatever the body's length, a response of
+// writeBody carries Content-Length (set by net/http below autoLengthBelow,
+// by writeBody from there), never chunked, for GET and HEAD, and HEAD
+// sends no body.
+func TestWriteBodyFraming(t *testing.T) {
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		n, _ := strconv.Atoi(r.URL.Query().Get("n"))
+		writeBody(w, http.StatusOK, bytes.Repeat([]byte("a"), n))
+	}))
+	defer srv.Close()
+	for _, n := range []int{1, 1071, autoLengthBelow - 1, autoLengthBelow, autoLengthBelow + 1, 5000} {
+		for _, method := range []string{http.MethodGet, http.MethodHead} {
+			conn, err := net.Dial("tcp", srv.Listener.Addr().String())
+			if err != nil {
+				t.Fatal(err)
+			}
+			_ = conn.SetDeadline(time.Now().Add(5 * time.Second))
+			fmt.Fprintf(conn, "%s /?n=%d HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", method, n)
+			raw, _ := io.ReadAll(conn)
+			conn.Close()
+			head, body, _ := strings.Cut(string(raw), "\r\n\r\n")
+			if !strings.Contains(head, "\r\nContent-Length: "+strconv.Itoa(n)+"\r\n") || strings.Contains(head, "Transfer-Encoding") ||
+				!strings.Contains(head, "\r\nContent-Type: text/plain\r\n") {
+				t.Errorf("%s of %d bytes: header\n%s", method, n, head)
+			}
+			if want := map[string]int{http.MethodGet: n, http.MethodHead: 0}[method]; len(body) != want {
+				t.Errorf("%s of %d bytes: %d bytes of body, want %d", method, n, len(body), want)
+			}
+		}
 	}
 }
 
