@@ -4,7 +4,11 @@
 // bin/tools/ec2-metadata-mock) and, in the saturation and cold-flow
 // benchmarks, the IAM Roles Anywhere credential helper's serve (RAH_BIN,
 // built by make bench), all as subprocesses on loopback, in one run on one
-// machine (docs/benchmarks.md). Two daemons run side by side: the
+// machine (docs/benchmarks.md). In the saturation and cold-flow benchmarks
+// a second replay, raw, answers the same bytes from a hand-written HTTP/1.1
+// loop instead of net/http's server: the measure of what that server costs
+// (not a candidate server: it checks next to nothing). Two daemons run side
+// by side: the
 // default config (audit on, logging at info into a file, as on a host) and
 // the same with `access: {audit: false}`; -other.bin adds a third, another
 // build (an older commit, say), with the default config.

@@ -154,6 +154,11 @@ type benchEnv struct {
 	ceiling      *server
 	ceilingToken string
 	wire         wireSample
+	// raw replays the ceiling's bytes from a hand-written HTTP/1.1 loop
+	// instead of net/http's server (serveRaw): what the server package
+	// itself costs. nil (and rawSkip says why) when it did not start.
+	raw     *server
+	rawSkip string
 
 	// aemm is amazon-ec2-metadata-mock, nil (and aemmSkip says why) when
 	// its binary is missing or it did not start.
@@ -221,6 +226,7 @@ func teardown() {
 	e.noaudit.stop()
 	e.other.stop()
 	e.ceiling.stop()
+	e.raw.stop()
 	e.aemm.stop()
 	e.rah.stop()
 	e.rahFake.close()
@@ -277,14 +283,17 @@ func newEnv(bin string) (_ *benchEnv, err error) {
 	if err := e.capture(); err != nil {
 		return nil, err
 	}
-	if e.ceiling, err = e.startCeiling(); err != nil {
+	if e.ceiling, err = e.startCeiling("ceiling"); err != nil {
 		return nil, err
 	}
-	if e.ceilingToken, err = e.checkCeiling(); err != nil {
+	if e.ceilingToken, err = e.checkCeiling(e.ceiling); err != nil {
 		return nil, err
 	}
 	e.daemon.role, e.daemon.tok = e2e.RoleName, e.daemonToken
 	e.ceiling.role, e.ceiling.tok = e2e.RoleName, e.ceilingToken
+	if e.raw, e.rawSkip = e.startRaw(); e.rawSkip != "" {
+		fmt.Fprintf(os.Stderr, "\n*** SKIPPING the raw replay: %s ***\n\n", e.rawSkip)
+	}
 	e.daemon.rss = newRSSSampler(e.daemon.pid, 100*time.Millisecond)
 	e.noaudit, e.noauditSkip = e.startExtraDaemon(daemonSpec{name: "daemon-noaudit", extra: "access: {audit: false}\n"})
 	if e.noauditSkip != "" {
@@ -493,9 +502,10 @@ func roundTrip(c *http.Client, method, url, tok string) (wireResponse, error) {
 	return wireResponse{Status: resp.StatusCode, Header: h, Body: body}, nil
 }
 
-// startCeiling re-executes this test binary as the ceiling server, replaying
-// the captured responses; it reports its address on its first stdout line.
-func (e *benchEnv) startCeiling() (*server, error) {
+// startCeiling re-executes this test binary as the ceiling server (name
+// "ceiling") or the raw replay ("raw"), replaying the captured responses; it
+// reports its address on its first stdout line.
+func (e *benchEnv) startCeiling(name string) (*server, error) {
 	spec := filepath.Join(e.dir, "ceiling.json")
 	b, err := json.Marshal(e.wire)
 	if err != nil {
@@ -508,12 +518,15 @@ func (e *benchEnv) startCeiling() (*server, error) {
 	if err != nil {
 		return nil, err
 	}
-	s := &server{name: "ceiling"}
-	if s.out, err = e.newOutput("ceiling"); err != nil {
+	s := &server{name: name}
+	if s.out, err = e.newOutput(name); err != nil {
 		return nil, err
 	}
 	cmd := pinnedCommand(self)
 	cmd.Env = append(os.Environ(), ceilingEnv+"="+spec)
+	if name == "raw" {
+		cmd.Env = append(cmd.Env, rawEnv+"=1")
+	}
 	cmd.Stderr = s.out
 	stdout, err := cmd.StdoutPipe()
 	if err != nil {
@@ -537,19 +550,20 @@ func (e *benchEnv) startCeiling() (*server, error) {
 		addr, found := strings.CutPrefix(line, "listening ")
 		if !ok || !found {
 			s.stop()
-			return nil, fmt.Errorf("ceiling: unexpected first line %q; stderr:\n%s", line, s.out)
+			return nil, fmt.Errorf("%s: unexpected first line %q; stderr:\n%s", name, line, s.out)
 		}
 		s.base = "http://" + addr
 		return s, nil
 	case <-time.After(10 * time.Second):
 		s.stop()
-		return nil, fmt.Errorf("ceiling did not start; stderr:\n%s", s.out)
+		return nil, fmt.Errorf("%s did not start; stderr:\n%s", name, s.out)
 	}
 }
 
-// checkCeiling verifies that the ceiling's answers equal the daemon's byte
-// for byte (status, headers except Date, body) and returns its token.
-func (e *benchEnv) checkCeiling() (string, error) {
+// checkCeiling verifies that the answers of srv (the ceiling or the raw
+// replay) equal the daemon's byte for byte (status, headers except Date,
+// body) and returns its token.
+func (e *benchEnv) checkCeiling(srv *server) (string, error) {
 	c := newClient()
 	defer c.CloseIdleConnections()
 	want := []struct {
@@ -562,13 +576,13 @@ func (e *benchEnv) checkCeiling() (string, error) {
 	}
 	tok := ""
 	for _, x := range want {
-		got, err := roundTrip(c, x.method, e.ceiling.base+x.path, tok)
+		got, err := roundTrip(c, x.method, srv.base+x.path, tok)
 		if err != nil {
-			return "", fmt.Errorf("ceiling: %w", err)
+			return "", fmt.Errorf("%s: %w", srv.name, err)
 		}
 		if got.Status != x.w.Status || !bytes.Equal(got.Body, x.w.Body) || !headersEqual(got.Header, x.w.Header) {
-			return "", fmt.Errorf("ceiling: %s %s differs from the daemon:\n got %d %v %q\nwant %d %v %q",
-				x.method, x.path, got.Status, got.Header, got.Body, x.w.Status, x.w.Header, x.w.Body)
+			return "", fmt.Errorf("%s: %s %s differs from the daemon:\n got %d %v %q\nwant %d %v %q",
+				srv.name, x.method, x.path, got.Status, got.Header, got.Body, x.w.Status, x.w.Header, x.w.Body)
 		}
 		if x.method == http.MethodPut {
 			tok = string(got.Body)
@@ -595,10 +609,13 @@ func headersEqual(a, b http.Header) bool {
 // path of the wireSample JSON to replay.
 const ceilingEnv = "IMDSPROXY_BENCH_CEILING_SPEC"
 
+// rawEnv, set with ceilingEnv, makes the ceiling the raw replay (serveRaw).
+const rawEnv = "IMDSPROXY_BENCH_RAW"
+
 // runCeiling is the ceiling: a bare net/http server answering the three
 // requests of the flow with the captured bytes. It checks only that a token
 // header is present on GETs and a TTL header on PUTs; it returns on SIGTERM.
-func runCeiling(specPath string) int {
+func runCeiling(specPath string, raw bool) int {
 	b, err := os.ReadFile(specPath)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "ceiling:", err)
@@ -652,8 +669,11 @@ func runCeiling(specPath string) int {
 		fmt.Fprintln(os.Stderr, "ceiling:", err)
 		return 1
 	}
-	srv := &http.Server{Handler: h, ReadHeaderTimeout: 5 * time.Second}
 	fmt.Printf("listening %s\n", ln.Addr())
+	if raw {
+		return serveRaw(ln, &w, credsPath)
+	}
+	srv := &http.Server{Handler: h, ReadHeaderTimeout: 5 * time.Second}
 	ctx, stop := signalContext()
 	defer stop()
 	go func() {

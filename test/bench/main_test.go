@@ -10,12 +10,12 @@ import (
 	"testing"
 )
 
-// TestMain either runs as the ceiling server (when re-executed with
-// ceilingEnv set) or runs the benchmarks, prints the markdown report and
+// TestMain either runs as the ceiling server or the raw replay (when
+// re-executed with ceilingEnv set) or runs the benchmarks, prints the markdown report and
 // stops the subprocesses.
 func TestMain(m *testing.M) {
 	if spec := os.Getenv(ceilingEnv); spec != "" {
-		os.Exit(runCeiling(spec))
+		os.Exit(runCeiling(spec, os.Getenv(rawEnv) != ""))
 	}
 	flag.Parse()
 	if err := applyPin(); err != nil {

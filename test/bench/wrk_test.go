@@ -85,7 +85,7 @@ type satTarget struct {
 // targets are the servers of BenchmarkSaturation and BenchmarkColdFlow in
 // the order of a round.
 func (e *benchEnv) targets() []satTarget {
-	ts := []satTarget{{name: "ceiling", srv: e.ceiling}, {name: "daemon", srv: e.daemon},
+	ts := []satTarget{{name: "ceiling", srv: e.ceiling}, {name: "raw", srv: e.raw, skip: e.rawSkip}, {name: "daemon", srv: e.daemon},
 		{name: "daemon-noaudit", srv: e.noaudit, skip: e.noauditSkip}}
 	if *otherBin != "" {
 		ts = append(ts, satTarget{name: "daemon-" + *otherName, srv: e.other, skip: e.otherSkip})
