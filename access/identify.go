@@ -40,20 +40,32 @@ const ownerTimeout = 50 * time.Millisecond
 // they share one share. It is (uid_t)-1, which no process runs as.
 const unknownOwner = ^uint32(0)
 
-// ConnOwner names the uid of a connection's client, for a front door's
-// connection shares (connlimit.Listener.ShareByOwner); nil when id cannot
-// find a uid alone.
+// userMapper is an Identifier that knows the users of subordinate uids
+// (*peer.Resolver: peer.Users).
+type userMapper interface {
+	UserOf(uid uint32) uint32
+}
+
+// ConnOwner names the user of a connection's client, for a front door's
+// connection shares (connlimit.Listener.ShareByOwner): its uid, or, when id
+// knows the host's subordinate uids, the uid of the user a subordinate uid
+// is delegated to, so one user holds one share however many uids it runs
+// processes as. nil when id cannot find a uid alone.
 func ConnOwner(id Identifier) func(net.Conn) (uint32, bool) {
 	u, ok := id.(uidLookuper)
 	if !ok {
 		return nil
 	}
+	users, _ := id.(userMapper)
 	return func(c net.Conn) (uint32, bool) {
 		ctx, cancel := context.WithTimeout(context.Background(), ownerTimeout)
 		defer cancel()
 		uid, err := u.LookupUID(ctx, c)
-		if err != nil || uid < 0 {
+		if err != nil || uid < 0 || uid >= int(unknownOwner) {
 			return unknownOwner, true
+		}
+		if users != nil {
+			return users.UserOf(uint32(uid)), true
 		}
 		return uint32(uid), true
 	}

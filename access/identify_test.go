@@ -200,4 +200,27 @@ func TestConnOwner(t *testing.T) {
 	if id.lookedUp != 2 {
 		t.Errorf("%d lookups, want 2", id.lookedUp)
 	}
+	// An Identifier that knows the users of subordinate uids: the owner
+	// is the user (one share for all of a user's uids).
+	mapped := &usersID{uidID: uidID{uid: 100005}, users: map[uint32]uint32{100005: 1000}}
+	if o, ok := ConnOwner(mapped)(nil); !ok || o != 1000 {
+		t.Errorf("a delegated uid: owner %d, %v; want its user 1000", o, ok)
+	}
+	mapped.uid = 1002
+	if o, ok := ConnOwner(mapped)(nil); !ok || o != 1002 {
+		t.Errorf("a uid of its own: owner %d, %v; want 1002", o, ok)
+	}
+}
+
+// usersID is a uidID that also maps subordinate uids to their users.
+type usersID struct {
+	uidID
+	users map[uint32]uint32
+}
+
+func (u *usersID) UserOf(uid uint32) uint32 {
+	if user, ok := u.users[uid]; ok {
+		return user
+	}
+	return uid
 }

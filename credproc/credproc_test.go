@@ -689,7 +689,8 @@ func TestServeShareByUID(t *testing.T) {
 	}
 }
 
-// TestUnixOwner: the owner of a unix connection is its peer's uid.
+// TestUnixOwner: the owner of a unix connection is its peer's uid, or,
+// when that uid is delegated to a user (subuid(5)), that user's.
 func TestUnixOwner(t *testing.T) {
 	a, b, err := socketPair()
 	if err != nil {
@@ -697,11 +698,25 @@ func TestUnixOwner(t *testing.T) {
 	}
 	defer a.Close()
 	defer b.Close()
-	if uid, ok := unixOwner(a); !ok || int(uid) != os.Getuid() {
+	if uid, ok := unixOwner(nil)(a); !ok || int(uid) != os.Getuid() {
 		t.Errorf("unixOwner = %d, %v; want %d", uid, ok, os.Getuid())
 	}
-	if _, ok := unixOwner(&net.TCPConn{}); ok {
+	if _, ok := unixOwner(nil)(&net.TCPConn{}); ok {
 		t.Error("a TCP connection has a unix owner")
+	}
+	dir := t.TempDir()
+	passwd, subuid := filepath.Join(dir, "passwd"), filepath.Join(dir, "subuid")
+	if err := os.WriteFile(passwd, []byte("alice:x:61000:61000::/:/bin/sh\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	line := fmt.Sprintf("alice:%d:1\n", os.Getuid()) // this test's uid, delegated to alice
+	if err := os.WriteFile(subuid, []byte(line), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	var s Server
+	s.MapUsers(peer.NewUsers(subuid, passwd, nil))
+	if uid, ok := s.owner(a); !ok || uid != 61000 {
+		t.Errorf("with the uid delegated to alice: owner %d, %v; want 61000", uid, ok)
 	}
 }
 

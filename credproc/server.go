@@ -56,16 +56,26 @@ type Server struct {
 	overShare prometheus.Counter
 }
 
-// unixOwner names the uid of a unix socket's peer (SO_PEERCRED), for the
-// shares of the connections (connlimit.Listener.ShareByOwner).
-func unixOwner(c net.Conn) (uint32, bool) {
-	uc, ok := c.(*net.UnixConn)
-	if !ok {
-		return 0, false
+// unixOwner names the user of a unix socket's peer, for the shares of the
+// connections (connlimit.Listener.ShareByOwner): its uid (SO_PEERCRED), or
+// the user a subordinate uid is delegated to (users; nil: none known).
+func unixOwner(users *peer.Users) connlimit.OwnerFunc {
+	return func(c net.Conn) (uint32, bool) {
+		uc, ok := c.(*net.UnixConn)
+		if !ok {
+			return 0, false
+		}
+		uid, err := peer.UnixUID(uc)
+		if err != nil || uid < 0 {
+			return 0, false
+		}
+		return users.Of(uint32(uid)), true
 	}
-	uid, err := peer.UnixUID(uc)
-	return uint32(uid), err == nil && uid >= 0
 }
+
+// MapUsers makes the shares of the connections count each subordinate uid
+// (peer.Users) against the user it is delegated to. Call it before Serve.
+func (s *Server) MapUsers(users *peer.Users) { s.owner = unixOwner(users) }
 
 // New returns a Server deciding by plan and serving through broker,
 // logging to log and registering its metrics with reg (nil: none).
@@ -78,7 +88,7 @@ func New(plan *access.Plan, broker *access.Broker, log *zap.Logger, reg promethe
 	}
 	f := promauto.With(reg)
 	s := &Server{
-		broker: broker, log: log, identify: peer.LookupUnix, owner: unixOwner, now: time.Now,
+		broker: broker, log: log, identify: peer.LookupUnix, owner: unixOwner(nil), now: time.Now,
 		requests: f.NewCounterVec(prometheus.CounterOpts{
 			Name: "imdsproxy_process_requests_total",
 			Help: "Requests on the credential_process socket, by result (ok, bad_request, access_denied, not_found, retry, unavailable).",

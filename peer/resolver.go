@@ -61,6 +61,7 @@ type Resolver struct {
 	euid     int         // whose fds are readable without it
 	mode     string
 	procs    procCache // ModeEBPF: the start time and exe of recent socket creators
+	users    *Users    // the users of subordinate uids (UserOf)
 
 	closeOnce sync.Once
 	closeErr  error
@@ -69,11 +70,13 @@ type Resolver struct {
 
 // resolverEnv is what a Resolver takes from its host; tests replace it.
 type resolverEnv struct {
-	proc   string
-	fs     fileSystem
-	locate func() (mount, root string, err error) // the cgroup2 mount; "" when none
-	allFDs bool
-	euid   int
+	proc string
+	fs   fileSystem
+	// subuid and passwd are the files of Users ("": the host's).
+	subuid, passwd string
+	locate         func() (mount, root string, err error) // the cgroup2 mount; "" when none
+	allFDs         bool
+	euid           int
 }
 
 func hostEnv() resolverEnv {
@@ -94,7 +97,8 @@ func newResolver(opts Options, env resolverEnv) (*Resolver, error) {
 	if log == nil {
 		log = zap.NewNop()
 	}
-	r := &Resolver{missWait: opts.MissWait, proc: env.proc, fs: env.fs, allFDs: env.allFDs, euid: env.euid}
+	r := &Resolver{missWait: opts.MissWait, proc: env.proc, fs: env.fs, allFDs: env.allFDs, euid: env.euid,
+		users: NewUsers(env.subuid, env.passwd, log)}
 	if r.missWait == 0 {
 		r.missWait = DefaultMissWait
 	}
@@ -130,7 +134,7 @@ func newResolver(opts Options, env resolverEnv) (*Resolver, error) {
 		r.mode = ModeNone
 	}
 	fields := []zap.Field{zap.String("mode", r.mode), zap.String("cgroup2", mount),
-		zap.Bool("read_all_fds", r.allFDs)}
+		zap.Bool("read_all_fds", r.allFDs), zap.Int("subuid_ranges", r.users.Ranges())}
 	if reason != "" {
 		fields = append(fields, zap.String("ebpf", reason))
 	}
@@ -169,6 +173,20 @@ func (r *Resolver) Close() error {
 		r.closeErr = resolverParts{r.watcher, r.bpf}.close()
 	})
 	return r.closeErr
+}
+
+// UserOf is the uid of the user uid belongs to (Users.Of): the user a
+// subordinate uid is delegated to, else uid itself. It never waits.
+func (r *Resolver) UserOf(uid uint32) uint32 { return r.users.Of(uid) }
+
+// Users is the Resolver's table of subordinate uids, for a front door that
+// finds its clients' uids itself (the credential_process socket).
+// A nil Resolver has none.
+func (r *Resolver) Users() *Users {
+	if r == nil {
+		return nil
+	}
+	return r.users
 }
 
 // CgroupStats is what the cgroup watcher has mapped, and not mapped, of

@@ -236,6 +236,7 @@ func (d *daemon) newDoors(g *generation, plan *access.Plan) (err error) {
 		if d.process, err = credproc.New(plan, d.broker, d.log.Named("process"), d.reg); err != nil {
 			return err
 		}
+		d.process.MapUsers(d.peers.Users())
 	}
 	return d.updateDoors(g, plan)
 }
