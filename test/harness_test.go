@@ -120,6 +120,9 @@ type envOptions struct {
 	// trusting the harness's fake issuer (one that verifies a real
 	// imdsproxy-issuer's tokens, say). The options above still apply to it.
 	sts *sts.Server
+	// command, when set, builds the daemon's command (e2e.DaemonOptions):
+	// to run it in a mount namespace of its own, say.
+	command func(name string, args ...string) *exec.Cmd
 }
 
 type daemonEnv struct {
@@ -195,7 +198,7 @@ func startDaemon(t *testing.T, opts envOptions) *daemonEnv {
 
 	e.proc, err = e2e.StartDaemon(e2e.DaemonOptions{
 		Bin: bin, Config: e.configPath, Args: []string{"--log-format", "json", "--log-level", cmp.Or(opts.logLevel, "debug")},
-		Dir: e.dir, Env: e.daemonEnviron(), Out: e.log,
+		Dir: e.dir, Env: e.daemonEnviron(), Out: e.log, Command: opts.command,
 	})
 	if err != nil {
 		t.Fatal(err)
