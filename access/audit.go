@@ -120,7 +120,7 @@ func (e *auditEntry) seen(now time.Time) {
 // its last count is read.
 func (e *auditEntry) drop() { e.dropped.Store(true) }
 
-// AuditSlot remembers the audit entry of a connection's last hand-out, so
+// auditSlot remembers the audit entry of a connection's last hand-out, so
 // that a repeat of the same key id to the same identity — what an SDK
 // looping on its connection does — is counted with two atomic additions,
 // without hashing the identity or taking the audit's lock. ConnClient puts

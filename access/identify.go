@@ -61,7 +61,7 @@ func ConnOwner(id Identifier) func(net.Conn) (uint32, bool) {
 		ctx, cancel := context.WithTimeout(context.Background(), ownerTimeout)
 		defer cancel()
 		uid, err := u.LookupUID(ctx, c)
-		if err != nil || uid < 0 || uid >= int(unknownOwner) {
+		if err != nil || uid < 0 || uint64(uid) >= uint64(unknownOwner) {
 			return unknownOwner, true
 		}
 		if users != nil {
