@@ -13,6 +13,7 @@ import (
 	"regexp"
 	"slices"
 	"strings"
+	"sync/atomic"
 	"time"
 )
 
@@ -48,6 +49,11 @@ type iamVerifier struct {
 	lookup    *instanceLookup
 	now       func() time.Time
 	count     func(result string)
+	// inFlight counts the forwards under way (the Server's, shared by
+	// every generation); at maxInFlight a request is refused before it is
+	// sent.
+	inFlight    *atomic.Int64
+	maxInFlight int64
 }
 
 // stsEndpoints returns the configured endpoints, else AWS_ENDPOINT_URL_STS,
@@ -215,6 +221,13 @@ func (v *iamVerifier) Verify(ctx context.Context, req *TokenRequest) (*Identity,
 	if out.Header.Get("Content-Type") == "" {
 		out.Header.Set("Content-Type", "application/x-www-form-urlencoded; charset=utf-8")
 	}
+	// Anyone who reaches the issuer can have it forward a well-formed
+	// request: bound how many wait on STS at once, before sending.
+	if n := v.inFlight.Add(1); n > v.maxInFlight {
+		v.inFlight.Add(-1)
+		return nil, attestErr(reasonSTSBusy, "%d requests to STS are under way already; retry shortly", v.maxInFlight)
+	}
+	defer v.inFlight.Add(-1)
 	ctx, cancel := context.WithTimeout(ctx, v.timeout)
 	defer cancel()
 	resp, err := v.client.Do(out.WithContext(ctx))

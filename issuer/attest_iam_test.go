@@ -3,13 +3,16 @@ package issuer
 import (
 	"context"
 	"net/http"
+	"net/http/httptest"
 	"net/url"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/aws/aws-sdk-go-v2/aws"
 	awssts "github.com/aws/aws-sdk-go-v2/service/sts"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 
 	fakeec2 "github.com/imdsproxy/imdsproxy/test/fakes/ec2"
 	"github.com/imdsproxy/imdsproxy/test/fakes/oidc"
@@ -195,5 +198,75 @@ func TestSTSEndpointsFromEnvironment(t *testing.T) {
 	t.Setenv("AWS_ENDPOINT_URL_STS", "")
 	if eps, _ := stsEndpoints(&IAMConfig{}); eps[0].String() != DefaultSTSEndpoint {
 		t.Fatalf("default %v", eps[0])
+	}
+}
+
+// TestIAMMaxInFlight: at attestation.aws_iam.max_in_flight requests
+// waiting on STS, another is refused at once with sts_busy (503,
+// Retry-After: 1) and never reaches STS; once they are answered, the next
+// one is forwarded again. The in-flight gauge follows.
+func TestIAMMaxInFlight(t *testing.T) {
+	iss := oidc.Start(t)
+	real := fakests.Start(t, fakests.Config{Issuer: iss})
+	creds := instanceCredentials(t, real, iss, "app-host", testInstance)
+	var reached atomic.Int32
+	release := make(chan struct{})
+	stalled := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		reached.Add(1)
+		<-release
+		http.Error(w, "<ErrorResponse><Error><Code>SignatureDoesNotMatch</Code></Error></ErrorResponse>", http.StatusForbidden)
+	}))
+	defer stalled.Close()
+	yaml := strings.Replace(iamYAML, `sts_endpoints: ["STSURL"]`, `sts_endpoints: ["`+stalled.URL+`"]
+    max_in_flight: 2`, 1)
+	e := newEnv(t, yaml)
+	const issuerURL = "https://oidc.example.com/imds"
+	body := func() map[string]any {
+		return map[string]any{"method": "aws_iam", "sts_request": signGCI(t, stalled.URL, issuerURL, creds, time.Now())}
+	}
+	type answer struct {
+		status int
+		code   string
+	}
+	answers := make(chan answer, 2)
+	for range 2 {
+		go func() {
+			status, out := e.post(body())
+			answers <- answer{status, out["code"]}
+		}()
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for reached.Load() < 2 {
+		if time.Now().After(deadline) {
+			close(release)
+			t.Fatal("the first two requests did not reach STS")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	if v := testutil.ToFloat64(e.srv.metrics.stsInFlight); v != 2 {
+		t.Errorf("imdsproxy_issuer_sts_requests_in_flight = %v, want 2", v)
+	}
+	rec := e.postRecorder(body())
+	if rec.Code != http.StatusServiceUnavailable || !strings.Contains(rec.Body.String(), `"code":"`+reasonSTSBusy+`"`) ||
+		rec.Header().Get("Retry-After") != "1" {
+		t.Errorf("the third request: %d %q (Retry-After %q), want 503 sts_busy with Retry-After 1", rec.Code, rec.Body.String(), rec.Header().Get("Retry-After"))
+	}
+	if n := reached.Load(); n != 2 {
+		t.Errorf("%d requests reached STS, want 2: the refused one was sent", n)
+	}
+	close(release)
+	for range 2 {
+		if a := <-answers; a.status != http.StatusForbidden || a.code != reasonSTSDenied {
+			t.Errorf("a stalled request: %d %q, want 403 %s", a.status, a.code, reasonSTSDenied)
+		}
+	}
+	if v := testutil.ToFloat64(e.srv.metrics.stsInFlight); v != 0 {
+		t.Errorf("imdsproxy_issuer_sts_requests_in_flight = %v after the answers, want 0", v)
+	}
+	if status, out := e.post(body()); status != http.StatusForbidden || out["code"] != reasonSTSDenied || reached.Load() != 3 {
+		t.Errorf("after the answers: %d %v (%d reached STS), want it forwarded again", status, out, reached.Load())
+	}
+	if v := testutil.ToFloat64(e.srv.metrics.failures.WithLabelValues(MethodIAM, reasonSTSBusy)); v != 1 {
+		t.Errorf("failures{aws_iam,sts_busy} = %v, want 1", v)
 	}
 }

@@ -145,7 +145,17 @@ type IAMConfig struct {
 	VerifyInstance bool `yaml:"verify_instance"`
 	// Timeout bounds the STS call; 0 means DefaultUpstreamTimeout.
 	Timeout config.Duration `yaml:"timeout"`
+	// MaxInFlight bounds the requests forwarded to STS at once, all
+	// clients together; beyond it a request is refused (sts_busy, 503)
+	// before anything is sent. 0 means DefaultSTSInFlight.
+	MaxInFlight int `yaml:"max_in_flight"`
 }
+
+// Bounds of attestation.aws_iam.max_in_flight.
+const (
+	DefaultSTSInFlight = 128
+	MaxSTSInFlight     = 4096
+)
 
 // EC2Config tunes EC2 DescribeInstances lookups (replay defence, tags,
 // instance profiles).
@@ -409,6 +419,9 @@ func (a *Attestation) validate() error {
 		return keyErr("attestation", "enable at least one method: aws_iid or aws_iam")
 	}
 	if iam := a.AWSIAM; iam != nil {
+		if iam.MaxInFlight < 0 || iam.MaxInFlight > MaxSTSInFlight {
+			return keyErr("attestation.aws_iam.max_in_flight", "%d is out of range 0..%d (0: %d)", iam.MaxInFlight, MaxSTSInFlight, DefaultSTSInFlight)
+		}
 		for i, e := range iam.STSEndpoints {
 			u, err := url.Parse(e)
 			if err != nil || (u.Scheme != "https" && !(u.Scheme == "http" && loopbackHost(u.Hostname()))) ||

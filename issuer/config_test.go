@@ -64,6 +64,8 @@ func TestConfigErrors(t *testing.T) {
 		{"duplicate rule names", "policy:\n", "policy:\n  - {name: a, match: {}, subjects: [x]}\n  - {name: a, match: {}, subjects: [y]}\n", "policy[1].name"},
 		{"publish without bucket", "policy:", "publish: {region: us-east-1}\npolicy:", "publish.bucket"},
 		{"sts endpoint with path", "attestation: {aws_iid: {}}", "attestation: {aws_iam: {sts_endpoints: [\"https://sts.amazonaws.com/x\"]}}", "attestation.aws_iam.sts_endpoints[0]"},
+		{"negative max_in_flight", "attestation: {aws_iid: {}}", "attestation: {aws_iam: {max_in_flight: -1}}", "attestation.aws_iam.max_in_flight"},
+		{"max_in_flight too large", "attestation: {aws_iid: {}}", "attestation: {aws_iam: {max_in_flight: 5000}}", "attestation.aws_iam.max_in_flight"},
 		{"negative rate", "policy:", "rate_limit: {per_host_per_minute: -1}\npolicy:", "rate_limit"},
 		{"no connections", "policy:", "max_connections: 0\npolicy:", "max_connections"},
 		{"too many connections", "policy:", "max_connections: 2000000\npolicy:", "max_connections"},

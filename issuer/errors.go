@@ -26,6 +26,7 @@ const (
 	reasonSTSEndpoint      = "sts_endpoint"       // the request is signed for an endpoint not allowed
 	reasonSTSDenied        = "sts_denied"         // STS refused the signed request
 	reasonSTSUnavailable   = "sts_unavailable"    // STS could not be asked
+	reasonSTSBusy          = "sts_busy"           // attestation.aws_iam.max_in_flight forwards to STS already
 	reasonNotInstance      = "not_instance"       // the caller is not an EC2 instance profile session
 	reasonNoRule           = "no_rule"            // no policy rule matches the host
 	reasonWorkload         = "workload_denied"    // the rule does not list the workload
@@ -39,7 +40,7 @@ const (
 var allReasons = []string{reasonBadRequest, reasonTooLarge, reasonMediaType, reasonMethodDisabled,
 	reasonMalformed, reasonUntrusted, reasonBadSignature, reasonDocumentMismatch, reasonTooOld,
 	reasonNotRunning, reasonLaunchMismatch, reasonEC2Unavailable, reasonIssuerHeader, reasonSTSEndpoint,
-	reasonSTSDenied, reasonSTSUnavailable, reasonNotInstance, reasonNoRule, reasonWorkload, reasonTags,
+	reasonSTSDenied, reasonSTSUnavailable, reasonSTSBusy, reasonNotInstance, reasonNoRule, reasonWorkload, reasonTags,
 	reasonRateLimited, reasonSign}
 
 // statusOf is the one place a refusal's HTTP status is chosen.
@@ -53,7 +54,7 @@ func statusOf(reason string) int {
 		return http.StatusUnsupportedMediaType
 	case reasonRateLimited:
 		return http.StatusTooManyRequests
-	case reasonEC2Unavailable, reasonSTSUnavailable, reasonSign, reasonDraining:
+	case reasonEC2Unavailable, reasonSTSUnavailable, reasonSTSBusy, reasonSign, reasonDraining:
 		return http.StatusServiceUnavailable
 	case reasonTags:
 		return http.StatusInternalServerError

@@ -238,6 +238,15 @@ func testAWSConfig(endpoint string) func(context.Context) (aws.Config, error) {
 // decoded body.
 func (e *env) post(body any) (int, map[string]string) {
 	e.t.Helper()
+	rec := e.postRecorder(body)
+	out := map[string]string{}
+	_ = json.Unmarshal(rec.Body.Bytes(), &out)
+	return rec.Code, out
+}
+
+// postRecorder is post returning the whole response.
+func (e *env) postRecorder(body any) *httptest.ResponseRecorder {
+	e.t.Helper()
 	var b []byte
 	switch v := body.(type) {
 	case []byte:
@@ -251,9 +260,7 @@ func (e *env) post(body any) (int, map[string]string) {
 	req.Header.Set("Content-Type", "application/json")
 	rec := httptest.NewRecorder()
 	e.h.ServeHTTP(rec, req)
-	out := map[string]string{}
-	_ = json.Unmarshal(rec.Body.Bytes(), &out)
-	return rec.Code, out
+	return rec
 }
 
 func (e *env) get(path string) (int, []byte) {

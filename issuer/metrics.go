@@ -2,6 +2,7 @@ package issuer
 
 import (
 	"fmt"
+	"sync/atomic"
 
 	"github.com/prometheus/client_golang/prometheus"
 )
@@ -21,6 +22,7 @@ type metrics struct {
 	reloadTime  prometheus.Gauge
 	keys        prometheus.Gauge
 	limiterSize prometheus.GaugeFunc
+	stsInFlight prometheus.GaugeFunc
 	ready       prometheus.GaugeFunc
 }
 
@@ -28,7 +30,7 @@ var methodsLabel = []string{MethodIID, MethodIAM, "unknown"}
 
 // newMetrics registers the issuer's metrics with reg; ready reports what
 // /readyz answers, at scrape time.
-func newMetrics(reg prometheus.Registerer, lim *limiter, ready func() bool) (*metrics, error) {
+func newMetrics(reg prometheus.Registerer, lim *limiter, stsInFlight *atomic.Int64, ready func() bool) (*metrics, error) {
 	m := &metrics{
 		minted: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "imdsproxy_issuer_tokens_minted_total",
@@ -77,6 +79,10 @@ func newMetrics(reg prometheus.Registerer, lim *limiter, ready func() bool) (*me
 		Name: "imdsproxy_issuer_rate_limiter_hosts",
 		Help: "Hosts the per-host rate limiter currently tracks.",
 	}, func() float64 { return float64(lim.Len()) })
+	m.stsInFlight = prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name: "imdsproxy_issuer_sts_requests_in_flight",
+		Help: "Requests forwarded to STS (aws_iam) and not answered yet; at attestation.aws_iam.max_in_flight more are refused (sts_busy).",
+	}, func() float64 { return float64(stsInFlight.Load()) })
 	m.ready = prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 		Name: "imdsproxy_issuer_ready",
 		Help: "1 while /readyz answers 200, 0 while it answers 503 (draining, or the signing key fails); computed at scrape time.",
@@ -87,7 +93,7 @@ func newMetrics(reg prometheus.Registerer, lim *limiter, ready func() bool) (*me
 		return 0
 	})
 	for _, c := range []prometheus.Collector{m.minted, m.failures, m.duration, m.signing, m.signErrors,
-		m.ec2Lookups, m.stsCalls, m.reloadOK, m.reloadTime, m.keys, m.limiterSize, m.ready} {
+		m.ec2Lookups, m.stsCalls, m.reloadOK, m.reloadTime, m.keys, m.limiterSize, m.stsInFlight, m.ready} {
 		if err := reg.Register(c); err != nil {
 			return nil, fmt.Errorf("issuer: register metrics: %w", err)
 		}

@@ -15,6 +15,7 @@
 package issuer
 
 import (
+	"cmp"
 	"context"
 	"crypto/rand"
 	"crypto/tls"
@@ -84,6 +85,10 @@ type Server struct {
 	limiter *limiter
 	lookups func(string)
 	sts     func(string)
+	// stsInFlight counts the requests forwarded to STS and not answered
+	// yet, across configuration generations (a reload does not reset the
+	// bound: attestation.aws_iam.max_in_flight).
+	stsInFlight atomic.Int64
 
 	state    atomic.Pointer[state]
 	draining atomic.Bool
@@ -130,7 +135,7 @@ func New(ctx context.Context, cfg *Config, opts Options) (*Server, error) {
 			CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
 	}
 	s := &Server{opts: opts, log: opts.Log, now: opts.Now, limiter: newLimiter(cfg.RateLimit)}
-	m, err := newMetrics(opts.Registerer, s.limiter, func() bool {
+	m, err := newMetrics(opts.Registerer, s.limiter, &s.stsInFlight, func() bool {
 		if s.state.Load() == nil {
 			return false // New failed: nothing is served
 		}
@@ -255,7 +260,8 @@ func (s *Server) build(ctx context.Context, cfg *Config) (*state, error) {
 			timeout = DefaultUpstreamTimeout
 		}
 		st.iam = &iamVerifier{issuer: cfg.Issuer, endpoints: eps, client: s.opts.STSClient, timeout: timeout,
-			verify: c.VerifyInstance, lookup: lookup, now: s.now, count: s.sts}
+			verify: c.VerifyInstance, lookup: lookup, now: s.now, count: s.sts,
+			inFlight: &s.stsInFlight, maxInFlight: int64(cmp.Or(c.MaxInFlight, DefaultSTSInFlight))}
 	}
 	return st, nil
 }
@@ -441,8 +447,11 @@ func (s *Server) handleToken(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "application/json")
 		w.Header().Set("Cache-Control", "no-store")
 		w.Header().Set("X-Content-Type-Options", "nosniff")
-		if reason == reasonRateLimited {
+		switch reason {
+		case reasonRateLimited:
 			w.Header().Set("Retry-After", "60")
+		case reasonSTSBusy:
+			w.Header().Set("Retry-After", "1")
 		}
 		w.WriteHeader(statusOf(reason))
 		_ = json.NewEncoder(w).Encode(errorBody{Code: reason, Message: msg})
