@@ -13,6 +13,8 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
+
+	"github.com/imdsproxy/imdsproxy/connlimit/connlimittest"
 )
 
 // TestServeConnectionLimit: the admin listener keeps at most maxConns
@@ -43,16 +45,10 @@ func TestServeConnectionLimit(t *testing.T) {
 	// get sends request on c and reads the answer, which must be a 200
 	// that keeps the connection open.
 	get := func(c net.Conn, timeout time.Duration) error {
-		_ = c.SetDeadline(time.Now().Add(timeout))
-		if _, err := io.WriteString(c, request); err != nil {
-			return err
-		}
-		resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+		resp, _, err := connlimittest.RoundTrip(c, request, timeout)
 		if err != nil {
 			return err
 		}
-		_, _ = io.Copy(io.Discard, resp.Body)
-		resp.Body.Close()
 		if resp.StatusCode != http.StatusOK || resp.Close {
 			return errors.New("answer " + resp.Status + " or a closed connection, want a 200 kept alive")
 		}

@@ -2,7 +2,6 @@ package container
 
 import (
 	"bufio"
-	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -260,52 +259,44 @@ func TestServeIdleConnectionsGiveWay(t *testing.T) {
 	e.id.set(peer.Info{UID: 64101}, nil)
 	billing := readToken(t, e, "uid:64101")
 	request := "GET " + DefaultPath + " HTTP/1.1\r\nHost: " + e.addr + "\r\nAuthorization: " + billing + "\r\n\r\n"
-	ask := func(c net.Conn, br *bufio.Reader) error {
-		if _, err := io.WriteString(c, request); err != nil {
-			return err
-		}
-		_ = c.SetReadDeadline(time.Now().Add(10 * time.Second))
-		resp, err := http.ReadResponse(br, nil)
+	ask := func(c net.Conn) error {
+		resp, _, err := connlimittest.RoundTrip(c, request, 10*time.Second)
 		if err != nil {
 			return err
 		}
-		_, _ = io.Copy(io.Discard, resp.Body)
-		resp.Body.Close()
 		if resp.StatusCode != http.StatusOK {
 			return fmt.Errorf("status %d", resp.StatusCode)
 		}
 		return nil
 	}
 	var conns []net.Conn
-	var readers []*bufio.Reader
 	for i := range limit {
 		c, err := net.Dial("tcp", e.addr)
 		if err != nil {
 			t.Fatal(err)
 		}
 		defer c.Close()
-		br := bufio.NewReader(c)
-		if err := ask(c, br); err != nil {
+		if err := ask(c); err != nil {
 			t.Fatalf("connection %d: %v", i, err)
 		}
-		conns, readers = append(conns, c), append(readers, br)
+		conns = append(conns, c)
 	}
 	c, err := net.Dial("tcp", e.addr)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer c.Close()
-	if err := ask(c, bufio.NewReader(c)); err != nil {
+	if err := ask(c); err != nil {
 		t.Fatalf("a new client with every slot held by idle keep-alive connections: %v", err)
 	}
 	if v := testutil.ToFloat64(e.srv.m.idleClosed); v != 1 {
 		t.Errorf("imdsproxy_container_idle_connections_closed_total = %v, want 1", v)
 	}
 	_ = conns[0].SetReadDeadline(time.Now().Add(10 * time.Second))
-	if _, err := readers[0].ReadByte(); err == nil {
+	if _, err := conns[0].Read(make([]byte, 1)); err == nil {
 		t.Error("the connection idle the longest was not the one closed")
 	}
-	if err := ask(conns[limit-1], readers[limit-1]); err != nil {
+	if err := ask(conns[limit-1]); err != nil {
 		t.Errorf("the connection idle the shortest: %v", err)
 	}
 }
@@ -318,28 +309,15 @@ func TestServeShutdownAnswersAcceptedConnection(t *testing.T) {
 	e := newEnv(t, access.Section{})
 	e.id.set(peer.Info{UID: 64101}, nil)
 	tok := readToken(t, e, "uid:64101")
-	raw, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	ln := connlimittest.NewPausingListener(raw, 300*time.Millisecond)
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- e.srv.Serve(ctx, ln) }()
-	defer func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Error(err)
-		}
-	}()
-	c, err := net.Dial("tcp", raw.Addr().String())
+	p := connlimittest.StartPaused(t, 300*time.Millisecond, e.srv.Serve)
+	c, err := net.Dial("tcp", p.Addr)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer c.Close()
-	fmt.Fprintf(c, "GET %s HTTP/1.1\r\nHost: %s\r\nAuthorization: %s\r\n\r\n", DefaultPath, raw.Addr(), tok)
-	<-ln.Accepted
-	cancel() // while the accept loop holds the connection
+	fmt.Fprintf(c, "GET %s HTTP/1.1\r\nHost: %s\r\nAuthorization: %s\r\n\r\n", DefaultPath, p.Addr, tok)
+	<-p.Accepted
+	p.Shutdown() // while the accept loop holds the connection
 	_ = c.SetReadDeadline(time.Now().Add(10 * time.Second))
 	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
 	if err != nil {

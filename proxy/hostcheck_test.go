@@ -14,6 +14,8 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus/testutil"
+
+	"github.com/imdsproxy/imdsproxy/connlimit/connlimittest"
 )
 
 func TestHostAllowed(t *testing.T) {
@@ -240,18 +242,12 @@ func TestHostCheckRemembered(t *testing.T) {
 	}
 	defer conn.Close()
 	_ = conn.SetDeadline(time.Now().Add(5 * time.Second))
-	br := bufio.NewReader(conn)
 	get := func(host string) int {
 		t.Helper()
-		if _, err := io.WriteString(conn, "GET "+credPath+" HTTP/1.1\r\nHost: "+host+"\r\n\r\n"); err != nil {
-			t.Fatal(err)
-		}
-		resp, err := http.ReadResponse(br, nil)
+		resp, _, err := connlimittest.RoundTrip(conn, "GET "+credPath+" HTTP/1.1\r\nHost: "+host+"\r\n\r\n", 5*time.Second)
 		if err != nil {
 			t.Fatal(err)
 		}
-		_, _ = io.Copy(io.Discard, resp.Body)
-		resp.Body.Close()
 		return resp.StatusCode
 	}
 	for i, tc := range []struct {

@@ -954,24 +954,15 @@ func TestServeShutdownServesConnectionBeingAccepted(t *testing.T) {
 	c := testCreds()
 	c.LastUpdated, c.Expires = time.Now(), time.Now().Add(time.Hour)
 	e.src.set(c, nil)
-	raw, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	ln := connlimittest.NewPausingListener(raw, 300*time.Millisecond)
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- e.s.Serve(ctx, ln) }()
-	defer func() { cancel(); waitServed(t, done) }()
-
-	conn, err := net.Dial("tcp", raw.Addr().String())
+	p := connlimittest.StartPaused(t, 300*time.Millisecond, e.s.Serve)
+	conn, err := net.Dial("tcp", p.Addr)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer conn.Close()
 	fmt.Fprintf(conn, "GET /latest/meta-data/iam/security-credentials/ HTTP/1.1\r\nHost: 169.254.169.254\r\n\r\n")
-	<-ln.Accepted
-	cancel() // while the accept loop holds the connection
+	<-p.Accepted
+	p.Shutdown() // while the accept loop holds the connection
 	_ = conn.SetReadDeadline(time.Now().Add(10 * time.Second))
 	resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
 	if err != nil {

@@ -30,6 +30,7 @@ import (
 	"github.com/go-jose/go-jose/v4"
 	"github.com/smallstep/pkcs7"
 
+	"github.com/imdsproxy/imdsproxy/connlimit/connlimittest"
 	fakes3 "github.com/imdsproxy/imdsproxy/test/fakes/s3"
 	"github.com/imdsproxy/imdsproxy/token"
 )
@@ -425,16 +426,10 @@ func TestServeConnectionLimit(t *testing.T) {
 	http.DefaultClient.CloseIdleConnections() // startServe's readiness checks
 
 	get := func(c net.Conn) error {
-		_ = c.SetDeadline(time.Now().Add(5 * time.Second))
-		if _, err := io.WriteString(c, "GET /healthz HTTP/1.1\r\nHost: "+addr+"\r\n\r\n"); err != nil {
-			return err
-		}
-		resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+		resp, _, err := connlimittest.RoundTrip(c, "GET /healthz HTTP/1.1\r\nHost: "+addr+"\r\n\r\n", 5*time.Second)
 		if err != nil {
 			return err
 		}
-		_, _ = io.Copy(io.Discard, resp.Body)
-		resp.Body.Close()
 		if resp.StatusCode != http.StatusOK {
 			return fmt.Errorf("status %s", resp.Status)
 		}
